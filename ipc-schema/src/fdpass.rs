@@ -1,0 +1,201 @@
+//! Content descriptors from syncd to mountd.
+//!
+//! mountd makes a `SOCK_SEQPACKET` socket pair for each connection and hands
+//! one end to syncd in the [handshake](crate::handshake). On `open` and
+//! `create`, syncd opens the content file, sends the descriptor on that pair
+//! as one message (`HandleId` as 8 little-endian bytes + one `SCM_RIGHTS`
+//! descriptor), and only then answers the tarpc call. By the time mountd
+//! reads the answer the descriptor is already queued in its socket; the
+//! [`FdInbox`] matches the two by handle.
+//!
+//! A seqpacket socket keeps message boundaries (one descriptor per message,
+//! never merged) and, unlike a datagram socket, reports the other side's
+//! death as end-of-file.
+
+use crate::types::HandleId;
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+    sendmsg, socketpair,
+};
+use std::collections::HashMap;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// Make the pair: `(mountd's end, syncd's end)`.
+pub fn channel_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(io::Error::from)
+}
+
+/// syncd's end: sends descriptors.
+pub struct FdSender {
+    sock: OwnedFd,
+}
+
+impl FdSender {
+    /// Wrap syncd's end of the pair. Sends block at most `timeout`, so a
+    /// mountd that stops reading cannot hold a syncd thread.
+    pub fn new(sock: OwnedFd, timeout: Duration) -> io::Result<Self> {
+        let tv =
+            nix::sys::time::TimeVal::new(timeout.as_secs() as i64, timeout.subsec_micros() as i64);
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::SendTimeout, &tv)
+            .map_err(io::Error::from)?;
+        Ok(FdSender { sock })
+    }
+
+    /// Send `fd` tagged with `handle`. Blocking (call it from a blocking
+    /// context).
+    pub fn send(&self, handle: HandleId, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let tag = handle.0.to_le_bytes();
+        let iov = [IoSlice::new(&tag)];
+        let fds = [fd.as_raw_fd()];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        sendmsg::<()>(
+            self.sock.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .map_err(io::Error::from)?;
+        Ok(())
+    }
+}
+
+/// How long a received descriptor waits for its `open` answer before it is
+/// dropped (its `open` call timed out on mountd's side).
+const UNCLAIMED_TTL: Duration = Duration::from_secs(60);
+
+/// mountd's end: descriptors received, waiting for the `open` answer that
+/// names them.
+#[derive(Clone, Default)]
+pub struct FdInbox {
+    inner: Arc<InboxInner>,
+}
+
+#[derive(Default)]
+struct InboxInner {
+    /// Descriptors by handle. Locked only to insert or remove; never held
+    /// across an await or a syscall.
+    fds: Mutex<HashMap<HandleId, (OwnedFd, Instant)>>,
+    arrived: Notify,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl FdInbox {
+    /// Read descriptors from mountd's end of the pair on a dedicated thread
+    /// until syncd closes it. Returns the inbox the thread fills.
+    pub fn spawn_reader(sock: OwnedFd) -> io::Result<FdInbox> {
+        let inbox = FdInbox::default();
+        let filler = inbox.clone();
+        std::thread::Builder::new()
+            .name("keibi-fd-inbox".into())
+            .spawn(move || filler.read_loop(sock))?;
+        Ok(inbox)
+    }
+
+    fn read_loop(&self, sock: OwnedFd) {
+        loop {
+            match recv_one(sock.as_raw_fd()) {
+                Ok(Some((handle, fd))) => {
+                    let now = Instant::now();
+                    if let Ok(mut fds) = self.inner.fds.lock() {
+                        fds.retain(|_, (_, t)| now.duration_since(*t) < UNCLAIMED_TTL);
+                        fds.insert(handle, (fd, now));
+                    }
+                    self.inner.arrived.notify_waiters();
+                }
+                Ok(None) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "fd channel failed");
+                    break;
+                }
+            }
+        }
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.arrived.notify_waiters();
+    }
+
+    /// Take the descriptor for `handle`, waiting until `deadline` for it.
+    pub async fn take(
+        &self,
+        handle: HandleId,
+        deadline: tokio::time::Instant,
+    ) -> io::Result<OwnedFd> {
+        loop {
+            let notified = self.inner.arrived.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some((fd, _)) = self
+                .inner
+                .fds
+                .lock()
+                .ok()
+                .and_then(|mut m| m.remove(&handle))
+            {
+                return Ok(fd);
+            }
+            if self.inner.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    format!("fd channel closed before the descriptor of {handle} arrived"),
+                ));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the descriptor of {handle} did not arrive"),
+                ));
+            }
+        }
+    }
+}
+
+/// Receive one tagged descriptor; `None` at end of file.
+fn recv_one(sock: RawFd) -> io::Result<Option<(HandleId, OwnedFd)>> {
+    let mut tag = [0u8; 8];
+    let mut cmsg_space = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [IoSliceMut::new(&mut tag)];
+    let msg = recvmsg::<()>(
+        sock,
+        &mut iov,
+        Some(&mut cmsg_space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let bytes = msg.bytes;
+    let mut fd = None;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for r in raw {
+                // SAFETY: the kernel installed `r` for this message; we are
+                // its only owner.
+                let owned = unsafe { OwnedFd::from_raw_fd(r) };
+                if fd.is_none() {
+                    fd = Some(owned);
+                }
+            }
+        }
+    }
+    if bytes == 0 && fd.is_none() {
+        return Ok(None);
+    }
+    match (bytes, fd) {
+        (8, Some(fd)) => Ok(Some((HandleId(u64::from_le_bytes(tag)), fd))),
+        (n, _) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("malformed fd message: {n} bytes"),
+        )),
+    }
+}

@@ -1,0 +1,97 @@
+//! The tarpc services. Each method is one line of the protocol; its
+//! arguments and results are named types from [`crate::types`].
+//!
+//! Every call is made with a deadline in its tarpc `Context`; syncd drops a
+//! request whose deadline has passed, and mountd answers the kernel when it
+//! passes whether syncd answered or not.
+
+use crate::error::FsError;
+use crate::types::*;
+
+/// The filesystem service: keibi-mountd → keibi-syncd, on the filesystem
+/// socket (root only). Metadata lives in syncd; file bytes do not cross
+/// this service: `open`/`create` send a descriptor on the fd channel.
+#[tarpc::service]
+pub trait Filesystem {
+    /// Say who this mount is; the first call on a connection.
+    async fn register_mount(info: MountInfo) -> Result<(), FsError>;
+    /// Look `name` up in directory `parent`.
+    async fn lookup(parent: Ino, name: Name) -> Result<Attr, FsError>;
+    /// Attributes of an inode.
+    async fn getattr(ino: Ino) -> Result<Attr, FsError>;
+    /// Change attributes (mode, owner, size, times).
+    async fn setattr(ino: Ino, changes: SetAttr) -> Result<Attr, FsError>;
+    /// List a directory: up to `limit` entries with cookies after `after`,
+    /// `.` and `..` first; with their attributes if `plus`.
+    async fn readdir(
+        dir: Ino,
+        after: DirCookie,
+        limit: u32,
+        plus: bool,
+    ) -> Result<Vec<DirEntry>, FsError>;
+    /// Make a directory (`perm` already masked by the caller's umask).
+    async fn mkdir(parent: Ino, name: Name, perm: u16, caller: Caller) -> Result<Attr, FsError>;
+    /// Make a fifo or socket node; device nodes are refused with EPERM.
+    async fn mknod(
+        parent: Ino,
+        name: Name,
+        kind: FileKind,
+        perm: u16,
+        caller: Caller,
+    ) -> Result<Attr, FsError>;
+    /// Make a symbolic link to `target`.
+    async fn symlink(
+        parent: Ino,
+        name: Name,
+        target: Vec<u8>,
+        caller: Caller,
+    ) -> Result<Attr, FsError>;
+    /// Read a symbolic link's target.
+    async fn readlink(ino: Ino) -> Result<Vec<u8>, FsError>;
+    /// Add a hard link to `ino` as `new_parent/new_name`.
+    async fn link(ino: Ino, new_parent: Ino, new_name: Name) -> Result<Attr, FsError>;
+    /// Remove a non-directory entry.
+    async fn unlink(parent: Ino, name: Name) -> Result<(), FsError>;
+    /// Remove an empty directory.
+    async fn rmdir(parent: Ino, name: Name) -> Result<(), FsError>;
+    /// Rename (`renameat2` semantics, with its flags).
+    async fn rename(
+        parent: Ino,
+        name: Name,
+        new_parent: Ino,
+        new_name: Name,
+        flags: RenameFlags,
+    ) -> Result<(), FsError>;
+    /// Create and open a regular file; `flags` are the `open(2)` flags.
+    async fn create(
+        parent: Ino,
+        name: Name,
+        perm: u16,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<Opened, FsError>;
+    /// Open a regular file; `flags` are the `open(2)` flags (`O_TRUNC` is
+    /// applied here).
+    async fn open(ino: Ino, flags: i32) -> Result<Opened, FsError>;
+    /// Forget an open; the last release of an unlinked file frees it.
+    async fn release(handle: HandleId) -> Result<(), FsError>;
+    /// Make the inode's metadata and content durable on local disk.
+    async fn fsync(ino: Ino, datasync: bool) -> Result<(), FsError>;
+    /// Statistics of the filesystem holding the content.
+    async fn statfs() -> Result<StatFs, FsError>;
+    /// Set an extended attribute.
+    async fn setxattr(ino: Ino, name: Name, value: Vec<u8>, mode: XattrSet) -> Result<(), FsError>;
+    /// Get an extended attribute (ENODATA when absent).
+    async fn getxattr(ino: Ino, name: Name) -> Result<Vec<u8>, FsError>;
+    /// List extended attribute names.
+    async fn listxattr(ino: Ino) -> Result<Vec<Name>, FsError>;
+    /// Remove an extended attribute (ENODATA when absent).
+    async fn removexattr(ino: Ino, name: Name) -> Result<(), FsError>;
+}
+
+/// The control service: keibictl → keibi-syncd, on the control socket.
+#[tarpc::service]
+pub trait Control {
+    /// Versions, uptime, mounts, counts.
+    async fn status() -> Status;
+}

@@ -1,0 +1,109 @@
+//! The tarpc transport on a Unix stream: length-delimited frames of at most
+//! [`MAX_FRAME`] bytes, bincode inside; plus the client-side connect helpers
+//! that run the [handshake](crate::handshake) first.
+
+use crate::handshake::{self, HandshakeError, ServiceKind};
+use crate::service::{ControlClient, FilesystemClient};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use tarpc::serde_transport::Transport;
+use tarpc::tokio_serde::formats::Bincode;
+use tarpc::tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio::net::UnixStream;
+
+/// The largest frame either side accepts. A frame over it closes the
+/// connection (and is logged) instead of being allocated.
+pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// Wrap a connected stream (handshake done) in a tarpc transport.
+pub fn framed<Item, SinkItem>(
+    stream: UnixStream,
+) -> Transport<UnixStream, Item, SinkItem, Bincode<Item, SinkItem>>
+where
+    Item: for<'de> serde::Deserialize<'de>,
+    SinkItem: serde::Serialize,
+{
+    let codec = LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec();
+    tarpc::serde_transport::new(Framed::new(stream, codec), Bincode::default())
+}
+
+/// Why a connection to syncd failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The socket could not be reached.
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        /// The socket path.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The handshake failed or was refused.
+    #[error("{path}: {source}")]
+    Handshake {
+        /// The socket path.
+        path: String,
+        /// The error.
+        source: HandshakeError,
+    },
+}
+
+async fn connect_raw(
+    path: &Path,
+    service: ServiceKind,
+    fd: Option<OwnedFd>,
+) -> Result<UnixStream, ConnectError> {
+    let p = path.display().to_string();
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| ConnectError::Connect {
+            path: p.clone(),
+            source,
+        })?;
+    let mut std_stream = stream.into_std().map_err(|source| ConnectError::Connect {
+        path: p.clone(),
+        source,
+    })?;
+    let done = tokio::task::spawn_blocking(move || {
+        std_stream.set_nonblocking(false)?;
+        handshake::client(&mut std_stream, service, fd.as_ref().map(|f| f.as_raw_fd()))?;
+        std_stream.set_nonblocking(true)?;
+        Ok::<_, HandshakeError>(std_stream)
+    })
+    .await
+    .map_err(|e| ConnectError::Connect {
+        path: p.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    let std_stream = done.map_err(|source| ConnectError::Handshake {
+        path: p.clone(),
+        source,
+    })?;
+    UnixStream::from_std(std_stream).map_err(|source| ConnectError::Connect { path: p, source })
+}
+
+/// Connect to syncd's filesystem socket, handing it `fd_channel` (syncd's
+/// end of the [`fdpass`](crate::fdpass) pair).
+pub async fn connect_filesystem(
+    path: &Path,
+    fd_channel: OwnedFd,
+) -> Result<FilesystemClient, ConnectError> {
+    let stream = connect_raw(path, ServiceKind::Filesystem, Some(fd_channel)).await?;
+    let config = tarpc::client::Config::default();
+    Ok(FilesystemClient::new(config, framed(stream)).spawn())
+}
+
+/// Connect to syncd's control socket.
+pub async fn connect_control(path: &Path) -> Result<ControlClient, ConnectError> {
+    let stream = connect_raw(path, ServiceKind::Control, None).await?;
+    Ok(ControlClient::new(tarpc::client::Config::default(), framed(stream)).spawn())
+}
+
+/// A tarpc context whose deadline is `timeout` from now.
+pub fn context_with_timeout(timeout: std::time::Duration) -> tarpc::context::Context {
+    let mut ctx = tarpc::context::current();
+    ctx.deadline = std::time::Instant::now() + timeout;
+    ctx
+}

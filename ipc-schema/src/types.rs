@@ -1,0 +1,316 @@
+//! Named values of the filesystem protocol.
+//!
+//! Numbers that mean different things get different types (`Ino`,
+//! `HandleId`, `DirCookie`), so a signature reads like its documentation and
+//! the compiler catches a swapped argument.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// An inode number. Assigned by syncd, never reused, stable across restarts.
+/// [`Ino::ROOT`] is the shared folder's root directory.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ino(pub u64);
+
+impl Ino {
+    /// The root directory of the share (FUSE's `FUSE_ROOT_ID`).
+    pub const ROOT: Ino = Ino(1);
+}
+
+impl fmt::Display for Ino {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ino {}", self.0)
+    }
+}
+
+/// One open of a regular file, as syncd knows it. Returned by
+/// `open`/`create`, tags the descriptor sent over the fd channel, and is
+/// given back in `release`. mountd uses the same number as the FUSE file
+/// handle, so logs on both sides name the same thing.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HandleId(pub u64);
+
+impl fmt::Display for HandleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "fh {}", self.0)
+    }
+}
+
+/// Position in a directory listing. `readdir` returns entries whose cookie
+/// is greater than the one given; 0 starts from the beginning. A cookie
+/// stays valid while entries are added and removed (it is not an index).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DirCookie(pub u64);
+
+/// One path component: arbitrary bytes except `/` and NUL (not
+/// necessarily UTF-8), validated by syncd before it becomes an entry.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Name(pub Vec<u8>);
+
+impl Name {
+    /// The longest name accepted, in bytes (as `NAME_MAX` on ext4).
+    pub const MAX_LEN: usize = 255;
+
+    /// Borrow the name's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl From<&[u8]> for Name {
+    fn from(b: &[u8]) -> Self {
+        Name(b.to_vec())
+    }
+}
+
+impl From<&str> for Name {
+    fn from(s: &str) -> Self {
+        Name(s.as_bytes().to_vec())
+    }
+}
+
+/// What kind of inode this is.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    /// A regular file with content.
+    File,
+    /// A directory.
+    Directory,
+    /// A symbolic link; its target is stored in the metadata store.
+    Symlink,
+    /// A named pipe (`mkfifo`).
+    Fifo,
+    /// A Unix socket node.
+    Socket,
+}
+
+/// A point in time, as seconds and nanoseconds since the Unix epoch.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Timestamp {
+    /// Whole seconds since 1970-01-01T00:00:00Z (negative before it).
+    pub secs: i64,
+    /// Nanoseconds within the second, `0..1_000_000_000`.
+    pub nanos: u32,
+}
+
+impl Timestamp {
+    /// The current time of the system clock.
+    pub fn now() -> Self {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp {
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos(),
+        }
+    }
+}
+
+/// The attributes of an inode, as `stat` shows them.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    /// Inode number.
+    pub ino: Ino,
+    /// Kind of inode.
+    pub kind: FileKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Allocated 512-byte blocks.
+    pub blocks: u64,
+    /// Last access.
+    pub atime: Timestamp,
+    /// Last content change.
+    pub mtime: Timestamp,
+    /// Last status change.
+    pub ctime: Timestamp,
+    /// Creation.
+    pub crtime: Timestamp,
+    /// Permission bits including setuid, setgid and sticky (`0o7777` mask).
+    pub perm: u16,
+    /// Number of hard links (for a directory: 2 + its subdirectories).
+    pub nlink: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Preferred I/O size.
+    pub blksize: u32,
+}
+
+/// A new value for a timestamp in `setattr`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeSet {
+    /// The server's current time (`UTIME_NOW`).
+    Now,
+    /// This time.
+    At(Timestamp),
+}
+
+/// The changes of one `setattr`; `None` leaves a field alone.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    /// New permission bits (`0o7777` mask).
+    pub perm: Option<u16>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size (truncate or extend with a hole).
+    pub size: Option<u64>,
+    /// New access time.
+    pub atime: Option<TimeSet>,
+    /// New modification time.
+    pub mtime: Option<TimeSet>,
+}
+
+/// Who asks, for operations that create inodes: their owner comes from the
+/// caller, as on a local disk.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// Effective uid of the calling process.
+    pub uid: u32,
+    /// Effective gid of the calling process.
+    pub gid: u32,
+    /// Its pid (for logs).
+    pub pid: u32,
+}
+
+/// One entry of a directory listing.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Resume point: the next `readdir` after this entry passes this cookie.
+    pub cookie: DirCookie,
+    /// The entry's name (`.` and `..` included).
+    pub name: Name,
+    /// The inode it names.
+    pub ino: Ino,
+    /// Its kind.
+    pub kind: FileKind,
+    /// Its attributes, present when `readdir` was asked for them (readdirplus).
+    pub attr: Option<Attr>,
+}
+
+/// Where the content file of an open lives; mountd checks the descriptor it
+/// receives against this before it uses it (see `docs/architecture.md`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContentId {
+    /// `st_dev` of the content file.
+    pub dev: u64,
+    /// `st_ino` of the content file (in the state directory's filesystem,
+    /// not a keibi inode number).
+    pub ino: u64,
+    /// `st_uid` of the content file: syncd's uid.
+    pub uid: u32,
+}
+
+/// The answer to `open` and `create`. The descriptor itself travels on the
+/// fd channel, tagged with `handle`, and is sent before this answer.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    /// syncd's name for this open; mountd's FUSE file handle.
+    pub handle: HandleId,
+    /// Attributes after the open (after `O_TRUNC`, if asked).
+    pub attr: Attr,
+    /// Identity of the content file whose descriptor was sent.
+    pub content: ContentId,
+}
+
+/// `rename` flags (`renameat2`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RenameFlags {
+    /// `RENAME_NOREPLACE`: fail with `EEXIST` if the target exists.
+    pub noreplace: bool,
+    /// `RENAME_EXCHANGE`: swap the two entries atomically.
+    pub exchange: bool,
+}
+
+/// `setxattr` mode.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum XattrSet {
+    /// Create or replace.
+    #[default]
+    Any,
+    /// `XATTR_CREATE`: fail with `EEXIST` if it exists.
+    Create,
+    /// `XATTR_REPLACE`: fail with `ENODATA` if it does not exist.
+    Replace,
+}
+
+/// Filesystem statistics (`statfs`), those of the state directory's
+/// filesystem, where content lives.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatFs {
+    /// Total blocks of `bsize` bytes.
+    pub blocks: u64,
+    /// Free blocks.
+    pub bfree: u64,
+    /// Blocks available to unprivileged users.
+    pub bavail: u64,
+    /// Total inodes.
+    pub files: u64,
+    /// Free inodes.
+    pub ffree: u64,
+    /// Block size.
+    pub bsize: u32,
+    /// Longest name.
+    pub namelen: u32,
+    /// Fragment size.
+    pub frsize: u32,
+}
+
+/// What mountd tells syncd about itself when it connects.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MountInfo {
+    /// Absolute path of the mountpoint.
+    pub mountpoint: String,
+    /// mountd's pid.
+    pub pid: u32,
+    /// Whether FUSE passthrough is in use for this mount.
+    pub passthrough: bool,
+    /// True when this is a reconnection of a mount that stayed up (syncd
+    /// restarted); false for a fresh mount, which lets syncd drop state
+    /// left by an earlier mount (open counts of unlinked files).
+    pub reconnect: bool,
+}
+
+/// A mount connected to syncd, as `keibictl status` shows it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MountStatus {
+    /// What the mount said about itself.
+    pub info: MountInfo,
+    /// Seconds since it connected.
+    pub connected_secs: u64,
+    /// Files it has open now.
+    pub open_handles: u64,
+}
+
+/// syncd's state, for `keibictl status`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// syncd's release version.
+    pub version: String,
+    /// syncd's IPC protocol version.
+    pub protocol_version: u32,
+    /// syncd's pid.
+    pub pid: u32,
+    /// Seconds since syncd started.
+    pub uptime_secs: u64,
+    /// The state directory.
+    pub state_dir: String,
+    /// Mounts connected now.
+    pub mounts: Vec<MountStatus>,
+    /// Regular files in the share.
+    pub files: u64,
+    /// Directories in the share (the root included).
+    pub directories: u64,
+    /// Other inodes (symlinks, fifos, sockets).
+    pub others: u64,
+    /// Bytes of content (sum of file sizes).
+    pub bytes: u64,
+}
