@@ -127,6 +127,25 @@ impl FdInbox {
         self.inner.arrived.notify_waiters();
     }
 
+    /// Whether the channel has closed (syncd closed its end or died).
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wait until the channel closes: syncd closed its end or died. Lets the
+    /// holder of a connection notice a dead syncd without making a call.
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.inner.arrived.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Take the descriptor for `handle`, waiting until `deadline` for it.
     pub async fn take(
         &self,

@@ -95,6 +95,25 @@ pub async fn connect_filesystem(
     Ok(FilesystemClient::new(config, framed(stream)).spawn())
 }
 
+/// [`connect_filesystem`], also returning the uid of the process that
+/// listens on the socket, as `SO_PEERCRED` reported it at connect time.
+/// mountd checks the owner of every content descriptor against it.
+pub async fn connect_filesystem_with_peer_uid(
+    path: &Path,
+    fd_channel: OwnedFd,
+) -> Result<(FilesystemClient, u32), ConnectError> {
+    let stream = connect_raw(path, ServiceKind::Filesystem, Some(fd_channel)).await?;
+    let uid = stream
+        .peer_cred()
+        .map_err(|source| ConnectError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?
+        .uid();
+    let config = tarpc::client::Config::default();
+    Ok((FilesystemClient::new(config, framed(stream)).spawn(), uid))
+}
+
 /// Connect to syncd's control socket.
 pub async fn connect_control(path: &Path) -> Result<ControlClient, ConnectError> {
     let stream = connect_raw(path, ServiceKind::Control, None).await?;

@@ -1,1 +1,267 @@
-fn main() {}
+//! keibi-mountd: the privileged FUSE daemon of a keibi mount.
+//!
+//! It owns the mount, the open-handle table and a short attribute cache;
+//! everything else (metadata, content files) belongs to keibi-syncd, which
+//! it calls over the filesystem socket with a deadline on every call.
+//!
+//! Start-up, in order: command line; root check; the mountpoint's
+//! single-instance lock (`<lock dir>/<escaped mountpoint>/lock`, exit 3
+//! when another mountd holds it); clearing a dead mount left at the
+//! mountpoint; a tokio runtime (two workers) for the calls to syncd; the
+//! FUSE session (mount and `init`); the connector to syncd, which keeps
+//! reconnecting in the background (the mount serves at once, operations
+//! that need syncd fail with `ETIMEDOUT` until it is up).
+//!
+//! Shutdown: `SIGTERM`/`SIGINT` detach the mount (`umount2(MNT_DETACH)`),
+//! wait for the session to end and exit 0. If the mount goes away by
+//! itself (someone ran `umount`), mountd exits 0 too.
+
+mod attr_cache;
+mod fd_check;
+mod fs;
+mod fuse;
+mod handles;
+mod logging;
+mod mount;
+mod passthrough;
+mod syncd_client;
+
+use clap::Parser;
+use ipc_schema::lockfile::{InstanceLock, LockError};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long shutdown waits for the FUSE session to end after detaching.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+/// How often the lock file is checked and put back if it was tampered with.
+const LOCK_REPAIR_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Exit status: a usage or environment error (not root, bad arguments).
+const EXIT_USAGE: u8 = 2;
+/// Exit status: another keibi-mountd serves this mountpoint.
+const EXIT_LOCKED: u8 = 3;
+
+/// Serve a keibi share at MOUNTPOINT through FUSE (runs as root).
+#[derive(Parser, Debug)]
+#[command(name = "keibi-mountd", version)]
+struct Args {
+    /// Where to mount the share.
+    mountpoint: PathBuf,
+    /// keibi-syncd's filesystem socket.
+    #[arg(long, default_value = "/run/keibi/fs.sock")]
+    syncd_socket: PathBuf,
+    /// Longest wait for keibi-syncd on any operation (e.g. 2s, 500ms).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    deadline: Duration,
+    /// How long the kernel may cache attributes and entries.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    attr_ttl: Duration,
+    /// FUSE dispatch threads.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: u16,
+    /// Do not use FUSE passthrough (all reads and writes go through mountd).
+    #[arg(long)]
+    no_passthrough: bool,
+    /// Where mountpoint locks live.
+    #[arg(long, default_value = "/run/keibi/mounts")]
+    lock_dir: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    logging::init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { code, message }) => {
+            eprintln!("keibi-mountd: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn fail(code: u8, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+fn run(args: Args) -> Result<(), Failure> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(fail(
+            EXIT_USAGE,
+            "must run as root (it mounts the share for every local user and registers passthrough files)",
+        ));
+    }
+    let mountpoint = mount::absolute_mountpoint(&args.mountpoint)
+        .map_err(|e| fail(1, format!("mountpoint {}: {e}", args.mountpoint.display())))?;
+    let lock = take_lock(&args.lock_dir, &mountpoint)?;
+
+    let cleared = mount::clear_stale_mounts(&mountpoint).map_err(|e| {
+        fail(
+            1,
+            format!(
+                "cannot clear the dead mount at {}: {e}",
+                mountpoint.display()
+            ),
+        )
+    })?;
+    if cleared > 0 {
+        tracing::warn!(mountpoint = %mountpoint.display(), cleared, "cleared dead keibi mounts");
+    }
+    let meta = std::fs::metadata(&mountpoint)
+        .map_err(|e| fail(1, format!("mountpoint {}: {e}", mountpoint.display())))?;
+    if !meta.is_dir() {
+        return Err(fail(
+            1,
+            format!("mountpoint {} is not a directory", mountpoint.display()),
+        ));
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("keibi-mountd-rt")
+        .enable_all()
+        .build()
+        .map_err(|e| fail(1, format!("cannot start the tokio runtime: {e}")))?;
+
+    let passthrough = Arc::new(passthrough::Passthrough::new(!args.no_passthrough));
+    let (client, connector) = syncd_client::new(syncd_client::ConnectConfig {
+        socket: args.syncd_socket.clone(),
+        mountpoint: mountpoint.display().to_string(),
+        passthrough: passthrough.clone(),
+    });
+    let keibi = Arc::new(fs::Keibi::new(
+        client,
+        passthrough,
+        args.deadline,
+        attr_cache::AttrCache::new(attr_cache::DEFAULT_CAPACITY),
+        rt.handle().clone(),
+    ));
+    let adapter = fuse::KeibiFs::new(keibi, args.attr_ttl, rt.handle().clone());
+
+    let mut config = fuser::Config::default();
+    config.n_threads = Some(usize::from(args.threads));
+    config.clone_fd = true;
+    config.acl = fuser::SessionACL::All;
+    config.mount_options = vec![
+        fuser::MountOption::FSName("keibi".into()),
+        // fuser's own mount(2) path ignores `Subtype` (it only reaches
+        // fusermount); the kernel takes the subtype as a mount option, and
+        // /proc/self/mountinfo then shows the type `fuse.keibi`.
+        fuser::MountOption::CUSTOM("subtype=keibi".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+    ];
+    let session = fuser::Session::new(adapter, &mountpoint, &config)
+        .map_err(|e| fail(1, format!("cannot mount {}: {e}", mountpoint.display())))?;
+    let background = session
+        .spawn()
+        .map_err(|e| fail(1, format!("cannot start the FUSE session: {e}")))?;
+    tracing::info!(
+        mountpoint = %mountpoint.display(),
+        syncd_socket = %args.syncd_socket.display(),
+        deadline_ms = args.deadline.as_millis() as u64,
+        threads = args.threads,
+        "mounted"
+    );
+    connector.spawn(rt.handle());
+
+    // The session thread is joined on its own thread, so the runtime can
+    // wait for either a signal or the end of the session.
+    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("keibi-session-join".into())
+        .spawn(move || {
+            let r = background.join();
+            let _ = ended_tx.send(r);
+        })
+        .map_err(|e| fail(1, format!("cannot start a thread: {e}")))?;
+
+    let lock = Arc::new(Mutex::new(lock));
+    rt.spawn(repair_lock_forever(lock.clone()));
+
+    let outcome = rt.block_on(serve_until_stopped(&mountpoint, ended_rx));
+    drop(lock);
+    // Tasks still waiting on syncd hold replies for a mount that is gone;
+    // there is nothing to wait for.
+    rt.shutdown_background();
+    outcome
+}
+
+fn take_lock(lock_dir: &Path, mountpoint: &Path) -> Result<InstanceLock, Failure> {
+    let anchor = lock_dir.join(mount::escape_path(mountpoint));
+    std::fs::create_dir_all(&anchor).map_err(|e| {
+        fail(
+            1,
+            format!("cannot create the lock directory {}: {e}", anchor.display()),
+        )
+    })?;
+    let what = format!("mountpoint {}", mountpoint.display());
+    InstanceLock::acquire(&anchor, "lock", &what).map_err(|e| match e {
+        LockError::Held { .. } => fail(EXIT_LOCKED, e.to_string()),
+        LockError::Io { .. } => fail(1, e.to_string()),
+    })
+}
+
+async fn repair_lock_forever(lock: Arc<Mutex<InstanceLock>>) {
+    let mut tick = tokio::time::interval(LOCK_REPAIR_INTERVAL);
+    loop {
+        tick.tick().await;
+        let lock = lock.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let mut l = lock.lock().unwrap_or_else(|p| p.into_inner());
+            l.repair()
+        })
+        .await;
+        match r {
+            Ok(Ok(true)) => {
+                tracing::warn!("the mountpoint's lock file was removed or replaced; put it back")
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot check the mountpoint's lock file"),
+            Err(e) => tracing::warn!(error = %e, "lock check task failed"),
+        }
+    }
+}
+
+async fn serve_until_stopped(
+    mountpoint: &Path,
+    mut ended: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
+) -> Result<(), Failure> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| fail(1, format!("SIGTERM handler: {e}")))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| fail(1, format!("SIGINT handler: {e}")))?;
+    let why = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        r = &mut ended => {
+            match r {
+                Ok(Ok(())) | Err(_) => tracing::info!(mountpoint = %mountpoint.display(), "the mount went away; exiting"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "the FUSE session ended with an error; exiting"),
+            }
+            return Ok(());
+        }
+    };
+    tracing::info!(signal = why, mountpoint = %mountpoint.display(), "unmounting");
+    if let Err(e) = mount::detach(mountpoint) {
+        tracing::warn!(error = %e, "lazy unmount failed");
+    }
+    match tokio::time::timeout(SHUTDOWN_WAIT, ended).await {
+        Ok(_) => tracing::info!("unmounted"),
+        Err(_) => tracing::warn!(
+            "the mount is detached but still in use by open files; exiting, which ends the session"
+        ),
+    }
+    Ok(())
+}

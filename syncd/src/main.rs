@@ -1,1 +1,191 @@
-fn main() {}
+//! keibi-syncd: the unprivileged daemon that owns keibi's state.
+//!
+//! It keeps the metadata store (sled) and the content files of one state
+//! directory, and serves them on two Unix sockets: the filesystem socket for
+//! keibi-mountd (which alone talks to the kernel) and the control socket for
+//! keibictl. See `docs/architecture.md`.
+//!
+//! Startup, in order: flags and config file; refuse root unless
+//! `--allow-root` (exit 2); take the single-instance lock on the state
+//! directory (exit 3 when another syncd holds it, naming its pid); open the
+//! store; bind both sockets; serve. SIGTERM or SIGINT flushes the store,
+//! removes the socket files and exits 0. Other startup failures exit 1.
+
+mod config;
+mod content;
+mod control;
+mod daemon;
+mod listener;
+mod opens;
+mod service;
+mod store;
+
+use clap::Parser;
+use config::{Cli, Config};
+use daemon::Daemon;
+use ipc_schema::lockfile::{InstanceLock, LockError};
+use std::os::unix::fs::DirBuilderExt;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use store::Store;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// How often the instance lock file is checked and repaired.
+const LOCK_REPAIR_EVERY: Duration = Duration::from_secs(2);
+
+/// Exit status: startup failure.
+const EXIT_FAILURE: u8 = 1;
+/// Exit status: refusing to run as root.
+const EXIT_ROOT: u8 = 2;
+/// Exit status: another instance holds the state directory.
+const EXIT_LOCKED: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    if nix::unistd::geteuid().is_root() && !cli.allow_root {
+        eprintln!(
+            "keibi-syncd: refusing to run as root: syncd needs no privilege; run it as an unprivileged user (the packaged service uses `keibi`), or pass --allow-root to insist"
+        );
+        return ExitCode::from(EXIT_ROOT);
+    }
+    let config = match Config::load(&cli) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_FAILURE, &e),
+    };
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.state_dir)
+    {
+        return fail(
+            EXIT_FAILURE,
+            &format!(
+                "cannot create state directory {}: {e}",
+                config.state_dir.display()
+            ),
+        );
+    }
+    let what = format!("state directory {}", config.state_dir.display());
+    let lock = match InstanceLock::acquire(&config.state_dir, "lock", &what) {
+        Ok(l) => l,
+        Err(e @ LockError::Held { .. }) => return fail(EXIT_LOCKED, &e.to_string()),
+        Err(e) => return fail(EXIT_FAILURE, &e.to_string()),
+    };
+    let store = match Store::load(&config.state_dir, config.share_owner) {
+        Ok(s) => Arc::new(s),
+        Err(e) => return fail(EXIT_FAILURE, &format!("cannot open the store: {e}")),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("keibi-syncd")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_FAILURE, &format!("cannot start the runtime: {e}")),
+    };
+    match runtime.block_on(run(config, lock, store)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(EXIT_FAILURE, &e),
+    }
+}
+
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("keibi-syncd: {message}");
+    ExitCode::from(code)
+}
+
+async fn run(config: Config, lock: InstanceLock, store: Arc<Store>) -> Result<(), String> {
+    let daemon = Arc::new(Daemon::new(store.clone()));
+    let fs_listener = listener::bind(&config.fs_socket, listener::FS_SOCKET_MODE, None, None)
+        .map_err(|e| e.to_string())?;
+    let sockets = vec![config.fs_socket.clone(), config.control_socket.clone()];
+    let control_listener = match listener::bind(
+        &config.control_socket,
+        config.control_socket_mode,
+        config.control_socket_owner,
+        config.control_socket_group,
+    ) {
+        Ok(l) => l,
+        Err(e) => {
+            listener::remove_sockets(&sockets[..1]);
+            return Err(e.to_string());
+        }
+    };
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+    tokio::spawn(listener::serve_filesystem(
+        fs_listener,
+        daemon.clone(),
+        config.mountd_uid,
+    ));
+    tokio::spawn(listener::serve_control(control_listener, daemon.clone()));
+    tokio::spawn(keep_lock_file(Arc::new(Mutex::new(lock))));
+    tracing::info!(
+        version = ipc_schema::KEIBI_VERSION,
+        protocol = ipc_schema::PROTOCOL_VERSION,
+        state_dir = %config.state_dir.display(),
+        fs_socket = %config.fs_socket.display(),
+        control_socket = %config.control_socket.display(),
+        mountd_uid = config.mountd_uid,
+        "keibi-syncd ready"
+    );
+    let signal_name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = signal_name, "shutting down");
+    let flushed = tokio::task::spawn_blocking(move || store.flush()).await;
+    listener::remove_sockets(&sockets);
+    match flushed {
+        Ok(Ok(())) => {
+            tracing::info!("store flushed; bye");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(format!("flushing the store at shutdown: {e}")),
+        Err(e) => Err(format!("flushing the store at shutdown: {e}")),
+    }
+}
+
+/// Every [`LOCK_REPAIR_EVERY`], put the lock file back if someone removed
+/// or replaced it (the directory lock keeps others out meanwhile).
+async fn keep_lock_file(lock: Arc<Mutex<InstanceLock>>) {
+    let mut tick = tokio::time::interval(LOCK_REPAIR_EVERY);
+    loop {
+        tick.tick().await;
+        let lock = lock.clone();
+        let repaired = tokio::task::spawn_blocking(move || {
+            let mut l = lock.lock().unwrap_or_else(|p| p.into_inner());
+            l.repair()
+                .map_err(|e| (l.file_path().display().to_string(), e))
+        })
+        .await;
+        match repaired {
+            Ok(Ok(true)) => tracing::warn!("the lock file was removed or replaced; restored it"),
+            Ok(Ok(false)) => {}
+            Ok(Err((path, e))) => tracing::warn!(path, error = %e, "cannot check the lock file"),
+            Err(e) => tracing::warn!(error = %e, "lock file check failed"),
+        }
+    }
+}
+
+/// Log to stderr with UTC millisecond timestamps; `RUST_LOG` filters
+/// (default `info,tarpc=off`: tarpc logs every expired deadline at error
+/// level, and mountd already reports those).
+fn init_logging() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::fmt::time::UtcTime;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,tarpc=off"));
+    let timer = UtcTime::new(time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    ));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_timer(timer)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}

@@ -1,0 +1,83 @@
+//! The command line: global options first, then a subcommand.
+//!
+//! ```text
+//! keibictl [--socket PATH] [--timeout DURATION] status [--json]
+//! ```
+//!
+//! Durations use humantime's syntax (`5s`, `500ms`, `1m`).
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// keibictl: ask keibi-syncd about its state.
+#[derive(Parser, Debug)]
+#[command(name = "keibictl", version, about)]
+pub struct Args {
+    /// keibi-syncd's control socket.
+    #[arg(long, global = true, default_value = "/run/keibi/control.sock")]
+    pub socket: PathBuf,
+
+    /// How long to wait for syncd, connect and answer together (e.g. `5s`, `500ms`).
+    #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Versions, uptime, state directory, connected mounts, file and byte counts.
+    Status {
+        /// Print the status as JSON (one object) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if d.is_zero() {
+        return Err("the timeout must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let a = Args::try_parse_from(["keibictl", "status"]).expect("parse");
+        assert_eq!(a.socket, PathBuf::from("/run/keibi/control.sock"));
+        assert_eq!(a.timeout, Duration::from_secs(5));
+        assert!(matches!(a.command, Command::Status { json: false }));
+    }
+
+    #[test]
+    fn options_before_and_after_the_subcommand() {
+        let a = Args::try_parse_from([
+            "keibictl",
+            "--socket",
+            "/tmp/c.sock",
+            "status",
+            "--json",
+            "--timeout",
+            "250ms",
+        ])
+        .expect("parse");
+        assert_eq!(a.socket, PathBuf::from("/tmp/c.sock"));
+        assert_eq!(a.timeout, Duration::from_millis(250));
+        assert!(matches!(a.command, Command::Status { json: true }));
+    }
+
+    #[test]
+    fn zero_or_garbage_timeout_is_refused() {
+        assert!(Args::try_parse_from(["keibictl", "--timeout", "0s", "status"]).is_err());
+        assert!(Args::try_parse_from(["keibictl", "--timeout", "soon", "status"]).is_err());
+    }
+}

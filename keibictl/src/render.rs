@@ -1,0 +1,177 @@
+//! Turning a [`Status`] into text: a table for people, JSON for scripts.
+//!
+//! The JSON is serde's form of `ipc_schema::Status` as is, so scripts see
+//! the same field names as the protocol (`uptime_secs`, `mounts[].info.pid`,
+//! ...), and a new field in the protocol shows up without a change here.
+
+use ipc_schema::{MountStatus, Status};
+use std::fmt::Write;
+use std::time::Duration;
+
+/// The status as one pretty-printed JSON object and a newline.
+pub fn status_json(status: &Status) -> Result<String, String> {
+    let mut s = serde_json::to_string_pretty(status)
+        .map_err(|e| format!("cannot encode the status as JSON: {e}"))?;
+    s.push('\n');
+    Ok(s)
+}
+
+/// The status as a human-readable table.
+pub fn status_table(status: &Status) -> String {
+    let mut out = String::new();
+    let rows = [
+        ("version", status.version.clone()),
+        ("protocol", status.protocol_version.to_string()),
+        ("pid", status.pid.to_string()),
+        ("uptime", seconds(status.uptime_secs)),
+        ("state dir", status.state_dir.clone()),
+        ("files", status.files.to_string()),
+        ("directories", status.directories.to_string()),
+        ("others", status.others.to_string()),
+        ("bytes", bytes(status.bytes)),
+    ];
+    for (key, value) in rows {
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "{key:<12} {value}");
+    }
+    let _ = writeln!(out, "mounts       {}", status.mounts.len());
+    if !status.mounts.is_empty() {
+        out.push('\n');
+        out.push_str(&mounts_table(&status.mounts));
+    }
+    out
+}
+
+fn mounts_table(mounts: &[MountStatus]) -> String {
+    let header = [
+        "MOUNTPOINT".to_string(),
+        "PID".into(),
+        "PASSTHROUGH".into(),
+        "OPEN HANDLES".into(),
+        "CONNECTED".into(),
+    ];
+    let mut rows = vec![header];
+    for m in mounts {
+        rows.push([
+            m.info.mountpoint.clone(),
+            m.info.pid.to_string(),
+            if m.info.passthrough { "yes" } else { "no" }.into(),
+            m.open_handles.to_string(),
+            seconds(m.connected_secs),
+        ]);
+    }
+    let mut widths = [0usize; 5];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let line = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn seconds(s: u64) -> String {
+    humantime::format_duration(Duration::from_secs(s)).to_string()
+}
+
+/// `1234567` → `"1234567 (1.2 MiB)"`; small values stay plain.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return n.to_string();
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{n} ({value:.1} {})", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipc_schema::MountInfo;
+
+    fn sample() -> Status {
+        Status {
+            version: "0.1.0".into(),
+            protocol_version: 1,
+            pid: 4242,
+            uptime_secs: 3723,
+            state_dir: "/var/lib/keibi".into(),
+            mounts: vec![MountStatus {
+                info: MountInfo {
+                    mountpoint: "/mnt/keibi".into(),
+                    pid: 99,
+                    passthrough: true,
+                    reconnect: false,
+                },
+                connected_secs: 61,
+                open_handles: 3,
+            }],
+            files: 10,
+            directories: 2,
+            others: 1,
+            bytes: 3 * 1024 * 1024,
+        }
+    }
+
+    #[test]
+    fn table_shows_every_field() {
+        let t = status_table(&sample());
+        for needle in [
+            "0.1.0",
+            "protocol     1",
+            "4242",
+            "1h 2m 3s",
+            "/var/lib/keibi",
+            "files        10",
+            "directories  2",
+            "others       1",
+            "3145728 (3.0 MiB)",
+            "mounts       1",
+            "/mnt/keibi",
+            "yes",
+            "1m 1s",
+        ] {
+            assert!(t.contains(needle), "missing {needle:?} in\n{t}");
+        }
+        let mount_line = t
+            .lines()
+            .find(|l| l.starts_with("/mnt/keibi"))
+            .expect("mount row");
+        let cells: Vec<&str> = mount_line.split_whitespace().collect();
+        assert_eq!(cells[..4], ["/mnt/keibi", "99", "yes", "3"]);
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let s = sample();
+        let text = status_json(&s).expect("json");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("parse");
+        assert_eq!(v["pid"], 4242);
+        assert_eq!(v["mounts"][0]["info"]["mountpoint"], "/mnt/keibi");
+        assert_eq!(v["mounts"][0]["open_handles"], 3);
+        let back: Status = serde_json::from_str(&text).expect("decode as Status");
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(bytes(0), "0");
+        assert_eq!(bytes(1023), "1023");
+        assert_eq!(bytes(1536), "1536 (1.5 KiB)");
+    }
+}

@@ -1,0 +1,139 @@
+//! keibictl against a small in-process control server that speaks the real
+//! handshake and tarpc transport of `ipc_schema`: the table and the JSON
+//! show what the server said, and a server of another protocol version is
+//! refused with both versions named.
+
+use futures::StreamExt;
+use ipc_schema::handshake::{self, Refusal};
+use ipc_schema::service::Control;
+use ipc_schema::{MountInfo, MountStatus, PROTOCOL_VERSION, Status};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::{Command, Output};
+use tarpc::context::Context;
+use tarpc::server::{BaseChannel, Channel};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keibictl");
+
+#[derive(Clone)]
+struct Fixed(Status);
+
+impl Control for Fixed {
+    async fn status(self, _: Context) -> Status {
+        self.0
+    }
+}
+
+fn sample() -> Status {
+    Status {
+        version: "9.8.7".into(),
+        protocol_version: PROTOCOL_VERSION,
+        pid: 31337,
+        uptime_secs: 90,
+        state_dir: "/srv/keibi-state".into(),
+        mounts: vec![MountStatus {
+            info: MountInfo {
+                mountpoint: "/mnt/somewhere".into(),
+                pid: 4711,
+                passthrough: false,
+                reconnect: true,
+            },
+            connected_secs: 5,
+            open_handles: 7,
+        }],
+        files: 12,
+        directories: 3,
+        others: 2,
+        bytes: 4096,
+    }
+}
+
+/// Serve one connection on `sock` from a thread: accept it, or refuse it
+/// as a server of another version would.
+fn serve_once(sock: &Path, refuse_version: bool) -> std::thread::JoinHandle<()> {
+    let listener = UnixListener::bind(sock).expect("bind");
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let hello = handshake::read_hello(&mut stream).expect("hello");
+        assert_eq!(hello.service, handshake::ServiceKind::Control as u8);
+        if refuse_version {
+            let msg = handshake::version_mismatch_message(hello.version, hello.version + 1);
+            handshake::refuse(&mut stream, Refusal::VersionMismatch, &msg).expect("refuse");
+            return;
+        }
+        handshake::accept(&mut stream).expect("accept handshake");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            stream.set_nonblocking(true).expect("nonblocking");
+            let stream = tokio::net::UnixStream::from_std(stream).expect("tokio stream");
+            let channel = BaseChannel::with_defaults(ipc_schema::transport::framed(stream));
+            channel
+                .execute(Fixed(sample()).serve())
+                .for_each(|answer| answer)
+                .await;
+        });
+    })
+}
+
+fn keibictl(sock: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("run keibictl")
+}
+
+#[test]
+fn table_shows_the_servers_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("control.sock");
+    let server = serve_once(&sock, false);
+    let out = keibictl(&sock, &["status"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "9.8.7",
+        "31337",
+        "1m 30s",
+        "/srv/keibi-state",
+        "/mnt/somewhere",
+        "4711",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    server.join().expect("server thread");
+}
+
+#[test]
+fn json_is_the_status_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("control.sock");
+    let server = serve_once(&sock, false);
+    let out = keibictl(&sock, &["status", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let got: Status = serde_json::from_slice(&out.stdout).expect("stdout is a Status");
+    assert_eq!(got, sample());
+    server.join().expect("server thread");
+}
+
+#[test]
+fn version_mismatch_is_one_clear_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("control.sock");
+    let server = serve_once(&sock, true);
+    let out = keibictl(&sock, &["status"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err:?}");
+    let ours = PROTOCOL_VERSION.to_string();
+    let theirs = (PROTOCOL_VERSION + 1).to_string();
+    assert!(
+        err.contains("protocol version mismatch") && err.contains(&ours) && err.contains(&theirs),
+        "{err:?}"
+    );
+    server.join().expect("server thread");
+}

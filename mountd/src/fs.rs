@@ -1,0 +1,764 @@
+//! The filesystem's operations, knowing nothing of fuser: each one either
+//! works on a descriptor mountd holds (bounded local work, called inline
+//! by the dispatch thread) or calls syncd with a deadline (an `async fn`
+//! the [`crate::fuse`] adapter runs on a tokio task).
+//!
+//! Deadline rule (see `docs/architecture.md`): when syncd does not answer
+//! in time, `getattr` answers the last attributes mountd saw for the inode
+//! and `lookup` the last entry it saw for the name; every other operation
+//! answers `ETIMEDOUT`. Reads, writes, `flush` and `release` never wait on
+//! syncd: they use the descriptor in the [`HandleTable`], and `release`
+//! tells syncd from a background task.
+//!
+//! Opening is two steps so that no borrow of the FUSE reply lives across
+//! an await: [`Keibi::open_fd`] / [`Keibi::create_fd`] (async: syncd opens
+//! the content file, the descriptor arrives on the fd channel, it is
+//! validated by [`fd_check`]) then [`Keibi::install`] (sync: passthrough
+//! registration and the handle table).
+
+use crate::attr_cache::AttrCache;
+use crate::fd_check::{self, Access};
+use crate::handles::{Handle, HandleTable};
+use crate::passthrough::{Mode, Passthrough};
+use crate::syncd_client::{CallError, Retry, SyncdClient};
+use fuser::BackingId;
+use ipc_schema::{
+    Attr, Caller, DirCookie, DirEntry, FileKind, FsError, HandleId, Ino, Name, Opened, RenameFlags,
+    SetAttr, StatFs, XattrSet, fs_err,
+};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Extra time to wait for a descriptor whose `open` answer has arrived:
+/// syncd sends it before answering, so it is normally already queued.
+const FD_GRACE: Duration = Duration::from_millis(100);
+
+/// The state behind the FUSE adapter.
+pub struct Keibi {
+    client: SyncdClient,
+    cache: AttrCache,
+    handles: HandleTable,
+    passthrough: Arc<Passthrough>,
+    deadline: Duration,
+    rt: tokio::runtime::Handle,
+}
+
+/// An answer to `getxattr`/`listxattr`.
+pub enum XattrReply {
+    /// The size of the value (the caller asked with size 0).
+    Size(u32),
+    /// The value.
+    Data(Vec<u8>),
+}
+
+/// A descriptor syncd sent for an open, validated, not yet installed.
+pub struct OpenedFd {
+    /// syncd's answer.
+    pub opened: Opened,
+    /// The content file.
+    pub fd: OwnedFd,
+    /// The connection the open was made on.
+    pub generation: u64,
+}
+
+impl Keibi {
+    /// The filesystem over `client`, answering within `deadline`.
+    pub fn new(
+        client: SyncdClient,
+        passthrough: Arc<Passthrough>,
+        deadline: Duration,
+        cache: AttrCache,
+        rt: tokio::runtime::Handle,
+    ) -> Self {
+        Keibi {
+            client,
+            cache,
+            handles: HandleTable::default(),
+            passthrough,
+            deadline,
+            rt,
+        }
+    }
+
+    /// The passthrough state (for `init`).
+    pub fn passthrough(&self) -> &Passthrough {
+        &self.passthrough
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.deadline
+    }
+
+    /// `lookup`, or the last known entry when syncd misses the deadline.
+    pub async fn lookup(&self, parent: u64, name: Name) -> Result<Attr, FsError> {
+        let n = name.clone();
+        let r = self
+            .client
+            .call(
+                "lookup",
+                parent,
+                self.deadline(),
+                Retry::Idempotent,
+                |c, ctx| {
+                    let n = n.clone();
+                    async move { c.client.lookup(ctx, Ino(parent), n).await }
+                },
+            )
+            .await;
+        match r {
+            Ok(a) => {
+                self.cache.put_entry(parent, name.as_bytes(), &a);
+                Ok(a)
+            }
+            Err(CallError::Deadline { waited }) => {
+                match self.cache.entry(parent, name.as_bytes()) {
+                    Some(a) => {
+                        tracing::info!(
+                            op = "lookup",
+                            ino = parent,
+                            waited_ms = waited.as_millis() as u64,
+                            "answered with the last known entry"
+                        );
+                        Ok(a)
+                    }
+                    None => Err(CallError::Deadline { waited }.into_fs("lookup")),
+                }
+            }
+            Err(CallError::Fs(e)) => {
+                if e.errno == libc::ENOENT {
+                    self.cache.forget_entry(parent, name.as_bytes());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// `getattr`, or the last known attributes when syncd misses the
+    /// deadline.
+    pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        let r = self
+            .client
+            .call(
+                "getattr",
+                ino,
+                self.deadline(),
+                Retry::Idempotent,
+                |c, ctx| async move { c.client.getattr(ctx, Ino(ino)).await },
+            )
+            .await;
+        match r {
+            Ok(a) => {
+                self.cache.put_attr(&a);
+                Ok(a)
+            }
+            Err(CallError::Deadline { waited }) => match self.cache.attr(ino) {
+                Some(a) => {
+                    tracing::info!(
+                        op = "getattr",
+                        ino,
+                        waited_ms = waited.as_millis() as u64,
+                        "answered with the last known attributes"
+                    );
+                    Ok(a)
+                }
+                None => Err(CallError::Deadline { waited }.into_fs("getattr")),
+            },
+            Err(CallError::Fs(e)) => Err(e),
+        }
+    }
+
+    /// `setattr`.
+    pub async fn setattr(&self, ino: u64, changes: SetAttr) -> Result<Attr, FsError> {
+        let a = self
+            .client
+            .call(
+                "setattr",
+                ino,
+                self.deadline(),
+                Retry::Once,
+                |c, ctx| async move { c.client.setattr(ctx, Ino(ino), changes).await },
+            )
+            .await
+            .map_err(|e| e.into_fs("setattr"))?;
+        self.cache.put_attr(&a);
+        Ok(a)
+    }
+
+    /// `readlink`.
+    pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        self.client
+            .call(
+                "readlink",
+                ino,
+                self.deadline(),
+                Retry::Idempotent,
+                |c, ctx| async move { c.client.readlink(ctx, Ino(ino)).await },
+            )
+            .await
+            .map_err(|e| e.into_fs("readlink"))
+    }
+
+    fn created(
+        &self,
+        parent: u64,
+        name: &Name,
+        r: Result<Attr, CallError>,
+        op: &str,
+    ) -> Result<Attr, FsError> {
+        let a = r.map_err(|e| e.into_fs(op))?;
+        self.cache.put_entry(parent, name.as_bytes(), &a);
+        Ok(a)
+    }
+
+    /// `mkdir` (`perm` already masked by the umask).
+    pub async fn mkdir(
+        &self,
+        parent: u64,
+        name: Name,
+        perm: u16,
+        caller: Caller,
+    ) -> Result<Attr, FsError> {
+        let n = name.clone();
+        let r = self
+            .client
+            .call("mkdir", parent, self.deadline(), Retry::Once, |c, ctx| {
+                let n = n.clone();
+                async move { c.client.mkdir(ctx, Ino(parent), n, perm, caller).await }
+            })
+            .await;
+        self.created(parent, &name, r, "mkdir")
+    }
+
+    /// `mknod` of a fifo or socket; a regular file is created and closed
+    /// again; devices are refused (`EPERM`).
+    pub async fn mknod(
+        &self,
+        parent: u64,
+        name: Name,
+        mode: u32,
+        perm: u16,
+        caller: Caller,
+    ) -> Result<Attr, FsError> {
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFSOCK => FileKind::Socket,
+            libc::S_IFREG | 0 => {
+                let got = self
+                    .create_fd(parent, name, perm, libc::O_RDONLY, caller)
+                    .await?;
+                let attr = got.opened.attr;
+                drop(got.fd);
+                self.release_in_background(got.opened.handle, got.generation);
+                return Ok(attr);
+            }
+            _ => return Err(fs_err!(EPERM, "mknod: device nodes are not supported")),
+        };
+        let n = name.clone();
+        let r = self
+            .client
+            .call("mknod", parent, self.deadline(), Retry::Once, |c, ctx| {
+                let n = n.clone();
+                async move {
+                    c.client
+                        .mknod(ctx, Ino(parent), n, kind, perm, caller)
+                        .await
+                }
+            })
+            .await;
+        self.created(parent, &name, r, "mknod")
+    }
+
+    /// `symlink`.
+    pub async fn symlink(
+        &self,
+        parent: u64,
+        name: Name,
+        target: Vec<u8>,
+        caller: Caller,
+    ) -> Result<Attr, FsError> {
+        let n = name.clone();
+        let r = self
+            .client
+            .call("symlink", parent, self.deadline(), Retry::Once, |c, ctx| {
+                let n = n.clone();
+                let t = target.clone();
+                async move { c.client.symlink(ctx, Ino(parent), n, t, caller).await }
+            })
+            .await;
+        self.created(parent, &name, r, "symlink")
+    }
+
+    /// `link`.
+    pub async fn link(&self, ino: u64, new_parent: u64, new_name: Name) -> Result<Attr, FsError> {
+        let n = new_name.clone();
+        let r = self
+            .client
+            .call("link", ino, self.deadline(), Retry::Once, |c, ctx| {
+                let n = n.clone();
+                async move { c.client.link(ctx, Ino(ino), Ino(new_parent), n).await }
+            })
+            .await;
+        self.created(new_parent, &new_name, r, "link")
+    }
+
+    /// `unlink`.
+    pub async fn unlink(&self, parent: u64, name: Name) -> Result<(), FsError> {
+        let n = name.clone();
+        self.cache.forget_entry(parent, name.as_bytes());
+        self.client
+            .call("unlink", parent, self.deadline(), Retry::Once, |c, ctx| {
+                let n = n.clone();
+                async move { c.client.unlink(ctx, Ino(parent), n).await }
+            })
+            .await
+            .map_err(|e| e.into_fs("unlink"))
+    }
+
+    /// `rmdir`.
+    pub async fn rmdir(&self, parent: u64, name: Name) -> Result<(), FsError> {
+        let n = name.clone();
+        self.cache.forget_entry(parent, name.as_bytes());
+        self.client
+            .call("rmdir", parent, self.deadline(), Retry::Once, |c, ctx| {
+                let n = n.clone();
+                async move { c.client.rmdir(ctx, Ino(parent), n).await }
+            })
+            .await
+            .map_err(|e| e.into_fs("rmdir"))
+    }
+
+    /// `rename`.
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: Name,
+        new_parent: u64,
+        new_name: Name,
+        flags: RenameFlags,
+    ) -> Result<(), FsError> {
+        self.cache.forget_entry(parent, name.as_bytes());
+        self.cache.forget_entry(new_parent, new_name.as_bytes());
+        self.client
+            .call("rename", parent, self.deadline(), Retry::Once, |c, ctx| {
+                let (n, nn) = (name.clone(), new_name.clone());
+                async move {
+                    c.client
+                        .rename(ctx, Ino(parent), n, Ino(new_parent), nn, flags)
+                        .await
+                }
+            })
+            .await
+            .map_err(|e| e.into_fs("rename"))
+    }
+
+    /// `readdir`: up to `limit` entries after `after`, with attributes if
+    /// `plus` (then remembered for deadline answers).
+    pub async fn readdir(
+        &self,
+        dir: u64,
+        after: u64,
+        limit: u32,
+        plus: bool,
+    ) -> Result<Vec<DirEntry>, FsError> {
+        let op = if plus { "readdirplus" } else { "readdir" };
+        let entries = self
+            .client
+            .call(
+                op,
+                dir,
+                self.deadline(),
+                Retry::Idempotent,
+                |c, ctx| async move {
+                    c.client
+                        .readdir(ctx, Ino(dir), DirCookie(after), limit, plus)
+                        .await
+                },
+            )
+            .await
+            .map_err(|e| e.into_fs(op))?;
+        for e in &entries {
+            if let Some(a) = &e.attr
+                && e.name.as_bytes() != b"."
+                && e.name.as_bytes() != b".."
+            {
+                self.cache.put_entry(dir, e.name.as_bytes(), a);
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Ask syncd to open `ino`, and take and validate the descriptor.
+    pub async fn open_fd(&self, ino: u64, flags: i32) -> Result<OpenedFd, FsError> {
+        let deadline = self.deadline();
+        let r = self
+            .client
+            .call("open", ino, deadline, Retry::Once, |c, ctx| async move {
+                Ok(c.client
+                    .open(ctx, Ino(ino), flags)
+                    .await?
+                    .map(|o| (o, c.clone())))
+            })
+            .await;
+        self.receive_fd("open", ino, flags, deadline, r).await
+    }
+
+    /// Ask syncd to create and open `parent/name`, and take and validate
+    /// the descriptor.
+    pub async fn create_fd(
+        &self,
+        parent: u64,
+        name: Name,
+        perm: u16,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<OpenedFd, FsError> {
+        let deadline = self.deadline();
+        let n = name.clone();
+        let r = self
+            .client
+            .call("create", parent, deadline, Retry::Once, |c, ctx| {
+                let n = n.clone();
+                async move {
+                    Ok(c.client
+                        .create(ctx, Ino(parent), n, perm, flags, caller)
+                        .await?
+                        .map(|o| (o, c.clone())))
+                }
+            })
+            .await;
+        let got = self
+            .receive_fd("create", parent, flags, deadline, r)
+            .await?;
+        self.cache
+            .put_entry(parent, name.as_bytes(), &got.opened.attr);
+        Ok(got)
+    }
+
+    async fn receive_fd(
+        &self,
+        op: &'static str,
+        ino: u64,
+        flags: i32,
+        deadline: Instant,
+        r: Result<(Opened, Arc<crate::syncd_client::Connection>), CallError>,
+    ) -> Result<OpenedFd, FsError> {
+        let (opened, conn) = r.map_err(|e| e.into_fs(op))?;
+        let generation = conn.generation();
+        let wait_until = deadline.max(Instant::now() + FD_GRACE);
+        let fd = match conn.inbox.take(opened.handle, wait_until).await {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.release_in_background(opened.handle, generation);
+                return Err(FsError::io(
+                    format!("{op}: descriptor of {}", opened.handle),
+                    &e,
+                ));
+            }
+        };
+        if let Err(why) = fd_check::validate(
+            &fd,
+            Access::of_flags(flags),
+            &opened.content,
+            conn.syncd_uid,
+        ) {
+            tracing::warn!(op, ino, syncd_handle = opened.handle.0, reason = %why, "refused the content descriptor keibi-syncd sent");
+            drop(fd);
+            self.release_in_background(opened.handle, generation);
+            return Err(fs_err!(EIO, "{op}: refused the content descriptor: {why}"));
+        }
+        self.cache.put_attr(&opened.attr);
+        Ok(OpenedFd {
+            opened,
+            fd,
+            generation,
+        })
+    }
+
+    /// Put an opened descriptor in the handle table, deciding passthrough
+    /// with `register` (the reply's `open_backing`). Returns the FUSE file
+    /// handle and how the open is to be answered.
+    pub fn install(
+        &self,
+        got: OpenedFd,
+        register: impl FnOnce(&OwnedFd) -> io::Result<BackingId>,
+    ) -> Result<(u64, Mode), FsError> {
+        let ino = got.opened.attr.ino.0;
+        let syncd_handle = got.opened.handle;
+        let mode = match self.passthrough.mode_for(ino, || register(&got.fd)) {
+            Ok(m) => m,
+            Err(e) => {
+                self.release_in_background(syncd_handle, got.generation);
+                return Err(FsError::io(
+                    format!("registering {syncd_handle} of ino {ino} for passthrough"),
+                    &e,
+                ));
+            }
+        };
+        let backing = match &mode {
+            Mode::Passthrough(id) => Some(id.clone()),
+            Mode::Plain => None,
+        };
+        let fh = self.handles.insert(Handle {
+            ino,
+            syncd_handle,
+            generation: got.generation,
+            file: File::from(got.fd),
+            backing,
+        });
+        tracing::trace!(fh, ino, syncd_handle = syncd_handle.0, "handle opened");
+        Ok((fh, mode))
+    }
+
+    /// Tell syncd an open is over, without making anyone wait for it.
+    /// Only the syncd the open was made on knows its handle: after a
+    /// reconnection (syncd restarted, and dropped the opens of the old
+    /// connection) there is nothing to tell, and telling the new syncd
+    /// would release one of its own opens that has the same number.
+    pub fn release_in_background(&self, syncd_handle: HandleId, generation: u64) {
+        if self.client.current_generation() != Some(generation) {
+            tracing::debug!(
+                syncd_handle = syncd_handle.0,
+                generation,
+                "open made on an earlier connection to keibi-syncd; nothing to release"
+            );
+            return;
+        }
+        let client = self.client.clone();
+        let deadline = self.deadline();
+        self.rt.spawn(async move {
+            let r = client
+                .call("release", syncd_handle.0, deadline, Retry::Once, |c, ctx| async move {
+                    if c.generation() != generation {
+                        return Ok(Ok(()));
+                    }
+                    c.client.release(ctx, syncd_handle).await
+                })
+                .await;
+            if let Err(CallError::Fs(e)) = r {
+                tracing::debug!(syncd_handle = syncd_handle.0, error = %e, "release not recorded by keibi-syncd");
+            }
+        });
+    }
+
+    /// `release`: drop the table's reference and tell syncd.
+    pub fn release(&self, fh: u64) {
+        if let Some(h) = self.handles.remove(fh) {
+            tracing::trace!(
+                fh,
+                ino = h.ino,
+                passthrough = h.backing.is_some(),
+                "handle closed"
+            );
+            self.release_in_background(h.syncd_handle, h.generation);
+        }
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>, FsError> {
+        self.handles
+            .get(fh)
+            .ok_or_else(|| fs_err!(EBADF, "no open file handle {fh}"))
+    }
+
+    /// `read`: `pread` on the handle's descriptor; short only at the end of
+    /// the file.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let h = self.handle(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match h.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(FsError::io(format!("pread of fh {fh}"), &e)),
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// `write`: `pwrite` of all of `data` on the handle's descriptor.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        let h = self.handle(fh)?;
+        h.file
+            .write_all_at(data, offset)
+            .map_err(|e| FsError::io(format!("pwrite of fh {fh}"), &e))?;
+        Ok(data.len() as u32)
+    }
+
+    /// `fallocate` on the handle's descriptor.
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<(), FsError> {
+        let h = self.handle(fh)?;
+        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(length)) else {
+            return Err(fs_err!(EFBIG, "fallocate: range out of bounds"));
+        };
+        // SAFETY: fallocate on a descriptor we own (kept open by `h`); no
+        // memory is passed.
+        let r = unsafe { libc::fallocate(h.file.as_raw_fd(), mode, off, len) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(FsError::io(
+                format!("fallocate of fh {fh}"),
+                &io::Error::last_os_error(),
+            ))
+        }
+    }
+
+    /// `lseek`: `SEEK_DATA`/`SEEK_HOLE` (and `SEEK_END`) on the handle's
+    /// descriptor; the kernel keeps the file position itself.
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64, FsError> {
+        match whence {
+            libc::SEEK_SET => Ok(offset),
+            libc::SEEK_DATA | libc::SEEK_HOLE | libc::SEEK_END => {
+                let h = self.handle(fh)?;
+                // SAFETY: lseek on a descriptor we own (kept open by `h`).
+                // Its file position is never used: I/O is pread/pwrite.
+                let r = unsafe { libc::lseek(h.file.as_raw_fd(), offset, whence) };
+                if r >= 0 {
+                    Ok(r)
+                } else {
+                    Err(FsError::io(
+                        format!("lseek of fh {fh}"),
+                        &io::Error::last_os_error(),
+                    ))
+                }
+            }
+            _ => Err(fs_err!(EINVAL, "lseek: whence {whence} is not supported")),
+        }
+    }
+
+    /// `fsync`: the content descriptor (if this handle is open), then the
+    /// store (syncd).
+    pub async fn fsync(&self, ino: u64, fh: Option<u64>, datasync: bool) -> Result<(), FsError> {
+        if let Some(h) = fh.and_then(|fh| self.handles.get(fh)) {
+            let r = tokio::task::spawn_blocking(move || {
+                if datasync {
+                    h.file.sync_data()
+                } else {
+                    h.file.sync_all()
+                }
+            })
+            .await
+            .map_err(|e| fs_err!(EIO, "fsync task failed: {e}"))?;
+            r.map_err(|e| FsError::io(format!("fsync of ino {ino}"), &e))?;
+        }
+        self.client
+            .call(
+                "fsync",
+                ino,
+                self.deadline(),
+                Retry::Idempotent,
+                |c, ctx| async move { c.client.fsync(ctx, Ino(ino), datasync).await },
+            )
+            .await
+            .map_err(|e| e.into_fs("fsync"))
+    }
+
+    /// `statfs`.
+    pub async fn statfs(&self) -> Result<StatFs, FsError> {
+        self.client
+            .call(
+                "statfs",
+                1,
+                self.deadline(),
+                Retry::Idempotent,
+                |c, ctx| async move { c.client.statfs(ctx).await },
+            )
+            .await
+            .map_err(|e| e.into_fs("statfs"))
+    }
+
+    /// `setxattr`.
+    pub async fn setxattr(
+        &self,
+        ino: u64,
+        name: Name,
+        value: Vec<u8>,
+        mode: XattrSet,
+    ) -> Result<(), FsError> {
+        self.client
+            .call("setxattr", ino, self.deadline(), Retry::Once, |c, ctx| {
+                let (n, v) = (name.clone(), value.clone());
+                async move { c.client.setxattr(ctx, Ino(ino), n, v, mode).await }
+            })
+            .await
+            .map_err(|e| e.into_fs("setxattr"))
+    }
+
+    /// `getxattr`: the size when `size` is 0, else the value, or `ERANGE`.
+    pub async fn getxattr(&self, ino: u64, name: Name, size: u32) -> Result<XattrReply, FsError> {
+        let v = self
+            .client
+            .call(
+                "getxattr",
+                ino,
+                self.deadline(),
+                Retry::Idempotent,
+                |c, ctx| {
+                    let n = name.clone();
+                    async move { c.client.getxattr(ctx, Ino(ino), n).await }
+                },
+            )
+            .await
+            .map_err(|e| e.into_fs("getxattr"))?;
+        sized(v, size)
+    }
+
+    /// `listxattr`: NUL-terminated names, sized as for `getxattr`.
+    pub async fn listxattr(&self, ino: u64, size: u32) -> Result<XattrReply, FsError> {
+        let names = self
+            .client
+            .call(
+                "listxattr",
+                ino,
+                self.deadline(),
+                Retry::Idempotent,
+                |c, ctx| async move { c.client.listxattr(ctx, Ino(ino)).await },
+            )
+            .await
+            .map_err(|e| e.into_fs("listxattr"))?;
+        let mut v = Vec::new();
+        for n in names {
+            v.extend_from_slice(n.as_bytes());
+            v.push(0);
+        }
+        sized(v, size)
+    }
+
+    /// `removexattr`.
+    pub async fn removexattr(&self, ino: u64, name: Name) -> Result<(), FsError> {
+        self.client
+            .call(
+                "removexattr",
+                ino,
+                self.deadline(),
+                Retry::Once,
+                |c, ctx| {
+                    let n = name.clone();
+                    async move { c.client.removexattr(ctx, Ino(ino), n).await }
+                },
+            )
+            .await
+            .map_err(|e| e.into_fs("removexattr"))
+    }
+}
+
+fn sized(v: Vec<u8>, size: u32) -> Result<XattrReply, FsError> {
+    let len = u32::try_from(v.len()).map_err(|_| fs_err!(E2BIG, "xattr value too large"))?;
+    if size == 0 {
+        Ok(XattrReply::Size(len))
+    } else if len > size {
+        Err(fs_err!(
+            ERANGE,
+            "xattr needs {len} bytes, the buffer has {size}"
+        ))
+    } else {
+        Ok(XattrReply::Data(v))
+    }
+}

@@ -1,0 +1,146 @@
+//! The open-handle table (failure mode 2 in `failure-modes.md`).
+//!
+//! Every open regular file has one [`Handle`]: the content descriptor syncd
+//! sent (validated), syncd's [`HandleId`] for the open with the connection
+//! it was made on, and for passthrough opens the inode's backing id. The
+//! table maps the FUSE file handle to an `Arc<Handle>`. FUSE file handles
+//! are mountd's own numbers, never reused: syncd's handle numbers start
+//! again when syncd restarts, while files opened before stay open. An operation takes a clone of the `Arc` and lets go of the
+//! table lock before its syscall; `release` removes the entry. The
+//! descriptor is closed when the last `Arc` drops, so a `pwrite` racing with
+//! `release` still writes to the file it was meant for, and a descriptor
+//! number is never reused while an operation may use it. No lock is held
+//! during any I/O.
+//!
+//! Locks: the table's `RwLock` is a leaf lock; nothing else is locked while
+//! it is held (the passthrough registry's lock, in
+//! [`crate::passthrough`], is never taken together with it).
+//!
+//! [`HandleId`]: ipc_schema::HandleId
+
+use fuser::BackingId;
+use ipc_schema::HandleId;
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// One open of a regular file.
+#[derive(Debug)]
+pub struct Handle {
+    /// The keibi inode it opens.
+    pub ino: u64,
+    /// syncd's name for this open.
+    pub syncd_handle: HandleId,
+    /// The connection to syncd the open was made on: only that syncd
+    /// knows `syncd_handle`.
+    pub generation: u64,
+    /// The content file, as syncd opened it (validated by
+    /// [`crate::fd_check`]). Used with `pread`/`pwrite`/`fsync`/`lseek`.
+    pub file: File,
+    /// The inode's backing id when this open is a passthrough open. Kept
+    /// here so the id lives until the last handle of the inode is
+    /// released.
+    pub backing: Option<Arc<BackingId>>,
+}
+
+/// File handle → open handle.
+pub struct HandleTable {
+    map: RwLock<HashMap<u64, Arc<Handle>>>,
+    next: AtomicU64,
+}
+
+impl Default for HandleTable {
+    fn default() -> Self {
+        HandleTable {
+            map: RwLock::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        }
+    }
+}
+
+impl HandleTable {
+    /// Add `handle` under a new file handle, which is returned.
+    pub fn insert(&self, handle: Handle) -> u64 {
+        let fh = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
+        m.insert(fh, Arc::new(handle));
+        fh
+    }
+
+    /// The handle `fh`, as an owned reference.
+    pub fn get(&self, fh: u64) -> Option<Arc<Handle>> {
+        let m = self.map.read().unwrap_or_else(|p| p.into_inner());
+        m.get(&fh).cloned()
+    }
+
+    /// Remove `fh`. In-flight operations keep their references; the
+    /// descriptor closes when the last one is dropped.
+    pub fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
+        let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
+        m.remove(&fh)
+    }
+
+    /// Number of open handles.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn a_removed_handle_stays_usable_by_holders() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("open");
+        let table = HandleTable::default();
+        let fh = table.insert(Handle {
+            ino: 2,
+            syncd_handle: HandleId(1),
+            generation: 1,
+            file,
+            backing: None,
+        });
+        let held = table.get(fh).expect("the handle just inserted");
+        // release races with an in-flight write:
+        assert!(table.remove(fh).is_some());
+        assert!(table.get(fh).is_none());
+        assert_eq!(table.len(), 0);
+        held.file
+            .write_all_at(b"still here", 0)
+            .expect("pwrite after release");
+        drop(held);
+        assert_eq!(std::fs::read(&path).expect("read"), b"still here");
+    }
+
+    #[test]
+    fn file_handles_are_never_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = HandleTable::default();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..100 {
+            let file = File::open(dir.path()).expect("open");
+            // syncd reusing its numbers (after a restart) changes nothing.
+            let fh = table.insert(Handle {
+                ino: 2,
+                syncd_handle: HandleId(1),
+                generation: 1,
+                file,
+                backing: None,
+            });
+            assert!(seen.insert(fh), "file handle {fh} given twice");
+            assert!(table.remove(fh).is_some());
+        }
+    }
+}

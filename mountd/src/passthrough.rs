@@ -1,0 +1,159 @@
+//! FUSE passthrough: whether it is in use, and the backing id of each
+//! inode.
+//!
+//! Passthrough is asked for in `init` (unless `--no-passthrough`); the
+//! kernel may refuse the capability. Even when granted, registering a
+//! backing file can fail for reasons of the environment (no
+//! `CAP_SYS_ADMIN` in the initial user namespace: `EPERM`; a kernel built
+//! without it: `EOPNOTSUPP`/`ENOSYS`; content on a stacked filesystem:
+//! `ELOOP`). If that happens before any passthrough open has succeeded,
+//! passthrough is switched off for the session (logged once) and every
+//! open falls back to `pread`/`pwrite` in mountd. After a success it is not
+//! switched off, because one inode must never have passthrough and plain
+//! opens at once (the kernel answers `EIO`); the failing open gets `EIO`.
+//!
+//! The kernel allows one backing file per inode at a time, so the id is
+//! shared by all open handles of an inode: the registry keeps a `Weak`
+//! per inode, the handles keep the `Arc`s, and the id is closed when the
+//! last handle of the inode is released.
+//!
+//! Locks: `backing` is a leaf lock. It is held across the registration
+//! ioctl (a bounded call into the kernel that never waits on another
+//! process) so two concurrent opens of one inode cannot register two ids.
+
+use fuser::BackingId;
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+/// Passthrough state of the session.
+pub struct Passthrough {
+    /// Asked for on the command line (not `--no-passthrough`).
+    wanted: bool,
+    /// The kernel granted the capability in `init`.
+    granted: AtomicBool,
+    /// Switched off after a registration failure (before any success).
+    disabled: AtomicBool,
+    /// At least one passthrough open succeeded.
+    used: AtomicBool,
+    backing: Mutex<HashMap<u64, Weak<BackingId>>>,
+}
+
+/// How an open is to be answered.
+pub enum Mode {
+    /// Through the kernel, with this backing id.
+    Passthrough(Arc<BackingId>),
+    /// With `pread`/`pwrite` in mountd.
+    Plain,
+}
+
+impl Passthrough {
+    /// The state before `init`.
+    pub fn new(wanted: bool) -> Self {
+        Passthrough {
+            wanted,
+            granted: AtomicBool::new(false),
+            disabled: AtomicBool::new(false),
+            used: AtomicBool::new(false),
+            backing: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `init` should ask the kernel for passthrough.
+    pub fn wanted(&self) -> bool {
+        self.wanted
+    }
+
+    /// Record the kernel's answer in `init`.
+    pub fn set_granted(&self, granted: bool) {
+        self.granted.store(granted, Ordering::SeqCst);
+    }
+
+    /// Whether new opens use passthrough.
+    pub fn active(&self) -> bool {
+        self.wanted && self.granted.load(Ordering::SeqCst) && !self.disabled.load(Ordering::SeqCst)
+    }
+
+    /// Decide how to answer an open of `ino`: reuse the inode's backing
+    /// id, or register one with `register` (which wraps the reply's
+    /// `open_backing`), or fall back to plain I/O.
+    pub fn mode_for(
+        &self,
+        ino: u64,
+        register: impl FnOnce() -> io::Result<BackingId>,
+    ) -> Result<Mode, io::Error> {
+        if !self.active() {
+            return Ok(Mode::Plain);
+        }
+        let mut ids = self.backing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(id) = ids.get(&ino).and_then(Weak::upgrade) {
+            return Ok(Mode::Passthrough(id));
+        }
+        match register() {
+            Ok(id) => {
+                let id = Arc::new(id);
+                ids.retain(|_, w| w.strong_count() > 0);
+                ids.insert(ino, Arc::downgrade(&id));
+                self.used.store(true, Ordering::SeqCst);
+                Ok(Mode::Passthrough(id))
+            }
+            Err(e) if is_unsupported(&e) && !self.used.load(Ordering::SeqCst) => {
+                if !self.disabled.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(
+                        error = %e,
+                        "FUSE passthrough is not usable here; reads and writes go through keibi-mountd instead"
+                    );
+                }
+                Ok(Mode::Plain)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPERM | libc::EOPNOTSUPP | libc::ENOSYS | libc::ELOOP)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_when_not_wanted_or_not_granted() {
+        let p = Passthrough::new(false);
+        p.set_granted(true);
+        assert!(matches!(
+            p.mode_for(2, || panic!("must not register")),
+            Ok(Mode::Plain)
+        ));
+        let p = Passthrough::new(true);
+        assert!(matches!(
+            p.mode_for(2, || panic!("must not register")),
+            Ok(Mode::Plain)
+        ));
+    }
+
+    #[test]
+    fn unsupported_before_first_success_turns_it_off() {
+        let p = Passthrough::new(true);
+        p.set_granted(true);
+        assert!(p.active());
+        let r = p.mode_for(2, || Err(io::Error::from_raw_os_error(libc::EPERM)));
+        assert!(matches!(r, Ok(Mode::Plain)));
+        assert!(!p.active());
+    }
+
+    #[test]
+    fn other_failures_are_errors() {
+        let p = Passthrough::new(true);
+        p.set_granted(true);
+        let r = p.mode_for(2, || Err(io::Error::from_raw_os_error(libc::EBADF)));
+        assert!(r.is_err());
+        assert!(p.active());
+    }
+}

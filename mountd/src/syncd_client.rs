@@ -1,0 +1,408 @@
+//! The connection to keibi-syncd, kept alive by a background task, and the
+//! one way to call it: with a deadline.
+//!
+//! A [`Connector`] task owns the connecting: it makes a fresh fd channel
+//! ([`fdpass::channel_pair`]) and its reader ([`FdInbox::spawn_reader`]),
+//! connects to the filesystem socket (handing syncd its end of the channel
+//! in the handshake, and noting syncd's uid from `SO_PEERCRED`), and
+//! registers the mount (`reconnect: false` the first time, `true` after).
+//! It publishes the [`Connection`] through a `tokio::sync::watch`, then
+//! waits until the connection breaks: the fd channel closes (syncd died or
+//! closed it) or a call saw a transport error. It then publishes `None`
+//! and connects again, with a backoff from 50 ms to 1 s.
+//!
+//! [`SyncdClient::call`] waits for a connection and makes the call, all of
+//! it bounded by one deadline, which is also put in the tarpc context so
+//! syncd drops the request when it passes. mountd starts serving before
+//! syncd is up; calls made then wait for a connection until their deadline
+//! and fail with `ETIMEDOUT`. A deadline miss is logged at warn with the
+//! operation, the inode and the time waited.
+//!
+//! No lock is involved: the watch channel's guard is dropped before any
+//! await.
+
+use crate::passthrough::Passthrough;
+use ipc_schema::fdpass::{self, FdInbox};
+use ipc_schema::service::FilesystemClient;
+use ipc_schema::{FsError, MountInfo, fs_err, transport};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tarpc::client::RpcError;
+use tarpc::context::Context;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Bound on one connection attempt (connect, handshake, `register_mount`),
+/// so a stopped syncd cannot hold the connector.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a call waits while syncd is marked stalled.
+const STALLED_WAIT: Duration = Duration::from_millis(50);
+/// Pause between probes of a stalled syncd.
+const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// Shortest deadline a probe gets.
+const MIN_PROBE_DEADLINE: Duration = Duration::from_millis(500);
+
+/// One live connection to syncd.
+pub struct Connection {
+    /// The tarpc client of the filesystem service.
+    pub client: FilesystemClient,
+    /// Descriptors syncd sends for `open`/`create`, by handle.
+    pub inbox: FdInbox,
+    /// syncd's uid, from `SO_PEERCRED` of the filesystem socket.
+    pub syncd_uid: u32,
+    generation: u64,
+    broken: Notify,
+}
+
+impl Connection {
+    /// Which connection this is (1 for the first, counting reconnections).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Tell the connector this connection is unusable.
+    fn mark_broken(&self) {
+        self.broken.notify_one();
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug)]
+pub enum CallError {
+    /// syncd answered with an error, or the call failed for a reason that
+    /// has an errno.
+    Fs(FsError),
+    /// The deadline passed before syncd answered.
+    Deadline {
+        /// How long the call waited.
+        waited: Duration,
+    },
+}
+
+impl CallError {
+    /// The error the kernel gets: syncd's, or `ETIMEDOUT`.
+    pub fn into_fs(self, op: &str) -> FsError {
+        match self {
+            CallError::Fs(e) => e,
+            CallError::Deadline { waited } => fs_err!(
+                ETIMEDOUT,
+                "{op}: keibi-syncd did not answer within {} ms",
+                waited.as_millis()
+            ),
+        }
+    }
+}
+
+impl From<CallError> for FsError {
+    fn from(e: CallError) -> FsError {
+        e.into_fs("call")
+    }
+}
+
+/// Whether a call may be sent again on a new connection after the old one
+/// broke mid-call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// Reads: sending twice is harmless.
+    Idempotent,
+    /// Changes: the first attempt may have been applied; fail with `EIO`
+    /// instead of risking a second application.
+    Once,
+}
+
+/// Where and how to connect.
+pub struct ConnectConfig {
+    /// syncd's filesystem socket.
+    pub socket: PathBuf,
+    /// The mountpoint, for `register_mount`.
+    pub mountpoint: String,
+    /// Passthrough state, reported in `register_mount`.
+    pub passthrough: Arc<Passthrough>,
+}
+
+/// The calling side; cheap to clone.
+#[derive(Clone)]
+pub struct SyncdClient {
+    rx: watch::Receiver<Option<Arc<Connection>>>,
+    health: Arc<Health>,
+}
+
+/// Whether syncd is keeping up. One missed deadline marks it stalled;
+/// while it is, calls wait at most [`STALLED_WAIT`], so a `stat` that
+/// makes several calls in a row answers within one deadline, not one per
+/// call. Any answer from syncd (or a new connection) clears it, and a
+/// probe with the full deadline runs in the background until one comes.
+#[derive(Default)]
+struct Health {
+    stalled: AtomicBool,
+}
+
+impl Health {
+    fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::SeqCst)
+    }
+
+    /// Returns whether this call changed the state.
+    fn set_stalled(&self, stalled: bool) -> bool {
+        self.stalled.swap(stalled, Ordering::SeqCst) != stalled
+    }
+}
+
+/// The connecting side, started once the FUSE session is initialised.
+pub struct Connector {
+    config: ConnectConfig,
+    tx: watch::Sender<Option<Arc<Connection>>>,
+    health: Arc<Health>,
+}
+
+/// A client and its (not yet started) connector.
+pub fn new(config: ConnectConfig) -> (SyncdClient, Connector) {
+    let (tx, rx) = watch::channel(None);
+    let health = Arc::new(Health::default());
+    (
+        SyncdClient {
+            rx,
+            health: health.clone(),
+        },
+        Connector { config, tx, health },
+    )
+}
+
+impl SyncdClient {
+    /// Call syncd: `f` makes the tarpc call on a connection with the given
+    /// context. Waiting for a connection and the call itself both end at
+    /// `deadline`. `op` and `ino` name the call in the deadline log line.
+    pub async fn call<T, F, Fut>(
+        &self,
+        op: &'static str,
+        ino: u64,
+        deadline: Instant,
+        retry: Retry,
+        f: F,
+    ) -> Result<T, CallError>
+    where
+        F: Fn(Arc<Connection>, Context) -> Fut,
+        Fut: Future<Output = Result<Result<T, FsError>, RpcError>>,
+    {
+        let full = deadline.saturating_duration_since(Instant::now());
+        let deadline = if self.health.stalled() {
+            deadline.min(Instant::now() + STALLED_WAIT)
+        } else {
+            deadline
+        };
+        let r = self.call_until(op, ino, deadline, retry, f).await;
+        match &r {
+            Err(CallError::Deadline { .. }) => {
+                if self.health.set_stalled(true) {
+                    tracing::warn!(
+                        "keibi-syncd is not answering; operations that need it fail fast until it does"
+                    );
+                    tokio::spawn(self.clone().probe_until_answered(full));
+                }
+            }
+            _ => self.answered(),
+        }
+        r
+    }
+
+    /// The generation of the live connection, if there is one.
+    pub fn current_generation(&self) -> Option<u64> {
+        self.rx.borrow().as_ref().map(|c| c.generation)
+    }
+
+    fn answered(&self) {
+        if self.health.set_stalled(false) {
+            tracing::info!("keibi-syncd answers again");
+        }
+    }
+
+    /// While syncd is marked stalled, ask it something cheap with a full
+    /// deadline until it answers.
+    async fn probe_until_answered(self, deadline: Duration) {
+        while self.health.stalled() {
+            let until = Instant::now() + deadline.max(MIN_PROBE_DEADLINE);
+            let r = self
+                .call_until("probe", 1, until, Retry::Idempotent, |c, ctx| async move {
+                    c.client.getattr(ctx, ipc_schema::Ino::ROOT).await
+                })
+                .await;
+            if !matches!(r, Err(CallError::Deadline { .. })) {
+                self.answered();
+                return;
+            }
+            tokio::time::sleep(PROBE_INTERVAL).await;
+        }
+    }
+
+    async fn call_until<T, F, Fut>(
+        &self,
+        op: &'static str,
+        ino: u64,
+        deadline: Instant,
+        retry: Retry,
+        f: F,
+    ) -> Result<T, CallError>
+    where
+        F: Fn(Arc<Connection>, Context) -> Fut,
+        Fut: Future<Output = Result<Result<T, FsError>, RpcError>>,
+    {
+        let start = Instant::now();
+        let missed = || {
+            let waited = start.elapsed();
+            if op != "probe" {
+                tracing::warn!(
+                    op,
+                    ino,
+                    waited_ms = waited.as_millis() as u64,
+                    "deadline passed: keibi-syncd did not answer"
+                );
+            }
+            CallError::Deadline { waited }
+        };
+        let mut min_generation = 0;
+        loop {
+            let conn =
+                match tokio::time::timeout_at(deadline, self.connection(min_generation)).await {
+                    Err(_) => return Err(missed()),
+                    Ok(None) => {
+                        return Err(CallError::Fs(fs_err!(
+                            EIO,
+                            "{op}: the connection to keibi-syncd was shut down"
+                        )));
+                    }
+                    Ok(Some(c)) => c,
+                };
+            let mut ctx = tarpc::context::current();
+            ctx.deadline = deadline.into_std();
+            match tokio::time::timeout_at(deadline, f(conn.clone(), ctx)).await {
+                Err(_) | Ok(Err(RpcError::DeadlineExceeded)) => return Err(missed()),
+                Ok(Ok(Ok(v))) => return Ok(v),
+                Ok(Ok(Err(e))) => return Err(CallError::Fs(e)),
+                Ok(Err(RpcError::Server(e))) => {
+                    return Err(CallError::Fs(fs_err!(
+                        EIO,
+                        "{op}: keibi-syncd aborted the request: {e}"
+                    )));
+                }
+                Ok(Err(e)) => {
+                    conn.mark_broken();
+                    let unsent = matches!(e, RpcError::Send(_));
+                    if retry == Retry::Idempotent || unsent {
+                        tracing::debug!(op, ino, error = %e, "connection to keibi-syncd broke; retrying on a new one");
+                        min_generation = conn.generation + 1;
+                        continue;
+                    }
+                    return Err(CallError::Fs(fs_err!(
+                        EIO,
+                        "{op}: the connection to keibi-syncd broke during the call: {e}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The current connection, once one of at least `min_generation` is up.
+    /// `None` when the connector is gone.
+    async fn connection(&self, min_generation: u64) -> Option<Arc<Connection>> {
+        let mut rx = self.rx.clone();
+        let got = rx
+            .wait_for(|c| c.as_ref().is_some_and(|c| c.generation >= min_generation))
+            .await
+            .ok()?;
+        got.as_ref().cloned()
+    }
+}
+
+impl Connector {
+    /// Run the connect/reconnect loop on `rt` for the life of the process.
+    pub fn spawn(self, rt: &tokio::runtime::Handle) {
+        rt.spawn(self.run());
+    }
+
+    async fn run(self) {
+        let mut backoff = MIN_BACKOFF;
+        let mut generation = 0u64;
+        let mut failures = 0u32;
+        loop {
+            let attempt = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                connect_once(&self.config, generation > 0, generation + 1),
+            )
+            .await
+            .unwrap_or_else(|_| Err("the connection attempt timed out".to_string()));
+            match attempt {
+                Ok(conn) => {
+                    generation = conn.generation;
+                    failures = 0;
+                    backoff = MIN_BACKOFF;
+                    tracing::info!(
+                        socket = %self.config.socket.display(),
+                        syncd_uid = conn.syncd_uid,
+                        generation,
+                        "connected to keibi-syncd"
+                    );
+                    let conn = Arc::new(conn);
+                    self.health.set_stalled(false);
+                    self.tx.send_replace(Some(conn.clone()));
+                    tokio::select! {
+                        _ = conn.inbox.closed() => {}
+                        _ = conn.broken.notified() => {}
+                    }
+                    self.tx.send_replace(None);
+                    tracing::warn!("lost the connection to keibi-syncd; reconnecting");
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::warn!(
+                            socket = %self.config.socket.display(),
+                            error = %e,
+                            "cannot reach keibi-syncd; retrying in the background"
+                        );
+                    } else {
+                        tracing::debug!(error = %e, failures, "cannot reach keibi-syncd");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+}
+
+async fn connect_once(
+    config: &ConnectConfig,
+    reconnect: bool,
+    generation: u64,
+) -> Result<Connection, String> {
+    let (mine, theirs) =
+        fdpass::channel_pair().map_err(|e| format!("cannot make the fd channel: {e}"))?;
+    let inbox =
+        FdInbox::spawn_reader(mine).map_err(|e| format!("cannot start the fd reader: {e}"))?;
+    let (client, syncd_uid) = transport::connect_filesystem_with_peer_uid(&config.socket, theirs)
+        .await
+        .map_err(|e| e.to_string())?;
+    let info = MountInfo {
+        mountpoint: config.mountpoint.clone(),
+        pid: std::process::id(),
+        passthrough: config.passthrough.active(),
+        reconnect,
+    };
+    client
+        .register_mount(transport::context_with_timeout(CONNECT_TIMEOUT), info)
+        .await
+        .map_err(|e| format!("register_mount: {e}"))?
+        .map_err(|e| format!("register_mount refused: {e}"))?;
+    Ok(Connection {
+        client,
+        inbox,
+        syncd_uid,
+        generation,
+        broken: Notify::new(),
+    })
+}

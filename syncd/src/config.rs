@@ -1,0 +1,267 @@
+//! Configuration: a TOML file, then command-line flags over it.
+//!
+//! The file is `/etc/keibi/syncd.toml` when it exists (the system
+//! service's), or the one named by `--config`, which must then exist. Any
+//! flag given overrides the file's key of the same name; what neither sets
+//! takes the default. Names of users and groups are resolved here, so a
+//! typo stops syncd before it binds anything.
+
+use clap::Parser;
+use nix::unistd::{Group, User};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// The config file used when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG: &str = "/etc/keibi/syncd.toml";
+const DEFAULT_STATE_DIR: &str = "/var/lib/keibi";
+const DEFAULT_FS_SOCKET: &str = "/run/keibi/fs.sock";
+const DEFAULT_CONTROL_SOCKET: &str = "/run/keibi/control.sock";
+const DEFAULT_CONTROL_MODE: u32 = 0o660;
+
+/// keibi-syncd: the unprivileged daemon that owns keibi's metadata store
+/// and content, serving keibi-mountd and keibictl over Unix sockets.
+#[derive(Parser, Debug, Default)]
+#[command(name = "keibi-syncd", version)]
+pub struct Cli {
+    /// TOML config file [default: /etc/keibi/syncd.toml, if it exists]
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// State directory: store, content files, lock [default: /var/lib/keibi]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Filesystem socket, for keibi-mountd [default: /run/keibi/fs.sock]
+    #[arg(long, value_name = "PATH")]
+    pub fs_socket: Option<PathBuf>,
+    /// Control socket, for keibictl [default: /run/keibi/control.sock]
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// File mode of the control socket, in octal [default: 0660]
+    #[arg(long, value_name = "OCTAL")]
+    pub control_socket_mode: Option<String>,
+    /// Owner of the control socket (name or uid)
+    #[arg(long, value_name = "USER")]
+    pub control_socket_owner: Option<String>,
+    /// Group of the control socket (name or gid)
+    #[arg(long, value_name = "GROUP")]
+    pub control_socket_group: Option<String>,
+    /// The only uid allowed on the filesystem socket [default: 0]
+    #[arg(long, value_name = "UID")]
+    pub mountd_uid: Option<u32>,
+    /// Owner of the share's root directory when it is first created [default: 0:0]
+    #[arg(long, value_name = "UID:GID")]
+    pub share_owner: Option<String>,
+    /// Run even as root (not recommended: syncd needs no privilege)
+    #[arg(long)]
+    pub allow_root: bool,
+}
+
+/// The keys of the config file; all optional.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    state_dir: Option<PathBuf>,
+    fs_socket: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
+    control_socket_mode: Option<String>,
+    control_socket_owner: Option<String>,
+    control_socket_group: Option<String>,
+    mountd_uid: Option<u32>,
+    share_owner: Option<String>,
+}
+
+/// The settings syncd runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Filesystem socket path.
+    pub fs_socket: PathBuf,
+    /// Control socket path.
+    pub control_socket: PathBuf,
+    /// Control socket file mode.
+    pub control_socket_mode: u32,
+    /// Control socket owner uid, if one is configured.
+    pub control_socket_owner: Option<u32>,
+    /// Control socket group gid, if one is configured.
+    pub control_socket_group: Option<u32>,
+    /// The uid allowed on the filesystem socket.
+    pub mountd_uid: u32,
+    /// Owner (uid, gid) of a newly created share root.
+    pub share_owner: (u32, u32),
+    /// Whether running as root is allowed.
+    pub allow_root: bool,
+}
+
+impl Config {
+    /// Read the config file (if any) and apply the flags over it.
+    pub fn load(cli: &Cli) -> Result<Config, String> {
+        let file = match &cli.config {
+            Some(p) => read_file(p)?,
+            None if Path::new(DEFAULT_CONFIG).exists() => read_file(Path::new(DEFAULT_CONFIG))?,
+            None => FileConfig::default(),
+        };
+        Config::merge(cli, file)
+    }
+
+    fn merge(cli: &Cli, file: FileConfig) -> Result<Config, String> {
+        let mode = match cli.control_socket_mode.clone().or(file.control_socket_mode) {
+            Some(m) => parse_mode(&m)?,
+            None => DEFAULT_CONTROL_MODE,
+        };
+        let owner = cli
+            .control_socket_owner
+            .clone()
+            .or(file.control_socket_owner)
+            .map(|u| resolve_user(&u))
+            .transpose()?;
+        let group = cli
+            .control_socket_group
+            .clone()
+            .or(file.control_socket_group)
+            .map(|g| resolve_group(&g))
+            .transpose()?;
+        let share_owner = match cli.share_owner.clone().or(file.share_owner) {
+            Some(s) => parse_owner(&s)?,
+            None => (0, 0),
+        };
+        Ok(Config {
+            state_dir: cli
+                .state_dir
+                .clone()
+                .or(file.state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            fs_socket: cli
+                .fs_socket
+                .clone()
+                .or(file.fs_socket)
+                .unwrap_or_else(|| DEFAULT_FS_SOCKET.into()),
+            control_socket: cli
+                .control_socket
+                .clone()
+                .or(file.control_socket)
+                .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
+            control_socket_mode: mode,
+            control_socket_owner: owner,
+            control_socket_group: group,
+            mountd_uid: cli.mountd_uid.or(file.mountd_uid).unwrap_or(0),
+            share_owner,
+            allow_root: cli.allow_root,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+}
+
+/// Parse an octal file mode: `0660`, `660` or `0o660`.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.trim().trim_start_matches("0o");
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!(
+            "control socket mode {s:?} is not an octal mode between 0000 and 0777"
+        )),
+    }
+}
+
+/// Parse `UID:GID`.
+fn parse_owner(s: &str) -> Result<(u32, u32), String> {
+    let err = || format!("share owner {s:?} is not UID:GID (numbers)");
+    let (u, g) = s.split_once(':').ok_or_else(err)?;
+    Ok((
+        u.trim().parse().map_err(|_| err())?,
+        g.trim().parse().map_err(|_| err())?,
+    ))
+}
+
+fn resolve_user(s: &str) -> Result<u32, String> {
+    if let Ok(n) = s.parse::<u32>() {
+        return Ok(n);
+    }
+    match User::from_name(s) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        Ok(None) => Err(format!("control socket owner: no user named {s:?}")),
+        Err(e) => Err(format!("control socket owner: looking up user {s:?}: {e}")),
+    }
+}
+
+fn resolve_group(s: &str) -> Result<u32, String> {
+    if let Ok(n) = s.parse::<u32>() {
+        return Ok(n);
+    }
+    match Group::from_name(s) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(format!("control socket group: no group named {s:?}")),
+        Err(e) => Err(format!("control socket group: looking up group {s:?}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_without_file_or_flags() {
+        let c = Config::merge(&Cli::default(), FileConfig::default()).expect("config");
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/keibi"));
+        assert_eq!(c.fs_socket, PathBuf::from("/run/keibi/fs.sock"));
+        assert_eq!(c.control_socket, PathBuf::from("/run/keibi/control.sock"));
+        assert_eq!(c.control_socket_mode, 0o660);
+        assert_eq!(c.mountd_uid, 0);
+        assert_eq!(c.share_owner, (0, 0));
+        assert!(!c.allow_root);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            state_dir = "/srv/keibi"
+            fs_socket = "/tmp/fs.sock"
+            control_socket_mode = "0600"
+            control_socket_group = "0"
+            mountd_uid = 5
+            share_owner = "1000:1000"
+            "#,
+        )
+        .expect("toml");
+        let cli = Cli::try_parse_from([
+            "keibi-syncd",
+            "--state-dir",
+            "/other",
+            "--control-socket-mode",
+            "640",
+        ])
+        .expect("cli");
+        let c = Config::merge(&cli, file).expect("config");
+        assert_eq!(c.state_dir, PathBuf::from("/other"));
+        assert_eq!(c.fs_socket, PathBuf::from("/tmp/fs.sock"));
+        assert_eq!(c.control_socket_mode, 0o640);
+        assert_eq!(c.control_socket_group, Some(0));
+        assert_eq!(c.mountd_uid, 5);
+        assert_eq!(c.share_owner, (1000, 1000));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(parse_mode("0999").is_err());
+        assert!(parse_mode("1777").is_err());
+        assert_eq!(parse_mode("0o660"), Ok(0o660));
+        assert!(parse_owner("1000").is_err());
+        assert!(toml::from_str::<FileConfig>("unknown_key = 1").is_err());
+        assert!(resolve_user("no-such-user-keibi-test").is_err());
+        assert_eq!(resolve_user("root"), Ok(0));
+    }
+
+    #[test]
+    fn missing_explicit_config_is_an_error() {
+        let cli = Cli {
+            config: Some("/nonexistent/keibi.toml".into()),
+            ..Cli::default()
+        };
+        assert!(Config::load(&cli).is_err());
+    }
+}

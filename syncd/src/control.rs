@@ -1,0 +1,58 @@
+//! The control service (keibictl → syncd): read-only status for now.
+
+use crate::daemon::Daemon;
+use ipc_schema::service::Control;
+use ipc_schema::{KEIBI_VERSION, MountStatus, PROTOCOL_VERSION, Status};
+use std::sync::Arc;
+use tarpc::context::Context;
+
+/// The control service; one clone per request.
+#[derive(Clone)]
+pub struct ControlServer {
+    daemon: Arc<Daemon>,
+}
+
+impl ControlServer {
+    /// A server over the daemon's shared state.
+    pub fn new(daemon: Arc<Daemon>) -> ControlServer {
+        ControlServer { daemon }
+    }
+}
+
+impl Control for ControlServer {
+    async fn status(self, _: Context) -> Status {
+        let daemon = self.daemon.clone();
+        // Counting scans the store and stats content files: blocking work.
+        let (counts, mounts) = tokio::task::spawn_blocking(move || {
+            let counts = daemon.store.counts().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "status: cannot count the store");
+                Default::default()
+            });
+            let mounts = daemon
+                .mounts
+                .list()
+                .into_iter()
+                .map(|(conn, info, since)| MountStatus {
+                    info,
+                    connected_secs: since.elapsed().as_secs(),
+                    open_handles: daemon.store.open_handles(conn),
+                })
+                .collect::<Vec<_>>();
+            (counts, mounts)
+        })
+        .await
+        .unwrap_or_default();
+        Status {
+            version: KEIBI_VERSION.to_string(),
+            protocol_version: PROTOCOL_VERSION,
+            pid: std::process::id(),
+            uptime_secs: self.daemon.started.elapsed().as_secs(),
+            state_dir: self.daemon.store.state_dir().display().to_string(),
+            mounts,
+            files: counts.files,
+            directories: counts.directories,
+            others: counts.others,
+            bytes: counts.bytes,
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! What every connection of this daemon shares: the store, the mounts that
+//! are connected, and when the daemon started.
+
+use crate::opens::ConnId;
+use crate::store::Store;
+use ipc_schema::MountInfo;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// The daemon's shared state.
+pub struct Daemon {
+    /// The metadata store.
+    pub store: Arc<Store>,
+    /// Mounts that said who they are (`register_mount`).
+    pub mounts: Mounts,
+    /// When the daemon started.
+    pub started: Instant,
+    next_conn: AtomicU64,
+}
+
+impl Daemon {
+    /// Shared state around `store`.
+    pub fn new(store: Arc<Store>) -> Daemon {
+        Daemon {
+            store,
+            mounts: Mounts::default(),
+            started: Instant::now(),
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    /// A number for a new connection.
+    pub fn next_conn(&self) -> ConnId {
+        ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// The registered mounts, by connection. Its lock is a leaf: held only to
+/// insert, remove or copy, never while taking another lock.
+#[derive(Default)]
+pub struct Mounts {
+    by_conn: Mutex<BTreeMap<ConnId, (MountInfo, Instant)>>,
+}
+
+impl Mounts {
+    /// Record what the mount on `conn` said about itself.
+    pub fn register(&self, conn: ConnId, info: MountInfo) {
+        self.lock().insert(conn, (info, Instant::now()));
+    }
+
+    /// Forget the mount on `conn`.
+    pub fn remove(&self, conn: ConnId) {
+        self.lock().remove(&conn);
+    }
+
+    /// The mounts connected now, with when they connected.
+    pub fn list(&self) -> Vec<(ConnId, MountInfo, Instant)> {
+        self.lock()
+            .iter()
+            .map(|(c, (i, t))| (*c, i.clone(), *t))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ConnId, (MountInfo, Instant)>> {
+        self.by_conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

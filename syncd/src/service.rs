@@ -1,0 +1,302 @@
+//! The filesystem service (mountd → syncd), one server per connection.
+//!
+//! Thin on purpose: each method runs one [`Store`] operation on tokio's
+//! blocking pool (sled and file syscalls block) and logs it at debug level
+//! with its duration and result. `open` and `create` also send the content
+//! descriptor on the connection's fd channel before answering, as the
+//! protocol requires (see `ipc_schema::fdpass`).
+//!
+//! tarpc drops a request whose deadline passed at its next `.await`; the
+//! blocking operation itself still completes, so the store never sees half
+//! an operation.
+
+use crate::daemon::Daemon;
+use crate::opens::ConnId;
+use crate::store::Store;
+use crate::store::files::OpenFile;
+use ipc_schema::fdpass::FdSender;
+use ipc_schema::service::Filesystem;
+use ipc_schema::*;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Instant;
+use tarpc::context::Context;
+
+/// Format a log detail only when debug logging is on.
+macro_rules! detail {
+    ($($t:tt)*) => {
+        if tracing::enabled!(tracing::Level::DEBUG) { format!($($t)*) } else { String::new() }
+    };
+}
+
+/// The filesystem service of one mountd connection.
+#[derive(Clone)]
+pub struct FsServer {
+    daemon: Arc<Daemon>,
+    conn: ConnId,
+    fds: Arc<FdSender>,
+}
+
+impl FsServer {
+    /// A server for connection `conn`, sending descriptors on `fds`.
+    pub fn new(daemon: Arc<Daemon>, conn: ConnId, fds: FdSender) -> FsServer {
+        FsServer {
+            daemon,
+            conn,
+            fds: Arc::new(fds),
+        }
+    }
+
+    async fn run<T, F>(&self, op: &'static str, detail: String, f: F) -> Result<T, FsError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, FsError> + Send + 'static,
+    {
+        let store = self.daemon.store.clone();
+        let start = Instant::now();
+        let result = tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .unwrap_or_else(|e| Err(fs_err!(EIO, "{op}: the operation failed: {e}")));
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        match &result {
+            Ok(_) => tracing::debug!(op, conn = self.conn.0, %detail, ms, "ok"),
+            Err(e) if matches!(e.errno, libc::EIO | libc::ENOSPC) => {
+                tracing::warn!(op, conn = self.conn.0, %detail, ms, error = %e, "failed")
+            }
+            Err(e) => tracing::debug!(op, conn = self.conn.0, %detail, ms, error = %e, "failed"),
+        }
+        result
+    }
+}
+
+/// Send an open's descriptor, then hand back the answer; if the descriptor
+/// cannot be sent the open is undone.
+fn send_fd(store: &Store, fds: &FdSender, f: OpenFile) -> Result<Opened, FsError> {
+    let handle = f.opened.handle;
+    if let Err(e) = fds.send(handle, f.fd.as_fd()) {
+        let _ = store.release(handle);
+        return Err(FsError::new(
+            libc::EIO,
+            format!("sending the descriptor of {handle} to mountd: {e}"),
+        ));
+    }
+    Ok(f.opened)
+}
+
+impl Filesystem for FsServer {
+    async fn register_mount(self, _: Context, info: MountInfo) -> Result<(), FsError> {
+        tracing::info!(
+            conn = self.conn.0,
+            mountpoint = %info.mountpoint,
+            pid = info.pid,
+            passthrough = info.passthrough,
+            reconnect = info.reconnect,
+            "mount registered"
+        );
+        let fresh = !info.reconnect;
+        self.daemon.mounts.register(self.conn, info);
+        if !fresh {
+            return Ok(());
+        }
+        let freed = self
+            .run("register_mount", String::new(), |s| s.free_orphans())
+            .await?;
+        if freed > 0 {
+            tracing::info!(
+                freed,
+                "freed files left unlinked but open by an earlier mount"
+            );
+        }
+        Ok(())
+    }
+
+    async fn lookup(self, _: Context, parent: Ino, name: Name) -> Result<Attr, FsError> {
+        let d = detail!("{parent} {name:?}");
+        self.run("lookup", d, move |s| s.lookup(parent, &name))
+            .await
+    }
+
+    async fn getattr(self, _: Context, ino: Ino) -> Result<Attr, FsError> {
+        self.run("getattr", detail!("{ino}"), move |s| s.getattr(ino))
+            .await
+    }
+
+    async fn setattr(self, _: Context, ino: Ino, changes: SetAttr) -> Result<Attr, FsError> {
+        let d = detail!("{ino} {changes:?}");
+        self.run("setattr", d, move |s| s.setattr(ino, &changes))
+            .await
+    }
+
+    async fn readdir(
+        self,
+        _: Context,
+        dir: Ino,
+        after: DirCookie,
+        limit: u32,
+        plus: bool,
+    ) -> Result<Vec<DirEntry>, FsError> {
+        let d = detail!("{dir} after {} limit {limit} plus {plus}", after.0);
+        self.run("readdir", d, move |s| s.readdir(dir, after, limit, plus))
+            .await
+    }
+
+    async fn mkdir(
+        self,
+        _: Context,
+        parent: Ino,
+        name: Name,
+        perm: u16,
+        caller: Caller,
+    ) -> Result<Attr, FsError> {
+        let d = detail!("{parent} {name:?} {perm:o}");
+        self.run("mkdir", d, move |s| s.mkdir(parent, &name, perm, caller))
+            .await
+    }
+
+    async fn mknod(
+        self,
+        _: Context,
+        parent: Ino,
+        name: Name,
+        kind: FileKind,
+        perm: u16,
+        caller: Caller,
+    ) -> Result<Attr, FsError> {
+        let d = detail!("{parent} {name:?} {kind:?} {perm:o}");
+        self.run("mknod", d, move |s| {
+            s.mknod(parent, &name, kind, perm, caller)
+        })
+        .await
+    }
+
+    async fn symlink(
+        self,
+        _: Context,
+        parent: Ino,
+        name: Name,
+        target: Vec<u8>,
+        caller: Caller,
+    ) -> Result<Attr, FsError> {
+        let d = detail!("{parent} {name:?}");
+        self.run("symlink", d, move |s| {
+            s.symlink(parent, &name, &target, caller)
+        })
+        .await
+    }
+
+    async fn readlink(self, _: Context, ino: Ino) -> Result<Vec<u8>, FsError> {
+        self.run("readlink", detail!("{ino}"), move |s| s.readlink(ino))
+            .await
+    }
+
+    async fn link(
+        self,
+        _: Context,
+        ino: Ino,
+        new_parent: Ino,
+        new_name: Name,
+    ) -> Result<Attr, FsError> {
+        let d = detail!("{ino} to {new_parent} {new_name:?}");
+        self.run("link", d, move |s| s.link(ino, new_parent, &new_name))
+            .await
+    }
+
+    async fn unlink(self, _: Context, parent: Ino, name: Name) -> Result<(), FsError> {
+        let d = detail!("{parent} {name:?}");
+        self.run("unlink", d, move |s| s.unlink(parent, &name))
+            .await
+    }
+
+    async fn rmdir(self, _: Context, parent: Ino, name: Name) -> Result<(), FsError> {
+        let d = detail!("{parent} {name:?}");
+        self.run("rmdir", d, move |s| s.rmdir(parent, &name)).await
+    }
+
+    async fn rename(
+        self,
+        _: Context,
+        parent: Ino,
+        name: Name,
+        new_parent: Ino,
+        new_name: Name,
+        flags: RenameFlags,
+    ) -> Result<(), FsError> {
+        let d = detail!("{parent} {name:?} to {new_parent} {new_name:?} {flags:?}");
+        self.run("rename", d, move |s| {
+            s.rename(parent, &name, new_parent, &new_name, flags)
+        })
+        .await
+    }
+
+    async fn create(
+        self,
+        _: Context,
+        parent: Ino,
+        name: Name,
+        perm: u16,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<Opened, FsError> {
+        let d = detail!("{parent} {name:?} {perm:o} flags {flags:#o}");
+        let (conn, fds) = (self.conn, self.fds.clone());
+        self.run("create", d, move |s| {
+            let f = s.create(parent, &name, perm, flags, caller, conn)?;
+            send_fd(s, &fds, f)
+        })
+        .await
+    }
+
+    async fn open(self, _: Context, ino: Ino, flags: i32) -> Result<Opened, FsError> {
+        let d = detail!("{ino} flags {flags:#o}");
+        let (conn, fds) = (self.conn, self.fds.clone());
+        self.run("open", d, move |s| {
+            let f = s.open(ino, flags, conn)?;
+            send_fd(s, &fds, f)
+        })
+        .await
+    }
+
+    async fn release(self, _: Context, handle: HandleId) -> Result<(), FsError> {
+        self.run("release", detail!("{handle}"), move |s| s.release(handle))
+            .await
+    }
+
+    async fn fsync(self, _: Context, ino: Ino, datasync: bool) -> Result<(), FsError> {
+        let d = detail!("{ino} datasync {datasync}");
+        self.run("fsync", d, move |s| s.fsync(ino, datasync)).await
+    }
+
+    async fn statfs(self, _: Context) -> Result<StatFs, FsError> {
+        self.run("statfs", String::new(), |s| s.statfs()).await
+    }
+
+    async fn setxattr(
+        self,
+        _: Context,
+        ino: Ino,
+        name: Name,
+        value: Vec<u8>,
+        mode: XattrSet,
+    ) -> Result<(), FsError> {
+        let d = detail!("{ino} {name:?} {} bytes {mode:?}", value.len());
+        self.run("setxattr", d, move |s| s.setxattr(ino, &name, &value, mode))
+            .await
+    }
+
+    async fn getxattr(self, _: Context, ino: Ino, name: Name) -> Result<Vec<u8>, FsError> {
+        let d = detail!("{ino} {name:?}");
+        self.run("getxattr", d, move |s| s.getxattr(ino, &name))
+            .await
+    }
+
+    async fn listxattr(self, _: Context, ino: Ino) -> Result<Vec<Name>, FsError> {
+        self.run("listxattr", detail!("{ino}"), move |s| s.listxattr(ino))
+            .await
+    }
+
+    async fn removexattr(self, _: Context, ino: Ino, name: Name) -> Result<(), FsError> {
+        let d = detail!("{ino} {name:?}");
+        self.run("removexattr", d, move |s| s.removexattr(ino, &name))
+            .await
+    }
+}

@@ -1,0 +1,569 @@
+//! The metadata store: inodes, directory entries and extended attributes in
+//! sled, content in ordinary files ([`crate::content`]).
+//!
+//! [`Store`] is what the filesystem service calls; each of its methods is one
+//! filesystem operation, blocking (sled and file syscalls), atomic (one sled
+//! transaction for everything that changes more than one key), and answers
+//! with the errno the kernel will see. The layout is in [`records`], names
+//! are checked by [`names`], and the operations are grouped by subject:
+//! [`entries`] (the namespace: mkdir, link, unlink, rename, ...), [`files`]
+//! (open, create, release, orphans) and [`xattrs`].
+//!
+//! Inode numbers come from a persistent counter (`meta/next_ino`) and are
+//! never reused, so a number the kernel still caches can never name another
+//! file. The root is inode 1.
+
+pub mod entries;
+pub mod files;
+pub mod names;
+pub mod records;
+pub mod tx;
+pub mod xattrs;
+
+use crate::content::{ContentDir, ContentStat};
+use crate::opens::OpenTable;
+use ipc_schema::{
+    Attr, DirCookie, DirEntry, FileKind, FsError, Ino, Name, SetAttr, StatFs, TimeSet, Timestamp,
+    fs_err,
+};
+use records::{
+    FORMAT_VERSION, InodeRec, META_FORMAT, META_NEXT_INO, be_u64, cookie_key, decode, dirent_key,
+    ino_key,
+};
+use sled::Transactional;
+use sled::transaction::TransactionError;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use tx::{Tx, TxResult};
+
+/// Block size reported for inodes without content.
+const BLKSIZE: u32 = 4096;
+
+/// Counts for `keibictl status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Regular files (linked ones; orphans not counted).
+    pub files: u64,
+    /// Directories, the root included.
+    pub directories: u64,
+    /// Symlinks, fifos, sockets.
+    pub others: u64,
+    /// Sum of regular file sizes.
+    pub bytes: u64,
+}
+
+/// The store of one state directory. Share it (`Arc`); all methods take
+/// `&self` and may run concurrently.
+pub struct Store {
+    db: sled::Db,
+    inodes: sled::Tree,
+    dirents: sled::Tree,
+    cookies: sled::Tree,
+    xattrs: sled::Tree,
+    orphans: sled::Tree,
+    meta: sled::Tree,
+    content: ContentDir,
+    state_dir: PathBuf,
+    /// Open handles. The only lock in the store. Lock order: taken before a
+    /// sled transaction starts and released after it commits, never the
+    /// other way round; no other lock is taken while it is held, and it is
+    /// never held across an IPC call or a wait on another process. It is
+    /// held across the transactions that can drop a link count to zero
+    /// (unlink, rename over a file) and the check in `open`, so "is this
+    /// inode open?" and "free it" cannot interleave.
+    opens: Mutex<OpenTable>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("state_dir", &self.state_dir)
+            .finish()
+    }
+}
+
+/// A store failure as an errno: EIO, or ENOSPC when the disk is full.
+pub fn store_err(context: &str, e: sled::Error) -> FsError {
+    let errno = match &e {
+        sled::Error::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => libc::ENOSPC,
+        _ => libc::EIO,
+    };
+    FsError::new(errno, format!("{context}: store: {e}"))
+}
+
+/// A content file failure: its own errno, except that a missing content
+/// file is an inconsistency (EIO), not a missing name.
+pub fn content_err(context: impl std::fmt::Display, e: &std::io::Error) -> FsError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        FsError::new(libc::EIO, format!("{context}: content file missing: {e}"))
+    } else {
+        FsError::io(context, e)
+    }
+}
+
+impl Store {
+    /// Open (or create) the store of `state_dir`: sled at `<state>/db`,
+    /// content in `<state>/content`. A new store gets a root directory
+    /// owned by `share_owner` (uid, gid) with mode 0755.
+    pub fn load(state_dir: &Path, share_owner: (u32, u32)) -> Result<Store, FsError> {
+        let content = ContentDir::new(state_dir).map_err(|e| {
+            FsError::io(format!("content directory in {}", state_dir.display()), &e)
+        })?;
+        let db_path = state_dir.join("db");
+        let db = sled::Config::new()
+            .path(&db_path)
+            .cache_capacity(64 * 1024 * 1024)
+            .open()
+            .map_err(|e| store_err(&format!("opening {}", db_path.display()), e))?;
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| store_err(&format!("opening tree {name}"), e))
+        };
+        let store = Store {
+            inodes: tree("inodes")?,
+            dirents: tree("dirents")?,
+            cookies: tree("cookies")?,
+            xattrs: tree("xattrs")?,
+            orphans: tree("orphans")?,
+            meta: tree("meta")?,
+            db,
+            content,
+            state_dir: state_dir.to_path_buf(),
+            opens: Mutex::new(OpenTable::default()),
+        };
+        store.init(share_owner)?;
+        let swept = store
+            .content
+            .sweep(|ino| store.inodes.contains_key(ino_key(ino)).unwrap_or(true))
+            .map_err(|e| FsError::io("sweeping the content directory", &e))?;
+        if swept > 0 {
+            tracing::info!(
+                swept,
+                "removed content files of inodes that were never committed"
+            );
+        }
+        Ok(store)
+    }
+
+    fn init(&self, share_owner: (u32, u32)) -> Result<(), FsError> {
+        let format = self
+            .meta
+            .get(META_FORMAT)
+            .map_err(|e| store_err("reading the format version", e))?;
+        match format.as_deref().and_then(be_u64) {
+            Some(FORMAT_VERSION) => return Ok(()),
+            Some(v) => {
+                return Err(fs_err!(
+                    EIO,
+                    "the store in {} has format {v}; this keibi-syncd reads format {FORMAT_VERSION}",
+                    self.state_dir.display()
+                ));
+            }
+            None => {}
+        }
+        let now = Timestamp::now();
+        let mut root = InodeRec::new(
+            FileKind::Directory,
+            0o755,
+            share_owner.0,
+            share_owner.1,
+            now,
+        );
+        root.parent = Ino::ROOT.0;
+        (&self.inodes, &self.meta)
+            .transaction(|(inodes, meta)| {
+                if inodes.get(ino_key(Ino::ROOT.0))?.is_none() {
+                    inodes.insert(&ino_key(Ino::ROOT.0), records::encode(&root))?;
+                }
+                if meta.get(META_NEXT_INO)?.is_none() {
+                    meta.insert(META_NEXT_INO, &2u64.to_be_bytes())?;
+                }
+                meta.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(()) => fs_err!(EIO, "initialising the store aborted"),
+                TransactionError::Storage(e) => store_err("initialising the store", e),
+            })
+        // Not flushed here: if this is lost in a crash, the next start
+        // makes the same root again.
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Run `f` as one transaction over all trees.
+    pub(crate) fn tx<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, FsError> {
+        (
+            &self.inodes,
+            &self.dirents,
+            &self.cookies,
+            &self.xattrs,
+            &self.orphans,
+        )
+            .transaction(|(inodes, dirents, cookies, xattrs, orphans)| {
+                f(&Tx {
+                    inodes,
+                    dirents,
+                    cookies,
+                    xattrs,
+                    orphans,
+                })
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => store_err("transaction", e),
+            })
+    }
+
+    pub(crate) fn lock_opens(&self) -> MutexGuard<'_, OpenTable> {
+        // The table stays consistent even if a holder panicked: every
+        // change to it is a single insert or remove.
+        self.opens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new inode number, never handed out before.
+    pub(crate) fn alloc_ino(&self) -> Result<u64, FsError> {
+        let next = self
+            .meta
+            .update_and_fetch(META_NEXT_INO, |old| {
+                let n = old.and_then(be_u64).unwrap_or(2);
+                Some(n.saturating_add(1).to_be_bytes().to_vec())
+            })
+            .map_err(|e| store_err("allocating an inode number", e))?;
+        match next.as_deref().and_then(be_u64) {
+            Some(n) if n > 2 => Ok(n - 1),
+            _ => Err(fs_err!(EIO, "inode counter is corrupt")),
+        }
+    }
+
+    /// The record of `ino`, read outside a transaction.
+    pub(crate) fn read_inode(&self, ino: u64) -> Result<Option<InodeRec>, FsError> {
+        let v = self
+            .inodes
+            .get(ino_key(ino))
+            .map_err(|e| store_err(&format!("reading {}", Ino(ino)), e))?;
+        match v {
+            None => Ok(None),
+            Some(v) => decode(&v)
+                .map(Some)
+                .map_err(|e| fs_err!(EIO, "corrupt record of {}: {e}", Ino(ino))),
+        }
+    }
+
+    fn need_inode(&self, ino: u64) -> Result<InodeRec, FsError> {
+        self.read_inode(ino)?
+            .ok_or_else(|| fs_err!(ENOENT, "no inode {}", Ino(ino)))
+    }
+
+    /// The attributes of `ino` whose record is `rec`.
+    pub(crate) fn attr_of(&self, ino: u64, rec: &InodeRec) -> Result<Attr, FsError> {
+        if rec.kind == FileKind::File {
+            let cs = self
+                .content
+                .stat(ino)
+                .map_err(|e| content_err(format!("stat of {}", Ino(ino)), &e))?;
+            Ok(make_attr(ino, rec, Some(&cs)))
+        } else {
+            Ok(make_attr(ino, rec, None))
+        }
+    }
+
+    /// The inode entry `name` of `parent` names, if any (read outside a
+    /// transaction).
+    pub(crate) fn entry_ino(&self, parent: Ino, name: &Name) -> Result<Option<u64>, FsError> {
+        let Some(v) = self
+            .dirents
+            .get(dirent_key(parent.0, name.as_bytes()))
+            .map_err(|e| store_err("lookup", e))?
+        else {
+            return Ok(None);
+        };
+        let d: records::DirentRec =
+            decode(&v).map_err(|e| fs_err!(EIO, "corrupt entry in {parent}: {e}"))?;
+        Ok(Some(d.ino))
+    }
+
+    /// Look `name` up in `parent`.
+    pub fn lookup(&self, parent: Ino, name: &Name) -> Result<Attr, FsError> {
+        let dir = self.need_inode(parent.0)?;
+        if !dir.is_dir() {
+            return Err(fs_err!(ENOTDIR, "{parent} is not a directory"));
+        }
+        let ino = match name.as_bytes() {
+            b"." => parent.0,
+            b".." => dir.parent,
+            _ => {
+                names::validate(name)?;
+                self.entry_ino(parent, name)?
+                    .ok_or_else(|| fs_err!(ENOENT, "no entry {name:?} in {parent}"))?
+            }
+        };
+        // The entry may have gone between the two reads: that is ENOENT.
+        let rec = self
+            .read_inode(ino)?
+            .ok_or_else(|| fs_err!(ENOENT, "no entry {name:?} in {parent}"))?;
+        self.attr_of(ino, &rec)
+    }
+
+    /// Attributes of `ino` (orphans included: an unlinked file that is still
+    /// open answers until its last release).
+    pub fn getattr(&self, ino: Ino) -> Result<Attr, FsError> {
+        let rec = self.need_inode(ino.0)?;
+        self.attr_of(ino.0, &rec)
+    }
+
+    /// Apply `changes` to `ino`. Size and, for regular files, times go to
+    /// the content file; the rest to the store. ctime becomes now.
+    pub fn setattr(&self, ino: Ino, changes: &SetAttr) -> Result<Attr, FsError> {
+        let rec = self.need_inode(ino.0)?;
+        let is_file = rec.kind == FileKind::File;
+        if let Some(size) = changes.size {
+            match rec.kind {
+                FileKind::File => self
+                    .content
+                    .truncate(ino.0, size)
+                    .map_err(|e| content_err(format!("truncating {ino} to {size}"), &e))?,
+                FileKind::Directory => return Err(fs_err!(EISDIR, "{ino} is a directory")),
+                _ => return Err(fs_err!(EINVAL, "{ino} is not a regular file")),
+            }
+        }
+        if is_file && (changes.atime.is_some() || changes.mtime.is_some()) {
+            self.content
+                .set_times(ino.0, changes.atime, changes.mtime)
+                .map_err(|e| content_err(format!("setting times of {ino}"), &e))?;
+        }
+        let now = Timestamp::now();
+        let at = |t: TimeSet| match t {
+            TimeSet::Now => now,
+            TimeSet::At(t) => t,
+        };
+        let rec = self.tx(|t| {
+            let mut rec = t.need(ino.0)?;
+            if let Some(p) = changes.perm {
+                rec.perm = p & 0o7777;
+            }
+            if let Some(u) = changes.uid {
+                rec.uid = u;
+            }
+            if let Some(g) = changes.gid {
+                rec.gid = g;
+            }
+            if !is_file {
+                if let Some(a) = changes.atime {
+                    rec.atime = at(a);
+                }
+                if let Some(m) = changes.mtime {
+                    rec.mtime = at(m);
+                }
+            }
+            rec.ctime = now;
+            t.put(ino.0, &rec)?;
+            Ok(rec)
+        })?;
+        self.attr_of(ino.0, &rec)
+    }
+
+    /// Up to `limit` entries of directory `dir` whose cookies are after
+    /// `after`: `.` (cookie 1), `..` (cookie 2), then the entries in the
+    /// order they were added. With `plus`, each carries its attributes; an
+    /// entry removed while the listing is read is left out.
+    pub fn readdir(
+        &self,
+        dir: Ino,
+        after: DirCookie,
+        limit: u32,
+        plus: bool,
+    ) -> Result<Vec<DirEntry>, FsError> {
+        let rec = self.need_inode(dir.0)?;
+        if !rec.is_dir() {
+            return Err(fs_err!(ENOTDIR, "{dir} is not a directory"));
+        }
+        let limit = limit.max(1) as usize;
+        let mut out = Vec::new();
+        let dots: [(&[u8], u64, u64); 2] = [(b".", 1, dir.0), (b"..", 2, rec.parent)];
+        for (name, cookie, ino) in dots {
+            if after.0 < cookie && out.len() < limit {
+                let attr = if plus {
+                    let r = if ino == dir.0 {
+                        rec.clone()
+                    } else {
+                        self.need_inode(ino)?
+                    };
+                    Some(self.attr_of(ino, &r)?)
+                } else {
+                    None
+                };
+                out.push(DirEntry {
+                    cookie: DirCookie(cookie),
+                    name: Name::from(name),
+                    ino: Ino(ino),
+                    kind: FileKind::Directory,
+                    attr,
+                });
+            }
+        }
+        let start = after.0.saturating_add(1).max(records::FIRST_ENTRY_COOKIE);
+        let range = cookie_key(dir.0, start)..=cookie_key(dir.0, u64::MAX);
+        for item in self.cookies.range(range) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, name) = item.map_err(|e| store_err("readdir", e))?;
+            let cookie = k.get(8..).and_then(be_u64).unwrap_or(0);
+            let Some(v) = self
+                .dirents
+                .get(dirent_key(dir.0, &name))
+                .map_err(|e| store_err("readdir", e))?
+            else {
+                continue;
+            };
+            let d: records::DirentRec =
+                decode(&v).map_err(|e| fs_err!(EIO, "corrupt entry in {dir}: {e}"))?;
+            let attr = if plus {
+                match self.read_inode(d.ino)? {
+                    Some(r) => Some(self.attr_of(d.ino, &r)?),
+                    None => continue,
+                }
+            } else {
+                None
+            };
+            out.push(DirEntry {
+                cookie: DirCookie(cookie),
+                name: Name(name.to_vec()),
+                ino: Ino(d.ino),
+                kind: d.kind,
+                attr,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Make `ino` durable: its content file (for a regular file), then the
+    /// whole store.
+    pub fn fsync(&self, ino: Ino, datasync: bool) -> Result<(), FsError> {
+        let rec = self.need_inode(ino.0)?;
+        if rec.kind == FileKind::File {
+            self.content
+                .sync(ino.0, datasync)
+                .map_err(|e| content_err(format!("fsync of {ino}"), &e))?;
+        }
+        self.flush()
+    }
+
+    /// Write everything to disk.
+    pub fn flush(&self) -> Result<(), FsError> {
+        self.db
+            .flush()
+            .map(drop)
+            .map_err(|e| store_err("flushing", e))
+    }
+
+    /// Statistics of the filesystem holding the content.
+    pub fn statfs(&self) -> Result<StatFs, FsError> {
+        self.content
+            .statfs()
+            .map_err(|e| FsError::io("statfs of the state directory", &e))
+    }
+
+    /// Count inodes and content bytes (a full scan).
+    pub fn counts(&self) -> Result<Counts, FsError> {
+        let mut c = Counts::default();
+        for item in self.inodes.iter() {
+            let (k, v) = item.map_err(|e| store_err("counting", e))?;
+            let Ok(rec) = decode::<InodeRec>(&v) else {
+                continue;
+            };
+            if rec.nlink == 0 {
+                continue;
+            }
+            match rec.kind {
+                FileKind::File => {
+                    c.files += 1;
+                    if let Some(ino) = be_u64(&k) {
+                        c.bytes += self.content.stat(ino).map(|s| s.size).unwrap_or(0);
+                    }
+                }
+                FileKind::Directory => c.directories += 1,
+                _ => c.others += 1,
+            }
+        }
+        Ok(c)
+    }
+
+    /// Remove what is left of a freed inode outside the transaction that
+    /// freed it: its content file and extended attributes.
+    pub(crate) fn purge(&self, ino: u64, kind: FileKind) {
+        if kind == FileKind::File
+            && let Err(e) = self.content.remove(ino)
+        {
+            tracing::warn!(ino, error = %e, "cannot remove the content file of a freed inode");
+        }
+        for item in self.xattrs.scan_prefix(ino_key(ino)) {
+            match item {
+                Ok((k, _)) => {
+                    if let Err(e) = self.xattrs.remove(k) {
+                        tracing::warn!(ino, error = %e, "cannot remove an xattr of a freed inode");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(ino, error = %e, "cannot list the xattrs of a freed inode");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Build `stat` attributes from a record and, for a regular file, its
+/// content file.
+fn make_attr(ino: u64, rec: &InodeRec, cs: Option<&ContentStat>) -> Attr {
+    let (size, blocks, atime, mtime, ctime, blksize) = match cs {
+        Some(cs) => (
+            cs.size,
+            cs.blocks,
+            cs.atime,
+            cs.mtime,
+            rec.ctime.max(cs.ctime),
+            cs.blksize,
+        ),
+        None => {
+            let size = match rec.kind {
+                FileKind::Symlink => rec.target.len() as u64,
+                FileKind::Directory => u64::from(BLKSIZE),
+                _ => 0,
+            };
+            (
+                size,
+                size.div_ceil(512),
+                rec.atime,
+                rec.mtime,
+                rec.ctime,
+                BLKSIZE,
+            )
+        }
+    };
+    Attr {
+        ino: Ino(ino),
+        kind: rec.kind,
+        size,
+        blocks,
+        atime,
+        mtime,
+        ctime,
+        crtime: rec.crtime,
+        perm: rec.perm,
+        nlink: rec.nlink,
+        uid: rec.uid,
+        gid: rec.gid,
+        blksize,
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod differential_tests;

@@ -1,0 +1,208 @@
+//! Bad input: clients of another protocol version, clients that are not
+//! root on the filesystem socket, garbage on the sockets, names that are
+//! too long, and a state directory that runs out of space.
+
+use harness::daemons::control_answers;
+use harness::{
+    OTHER_UID, Options, Pattern, SYNCD_UID, assert_errno, hash_file, hash_reader, run_as,
+    run_bounded, setup,
+};
+use ipc_schema::PROTOCOL_VERSION;
+use ipc_schema::handshake::{self, HandshakeError, Refusal, ServiceKind};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn numbers_in(text: &str) -> Vec<u64> {
+    text.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+fn speak_version(path: &Path, service: ServiceKind, version: u32) -> Result<(), HandshakeError> {
+    let mut s = UnixStream::connect(path).expect("connect");
+    let pair = ipc_schema::fdpass::channel_pair().expect("socketpair");
+    let fd = (service == ServiceKind::Filesystem).then(|| pair.1.as_raw_fd());
+    handshake::client_speaking(&mut s, service, fd, version)
+}
+
+#[test]
+fn another_protocol_version_is_refused_naming_both_versions() {
+    let (_w, fx) = setup("protocol version", LIMIT, Options::default());
+    for (sock, service) in [
+        (fx.fs_socket(), ServiceKind::Filesystem),
+        (fx.control_socket(), ServiceKind::Control),
+    ] {
+        match speak_version(&sock, service, 999) {
+            Err(HandshakeError::Refused {
+                reason,
+                server_version,
+                message,
+            }) => {
+                assert_eq!(
+                    reason,
+                    Refusal::VersionMismatch as u8,
+                    "{service:?}: {message}"
+                );
+                assert_eq!(server_version, PROTOCOL_VERSION);
+                let nums = numbers_in(&message);
+                assert!(
+                    nums.contains(&999) && nums.contains(&(PROTOCOL_VERSION as u64)),
+                    "{service:?}: the message names both versions: {message:?}"
+                );
+            }
+            other => panic!("{service:?}: version 999 must be refused, got {other:?}"),
+        }
+        speak_version(&sock, service, PROTOCOL_VERSION)
+            .unwrap_or_else(|e| panic!("{service:?}: our own version is accepted: {e}"));
+    }
+    fs::write(fx.path("after"), b"ok").expect("the mount still works");
+}
+
+#[test]
+fn only_root_may_use_the_filesystem_socket() {
+    let (_w, fx) = setup("fs socket credentials", LIMIT, Options::default());
+    let probe = harness::binaries::probe();
+    let sock = fx.fs_socket();
+    // Positive control: root is let in.
+    let out = run_bounded(Command::new(&probe).arg(&sock), Duration::from_secs(20));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "accepted",
+        "root is accepted on the filesystem socket"
+    );
+    // syncd's own uid can reach the socket file, so this is SO_PEERCRED's
+    // refusal, naming both uids.
+    let out = run_as(
+        SYNCD_UID,
+        &format!("exec '{}' '{}'", probe.display(), sock.display()),
+    );
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        line.starts_with(&format!("refused {} ", Refusal::PermissionDenied as u8)),
+        "uid {SYNCD_UID} must be refused with PermissionDenied: {line:?}"
+    );
+    let nums = numbers_in(&line);
+    assert!(
+        nums.contains(&(SYNCD_UID as u64)) && nums.contains(&0),
+        "the refusal names the peer's uid and the allowed uid: {line:?}"
+    );
+    // Any other user: refused, or kept out by the socket's permissions.
+    let out = run_as(
+        OTHER_UID,
+        &format!("exec '{}' '{}'", probe.display(), sock.display()),
+    );
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        line.starts_with(&format!("refused {} ", Refusal::PermissionDenied as u8))
+            || line.starts_with(&format!("connect-error {} ", libc::EACCES)),
+        "uid {OTHER_UID} must not get in: {line:?}"
+    );
+    assert_ne!(out.status.code(), Some(0));
+    fs::write(fx.path("after"), b"ok").expect("the mount still works");
+}
+
+#[test]
+fn garbage_on_the_sockets_harms_nothing() {
+    let (_w, fx) = setup("garbage", LIMIT, Options::default());
+    for sock in [fx.fs_socket(), fx.control_socket()] {
+        let mut s = UnixStream::connect(&sock).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+            .expect("send garbage");
+        let mut rest = Vec::new();
+        // The server answers a refusal or just closes; it must not hang.
+        let _ = s.read_to_end(&mut rest);
+    }
+    // A valid handshake followed by a frame header claiming 1 GiB.
+    let mut s = UnixStream::connect(fx.control_socket()).expect("connect");
+    handshake::client(&mut s, ServiceKind::Control, None).expect("handshake");
+    s.write_all(&(1u32 << 30).to_be_bytes())
+        .expect("send a huge frame length");
+    s.write_all(&[0u8; 4096]).expect("send some of it");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(control_answers(&fx.control_socket()), "syncd still serves");
+    fs::write(fx.path("after"), b"ok").expect("the mount still works");
+    assert_eq!(fs::read(fx.path("after")).expect("read"), b"ok");
+}
+
+#[test]
+fn a_256_byte_name_gets_enametoolong() {
+    let (_w, fx) = setup("256-byte name", LIMIT, Options::default());
+    assert_errno(
+        File::create(fx.path("n".repeat(256))),
+        libc::ENAMETOOLONG,
+        "create with a 256-byte name",
+    );
+    File::create(fx.path("n".repeat(255))).expect("255 bytes is fine");
+}
+
+fn full_state_dir(passthrough: bool) {
+    let (_w, mut fx) = setup(
+        "ENOSPC",
+        Duration::from_secs(180),
+        Options {
+            passthrough,
+            state_tmpfs_bytes: Some(64 << 20),
+            ..Options::default()
+        },
+    );
+    const KEPT: u64 = 4 << 20;
+    let kept = fx.path("kept");
+    let want = hash_reader(Pattern::new(4).reader(KEPT)).expect("hash");
+    {
+        let mut f = File::create(&kept).expect("create kept");
+        std::io::copy(&mut Pattern::new(4).reader(KEPT), &mut f).expect("write kept");
+        f.sync_all().expect("fsync kept");
+    }
+    let filler = fx.path("filler");
+    let mut f = File::create(&filler).expect("create filler");
+    let chunk = Pattern::new(5).bytes(0, 1 << 20);
+    let mut failed = None;
+    for i in 0..128 {
+        if let Err(e) = f.write_all(&chunk) {
+            failed = Some((i, e));
+            break;
+        }
+    }
+    let (at, e) = failed.expect("writing 128 MiB into a 64 MiB state directory must fail");
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC),
+        "the writer sees ENOSPC (after {at} MiB), got {e}"
+    );
+    drop(f);
+    assert_eq!(
+        hash_file(&kept).expect("hash kept"),
+        (KEPT, want.1),
+        "fsynced file intact"
+    );
+    fs::remove_file(&filler).expect("unlink the filler on a full state directory");
+    fx.restart_both();
+    assert_eq!(
+        hash_file(&kept).expect("hash kept after restart"),
+        (KEPT, want.1),
+        "fsynced file intact after restarting both daemons"
+    );
+    fs::write(fx.path("after"), b"space again").expect("write after freeing space");
+}
+
+#[test]
+fn full_state_dir_gives_enospc_and_loses_nothing_fsynced_passthrough() {
+    full_state_dir(true);
+}
+
+#[test]
+fn full_state_dir_gives_enospc_and_loses_nothing_fsynced_plain() {
+    full_state_dir(false);
+}
