@@ -257,16 +257,19 @@ declare -A label=(
     [read_cold]="read, cold cache (MB/s)"
     [read_warm]="read, warm cache (MB/s)"
 )
+# Each column is as wide as its name, at least 10.
+declare -A width
 header=$(printf '%-32s' "measurement")
 for t in "${targets[@]}"; do
-    header+=$(printf ' %12s' "$t")
+    width[$t]=$((${#t} > 10 ? ${#t} : 10))
+    header+=$(printf ' %*s' "${width[$t]}" "$t")
     [[ "$t" != native ]] && header+=$(printf ' %8s' "ratio")
 done
 echo "$header"
 for r in "${rows[@]}"; do
     line=$(printf '%-32s' "${label[$r]}")
     for t in "${targets[@]}"; do
-        line+=$(printf ' %12s' "${result[$t:$r]}")
+        line+=$(printf ' %*s' "${width[$t]}" "${result[$t:$r]}")
         if [[ "$t" != native ]]; then
             line+=$(awk -v a="${result[$t:$r]}" -v b="${result[native:$r]}" 'BEGIN { if (b > 0) printf " %8.2f", a / b; else printf " %8s", "-" }')
         fi

@@ -14,8 +14,8 @@
 //!
 //! Unsupported: `copy_file_range` answers `ENOSYS` (the kernel then copies
 //! with reads and writes, or passthrough does it), POSIX locks are left to
-//! the kernel (local to this machine), `ioctl` answers `ENOTTY` and `poll`
-//! `ENOSYS` (always ready, as a local file).
+//! the kernel (local to this machine), `ioctl` answers `ENOTTY` (reflink
+//! `EOPNOTSUPP`) and `poll` `ENOSYS` (always ready, as a local file).
 
 use crate::fs::{Keibi, XattrReply};
 use crate::passthrough::Mode;
@@ -39,6 +39,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// hundred short names) and per `readdirplus` (about two dozen).
 const READDIR_BATCH: u32 = 128;
 const READDIRPLUS_BATCH: u32 = 32;
+/// `FICLONE` and `FICLONERANGE` (`linux/fs.h`): reflink copies.
+const FICLONE: u32 = 0x4004_9409;
+const FICLONERANGE: u32 = 0x4020_940d;
 /// Largest write the kernel sends (the kernel caps requests at 1 MiB).
 const MAX_WRITE: u32 = 1 << 20;
 
@@ -159,6 +162,22 @@ fn name(n: &OsStr) -> Result<Name, FsError> {
         return Err(fs_err!(ENAMETOOLONG, "name of {} bytes", b.len()));
     }
     Ok(Name(b.to_vec()))
+}
+
+/// POSIX ACLs are not supported: `default_permissions` checks mode bits
+/// only, so a stored ACL would be shown but not enforced. Nothing is stored
+/// under their xattr names: reading or removing one finds nothing
+/// (`ENODATA`, `errno` = `not_found`), setting one fails (`EOPNOTSUPP`),
+/// answered here without a round trip to syncd (`ls -l` asks on every
+/// file).
+fn acl_name(n: &OsStr, not_found: i32) -> Result<(), FsError> {
+    if n.as_bytes().starts_with(b"system.posix_acl_") {
+        return Err(FsError::new(
+            not_found,
+            format!("{n:?}: POSIX ACLs are not supported"),
+        ));
+    }
+    Ok(())
 }
 
 fn caller(req: &Request) -> Caller {
@@ -752,7 +771,10 @@ impl Filesystem for KeibiFs {
             libc::XATTR_REPLACE => Ok(XattrSet::Replace),
             f => Err(fs_err!(EINVAL, "setxattr flags {f:#x}")),
         };
-        match mode.and_then(|m| Ok((m, name(n)?))) {
+        match mode.and_then(|m| {
+            acl_name(n, libc::EOPNOTSUPP)?;
+            Ok((m, name(n)?))
+        }) {
             Err(e) => self.inline(l, reply, Err::<(), _>(e), |_, _| ()),
             Ok((mode, n)) => {
                 let (k, v) = (self.keibi.clone(), value.to_vec());
@@ -768,7 +790,7 @@ impl Filesystem for KeibiFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, size: u32, reply: ReplyXattr) {
         let l = log("getxattr", ino, None);
-        let n = match name(n) {
+        let n = match acl_name(n, libc::ENODATA).and_then(|()| name(n)) {
             Ok(n) => n,
             Err(e) => return self.inline(l, reply, Err::<XattrReply, _>(e), |_, _| ()),
         };
@@ -793,7 +815,7 @@ impl Filesystem for KeibiFs {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, reply: ReplyEmpty) {
         let l = log("removexattr", ino, None);
-        let n = match name(n) {
+        let n = match acl_name(n, libc::ENODATA).and_then(|()| name(n)) {
             Ok(n) => n,
             Err(e) => return self.inline(l, reply, Err::<(), _>(e), |_, _| ()),
         };
@@ -897,8 +919,14 @@ impl Filesystem for KeibiFs {
         reply: fuser::ReplyIoctl,
     ) {
         // Programs probe files with ioctls (isatty's TCGETS, FS_IOC_*);
-        // ENOTTY is what a local file without that ioctl answers.
-        let e = fs_err!(ENOTTY, "ioctl {cmd:#x} is not supported");
+        // ENOTTY is what a local file without that ioctl answers. Reflink
+        // requests get EOPNOTSUPP, which `cp --reflink=auto` takes as
+        // "copy instead".
+        let e = if cmd == FICLONE || cmd == FICLONERANGE {
+            fs_err!(EOPNOTSUPP, "reflink (ioctl {cmd:#x}) is not supported")
+        } else {
+            fs_err!(ENOTTY, "ioctl {cmd:#x} is not supported")
+        };
         finish(
             log("ioctl", ino, Some(fh)),
             reply,

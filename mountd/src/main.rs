@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How long shutdown waits for the FUSE session to end after detaching.
-const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 /// How often the lock file is checked and put back if it was tampered with.
 const LOCK_REPAIR_INTERVAL: Duration = Duration::from_secs(2);
 

@@ -165,6 +165,24 @@ fn readdir_of_10000_entries() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 10_002, "ls -a shows the entries plus . and ..");
     assert!(lines.contains(&".") && lines.contains(&".."));
+    // `ls -l` lists with attributes (readdirplus and/or a stat per entry).
+    let started = std::time::Instant::now();
+    let out = harness::run_bounded(
+        std::process::Command::new("ls").arg("-l").arg(&dir),
+        Duration::from_secs(60),
+    );
+    eprintln!("ls -l of 10,000 entries: {:?}", started.elapsed());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ls -l: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with('-')).count(),
+        10_000,
+        "ls -l shows every entry as a regular file"
+    );
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! install, never a skip.
 
 use harness::process::check_output;
-use harness::{KeibiFixture, Options, Pattern, hash_file, run_bounded, setup};
+use harness::{Options, Pattern, hash_file, run_bounded, setup};
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -73,8 +73,7 @@ fn git_init_add_commit_log_status() {
     fs::write(repo.join("untracked"), "u").expect("write");
     let status = git(&repo, &["status", "--porcelain"]);
     assert_eq!(status.trim(), "?? untracked");
-    let fsck = git(&repo, &["fsck", "--full", "--strict"]);
-    let _ = fsck;
+    git(&repo, &["fsck", "--full", "--strict"]);
     let shown = git(&repo, &["show", "HEAD~1:README"]);
     assert_eq!(shown, "hello\n");
     // gc repacks: renames, fsyncs, unlinks of open files.
@@ -127,7 +126,7 @@ fn make_source_tree(root: &Path) {
     .expect("chmod");
 }
 
-fn tar_round_trip(fx: &KeibiFixture, from: &Path, via: &Path, to: &Path) {
+fn tar_round_trip(from: &Path, via: &Path, to: &Path) {
     make_source_tree(from);
     run(
         "tar create",
@@ -156,7 +155,6 @@ fn tar_round_trip(fx: &KeibiFixture, from: &Path, via: &Path, to: &Path) {
             .arg(from)
             .arg(to),
     );
-    let _ = fx;
 }
 
 #[test]
@@ -168,7 +166,7 @@ fn tar_from_the_mount_to_local_disk() {
         fx.scratch().join("t.tar"),
         fx.scratch().join("out"),
     );
-    tar_round_trip(&fx, &from, &via, &to);
+    tar_round_trip(&from, &via, &to);
 }
 
 #[test]
@@ -176,7 +174,7 @@ fn tar_from_local_disk_to_the_mount() {
     require("tar", "tar");
     let (_w, fx) = setup("tar disk→mount", LIMIT, Options::default());
     let (from, via, to) = (fx.scratch().join("src"), fx.path("t.tar"), fx.path("out"));
-    tar_round_trip(&fx, &from, &via, &to);
+    tar_round_trip(&from, &via, &to);
 }
 
 #[test]
