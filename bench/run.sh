@@ -278,5 +278,27 @@ for r in "${rows[@]}"; do
 done
 echo
 echo "ratio = that column / native (for ms lower is better, for MB/s higher is better)"
+
+# The same as a Markdown table, for the README.
+echo
+md="| measurement |"
+sep="|---|"
+for t in "${targets[@]}"; do
+    md+=" $t |"
+    sep+="---|"
+    [[ "$t" != native ]] && md+=" ratio |" && sep+="---|"
+done
+echo "$md"
+echo "$sep"
+for r in "${rows[@]}"; do
+    line="| ${label[$r]} |"
+    for t in "${targets[@]}"; do
+        line+=" ${result[$t:$r]} |"
+        if [[ "$t" != native ]]; then
+            line+=$(awk -v a="${result[$t:$r]}" -v b="${result[native:$r]}" 'BEGIN { if (b > 0) printf " %.2f |", a / b; else printf " - |" }')
+        fi
+    done
+    echo "$line"
+done
 [[ -n "$sshfs_note" ]] && echo "$sshfs_note"
 exit 0

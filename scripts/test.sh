@@ -77,7 +77,7 @@ step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 step "cargo build" cargo build --workspace --bins
 step "packaging/verify.sh" bash packaging/verify.sh "$repo/target/debug"
-step "cargo test" cargo test --workspace -- --test-threads="$threads" "$@"
+step "cargo test" cargo test --workspace --no-fail-fast -- --test-threads="$threads" "$@"
 
 echo
 echo "test.sh: all checks passed in $((SECONDS - started)) s"

@@ -141,6 +141,12 @@ pub struct Attr {
     pub gid: u32,
     /// Preferred I/O size.
     pub blksize: u32,
+    /// Whether the inode has any extended attribute. mountd answers
+    /// `getxattr`/`listxattr` of an inode without any from this, with no
+    /// round trip: the kernel asks for `security.capability` before every
+    /// write and `ls -l` asks for `security.selinux` of every file, so those
+    /// questions must neither cost a call nor wait on a stalled syncd.
+    pub has_xattrs: bool,
 }
 
 /// A new value for a timestamp in `setattr`.

@@ -103,6 +103,16 @@ impl AttrCache {
         self.with(|m| m.attrs.put(attr.ino.0, *attr));
     }
 
+    /// Record that `ino` now has an extended attribute (after `setxattr`).
+    pub fn mark_has_xattrs(&self, ino: u64) {
+        self.with(|m| {
+            if let Some(mut a) = m.attrs.get(&ino) {
+                a.has_xattrs = true;
+                m.attrs.put(ino, a);
+            }
+        });
+    }
+
     /// The last known attributes of `ino`.
     pub fn attr(&self, ino: u64) -> Option<Attr> {
         self.with(|m| m.attrs.get(&ino))
@@ -157,6 +167,7 @@ mod tests {
             uid: 0,
             gid: 0,
             blksize: 4096,
+            has_xattrs: false,
         }
     }
 

@@ -692,11 +692,25 @@ impl Keibi {
                 async move { c.client.setxattr(ctx, Ino(ino), n, v, mode).await }
             })
             .await
-            .map_err(|e| e.into_fs("setxattr"))
+            .map_err(|e| e.into_fs("setxattr"))?;
+        self.cache.mark_has_xattrs(ino);
+        Ok(())
+    }
+
+    /// Whether the last known attributes of `ino` say it has no extended
+    /// attribute at all, so `getxattr`/`listxattr` can be answered here.
+    /// Every `setxattr` passes through this mount and marks the inode, so
+    /// the flag cannot hide an attribute set here.
+    fn known_without_xattrs(&self, ino: u64) -> bool {
+        self.cache.attr(ino).is_some_and(|a| !a.has_xattrs)
     }
 
     /// `getxattr`: the size when `size` is 0, else the value, or `ERANGE`.
+    /// An inode known to have no attributes answers `ENODATA` at once.
     pub async fn getxattr(&self, ino: u64, name: Name, size: u32) -> Result<XattrReply, FsError> {
+        if self.known_without_xattrs(ino) {
+            return Err(fs_err!(ENODATA, "{} has no extended attributes", Ino(ino)));
+        }
         let v = self
             .client
             .call(
@@ -716,6 +730,9 @@ impl Keibi {
 
     /// `listxattr`: NUL-terminated names, sized as for `getxattr`.
     pub async fn listxattr(&self, ino: u64, size: u32) -> Result<XattrReply, FsError> {
+        if self.known_without_xattrs(ino) {
+            return sized(Vec::new(), size);
+        }
         let names = self
             .client
             .call(

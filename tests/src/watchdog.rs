@@ -60,6 +60,15 @@ pub fn unregister_log(path: &std::path::Path) {
     live().logs.retain(|p| p != path);
 }
 
+/// Print straight to the process's stderr: `eprintln!` output is captured
+/// by the test harness, and a captured message is lost when we abort.
+fn say(text: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{text}");
+    let _ = err.flush();
+}
+
 /// Kill everything registered and detach its mounts.
 fn emergency_cleanup() {
     let (pids, mounts, logs) = {
@@ -67,7 +76,7 @@ fn emergency_cleanup() {
         (l.pids.clone(), l.mounts.clone(), l.logs.clone())
     };
     for log in &logs {
-        eprintln!("{}", crate::daemons::log_tail(log, 40));
+        say(&crate::daemons::log_tail(log, 40));
     }
     for pid in pids {
         // SAFETY: kill(2) with a pid we spawned; at worst it is gone already.
@@ -110,10 +119,10 @@ impl Watchdog {
                     }
                     std::thread::park_timeout(deadline - now);
                 }
-                eprintln!(
+                say(&format!(
                     "WATCHDOG: test `{name}` still running after {limit:?}; killing its daemons, \
                      detaching its mounts and aborting"
-                );
+                ));
                 emergency_cleanup();
                 std::process::abort();
             })

@@ -75,6 +75,7 @@ fn dir_attr() -> Attr {
         uid: 0,
         gid: 0,
         blksize: 4096,
+        has_xattrs: false,
     }
 }
 
@@ -94,6 +95,7 @@ fn file_attr(f: &FakeFile) -> Attr {
         uid: 0,
         gid: 0,
         blksize: 4096,
+        has_xattrs: false,
     }
 }
 

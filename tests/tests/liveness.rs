@@ -89,6 +89,10 @@ fn frozen_syncd(passthrough: bool) {
         fs::write(fx.path(format!("dir/f{i}")), b"x").expect("write");
     }
     let known_md = fs::metadata(&known).expect("stat known");
+    // Seen by mountd but not held open: its dentry can be dropped, so a
+    // stat of it must reach mountd (the open file's dentry stays pinned).
+    let seen = fx.path("dir/f7");
+    let seen_md = fs::metadata(&seen).expect("stat seen");
     assert!(
         ls_within(&fx.path("dir"), Duration::from_secs(10)),
         "ls before the freeze"
@@ -101,6 +105,13 @@ fn frozen_syncd(passthrough: bool) {
 
     fx.freeze_syncd();
     drop_kernel_caches();
+
+    let p = seen.clone();
+    let md = within(&fx, "stat of a file mountd has seen", move || {
+        fs::metadata(&p)
+    })
+    .expect("stat of a seen file while syncd is frozen answers the last known entry");
+    assert_eq!((md.ino(), md.len()), (seen_md.ino(), seen_md.len()));
 
     let p = known.clone();
     let md = within(&fx, "stat of a known file", move || fs::metadata(&p))
@@ -366,4 +377,64 @@ fn mountd_sigterm_unmounts_and_a_dead_mount_is_cleared_at_start() {
         "the dead mount was cleared, not stacked on"
     );
     assert_eq!(fs::read(fx.path("kept")).expect("read"), b"kept");
+}
+
+/// The contract: reads and writes on an open handle never need syncd (they
+/// are `pread`/`pwrite` on mountd's descriptor, or kernel passthrough). So
+/// the first write after syncd froze must not wait for mountd's deadline;
+/// half of it is the bound here, far above a local write's cost.
+fn open_handle_io_does_not_wait_for_syncd(passthrough: bool) {
+    let (_w, fx) = setup(
+        "open-handle I/O with syncd frozen",
+        LIMIT,
+        Options {
+            passthrough,
+            ..Options::default()
+        },
+    );
+    fs::write(fx.path("f"), b"hello").expect("write");
+    let h = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.path("f"))
+        .expect("open");
+    h.write_all_at(b"H", 0).expect("write before the freeze");
+    fx.freeze_syncd();
+    let limit = fx.options().deadline / 2;
+    let h2 = h.try_clone().expect("dup");
+    let started = Instant::now();
+    let r = bounded(bound(&fx), move || h2.write_all_at(b"E", 1))
+        .unwrap_or_else(|w| panic!("a write on an open handle hung ({w:?})"));
+    let took = started.elapsed();
+    r.expect("a write on an open handle while syncd is frozen");
+    assert!(
+        took < limit,
+        "the first write on an open handle took {took:?} with syncd frozen: it waited on syncd \
+         (bound {limit:?})"
+    );
+    let h2 = h.try_clone().expect("dup");
+    let started = Instant::now();
+    let got = bounded(bound(&fx), move || {
+        let mut b = [0u8; 5];
+        h2.read_exact_at(&mut b, 0).map(|_| b)
+    })
+    .unwrap_or_else(|w| panic!("a read on an open handle hung ({w:?})"))
+    .expect("read");
+    let took = started.elapsed();
+    assert_eq!(&got, b"HEllo");
+    assert!(
+        took < limit,
+        "a read on an open handle took {took:?} with syncd frozen"
+    );
+    fx.thaw_syncd();
+}
+
+#[test]
+fn open_handle_io_does_not_wait_for_a_frozen_syncd_passthrough() {
+    open_handle_io_does_not_wait_for_syncd(true);
+}
+
+#[test]
+fn open_handle_io_does_not_wait_for_a_frozen_syncd_plain() {
+    open_handle_io_does_not_wait_for_syncd(false);
 }

@@ -145,7 +145,7 @@ impl Store {
                 .metadata()
                 .map_err(|e| FsError::io(format!("fstat of {}", Ino(ino)), &e))?;
             let cs = crate::content::ContentStat::from(&md);
-            let attr = super::make_attr(ino, &rec, Some(&cs));
+            let attr = super::make_attr(ino, &rec, Some(&cs), self.has_xattrs(ino)?);
             Ok(OpenFile {
                 opened: Opened {
                     handle,

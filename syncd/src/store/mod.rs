@@ -258,6 +258,15 @@ impl Store {
             .ok_or_else(|| fs_err!(ENOENT, "no inode {}", Ino(ino)))
     }
 
+    /// Whether `ino` has any extended attribute.
+    pub(crate) fn has_xattrs(&self, ino: u64) -> Result<bool, FsError> {
+        match self.xattrs.scan_prefix(records::ino_key(ino)).next() {
+            None => Ok(false),
+            Some(Ok(_)) => Ok(true),
+            Some(Err(e)) => Err(store_err(&format!("reading xattrs of {}", Ino(ino)), e)),
+        }
+    }
+
     /// The attributes of `ino` whose record is `rec`.
     pub(crate) fn attr_of(&self, ino: u64, rec: &InodeRec) -> Result<Attr, FsError> {
         if rec.kind == FileKind::File {
@@ -265,9 +274,9 @@ impl Store {
                 .content
                 .stat(ino)
                 .map_err(|e| content_err(format!("stat of {}", Ino(ino)), &e))?;
-            Ok(make_attr(ino, rec, Some(&cs)))
+            Ok(make_attr(ino, rec, Some(&cs), self.has_xattrs(ino)?))
         } else {
-            Ok(make_attr(ino, rec, None))
+            Ok(make_attr(ino, rec, None, self.has_xattrs(ino)?))
         }
     }
 
@@ -519,7 +528,7 @@ impl Store {
 
 /// Build `stat` attributes from a record and, for a regular file, its
 /// content file.
-fn make_attr(ino: u64, rec: &InodeRec, cs: Option<&ContentStat>) -> Attr {
+fn make_attr(ino: u64, rec: &InodeRec, cs: Option<&ContentStat>, has_xattrs: bool) -> Attr {
     let (size, blocks, atime, mtime, ctime, blksize) = match cs {
         Some(cs) => (
             cs.size,
@@ -559,6 +568,7 @@ fn make_attr(ino: u64, rec: &InodeRec, cs: Option<&ContentStat>) -> Attr {
         uid: rec.uid,
         gid: rec.gid,
         blksize,
+        has_xattrs,
     }
 }
 
