@@ -25,8 +25,9 @@ impl fmt::Display for Ino {
 
 /// One open of a regular file, as syncd knows it. Returned by
 /// `open`/`create`, tags the descriptor sent over the fd channel, and is
-/// given back in `release`. mountd uses the same number as the FUSE file
-/// handle, so logs on both sides name the same thing.
+/// given back in `release`. Numbers restart at 1 when syncd restarts, so
+/// mountd keeps its own FUSE file handles and remembers which connection
+/// each `HandleId` belongs to.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HandleId(pub u64);
 
@@ -219,7 +220,7 @@ pub struct ContentId {
 /// fd channel, tagged with `handle`, and is sent before this answer.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Opened {
-    /// syncd's name for this open; mountd's FUSE file handle.
+    /// syncd's name for this open (valid on this connection only).
     pub handle: HandleId,
     /// Attributes after the open (after `O_TRUNC`, if asked).
     pub attr: Attr,
