@@ -705,6 +705,21 @@ impl Keibi {
         self.cache.attr(ino).is_some_and(|a| !a.has_xattrs)
     }
 
+    /// `getxattr` answered without syncd, when the inode is known to have
+    /// no extended attributes (`ls -l` asks two names of every file, and
+    /// the kernel asks `security.capability` before every write): bounded
+    /// local work, for the dispatch thread.
+    pub fn getxattr_local(&self, ino: u64) -> Option<Result<XattrReply, FsError>> {
+        self.known_without_xattrs(ino)
+            .then(|| Err(fs_err!(ENODATA, "{} has no extended attributes", Ino(ino))))
+    }
+
+    /// `listxattr` answered without syncd, as [`Keibi::getxattr_local`].
+    pub fn listxattr_local(&self, ino: u64, size: u32) -> Option<Result<XattrReply, FsError>> {
+        self.known_without_xattrs(ino)
+            .then(|| sized(Vec::new(), size))
+    }
+
     /// `getxattr`: the size when `size` is 0, else the value, or `ERANGE`.
     /// An inode known to have no attributes answers `ENODATA` at once.
     pub async fn getxattr(&self, ino: u64, name: Name, size: u32) -> Result<XattrReply, FsError> {

@@ -794,6 +794,9 @@ impl Filesystem for KeibiFs {
             Ok(n) => n,
             Err(e) => return self.inline(l, reply, Err::<XattrReply, _>(e), |_, _| ()),
         };
+        if let Some(r) = self.keibi.getxattr_local(ino.0) {
+            return self.inline(l, reply, r, xattr_answer);
+        }
         let k = self.keibi.clone();
         self.spawn(
             l,
@@ -804,9 +807,13 @@ impl Filesystem for KeibiFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let l = log("listxattr", ino, None);
+        if let Some(r) = self.keibi.listxattr_local(ino.0, size) {
+            return self.inline(l, reply, r, xattr_answer);
+        }
         let k = self.keibi.clone();
         self.spawn(
-            log("listxattr", ino, None),
+            l,
             reply,
             async move { k.listxattr(ino.0, size).await },
             xattr_answer,
