@@ -19,8 +19,18 @@
 //! the content file, the descriptor arrives on the fd channel, it is
 //! validated by [`fd_check`]) then [`Keibi::install`] (sync: passthrough
 //! registration and the handle table).
+//!
+//! Directories: `opendir` gives each open directory its own handle with a
+//! read-ahead of entries ([`crate::dir_handles`]), so most `readdir`s are
+//! answered inline without syncd. Whether a read-ahead may still be used
+//! depends on the mount's change counter: every operation that changes
+//! names or attributes through this mount (and the last close of a file
+//! written here) counts once when it is sent and once when it is answered,
+//! so a read-ahead asked for before or during a change is never used
+//! after it.
 
 use crate::attr_cache::AttrCache;
+use crate::dir_handles::{self, DirHandles, ReadAhead};
 use crate::fd_check::{self, Access};
 use crate::handles::{Handle, HandleTable};
 use crate::passthrough::{Mode, Passthrough};
@@ -35,6 +45,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -47,9 +58,29 @@ pub struct Keibi {
     client: SyncdClient,
     cache: AttrCache,
     handles: HandleTable,
+    dirs: DirHandles,
+    /// Counts changes made through this mount (see the module doc).
+    changes: AtomicU64,
     passthrough: Arc<Passthrough>,
     deadline: Duration,
     rt: tokio::runtime::Handle,
+}
+
+/// Counts a change on the mount when made and again when dropped: hold it
+/// for as long as the change may be in flight at syncd.
+struct Change<'a>(&'a AtomicU64);
+
+impl<'a> Change<'a> {
+    fn begin(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Change(counter)
+    }
+}
+
+impl Drop for Change<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// An answer to `getxattr`/`listxattr`.
@@ -68,21 +99,27 @@ pub struct OpenedFd {
     pub fd: OwnedFd,
     /// The connection the open was made on.
     pub generation: u64,
+    /// Opened with write access.
+    pub writable: bool,
 }
 
 impl Keibi {
-    /// The filesystem over `client`, answering within `deadline`.
+    /// The filesystem over `client`, answering within `deadline`;
+    /// attributes given to the kernel are valid for `attr_ttl`.
     pub fn new(
         client: SyncdClient,
         passthrough: Arc<Passthrough>,
         deadline: Duration,
         cache: AttrCache,
+        attr_ttl: Duration,
         rt: tokio::runtime::Handle,
     ) -> Self {
         Keibi {
             client,
             cache,
             handles: HandleTable::default(),
+            dirs: DirHandles::new(attr_ttl),
+            changes: AtomicU64::new(0),
             passthrough,
             deadline,
             rt,
@@ -96,6 +133,14 @@ impl Keibi {
 
     fn deadline(&self) -> Instant {
         Instant::now() + self.deadline
+    }
+
+    fn change(&self) -> Change<'_> {
+        Change::begin(&self.changes)
+    }
+
+    fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
     }
 
     /// `lookup`, or the last known entry when syncd misses the deadline.
@@ -178,6 +223,7 @@ impl Keibi {
 
     /// `setattr`.
     pub async fn setattr(&self, ino: u64, changes: SetAttr) -> Result<Attr, FsError> {
+        let _change = self.change();
         let a = self
             .client
             .call(
@@ -227,6 +273,7 @@ impl Keibi {
         perm: u16,
         caller: Caller,
     ) -> Result<Attr, FsError> {
+        let _change = self.change();
         let n = name.clone();
         let r = self
             .client
@@ -262,6 +309,7 @@ impl Keibi {
             }
             _ => return Err(fs_err!(EPERM, "mknod: device nodes are not supported")),
         };
+        let _change = self.change();
         let n = name.clone();
         let r = self
             .client
@@ -285,6 +333,7 @@ impl Keibi {
         target: Vec<u8>,
         caller: Caller,
     ) -> Result<Attr, FsError> {
+        let _change = self.change();
         let n = name.clone();
         let r = self
             .client
@@ -299,6 +348,7 @@ impl Keibi {
 
     /// `link`.
     pub async fn link(&self, ino: u64, new_parent: u64, new_name: Name) -> Result<Attr, FsError> {
+        let _change = self.change();
         let n = new_name.clone();
         let r = self
             .client
@@ -312,6 +362,7 @@ impl Keibi {
 
     /// `unlink`.
     pub async fn unlink(&self, parent: u64, name: Name) -> Result<(), FsError> {
+        let _change = self.change();
         let n = name.clone();
         self.cache.forget_entry(parent, name.as_bytes());
         self.client
@@ -325,6 +376,7 @@ impl Keibi {
 
     /// `rmdir`.
     pub async fn rmdir(&self, parent: u64, name: Name) -> Result<(), FsError> {
+        let _change = self.change();
         let n = name.clone();
         self.cache.forget_entry(parent, name.as_bytes());
         self.client
@@ -345,6 +397,7 @@ impl Keibi {
         new_name: Name,
         flags: RenameFlags,
     ) -> Result<(), FsError> {
+        let _change = self.change();
         self.cache.forget_entry(parent, name.as_bytes());
         self.cache.forget_entry(new_parent, new_name.as_bytes());
         self.client
@@ -396,8 +449,94 @@ impl Keibi {
         Ok(entries)
     }
 
+    /// `opendir`: a new directory handle for `dir`.
+    pub fn opendir(&self, dir: u64) -> u64 {
+        self.dirs.open(dir)
+    }
+
+    /// `releasedir`: forget the handle and its read-ahead.
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.release(fh);
+    }
+
+    /// The read-ahead of handle `fh` if it answers a request at `offset`
+    /// (bounded local work, for the dispatch thread). Its entries go to
+    /// the kernel while [`Keibi::usable_ahead`] accepts them.
+    pub fn read_ahead(&self, fh: u64, dir: u64, offset: u64, plus: bool) -> Option<ReadAhead> {
+        self.dirs.take(fh, dir, offset, plus, self.changes())
+    }
+
+    /// Whether an entry of a read-ahead may go to the kernel: not with
+    /// attributes while its file is open for writing on this mount (they
+    /// may be older than the kernel's).
+    pub fn usable_ahead(&self, e: &DirEntry, plus: bool) -> bool {
+        !plus || !self.handles.has_writer(e.ino.0)
+    }
+
+    /// Ask syncd for the entries after `offset`, a batch larger than one
+    /// reply: what the reply does not take is kept with
+    /// [`Keibi::keep_ahead`].
+    pub async fn read_dir_batch(
+        &self,
+        dir: u64,
+        offset: u64,
+        plus: bool,
+    ) -> Result<ReadAhead, FsError> {
+        let changes = self.changes();
+        let asked_at = std::time::Instant::now();
+        let batch = dir_handles::batch(plus);
+        let entries = self.readdir(dir, offset, batch, plus).await?;
+        Ok(ReadAhead::new(
+            offset, entries, batch, plus, asked_at, changes,
+        ))
+    }
+
+    /// The entries after `offset` for a request the read-ahead of `fh`
+    /// could not answer inline: from the prefetch on its way if it
+    /// continues there (waited for within the deadline), else fresh from
+    /// syncd. The flag says which: entries fresh from syncd may all go to
+    /// the kernel, the others only while [`Keibi::usable_ahead`] accepts
+    /// them.
+    pub async fn next_entries(
+        &self,
+        fh: u64,
+        dir: u64,
+        offset: u64,
+        plus: bool,
+    ) -> Result<(ReadAhead, bool), FsError> {
+        if let Some(mut done) = self.dirs.coming(fh, dir, offset, plus) {
+            // Returns once the fetch is over, however it ended.
+            let _ = tokio::time::timeout_at(self.deadline(), done.changed()).await;
+            if let Some(a) = self.read_ahead(fh, dir, offset, plus)
+                && a.front_usable(|e| self.usable_ahead(e, plus))
+            {
+                return Ok((a, false));
+            }
+        }
+        Ok((self.read_dir_batch(dir, offset, plus).await?, true))
+    }
+
+    /// Keep what a reply did not take for the next request on `fh`; with
+    /// `reading_on` (the reply came from a read-ahead), fetch the next
+    /// batch in the background when this one runs low.
+    pub fn keep_ahead(self: &Arc<Self>, fh: u64, dir: u64, ahead: ReadAhead, reading_on: bool) {
+        let Some(p) = self.dirs.keep(fh, dir, ahead, reading_on) else {
+            return;
+        };
+        let k = self.clone();
+        self.rt.spawn(async move {
+            let batch = k.read_dir_batch(dir, p.after, p.plus).await.ok();
+            k.dirs.arrived(fh, dir, batch);
+            // Wakes the requests waiting for this batch.
+            drop(p.done);
+        });
+    }
+
     /// Ask syncd to open `ino`, and take and validate the descriptor.
     pub async fn open_fd(&self, ino: u64, flags: i32) -> Result<OpenedFd, FsError> {
+        // O_TRUNC changes the size; a writer changes it later.
+        let _change = (Access::of_flags(flags) != Access::Read || flags & libc::O_TRUNC != 0)
+            .then(|| self.change());
         let deadline = self.deadline();
         let r = self
             .client
@@ -421,6 +560,7 @@ impl Keibi {
         flags: i32,
         caller: Caller,
     ) -> Result<OpenedFd, FsError> {
+        let _change = self.change();
         let deadline = self.deadline();
         let n = name.clone();
         let r = self
@@ -480,6 +620,7 @@ impl Keibi {
             opened,
             fd,
             generation,
+            writable: Access::of_flags(flags) != Access::Read,
         })
     }
 
@@ -513,6 +654,7 @@ impl Keibi {
             generation: got.generation,
             file: File::from(got.fd),
             backing,
+            writable: got.writable,
         });
         tracing::trace!(fh, ino, syncd_handle = syncd_handle.0, "handle opened");
         Ok((fh, mode))
@@ -552,6 +694,11 @@ impl Keibi {
     /// `release`: drop the table's reference and tell syncd.
     pub fn release(&self, fh: u64) {
         if let Some(h) = self.handles.remove(fh) {
+            if h.writable {
+                // Its writes changed the file's size and times: count the
+                // change, as the module doc says.
+                drop(self.change());
+            }
             tracing::trace!(
                 fh,
                 ino = h.ino,
@@ -686,6 +833,7 @@ impl Keibi {
         value: Vec<u8>,
         mode: XattrSet,
     ) -> Result<(), FsError> {
+        let _change = self.change();
         self.client
             .call("setxattr", ino, self.deadline(), Retry::Once, |c, ctx| {
                 let (n, v) = (name.clone(), value.clone());
@@ -769,6 +917,7 @@ impl Keibi {
 
     /// `removexattr`.
     pub async fn removexattr(&self, ino: u64, name: Name) -> Result<(), FsError> {
+        let _change = self.change();
         self.client
             .call(
                 "removexattr",

@@ -5,7 +5,9 @@
 //!
 //! - answers inline, for bounded local work: `pread`/`pwrite`/`lseek`/
 //!   `fallocate` on a descriptor mountd holds, `flush`, `release`,
-//!   `opendir`/`releasedir`, `access`;
+//!   `opendir`/`releasedir`, `access`, and `readdir`/`readdirplus` when
+//!   the directory handle's read-ahead holds the entries asked for
+//!   ([`crate::dir_handles`]);
 //! - hands the reply to a tokio task that awaits syncd (with the deadline)
 //!   and answers from there, so no dispatch thread ever waits on syncd.
 //!
@@ -17,6 +19,7 @@
 //! the kernel (local to this machine), `ioctl` answers `ENOTTY` (reflink
 //! `EOPNOTSUPP`) and `poll` `ENOSYS` (always ready, as a local file).
 
+use crate::dir_handles::{ReadAhead, ttl_left};
 use crate::fs::{Keibi, XattrReply};
 use crate::passthrough::Mode;
 use fuser::{
@@ -26,7 +29,7 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use ipc_schema::{
-    Attr, Caller, FileKind, FsError, Name, SetAttr, TimeSet, Timestamp, XattrSet, fs_err,
+    Attr, Caller, DirEntry, FileKind, FsError, Name, SetAttr, TimeSet, Timestamp, XattrSet, fs_err,
 };
 use std::ffi::OsStr;
 use std::future::Future;
@@ -35,10 +38,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Entries asked of syncd per `readdir` (a reply holds one page, about a
-/// hundred short names) and per `readdirplus` (about two dozen).
-const READDIR_BATCH: u32 = 128;
-const READDIRPLUS_BATCH: u32 = 32;
 /// `FICLONE` and `FICLONERANGE` (`linux/fs.h`): reflink copies.
 const FICLONE: u32 = 0x4004_9409;
 const FICLONERANGE: u32 = 0x4020_940d;
@@ -81,6 +80,42 @@ impl KeibiFs {
             let result = work.await;
             finish(log, reply, result, ok);
         });
+    }
+
+    /// `readdir`/`readdirplus` at `offset`: inline from the directory
+    /// handle's read-ahead when it holds the entries that follow, else
+    /// from a tokio task (the prefetch on its way, or syncd). What the
+    /// reply does not take is kept for the next request.
+    fn list<R: DirReply>(
+        &self,
+        op: &'static str,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: R,
+    ) {
+        let l = log(op, ino, Some(fh));
+        let (ttl, plus) = (self.ttl, R::PLUS);
+        if let Some(mut ahead) = self.keibi.read_ahead(fh.0, ino.0, offset, plus)
+            && (fill(&self.keibi, &mut ahead, &mut reply, ttl, false) > 0 || ahead.at_end())
+        {
+            self.keibi.keep_ahead(fh.0, ino.0, ahead, true);
+            return self.inline(l, reply, Ok(()), |r, ()| r.ok());
+        }
+        let k = self.keibi.clone();
+        self.spawn(
+            l,
+            reply,
+            async move {
+                let (ahead, fresh) = k.next_entries(fh.0, ino.0, offset, plus).await?;
+                Ok((k, ahead, fresh))
+            },
+            move |mut r, (k, mut ahead, fresh): (Arc<Keibi>, ReadAhead, bool)| {
+                fill(&k, &mut ahead, &mut r, ttl, fresh);
+                r.ok();
+                k.keep_ahead(fh.0, ino.0, ahead, !fresh);
+            },
+        );
     }
 
     /// An entry reply closure.
@@ -639,9 +674,13 @@ impl Filesystem for KeibiFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.inline(log("opendir", ino, None), reply, Ok(()), |r, ()| {
-            r.opened(FileHandle(0), FopenFlags::empty())
-        });
+        let fh = self.keibi.opendir(ino.0);
+        self.inline(
+            log("opendir", ino, Some(FileHandle(fh))),
+            reply,
+            Ok(()),
+            |r, ()| r.opened(FileHandle(fh), FopenFlags::empty()),
+        );
     }
 
     fn readdir(
@@ -652,25 +691,7 @@ impl Filesystem for KeibiFs {
         offset: u64,
         reply: ReplyDirectory,
     ) {
-        let k = self.keibi.clone();
-        self.spawn(
-            log("readdir", ino, Some(fh)),
-            reply,
-            async move { k.readdir(ino.0, offset, READDIR_BATCH, false).await },
-            |mut r, entries| {
-                for e in entries {
-                    if r.add(
-                        INodeNo(e.ino.0),
-                        e.cookie.0,
-                        file_type(e.kind),
-                        OsStr::from_bytes(e.name.as_bytes()),
-                    ) {
-                        break;
-                    }
-                }
-                r.ok()
-            },
-        );
+        self.list("readdir", ino, fh, offset, reply);
     }
 
     fn readdirplus(
@@ -681,33 +702,7 @@ impl Filesystem for KeibiFs {
         offset: u64,
         reply: ReplyDirectoryPlus,
     ) {
-        let k = self.keibi.clone();
-        let ttl = self.ttl;
-        self.spawn(
-            log("readdirplus", ino, Some(fh)),
-            reply,
-            async move { k.readdir(ino.0, offset, READDIRPLUS_BATCH, true).await },
-            move |mut r, entries| {
-                for e in entries {
-                    let (attr, ttl) = match &e.attr {
-                        Some(a) => (file_attr(a), ttl),
-                        None => (placeholder_attr(e.ino.0, e.kind), Duration::ZERO),
-                    };
-                    let name = OsStr::from_bytes(e.name.as_bytes());
-                    if r.add(
-                        INodeNo(e.ino.0),
-                        e.cookie.0,
-                        name,
-                        &ttl,
-                        &attr,
-                        Generation(0),
-                    ) {
-                        break;
-                    }
-                }
-                r.ok()
-            },
-        );
+        self.list("readdirplus", ino, fh, offset, reply);
     }
 
     fn releasedir(
@@ -718,6 +713,7 @@ impl Filesystem for KeibiFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.keibi.releasedir(fh.0);
         self.inline(log("releasedir", ino, Some(fh)), reply, Ok(()), |r, ()| {
             r.ok()
         });
@@ -987,6 +983,72 @@ impl Filesystem for KeibiFs {
             |_, _| (),
         );
     }
+}
+
+/// A `readdir` or `readdirplus` reply.
+trait DirReply: Answer {
+    /// Whether it carries attributes.
+    const PLUS: bool;
+    /// Add `e`, its attributes valid for `ttl`; `true` when the reply is
+    /// full (`e` not added).
+    fn put(&mut self, e: &DirEntry, ttl: Duration) -> bool;
+    /// Send it.
+    fn ok(self);
+}
+
+impl DirReply for ReplyDirectory {
+    const PLUS: bool = false;
+    fn put(&mut self, e: &DirEntry, _ttl: Duration) -> bool {
+        self.add(
+            INodeNo(e.ino.0),
+            e.cookie.0,
+            file_type(e.kind),
+            OsStr::from_bytes(e.name.as_bytes()),
+        )
+    }
+    fn ok(self) {
+        ReplyDirectory::ok(self)
+    }
+}
+
+impl DirReply for ReplyDirectoryPlus {
+    const PLUS: bool = true;
+    fn put(&mut self, e: &DirEntry, ttl: Duration) -> bool {
+        let (attr, ttl) = match &e.attr {
+            Some(a) => (file_attr(a), ttl),
+            None => (placeholder_attr(e.ino.0, e.kind), Duration::ZERO),
+        };
+        self.add(
+            INodeNo(e.ino.0),
+            e.cookie.0,
+            OsStr::from_bytes(e.name.as_bytes()),
+            &ttl,
+            &attr,
+            Generation(0),
+        )
+    }
+    fn ok(self) {
+        ReplyDirectoryPlus::ok(self)
+    }
+}
+
+/// Move entries of `ahead` into `reply` until it is full. Entries fresh
+/// from syncd for this request (`fresh`) all may go: the kernel discards
+/// attributes that changed while its request was out. Older ones stop at
+/// the first that [`Keibi::usable_ahead`] refuses. Attributes get what is
+/// left of `ttl` since syncd was asked for them.
+fn fill<R: DirReply>(
+    k: &Keibi,
+    ahead: &mut ReadAhead,
+    reply: &mut R,
+    ttl: Duration,
+    fresh: bool,
+) -> usize {
+    let now = Instant::now();
+    ahead.serve(
+        |e| fresh || k.usable_ahead(e, R::PLUS),
+        |e, asked_at| reply.put(e, ttl_left(ttl, asked_at, now)),
+    )
 }
 
 fn xattr_answer(r: ReplyXattr, x: XattrReply) {

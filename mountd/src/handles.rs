@@ -12,6 +12,11 @@
 //! number is never reused while an operation may use it. No lock is held
 //! during any I/O.
 //!
+//! The table also counts, per inode, the handles open for writing: writes
+//! on them change the file's size and times without syncd knowing, so
+//! attributes read earlier must not be handed to the kernel for such an
+//! inode (see [`crate::dir_handles`]).
+//!
 //! Locks: the table's `RwLock` is a leaf lock; nothing else is locked while
 //! it is held (the passthrough registry's lock, in
 //! [`crate::passthrough`], is never taken together with it).
@@ -42,18 +47,27 @@ pub struct Handle {
     /// here so the id lives until the last handle of the inode is
     /// released.
     pub backing: Option<Arc<BackingId>>,
+    /// Opened with write access.
+    pub writable: bool,
+}
+
+#[derive(Default)]
+struct Map {
+    by_fh: HashMap<u64, Arc<Handle>>,
+    /// Inode → number of its handles open for writing (never 0).
+    writers: HashMap<u64, usize>,
 }
 
 /// File handle → open handle.
 pub struct HandleTable {
-    map: RwLock<HashMap<u64, Arc<Handle>>>,
+    map: RwLock<Map>,
     next: AtomicU64,
 }
 
 impl Default for HandleTable {
     fn default() -> Self {
         HandleTable {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(Map::default()),
             next: AtomicU64::new(1),
         }
     }
@@ -64,27 +78,49 @@ impl HandleTable {
     pub fn insert(&self, handle: Handle) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed);
         let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
-        m.insert(fh, Arc::new(handle));
+        if handle.writable {
+            *m.writers.entry(handle.ino).or_default() += 1;
+        }
+        m.by_fh.insert(fh, Arc::new(handle));
         fh
     }
 
     /// The handle `fh`, as an owned reference.
     pub fn get(&self, fh: u64) -> Option<Arc<Handle>> {
         let m = self.map.read().unwrap_or_else(|p| p.into_inner());
-        m.get(&fh).cloned()
+        m.by_fh.get(&fh).cloned()
+    }
+
+    /// Whether `ino` has a handle open for writing.
+    pub fn has_writer(&self, ino: u64) -> bool {
+        let m = self.map.read().unwrap_or_else(|p| p.into_inner());
+        m.writers.contains_key(&ino)
     }
 
     /// Remove `fh`. In-flight operations keep their references; the
     /// descriptor closes when the last one is dropped.
     pub fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
         let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
-        m.remove(&fh)
+        let h = m.by_fh.remove(&fh)?;
+        if h.writable
+            && let Some(n) = m.writers.get_mut(&h.ino)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.writers.remove(&h.ino);
+            }
+        }
+        Some(h)
     }
 
     /// Number of open handles.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_fh
+            .len()
     }
 }
 
@@ -111,6 +147,7 @@ mod tests {
             generation: 1,
             file,
             backing: None,
+            writable: false,
         });
         let held = table.get(fh).expect("the handle just inserted");
         // release races with an in-flight write:
@@ -138,9 +175,38 @@ mod tests {
                 generation: 1,
                 file,
                 backing: None,
+                writable: false,
             });
             assert!(seen.insert(fh), "file handle {fh} given twice");
             assert!(table.remove(fh).is_some());
         }
+    }
+
+    #[test]
+    fn counts_writers_per_inode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = HandleTable::default();
+        let open = |ino, writable| {
+            table.insert(Handle {
+                ino,
+                syncd_handle: HandleId(1),
+                generation: 1,
+                file: File::open(dir.path()).expect("open"),
+                backing: None,
+                writable,
+            })
+        };
+        let reader = open(7, false);
+        assert!(!table.has_writer(7));
+        let w1 = open(7, true);
+        let w2 = open(7, true);
+        assert!(table.has_writer(7));
+        assert!(!table.has_writer(8));
+        table.remove(w1);
+        assert!(table.has_writer(7), "one writer left");
+        table.remove(w2);
+        assert!(!table.has_writer(7));
+        table.remove(reader);
+        assert!(!table.has_writer(7));
     }
 }

@@ -17,6 +17,7 @@
 //! itself (someone ran `umount`), mountd exits 0 too.
 
 mod attr_cache;
+mod dir_handles;
 mod fd_check;
 mod fs;
 mod fuse;
@@ -143,6 +144,7 @@ fn run(args: Args) -> Result<(), Failure> {
         passthrough,
         args.deadline,
         attr_cache::AttrCache::new(attr_cache::DEFAULT_CAPACITY),
+        args.attr_ttl,
         rt.handle().clone(),
     ));
     let adapter = fuse::KeibiFs::new(keibi, args.attr_ttl, rt.handle().clone());

@@ -12,16 +12,27 @@
 //! into the tree and removed after the one that frees the inode, so the
 //! store never names a missing file; a crash in between leaves at most an
 //! unreferenced file, which [`ContentDir::sweep`] removes at the next start.
+//!
+//! Every operation on one file is a single `*at` system call relative to a
+//! descriptor of the content directory held open for the daemon's life, so
+//! the kernel resolves one name, not the whole state directory path, and
+//! each answer needs one `stat` at most: `create_open` hands back the
+//! descriptor of the new file, and [`ContentDir::update`] truncates, sets
+//! times and stats through one descriptor.
 
 use ipc_schema::{StatFs, TimeSet, Timestamp};
-use nix::fcntl::OFlag;
-use nix::sys::stat::Mode;
-use std::fs::{File, FileTimes, Metadata, OpenOptions};
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{FileStat, Mode};
+use nix::unistd::UnlinkatFlags;
+use std::fs::{File, FileTimes};
 use std::io;
-use std::os::fd::OwnedFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Mode of a new content file.
+const CONTENT_MODE: u32 = 0o600;
 
 /// What the store needs from a content file's `stat`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,30 +57,52 @@ pub struct ContentStat {
     pub ctime: Timestamp,
 }
 
-impl From<&Metadata> for ContentStat {
-    fn from(m: &Metadata) -> Self {
+impl From<&FileStat> for ContentStat {
+    fn from(m: &FileStat) -> Self {
         let ts = |secs: i64, nanos: i64| Timestamp {
             secs,
             nanos: nanos.clamp(0, 999_999_999) as u32,
         };
         ContentStat {
-            dev: m.dev(),
-            ino: m.ino(),
-            uid: m.uid(),
-            size: m.size(),
-            blocks: m.blocks(),
-            blksize: m.blksize().min(u64::from(u32::MAX)) as u32,
-            atime: ts(m.atime(), m.atime_nsec()),
-            mtime: ts(m.mtime(), m.mtime_nsec()),
-            ctime: ts(m.ctime(), m.ctime_nsec()),
+            dev: m.st_dev,
+            ino: m.st_ino,
+            uid: m.st_uid,
+            size: u64::try_from(m.st_size).unwrap_or(0),
+            blocks: u64::try_from(m.st_blocks).unwrap_or(0),
+            blksize: u32::try_from(m.st_blksize).unwrap_or(u32::MAX),
+            atime: ts(m.st_atime, m.st_atime_nsec),
+            mtime: ts(m.st_mtime, m.st_mtime_nsec),
+            ctime: ts(m.st_ctime, m.st_ctime_nsec),
         }
     }
+}
+
+impl ContentStat {
+    /// `fstat` of an open content file.
+    pub fn of(fd: impl AsFd) -> io::Result<ContentStat> {
+        nix::sys::stat::fstat(fd)
+            .map(|s| ContentStat::from(&s))
+            .map_err(io::Error::from)
+    }
+}
+
+/// The name of the content file of `ino` inside the content directory:
+/// 16 lower-case hex digits.
+fn file_name(ino: u64) -> [u8; 16] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut name = [0u8; 16];
+    for (i, c) in name.iter_mut().enumerate() {
+        *c = HEX[((ino >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    name
 }
 
 /// The content directory of a state directory.
 #[derive(Debug)]
 pub struct ContentDir {
     dir: PathBuf,
+    /// The directory itself (`O_PATH`), the base of every `*at` call.
+    fd: OwnedFd,
 }
 
 impl ContentDir {
@@ -81,75 +114,113 @@ impl ContentDir {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
-        Ok(ContentDir { dir })
+        let fd = nix::fcntl::open(
+            &dir,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io::Error::from)?;
+        Ok(ContentDir { dir, fd })
     }
 
     /// Path of the content file of `ino`.
+    #[cfg(test)]
     pub fn path(&self, ino: u64) -> PathBuf {
         self.dir.join(format!("{ino:016x}"))
     }
 
+    fn open_at(&self, ino: u64, flags: OFlag) -> io::Result<OwnedFd> {
+        nix::fcntl::openat(
+            &self.fd,
+            &file_name(ino)[..],
+            flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+            Mode::from_bits_truncate(CONTENT_MODE),
+        )
+        .map_err(io::Error::from)
+    }
+
     /// Create the (empty) content file of a new inode.
     pub fn create(&self, ino: u64) -> io::Result<()> {
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(self.path(ino))
-            .map(drop)
+        self.create_open(ino, OFlag::O_WRONLY).map(drop)
+    }
+
+    /// Create the (empty) content file of a new inode and keep it open
+    /// with `access` (`O_RDONLY`, `O_WRONLY` or `O_RDWR`): the descriptor
+    /// is the same as [`ContentDir::open`] would give.
+    pub fn create_open(&self, ino: u64, access: OFlag) -> io::Result<OwnedFd> {
+        self.open_at(
+            ino,
+            (access & OFlag::O_ACCMODE) | OFlag::O_CREAT | OFlag::O_EXCL,
+        )
+    }
+
+    /// Open a spare content file (made ahead of time, see
+    /// [`crate::spares`]) for its new inode `ino` with `access`, and set
+    /// its access and modification times (and so its change time) to now:
+    /// the file looks as if made by this call.
+    pub fn open_spare(&self, ino: u64, access: OFlag) -> io::Result<OwnedFd> {
+        let fd = self.open(ino, access)?;
+        let now = nix::sys::time::TimeSpec::UTIME_NOW;
+        nix::sys::stat::futimens(&fd, &now, &now).map_err(io::Error::from)?;
+        Ok(fd)
     }
 
     /// Open the content file of `ino` with `access` (`O_RDONLY`, `O_WRONLY`
     /// or `O_RDWR`) and nothing else but close-on-exec.
     pub fn open(&self, ino: u64, access: OFlag) -> io::Result<OwnedFd> {
-        nix::fcntl::open(
-            &self.path(ino),
-            (access & OFlag::O_ACCMODE) | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
-            Mode::empty(),
-        )
-        .map_err(io::Error::from)
-    }
-
-    /// Set the size of the content file of `ino`.
-    pub fn truncate(&self, ino: u64, size: u64) -> io::Result<()> {
-        self.open_file(ino, true)?.set_len(size)
+        self.open_at(ino, access & OFlag::O_ACCMODE)
     }
 
     /// `stat` of the content file of `ino`.
     pub fn stat(&self, ino: u64) -> io::Result<ContentStat> {
-        std::fs::symlink_metadata(self.path(ino)).map(|m| ContentStat::from(&m))
+        nix::sys::stat::fstatat(&self.fd, &file_name(ino)[..], AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map(|s| ContentStat::from(&s))
+            .map_err(io::Error::from)
     }
 
-    /// Set the access and/or modification time of the content file.
-    pub fn set_times(
+    /// Set the size and/or the access and modification times of the
+    /// content file of `ino` through one descriptor, and `stat` it.
+    pub fn update(
         &self,
         ino: u64,
+        size: Option<u64>,
         atime: Option<TimeSet>,
         mtime: Option<TimeSet>,
-    ) -> io::Result<()> {
-        let mut times = FileTimes::new();
-        if let Some(a) = atime {
-            times = times.set_accessed(system_time(a));
+    ) -> io::Result<ContentStat> {
+        let access = if size.is_some() {
+            OFlag::O_WRONLY
+        } else {
+            OFlag::O_RDONLY
+        };
+        let file = File::from(self.open(ino, access)?);
+        if let Some(size) = size {
+            file.set_len(size)?;
         }
-        if let Some(m) = mtime {
-            times = times.set_modified(system_time(m));
+        if atime.is_some() || mtime.is_some() {
+            let mut times = FileTimes::new();
+            if let Some(a) = atime {
+                times = times.set_accessed(system_time(a));
+            }
+            if let Some(m) = mtime {
+                times = times.set_modified(system_time(m));
+            }
+            file.set_times(times)?;
         }
-        self.open_file(ino, false)?.set_times(times)
+        ContentStat::of(&file)
     }
 
     /// Remove the content file of `ino`; a missing file is not an error.
     pub fn remove(&self, ino: u64) -> io::Result<()> {
-        match std::fs::remove_file(self.path(ino)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        match nix::unistd::unlinkat(&self.fd, &file_name(ino)[..], UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 
     /// Make the content file of `ino` (and its name in the content
     /// directory) durable.
     pub fn sync(&self, ino: u64, datasync: bool) -> io::Result<()> {
-        let f = self.open_file(ino, false)?;
+        let f = File::from(self.open(ino, OFlag::O_RDONLY)?);
         if datasync {
             f.sync_data()?;
         } else {
@@ -195,14 +266,6 @@ impl ContentDir {
         }
         Ok(removed)
     }
-
-    fn open_file(&self, ino: u64, write: bool) -> io::Result<File> {
-        OpenOptions::new()
-            .read(!write)
-            .write(write)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(self.path(ino))
-    }
 }
 
 fn system_time(t: TimeSet) -> SystemTime {
@@ -233,8 +296,9 @@ mod tests {
         let md = std::fs::metadata(c.path(0x2a)).expect("stat");
         assert_eq!(md.permissions().mode() & 0o777, 0o600);
         assert!(c.create(0x2a).is_err(), "create is exclusive");
-        c.truncate(0x2a, 5000).expect("truncate");
-        assert_eq!(c.stat(0x2a).expect("stat").size, 5000);
+        let cs = c.update(0x2a, Some(5000), None, None).expect("truncate");
+        assert_eq!(cs.size, 5000);
+        assert_eq!(c.stat(0x2a).expect("stat"), cs);
         let fd = c.open(0x2a, OFlag::O_RDONLY).expect("open");
         let fl = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).expect("getfl");
         assert_eq!(fl & libc::O_ACCMODE, libc::O_RDONLY);
@@ -242,12 +306,44 @@ mod tests {
             secs: 1_000_000,
             nanos: 5,
         };
-        c.set_times(0x2a, None, Some(TimeSet::At(t)))
+        let cs = c
+            .update(0x2a, None, None, Some(TimeSet::At(t)))
             .expect("times");
+        assert_eq!((cs.mtime, cs.size), (t, 5000));
         assert_eq!(c.stat(0x2a).expect("stat").mtime, t);
         c.sync(0x2a, true).expect("sync");
         c.remove(0x2a).expect("remove");
         c.remove(0x2a).expect("removing twice is fine");
+    }
+
+    #[test]
+    fn create_open_keeps_the_new_file_open_with_the_access_asked_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = ContentDir::new(dir.path()).expect("content dir");
+        for (ino, access) in [
+            (7, OFlag::O_RDONLY),
+            (8, OFlag::O_WRONLY),
+            (9, OFlag::O_RDWR),
+        ] {
+            let fd = c.create_open(ino, access).expect("create_open");
+            let fl = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).expect("getfl");
+            assert_eq!(fl & libc::O_ACCMODE, access.bits());
+            let cs = ContentStat::of(&fd).expect("fstat");
+            assert_eq!(c.stat(ino).expect("stat"), cs, "the same file");
+            let md = std::fs::metadata(c.path(ino)).expect("stat");
+            assert_eq!(md.permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                c.create_open(ino, access).expect_err("exclusive").kind(),
+                io::ErrorKind::AlreadyExists
+            );
+        }
+    }
+
+    #[test]
+    fn file_names_are_sixteen_hex_digits() {
+        for ino in [0, 1, 0x2a, 0xdead_beef, u64::MAX] {
+            assert_eq!(&file_name(ino)[..], format!("{ino:016x}").as_bytes());
+        }
     }
 
     #[test]

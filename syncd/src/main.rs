@@ -8,8 +8,10 @@
 //! Startup, in order: flags and config file; refuse root unless
 //! `--allow-root` (exit 2); take the single-instance lock on the state
 //! directory (exit 3 when another syncd holds it, naming its pid); open the
-//! store; bind both sockets; serve. SIGTERM or SIGINT flushes the store,
-//! removes the socket files and exits 0. Other startup failures exit 1.
+//! store (and start making spare content files, see [`spares`]); bind both
+//! sockets; serve. SIGTERM or SIGINT removes the unused spares, flushes the
+//! store, removes the socket files and exits 0. Other startup failures exit
+//! 1.
 
 mod config;
 mod content;
@@ -18,6 +20,7 @@ mod daemon;
 mod listener;
 mod opens;
 mod service;
+mod spares;
 mod store;
 
 use clap::Parser;
@@ -77,6 +80,10 @@ fn main() -> ExitCode {
         Ok(s) => Arc::new(s),
         Err(e) => return fail(EXIT_FAILURE, &format!("cannot open the store: {e}")),
     };
+    if let Err(e) = store.start_spares() {
+        // Only a cost: every create then makes its content file itself.
+        tracing::warn!(error = %e, "no spare content files");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("keibi-syncd")
@@ -136,7 +143,11 @@ async fn run(config: Config, lock: InstanceLock, store: Arc<Store>) -> Result<()
         _ = int.recv() => "SIGINT",
     };
     tracing::info!(signal = signal_name, "shutting down");
-    let flushed = tokio::task::spawn_blocking(move || store.flush()).await;
+    let flushed = tokio::task::spawn_blocking(move || {
+        store.stop_spares();
+        store.flush()
+    })
+    .await;
     listener::remove_sockets(&sockets);
     match flushed {
         Ok(Ok(())) => {

@@ -159,12 +159,11 @@ impl Store {
         target: Vec<u8>,
     ) -> Result<Attr, FsError> {
         names::validate(name)?;
-        let ino = self.alloc_ino()?;
-        if kind == FileKind::File {
-            self.content
-                .create(ino)
-                .map_err(|e| FsError::io(format!("creating the content of {}", Ino(ino)), &e))?;
-        }
+        let ino = if kind == FileKind::File {
+            self.new_content(nix::fcntl::OFlag::O_RDONLY)?.0
+        } else {
+            self.alloc_ino()?
+        };
         let now = Timestamp::now();
         let made = self.tx(|t| {
             let mut dir = t.need_dir(parent.0)?;

@@ -11,6 +11,11 @@
 //! open either happens first (the open fails with ENOENT) or sees the file
 //! open and leaves an orphan.
 //!
+//! Each answer costs as little as it can: `create` hands over the very
+//! descriptor its content file was made (or a spare opened) with, one
+//! `fstat` of the descriptor gives both the attributes and the
+//! `ContentId`, and a `release` writes nothing unless it frees an orphan.
+//!
 //! An orphan (link count 0, still open) keeps its record, its content file
 //! and an `orphans` mark. The last `release` frees it. Handles of a
 //! connection that ended are forgotten without freeing anything (that
@@ -21,12 +26,13 @@ use super::entries::new_child;
 use super::records::{InodeRec, be_u64};
 use super::tx::fail;
 use super::{Store, content_err, names, store_err};
+use crate::content::ContentStat;
 use crate::opens::{ConnId, next_handle};
 use ipc_schema::{
     Caller, ContentId, FileKind, FsError, HandleId, Ino, Name, Opened, Timestamp, fs_err,
 };
 use nix::fcntl::OFlag;
-use std::fs::File;
+use std::io;
 use std::os::fd::OwnedFd;
 
 /// A successful open: the answer for mountd and the descriptor to send it
@@ -81,12 +87,14 @@ impl Store {
             }
             return self.open(Ino(existing), flags & !libc::O_CREAT, conn);
         }
-        let ino = self.alloc_ino()?;
-        self.content
-            .create(ino)
-            .map_err(|e| FsError::io(format!("creating the content of {}", Ino(ino)), &e))?;
+        // The content file exists before the transaction that names it,
+        // and the descriptor mountd gets is the one made for it here (one
+        // open, no truncation: the file is new and empty).
+        let access = OFlag::from_bits_truncate(flags) & OFlag::O_ACCMODE;
+        let (ino, fd) = self.new_content(access)?;
         let handle = next_handle();
         if !self.lock_opens().add(handle, Ino(ino), conn) {
+            drop(fd);
             let _ = self.content.remove(ino);
             return Err(fs_err!(ESHUTDOWN, "{conn} has closed"));
         }
@@ -108,9 +116,10 @@ impl Store {
             Ok(Ok(rec))
         });
         match made {
-            Ok(Ok(rec)) => self.finish_open(ino, rec, handle, flags),
+            Ok(Ok(rec)) => self.describe_open(ino, &rec, handle, fd),
             other => {
                 self.lock_opens().remove(handle);
+                drop(fd);
                 let _ = self.content.remove(ino);
                 match other {
                     Ok(Err(existing)) => self.open(Ino(existing), flags & !libc::O_CREAT, conn),
@@ -130,39 +139,61 @@ impl Store {
         handle: HandleId,
         flags: i32,
     ) -> Result<OpenFile, FsError> {
-        let result = (|| {
+        let opened = (|| {
             let access = OFlag::from_bits_truncate(flags) & OFlag::O_ACCMODE;
             let fd = self
                 .content
                 .open(ino, access)
                 .map_err(|e| content_err(format!("opening {}", Ino(ino)), &e))?;
-            let file = File::from(fd);
             if flags & libc::O_TRUNC != 0 && access != OFlag::O_RDONLY {
-                file.set_len(0)
-                    .map_err(|e| FsError::io(format!("truncating {}", Ino(ino)), &e))?;
+                nix::unistd::ftruncate(&fd, 0).map_err(|e| {
+                    FsError::io(format!("truncating {}", Ino(ino)), &io::Error::from(e))
+                })?;
             }
-            let md = file
-                .metadata()
-                .map_err(|e| FsError::io(format!("fstat of {}", Ino(ino)), &e))?;
-            let cs = crate::content::ContentStat::from(&md);
-            let attr = super::make_attr(ino, &rec, Some(&cs), self.has_xattrs(ino)?);
-            Ok(OpenFile {
-                opened: Opened {
-                    handle,
-                    attr,
-                    content: ContentId {
-                        dev: cs.dev,
-                        ino: cs.ino,
-                        uid: cs.uid,
-                    },
-                },
-                fd: OwnedFd::from(file),
-            })
+            Ok(fd)
         })();
-        if result.is_err() {
-            let _ = self.release(handle);
+        match opened {
+            Ok(fd) => self.describe_open(ino, &rec, handle, fd),
+            Err(e) => {
+                let _ = self.release(handle);
+                Err(e)
+            }
         }
-        result
+    }
+
+    /// The answer to an open of `ino` (record `rec`) whose content file is
+    /// open as `fd`: one `fstat` gives both the attributes and the
+    /// [`ContentId`] mountd checks the descriptor against. On failure the
+    /// handle is released again.
+    fn describe_open(
+        &self,
+        ino: u64,
+        rec: &InodeRec,
+        handle: HandleId,
+        fd: OwnedFd,
+    ) -> Result<OpenFile, FsError> {
+        let described = ContentStat::of(&fd)
+            .map_err(|e| FsError::io(format!("fstat of {}", Ino(ino)), &e))
+            .and_then(|cs| Ok((cs, self.has_xattrs(ino)?)));
+        let (cs, has_xattrs) = match described {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = self.release(handle);
+                return Err(e);
+            }
+        };
+        Ok(OpenFile {
+            opened: Opened {
+                handle,
+                attr: super::make_attr(ino, rec, Some(&cs), has_xattrs),
+                content: ContentId {
+                    dev: cs.dev,
+                    ino: cs.ino,
+                    uid: cs.uid,
+                },
+            },
+            fd,
+        })
     }
 
     /// Forget `handle`; the last release of an orphan frees it. Releasing an
@@ -178,6 +209,7 @@ impl Store {
         }
         let freed = self.free_if_orphan(ino.0)?;
         drop(opens);
+        // (The usual last release, of a linked file, wrote nothing.)
         if freed {
             self.purge(ino.0, FileKind::File);
         }
@@ -186,7 +218,16 @@ impl Store {
 
     /// Free `ino` if it is an orphan. Call with the open table locked and
     /// the inode's count at zero; purge after unlocking.
+    ///
+    /// The record is read first, outside a transaction: a linked file (the
+    /// common case) needs no write at all. The read is reliable because a
+    /// link count only reaches zero under the open-table lock, which the
+    /// caller holds; the transaction checks again.
     fn free_if_orphan(&self, ino: u64) -> Result<bool, FsError> {
+        match self.read_inode(ino)? {
+            Some(rec) if rec.nlink == 0 => {}
+            _ => return Ok(false),
+        }
         self.tx(|t| match t.inode(ino)? {
             Some(rec) if rec.nlink == 0 => {
                 t.drop_inode(ino)?;

@@ -9,6 +9,16 @@
 //! [`entries`] (the namespace: mkdir, link, unlink, rename, ...), [`files`]
 //! (open, create, release, orphans) and [`xattrs`].
 //!
+//! Cost per operation. A sled transaction seals and writes sled's log
+//! buffer twice (on sled's own I/O threads, waking all of them), whether
+//! or not durability was asked for; on a two-CPU machine that was most of
+//! an operation's time. So transactions are kept for what must change
+//! several keys at once, and nothing else writes: a change of one inode's
+//! record is one compare-and-swap ([`Store::update_inode`]), reads never
+//! write, and the common `release` writes nothing. Durability is still
+//! only promised by `fsync` ([`Store::fsync`] flushes the store); sled
+//! otherwise writes its log in the background every 500 ms.
+//!
 //! Inode numbers come from a persistent counter (`meta/next_ino`) and are
 //! never reused, so a number the kernel still caches can never name another
 //! file. The root is inode 1.
@@ -22,18 +32,22 @@ pub mod xattrs;
 
 use crate::content::{ContentDir, ContentStat};
 use crate::opens::OpenTable;
+use crate::spares::Spares;
 use ipc_schema::{
     Attr, DirCookie, DirEntry, FileKind, FsError, Ino, Name, SetAttr, StatFs, TimeSet, Timestamp,
     fs_err,
 };
+use nix::fcntl::OFlag;
 use records::{
     FORMAT_VERSION, InodeRec, META_FORMAT, META_NEXT_INO, be_u64, cookie_key, decode, dirent_key,
     ino_key,
 };
 use sled::Transactional;
 use sled::transaction::TransactionError;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tx::{Tx, TxResult};
 
 /// Block size reported for inodes without content.
@@ -62,9 +76,12 @@ pub struct Store {
     xattrs: sled::Tree,
     orphans: sled::Tree,
     meta: sled::Tree,
-    content: ContentDir,
+    content: Arc<ContentDir>,
+    /// Content files made ahead of time for new regular files.
+    spares: Spares,
     state_dir: PathBuf,
-    /// Open handles. The only lock in the store. Lock order: taken before a
+    /// Open handles. The only lock in the store besides the spares' queue
+    /// lock, which is a leaf (see [`crate::spares`]). Lock order: taken before a
     /// sled transaction starts and released after it commits, never the
     /// other way round; no other lock is taken while it is held, and it is
     /// never held across an IPC call or a wait on another process. It is
@@ -72,6 +89,11 @@ pub struct Store {
     /// (unlink, rename over a file) and the check in `open`, so "is this
     /// inode open?" and "free it" cannot interleave.
     opens: Mutex<OpenTable>,
+    /// False while no inode has ever had an extended attribute in this
+    /// store (the `xattrs` tree was empty at load and no `setxattr` ran
+    /// since): then [`Store::has_xattrs`] answers without a scan. Set
+    /// before the first attribute is written, never cleared.
+    xattrs_seen: AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -119,15 +141,20 @@ impl Store {
             db.open_tree(name)
                 .map_err(|e| store_err(&format!("opening tree {name}"), e))
         };
+        let xattrs = tree("xattrs")?;
+        // An error here only costs the shortcut.
+        let xattrs_seen = !matches!(xattrs.first(), Ok(None));
         let store = Store {
             inodes: tree("inodes")?,
             dirents: tree("dirents")?,
             cookies: tree("cookies")?,
-            xattrs: tree("xattrs")?,
+            xattrs,
+            xattrs_seen: AtomicBool::new(xattrs_seen),
             orphans: tree("orphans")?,
             meta: tree("meta")?,
             db,
-            content,
+            content: Arc::new(content),
+            spares: Spares::default(),
             state_dir: state_dir.to_path_buf(),
             opens: Mutex::new(OpenTable::default()),
         };
@@ -218,6 +245,13 @@ impl Store {
             })
     }
 
+    /// Note that an extended attribute is about to be written (before the
+    /// transaction that writes it, so no reader can see the attribute and
+    /// still take the shortcut in [`Store::has_xattrs`]).
+    pub(crate) fn note_xattrs(&self) {
+        self.xattrs_seen.store(true, Ordering::Release);
+    }
+
     pub(crate) fn lock_opens(&self) -> MutexGuard<'_, OpenTable> {
         // The table stays consistent even if a holder panicked: every
         // change to it is a single insert or remove.
@@ -226,17 +260,47 @@ impl Store {
 
     /// A new inode number, never handed out before.
     pub(crate) fn alloc_ino(&self) -> Result<u64, FsError> {
-        let next = self
-            .meta
-            .update_and_fetch(META_NEXT_INO, |old| {
-                let n = old.and_then(be_u64).unwrap_or(2);
-                Some(n.saturating_add(1).to_be_bytes().to_vec())
-            })
-            .map_err(|e| store_err("allocating an inode number", e))?;
-        match next.as_deref().and_then(be_u64) {
-            Some(n) if n > 2 => Ok(n - 1),
-            _ => Err(fs_err!(EIO, "inode counter is corrupt")),
+        alloc_ino(&self.meta)
+    }
+
+    /// Start making spare content files in the background (see
+    /// [`crate::spares`]); `create` then rarely waits for the filesystem
+    /// to make a file.
+    pub fn start_spares(&self) -> Result<(), FsError> {
+        let (meta, content) = (self.meta.clone(), self.content.clone());
+        self.spares
+            .start(Box::new(move || {
+                let ino = alloc_ino(&meta).map_err(|e| std::io::Error::other(e.to_string()))?;
+                content.create(ino).map(|()| ino)
+            }))
+            .map_err(|e| FsError::io("starting the spare file thread", &e))
+    }
+
+    /// Stop making spare content files and remove the unused ones. Returns
+    /// how many were removed.
+    pub fn stop_spares(&self) -> usize {
+        self.spares.stop(&self.content)
+    }
+
+    /// A new inode number and its new, empty content file, open with
+    /// `access`: a spare if one is ready (its times set to now, as if made
+    /// just now), else made here.
+    pub(crate) fn new_content(&self, access: OFlag) -> Result<(u64, OwnedFd), FsError> {
+        if let Some(ino) = self.spares.take() {
+            match self.content.open_spare(ino, access) {
+                Ok(fd) => return Ok((ino, fd)),
+                Err(e) => {
+                    tracing::warn!(ino, error = %e, "cannot use a spare content file");
+                    let _ = self.content.remove(ino);
+                }
+            }
         }
+        let ino = self.alloc_ino()?;
+        let fd = self
+            .content
+            .create_open(ino, access)
+            .map_err(|e| FsError::io(format!("creating the content of {}", Ino(ino)), &e))?;
+        Ok((ino, fd))
     }
 
     /// The record of `ino`, read outside a transaction.
@@ -258,8 +322,45 @@ impl Store {
             .ok_or_else(|| fs_err!(ENOENT, "no inode {}", Ino(ino)))
     }
 
+    /// Change the record of `ino` alone with `change`, atomically, and
+    /// return the new record; ENOENT if there is none.
+    ///
+    /// A single-key compare-and-swap, retried if the record changed
+    /// meanwhile. It needs no transaction: sled runs each transaction under
+    /// a global write lock that single-key writes wait for, so a swap never
+    /// lands inside a transaction, and the log records it atomically. It is
+    /// much cheaper than a transaction, which makes sled seal and write its
+    /// log buffer (twice) whether or not anyone asked for durability.
+    pub(crate) fn update_inode(
+        &self,
+        ino: u64,
+        change: impl Fn(&mut InodeRec),
+    ) -> Result<InodeRec, FsError> {
+        let key = ino_key(ino);
+        loop {
+            let old = self
+                .inodes
+                .get(key)
+                .map_err(|e| store_err(&format!("reading {}", Ino(ino)), e))?
+                .ok_or_else(|| fs_err!(ENOENT, "no inode {}", Ino(ino)))?;
+            let mut rec: InodeRec =
+                decode(&old).map_err(|e| fs_err!(EIO, "corrupt record of {}: {e}", Ino(ino)))?;
+            change(&mut rec);
+            let swapped = self
+                .inodes
+                .compare_and_swap(key, Some(&old), Some(records::encode(&rec)))
+                .map_err(|e| store_err(&format!("writing {}", Ino(ino)), e))?;
+            if swapped.is_ok() {
+                return Ok(rec);
+            }
+        }
+    }
+
     /// Whether `ino` has any extended attribute.
     pub(crate) fn has_xattrs(&self, ino: u64) -> Result<bool, FsError> {
+        if !self.xattrs_seen.load(Ordering::Acquire) {
+            return Ok(false);
+        }
         match self.xattrs.scan_prefix(records::ino_key(ino)).next() {
             None => Ok(false),
             Some(Ok(_)) => Ok(true),
@@ -297,17 +398,28 @@ impl Store {
 
     /// Look `name` up in `parent`.
     pub fn lookup(&self, parent: Ino, name: &Name) -> Result<Attr, FsError> {
-        let dir = self.need_inode(parent.0)?;
-        if !dir.is_dir() {
-            return Err(fs_err!(ENOTDIR, "{parent} is not a directory"));
-        }
+        let need_dir = || {
+            let dir = self.need_inode(parent.0)?;
+            if !dir.is_dir() {
+                return Err(fs_err!(ENOTDIR, "{parent} is not a directory"));
+            }
+            Ok(dir)
+        };
         let ino = match name.as_bytes() {
-            b"." => parent.0,
-            b".." => dir.parent,
+            b"." => need_dir().map(|_| parent.0)?,
+            b".." => need_dir()?.parent,
             _ => {
                 names::validate(name)?;
-                self.entry_ino(parent, name)?
-                    .ok_or_else(|| fs_err!(ENOENT, "no entry {name:?} in {parent}"))?
+                // Only directories have entries, so a found entry proves
+                // `parent` is one; only a miss needs its record, for the
+                // errno.
+                match self.entry_ino(parent, name)? {
+                    Some(ino) => ino,
+                    None => {
+                        need_dir()?;
+                        return Err(fs_err!(ENOENT, "no entry {name:?} in {parent}"));
+                    }
+                }
             }
         };
         // The entry may have gone between the two reads: that is ENOENT.
@@ -326,31 +438,36 @@ impl Store {
 
     /// Apply `changes` to `ino`. Size and, for regular files, times go to
     /// the content file; the rest to the store. ctime becomes now.
+    ///
+    /// Only the inode's own record changes, so it is written with one
+    /// compare-and-swap instead of a transaction (see [`Store::update_inode`]).
     pub fn setattr(&self, ino: Ino, changes: &SetAttr) -> Result<Attr, FsError> {
         let rec = self.need_inode(ino.0)?;
         let is_file = rec.kind == FileKind::File;
-        if let Some(size) = changes.size {
+        if changes.size.is_some() {
             match rec.kind {
-                FileKind::File => self
-                    .content
-                    .truncate(ino.0, size)
-                    .map_err(|e| content_err(format!("truncating {ino} to {size}"), &e))?,
+                FileKind::File => {}
                 FileKind::Directory => return Err(fs_err!(EISDIR, "{ino} is a directory")),
                 _ => return Err(fs_err!(EINVAL, "{ino} is not a regular file")),
             }
         }
-        if is_file && (changes.atime.is_some() || changes.mtime.is_some()) {
-            self.content
-                .set_times(ino.0, changes.atime, changes.mtime)
-                .map_err(|e| content_err(format!("setting times of {ino}"), &e))?;
-        }
+        let content_changes =
+            changes.size.is_some() || changes.atime.is_some() || changes.mtime.is_some();
+        let cs = if is_file && content_changes {
+            let cs = self
+                .content
+                .update(ino.0, changes.size, changes.atime, changes.mtime)
+                .map_err(|e| content_err(format!("changing the content of {ino}"), &e))?;
+            Some(cs)
+        } else {
+            None
+        };
         let now = Timestamp::now();
         let at = |t: TimeSet| match t {
             TimeSet::Now => now,
             TimeSet::At(t) => t,
         };
-        let rec = self.tx(|t| {
-            let mut rec = t.need(ino.0)?;
+        let rec = self.update_inode(ino.0, |rec| {
             if let Some(p) = changes.perm {
                 rec.perm = p & 0o7777;
             }
@@ -360,7 +477,7 @@ impl Store {
             if let Some(g) = changes.gid {
                 rec.gid = g;
             }
-            if !is_file {
+            if rec.kind != FileKind::File {
                 if let Some(a) = changes.atime {
                     rec.atime = at(a);
                 }
@@ -369,10 +486,11 @@ impl Store {
                 }
             }
             rec.ctime = now;
-            t.put(ino.0, &rec)?;
-            Ok(rec)
         })?;
-        self.attr_of(ino.0, &rec)
+        match cs {
+            Some(cs) => Ok(make_attr(ino.0, &rec, Some(&cs), self.has_xattrs(ino.0)?)),
+            None => self.attr_of(ino.0, &rec),
+        }
     }
 
     /// Up to `limit` entries of directory `dir` whose cookies are after
@@ -510,6 +628,9 @@ impl Store {
         {
             tracing::warn!(ino, error = %e, "cannot remove the content file of a freed inode");
         }
+        if !self.xattrs_seen.load(Ordering::Acquire) {
+            return;
+        }
         for item in self.xattrs.scan_prefix(ino_key(ino)) {
             match item {
                 Ok((k, _)) => {
@@ -523,6 +644,26 @@ impl Store {
                 }
             }
         }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.stop_spares();
+    }
+}
+
+/// A new inode number from the counter in `meta`, never handed out before.
+fn alloc_ino(meta: &sled::Tree) -> Result<u64, FsError> {
+    let next = meta
+        .update_and_fetch(META_NEXT_INO, |old| {
+            let n = old.and_then(be_u64).unwrap_or(2);
+            Some(n.saturating_add(1).to_be_bytes().to_vec())
+        })
+        .map_err(|e| store_err("allocating an inode number", e))?;
+    match next.as_deref().and_then(be_u64) {
+        Some(n) if n > 2 => Ok(n - 1),
+        _ => Err(fs_err!(EIO, "inode counter is corrupt")),
     }
 }
 

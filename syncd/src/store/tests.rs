@@ -21,6 +21,28 @@ fn fresh() -> (tempfile::TempDir, Store) {
     (dir, s)
 }
 
+/// Open the store of `dir` again after the previous `Store` was dropped.
+/// sled releases its file lock only when its I/O threads have finished the
+/// last writes of the dropped database, a moment after the drop; until
+/// then opening fails with "could not acquire lock", so poll for that
+/// (bounded).
+fn reopen(dir: &std::path::Path) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::load(dir, (0, 0)) {
+            Ok(s) => return s,
+            Err(e) if e.message.contains("could not acquire lock") => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the dropped store kept its lock: {e}"
+                );
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    }
+}
+
 fn n(s: &str) -> Name {
     Name::from(s)
 }
@@ -292,7 +314,7 @@ fn inode_numbers_and_tree_survive_reopening() {
             .expect("xattr");
         s.flush().expect("flush");
     }
-    let s = Store::load(dir_.path(), (0, 0)).expect("reopen");
+    let s = reopen(dir_.path());
     assert_eq!(s.lookup(ROOT, &n("a")).expect("a").ino, a);
     assert_eq!(s.lookup(a, &n("f")).expect("f").ino, f);
     assert_eq!(s.readlink(l).expect("readlink"), b"f");
@@ -393,7 +415,7 @@ fn orphans_of_a_gone_mount_are_freed_by_a_fresh_mount() {
         );
         s.flush().expect("flush");
     }
-    let s = Store::load(dir_.path(), (0, 0)).expect("reopen");
+    let s = reopen(dir_.path());
     assert_eq!(s.getattr(ino).expect("orphan survives a restart").nlink, 0);
     let other = ConnId(2);
     s.connect(other);
@@ -516,6 +538,183 @@ fn setattr_changes_mode_owner_size_and_times() {
     };
     assert_eq!(errno(s.setattr(d, &size)), libc::EISDIR);
     assert_eq!(errno(s.setattr(Ino(4242), &size)), libc::ENOENT);
+}
+
+#[test]
+fn setattr_answers_what_getattr_sees() {
+    let (_d, s) = fresh();
+    let f = file(&s, ROOT, "f");
+    for changes in [
+        SetAttr {
+            size: Some(4096),
+            ..Default::default()
+        },
+        SetAttr {
+            atime: Some(TimeSet::Now),
+            mtime: Some(TimeSet::Now),
+            ..Default::default()
+        },
+        SetAttr {
+            perm: Some(0o600),
+            ..Default::default()
+        },
+        SetAttr::default(),
+    ] {
+        let before = s.getattr(f).expect("getattr").ctime;
+        let a = s.setattr(f, &changes).expect("setattr");
+        assert_eq!(a, s.getattr(f).expect("getattr"), "{changes:?}");
+        assert!(a.ctime >= before, "{changes:?}: ctime moves on");
+    }
+}
+
+#[test]
+fn concurrent_setattrs_of_one_inode_lose_no_change() {
+    let (_d, s) = fresh();
+    let f = file(&s, ROOT, "f");
+    let rounds = 300u32;
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for i in 0..rounds {
+                let perm = Some(0o600 | (i as u16 & 0o7));
+                let c = SetAttr {
+                    perm,
+                    ..Default::default()
+                };
+                s.setattr(f, &c).expect("chmod");
+            }
+        });
+        scope.spawn(|| {
+            for i in 0..rounds {
+                let c = SetAttr {
+                    uid: Some(i),
+                    ..Default::default()
+                };
+                s.setattr(f, &c).expect("chown");
+            }
+        });
+    });
+    let a = s.getattr(f).expect("getattr");
+    assert_eq!(
+        (a.perm, a.uid),
+        (0o600 | ((rounds - 1) as u16 & 0o7), rounds - 1),
+        "each writer's last change is kept"
+    );
+}
+
+#[test]
+fn create_hands_over_the_descriptor_that_made_the_file() {
+    let (_d, s) = fresh();
+    for (i, access) in [libc::O_RDONLY, libc::O_WRONLY, libc::O_RDWR]
+        .into_iter()
+        .enumerate()
+    {
+        let name = n(&format!("f{i}"));
+        let o = s
+            .create(
+                ROOT,
+                &name,
+                0o644,
+                access | libc::O_CREAT | libc::O_TRUNC,
+                ME,
+                CONN,
+            )
+            .expect("create");
+        let fl = fcntl(&o.fd, FcntlArg::F_GETFL).expect("getfl");
+        assert_eq!(fl & libc::O_ACCMODE, access);
+        assert_eq!(fl & (libc::O_APPEND | libc::O_DIRECT), 0);
+        let st = nix::sys::stat::fstat(&o.fd).expect("fstat");
+        assert_eq!(
+            (o.opened.content.ino, st.st_size),
+            (st.st_ino, 0),
+            "the new, empty content file"
+        );
+        assert_eq!(
+            o.opened.attr,
+            s.getattr(o.opened.attr.ino).expect("getattr")
+        );
+        s.release(o.opened.handle).expect("release");
+        assert!(s.getattr(o.opened.attr.ino).is_ok(), "linked: kept");
+    }
+}
+
+#[test]
+fn has_xattrs_follows_the_attributes_and_survives_reopening() {
+    let dir_ = tempfile::tempdir().expect("tempdir");
+    let (f, g);
+    {
+        let s = Store::load(dir_.path(), (0, 0)).expect("store");
+        f = file(&s, ROOT, "f");
+        g = file(&s, ROOT, "g");
+        assert!(!s.getattr(f).expect("getattr").has_xattrs);
+        s.setxattr(f, &n("user.a"), b"1", XattrSet::Any)
+            .expect("setxattr");
+        assert!(s.getattr(f).expect("getattr").has_xattrs);
+        assert!(!s.getattr(g).expect("getattr").has_xattrs);
+        s.setxattr(g, &n("user.b"), b"2", XattrSet::Any)
+            .expect("setxattr");
+        s.removexattr(g, &n("user.b")).expect("removexattr");
+        assert!(!s.getattr(g).expect("getattr").has_xattrs);
+        s.flush().expect("flush");
+    }
+    let s = reopen(dir_.path());
+    assert!(s.getattr(f).expect("getattr").has_xattrs);
+    assert!(!s.getattr(g).expect("getattr").has_xattrs);
+    let listed = s.readdir(ROOT, DirCookie(2), 10, true).expect("readdir");
+    let flags: Vec<bool> = listed
+        .iter()
+        .map(|e| e.attr.as_ref().expect("plus").has_xattrs)
+        .collect();
+    assert_eq!(flags, vec![true, false]);
+}
+
+#[test]
+fn files_made_from_spares_look_new_and_unused_spares_go_at_stop() {
+    let (d, s) = fresh();
+    s.start_spares().expect("start");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s.spares.ready() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no spare made");
+        std::thread::yield_now();
+    }
+    // Age the spares, so a file made from one shows whether its times
+    // were set when it was taken.
+    let old = TimeSet::At(Timestamp {
+        secs: 1_000,
+        nanos: 0,
+    });
+    for ino in s.spares.ready_list() {
+        s.content
+            .update(ino, None, Some(old), Some(old))
+            .expect("age a spare");
+    }
+    let recent = Timestamp {
+        secs: Timestamp::now().secs - 60,
+        nanos: 0,
+    };
+    let o = s
+        .create(ROOT, &n("c"), 0o600, libc::O_RDWR | libc::O_CREAT, ME, CONN)
+        .expect("create");
+    let m = s
+        .mknod(ROOT, &n("m"), FileKind::File, 0o644, ME)
+        .expect("mknod");
+    for a in [o.opened.attr, m] {
+        assert_eq!((a.size, a.nlink, a.kind), (0, 1, FileKind::File));
+        assert!(
+            a.atime > recent && a.mtime > recent && a.ctime > recent,
+            "times of a new file: {a:?}"
+        );
+        assert_eq!(a, s.getattr(a.ino).expect("getattr"));
+    }
+    let fl = fcntl(&o.fd, FcntlArg::F_GETFL).expect("getfl");
+    assert_eq!(fl & libc::O_ACCMODE, libc::O_RDWR);
+    let unused = s.spares.ready_list();
+    assert!(s.stop_spares() >= unused.len());
+    for ino in unused {
+        assert!(!content_exists(&d, Ino(ino)), "spare {ino} removed at stop");
+    }
+    assert!(content_exists(&d, o.opened.attr.ino) && content_exists(&d, m.ino));
+    let later = file(&s, ROOT, "later");
+    assert!(later.0 > m.ino.0, "numbers keep growing without spares");
 }
 
 #[test]

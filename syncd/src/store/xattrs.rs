@@ -43,6 +43,7 @@ impl Store {
         }
         let now = Timestamp::now();
         let key = xattr_key(ino.0, name.as_bytes());
+        self.note_xattrs();
         self.tx(|t| {
             let mut rec = t.need(ino.0)?;
             let exists = t.xattrs.get(&key)?.is_some();
