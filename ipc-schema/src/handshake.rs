@@ -35,6 +35,8 @@ pub enum ServiceKind {
     Filesystem = 1,
     /// [`crate::service::Control`], keibictl's.
     Control = 2,
+    /// [`crate::service::MountDebug`], keibictl's, on mountd's ops socket.
+    Debug = 3,
 }
 
 /// Why the server refused a connection.

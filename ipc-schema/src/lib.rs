@@ -8,8 +8,9 @@
 //!   [`HandleId`], [`Name`], [`Attr`], ...).
 //! - [`error`]: [`FsError`], the one error type; it carries the errno the
 //!   kernel will see.
-//! - [`service`]: the two tarpc services: [`service::Filesystem`]
-//!   (mountd → syncd) and [`service::Control`] (keibictl → syncd).
+//! - [`service`]: the tarpc services: [`service::Filesystem`]
+//!   (mountd → syncd), [`service::Control`] (keibictl → syncd) and
+//!   [`service::MountDebug`] (keibictl → mountd, its ops socket).
 //! - [`handshake`]: the few bytes exchanged on every new connection before
 //!   tarpc starts: magic, protocol version, service, and (for the filesystem
 //!   socket) the descriptor channel. A version mismatch is refused there, with
@@ -19,6 +20,8 @@
 //!   belong to.
 //! - [`transport`]: the tarpc transport (length-delimited bincode frames
 //!   with a hard size cap) and the connect helpers.
+//! - [`inflight`]: the registry of operations in flight that
+//!   `keibictl debug ops` reads from each daemon ([`OpInFlight`]).
 //! - [`lockfile`]: the single-instance lock both daemons take (open, `flock`,
 //!   verify the inode, retry), see `docs/architecture.md`.
 //!
@@ -27,6 +30,7 @@
 pub mod error;
 pub mod fdpass;
 pub mod handshake;
+pub mod inflight;
 pub mod lockfile;
 pub mod service;
 pub mod transport;
@@ -37,7 +41,7 @@ pub use types::*;
 
 /// Version of the IPC protocol. Bumped on any change of a service method or
 /// of a type that crosses the socket; checked by [`handshake`] on connect.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Version of the keibi release these binaries belong to.
 pub const KEIBI_VERSION: &str = env!("CARGO_PKG_VERSION");

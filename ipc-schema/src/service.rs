@@ -94,4 +94,16 @@ pub trait Filesystem {
 pub trait Control {
     /// Versions, uptime, mounts, counts.
     async fn status() -> Status;
+    /// The filesystem requests syncd is serving now, oldest first
+    /// (`op` is the method name).
+    async fn debug_ops() -> Vec<OpInFlight>;
+}
+
+/// The debug service: keibictl → keibi-mountd, on the mount's ops socket
+/// (`<lock dir>/<escaped mountpoint>/ops.sock`, root only). Served by
+/// mountd itself, so it answers while syncd is frozen.
+#[tarpc::service]
+pub trait MountDebug {
+    /// The FUSE operations mountd is waiting on now, oldest first.
+    async fn ops() -> Vec<OpInFlight>;
 }

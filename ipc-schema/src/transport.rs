@@ -3,7 +3,7 @@
 //! that run the [handshake](crate::handshake) first.
 
 use crate::handshake::{self, HandshakeError, ServiceKind};
-use crate::service::{ControlClient, FilesystemClient};
+use crate::service::{ControlClient, FilesystemClient, MountDebugClient};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use tarpc::serde_transport::Transport;
@@ -118,6 +118,12 @@ pub async fn connect_filesystem_with_peer_uid(
 pub async fn connect_control(path: &Path) -> Result<ControlClient, ConnectError> {
     let stream = connect_raw(path, ServiceKind::Control, None).await?;
     Ok(ControlClient::new(tarpc::client::Config::default(), framed(stream)).spawn())
+}
+
+/// Connect to a keibi-mountd's ops socket (root only).
+pub async fn connect_mount_debug(path: &Path) -> Result<MountDebugClient, ConnectError> {
+    let stream = connect_raw(path, ServiceKind::Debug, None).await?;
+    Ok(MountDebugClient::new(tarpc::client::Config::default(), framed(stream)).spawn())
 }
 
 /// A tarpc context whose deadline is `timeout` from now.

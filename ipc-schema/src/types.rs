@@ -321,3 +321,20 @@ pub struct Status {
     /// Bytes of content (sum of file sizes).
     pub bytes: u64,
 }
+
+/// One operation a daemon is serving now, for `keibictl debug ops`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct OpInFlight {
+    /// The operation: a FUSE op name (mountd) or a filesystem service
+    /// method name (syncd).
+    pub op: String,
+    /// The inode it is about, when it has one.
+    pub ino: Option<u64>,
+    /// The file or directory handle it is about, when it has one.
+    pub fh: Option<u64>,
+    /// Milliseconds since it started.
+    pub age_ms: u64,
+    /// What it waits on: `keibi-syncd (lookup)`, `fd channel`,
+    /// `connection to keibi-syncd`, `store`, `blocking pool`.
+    pub waiting_on: String,
+}

@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! keibictl [--socket PATH] [--timeout DURATION] status [--json]
+//! keibictl [--socket PATH] [--timeout DURATION] debug ops [--mount MOUNTPOINT ...]
+//!          [--mountd-socket PATH ...] [--lock-dir DIR] [--json]
 //! ```
 //!
 //! Durations use humantime's syntax (`5s`, `500ms`, `1m`).
@@ -33,6 +35,35 @@ pub enum Command {
     /// Versions, uptime, state directory, connected mounts, file and byte counts.
     Status {
         /// Print the status as JSON (one object) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Look inside the daemons.
+    Debug {
+        /// What to look at.
+        #[command(subcommand)]
+        what: DebugCommand,
+    },
+}
+
+/// `keibictl debug ...`.
+#[derive(Subcommand, Debug)]
+pub enum DebugCommand {
+    /// Every IPC request in flight in keibi-syncd and every FUSE operation
+    /// in flight in the named mounts' keibi-mountd, with age and what it
+    /// waits on. mountd is asked directly, so this works while syncd is
+    /// frozen.
+    Ops {
+        /// A keibi mountpoint whose mountd to ask (repeatable).
+        #[arg(long = "mount", value_name = "MOUNTPOINT")]
+        mounts: Vec<PathBuf>,
+        /// A keibi-mountd ops socket to ask (repeatable).
+        #[arg(long = "mountd-socket", value_name = "PATH")]
+        mountd_sockets: Vec<PathBuf>,
+        /// keibi-mountd's lock directory (where the ops sockets live).
+        #[arg(long, default_value = "/run/keibi/mounts")]
+        lock_dir: PathBuf,
+        /// Print one JSON object instead of tables.
         #[arg(long)]
         json: bool,
     },
@@ -73,6 +104,31 @@ mod tests {
         assert_eq!(a.socket, PathBuf::from("/tmp/c.sock"));
         assert_eq!(a.timeout, Duration::from_millis(250));
         assert!(matches!(a.command, Command::Status { json: true }));
+    }
+
+    #[test]
+    fn debug_ops_takes_several_mounts() {
+        let a = Args::try_parse_from([
+            "keibictl", "debug", "ops", "--mount", "/mnt/a", "--mount", "/mnt/b", "--json",
+        ])
+        .expect("parse");
+        match a.command {
+            Command::Debug {
+                what:
+                    DebugCommand::Ops {
+                        mounts,
+                        mountd_sockets,
+                        lock_dir,
+                        json,
+                    },
+            } => {
+                assert_eq!(mounts, [PathBuf::from("/mnt/a"), PathBuf::from("/mnt/b")]);
+                assert!(mountd_sockets.is_empty());
+                assert_eq!(lock_dir, PathBuf::from("/run/keibi/mounts"));
+                assert!(json);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
     }
 
     #[test]

@@ -6,12 +6,16 @@
 //! bound on the whole exchange (connect, handshake and call), and [`render`]
 //! turns the answer into a table for people or JSON for scripts.
 //!
+//! `debug ops` ([`debug_ops`]) asks syncd and each named mount's mountd at
+//! once; it succeeds when at least one of them answered.
+//!
 //! Exit status: 0 when the command succeeded; 1 with one line
 //! `keibictl: <reason>` on stderr when syncd could not be reached, refused
 //! the connection or did not answer in time; 2 for a bad command line
 //! (clap's own convention).
 
 mod cli;
+mod debug_ops;
 mod query;
 mod render;
 
@@ -36,14 +40,13 @@ fn run(args: &cli::Args) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let answer = match &args.command {
-        cli::Command::Status { .. } => runtime.block_on(query::status(&args.socket, args.timeout)),
-    };
-    // A handshake stuck on a stalled syncd sits in a blocking thread that
-    // would keep a plain drop of the runtime waiting; we already gave up on it.
-    runtime.shutdown_background();
     match &args.command {
         cli::Command::Status { json } => {
+            let answer = runtime.block_on(query::status(&args.socket, args.timeout));
+            // A handshake stuck on a stalled syncd sits in a blocking thread
+            // that would keep a plain drop of the runtime waiting; we already
+            // gave up on it.
+            runtime.shutdown_background();
             let status = answer?;
             let text = if *json {
                 render::status_json(&status)?
@@ -55,6 +58,46 @@ fn run(args: &cli::Args) -> Result<(), String> {
                 .and_then(|()| out.flush())
                 .map_err(|e| format!("cannot write the answer: {e}"))
         }
+        cli::Command::Debug {
+            what:
+                cli::DebugCommand::Ops {
+                    mounts,
+                    mountd_sockets,
+                    lock_dir,
+                    json,
+                },
+        } => {
+            let targets = debug_ops::Targets {
+                mounts: mounts.clone(),
+                sockets: mountd_sockets.clone(),
+                lock_dir: lock_dir.clone(),
+            };
+            let report = runtime.block_on(debug_ops::gather(&args.socket, &targets, args.timeout));
+            runtime.shutdown_background();
+            print_debug_ops(&report, *json)
+        }
+    }
+}
+
+/// Print `debug ops`: tables (or JSON) on stdout; with JSON, the sources
+/// that did not answer are named on stderr. Fails when none answered.
+fn print_debug_ops(report: &debug_ops::Report, json: bool) -> Result<(), String> {
+    let text = if json {
+        for line in debug_ops::failures(report) {
+            eprintln!("keibictl: {}", one_line(&line));
+        }
+        debug_ops::json(report)?
+    } else {
+        debug_ops::table(report)
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("cannot write the answer: {e}"))?;
+    if report.any_answer() {
+        Ok(())
+    } else {
+        Err("no source answered".into())
     }
 }
 

@@ -22,6 +22,10 @@ impl Control for Fixed {
     async fn status(self, _: Context) -> Status {
         self.0
     }
+
+    async fn debug_ops(self, _: Context) -> Vec<ipc_schema::OpInFlight> {
+        Vec::new()
+    }
 }
 
 fn sample() -> Status {

@@ -11,6 +11,10 @@
 //! - hands the reply to a tokio task that awaits syncd (with the deadline)
 //!   and answers from there, so no dispatch thread ever waits on syncd.
 //!
+//! Every operation handed to a task is listed in the in-flight registry
+//! ([`InFlight`]) until it answers, with what it waits on, so that
+//! `keibictl debug ops` can show a stuck mount (see [`crate::ops_socket`]).
+//!
 //! Both paths end in [`finish`], which sends the reply and logs the
 //! operation at debug: op, inode, handle, duration in ms, result.
 //!
@@ -28,6 +32,7 @@ use fuser::{
     ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use ipc_schema::inflight::InFlight;
 use ipc_schema::{
     Attr, Caller, DirEntry, FileKind, FsError, Name, SetAttr, TimeSet, Timestamp, XattrSet, fs_err,
 };
@@ -49,12 +54,35 @@ pub struct KeibiFs {
     keibi: Arc<Keibi>,
     ttl: Duration,
     rt: tokio::runtime::Handle,
+    inflight: Arc<InFlight>,
 }
 
 impl KeibiFs {
     /// The adapter over `keibi`; attributes and entries are valid for `ttl`.
-    pub fn new(keibi: Arc<Keibi>, ttl: Duration, rt: tokio::runtime::Handle) -> Self {
-        KeibiFs { keibi, ttl, rt }
+    /// Operations answered from tasks are listed in `inflight`.
+    pub fn new(
+        keibi: Arc<Keibi>,
+        ttl: Duration,
+        rt: tokio::runtime::Handle,
+        inflight: Arc<InFlight>,
+    ) -> Self {
+        KeibiFs {
+            keibi,
+            ttl,
+            rt,
+            inflight,
+        }
+    }
+
+    /// List `log`'s operation as in flight, waiting on syncd, until the
+    /// guard drops.
+    fn track(&self, log: &OpLog) -> ipc_schema::inflight::OpGuard {
+        self.inflight.register(
+            log.op,
+            Some(log.ino),
+            log.fh,
+            format!("keibi-syncd ({})", log.op),
+        )
     }
 
     /// Answer inline.
@@ -76,9 +104,11 @@ impl KeibiFs {
         Fut: Future<Output = Result<T, FsError>> + Send + 'static,
         Ok: FnOnce(R, T) + Send + 'static,
     {
+        let guard = self.track(&log);
         self.rt.spawn(async move {
             let result = work.await;
             finish(log, reply, result, ok);
+            drop(guard);
         });
     }
 
@@ -586,7 +616,9 @@ impl Filesystem for KeibiFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let l = log("open", ino, None);
         let k = self.keibi.clone();
+        let guard = self.track(&l);
         self.rt.spawn(async move {
+            let _guard = guard;
             let got = k.open_fd(ino.0, flags.0).await;
             let result = got.and_then(|got| k.install(got, |fd| reply.open_backing(fd)));
             finish(l, reply, result, |r, (fh, mode)| match mode {
@@ -857,7 +889,9 @@ impl Filesystem for KeibiFs {
             masked(mode, umask),
             self.ttl,
         );
+        let guard = self.track(&l);
         self.rt.spawn(async move {
+            let _guard = guard;
             let got = k.create_fd(parent.0, n, perm, flags, c).await;
             let result = got.and_then(|got| {
                 let attr = got.opened.attr;

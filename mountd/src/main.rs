@@ -10,7 +10,8 @@
 //! mountpoint; a tokio runtime (two workers) for the calls to syncd; the
 //! FUSE session (mount and `init`); the connector to syncd, which keeps
 //! reconnecting in the background (the mount serves at once, operations
-//! that need syncd fail with `ETIMEDOUT` until it is up).
+//! that need syncd fail with `ETIMEDOUT` until it is up); the ops socket
+//! (`<lock dir>/<escaped mountpoint>/ops.sock`) for `keibictl debug ops`.
 //!
 //! Shutdown: `SIGTERM`/`SIGINT` detach the mount (`umount2(MNT_DETACH)`),
 //! wait for the session to end and exit 0. If the mount goes away by
@@ -24,6 +25,7 @@ mod fuse;
 mod handles;
 mod logging;
 mod mount;
+mod ops_socket;
 mod passthrough;
 mod syncd_client;
 
@@ -133,6 +135,13 @@ fn run(args: Args) -> Result<(), Failure> {
         .build()
         .map_err(|e| fail(1, format!("cannot start the tokio runtime: {e}")))?;
 
+    let inflight = ipc_schema::inflight::InFlight::new();
+    let anchor = args.lock_dir.join(mount::escape_path(&mountpoint));
+    let (ops_listener, ops_file) = rt
+        .block_on(async { ops_socket::bind(&anchor) })
+        .map_err(|e| fail(1, format!("cannot open the ops socket: {e}")))?;
+    rt.spawn(ops_socket::serve(ops_listener, inflight.clone()));
+
     let passthrough = Arc::new(passthrough::Passthrough::new(!args.no_passthrough));
     let (client, connector) = syncd_client::new(syncd_client::ConnectConfig {
         socket: args.syncd_socket.clone(),
@@ -147,7 +156,7 @@ fn run(args: Args) -> Result<(), Failure> {
         args.attr_ttl,
         rt.handle().clone(),
     ));
-    let adapter = fuse::KeibiFs::new(keibi, args.attr_ttl, rt.handle().clone());
+    let adapter = fuse::KeibiFs::new(keibi, args.attr_ttl, rt.handle().clone(), inflight);
 
     let mut config = fuser::Config::default();
     config.n_threads = Some(usize::from(args.threads));
@@ -192,6 +201,7 @@ fn run(args: Args) -> Result<(), Failure> {
     rt.spawn(repair_lock_forever(lock.clone()));
 
     let outcome = rt.block_on(serve_until_stopped(&mountpoint, ended_rx));
+    drop(ops_file);
     drop(lock);
     // Tasks still waiting on syncd hold replies for a mount that is gone;
     // there is nothing to wait for.

@@ -1,8 +1,9 @@
-//! The control service (keibictl → syncd): read-only status for now.
+//! The control service (keibictl → syncd): read-only status, and the
+//! filesystem requests in flight for `keibictl debug ops`.
 
 use crate::daemon::Daemon;
 use ipc_schema::service::Control;
-use ipc_schema::{KEIBI_VERSION, MountStatus, PROTOCOL_VERSION, Status};
+use ipc_schema::{KEIBI_VERSION, MountStatus, OpInFlight, PROTOCOL_VERSION, Status};
 use std::sync::Arc;
 use tarpc::context::Context;
 
@@ -54,5 +55,10 @@ impl Control for ControlServer {
             others: counts.others,
             bytes: counts.bytes,
         }
+    }
+
+    async fn debug_ops(self, _: Context) -> Vec<OpInFlight> {
+        // Only the registry's leaf lock: answers while the store is stuck.
+        self.daemon.inflight.snapshot()
     }
 }

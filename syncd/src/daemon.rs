@@ -1,9 +1,11 @@
 //! What every connection of this daemon shares: the store, the mounts that
-//! are connected, and when the daemon started.
+//! are connected, the filesystem requests in flight, and when the daemon
+//! started.
 
 use crate::opens::ConnId;
 use crate::store::Store;
 use ipc_schema::MountInfo;
+use ipc_schema::inflight::InFlight;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +17,8 @@ pub struct Daemon {
     pub store: Arc<Store>,
     /// Mounts that said who they are (`register_mount`).
     pub mounts: Mounts,
+    /// Filesystem requests being served now (`keibictl debug ops`).
+    pub inflight: Arc<InFlight>,
     /// When the daemon started.
     pub started: Instant,
     next_conn: AtomicU64,
@@ -26,6 +30,7 @@ impl Daemon {
         Daemon {
             store,
             mounts: Mounts::default(),
+            inflight: InFlight::new(),
             started: Instant::now(),
             next_conn: AtomicU64::new(1),
         }

@@ -288,6 +288,7 @@ fn socket_name(kind: ServiceKind) -> &'static str {
     match kind {
         ServiceKind::Filesystem => "filesystem",
         ServiceKind::Control => "control",
+        ServiceKind::Debug => "mountd ops",
     }
 }
 

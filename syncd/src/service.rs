@@ -11,6 +11,9 @@
 //! descriptor on the connection's fd channel before answering, as the
 //! protocol requires (see `ipc_schema::fdpass`).
 //!
+//! Both paths list the request in the daemon's in-flight registry while it
+//! runs, for `keibictl debug ops` (`Control::debug_ops`).
+//!
 //! tarpc drops a request whose deadline passed at its next `.await`; the
 //! blocking operation itself still completes, so the store never sees half
 //! an operation.
@@ -61,6 +64,10 @@ impl FsServer {
     {
         let store = self.daemon.store.clone();
         let start = Instant::now();
+        let _inflight = self
+            .daemon
+            .inflight
+            .register(op, None, None, "blocking pool");
         let result = tokio::task::spawn_blocking(move || f(&store))
             .await
             .unwrap_or_else(|e| Err(fs_err!(EIO, "{op}: the operation failed: {e}")));
@@ -82,6 +89,7 @@ impl FsServer {
         f: impl FnOnce(&Store) -> Result<T, FsError>,
     ) -> Result<T, FsError> {
         let start = Instant::now();
+        let _inflight = self.daemon.inflight.register(op, None, None, "store");
         let result = f(&self.daemon.store);
         self.log(op, &detail, start, &result);
         result

@@ -1,0 +1,316 @@
+//! `keibictl debug ops`: what each daemon is waiting on, right now.
+//!
+//! Two kinds of source are asked at the same time, each bounded by the
+//! `--timeout`: keibi-syncd over its control socket (`Control::debug_ops`,
+//! its filesystem requests in flight) and each named mount's keibi-mountd
+//! directly over its ops socket (`MountDebug::ops`, its FUSE operations in
+//! flight). mountd is asked directly so that a frozen syncd, the usual
+//! reason for a hang, does not hide what the mount waits on.
+//!
+//! A mount's ops socket is `<lock dir>/<escaped mountpoint>/ops.sock`,
+//! with the mountpoint made absolute without touching it (a `stat` of a
+//! stuck mount could hang) and escaped as mountd escapes it
+//! ([`escape_path`], systemd's rule).
+//!
+//! The answer succeeds when at least one source answered; a source that did
+//! not is named on one line, and the others are still shown.
+
+use ipc_schema::OpInFlight;
+use ipc_schema::transport::{connect_control, connect_mount_debug, context_with_timeout};
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tarpc::client::RpcError;
+
+/// Where to find the mounts to ask.
+pub struct Targets {
+    /// Mountpoints; their sockets are found under `lock_dir`.
+    pub mounts: Vec<PathBuf>,
+    /// Ops sockets named directly.
+    pub sockets: Vec<PathBuf>,
+    /// mountd's lock directory.
+    pub lock_dir: PathBuf,
+}
+
+/// What every source said: `Err` is why it did not answer.
+pub struct Report {
+    /// syncd's requests in flight.
+    pub syncd: Result<Vec<OpInFlight>, String>,
+    /// Each mount (its mountpoint, or the socket named) and its operations.
+    pub mounts: Vec<(String, Result<Vec<OpInFlight>, String>)>,
+}
+
+impl Report {
+    /// Whether any source answered.
+    pub fn any_answer(&self) -> bool {
+        self.syncd.is_ok() || self.mounts.iter().any(|(_, r)| r.is_ok())
+    }
+}
+
+/// Ask syncd (on `control`) and every mount in `targets`, concurrently.
+pub async fn gather(control: &Path, targets: &Targets, timeout: Duration) -> Report {
+    let mut sources: Vec<(String, PathBuf)> = Vec::new();
+    for m in &targets.mounts {
+        let abs = std::path::absolute(m).unwrap_or_else(|_| m.clone());
+        let sock = targets.lock_dir.join(escape_path(&abs)).join("ops.sock");
+        sources.push((abs.display().to_string(), sock));
+    }
+    for s in &targets.sockets {
+        sources.push((s.display().to_string(), s.clone()));
+    }
+    let syncd = syncd_ops(control, timeout);
+    let mounts = futures::future::join_all(
+        sources
+            .into_iter()
+            .map(|(label, sock)| async move { (label, mount_ops(&sock, timeout).await) }),
+    );
+    let (syncd, mounts) = tokio::join!(syncd, mounts);
+    Report { syncd, mounts }
+}
+
+async fn syncd_ops(control: &Path, timeout: Duration) -> Result<Vec<OpInFlight>, String> {
+    let exchange = async {
+        let client = connect_control(control).await.map_err(|e| e.to_string())?;
+        client
+            .debug_ops(context_with_timeout(timeout))
+            .await
+            .map_err(|e| rpc_reason(timeout, e))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err(no_answer(timeout)),
+    }
+}
+
+async fn mount_ops(sock: &Path, timeout: Duration) -> Result<Vec<OpInFlight>, String> {
+    let exchange = async {
+        let client = connect_mount_debug(sock).await.map_err(|e| e.to_string())?;
+        client
+            .ops(context_with_timeout(timeout))
+            .await
+            .map_err(|e| rpc_reason(timeout, e))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err(no_answer(timeout)),
+    }
+}
+
+fn rpc_reason(timeout: Duration, e: RpcError) -> String {
+    match e {
+        RpcError::DeadlineExceeded => no_answer(timeout),
+        RpcError::Shutdown => "closed the connection before answering".into(),
+        other => format!("request failed: {other}"),
+    }
+}
+
+fn no_answer(timeout: Duration) -> String {
+    format!(
+        "no answer within {} (stalled?)",
+        humantime::format_duration(timeout)
+    )
+}
+
+/// The report as tables, one per source that answered, and one line per
+/// source that did not.
+pub fn table(report: &Report) -> String {
+    let mut out = String::new();
+    section(&mut out, "keibi-syncd", &report.syncd);
+    for (label, r) in &report.mounts {
+        section(&mut out, &format!("keibi-mountd {label}"), r);
+    }
+    out
+}
+
+fn section(out: &mut String, source: &str, r: &Result<Vec<OpInFlight>, String>) {
+    match r {
+        Err(why) => {
+            // Writing to a String cannot fail.
+            let _ = writeln!(out, "{source}: {why}");
+        }
+        Ok(ops) if ops.is_empty() => {
+            let _ = writeln!(out, "{source}: nothing in flight");
+        }
+        Ok(ops) => {
+            let mut rows = vec![[
+                "SOURCE".to_string(),
+                "OP".into(),
+                "INO".into(),
+                "FH".into(),
+                "AGE".into(),
+                "WAITING ON".into(),
+            ]];
+            for op in ops {
+                rows.push([
+                    source.to_string(),
+                    op.op.clone(),
+                    op.ino.map_or("-".into(), |i| i.to_string()),
+                    op.fh.map_or("-".into(), |f| f.to_string()),
+                    format!("{}ms", op.age_ms),
+                    op.waiting_on.clone(),
+                ]);
+            }
+            let mut widths = [0usize; 6];
+            for row in &rows {
+                for (w, cell) in widths.iter_mut().zip(row) {
+                    *w = (*w).max(cell.chars().count());
+                }
+            }
+            for row in &rows {
+                let line = row
+                    .iter()
+                    .zip(widths)
+                    .map(|(cell, w)| format!("{cell:<w$}"))
+                    .collect::<Vec<_>>()
+                    .join("  ");
+                out.push_str(line.trim_end());
+                out.push('\n');
+            }
+        }
+    }
+    out.push('\n');
+}
+
+/// The report as one JSON object: `{"syncd": [...] | null, "mounts":
+/// {"<mountpoint>": [...] | null}}` (null: the source did not answer).
+pub fn json(report: &Report) -> Result<String, String> {
+    let mounts: serde_json::Map<String, serde_json::Value> = report
+        .mounts
+        .iter()
+        .map(|(label, r)| Ok((label.clone(), ops_json(r)?)))
+        .collect::<Result<_, String>>()?;
+    let v = serde_json::json!({
+        "syncd": ops_json(&report.syncd)?,
+        "mounts": mounts,
+    });
+    let mut s = serde_json::to_string_pretty(&v)
+        .map_err(|e| format!("cannot encode the answer as JSON: {e}"))?;
+    s.push('\n');
+    Ok(s)
+}
+
+fn ops_json(r: &Result<Vec<OpInFlight>, String>) -> Result<serde_json::Value, String> {
+    match r {
+        Ok(ops) => serde_json::to_value(ops).map_err(|e| format!("cannot encode as JSON: {e}")),
+        Err(_) => Ok(serde_json::Value::Null),
+    }
+}
+
+/// The reasons of the sources that did not answer, one line each.
+pub fn failures(report: &Report) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Err(e) = &report.syncd {
+        out.push(format!("keibi-syncd: {e}"));
+    }
+    for (label, r) in &report.mounts {
+        if let Err(e) = r {
+            out.push(format!("keibi-mountd {label}: {e}"));
+        }
+    }
+    out
+}
+
+/// systemd's path escaping, as keibi-mountd names a mountpoint's lock
+/// directory: components joined by `-`, bytes other than ASCII
+/// alphanumerics, `:`, `_` and a non-leading `.` written as `\xNN`; `/` is
+/// `-`.
+pub fn escape_path(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    let parts: Vec<&[u8]> = bytes
+        .split(|b| *b == b'/')
+        .filter(|p| !p.is_empty() && *p != b".")
+        .collect();
+    if parts.is_empty() {
+        return "-".to_string();
+    }
+    let mut out = String::new();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push('-');
+        }
+        for (j, &b) in part.iter().enumerate() {
+            let plain = b.is_ascii_alphanumeric()
+                || b == b':'
+                || b == b'_'
+                || (b == b'.' && !(i == 0 && j == 0));
+            if plain {
+                out.push(b as char);
+            } else {
+                let _ = write!(out, "\\x{b:02x}");
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_like_mountd() {
+        assert_eq!(escape_path(Path::new("/")), "-");
+        assert_eq!(escape_path(Path::new("/mnt/keibi")), "mnt-keibi");
+        assert_eq!(escape_path(Path::new("/mnt//keibi/")), "mnt-keibi");
+        assert_eq!(escape_path(Path::new("/tmp/my keibi")), "tmp-my\\x20keibi");
+        assert_eq!(escape_path(Path::new("/a-b/c_d.e")), "a\\x2db-c_d.e");
+        assert_eq!(escape_path(Path::new("/.hidden")), "\\x2ehidden");
+    }
+
+    fn op(name: &str) -> OpInFlight {
+        OpInFlight {
+            op: name.into(),
+            ino: Some(1),
+            fh: None,
+            age_ms: 1500,
+            waiting_on: format!("keibi-syncd ({name})"),
+        }
+    }
+
+    #[test]
+    fn a_silent_syncd_is_one_line_and_mounts_still_show() {
+        let r = Report {
+            syncd: Err(no_answer(Duration::from_secs(5))),
+            mounts: vec![("/mnt/keibi".into(), Ok(vec![op("lookup")]))],
+        };
+        assert!(r.any_answer());
+        let t = table(&r);
+        assert!(
+            t.contains("keibi-syncd: no answer within 5s (stalled?)"),
+            "{t}"
+        );
+        let row = t
+            .lines()
+            .find(|l| l.contains("lookup"))
+            .expect("lookup row");
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cells,
+            [
+                "keibi-mountd",
+                "/mnt/keibi",
+                "lookup",
+                "1",
+                "-",
+                "1500ms",
+                "keibi-syncd",
+                "(lookup)"
+            ]
+        );
+        let v: serde_json::Value = serde_json::from_str(&json(&r).expect("json")).expect("parse");
+        assert!(v["syncd"].is_null());
+        assert_eq!(v["mounts"]["/mnt/keibi"][0]["op"], "lookup");
+        assert_eq!(v["mounts"]["/mnt/keibi"][0]["age_ms"], 1500);
+    }
+
+    #[test]
+    fn no_answer_anywhere_is_a_failure() {
+        let r = Report {
+            syncd: Err("cannot connect".into()),
+            mounts: vec![("/mnt/keibi".into(), Err("cannot connect".into()))],
+        };
+        assert!(!r.any_answer());
+        assert_eq!(failures(&r).len(), 2);
+    }
+}
