@@ -22,6 +22,7 @@
 //!   with a hard size cap) and the connect helpers.
 //! - [`inflight`]: the registry of operations in flight that
 //!   `keibictl debug ops` reads from each daemon ([`OpInFlight`]).
+//! - [`paths`]: where a mount's lock and debug socket live.
 //! - [`lockfile`]: the single-instance lock both daemons take (open, `flock`,
 //!   verify the inode, retry), see `docs/architecture.md`.
 //!
@@ -32,6 +33,7 @@ pub mod fdpass;
 pub mod handshake;
 pub mod inflight;
 pub mod lockfile;
+pub mod paths;
 pub mod service;
 pub mod transport;
 pub mod types;

@@ -10,7 +10,7 @@
 //! A mount's ops socket is `<lock dir>/<escaped mountpoint>/ops.sock`,
 //! with the mountpoint made absolute without touching it (a `stat` of a
 //! stuck mount could hang) and escaped as mountd escapes it
-//! ([`escape_path`], systemd's rule).
+//! ([`ipc_schema::paths`], systemd's rule).
 //!
 //! The answer succeeds when at least one source answered; a source that did
 //! not is named on one line, and the others are still shown.
@@ -52,7 +52,8 @@ pub async fn gather(control: &Path, targets: &Targets, timeout: Duration) -> Rep
     let mut sources: Vec<(String, PathBuf)> = Vec::new();
     for m in &targets.mounts {
         let abs = std::path::absolute(m).unwrap_or_else(|_| m.clone());
-        let sock = targets.lock_dir.join(escape_path(&abs)).join("ops.sock");
+        let sock = ipc_schema::paths::mount_anchor(&targets.lock_dir, &abs)
+            .join(ipc_schema::paths::OPS_SOCKET);
         sources.push((abs.display().to_string(), sock));
     }
     for s in &targets.sockets {
@@ -210,53 +211,9 @@ pub fn failures(report: &Report) -> Vec<String> {
     out
 }
 
-/// systemd's path escaping, as keibi-mountd names a mountpoint's lock
-/// directory: components joined by `-`, bytes other than ASCII
-/// alphanumerics, `:`, `_` and a non-leading `.` written as `\xNN`; `/` is
-/// `-`.
-pub fn escape_path(path: &Path) -> String {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    let parts: Vec<&[u8]> = bytes
-        .split(|b| *b == b'/')
-        .filter(|p| !p.is_empty() && *p != b".")
-        .collect();
-    if parts.is_empty() {
-        return "-".to_string();
-    }
-    let mut out = String::new();
-    for (i, part) in parts.iter().enumerate() {
-        if i > 0 {
-            out.push('-');
-        }
-        for (j, &b) in part.iter().enumerate() {
-            let plain = b.is_ascii_alphanumeric()
-                || b == b':'
-                || b == b'_'
-                || (b == b'.' && !(i == 0 && j == 0));
-            if plain {
-                out.push(b as char);
-            } else {
-                let _ = write!(out, "\\x{b:02x}");
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn escapes_like_mountd() {
-        assert_eq!(escape_path(Path::new("/")), "-");
-        assert_eq!(escape_path(Path::new("/mnt/keibi")), "mnt-keibi");
-        assert_eq!(escape_path(Path::new("/mnt//keibi/")), "mnt-keibi");
-        assert_eq!(escape_path(Path::new("/tmp/my keibi")), "tmp-my\\x20keibi");
-        assert_eq!(escape_path(Path::new("/a-b/c_d.e")), "a\\x2db-c_d.e");
-        assert_eq!(escape_path(Path::new("/.hidden")), "\\x2ehidden");
-    }
 
     fn op(name: &str) -> OpInFlight {
         OpInFlight {

@@ -136,7 +136,7 @@ fn run(args: Args) -> Result<(), Failure> {
         .map_err(|e| fail(1, format!("cannot start the tokio runtime: {e}")))?;
 
     let inflight = ipc_schema::inflight::InFlight::new();
-    let anchor = args.lock_dir.join(mount::escape_path(&mountpoint));
+    let anchor = ipc_schema::paths::mount_anchor(&args.lock_dir, &mountpoint);
     let (ops_listener, ops_file) = rt
         .block_on(async { ops_socket::bind(&anchor) })
         .map_err(|e| fail(1, format!("cannot open the ops socket: {e}")))?;
@@ -210,7 +210,7 @@ fn run(args: Args) -> Result<(), Failure> {
 }
 
 fn take_lock(lock_dir: &Path, mountpoint: &Path) -> Result<InstanceLock, Failure> {
-    let anchor = lock_dir.join(mount::escape_path(mountpoint));
+    let anchor = ipc_schema::paths::mount_anchor(lock_dir, mountpoint);
     std::fs::create_dir_all(&anchor).map_err(|e| {
         fail(
             1,

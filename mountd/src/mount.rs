@@ -2,9 +2,7 @@
 //! by an earlier mountd.
 //!
 //! The single-instance lock of a mountpoint lives in
-//! `<lock dir>/<escaped mountpoint>/lock`, where the escaping is systemd's
-//! path escaping (`systemd-escape --path`), so the directory has the same
-//! name as the `keibi-mountd@.service` instance of that mountpoint.
+//! `<lock dir>/<escaped mountpoint>/lock` ([`ipc_schema::paths`]).
 //!
 //! A mountd killed with `SIGKILL` leaves its mount behind with no daemon:
 //! every access fails with `ENOTCONN` ("Transport endpoint is not
@@ -20,38 +18,6 @@ use std::path::{Path, PathBuf};
 
 /// The filesystem type our mounts show in `/proc/self/mountinfo`.
 pub const FSTYPE: &str = "fuse.keibi";
-
-/// systemd's escaping of an absolute path (`systemd-escape --path`):
-/// `/mnt/my keibi` → `mnt-my\x20keibi`; `/` → `-`.
-pub fn escape_path(path: &Path) -> String {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    let parts: Vec<&[u8]> = bytes
-        .split(|b| *b == b'/')
-        .filter(|p| !p.is_empty() && *p != b".")
-        .collect();
-    if parts.is_empty() {
-        return "-".to_string();
-    }
-    let mut out = String::new();
-    for (i, part) in parts.iter().enumerate() {
-        if i > 0 {
-            out.push('-');
-        }
-        for (j, &b) in part.iter().enumerate() {
-            let plain = b.is_ascii_alphanumeric()
-                || b == b':'
-                || b == b'_'
-                || (b == b'.' && !(i == 0 && j == 0));
-            if plain {
-                out.push(b as char);
-            } else {
-                out.push_str(&format!("\\x{b:02x}"));
-            }
-        }
-    }
-    out
-}
 
 /// The mountpoint as an absolute path. Symlinks are resolved when the path
 /// can be resolved; a dead mount cannot be (`ENOTCONN`), so then the path
@@ -151,16 +117,6 @@ pub fn detach(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn escapes_like_systemd() {
-        assert_eq!(escape_path(Path::new("/")), "-");
-        assert_eq!(escape_path(Path::new("/mnt/keibi")), "mnt-keibi");
-        assert_eq!(escape_path(Path::new("/mnt//keibi/")), "mnt-keibi");
-        assert_eq!(escape_path(Path::new("/tmp/my keibi")), "tmp-my\\x20keibi");
-        assert_eq!(escape_path(Path::new("/a-b/c_d.e")), "a\\x2db-c_d.e");
-        assert_eq!(escape_path(Path::new("/.hidden")), "\\x2ehidden");
-    }
 
     #[test]
     fn finds_keibi_mounts_in_mountinfo() {

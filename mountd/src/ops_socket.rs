@@ -26,9 +26,6 @@ use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::{UnixListener, UnixStream};
 
-/// The socket's file name inside the anchor directory.
-pub const FILE_NAME: &str = "ops.sock";
-
 /// The only uid the socket admits.
 const ROOT: u32 = 0;
 
@@ -36,7 +33,7 @@ const ROOT: u32 = 0;
 /// replaced: we hold the mountpoint's lock, so no live mountd owns it.
 /// Must run inside the tokio runtime.
 pub fn bind(anchor: &Path) -> io::Result<(UnixListener, SocketFile)> {
-    let path = anchor.join(FILE_NAME);
+    let path = anchor.join(ipc_schema::paths::OPS_SOCKET);
     let ctx = |what: &str, e: io::Error| {
         io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
     };
