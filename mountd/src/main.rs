@@ -135,6 +135,13 @@ fn run(args: Args) -> Result<(), Failure> {
         .build()
         .map_err(|e| fail(1, format!("cannot start the tokio runtime: {e}")))?;
 
+    // Handlers before the mount exists: from the moment the mount is
+    // visible, SIGTERM must mean "unmount and exit 0", never the default
+    // action (which would leave a dead mount).
+    let signals = rt
+        .block_on(async { StopSignals::install() })
+        .map_err(|e| fail(1, format!("cannot install signal handlers: {e}")))?;
+
     let inflight = ipc_schema::inflight::InFlight::new();
     let anchor = ipc_schema::paths::mount_anchor(&args.lock_dir, &mountpoint);
     let (ops_listener, ops_file) = rt
@@ -200,7 +207,7 @@ fn run(args: Args) -> Result<(), Failure> {
     let lock = Arc::new(Mutex::new(lock));
     rt.spawn(repair_lock_forever(lock.clone()));
 
-    let outcome = rt.block_on(serve_until_stopped(&mountpoint, ended_rx));
+    let outcome = rt.block_on(serve_until_stopped(&mountpoint, signals, ended_rx));
     drop(ops_file);
     drop(lock);
     // Tasks still waiting on syncd hold replies for a mount that is gone;
@@ -245,18 +252,31 @@ async fn repair_lock_forever(lock: Arc<Mutex<InstanceLock>>) {
     }
 }
 
+/// SIGTERM and SIGINT, caught from before the mount exists.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Install the handlers (inside the runtime).
+    fn install() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 async fn serve_until_stopped(
     mountpoint: &Path,
+    mut signals: StopSignals,
     mut ended: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
 ) -> Result<(), Failure> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| fail(1, format!("SIGTERM handler: {e}")))?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|e| fail(1, format!("SIGINT handler: {e}")))?;
     let why = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+        _ = signals.term.recv() => "SIGTERM",
+        _ = signals.int.recv() => "SIGINT",
         r = &mut ended => {
             match r {
                 Ok(Ok(())) | Err(_) => tracing::info!(mountpoint = %mountpoint.display(), "the mount went away; exiting"),

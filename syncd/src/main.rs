@@ -104,6 +104,10 @@ fn fail(code: u8, message: &str) -> ExitCode {
 }
 
 async fn run(config: Config, lock: InstanceLock, store: Arc<Store>) -> Result<(), String> {
+    // Handlers first: once a socket exists, SIGTERM must mean "shut down
+    // cleanly", never the default action.
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
     let daemon = Arc::new(Daemon::new(store.clone()));
     let fs_listener = listener::bind(&config.fs_socket, listener::FS_SOCKET_MODE, None, None)
         .map_err(|e| e.to_string())?;
@@ -120,8 +124,6 @@ async fn run(config: Config, lock: InstanceLock, store: Arc<Store>) -> Result<()
             return Err(e.to_string());
         }
     };
-    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
     tokio::spawn(listener::serve_filesystem(
         fs_listener,
         daemon.clone(),
