@@ -223,3 +223,60 @@ fn keibictl_status_reports_the_mount() {
         "one line starting with `keibictl: `: {stderr:?}"
     );
 }
+
+/// A mountd stopped on drop, its mount detached: cleanup for the test below
+/// even when an assertion fails.
+struct EarlyMountd {
+    child: std::process::Child,
+    mnt: std::path::PathBuf,
+}
+
+impl Drop for EarlyMountd {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(5));
+        harness::mounts::detach_all(&self.mnt);
+    }
+}
+
+#[test]
+fn mountd_sigterm_as_soon_as_the_mount_shows_exits_0_and_unmounts() {
+    // The handlers must be in place before the mount is visible: a SIGTERM
+    // that arrives right after the mount appears must still unmount and
+    // exit 0, not kill mountd by the default action and leave a dead mount.
+    let (_w, mut fx) = setup("mountd early SIGTERM", LIMIT, Options::default());
+    let (st, by_itself, unmounted) = fx.stop_mountd();
+    assert!(by_itself && st.success() && unmounted, "first stop ({st})");
+    let mnt = fx.mnt();
+    for round in 0..10 {
+        let child = harness::daemons::mountd_command(
+            &mnt,
+            &fx.fs_socket(),
+            &fx.lock_dir(),
+            fx.options().deadline,
+            fx.options().passthrough,
+            &fx.mountd_log_path(),
+        )
+        .spawn()
+        .expect("start keibi-mountd");
+        harness::watchdog::register_pid(child.id());
+        let mut m = EarlyMountd {
+            child,
+            mnt: mnt.clone(),
+        };
+        harness::poll_until(
+            "the mount to show in mountinfo",
+            Duration::from_secs(20),
+            || (harness::mounts::keibi_mounts_at(&mnt) > 0).then_some(()),
+        );
+        signal(m.child.id(), Signal::SIGTERM);
+        let st = wait_child(&mut m.child, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("round {round}: mountd did not exit after SIGTERM"));
+        assert!(st.success(), "round {round}: exit status {st}");
+        assert_eq!(
+            harness::mounts::keibi_mounts_at(&mnt),
+            0,
+            "round {round}: the mount is gone"
+        );
+    }
+    fx.start_mountd();
+}
