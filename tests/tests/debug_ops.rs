@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(120);
 /// keibictl's `--timeout` in this test.
-const TIMEOUT: Duration = Duration::from_secs(1);
+const TIMEOUT: Duration = Duration::from_secs(2);
 /// What keibictl may take: its timeout plus two seconds.
-const KEIBICTL_BOUND: Duration = Duration::from_secs(3);
+const KEIBICTL_BOUND: Duration = Duration::from_secs(4);
 
 /// One `keibictl debug ops --json` run: exit code, parsed stdout, stderr,
 /// and how long it took.
@@ -33,7 +33,7 @@ fn debug_ops(control: &Path, mnt: &Path, lock_dir: &Path) -> Answer {
             .arg("--socket")
             .arg(control)
             .arg("--timeout")
-            .arg("1s")
+            .arg(format!("{}s", TIMEOUT.as_secs()))
             .args(["debug", "ops", "--json", "--mount"])
             .arg(mnt)
             .arg("--lock-dir")
@@ -84,8 +84,20 @@ fn frozen_syncd_ops_are_listed_by_mountd() {
     );
 
     fx.freeze_syncd();
-    let target = fx.path("never-seen-before");
-    let stat = std::thread::spawn(move || std::fs::metadata(&target).map(|_| ()));
+    // Keep a lookup in flight for as long as syncd is frozen: each `stat`
+    // of a new name waits on syncd until the deadline, then the next one
+    // starts, so the check below cannot miss the window on a slow machine.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stat = {
+        let (stop, dir) = (stop.clone(), fx.mnt());
+        std::thread::spawn(move || {
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = std::fs::metadata(dir.join(format!("never-seen-{i}")));
+                i += 1;
+            }
+        })
+    };
 
     let frozen = poll_until("a lookup waiting on keibi-syncd", LIMIT / 2, || {
         let a = debug_ops(&control, &mnt, &lock_dir);
@@ -101,6 +113,9 @@ fn frozen_syncd_ops_are_listed_by_mountd() {
                     .is_some_and(|w| w.starts_with("keibi-syncd"))
                 && op["age_ms"].as_u64().is_some_and(|ms| ms > 0)
         });
+        if !waiting {
+            eprintln!("not yet ({:?}): {}\nstderr: {}", a.took, a.json, a.stderr);
+        }
         waiting.then_some(a)
     });
     eprintln!(
@@ -123,11 +138,12 @@ fn frozen_syncd_ops_are_listed_by_mountd() {
         frozen.stderr
     );
 
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
     fx.thaw_syncd();
-    poll_until("the stat to return after SIGCONT", LIMIT / 4, || {
+    poll_until("the stat thread to end after SIGCONT", LIMIT / 4, || {
         stat.is_finished().then_some(())
     });
-    let _ = stat.join().expect("the stat thread");
+    stat.join().expect("the stat thread");
     poll_until("an empty ops list after SIGCONT", LIMIT / 4, || {
         let a = debug_ops(&control, &mnt, &lock_dir);
         let empty = mount_ops(&a, &mnt).as_array().is_some_and(|v| v.is_empty())
