@@ -13,8 +13,10 @@ use crate::types::*;
 /// this service: `open`/`create` send a descriptor on the fd channel.
 #[tarpc::service]
 pub trait Filesystem {
-    /// Say who this mount is; the first call on a connection.
-    async fn register_mount(info: MountInfo) -> Result<(), FsError>;
+    /// Say who this mount is; the first call on a connection. On a
+    /// reconnect, `held` lists every handle mountd still holds (empty for
+    /// a fresh mount): syncd's open counts become exactly these.
+    async fn register_mount(info: MountInfo, held: Vec<HeldHandle>) -> Result<(), FsError>;
     /// Look `name` up in directory `parent`.
     async fn lookup(parent: Ino, name: Name) -> Result<Attr, FsError>;
     /// Attributes of an inode.
@@ -74,6 +76,7 @@ pub trait Filesystem {
     /// applied here).
     async fn open(ino: Ino, flags: i32) -> Result<Opened, FsError>;
     /// Forget an open; the last release of an unlinked file frees it.
+    /// Releasing an unknown handle is not an error (ids are never reused).
     async fn release(handle: HandleId) -> Result<(), FsError>;
     /// Make the inode's metadata and content durable on local disk.
     async fn fsync(ino: Ino, datasync: bool) -> Result<(), FsError>;

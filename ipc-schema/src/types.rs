@@ -24,10 +24,12 @@ impl fmt::Display for Ino {
 }
 
 /// One open of a regular file, as syncd knows it. Returned by
-/// `open`/`create`, tags the descriptor sent over the fd channel, and is
-/// given back in `release`. Numbers restart at 1 when syncd restarts, so
-/// mountd keeps its own FUSE file handles and remembers which connection
-/// each `HandleId` belongs to.
+/// `open`/`create`, tags the descriptor sent over the fd channel, given
+/// back in `release`, and listed in `register_mount` after a reconnect.
+/// Unique across syncd restarts: the top 24 bits are syncd's handle epoch
+/// (a stored counter incremented at every start), the low 40 bits count
+/// the opens of one syncd run. mountd still gives the kernel its own file
+/// handles.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HandleId(pub u64);
 
@@ -284,6 +286,15 @@ pub struct MountInfo {
     /// restarted); false for a fresh mount, which lets syncd drop state
     /// left by an earlier mount (open counts of unlinked files).
     pub reconnect: bool,
+}
+
+/// A handle mountd still holds, listed in `register_mount` on a reconnect.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldHandle {
+    /// syncd's id of the open.
+    pub handle: HandleId,
+    /// The inode it opens.
+    pub ino: Ino,
 }
 
 /// A mount connected to syncd, as `keibictl status` shows it.

@@ -80,6 +80,9 @@ fn main() -> ExitCode {
         Ok(s) => Arc::new(s),
         Err(e) => return fail(EXIT_FAILURE, &format!("cannot open the store: {e}")),
     };
+    if let Err(e) = store.begin_handle_epoch() {
+        return fail(EXIT_FAILURE, &format!("cannot start the handle epoch: {e}"));
+    }
     if let Err(e) = store.start_spares() {
         // Only a cost: every create then makes its content file itself.
         tracing::warn!(error = %e, "no spare content files");

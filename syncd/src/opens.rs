@@ -7,17 +7,44 @@
 //! count reaches 0 while it has handles becomes an orphan and is freed at
 //! its last release (see `store/files.rs`).
 //!
-//! Handles belong to the filesystem connection they were opened on. When a
-//! connection ends, its handles are dropped (mountd's process, or at least
-//! its connection, is gone). Orphans left without handles are then freed by
-//! the next fresh mount (`register_mount` with `reconnect: false`), because
-//! a mountd that only lost its connection still holds their descriptors.
+//! # Handle ids
+//!
+//! A [`HandleId`] is unique across syncd restarts, not only within one
+//! process: its top [`EPOCH_BITS`] bits are the *handle epoch*, a counter in
+//! the store that every syncd start increments (durably, before the first
+//! handle is given out), and its low bits count the handles of this
+//! process. mountd keeps the handles of files that stay open across a
+//! syncd restart and tells the new syncd about them (below); with a
+//! per-process counter, an old id and a new one could be the same number,
+//! and a late `release` of the old handle would close the new one.
+//!
+//! # Connections and mounts
+//!
+//! Handles belong to the filesystem connection they were opened on, and a
+//! connection to the mount (`mountpoint`, mountd's pid: a [`MountKey`])
+//! that registered on it. When a connection ends its handles are *parked*,
+//! not dropped: mountd may only have lost the connection and still hold
+//! the descriptors. The mount's next `register_mount` settles them
+//! ([`OpenTable::register`]):
+//!
+//! - a reconnect (same mountpoint and pid) lists every handle mountd still
+//!   holds; those are moved to the new connection (or added, after a
+//!   syncd restart), and every other handle of that mount's earlier
+//!   connections is dropped. The counts then match mountd's exactly.
+//! - a fresh mount of the mountpoint (a new mountd: the old one is gone,
+//!   since one mountpoint has one mountd) drops every handle of earlier
+//!   connections of that mountpoint.
+//!
+//! The inodes left without handles are then freed if they are orphans.
+//! Registering also ends the mount's earlier connections, so an `open`
+//! that finishes on one of them afterwards is refused instead of adding a
+//! handle nobody will release.
 //!
 //! This table is plain data; the store wraps it in a mutex (see the lock
 //! order in `store/mod.rs`).
 
 use ipc_schema::{HandleId, Ino};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One filesystem connection (one mountd connection), numbered by syncd.
@@ -30,35 +57,90 @@ impl std::fmt::Display for ConnId {
     }
 }
 
-static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
-
-/// A new handle id, unique in this process (a counter from 1).
-pub fn next_handle() -> HandleId {
-    HandleId(NEXT_HANDLE.fetch_add(1, Ordering::Relaxed))
+/// Which mount a connection serves: its mountpoint and mountd's pid.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct MountKey {
+    /// The mountpoint, as mountd reported it.
+    pub mountpoint: String,
+    /// mountd's pid.
+    pub pid: u32,
 }
 
-/// Open handles by id, open counts by inode, and live connections.
+/// Bits of a handle id that hold the handle epoch (the rest count the
+/// handles of one syncd process: 2^40 opens per run, 2^24 runs).
+pub const EPOCH_BITS: u32 = 24;
+const COUNTER_BITS: u32 = 64 - EPOCH_BITS;
+const COUNTER_MASK: u64 = (1 << COUNTER_BITS) - 1;
+
+static EPOCH: AtomicU64 = AtomicU64::new(0);
+static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
+
+/// Set this process's handle epoch (from the store, once at start, before
+/// any handle is given out).
+pub fn set_handle_epoch(epoch: u64) {
+    EPOCH.store(epoch & ((1 << EPOCH_BITS) - 1), Ordering::SeqCst);
+}
+
+/// A new handle id, never given out before by this store: the handle epoch
+/// and a per-process counter from 1.
+pub fn next_handle() -> HandleId {
+    let n = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed) & COUNTER_MASK;
+    HandleId((EPOCH.load(Ordering::SeqCst) << COUNTER_BITS) | n)
+}
+
+#[derive(Debug)]
+struct Conn {
+    /// Accepting new handles (the connection is up and no later
+    /// connection of its mount has registered).
+    live: bool,
+    /// The mount that registered on it, if any yet.
+    mount: Option<MountKey>,
+}
+
+/// Open handles by id, open counts by inode, and connections.
 #[derive(Debug, Default)]
 pub struct OpenTable {
     handles: HashMap<HandleId, (Ino, ConnId)>,
     counts: HashMap<Ino, u32>,
-    live: HashSet<ConnId>,
+    conns: HashMap<ConnId, Conn>,
+}
+
+/// What [`OpenTable::register`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Handles mountd still holds that were moved to the new connection or
+    /// added.
+    pub kept: usize,
+    /// Handles of earlier connections of the mount that mountd no longer
+    /// holds, dropped.
+    pub dropped: usize,
+    /// Inodes left without any handle by the drop.
+    pub closed: Vec<Ino>,
 }
 
 impl OpenTable {
     /// Start accepting handles for `conn`.
     pub fn connect(&mut self, conn: ConnId) {
-        self.live.insert(conn);
+        self.conns.insert(
+            conn,
+            Conn {
+                live: true,
+                mount: None,
+            },
+        );
     }
 
     /// Record `handle` on `ino` for `conn`. Returns false (and records
-    /// nothing) if `conn` has already gone: an open that finishes after its
-    /// connection ended must not pin the inode.
+    /// nothing) if `conn` is no longer live: an open that finishes after
+    /// its connection ended must not pin the inode.
     pub fn add(&mut self, handle: HandleId, ino: Ino, conn: ConnId) -> bool {
-        if !self.live.contains(&conn) {
+        if !self.conns.get(&conn).is_some_and(|c| c.live) {
             return false;
         }
-        self.handles.insert(handle, (ino, conn));
+        if let Some(old) = self.handles.insert(handle, (ino, conn)) {
+            // Never happens (ids are unique); keep the counts right anyway.
+            self.decrement(old.0);
+        }
         *self.counts.entry(ino).or_insert(0) += 1;
         true
     }
@@ -66,27 +148,88 @@ impl OpenTable {
     /// Forget `handle`. Returns its inode and how many handles that inode
     /// still has, or `None` for an unknown handle.
     pub fn remove(&mut self, handle: HandleId) -> Option<(Ino, u32)> {
-        let (ino, _) = self.handles.remove(&handle)?;
-        Some((ino, self.decrement(ino)))
+        let (ino, conn) = self.handles.remove(&handle)?;
+        let left = self.decrement(ino);
+        self.forget_conn_if_done(conn);
+        Some((ino, left))
     }
 
-    /// Forget every handle of `conn`; returns the inodes left with none.
-    pub fn disconnect(&mut self, conn: ConnId) -> Vec<Ino> {
-        self.live.remove(&conn);
-        let gone: Vec<(HandleId, Ino)> = self
-            .handles
+    /// The connection `conn` ended. Its handles are parked for its mount's
+    /// next registration (see the module doc); a connection that never
+    /// registered a mount has nobody to come back, so its handles are
+    /// dropped. Returns how many handles the connection had and the inodes
+    /// left without handles (only when they were dropped).
+    pub fn disconnect(&mut self, conn: ConnId) -> (usize, Vec<Ino>) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return (0, Vec::new());
+        };
+        c.live = false;
+        let parks = c.mount.is_some();
+        let mine = self.handles_on(|c| c == conn);
+        let closed = if parks {
+            Vec::new()
+        } else {
+            self.drop_handles(&mine)
+        };
+        self.forget_conn_if_done(conn);
+        (mine.len(), closed)
+    }
+
+    /// The mount `key` registered on `conn`: settle the handles of its
+    /// earlier connections (see the module doc). With `fresh`, every
+    /// handle of an earlier connection of the same mountpoint is dropped;
+    /// otherwise `held` lists the handles mountd still holds (and their
+    /// inodes), which are kept on `conn`, and the mount's other handles
+    /// are dropped.
+    pub fn register(
+        &mut self,
+        conn: ConnId,
+        key: MountKey,
+        fresh: bool,
+        held: &[(HandleId, Ino)],
+    ) -> Settled {
+        let same_mount = |m: &MountKey| {
+            m.mountpoint == key.mountpoint && (fresh || m.pid == key.pid)
+        };
+        let earlier: Vec<ConnId> = self
+            .conns
             .iter()
-            .filter(|(_, (_, c))| *c == conn)
-            .map(|(h, (i, _))| (*h, *i))
+            .filter(|(c, s)| **c != conn && s.mount.as_ref().is_some_and(same_mount))
+            .map(|(c, _)| *c)
             .collect();
-        let mut closed = Vec::new();
-        for (h, ino) in gone {
-            self.handles.remove(&h);
-            if self.decrement(ino) == 0 {
-                closed.push(ino);
+        for c in &earlier {
+            if let Some(s) = self.conns.get_mut(c) {
+                s.live = false;
             }
         }
-        closed
+        let theirs = self.handles_on(|c| earlier.contains(&c));
+        let mut settled = Settled::default();
+        if !fresh {
+            for (h, ino) in held {
+                match self.handles.get_mut(h) {
+                    Some((_, c)) if earlier.contains(c) || *c == conn => *c = conn,
+                    Some(_) => continue,
+                    None => {
+                        self.handles.insert(*h, (*ino, conn));
+                        *self.counts.entry(*ino).or_insert(0) += 1;
+                    }
+                }
+                settled.kept += 1;
+            }
+        }
+        let gone: Vec<(HandleId, Ino)> = theirs
+            .into_iter()
+            .filter(|(h, _)| self.handles.get(h).is_some_and(|(_, c)| *c != conn))
+            .collect();
+        settled.dropped = gone.len();
+        settled.closed = self.drop_handles(&gone);
+        for c in earlier {
+            self.forget_conn_if_done(c);
+        }
+        if let Some(s) = self.conns.get_mut(&conn) {
+            s.mount = Some(key);
+        }
+        settled
     }
 
     /// How many handles `ino` has.
@@ -97,6 +240,34 @@ impl OpenTable {
     /// How many handles `conn` has.
     pub fn handles_of(&self, conn: ConnId) -> u64 {
         self.handles.values().filter(|(_, c)| *c == conn).count() as u64
+    }
+
+    fn handles_on(&self, pick: impl Fn(ConnId) -> bool) -> Vec<(HandleId, Ino)> {
+        self.handles
+            .iter()
+            .filter(|(_, (_, c))| pick(*c))
+            .map(|(h, (i, _))| (*h, *i))
+            .collect()
+    }
+
+    /// Remove `gone`; returns the inodes left with no handle.
+    fn drop_handles(&mut self, gone: &[(HandleId, Ino)]) -> Vec<Ino> {
+        let mut closed = Vec::new();
+        for (h, ino) in gone {
+            if self.handles.remove(h).is_some() && self.decrement(*ino) == 0 {
+                closed.push(*ino);
+            }
+        }
+        closed
+    }
+
+    /// Drop the record of a connection that ended and has no handle left.
+    fn forget_conn_if_done(&mut self, conn: ConnId) {
+        if self.conns.get(&conn).is_some_and(|c| !c.live)
+            && !self.handles.values().any(|(_, c)| *c == conn)
+        {
+            self.conns.remove(&conn);
+        }
     }
 
     fn decrement(&mut self, ino: Ino) -> u32 {
@@ -117,6 +288,13 @@ impl OpenTable {
 mod tests {
     use super::*;
 
+    fn key(pid: u32) -> MountKey {
+        MountKey {
+            mountpoint: "/mnt".into(),
+            pid,
+        }
+    }
+
     #[test]
     fn counts_follow_handles_and_connections() {
         let mut t = OpenTable::default();
@@ -131,11 +309,99 @@ mod tests {
         assert_eq!(t.handles_of(a), 2);
         assert_eq!(t.remove(HandleId(2)), Some((Ino(5), 1)));
         assert_eq!(t.remove(HandleId(2)), None, "released twice");
-        let mut closed = t.disconnect(a);
+        // Neither registered a mount: nobody can come back for them.
+        let (had, mut closed) = t.disconnect(a);
         closed.sort();
-        assert_eq!(closed, vec![Ino(5), Ino(6)]);
+        assert_eq!((had, closed), (2, vec![Ino(5), Ino(6)]));
         assert_eq!(t.count(Ino(5)), 0);
         assert!(!t.add(HandleId(4), Ino(5), a), "gone connection");
-        assert!(next_handle().0 >= 1);
+    }
+
+    #[test]
+    fn a_reconnect_keeps_exactly_the_handles_mountd_holds() {
+        let mut t = OpenTable::default();
+        let (old, new) = (ConnId(1), ConnId(2));
+        t.connect(old);
+        t.register(old, key(7), true, &[]);
+        for h in 1..=4 {
+            assert!(t.add(HandleId(h), Ino(10 + h % 2), old));
+        }
+        // The connection drops: handles are parked, not dropped.
+        assert_eq!(t.disconnect(old), (4, Vec::new()));
+        assert_eq!(t.count(Ino(10)), 2);
+        assert!(!t.add(HandleId(9), Ino(10), old), "parked, not live");
+        // mountd still holds 1 and 3 (ino 11), and 5, which this syncd
+        // never saw (opened before a restart).
+        t.connect(new);
+        let s = t.register(
+            new,
+            key(7),
+            false,
+            &[
+                (HandleId(1), Ino(11)),
+                (HandleId(3), Ino(11)),
+                (HandleId(5), Ino(12)),
+            ],
+        );
+        assert_eq!((s.kept, s.dropped, s.closed), (3, 2, vec![Ino(10)]));
+        assert_eq!(t.count(Ino(10)), 0);
+        assert_eq!(t.count(Ino(11)), 2);
+        assert_eq!(t.count(Ino(12)), 1);
+        assert_eq!(t.handles_of(new), 3);
+        assert_eq!(t.remove(HandleId(5)), Some((Ino(12), 0)));
+        assert!(!t.conns.contains_key(&old), "the old connection is settled");
+    }
+
+    #[test]
+    fn registering_ends_the_old_connection_even_before_it_closes() {
+        let mut t = OpenTable::default();
+        let (old, new) = (ConnId(1), ConnId(2));
+        t.connect(old);
+        t.register(old, key(7), true, &[]);
+        assert!(t.add(HandleId(1), Ino(5), old));
+        // mountd reconnected before syncd noticed the old connection end.
+        t.connect(new);
+        let s = t.register(new, key(7), false, &[]);
+        assert_eq!(s.closed, vec![Ino(5)]);
+        assert!(!t.add(HandleId(2), Ino(5), old), "a late open on the old one");
+        assert_eq!(t.disconnect(old), (0, Vec::new()));
+        assert_eq!(t.count(Ino(5)), 0);
+        assert!(!t.conns.contains_key(&old), "settled and ended: forgotten");
+    }
+
+    #[test]
+    fn a_fresh_mount_drops_what_the_dead_mountd_held_and_spares_other_mounts() {
+        let mut t = OpenTable::default();
+        let (dead, other, fresh) = (ConnId(1), ConnId(2), ConnId(3));
+        t.connect(dead);
+        t.register(dead, key(7), true, &[]);
+        t.connect(other);
+        t.register(
+            other,
+            MountKey {
+                mountpoint: "/elsewhere".into(),
+                pid: 8,
+            },
+            true,
+            &[],
+        );
+        assert!(t.add(HandleId(1), Ino(5), dead));
+        assert!(t.add(HandleId(2), Ino(5), other));
+        t.disconnect(dead);
+        t.connect(fresh);
+        let s = t.register(fresh, key(9), true, &[(HandleId(1), Ino(5))]);
+        assert_eq!((s.kept, s.dropped), (0, 1), "a fresh mount holds nothing");
+        assert_eq!(t.count(Ino(5)), 1, "the other mount's handle stays");
+    }
+
+    #[test]
+    fn handle_ids_carry_the_epoch() {
+        set_handle_epoch(3);
+        let a = next_handle();
+        let b = next_handle();
+        assert_eq!(a.0 >> COUNTER_BITS, 3);
+        assert_ne!(a, b);
+        set_handle_epoch(4);
+        assert_eq!(next_handle().0 >> COUNTER_BITS, 4);
     }
 }

@@ -16,10 +16,11 @@
 //!
 //! tarpc drops a request whose deadline passed at its next `.await`; the
 //! blocking operation itself still completes, so the store never sees half
-//! an operation.
+//! an operation. An `open` or `create` that completes after its deadline
+//! releases its handle instead of sending the descriptor (see [`send_fd`]).
 
 use crate::daemon::Daemon;
-use crate::opens::ConnId;
+use crate::opens::{ConnId, MountKey};
 use crate::store::Store;
 use crate::store::files::OpenFile;
 use ipc_schema::fdpass::FdSender;
@@ -108,9 +109,26 @@ impl FsServer {
 }
 
 /// Send an open's descriptor, then hand back the answer; if the descriptor
-/// cannot be sent the open is undone.
-fn send_fd(store: &Store, fds: &FdSender, f: OpenFile) -> Result<Opened, FsError> {
+/// cannot be sent the open is undone. An open finished after its
+/// request's `deadline` is undone too, without sending anything: mountd
+/// has stopped waiting for it, so nobody would claim the descriptor or
+/// release the handle. (If the deadline passes just after the check,
+/// mountd finds a descriptor nobody waits for, closes it and releases
+/// the handle itself.)
+fn send_fd(
+    store: &Store,
+    fds: &FdSender,
+    f: OpenFile,
+    deadline: std::time::Instant,
+) -> Result<Opened, FsError> {
     let handle = f.opened.handle;
+    if Instant::now() >= deadline {
+        let _ = store.release(handle);
+        return Err(FsError::new(
+            libc::ETIMEDOUT,
+            format!("{handle} was opened after mountd's deadline; released it"),
+        ));
+    }
     if let Err(e) = fds.send(handle, f.fd.as_fd()) {
         let _ = store.release(handle);
         return Err(FsError::new(
@@ -122,27 +140,41 @@ fn send_fd(store: &Store, fds: &FdSender, f: OpenFile) -> Result<Opened, FsError
 }
 
 impl Filesystem for FsServer {
-    async fn register_mount(self, _: Context, info: MountInfo) -> Result<(), FsError> {
+    async fn register_mount(
+        self,
+        _: Context,
+        info: MountInfo,
+        held: Vec<HeldHandle>,
+    ) -> Result<(), FsError> {
         tracing::info!(
             conn = self.conn.0,
             mountpoint = %info.mountpoint,
             pid = info.pid,
             passthrough = info.passthrough,
             reconnect = info.reconnect,
+            held = held.len(),
             "mount registered"
         );
         let fresh = !info.reconnect;
-        self.daemon.mounts.register(self.conn, info);
-        if !fresh {
-            return Ok(());
-        }
-        let freed = self
-            .run("register_mount", String::new(), |s| s.free_orphans())
+        let key = MountKey {
+            mountpoint: info.mountpoint.clone(),
+            pid: info.pid,
+        };
+        let conn = self.conn;
+        let held: Vec<(HandleId, Ino)> = held.iter().map(|h| (h.handle, h.ino)).collect();
+        let (settled, freed) = self
+            .run("register_mount", String::new(), move |s| {
+                s.register_mount(conn, key, fresh, &held)
+            })
             .await?;
-        if freed > 0 {
+        self.daemon.mounts.register(self.conn, info);
+        if settled.kept > 0 || settled.dropped > 0 || freed > 0 {
             tracing::info!(
+                conn = conn.0,
+                kept = settled.kept,
+                dropped = settled.dropped,
                 freed,
-                "freed files left unlinked but open by an earlier mount"
+                "settled the handles of the mount's earlier connections; freed unlinked files nobody holds"
             );
         }
         Ok(())
@@ -265,7 +297,7 @@ impl Filesystem for FsServer {
 
     async fn create(
         self,
-        _: Context,
+        ctx: Context,
         parent: Ino,
         name: Name,
         perm: u16,
@@ -273,20 +305,20 @@ impl Filesystem for FsServer {
         caller: Caller,
     ) -> Result<Opened, FsError> {
         let d = detail!("{parent} {name:?} {perm:o} flags {flags:#o}");
-        let (conn, fds) = (self.conn, self.fds.clone());
+        let (conn, fds, deadline) = (self.conn, self.fds.clone(), ctx.deadline);
         self.run("create", d, move |s| {
             let f = s.create(parent, &name, perm, flags, caller, conn)?;
-            send_fd(s, &fds, f)
+            send_fd(s, &fds, f, deadline)
         })
         .await
     }
 
-    async fn open(self, _: Context, ino: Ino, flags: i32) -> Result<Opened, FsError> {
+    async fn open(self, ctx: Context, ino: Ino, flags: i32) -> Result<Opened, FsError> {
         let d = detail!("{ino} flags {flags:#o}");
-        let (conn, fds) = (self.conn, self.fds.clone());
+        let (conn, fds, deadline) = (self.conn, self.fds.clone(), ctx.deadline);
         self.run("open", d, move |s| {
             let f = s.open(ino, flags, conn)?;
-            send_fd(s, &fds, f)
+            send_fd(s, &fds, f, deadline)
         })
         .await
     }

@@ -6,10 +6,12 @@
 //! allows), apply `O_TRUNC` themselves, and describe the file
 //! ([`ipc_schema::ContentId`]) so mountd can check the descriptor it
 //! receives. The handle is registered *before* the inode can be unlinked
-//! by anyone else (under the open-table lock for `open`; before the commit
-//! that makes the name visible for `create`), so an unlink racing with an
-//! open either happens first (the open fails with ENOENT) or sees the file
-//! open and leaves an orphan.
+//! by anyone else (under the open-table lock, which `unlink` and `rename`
+//! hold across their transactions, for `open` and for `create` of an
+//! existing name; before the commit that makes the name visible for a new
+//! file), so an unlink racing with an open either happens first (the open
+//! fails with ENOENT, or `create` makes a new file) or sees the file open
+//! and leaves an orphan.
 //!
 //! Each answer costs as little as it can: `create` hands over the very
 //! descriptor its content file was made (or a spare opened) with, one
@@ -18,16 +20,19 @@
 //!
 //! An orphan (link count 0, still open) keeps its record, its content file
 //! and an `orphans` mark. The last `release` frees it. Handles of a
-//! connection that ended are forgotten without freeing anything (that
-//! mountd may come back with the descriptors still open); a fresh mount
-//! ([`Store::free_orphans`]) frees every orphan nobody has open.
+//! connection that ended are parked until its mount registers again
+//! ([`Store::register_mount`]), which settles them against the list of
+//! handles mountd still holds and frees every orphan nobody has open.
+//!
+//! Handle ids are unique across restarts: [`Store::begin_handle_epoch`]
+//! gives each syncd run its own epoch (see [`crate::opens`]).
 
 use super::entries::new_child;
 use super::records::{InodeRec, be_u64};
 use super::tx::fail;
 use super::{Store, content_err, names, store_err};
 use crate::content::ContentStat;
-use crate::opens::{ConnId, next_handle};
+use crate::opens::{ConnId, MountKey, Settled, next_handle, set_handle_epoch};
 use ipc_schema::{
     Caller, ContentId, FileKind, FsError, HandleId, Ino, Name, Opened, Timestamp, fs_err,
 };
@@ -54,12 +59,7 @@ impl Store {
             let rec = self
                 .read_inode(ino.0)?
                 .ok_or_else(|| fs_err!(ENOENT, "no inode {ino}"))?;
-            match rec.kind {
-                FileKind::File => {}
-                FileKind::Directory => return Err(fs_err!(EISDIR, "{ino} is a directory")),
-                FileKind::Symlink => return Err(fs_err!(ELOOP, "{ino} is a symlink")),
-                k => return Err(fs_err!(ENXIO, "{ino} is a {k:?}; it has no content")),
-            }
+            check_openable(ino, &rec)?;
             if !opens.add(handle, ino, conn) {
                 return Err(fs_err!(ESHUTDOWN, "{conn} has closed"));
             }
@@ -70,6 +70,12 @@ impl Store {
 
     /// Create regular file `name` in `parent` and open it for `conn`. An
     /// existing entry gives EEXIST with `O_EXCL`, and is opened otherwise.
+    ///
+    /// The name is resolved and an existing file's handle registered in
+    /// one critical section (the open-table lock, which `unlink` and
+    /// `rename` hold across their transactions), so the file cannot vanish
+    /// between the two. A new file is made when the name is free; if
+    /// another `create` took the name meanwhile, the loop opens that one.
     pub fn create(
         &self,
         parent: Ino,
@@ -80,13 +86,67 @@ impl Store {
         conn: ConnId,
     ) -> Result<OpenFile, FsError> {
         names::validate(name)?;
-        let excl = flags & libc::O_EXCL != 0;
-        if let Some(existing) = self.entry_ino(parent, name)? {
-            if excl {
+        // Each round that does not return saw a concurrent create take the
+        // name; the bound only guards against a pathological livelock.
+        for _ in 0..CREATE_ROUNDS {
+            if let Some(opened) = self.open_existing(parent, name, flags, conn)? {
+                return Ok(opened);
+            }
+            if let Some(made) = self.create_new(parent, name, perm, flags, caller, conn)? {
+                return Ok(made);
+            }
+        }
+        Err(fs_err!(
+            EAGAIN,
+            "create of {name:?} in {parent}: the name kept changing"
+        ))
+    }
+
+    /// If `parent/name` exists: EEXIST with `O_EXCL`, else open it.
+    /// `None` when the name is free.
+    fn open_existing(
+        &self,
+        parent: Ino,
+        name: &Name,
+        flags: i32,
+        conn: ConnId,
+    ) -> Result<Option<OpenFile>, FsError> {
+        let flags = flags & !libc::O_CREAT;
+        let handle = next_handle();
+        let (ino, rec) = {
+            let mut opens = self.lock_opens();
+            let Some(ino) = self.entry_ino(parent, name)? else {
+                return Ok(None);
+            };
+            if flags & libc::O_EXCL != 0 {
                 return Err(fs_err!(EEXIST, "{name:?} exists in {parent}"));
             }
-            return self.open(Ino(existing), flags & !libc::O_CREAT, conn);
-        }
+            // Entry and record go in one transaction, and no unlink or
+            // rename commits while the lock is held: the record is there.
+            let rec = self
+                .read_inode(ino)?
+                .ok_or_else(|| fs_err!(EIO, "entry {name:?} in {parent} names missing {}", Ino(ino)))?;
+            check_openable(Ino(ino), &rec)?;
+            if !opens.add(handle, Ino(ino), conn) {
+                return Err(fs_err!(ESHUTDOWN, "{conn} has closed"));
+            }
+            (ino, rec)
+        };
+        self.finish_open(ino, rec, handle, flags).map(Some)
+    }
+
+    /// Make `parent/name` as a new file and open it. `None` if the name
+    /// was taken meanwhile (the caller opens that file instead).
+    fn create_new(
+        &self,
+        parent: Ino,
+        name: &Name,
+        perm: u16,
+        flags: i32,
+        caller: Caller,
+        conn: ConnId,
+    ) -> Result<Option<OpenFile>, FsError> {
+        let excl = flags & libc::O_EXCL != 0;
         // The content file exists before the transaction that names it,
         // and the descriptor mountd gets is the one made for it here (one
         // open, no truncation: the file is new and empty).
@@ -101,11 +161,11 @@ impl Store {
         let now = Timestamp::now();
         let made = self.tx(|t| {
             let mut dir = t.need_dir(parent.0)?;
-            if let Some(d) = t.entry(parent.0, name.as_bytes())? {
+            if t.entry(parent.0, name.as_bytes())?.is_some() {
                 if excl {
                     return fail(fs_err!(EEXIST, "{name:?} exists in {parent}"));
                 }
-                return Ok(Err(d.ino));
+                return Ok(None);
             }
             let rec = new_child(&dir, FileKind::File, perm, caller, now);
             t.put(ino, &rec)?;
@@ -113,19 +173,15 @@ impl Store {
             dir.mtime = now;
             dir.ctime = now;
             t.put(parent.0, &dir)?;
-            Ok(Ok(rec))
+            Ok(Some(rec))
         });
         match made {
-            Ok(Ok(rec)) => self.describe_open(ino, &rec, handle, fd),
+            Ok(Some(rec)) => self.describe_open(ino, &rec, handle, fd).map(Some),
             other => {
                 self.lock_opens().remove(handle);
                 drop(fd);
                 let _ = self.content.remove(ino);
-                match other {
-                    Ok(Err(existing)) => self.open(Ino(existing), flags & !libc::O_CREAT, conn),
-                    Err(e) => Err(e),
-                    Ok(Ok(_)) => Err(fs_err!(EIO, "unreachable create outcome")),
-                }
+                other.map(|_| None)
             }
         }
     }
@@ -242,9 +298,11 @@ impl Store {
         self.lock_opens().connect(conn);
     }
 
-    /// Forget the handles of a connection that ended.
+    /// The connection `conn` ended: its handles are parked until its
+    /// mount registers again (see [`crate::opens`]). Returns how many
+    /// handles it had.
     pub fn disconnect(&self, conn: ConnId) -> usize {
-        self.lock_opens().disconnect(conn).len()
+        self.lock_opens().disconnect(conn).0
     }
 
     /// How many handles `conn` has open.
@@ -252,8 +310,47 @@ impl Store {
         self.lock_opens().handles_of(conn)
     }
 
-    /// Free every orphan that has no handle (a fresh mount: nobody can
-    /// reach them any more). Returns how many were freed.
+    /// The mount `key` registered on `conn`: settle the handles of its
+    /// earlier connections against `held` (the handles mountd still holds,
+    /// on a reconnect; nothing for a fresh mount), then free every orphan
+    /// that has no handle. Returns what was settled and how many orphans
+    /// were freed.
+    pub fn register_mount(
+        &self,
+        conn: ConnId,
+        key: MountKey,
+        fresh: bool,
+        held: &[(HandleId, Ino)],
+    ) -> Result<(Settled, usize), FsError> {
+        let settled = self.lock_opens().register(conn, key, fresh, held);
+        let freed = self.free_orphans()?;
+        Ok((settled, freed))
+    }
+
+    /// Give this syncd run its handle epoch: the stored counter plus one,
+    /// made durable before any handle is given out, so no handle id of an
+    /// earlier run can be given again (see [`crate::opens`]). Call once at
+    /// start, before serving. Returns the epoch.
+    pub fn begin_handle_epoch(&self) -> Result<u64, FsError> {
+        let next = self
+            .meta
+            .update_and_fetch(META_HANDLE_EPOCH, |old| {
+                let n = old.and_then(be_u64).unwrap_or(0);
+                Some(n.wrapping_add(1).to_be_bytes().to_vec())
+            })
+            .map_err(|e| store_err("advancing the handle epoch", e))?;
+        let epoch = next
+            .as_deref()
+            .and_then(be_u64)
+            .ok_or_else(|| fs_err!(EIO, "the handle epoch is corrupt"))?;
+        self.flush()?;
+        set_handle_epoch(epoch);
+        Ok(epoch)
+    }
+
+    /// Free every orphan that has no handle: nobody can reach it any more
+    /// (after a mount registered and its handles were settled). Returns
+    /// how many were freed.
     pub fn free_orphans(&self) -> Result<usize, FsError> {
         let mut freed = Vec::new();
         {
@@ -274,5 +371,156 @@ impl Store {
             self.purge(ino, FileKind::File);
         }
         Ok(freed.len())
+    }
+}
+
+/// Key in the `meta` tree of the handle epoch counter (big-endian u64).
+const META_HANDLE_EPOCH: &[u8] = b"handle_epoch";
+
+/// How many times `create` goes round when the name keeps changing.
+const CREATE_ROUNDS: usize = 64;
+
+/// EISDIR, ELOOP or ENXIO unless `rec` is a regular file.
+fn check_openable(ino: Ino, rec: &InodeRec) -> Result<(), FsError> {
+    match rec.kind {
+        FileKind::File => Ok(()),
+        FileKind::Directory => Err(fs_err!(EISDIR, "{ino} is a directory")),
+        FileKind::Symlink => Err(fs_err!(ELOOP, "{ino} is a symlink")),
+        k => Err(fs_err!(ENXIO, "{ino} is a {k:?}; it has no content")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const ME: Caller = Caller {
+        uid: 1000,
+        gid: 1000,
+        pid: 1,
+    };
+
+    fn store() -> (tempfile::TempDir, Arc<Store>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::load(dir.path(), (0, 0)).expect("store");
+        (dir, Arc::new(s))
+    }
+
+    fn key(pid: u32) -> MountKey {
+        MountKey {
+            mountpoint: "/mnt".into(),
+            pid,
+        }
+    }
+
+    /// Item: `create` of an existing name must never answer ENOENT because
+    /// the file was unlinked between the name check and the open. Many
+    /// creators and one unlinker on one name; any ENOENT fails.
+    #[test]
+    fn create_racing_unlink_never_gives_enoent() {
+        let (_d, s) = store();
+        let conn = ConnId(1);
+        s.connect(conn);
+        s.register_mount(conn, key(1), true, &[]).expect("register");
+        let name = Name::from("x");
+        let stop = Arc::new(AtomicBool::new(false));
+        let unlinker = {
+            let (s, stop, name) = (s.clone(), stop.clone(), name.clone());
+            std::thread::spawn(move || {
+                let mut unlinked = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    match s.unlink(Ino::ROOT, &name) {
+                        Ok(()) => unlinked += 1,
+                        Err(e) if e.errno == libc::ENOENT => {}
+                        Err(e) => panic!("unlink: {e}"),
+                    }
+                }
+                unlinked
+            })
+        };
+        let creators: Vec<_> = (0..4)
+            .map(|_| {
+                let (s, name) = (s.clone(), name.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..1500 {
+                        let flags = libc::O_RDWR | libc::O_CREAT;
+                        match s.create(Ino::ROOT, &name, 0o644, flags, ME, conn) {
+                            Ok(f) => s.release(f.opened.handle).expect("release"),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let results: Vec<_> = creators
+            .into_iter()
+            .map(|c| c.join().expect("creator thread"))
+            .collect();
+        stop.store(true, Ordering::SeqCst);
+        let unlinked = unlinker.join().expect("unlinker thread");
+        for r in results {
+            if let Err(e) = r {
+                panic!("create failed: {e}");
+            }
+        }
+        assert!(unlinked > 0, "the unlinker never removed the file");
+        assert_eq!(s.lock_opens().count(Ino(2)), 0);
+    }
+
+    /// A reconnect lists what mountd holds: handles of the old connection
+    /// that it no longer holds are dropped and their orphans freed; the
+    /// held ones keep their orphans alive; counts match the list.
+    #[test]
+    fn register_mount_settles_counts_and_frees_unheld_orphans() {
+        let (_d, s) = store();
+        let (old, new) = (ConnId(1), ConnId(2));
+        s.connect(old);
+        s.register_mount(old, key(7), true, &[]).expect("register");
+        let flags = libc::O_RDWR | libc::O_CREAT;
+        let kept = s
+            .create(Ino::ROOT, &Name::from("kept"), 0o644, flags, ME, old)
+            .expect("create");
+        let lost = s
+            .create(Ino::ROOT, &Name::from("lost"), 0o644, flags, ME, old)
+            .expect("create");
+        s.unlink(Ino::ROOT, &Name::from("kept")).expect("unlink");
+        s.unlink(Ino::ROOT, &Name::from("lost")).expect("unlink");
+        assert_eq!(s.disconnect(old), 2);
+        let (ki, li) = (kept.opened.attr.ino, lost.opened.attr.ino);
+        assert!(s.getattr(li).is_ok(), "parked, not freed, at disconnect");
+        s.connect(new);
+        let (settled, freed) = s
+            .register_mount(new, key(7), false, &[(kept.opened.handle, ki)])
+            .expect("register");
+        assert_eq!((settled.kept, settled.dropped, freed), (1, 1, 1));
+        assert_eq!(s.getattr(li).map_err(|e| e.errno), Err(libc::ENOENT));
+        assert_eq!(s.getattr(ki).expect("held orphan").nlink, 0);
+        assert_eq!(s.open_handles(new), 1);
+        s.release(kept.opened.handle).expect("release");
+        assert_eq!(s.getattr(ki).map_err(|e| e.errno), Err(libc::ENOENT));
+    }
+
+    #[test]
+    fn handle_epochs_grow_across_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = {
+            let s = Store::load(dir.path(), (0, 0)).expect("store");
+            s.begin_handle_epoch().expect("epoch")
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let second = loop {
+            match Store::load(dir.path(), (0, 0)) {
+                Ok(s) => break s.begin_handle_epoch().expect("epoch"),
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(e.message.contains("lock"), "reopen: {e}");
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
+        assert!(second > first, "epoch {second} after {first}");
     }
 }
