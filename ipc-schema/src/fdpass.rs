@@ -70,12 +70,11 @@ impl FdSender {
     }
 }
 
-/// How long a received descriptor waits for its `open` answer before it is
-/// dropped (its `open` call timed out on mountd's side).
-const UNCLAIMED_TTL: Duration = Duration::from_secs(60);
-
 /// mountd's end: descriptors received, waiting for the `open` answer that
-/// names them.
+/// names them. A descriptor whose answer never came (mountd's call timed
+/// out) stays until the owner collects it with
+/// [`FdInbox::take_unclaimed`], which closes it and names its handle, so
+/// that the open can be released.
 #[derive(Clone, Default)]
 pub struct FdInbox {
     inner: Arc<InboxInner>,
@@ -106,10 +105,8 @@ impl FdInbox {
         loop {
             match recv_one(sock.as_raw_fd()) {
                 Ok(Some((handle, fd))) => {
-                    let now = Instant::now();
                     if let Ok(mut fds) = self.inner.fds.lock() {
-                        fds.retain(|_, (_, t)| now.duration_since(*t) < UNCLAIMED_TTL);
-                        fds.insert(handle, (fd, now));
+                        fds.insert(handle, (fd, Instant::now()));
                     }
                     self.inner.arrived.notify_waiters();
                 }
@@ -144,6 +141,25 @@ impl FdInbox {
             }
             notified.await;
         }
+    }
+
+    /// Close every descriptor that arrived more than `older_than` ago and
+    /// was never taken (nobody waits for it any more), and return their
+    /// handles.
+    pub fn take_unclaimed(&self, older_than: Duration) -> Vec<HandleId> {
+        let now = Instant::now();
+        let Ok(mut fds) = self.inner.fds.lock() else {
+            return Vec::new();
+        };
+        let old: Vec<HandleId> = fds
+            .iter()
+            .filter(|(_, (_, t))| now.duration_since(*t) >= older_than)
+            .map(|(h, _)| *h)
+            .collect();
+        let closing: Vec<_> = old.iter().filter_map(|h| fds.remove(h)).collect();
+        drop(fds);
+        drop(closing);
+        old
     }
 
     /// Take the descriptor for `handle`, waiting until `deadline` for it.

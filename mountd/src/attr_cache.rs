@@ -1,12 +1,14 @@
 //! The last known attributes and directory entries, for answers when
-//! syncd misses the deadline.
+//! syncd misses the deadline, for the extended-attribute shortcut, and
+//! for inodes the kernel still holds after they were removed.
 //!
 //! The kernel already caches attributes and entries for `--attr-ttl`; this
-//! cache is not consulted on the normal path. It exists for one purpose:
-//! when syncd does not answer a `getattr` or `lookup` in time, mountd
+//! cache is not consulted on the normal path of `getattr` and `lookup`.
+//! When syncd does not answer a `getattr` or `lookup` in time, mountd
 //! answers with what it saw last (which is what a local disk would have
 //! said a moment ago) instead of an error, so `stat` and `ls -l` keep
-//! working while syncd is stalled.
+//! working while syncd is stalled. `getxattr`/`listxattr` of an inode
+//! whose last known attributes say it has none are answered here too.
 //!
 //! Size is bounded with two generations: entries go into the young
 //! generation; when it holds half the capacity, the old generation is
@@ -14,12 +16,56 @@
 //! moved back to the young one. That approximates LRU with O(1) work and
 //! no per-entry bookkeeping.
 //!
+//! # Never back in time
+//!
+//! Replies cross: a `getattr` sent before a `setxattr` can come back after
+//! it, carrying `has_xattrs: false`, and caching it would hide the new
+//! attribute (the shortcut would answer ENODATA). So every request takes a
+//! [`Ticket`] (the cache's change counter) before it is sent, and every
+//! change made through this mount (`setattr`, `setxattr`, `link`, ...)
+//! bumps the counter for its inodes when its answer arrives
+//! ([`AttrCache::changed`]). A reply is cached only if no change of that
+//! inode completed after its request was sent. This is sound because
+//! syncd answers a change only after it is applied, and a request sent
+//! after that answer is served after it: an accepted reply saw every
+//! completed change. A rejected reply may be newer than the cache, but
+//! only changes made through this mount are counted (every change is, with
+//! no peers yet), so after a change completes the cache holds that
+//! change's own answer, or a reply to a request sent after it, or (when
+//! two changes crossed) nothing; `setxattr` only ever sets the mark. The
+//! counter per inode is remembered for [`CHANGE_MEMORY`], longer than any
+//! request can wait. syncd keeps no version of its own for this: with one
+//! writer (this mount) the order of completion here is the order that
+//! matters; peers will bring versions from syncd.
+//!
+//! # Removed inodes the kernel still holds
+//!
+//! The kernel keeps a lookup count per inode it was told about (every
+//! entry reply: `lookup`, `create`, `mkdir`, `readdirplus`, ...) and sends
+//! `forget` when it drops it. The cache mirrors those counts and keeps the
+//! last attributes of every such inode outside the bounded generations
+//! ([`AttrCache::looked_up`], [`AttrCache::forget`]). Inode numbers are
+//! never reused, so when syncd says an inode the kernel still asks about
+//! does not exist, it was removed while referenced (an `O_PATH`
+//! descriptor, an open or working directory that was removed): mountd then
+//! answers `getattr` with these attributes and `nlink` 0, as a local disk
+//! would ([`AttrCache::removed`]). They are the last attributes mountd saw,
+//! so a removed file's size is the one it had when last seen.
+//!
 //! One `Mutex` guards everything; it is held only for map operations.
 
 use ipc_schema::Attr;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long the completion of a change is remembered: longer than any
+/// request to syncd can wait for its answer.
+pub const CHANGE_MEMORY: Duration = Duration::from_secs(120);
+/// Remembered changes kept before old ones are pruned.
+const CHANGES_BEFORE_PRUNE: usize = 4096;
 
 /// Default number of attributes (and, separately, entries) remembered.
 pub const DEFAULT_CAPACITY: usize = 100_000;
@@ -73,11 +119,35 @@ impl<K: Hash + Eq, V: Clone> TwoGen<K, V> {
 struct Maps {
     attrs: TwoGen<u64, Attr>,
     entries: TwoGen<(u64, Vec<u8>), u64>,
+    /// Inode → the counter value when its last change completed, and when.
+    changed: HashMap<u64, (u64, Instant)>,
+    /// Inodes the kernel holds: its lookup count and their last attributes.
+    referenced: HashMap<u64, (u64, Attr)>,
 }
+
+impl Maps {
+    /// Whether a reply to a request sent at `since` may be cached for `ino`.
+    fn current(&self, since: Ticket, ino: u64) -> bool {
+        self.changed.get(&ino).is_none_or(|(c, _)| *c <= since.0)
+    }
+
+    fn store(&mut self, attr: &Attr) {
+        self.attrs.put(attr.ino.0, *attr);
+        if let Some((_, a)) = self.referenced.get_mut(&attr.ino.0) {
+            *a = *attr;
+        }
+    }
+}
+
+/// The cache's change counter when a request was sent (see the module
+/// doc): take it before sending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket(u64);
 
 /// Last known attributes per inode and `(parent, name) → inode` entries.
 pub struct AttrCache {
     maps: Mutex<Maps>,
+    counter: AtomicU64,
 }
 
 impl AttrCache {
@@ -87,7 +157,10 @@ impl AttrCache {
             maps: Mutex::new(Maps {
                 attrs: TwoGen::new(capacity),
                 entries: TwoGen::new(capacity),
+                changed: HashMap::new(),
+                referenced: HashMap::new(),
             }),
+            counter: AtomicU64::new(0),
         }
     }
 
@@ -98,19 +171,64 @@ impl AttrCache {
         f(&mut g)
     }
 
-    /// Remember `attr` as the latest attributes of its inode.
-    pub fn put_attr(&self, attr: &Attr) {
-        self.with(|m| m.attrs.put(attr.ino.0, *attr));
+    /// The ticket of a request about to be sent.
+    pub fn ticket(&self) -> Ticket {
+        Ticket(self.counter.load(Ordering::SeqCst))
     }
 
-    /// Record that `ino` now has an extended attribute (after `setxattr`).
-    pub fn mark_has_xattrs(&self, ino: u64) {
+    /// Remember `attr`, the answer to a request sent at `since`, as the
+    /// latest attributes of its inode, unless a change of that inode
+    /// completed after `since`. Returns whether it was kept.
+    pub fn put_attr(&self, since: Ticket, attr: &Attr) -> bool {
+        self.with(|m| {
+            let ok = m.current(since, attr.ino.0);
+            if ok {
+                m.store(attr);
+            }
+            ok
+        })
+    }
+
+    /// A change of `ino`, sent at `since`, completed; `reply` is the
+    /// inode's attributes in its answer, if it has them. The reply is kept
+    /// unless another change of `ino` completed after `since` (then the
+    /// cached attributes, older than this change, are dropped).
+    pub fn changed(&self, since: Ticket, ino: u64, reply: Option<&Attr>) {
+        self.with(|m| {
+            let ok = m.current(since, ino);
+            match reply {
+                Some(a) if ok => m.store(a),
+                Some(_) => m.attrs.remove(&ino),
+                None => {}
+            }
+            self.note_change(m, ino);
+        });
+    }
+
+    /// A `setxattr` of `ino` completed: the inode has an extended
+    /// attribute now (kept even if replies cross: the mark only makes
+    /// mountd ask syncd).
+    pub fn set_xattr_done(&self, ino: u64) {
         self.with(|m| {
             if let Some(mut a) = m.attrs.get(&ino) {
                 a.has_xattrs = true;
                 m.attrs.put(ino, a);
             }
+            if let Some((_, a)) = m.referenced.get_mut(&ino) {
+                a.has_xattrs = true;
+            }
+            self.note_change(m, ino);
         });
+    }
+
+    fn note_change(&self, m: &mut Maps, ino: u64) {
+        let now = Instant::now();
+        let c = self.counter.fetch_add(1, Ordering::SeqCst) + 1;
+        m.changed.insert(ino, (c, now));
+        if m.changed.len() > CHANGES_BEFORE_PRUNE {
+            m.changed
+                .retain(|_, (_, at)| now.duration_since(*at) < CHANGE_MEMORY);
+        }
     }
 
     /// The last known attributes of `ino`.
@@ -118,12 +236,58 @@ impl AttrCache {
         self.with(|m| m.attrs.get(&ino))
     }
 
-    /// Remember that `parent/name` is `attr.ino`, with these attributes.
-    pub fn put_entry(&self, parent: u64, name: &[u8], attr: &Attr) {
+    /// The kernel was given an entry for `attr.ino` (its lookup count grew
+    /// by one).
+    pub fn looked_up(&self, attr: &Attr) {
+        self.with(|m| {
+            let e = m.referenced.entry(attr.ino.0).or_insert((0, *attr));
+            e.0 += 1;
+        });
+    }
+
+    /// The kernel dropped `n` lookups of `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.with(|m| {
+            if let Some(e) = m.referenced.get_mut(&ino) {
+                e.0 = e.0.saturating_sub(n);
+                if e.0 == 0 {
+                    m.referenced.remove(&ino);
+                }
+            }
+        });
+    }
+
+    /// The attributes to answer for `ino`, which syncd says does not exist:
+    /// its last known ones with `nlink` 0 if the kernel still holds it.
+    pub fn removed(&self, ino: u64) -> Option<Attr> {
+        self.with(|m| {
+            m.referenced.get(&ino).map(|(_, a)| Attr {
+                nlink: 0,
+                ..*a
+            })
+        })
+    }
+
+    /// How many inodes the kernel holds, as far as mountd counted.
+    #[cfg(test)]
+    pub fn referenced(&self) -> usize {
+        self.with(|m| m.referenced.len())
+    }
+
+    /// Remember that `parent/name` is `attr.ino`, with these attributes
+    /// (the answer to a request sent at `since`; see [`AttrCache::put_attr`]).
+    pub fn put_entry(&self, since: Ticket, parent: u64, name: &[u8], attr: &Attr) {
         self.with(|m| {
             m.entries.put((parent, name.to_vec()), attr.ino.0);
-            m.attrs.put(attr.ino.0, *attr);
+            if m.current(since, attr.ino.0) {
+                m.store(attr);
+            }
         });
+    }
+
+    /// The inode `parent/name` named when last seen.
+    pub fn entry_ino(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        self.with(|m| m.entries.get(&(parent, name.to_vec())))
     }
 
     /// The last known attributes of what `parent/name` named.
@@ -174,12 +338,12 @@ mod tests {
     #[test]
     fn remembers_attrs_and_entries() {
         let c = AttrCache::new(100);
-        c.put_entry(1, b"a", &attr(5));
+        c.put_entry(c.ticket(), 1, b"a", &attr(5));
         assert_eq!(c.attr(5).map(|a| a.size), Some(5));
         assert_eq!(c.entry(1, b"a").map(|a| a.ino), Some(Ino(5)));
         let mut newer = attr(5);
         newer.size = 99;
-        c.put_attr(&newer);
+        c.put_attr(c.ticket(), &newer);
         assert_eq!(c.entry(1, b"a").map(|a| a.size), Some(99));
         c.forget_entry(1, b"a");
         assert_eq!(c.entry(1, b"a"), None);
@@ -190,7 +354,7 @@ mod tests {
     fn stays_bounded_and_keeps_recent_items() {
         let c = AttrCache::new(10);
         for i in 0..1000 {
-            c.put_attr(&attr(i));
+            c.put_attr(c.ticket(), &attr(i));
             // Keep touching inode 0: it must survive every rotation.
             assert!(c.attr(0).is_some(), "recently used item evicted at {i}");
         }
@@ -198,5 +362,58 @@ mod tests {
         assert!(attrs <= 10, "cache holds {attrs} attrs");
         assert!(c.attr(999).is_some());
         assert!(c.attr(500).is_none());
+    }
+
+    #[test]
+    fn a_reply_sent_before_a_change_cannot_undo_it() {
+        let c = AttrCache::new(100);
+        c.put_attr(c.ticket(), &attr(5));
+        // A getattr is sent, then a setxattr completes, then the getattr's
+        // answer (no xattrs) arrives.
+        let getattr_sent = c.ticket();
+        c.set_xattr_done(5);
+        assert!(!c.put_attr(getattr_sent, &attr(5)), "stale reply refused");
+        assert_eq!(c.attr(5).map(|a| a.has_xattrs), Some(true));
+        // A request sent after the change is cached.
+        let mut fresh = attr(5);
+        fresh.has_xattrs = true;
+        fresh.size = 7;
+        assert!(c.put_attr(c.ticket(), &fresh));
+        assert_eq!(c.attr(5).map(|a| a.size), Some(7));
+        // Other inodes are not affected.
+        assert!(c.put_attr(getattr_sent, &attr(6)));
+    }
+
+    #[test]
+    fn crossing_changes_leave_nothing_stale() {
+        let c = AttrCache::new(100);
+        c.put_attr(c.ticket(), &attr(5));
+        let chmod_sent = c.ticket();
+        let mut chowned = attr(5);
+        chowned.uid = 9;
+        c.changed(c.ticket(), 5, Some(&chowned));
+        // The chmod's answer (older than the chown's) arrives last.
+        let mut chmodded = attr(5);
+        chmodded.perm = 0o600;
+        c.changed(chmod_sent, 5, Some(&chmodded));
+        assert_eq!(c.attr(5), None, "neither answer is known to be the latest");
+    }
+
+    #[test]
+    fn removed_inodes_answer_while_the_kernel_holds_them() {
+        let c = AttrCache::new(100);
+        c.looked_up(&attr(5));
+        c.looked_up(&attr(5));
+        assert_eq!(c.removed(5).map(|a| (a.nlink, a.size)), Some((0, 5)));
+        let mut grown = attr(5);
+        grown.size = 50;
+        c.put_attr(c.ticket(), &grown);
+        assert_eq!(c.removed(5).map(|a| a.size), Some(50));
+        c.forget(5, 1);
+        assert!(c.removed(5).is_some(), "one lookup left");
+        c.forget(5, 1);
+        assert_eq!(c.removed(5), None);
+        assert_eq!(c.referenced(), 0);
+        assert_eq!(c.removed(6), None, "never given to the kernel");
     }
 }

@@ -29,10 +29,11 @@
 //! so a read-ahead asked for before or during a change is never used
 //! after it.
 
-use crate::attr_cache::AttrCache;
+use crate::attr_cache::{AttrCache, Ticket};
 use crate::dir_handles::{self, DirHandles, ReadAhead};
 use crate::fd_check::{self, Access};
 use crate::handles::{Handle, HandleTable};
+use crate::releases::Releases;
 use crate::passthrough::{Mode, Passthrough};
 use crate::syncd_client::{CallError, Retry, SyncdClient};
 use fuser::BackingId;
@@ -52,12 +53,17 @@ use tokio::time::Instant;
 /// Extra time to wait for a descriptor whose `open` answer has arrived:
 /// syncd sends it before answering, so it is normally already queued.
 const FD_GRACE: Duration = Duration::from_millis(100);
+/// Margin beyond the longest an open can wait for its descriptor, after
+/// which a descriptor nobody took is closed and its open released.
+const UNCLAIMED_MARGIN: Duration = Duration::from_secs(1);
 
 /// The state behind the FUSE adapter.
 pub struct Keibi {
     client: SyncdClient,
     cache: AttrCache,
-    handles: HandleTable,
+    handles: Arc<HandleTable>,
+    /// Releases on their way to syncd.
+    releases: Arc<Releases>,
     dirs: DirHandles,
     /// Counts changes made through this mount (see the module doc).
     changes: AtomicU64,
@@ -97,8 +103,6 @@ pub struct OpenedFd {
     pub opened: Opened,
     /// The content file.
     pub fd: OwnedFd,
-    /// The connection the open was made on.
-    pub generation: u64,
     /// Opened with write access.
     pub writable: bool,
 }
@@ -114,10 +118,19 @@ impl Keibi {
         attr_ttl: Duration,
         rt: tokio::runtime::Handle,
     ) -> Self {
+        let handles = Arc::new(HandleTable::default());
+        client.report_handles_of(handles.clone());
+        let releases = Arc::new(Releases::default());
+        rt.spawn(releases.clone().deliver(
+            client.clone(),
+            deadline,
+            deadline + FD_GRACE + UNCLAIMED_MARGIN,
+        ));
         Keibi {
             client,
             cache,
-            handles: HandleTable::default(),
+            handles,
+            releases,
             dirs: DirHandles::new(attr_ttl),
             changes: AtomicU64::new(0),
             passthrough,
@@ -146,6 +159,7 @@ impl Keibi {
     /// `lookup`, or the last known entry when syncd misses the deadline.
     pub async fn lookup(&self, parent: u64, name: Name) -> Result<Attr, FsError> {
         let n = name.clone();
+        let ticket = self.cache.ticket();
         let r = self
             .client
             .call(
@@ -161,7 +175,7 @@ impl Keibi {
             .await;
         match r {
             Ok(a) => {
-                self.cache.put_entry(parent, name.as_bytes(), &a);
+                self.cache.put_entry(ticket, parent, name.as_bytes(), &a);
                 Ok(a)
             }
             Err(CallError::Deadline { waited }) => {
@@ -189,7 +203,12 @@ impl Keibi {
 
     /// `getattr`, or the last known attributes when syncd misses the
     /// deadline.
+    ///
+    /// An inode syncd does not know but the kernel still holds was removed
+    /// while referenced: it answers its last known attributes with
+    /// `nlink` 0 (see [`crate::attr_cache`]).
     pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        let ticket = self.cache.ticket();
         let r = self
             .client
             .call(
@@ -202,9 +221,16 @@ impl Keibi {
             .await;
         match r {
             Ok(a) => {
-                self.cache.put_attr(&a);
+                self.cache.put_attr(ticket, &a);
                 Ok(a)
             }
+            Err(CallError::Fs(e)) if e.errno == libc::ENOENT => match self.cache.removed(ino) {
+                Some(a) => {
+                    tracing::debug!(ino, "removed but still referenced: nlink 0");
+                    Ok(a)
+                }
+                None => Err(e),
+            },
             Err(CallError::Deadline { waited }) => match self.cache.attr(ino) {
                 Some(a) => {
                     tracing::info!(
@@ -224,6 +250,7 @@ impl Keibi {
     /// `setattr`.
     pub async fn setattr(&self, ino: u64, changes: SetAttr) -> Result<Attr, FsError> {
         let _change = self.change();
+        let ticket = self.cache.ticket();
         let a = self
             .client
             .call(
@@ -235,7 +262,7 @@ impl Keibi {
             )
             .await
             .map_err(|e| e.into_fs("setattr"))?;
-        self.cache.put_attr(&a);
+        self.cache.changed(ticket, ino, Some(&a));
         Ok(a)
     }
 
@@ -253,16 +280,31 @@ impl Keibi {
             .map_err(|e| e.into_fs("readlink"))
     }
 
+    /// The answer of a change that made `parent/name` (sent at `ticket`):
+    /// the new entry's inode and the parent changed.
     fn created(
         &self,
+        ticket: Ticket,
         parent: u64,
         name: &Name,
         r: Result<Attr, CallError>,
         op: &str,
     ) -> Result<Attr, FsError> {
         let a = r.map_err(|e| e.into_fs(op))?;
-        self.cache.put_entry(parent, name.as_bytes(), &a);
+        self.cache.changed(ticket, a.ino.0, Some(&a));
+        self.cache.changed(ticket, parent, None);
+        self.cache.put_entry(ticket, parent, name.as_bytes(), &a);
         Ok(a)
+    }
+
+    /// A change that removed or replaced `parent/name` (sent at `ticket`)
+    /// completed: the parent and the inode the name had (if known) changed.
+    fn removed_entry(&self, ticket: Ticket, parent: u64, name: &[u8], ino: Option<u64>) {
+        if let Some(ino) = ino {
+            self.cache.changed(ticket, ino, None);
+        }
+        self.cache.changed(ticket, parent, None);
+        self.cache.forget_entry(parent, name);
     }
 
     /// `mkdir` (`perm` already masked by the umask).
@@ -274,6 +316,7 @@ impl Keibi {
         caller: Caller,
     ) -> Result<Attr, FsError> {
         let _change = self.change();
+        let ticket = self.cache.ticket();
         let n = name.clone();
         let r = self
             .client
@@ -282,7 +325,7 @@ impl Keibi {
                 async move { c.client.mkdir(ctx, Ino(parent), n, perm, caller).await }
             })
             .await;
-        self.created(parent, &name, r, "mkdir")
+        self.created(ticket, parent, &name, r, "mkdir")
     }
 
     /// `mknod` of a fifo or socket; a regular file is created and closed
@@ -304,12 +347,13 @@ impl Keibi {
                     .await?;
                 let attr = got.opened.attr;
                 drop(got.fd);
-                self.release_in_background(got.opened.handle, got.generation);
+                self.abandon(got.opened.handle);
                 return Ok(attr);
             }
             _ => return Err(fs_err!(EPERM, "mknod: device nodes are not supported")),
         };
         let _change = self.change();
+        let ticket = self.cache.ticket();
         let n = name.clone();
         let r = self
             .client
@@ -322,7 +366,7 @@ impl Keibi {
                 }
             })
             .await;
-        self.created(parent, &name, r, "mknod")
+        self.created(ticket, parent, &name, r, "mknod")
     }
 
     /// `symlink`.
@@ -334,6 +378,7 @@ impl Keibi {
         caller: Caller,
     ) -> Result<Attr, FsError> {
         let _change = self.change();
+        let ticket = self.cache.ticket();
         let n = name.clone();
         let r = self
             .client
@@ -343,12 +388,13 @@ impl Keibi {
                 async move { c.client.symlink(ctx, Ino(parent), n, t, caller).await }
             })
             .await;
-        self.created(parent, &name, r, "symlink")
+        self.created(ticket, parent, &name, r, "symlink")
     }
 
     /// `link`.
     pub async fn link(&self, ino: u64, new_parent: u64, new_name: Name) -> Result<Attr, FsError> {
         let _change = self.change();
+        let ticket = self.cache.ticket();
         let n = new_name.clone();
         let r = self
             .client
@@ -357,35 +403,43 @@ impl Keibi {
                 async move { c.client.link(ctx, Ino(ino), Ino(new_parent), n).await }
             })
             .await;
-        self.created(new_parent, &new_name, r, "link")
+        self.created(ticket, new_parent, &new_name, r, "link")
     }
 
     /// `unlink`.
     pub async fn unlink(&self, parent: u64, name: Name) -> Result<(), FsError> {
         let _change = self.change();
+        let ticket = self.cache.ticket();
         let n = name.clone();
+        let ino = self.cache.entry_ino(parent, name.as_bytes());
         self.cache.forget_entry(parent, name.as_bytes());
-        self.client
+        let r = self
+            .client
             .call("unlink", parent, self.deadline(), Retry::Once, |c, ctx| {
                 let n = n.clone();
                 async move { c.client.unlink(ctx, Ino(parent), n).await }
             })
-            .await
-            .map_err(|e| e.into_fs("unlink"))
+            .await;
+        self.removed_entry(ticket, parent, name.as_bytes(), ino);
+        r.map_err(|e| e.into_fs("unlink"))
     }
 
     /// `rmdir`.
     pub async fn rmdir(&self, parent: u64, name: Name) -> Result<(), FsError> {
         let _change = self.change();
+        let ticket = self.cache.ticket();
         let n = name.clone();
+        let ino = self.cache.entry_ino(parent, name.as_bytes());
         self.cache.forget_entry(parent, name.as_bytes());
-        self.client
+        let r = self
+            .client
             .call("rmdir", parent, self.deadline(), Retry::Once, |c, ctx| {
                 let n = n.clone();
                 async move { c.client.rmdir(ctx, Ino(parent), n).await }
             })
-            .await
-            .map_err(|e| e.into_fs("rmdir"))
+            .await;
+        self.removed_entry(ticket, parent, name.as_bytes(), ino);
+        r.map_err(|e| e.into_fs("rmdir"))
     }
 
     /// `rename`.
@@ -398,9 +452,13 @@ impl Keibi {
         flags: RenameFlags,
     ) -> Result<(), FsError> {
         let _change = self.change();
+        let ticket = self.cache.ticket();
+        let src = self.cache.entry_ino(parent, name.as_bytes());
+        let dst = self.cache.entry_ino(new_parent, new_name.as_bytes());
         self.cache.forget_entry(parent, name.as_bytes());
         self.cache.forget_entry(new_parent, new_name.as_bytes());
-        self.client
+        let r = self
+            .client
             .call("rename", parent, self.deadline(), Retry::Once, |c, ctx| {
                 let (n, nn) = (name.clone(), new_name.clone());
                 async move {
@@ -409,8 +467,10 @@ impl Keibi {
                         .await
                 }
             })
-            .await
-            .map_err(|e| e.into_fs("rename"))
+            .await;
+        self.removed_entry(ticket, parent, name.as_bytes(), src);
+        self.removed_entry(ticket, new_parent, new_name.as_bytes(), dst);
+        r.map_err(|e| e.into_fs("rename"))
     }
 
     /// `readdir`: up to `limit` entries after `after`, with attributes if
@@ -423,6 +483,7 @@ impl Keibi {
         plus: bool,
     ) -> Result<Vec<DirEntry>, FsError> {
         let op = if plus { "readdirplus" } else { "readdir" };
+        let ticket = self.cache.ticket();
         let entries = self
             .client
             .call(
@@ -443,7 +504,7 @@ impl Keibi {
                 && e.name.as_bytes() != b"."
                 && e.name.as_bytes() != b".."
             {
-                self.cache.put_entry(dir, e.name.as_bytes(), a);
+                self.cache.put_entry(ticket, dir, e.name.as_bytes(), a);
             }
         }
         Ok(entries)
@@ -537,6 +598,7 @@ impl Keibi {
         // O_TRUNC changes the size; a writer changes it later.
         let _change = (Access::of_flags(flags) != Access::Read || flags & libc::O_TRUNC != 0)
             .then(|| self.change());
+        let ticket = self.cache.ticket();
         let deadline = self.deadline();
         let r = self
             .client
@@ -547,7 +609,7 @@ impl Keibi {
                     .map(|o| (o, c.clone())))
             })
             .await;
-        self.receive_fd("open", ino, flags, deadline, r).await
+        self.receive_fd("open", ino, flags, deadline, ticket, r).await
     }
 
     /// Ask syncd to create and open `parent/name`, and take and validate
@@ -561,6 +623,7 @@ impl Keibi {
         caller: Caller,
     ) -> Result<OpenedFd, FsError> {
         let _change = self.change();
+        let ticket = self.cache.ticket();
         let deadline = self.deadline();
         let n = name.clone();
         let r = self
@@ -576,28 +639,46 @@ impl Keibi {
             })
             .await;
         let got = self
-            .receive_fd("create", parent, flags, deadline, r)
+            .receive_fd("create", parent, flags, deadline, ticket, r)
             .await?;
+        self.cache.changed(ticket, parent, None);
         self.cache
-            .put_entry(parent, name.as_bytes(), &got.opened.attr);
+            .put_entry(ticket, parent, name.as_bytes(), &got.opened.attr);
         Ok(got)
     }
 
+    /// Take the descriptor of an open syncd answered, and validate it.
+    ///
+    /// The handle counts as held (for a reconnect's list, see
+    /// [`HandleTable::held`]) from before the connection is checked: if
+    /// the connection it was opened on is no longer the current one, a
+    /// reconnect may already have told syncd what mountd holds without it,
+    /// so the open fails (EIO) and is released rather than kept unknown to
+    /// syncd. Every failure after syncd answered releases the handle.
     async fn receive_fd(
         &self,
         op: &'static str,
         ino: u64,
         flags: i32,
         deadline: Instant,
+        ticket: Ticket,
         r: Result<(Opened, Arc<crate::syncd_client::Connection>), CallError>,
     ) -> Result<OpenedFd, FsError> {
         let (opened, conn) = r.map_err(|e| e.into_fs(op))?;
-        let generation = conn.generation();
+        self.handles
+            .begin_opening(opened.handle, opened.attr.ino.0);
+        if self.client.current_generation() != Some(conn.generation()) {
+            self.abandon(opened.handle);
+            return Err(fs_err!(
+                EIO,
+                "{op}: the connection to keibi-syncd changed during the open"
+            ));
+        }
         let wait_until = deadline.max(Instant::now() + FD_GRACE);
         let fd = match conn.inbox.take(opened.handle, wait_until).await {
             Ok(fd) => fd,
             Err(e) => {
-                self.release_in_background(opened.handle, generation);
+                self.abandon(opened.handle);
                 return Err(FsError::io(
                     format!("{op}: descriptor of {}", opened.handle),
                     &e,
@@ -612,14 +693,18 @@ impl Keibi {
         ) {
             tracing::warn!(op, ino, syncd_handle = opened.handle.0, reason = %why, "refused the content descriptor keibi-syncd sent");
             drop(fd);
-            self.release_in_background(opened.handle, generation);
+            self.abandon(opened.handle);
             return Err(fs_err!(EIO, "{op}: refused the content descriptor: {why}"));
         }
-        self.cache.put_attr(&opened.attr);
+        if flags & libc::O_TRUNC != 0 {
+            self.cache
+                .changed(ticket, opened.attr.ino.0, Some(&opened.attr));
+        } else {
+            self.cache.put_attr(ticket, &opened.attr);
+        }
         Ok(OpenedFd {
             opened,
             fd,
-            generation,
             writable: Access::of_flags(flags) != Access::Read,
         })
     }
@@ -637,7 +722,7 @@ impl Keibi {
         let mode = match self.passthrough.mode_for(ino, || register(&got.fd)) {
             Ok(m) => m,
             Err(e) => {
-                self.release_in_background(syncd_handle, got.generation);
+                self.abandon(syncd_handle);
                 return Err(FsError::io(
                     format!("registering {syncd_handle} of ino {ino} for passthrough"),
                     &e,
@@ -651,7 +736,6 @@ impl Keibi {
         let fh = self.handles.insert(Handle {
             ino,
             syncd_handle,
-            generation: got.generation,
             file: File::from(got.fd),
             backing,
             writable: got.writable,
@@ -660,35 +744,11 @@ impl Keibi {
         Ok((fh, mode))
     }
 
-    /// Tell syncd an open is over, without making anyone wait for it.
-    /// Only the syncd the open was made on knows its handle: after a
-    /// reconnection (syncd restarted, and dropped the opens of the old
-    /// connection) there is nothing to tell, and telling the new syncd
-    /// would release one of its own opens that has the same number.
-    pub fn release_in_background(&self, syncd_handle: HandleId, generation: u64) {
-        if self.client.current_generation() != Some(generation) {
-            tracing::debug!(
-                syncd_handle = syncd_handle.0,
-                generation,
-                "open made on an earlier connection to keibi-syncd; nothing to release"
-            );
-            return;
-        }
-        let client = self.client.clone();
-        let deadline = self.deadline();
-        self.rt.spawn(async move {
-            let r = client
-                .call("release", syncd_handle.0, deadline, Retry::Once, |c, ctx| async move {
-                    if c.generation() != generation {
-                        return Ok(Ok(()));
-                    }
-                    c.client.release(ctx, syncd_handle).await
-                })
-                .await;
-            if let Err(CallError::Fs(e)) = r {
-                tracing::debug!(syncd_handle = syncd_handle.0, error = %e, "release not recorded by keibi-syncd");
-            }
-        });
+    /// An open that was not installed is over: stop counting it as held
+    /// and release it.
+    pub fn abandon(&self, syncd_handle: HandleId) {
+        self.handles.end_opening(syncd_handle);
+        self.releases.queue(syncd_handle);
     }
 
     /// `release`: drop the table's reference and tell syncd.
@@ -705,7 +765,9 @@ impl Keibi {
                 passthrough = h.backing.is_some(),
                 "handle closed"
             );
-            self.release_in_background(h.syncd_handle, h.generation);
+            // Delivered in the background, retried until syncd has it
+            // (see `crate::releases`).
+            self.releases.queue(h.syncd_handle);
         }
     }
 
@@ -834,21 +896,25 @@ impl Keibi {
         mode: XattrSet,
     ) -> Result<(), FsError> {
         let _change = self.change();
-        self.client
+        let r = self
+            .client
             .call("setxattr", ino, self.deadline(), Retry::Once, |c, ctx| {
                 let (n, v) = (name.clone(), value.clone());
                 async move { c.client.setxattr(ctx, Ino(ino), n, v, mode).await }
             })
-            .await
-            .map_err(|e| e.into_fs("setxattr"))?;
-        self.cache.mark_has_xattrs(ino);
-        Ok(())
+            .await;
+        // Marked whatever the outcome: a call that timed out may have been
+        // applied, and the mark only makes getxattr ask syncd.
+        self.cache.set_xattr_done(ino);
+        r.map_err(|e| e.into_fs("setxattr"))
     }
 
     /// Whether the last known attributes of `ino` say it has no extended
     /// attribute at all, so `getxattr`/`listxattr` can be answered here.
-    /// Every `setxattr` passes through this mount and marks the inode, so
-    /// the flag cannot hide an attribute set here.
+    /// Every `setxattr` passes through this mount and marks the inode, and
+    /// a reply sent before that mark can no longer replace it (see
+    /// [`crate::attr_cache`]), so the flag cannot hide an attribute set
+    /// here.
     fn known_without_xattrs(&self, ino: u64) -> bool {
         self.cache.attr(ino).is_some_and(|a| !a.has_xattrs)
     }
@@ -918,7 +984,9 @@ impl Keibi {
     /// `removexattr`.
     pub async fn removexattr(&self, ino: u64, name: Name) -> Result<(), FsError> {
         let _change = self.change();
-        self.client
+        let ticket = self.cache.ticket();
+        let r = self
+            .client
             .call(
                 "removexattr",
                 ino,
@@ -929,9 +997,22 @@ impl Keibi {
                     async move { c.client.removexattr(ctx, Ino(ino), n).await }
                 },
             )
-            .await
-            .map_err(|e| e.into_fs("removexattr"))
+            .await;
+        self.cache.changed(ticket, ino, None);
+        r.map_err(|e| e.into_fs("removexattr"))
     }
+
+    /// The kernel was given an entry for `attr.ino` (its lookup count of
+    /// the inode grew by one; see [`crate::attr_cache`]).
+    pub fn entry_given(&self, attr: &Attr) {
+        self.cache.looked_up(attr);
+    }
+
+    /// The kernel forgot `n` lookups of `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.cache.forget(ino, n);
+    }
+
 }
 
 fn sized(v: Vec<u8>, size: u32) -> Result<XattrReply, FsError> {

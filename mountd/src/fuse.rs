@@ -148,10 +148,14 @@ impl KeibiFs {
         );
     }
 
-    /// An entry reply closure.
+    /// An entry reply closure. Each entry given to the kernel counts one
+    /// lookup of its inode (until `forget`; see `crate::attr_cache`).
     fn entry(&self) -> impl FnOnce(ReplyEntry, Attr) + Send + 'static {
-        let ttl = self.ttl;
-        move |r, a| r.entry(&ttl, &file_attr(&a), Generation(0))
+        let (ttl, k) = (self.ttl, self.keibi.clone());
+        move |r, a| {
+            k.entry_given(&a);
+            r.entry(&ttl, &file_attr(&a), Generation(0))
+        }
     }
 }
 
@@ -396,7 +400,9 @@ impl Filesystem for KeibiFs {
         }
     }
 
-    fn forget(&self, _req: &Request, _ino: INodeNo, _nlookup: u64) {}
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.keibi.forget(ino.0, nlookup);
+    }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let k = self.keibi.clone();
@@ -899,6 +905,7 @@ impl Filesystem for KeibiFs {
                     .map(|(fh, m)| (fh, attr, m))
             });
             finish(l, reply, result, |r, (fh, attr, mode)| {
+                k.entry_given(&attr);
                 let a = file_attr(&attr);
                 match mode {
                     Mode::Passthrough(id) => r.created_passthrough(
@@ -1081,7 +1088,19 @@ fn fill<R: DirReply>(
     let now = Instant::now();
     ahead.serve(
         |e| fresh || k.usable_ahead(e, R::PLUS),
-        |e, asked_at| reply.put(e, ttl_left(ttl, asked_at, now)),
+        |e, asked_at| {
+            let full = reply.put(e, ttl_left(ttl, asked_at, now));
+            // A readdirplus entry counts a lookup, except `.` and `..`.
+            if !full
+                && R::PLUS
+                && let Some(a) = &e.attr
+                && e.name.as_bytes() != b"."
+                && e.name.as_bytes() != b".."
+            {
+                k.entry_given(a);
+            }
+            full
+        },
     )
 }
 

@@ -1,16 +1,20 @@
 //! The open-handle table (failure mode 2 in `failure-modes.md`).
 //!
 //! Every open regular file has one [`Handle`]: the content descriptor syncd
-//! sent (validated), syncd's [`HandleId`] for the open with the connection
-//! it was made on, and for passthrough opens the inode's backing id. The
-//! table maps the FUSE file handle to an `Arc<Handle>`. FUSE file handles
-//! are mountd's own numbers, never reused: syncd's handle numbers start
-//! again when syncd restarts, while files opened before stay open. An operation takes a clone of the `Arc` and lets go of the
+//! sent (validated), syncd's [`HandleId`] for the open, and for
+//! passthrough opens the inode's backing id. The table maps the FUSE file
+//! handle to an `Arc<Handle>`. FUSE file handles are mountd's own numbers,
+//! never reused. An operation takes a clone of the `Arc` and lets go of the
 //! table lock before its syscall; `release` removes the entry. The
 //! descriptor is closed when the last `Arc` drops, so a `pwrite` racing with
 //! `release` still writes to the file it was meant for, and a descriptor
 //! number is never reused while an operation may use it. No lock is held
 //! during any I/O.
+//!
+//! The table is also the list of what mountd holds that it gives syncd on
+//! a reconnect ([`HandleTable::held`]): the installed handles and the opens
+//! whose descriptor was taken but not yet installed
+//! ([`HandleTable::begin_opening`]), so that syncd's counts equal mountd's.
 //!
 //! The table also counts, per inode, the handles open for writing: writes
 //! on them change the file's size and times without syncd knowing, so
@@ -24,7 +28,7 @@
 //! [`HandleId`]: ipc_schema::HandleId
 
 use fuser::BackingId;
-use ipc_schema::HandleId;
+use ipc_schema::{HandleId, HeldHandle, Ino};
 use std::collections::HashMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,11 +39,8 @@ use std::sync::{Arc, RwLock};
 pub struct Handle {
     /// The keibi inode it opens.
     pub ino: u64,
-    /// syncd's name for this open.
+    /// syncd's name for this open (unique across syncd restarts).
     pub syncd_handle: HandleId,
-    /// The connection to syncd the open was made on: only that syncd
-    /// knows `syncd_handle`.
-    pub generation: u64,
     /// The content file, as syncd opened it (validated by
     /// [`crate::fd_check`]). Used with `pread`/`pwrite`/`fsync`/`lseek`.
     pub file: File,
@@ -56,6 +57,9 @@ struct Map {
     by_fh: HashMap<u64, Arc<Handle>>,
     /// Inode → number of its handles open for writing (never 0).
     writers: HashMap<u64, usize>,
+    /// Opens whose descriptor was taken from syncd but that are not in
+    /// `by_fh` yet: syncd's handle → inode.
+    opening: HashMap<HandleId, u64>,
 }
 
 /// File handle → open handle.
@@ -74,10 +78,12 @@ impl Default for HandleTable {
 }
 
 impl HandleTable {
-    /// Add `handle` under a new file handle, which is returned.
+    /// Add `handle` under a new file handle, which is returned. Ends its
+    /// [`HandleTable::begin_opening`].
     pub fn insert(&self, handle: Handle) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed);
         let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
+        m.opening.remove(&handle.syncd_handle);
         if handle.writable {
             *m.writers.entry(handle.ino).or_default() += 1;
         }
@@ -89,6 +95,34 @@ impl HandleTable {
     pub fn get(&self, fh: u64) -> Option<Arc<Handle>> {
         let m = self.map.read().unwrap_or_else(|p| p.into_inner());
         m.by_fh.get(&fh).cloned()
+    }
+
+    /// Count syncd's `handle` of `ino` as held from now on, before it is
+    /// installed; end with [`HandleTable::insert`] or
+    /// [`HandleTable::end_opening`].
+    pub fn begin_opening(&self, handle: HandleId, ino: u64) {
+        let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
+        m.opening.insert(handle, ino);
+    }
+
+    /// The open of `handle` failed before it was installed.
+    pub fn end_opening(&self, handle: HandleId) {
+        let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
+        m.opening.remove(&handle);
+    }
+
+    /// Every syncd handle mountd holds: installed, or being installed.
+    pub fn held(&self) -> Vec<HeldHandle> {
+        let m = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let installed = m.by_fh.values().map(|h| (h.syncd_handle, h.ino));
+        let opening = m.opening.iter().map(|(h, i)| (*h, *i));
+        installed
+            .chain(opening)
+            .map(|(handle, ino)| HeldHandle {
+                handle,
+                ino: Ino(ino),
+            })
+            .collect()
     }
 
     /// Whether `ino` has a handle open for writing.
@@ -144,7 +178,6 @@ mod tests {
         let fh = table.insert(Handle {
             ino: 2,
             syncd_handle: HandleId(1),
-            generation: 1,
             file,
             backing: None,
             writable: false,
@@ -172,7 +205,6 @@ mod tests {
             let fh = table.insert(Handle {
                 ino: 2,
                 syncd_handle: HandleId(1),
-                generation: 1,
                 file,
                 backing: None,
                 writable: false,
@@ -183,6 +215,29 @@ mod tests {
     }
 
     #[test]
+    fn held_lists_installed_and_opening_handles() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = HandleTable::default();
+        table.begin_opening(HandleId(7), 3);
+        table.begin_opening(HandleId(8), 4);
+        let fh = table.insert(Handle {
+            ino: 3,
+            syncd_handle: HandleId(7),
+            file: File::open(dir.path()).expect("open"),
+            backing: None,
+            writable: false,
+        });
+        table.end_opening(HandleId(8));
+        table.begin_opening(HandleId(9), 5);
+        let mut held: Vec<_> = table.held().iter().map(|h| (h.handle.0, h.ino.0)).collect();
+        held.sort();
+        assert_eq!(held, vec![(7, 3), (9, 5)]);
+        table.remove(fh);
+        table.end_opening(HandleId(9));
+        assert!(table.held().is_empty());
+    }
+
+    #[test]
     fn counts_writers_per_inode() {
         let dir = tempfile::tempdir().expect("tempdir");
         let table = HandleTable::default();
@@ -190,7 +245,6 @@ mod tests {
             table.insert(Handle {
                 ino,
                 syncd_handle: HandleId(1),
-                generation: 1,
                 file: File::open(dir.path()).expect("open"),
                 backing: None,
                 writable,

@@ -27,6 +27,7 @@ mod logging;
 mod mount;
 mod ops_socket;
 mod passthrough;
+mod releases;
 mod syncd_client;
 
 use clap::Parser;

@@ -5,7 +5,10 @@
 //! ([`fdpass::channel_pair`]) and its reader ([`FdInbox::spawn_reader`]),
 //! connects to the filesystem socket (handing syncd its end of the channel
 //! in the handshake, and noting syncd's uid from `SO_PEERCRED`), and
-//! registers the mount (`reconnect: false` the first time, `true` after).
+//! registers the mount (`reconnect: false` the first time, `true` after,
+//! with the list of handles mountd holds, read from the handle table after
+//! the old connection was withdrawn, so that syncd's open counts become
+//! exactly mountd's; see `crate::handles`).
 //! It publishes the [`Connection`] through a `tokio::sync::watch`, then
 //! waits until the connection breaks: the fd channel closes (syncd died or
 //! closed it) or a call saw a transport error. It then publishes `None`
@@ -21,14 +24,15 @@
 //! No lock is involved: the watch channel's guard is dropped before any
 //! await.
 
+use crate::handles::HandleTable;
 use crate::passthrough::Passthrough;
 use ipc_schema::fdpass::{self, FdInbox};
 use ipc_schema::service::FilesystemClient;
 use ipc_schema::{FsError, MountInfo, fs_err, transport};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tarpc::client::RpcError;
 use tarpc::context::Context;
@@ -125,11 +129,16 @@ pub struct ConnectConfig {
     pub passthrough: Arc<Passthrough>,
 }
 
+/// Where the connector reads the handles mountd holds (set once the
+/// handle table exists).
+type HeldSource = Arc<OnceLock<Arc<HandleTable>>>;
+
 /// The calling side; cheap to clone.
 #[derive(Clone)]
 pub struct SyncdClient {
     rx: watch::Receiver<Option<Arc<Connection>>>,
     health: Arc<Health>,
+    held: HeldSource,
 }
 
 /// Whether syncd is keeping up. One missed deadline marks it stalled;
@@ -158,18 +167,26 @@ pub struct Connector {
     config: ConnectConfig,
     tx: watch::Sender<Option<Arc<Connection>>>,
     health: Arc<Health>,
+    held: HeldSource,
 }
 
 /// A client and its (not yet started) connector.
 pub fn new(config: ConnectConfig) -> (SyncdClient, Connector) {
     let (tx, rx) = watch::channel(None);
     let health = Arc::new(Health::default());
+    let held = HeldSource::default();
     (
         SyncdClient {
             rx,
             health: health.clone(),
+            held: held.clone(),
         },
-        Connector { config, tx, health },
+        Connector {
+            config,
+            tx,
+            health,
+            held,
+        },
     )
 }
 
@@ -213,6 +230,17 @@ impl SyncdClient {
     /// The generation of the live connection, if there is one.
     pub fn current_generation(&self) -> Option<u64> {
         self.rx.borrow().as_ref().map(|c| c.generation)
+    }
+
+    /// The live connection, if there is one.
+    pub fn current_connection(&self) -> Option<Arc<Connection>> {
+        self.rx.borrow().clone()
+    }
+
+    /// Name the handle table whose handles a reconnect reports to syncd.
+    /// Set once, before the connector starts.
+    pub fn report_handles_of(&self, table: Arc<HandleTable>) {
+        let _ = self.held.set(table);
     }
 
     fn answered(&self) {
@@ -331,7 +359,7 @@ impl Connector {
         loop {
             let attempt = tokio::time::timeout(
                 CONNECT_TIMEOUT,
-                connect_once(&self.config, generation > 0, generation + 1),
+                connect_once(&self.config, generation > 0, generation + 1, &self.held),
             )
             .await
             .unwrap_or_else(|_| Err("the connection attempt timed out".to_string()));
@@ -379,6 +407,7 @@ async fn connect_once(
     config: &ConnectConfig,
     reconnect: bool,
     generation: u64,
+    held: &HeldSource,
 ) -> Result<Connection, String> {
     let (mine, theirs) =
         fdpass::channel_pair().map_err(|e| format!("cannot make the fd channel: {e}"))?;
@@ -393,8 +422,19 @@ async fn connect_once(
         passthrough: config.passthrough.active(),
         reconnect,
     };
+    // Read now: no connection is published, so no open can be added to
+    // the table unseen (an open checks the connection after counting its
+    // handle, see `Keibi::receive_fd`). A fresh mount holds nothing.
+    let held = match (reconnect, held.get()) {
+        (true, Some(table)) => table.held(),
+        _ => Vec::new(),
+    };
     client
-        .register_mount(transport::context_with_timeout(CONNECT_TIMEOUT), info)
+        .register_mount(
+            transport::context_with_timeout(CONNECT_TIMEOUT),
+            info,
+            held,
+        )
         .await
         .map_err(|e| format!("register_mount: {e}"))?
         .map_err(|e| format!("register_mount refused: {e}"))?;

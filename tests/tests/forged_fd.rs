@@ -121,7 +121,12 @@ impl FakeSyncd {
 }
 
 impl Filesystem for FakeSyncd {
-    async fn register_mount(self, _: Context, _info: MountInfo) -> Result<(), FsError> {
+    async fn register_mount(
+        self,
+        _: Context,
+        _info: MountInfo,
+        _held: Vec<HeldHandle>,
+    ) -> Result<(), FsError> {
         Ok(())
     }
     async fn lookup(self, _: Context, parent: Ino, name: Name) -> Result<Attr, FsError> {
