@@ -260,12 +260,7 @@ impl AttrCache {
     /// The attributes to answer for `ino`, which syncd says does not exist:
     /// its last known ones with `nlink` 0 if the kernel still holds it.
     pub fn removed(&self, ino: u64) -> Option<Attr> {
-        self.with(|m| {
-            m.referenced.get(&ino).map(|(_, a)| Attr {
-                nlink: 0,
-                ..*a
-            })
-        })
+        self.with(|m| m.referenced.get(&ino).map(|(_, a)| Attr { nlink: 0, ..*a }))
     }
 
     /// How many inodes the kernel holds, as far as mountd counted.

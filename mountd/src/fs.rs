@@ -33,8 +33,8 @@ use crate::attr_cache::{AttrCache, Ticket};
 use crate::dir_handles::{self, DirHandles, ReadAhead};
 use crate::fd_check::{self, Access};
 use crate::handles::{Handle, HandleTable};
-use crate::releases::Releases;
 use crate::passthrough::{Mode, Passthrough};
+use crate::releases::Releases;
 use crate::syncd_client::{CallError, Retry, SyncdClient};
 use fuser::BackingId;
 use ipc_schema::{
@@ -609,7 +609,8 @@ impl Keibi {
                     .map(|o| (o, c.clone())))
             })
             .await;
-        self.receive_fd("open", ino, flags, deadline, ticket, r).await
+        self.receive_fd("open", ino, flags, deadline, ticket, r)
+            .await
     }
 
     /// Ask syncd to create and open `parent/name`, and take and validate
@@ -665,8 +666,7 @@ impl Keibi {
         r: Result<(Opened, Arc<crate::syncd_client::Connection>), CallError>,
     ) -> Result<OpenedFd, FsError> {
         let (opened, conn) = r.map_err(|e| e.into_fs(op))?;
-        self.handles
-            .begin_opening(opened.handle, opened.attr.ino.0);
+        self.handles.begin_opening(opened.handle, opened.attr.ino.0);
         if self.client.current_generation() != Some(conn.generation()) {
             self.abandon(opened.handle);
             return Err(fs_err!(
@@ -1012,7 +1012,6 @@ impl Keibi {
     pub fn forget(&self, ino: u64, n: u64) {
         self.cache.forget(ino, n);
     }
-
 }
 
 fn sized(v: Vec<u8>, size: u32) -> Result<XattrReply, FsError> {

@@ -430,11 +430,7 @@ async fn connect_once(
         _ => Vec::new(),
     };
     client
-        .register_mount(
-            transport::context_with_timeout(CONNECT_TIMEOUT),
-            info,
-            held,
-        )
+        .register_mount(transport::context_with_timeout(CONNECT_TIMEOUT), info, held)
         .await
         .map_err(|e| format!("register_mount: {e}"))?
         .map_err(|e| format!("register_mount refused: {e}"))?;

@@ -188,9 +188,8 @@ impl OpenTable {
         fresh: bool,
         held: &[(HandleId, Ino)],
     ) -> Settled {
-        let same_mount = |m: &MountKey| {
-            m.mountpoint == key.mountpoint && (fresh || m.pid == key.pid)
-        };
+        let same_mount =
+            |m: &MountKey| m.mountpoint == key.mountpoint && (fresh || m.pid == key.pid);
         let earlier: Vec<ConnId> = self
             .conns
             .iter()
@@ -363,7 +362,10 @@ mod tests {
         t.connect(new);
         let s = t.register(new, key(7), false, &[]);
         assert_eq!(s.closed, vec![Ino(5)]);
-        assert!(!t.add(HandleId(2), Ino(5), old), "a late open on the old one");
+        assert!(
+            !t.add(HandleId(2), Ino(5), old),
+            "a late open on the old one"
+        );
         assert_eq!(t.disconnect(old), (0, Vec::new()));
         assert_eq!(t.count(Ino(5)), 0);
         assert!(!t.conns.contains_key(&old), "settled and ended: forgotten");

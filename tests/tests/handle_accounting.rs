@@ -78,9 +78,11 @@ fn content_file(fx: &KeibiFixture, ino: u64) -> PathBuf {
 
 fn wait_content_gone(fx: &KeibiFixture, ino: u64, what: &str) {
     let path = content_file(fx, ino);
-    poll_until(&format!("{what}: {} removed", path.display()), SETTLE, || {
-        (!path.exists()).then_some(())
-    });
+    poll_until(
+        &format!("{what}: {} removed", path.display()),
+        SETTLE,
+        || (!path.exists()).then_some(()),
+    );
 }
 
 /// Make `path` with `len` bytes and return it open read-write.
@@ -185,7 +187,9 @@ fn opens_that_finish_after_mountd_gave_up_are_released() {
         }
         wait_for_handles(&fx, 1, "after the late opens");
         let late = fx.syncd_log().contains("opened after mountd's deadline")
-            || fx.mountd_log().contains("closed a descriptor nobody waited for");
+            || fx
+                .mountd_log()
+                .contains("closed a descriptor nobody waited for");
         if late {
             break;
         }
@@ -215,7 +219,10 @@ fn syncd_killed_with_unlinked_files_open_keeps_them_until_closed() {
         fs::remove_file(&p).expect("unlink");
         orphans.push((f, ino, format!("tail{i}")));
     }
-    orphans[0].0.sync_all().expect("fsync makes the unlinks durable");
+    orphans[0]
+        .0
+        .sync_all()
+        .expect("fsync makes the unlinks durable");
     wait_for_handles(&fx, 6, "before the kill");
 
     fx.kill9_syncd();
@@ -247,7 +254,9 @@ fn syncd_killed_with_unlinked_files_open_keeps_them_until_closed() {
     for ino in inos {
         wait_content_gone(&fx, ino, "an orphan closed after the restart");
     }
-    let md = newer.metadata().expect("the new file survives the old releases");
+    let md = newer
+        .metadata()
+        .expect("the new file survives the old releases");
     assert_eq!(md.nlink(), 0);
     assert!(content_file(&fx, new_ino).exists());
     drop(newer);
@@ -441,7 +450,12 @@ fn concurrent_create_of_one_name_never_fails_with_enoent() {
             std::thread::spawn(move || {
                 let mut errors = Vec::new();
                 for _ in 0..400 {
-                    match OpenOptions::new().write(true).create(true).truncate(false).open(&p) {
+                    match OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(&p)
+                    {
                         Ok(f) => drop(f),
                         Err(e) => errors.push(e.to_string()),
                     }

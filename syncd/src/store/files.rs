@@ -123,9 +123,9 @@ impl Store {
             }
             // Entry and record go in one transaction, and no unlink or
             // rename commits while the lock is held: the record is there.
-            let rec = self
-                .read_inode(ino)?
-                .ok_or_else(|| fs_err!(EIO, "entry {name:?} in {parent} names missing {}", Ino(ino)))?;
+            let rec = self.read_inode(ino)?.ok_or_else(|| {
+                fs_err!(EIO, "entry {name:?} in {parent} names missing {}", Ino(ino))
+            })?;
             check_openable(Ino(ino), &rec)?;
             if !opens.add(handle, Ino(ino), conn) {
                 return Err(fs_err!(ESHUTDOWN, "{conn} has closed"));
