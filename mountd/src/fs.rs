@@ -609,6 +609,16 @@ impl Keibi {
                     .map(|o| (o, c.clone())))
             })
             .await;
+        // The kernel found a name for `ino` and opens it by number; if the
+        // file was unlinked in between, syncd no longer has it. ESTALE
+        // makes the kernel look the name up again and retry once (as for
+        // NFS), which opens or creates whatever the name is now.
+        let r = r.map_err(|e| match e {
+            CallError::Fs(e) if e.errno == libc::ENOENT => {
+                CallError::Fs(FsError::new(libc::ESTALE, e.message))
+            }
+            e => e,
+        });
         self.receive_fd("open", ino, flags, deadline, ticket, r)
             .await
     }
