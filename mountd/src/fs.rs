@@ -8,7 +8,8 @@
 //! and `lookup` the last entry it saw for the name; every other operation
 //! answers `ETIMEDOUT`. Reads, writes, `flush` and `release` never wait on
 //! syncd: they use the descriptor in the [`HandleTable`], and `release`
-//! tells syncd from a background task. After one missed deadline syncd
+//! queues the news for syncd ([`crate::releases`], delivered and retried
+//! in the background). After one missed deadline syncd
 //! counts as stalled and calls wait only briefly until it answers again
 //! ([`crate::syncd_client`]), so a command that makes several calls in a
 //! row (`stat`: lookup then getattr) still answers within about one
