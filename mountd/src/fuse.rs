@@ -148,10 +148,21 @@ impl KeibiFs {
         );
     }
 
-    /// An entry reply closure.
+    /// An entry reply closure. The attributes' TTL is 0 for an inode open
+    /// for writing here ([`Keibi::attr_ttl`]); the entry keeps the normal
+    /// TTL.
     fn entry(&self) -> impl FnOnce(ReplyEntry, Attr) + Send + 'static {
-        let ttl = self.ttl;
-        move |r, a| r.entry(&ttl, &file_attr(&a), Generation(0))
+        let (ttl, k) = (self.ttl, self.keibi.clone());
+        move |r, a| {
+            let attr_ttl = k.attr_ttl(a.ino.0, ttl);
+            r.entry_with_ttls(&attr_ttl, &ttl, &file_attr(&a), Generation(0))
+        }
+    }
+
+    /// An attribute reply closure, with the TTL of [`Keibi::attr_ttl`].
+    fn attr(&self) -> impl FnOnce(ReplyAttr, Attr) + Send + 'static {
+        let (ttl, k) = (self.ttl, self.keibi.clone());
+        move |r, a| r.attr(&k.attr_ttl(a.ino.0, ttl), &file_attr(&a))
     }
 }
 
@@ -355,9 +366,15 @@ impl Filesystem for KeibiFs {
         if let Err(e) = config.set_max_write(MAX_WRITE) {
             let _ = config.set_max_write(e);
         }
+        // EXPORT_SUPPORT: the kernel may look an inode up by number
+        // (LOOKUP of "." in it, and of ".." for a directory's parent), so
+        // file handles (name_to_handle_at, NFS) outlive its inode cache.
+        // keibi's inode numbers are stable and never reused, so the
+        // generation is always 0.
         let wanted = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_ATOMIC_O_TRUNC;
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_EXPORT_SUPPORT;
         if let Err(missing) = config.add_capabilities(wanted) {
             tracing::info!(?missing, "the kernel lacks some optional FUSE capabilities");
             let _ = config.add_capabilities(wanted & !missing);
@@ -400,12 +417,11 @@ impl Filesystem for KeibiFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let k = self.keibi.clone();
-        let ttl = self.ttl;
         self.spawn(
             log("getattr", ino, fh),
             reply,
             async move { k.getattr(ino.0).await },
-            move |r, a| r.attr(&ttl, &file_attr(&a)),
+            self.attr(),
         );
     }
 
@@ -436,12 +452,11 @@ impl Filesystem for KeibiFs {
             mtime: mtime.map(time_set),
         };
         let k = self.keibi.clone();
-        let ttl = self.ttl;
         self.spawn(
             log("setattr", ino, fh),
             reply,
             async move { k.setattr(ino.0, changes).await },
-            move |r, a| r.attr(&ttl, &file_attr(&a)),
+            self.attr(),
         );
     }
 
@@ -900,6 +915,8 @@ impl Filesystem for KeibiFs {
             });
             finish(l, reply, result, |r, (fh, attr, mode)| {
                 let a = file_attr(&attr);
+                // Opened for writing: TTL 0 ([`Keibi::attr_ttl`]).
+                let ttl = k.attr_ttl(attr.ino.0, ttl);
                 match mode {
                     Mode::Passthrough(id) => r.created_passthrough(
                         &ttl,
@@ -1081,7 +1098,7 @@ fn fill<R: DirReply>(
     let now = Instant::now();
     ahead.serve(
         |e| fresh || k.usable_ahead(e, R::PLUS),
-        |e, asked_at| reply.put(e, ttl_left(ttl, asked_at, now)),
+        |e, asked_at| reply.put(e, k.attr_ttl(e.ino.0, ttl_left(ttl, asked_at, now))),
     )
 }
 
