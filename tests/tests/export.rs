@@ -140,6 +140,7 @@ fn handles_outlive_the_kernel_caches(passthrough: bool) {
 
     drop_kernel_caches();
     check_handles(&fx, &h, "after drop_caches");
+    assert_passthrough(&fx, passthrough);
 
     // A new mountd and a new mount: the kernel knows no inode of it yet,
     // so every handle is resolved by asking mountd for the inode number.
@@ -155,4 +156,18 @@ fn handles_outlive_the_kernel_caches_passthrough() {
 #[test]
 fn handles_outlive_the_kernel_caches_plain() {
     handles_outlive_the_kernel_caches(false);
+}
+
+/// The passthrough variant runs with passthrough on (the kernel granted it
+/// and no registration failed), the plain one with it off.
+fn assert_passthrough(fx: &harness::KeibiFixture, on: bool) {
+    let log = fx.mountd_log();
+    if on {
+        assert!(
+            log.contains("FUSE passthrough enabled") && !log.contains("not usable here"),
+            "passthrough must be on for this variant:\n{log}"
+        );
+    } else {
+        assert!(log.contains("disabled by --no-passthrough"), "{log}");
+    }
 }

@@ -19,8 +19,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const LIMIT: Duration = Duration::from_secs(120);
 
 /// In a child process: open `path` read-write, map 4 KiB shared, read the
-/// first byte, store `byte` at offset 100, unmap and exit (without msync,
-/// as most programs do). Only async-signal-safe calls run after fork.
+/// first byte, `fstat` the file, store `byte` at offset 100, unmap and
+/// exit (without msync, as most programs do). Only async-signal-safe calls
+/// run after fork.
 fn store_through_mapping(path: &Path, byte: u8) {
     let c = CString::new(path.as_os_str().as_bytes()).expect("no NUL in the path");
     // SAFETY: fork in a test process; the child makes only raw syscalls
@@ -46,6 +47,13 @@ fn store_through_mapping(path: &Path, byte: u8) {
             }
             let bytes = p as *mut u8;
             let first = std::ptr::read_volatile(bytes);
+            // Programs look at the size of what they mapped (Python's
+            // mmap.size(), editors): this fetches attributes after the
+            // mmap (which marked only atime stale) and before the store.
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd, &mut st) != 0 || st.st_size != 4096 {
+                libc::_exit(4);
+            }
             std::ptr::write_volatile(bytes.add(100), byte ^ first ^ first);
             libc::munmap(p, 4096);
             libc::close(fd);
@@ -111,6 +119,7 @@ fn times_after_a_shared_mapping_store(passthrough: bool) {
         before.1
     );
     assert_eq!(fs::read(&path).expect("read")[100], 0x5a, "the store is in the file");
+    assert_passthrough(&fx, passthrough);
 }
 
 #[test]
@@ -121,4 +130,18 @@ fn times_after_a_shared_mapping_store_passthrough() {
 #[test]
 fn times_after_a_shared_mapping_store_plain() {
     times_after_a_shared_mapping_store(false);
+}
+
+/// The passthrough variant runs with passthrough on (the kernel granted it
+/// and no registration failed), the plain one with it off.
+fn assert_passthrough(fx: &harness::KeibiFixture, on: bool) {
+    let log = fx.mountd_log();
+    if on {
+        assert!(
+            log.contains("FUSE passthrough enabled") && !log.contains("not usable here"),
+            "passthrough must be on for this variant:\n{log}"
+        );
+    } else {
+        assert!(log.contains("disabled by --no-passthrough"), "{log}");
+    }
 }
