@@ -74,7 +74,8 @@ struct Args {
     /// file and syncd's store), never shortened while syncd is slow.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     fsync_deadline: Duration,
-    /// How long the kernel may cache attributes and entries.
+    /// How long the kernel may cache attributes and entries (attributes of
+    /// a file open for writing on this mount are not cached).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     attr_ttl: Duration,
     /// FUSE dispatch threads.
