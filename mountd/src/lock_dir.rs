@@ -70,8 +70,8 @@ fn check_chain(path: &Path) -> Result<(), String> {
             Component::ParentDir => prefix.push(".."),
             Component::Prefix(_) => continue,
         }
-        let md = std::fs::symlink_metadata(&prefix)
-            .map_err(|e| format!("{}: {e}", prefix.display()))?;
+        let md =
+            std::fs::symlink_metadata(&prefix).map_err(|e| format!("{}: {e}", prefix.display()))?;
         judge(&prefix, md.uid(), md.mode(), md.file_type().is_symlink())?;
     }
     Ok(())
@@ -80,7 +80,10 @@ fn check_chain(path: &Path) -> Result<(), String> {
 /// The rule for one path element.
 fn judge(path: &Path, uid: u32, mode: u32, symlink: bool) -> Result<(), String> {
     if uid != 0 {
-        return Err(format!("{} is owned by uid {uid}, not root", path.display()));
+        return Err(format!(
+            "{} is owned by uid {uid}, not root",
+            path.display()
+        ));
     }
     let sticky = mode & libc::S_ISVTX != 0;
     if !symlink && mode & 0o022 != 0 && !sticky {

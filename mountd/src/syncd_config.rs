@@ -52,8 +52,12 @@ pub fn resolve(
     let Some(file) = file else {
         return Ok((PathBuf::from(DEFAULT_FS_SOCKET), Source::Default));
     };
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| format!("cannot read keibi-syncd's configuration {}: {e}", file.display()))?;
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        format!(
+            "cannot read keibi-syncd's configuration {}: {e}",
+            file.display()
+        )
+    })?;
     let parsed: SyncdFile = toml::from_str(&text)
         .map_err(|e| format!("keibi-syncd's configuration {}: {e}", file.display()))?;
     match parsed.fs_socket {

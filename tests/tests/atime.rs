@@ -35,7 +35,13 @@ fn fresh_atime(path: &Path) -> i64 {
             &mut st,
         )
     };
-    assert_eq!(r, 0, "statx {}: {}", path.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "statx {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
     st.stx_atime.tv_sec
 }
 
@@ -79,7 +85,10 @@ fn file_atime_follows_the_content_file(fx: &KeibiFixture) {
     if state_noatime {
         assert_eq!(after, OLD, "the state directory's filesystem is noatime");
     } else {
-        assert!(after >= start, "a read advances an atime older than the mtime: {after}");
+        assert!(
+            after >= start,
+            "a read advances an atime older than the mtime: {after}"
+        );
     }
 
     // noatime on the keibi mount itself: the content file still decides.
@@ -89,12 +98,19 @@ fn file_atime_follows_the_content_file(fx: &KeibiFixture) {
         .status()
         .expect("run mount");
     assert!(st.success(), "mount -o remount,bind,noatime");
-    assert!(mount_options_of(&fx.mnt()).split(',').any(|o| o == "noatime"));
+    assert!(
+        mount_options_of(&fx.mnt())
+            .split(',')
+            .any(|o| o == "noatime")
+    );
     set_times(&f, OLD, start);
     fs::read(&f).expect("read");
     let after = fresh_atime(&f);
     if !state_noatime {
-        assert!(after >= start, "noatime on the keibi mount: atime still advances: {after}");
+        assert!(
+            after >= start,
+            "noatime on the keibi mount: atime still advances: {after}"
+        );
     }
 
     let d = fx.path("dir");

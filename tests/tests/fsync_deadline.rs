@@ -56,24 +56,32 @@ fn miss_a_deadline(fx: &harness::KeibiFixture, name: &str) {
 /// SIGSTOP takes effect asynchronously: wait until every thread of `pid`
 /// is stopped, so that no request is still answered after it.
 fn wait_stopped(pid: u32) {
-    poll_until("every thread of syncd to stop", Duration::from_secs(10), || {
-        let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-        let all = tasks.filter_map(Result::ok).all(|t| {
-            fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
-                // "pid (comm) S ...": the state follows the last ')'.
-                s.rsplit_once(')')
-                    .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
-            })
-        });
-        all.then_some(())
-    });
+    poll_until(
+        "every thread of syncd to stop",
+        Duration::from_secs(10),
+        || {
+            let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+            let all = tasks.filter_map(Result::ok).all(|t| {
+                fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                    // "pid (comm) S ...": the state follows the last ')'.
+                    s.rsplit_once(')')
+                        .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+                })
+            });
+            all.then_some(())
+        },
+    );
 }
 
 fn fsync_in_background(f: &File, dir: bool) -> mpsc::Receiver<std::io::Result<()>> {
     let f = f.try_clone().expect("dup");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(if dir { f.sync_all() } else { f.sync_data().and(f.sync_all()) });
+        let _ = tx.send(if dir {
+            f.sync_all()
+        } else {
+            f.sync_data().and(f.sync_all())
+        });
     });
     rx
 }

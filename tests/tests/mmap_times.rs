@@ -118,7 +118,11 @@ fn times_after_a_shared_mapping_store(passthrough: bool) {
         "ctime after the store: {ctime:?}, before: {:?}",
         before.1
     );
-    assert_eq!(fs::read(&path).expect("read")[100], 0x5a, "the store is in the file");
+    assert_eq!(
+        fs::read(&path).expect("read")[100],
+        0x5a,
+        "the store is in the file"
+    );
     assert_passthrough(&fx, passthrough);
 }
 

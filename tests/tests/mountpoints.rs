@@ -15,7 +15,7 @@ use harness::binaries::{binary, mountd, probe};
 use harness::daemons::{make_dir, mountd_command};
 use harness::extra_mountd::ExtraMountd;
 use harness::mounts::keibi_mounts_at;
-use harness::{SYNCD_UID, run_as, run_bounded, setup, Options};
+use harness::{Options, SYNCD_UID, run_as, run_bounded, setup};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,7 +26,14 @@ const START: Duration = Duration::from_secs(20);
 
 /// A mountd command like the fixture's, for `mnt` with `lock_dir`.
 fn mountd_for(fx: &harness::KeibiFixture, mnt: &Path, lock_dir: &Path, log: &Path) -> Command {
-    mountd_command(mnt, &fx.fs_socket(), lock_dir, Duration::from_secs(2), true, log)
+    mountd_command(
+        mnt,
+        &fx.fs_socket(),
+        lock_dir,
+        Duration::from_secs(2),
+        true,
+        log,
+    )
 }
 
 #[test]
@@ -53,7 +60,11 @@ fn a_live_mount_of_another_mountd_is_never_unmounted() {
         text.contains("already a live keibi mount"),
         "the refusal says why:\n{text}"
     );
-    assert_eq!(keibi_mounts_at(&fx.mnt()), 1, "the first mount is still there");
+    assert_eq!(
+        keibi_mounts_at(&fx.mnt()),
+        1,
+        "the first mount is still there"
+    );
     assert_eq!(fs::read(fx.path("before")).expect("read"), b"kept");
     fs::write(fx.path("after"), b"still served").expect("the first mount still works");
     assert!(
@@ -72,7 +83,12 @@ fn a_lock_dir_in_syncds_runtime_dir_is_refused() {
     make_dir(&mnt, 0, 0, 0o755);
     let log = fx.root().join("mountd-b.log");
     let lock_dir = fx.run_dir().join("mounts");
-    let mut m = ExtraMountd::spawn(&mut mountd_for(&fx, &mnt, &lock_dir, &log), &mnt, &log, true);
+    let mut m = ExtraMountd::spawn(
+        &mut mountd_for(&fx, &mnt, &lock_dir, &log),
+        &mnt,
+        &log,
+        true,
+    );
     let st = m.wait_exit(START);
     let text = m.log();
     assert_eq!(st.code(), Some(2), "refused as a usage error:\n{text}");
@@ -158,7 +174,10 @@ fn syncds_user_cannot_move_replace_or_reach_the_default_lock_and_ops_socket() {
         said.starts_with(&format!("connect-error {}", libc::EACCES)),
         "connecting to the ops socket as uid {SYNCD_UID} fails with EACCES: {said}"
     );
-    assert_eq!(fs::metadata(&lock).expect("lock still there").ino(), lock_ino);
+    assert_eq!(
+        fs::metadata(&lock).expect("lock still there").ino(),
+        lock_ino
+    );
     // The lock still keeps a second mountd out.
     let log2 = fx.root().join("mountd-c.log");
     let mut cmd = Command::new(mountd());
@@ -208,7 +227,11 @@ fn mountd_takes_syncds_socket_from_syncds_config() {
         fs::read(fx.path("via-config")).expect("the fixture's mount sees it"),
         b"same store"
     );
-    assert!(m.log().contains(&fx.fs_socket().display().to_string()), "{}", m.log());
+    assert!(
+        m.log().contains(&fx.fs_socket().display().to_string()),
+        "{}",
+        m.log()
+    );
 }
 
 #[test]
@@ -244,7 +267,11 @@ fn a_deep_mountpoint_mounts_and_answers_debug_ops() {
         Duration::from_secs(30),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "keibictl debug ops: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "keibictl debug ops: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
     assert!(
         json["mounts"][deep.display().to_string()].is_array(),
