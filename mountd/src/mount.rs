@@ -49,22 +49,40 @@ pub enum Probe {
     Silent,
 }
 
-/// `stat` of `path` on a thread of its own, bounded by `limit` (a mount
-/// served by a frozen daemon would block the caller in the kernel). A
-/// thread stuck in such a `stat` is left behind.
+/// `statx(AT_STATX_FORCE_SYNC)` of `path` on a thread of its own, bounded
+/// by `limit` (a mount served by a frozen daemon would block the caller in
+/// the kernel). `FORCE_SYNC` makes the kernel ask the daemon: a plain
+/// `stat` of a dead mount's root can be answered from the attribute cache
+/// for a while. A thread stuck in such a call is left behind.
 pub fn probe(path: &Path, limit: Duration) -> Probe {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return Probe::Answers;
+    };
     let (tx, rx) = std::sync::mpsc::channel();
-    let p = path.to_path_buf();
     let spawned = std::thread::Builder::new()
         .name("keibi-mount-probe".into())
         .spawn(move || {
-            let _ = tx.send(nix::sys::stat::stat(&p).map(drop));
+            // SAFETY: statx into a zeroed struct owned by this frame, with
+            // a NUL-terminated path that outlives the call.
+            let mut st: libc::statx = unsafe { std::mem::zeroed() };
+            let r = unsafe {
+                libc::statx(
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                    libc::AT_STATX_FORCE_SYNC,
+                    libc::STATX_BASIC_STATS,
+                    &mut st,
+                )
+            };
+            let errno = (r != 0).then(|| io::Error::last_os_error().raw_os_error());
+            let _ = tx.send(errno.flatten());
         });
     if spawned.is_err() {
         return Probe::Silent;
     }
     match rx.recv_timeout(limit) {
-        Ok(Err(nix::errno::Errno::ENOTCONN)) => Probe::Dead,
+        Ok(Some(libc::ENOTCONN)) => Probe::Dead,
         Ok(_) => Probe::Answers,
         Err(_) => Probe::Silent,
     }
