@@ -2,7 +2,8 @@
 //! mountpoint that already has a mount:
 //!
 //! - a live keibi mount served by another mountd (another lock directory)
-//!   is never unmounted: the second mountd refuses with exit 3;
+//!   is never unmounted, nor is one whose mountd is frozen: the second
+//!   mountd refuses with exit 3;
 //! - mountd refuses a lock directory an unprivileged user can change (the
 //!   old default `/run/keibi/mounts` inside syncd's runtime directory);
 //!   with the default `/run/keibi-mountd`, syncd's user can neither move,
@@ -292,4 +293,35 @@ fn a_deep_mountpoint_mounts_and_answers_debug_ops() {
         second.log()
     );
     assert_eq!(keibi_mounts_at(&deep), 1);
+}
+
+#[test]
+fn a_frozen_mount_of_another_mountd_is_not_unmounted_either() {
+    let (_w, fx) = setup("frozen mount kept", LIMIT, Options::default());
+    fs::write(fx.path("before"), b"kept").expect("write through the first mount");
+    let other_locks = fx.root().join("locks-b");
+    make_dir(&other_locks, 0, 0, 0o755);
+    let log = fx.root().join("mountd-b.log");
+    let first = fx.mountd_pid().expect("mountd runs");
+    harness::process::signal(first, nix::sys::signal::Signal::SIGSTOP);
+    let mut second = ExtraMountd::spawn(
+        &mut mountd_for(&fx, &fx.mnt(), &other_locks, &log),
+        &fx.mnt(),
+        &log,
+        false,
+    );
+    let st = second.wait_exit(START);
+    harness::process::signal(first, nix::sys::signal::Signal::SIGCONT);
+    let text = second.log();
+    assert_eq!(st.code(), Some(3), "refused with exit 3:\n{text}");
+    assert!(text.contains("does not answer stat"), "{text}");
+    assert_eq!(
+        keibi_mounts_at(&fx.mnt()),
+        1,
+        "the first mount is still there"
+    );
+    assert_eq!(
+        fs::read(fx.path("before")).expect("read after SIGCONT"),
+        b"kept"
+    );
 }
