@@ -214,6 +214,18 @@ mod tests {
     }
 
     #[test]
+    fn a_plain_directory_answers_and_has_nothing_to_clear() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(probe(dir.path(), STAT_LIMIT), Probe::Answers);
+        assert_eq!(
+            probe(&dir.path().join("missing"), STAT_LIMIT),
+            Probe::Answers,
+            "ENOENT is an answer, not a dead mount"
+        );
+        assert!(matches!(clear_dead_mounts(dir.path()), Ok(0)));
+    }
+
+    #[test]
     fn unescapes_octal() {
         assert_eq!(unescape_mountinfo("a\\040b\\134c\\"), b"a b\\c\\".to_vec());
     }
