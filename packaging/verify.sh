@@ -3,6 +3,8 @@
 #
 #   - both systemd units pass `systemd-analyze verify` (the mountd template
 #     as an instance, keibi-mountd@mnt-keibi.service);
+#   - keibi-mountd's default --lock-dir is its unit's own RuntimeDirectory,
+#     not syncd's;
 #   - keibi.sysusers creates the keibi user (systemd-sysusers in a temp root);
 #   - syncd.toml, with its commented keys enabled, is valid TOML and has
 #     exactly the keys keibi-syncd knows;
@@ -69,6 +71,17 @@ if [[ -n "$out" ]]; then
     fail=1
 else
     echo "ok: keibi-syncd.service, keibi-mountd@mnt-keibi.service"
+fi
+
+step "keibi-mountd's lock directory is the mountd unit's own RuntimeDirectory"
+default_lock_dir="$("$bin_dir/keibi-mountd" --help | sed -n 's/.*\[default: \(\/run\/[^]]*\)\].*/\1/p' | head -1)"
+runtime_dir="$(sed -n 's/^RuntimeDirectory=//p' "$here/keibi-mountd@.service")"
+syncd_runtime_dir="$(sed -n 's/^RuntimeDirectory=//p' "$here/keibi-syncd.service")"
+if [[ -n "$default_lock_dir" && "$default_lock_dir" == "/run/$runtime_dir" && "$runtime_dir" != "$syncd_runtime_dir" ]]; then
+    echo "ok: --lock-dir defaults to $default_lock_dir (RuntimeDirectory=$runtime_dir, not syncd's $syncd_runtime_dir)"
+else
+    echo "verify.sh: keibi-mountd's default --lock-dir ($default_lock_dir) must be /run/<its unit's RuntimeDirectory> ($runtime_dir), apart from syncd's ($syncd_runtime_dir)" >&2
+    fail=1
 fi
 
 step "systemd-sysusers creates the keibi user"

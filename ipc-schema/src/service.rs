@@ -103,7 +103,7 @@ pub trait Control {
 }
 
 /// The debug service: keibictl → keibi-mountd, on the mount's ops socket
-/// (`<lock dir>/<escaped mountpoint>/ops.sock`, root only). Served by
+/// (`<lock dir>/<anchor>/ops.sock`, [`crate::paths`], root only). Served by
 /// mountd itself, so it answers while syncd is frozen.
 #[tarpc::service]
 pub trait MountDebug {

@@ -61,7 +61,7 @@ pub enum DebugCommand {
         #[arg(long = "mountd-socket", value_name = "PATH")]
         mountd_sockets: Vec<PathBuf>,
         /// keibi-mountd's lock directory (where the ops sockets live).
-        #[arg(long, default_value = "/run/keibi/mounts")]
+        #[arg(long, default_value = ipc_schema::paths::DEFAULT_LOCK_DIR)]
         lock_dir: PathBuf,
         /// Print one JSON object instead of tables.
         #[arg(long)]
@@ -124,7 +124,7 @@ mod tests {
             } => {
                 assert_eq!(mounts, [PathBuf::from("/mnt/a"), PathBuf::from("/mnt/b")]);
                 assert!(mountd_sockets.is_empty());
-                assert_eq!(lock_dir, PathBuf::from("/run/keibi/mounts"));
+                assert_eq!(lock_dir, PathBuf::from("/run/keibi-mountd"));
                 assert!(json);
             }
             other => panic!("parsed as {other:?}"),

@@ -7,10 +7,11 @@
 //! flight). mountd is asked directly so that a frozen syncd, the usual
 //! reason for a hang, does not hide what the mount waits on.
 //!
-//! A mount's ops socket is `<lock dir>/<escaped mountpoint>/ops.sock`,
-//! with the mountpoint made absolute without touching it (a `stat` of a
-//! stuck mount could hang) and escaped as mountd escapes it
-//! ([`ipc_schema::paths`], systemd's rule).
+//! A mount's ops socket is `<lock dir>/<anchor>/ops.sock`, with the
+//! mountpoint made absolute without touching it (a `stat` of a stuck mount
+//! could hang) and named as mountd names it ([`ipc_schema::paths`]: a
+//! fixed-length hash of the path, so any mountpoint's socket fits in
+//! `sun_path`).
 //!
 //! The answer succeeds when at least one source answered; a source that did
 //! not is named on one line, and the others are still shown.
@@ -52,8 +53,7 @@ pub async fn gather(control: &Path, targets: &Targets, timeout: Duration) -> Rep
     let mut sources: Vec<(String, PathBuf)> = Vec::new();
     for m in &targets.mounts {
         let abs = std::path::absolute(m).unwrap_or_else(|_| m.clone());
-        let sock = ipc_schema::paths::mount_anchor(&targets.lock_dir, &abs)
-            .join(ipc_schema::paths::OPS_SOCKET);
+        let sock = ipc_schema::paths::ops_socket(&targets.lock_dir, &abs);
         sources.push((abs.display().to_string(), sock));
     }
     for s in &targets.sockets {

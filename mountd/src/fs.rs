@@ -31,6 +31,7 @@
 //! after it.
 
 use crate::attr_cache::{AttrCache, Ticket};
+use crate::attr_inval::AttrInval;
 use crate::dir_handles::{self, DirHandles, ReadAhead};
 use crate::fd_check::{self, Access};
 use crate::handles::{Handle, HandleTable};
@@ -70,8 +71,16 @@ pub struct Keibi {
     changes: AtomicU64,
     passthrough: Arc<Passthrough>,
     deadline: Duration,
+    /// How long `fsync`/`fsyncdir` wait for local durability (mountd's
+    /// `sync_all` and syncd's store flush together).
+    fsync_deadline: Duration,
+    /// Drops the kernel's cached attributes of inodes opened for writing.
+    attr_inval: Option<AttrInval>,
     rt: tokio::runtime::Handle,
 }
+
+/// The default of `--fsync-deadline`.
+pub const DEFAULT_FSYNC_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Counts a change on the mount when made and again when dropped: hold it
 /// for as long as the change may be in flight at syncd.
@@ -136,7 +145,35 @@ impl Keibi {
             changes: AtomicU64::new(0),
             passthrough,
             deadline,
+            fsync_deadline: DEFAULT_FSYNC_DEADLINE,
+            attr_inval: None,
             rt,
+        }
+    }
+
+    /// Use `d` as the deadline of `fsync`/`fsyncdir` instead of
+    /// [`DEFAULT_FSYNC_DEADLINE`].
+    pub fn with_fsync_deadline(mut self, d: Duration) -> Self {
+        self.fsync_deadline = d;
+        self
+    }
+
+    /// Invalidate the kernel's cached attributes of an inode through
+    /// `inval` when a handle opens it for writing ([`crate::attr_inval`]).
+    pub fn with_attr_inval(mut self, inval: AttrInval) -> Self {
+        self.attr_inval = Some(inval);
+        self
+    }
+
+    /// The attribute TTL to give the kernel for `ino`: 0 while a handle of
+    /// this mount has it open for writing (stores through a shared mapping
+    /// change its times without the kernel noticing, see
+    /// [`crate::attr_inval`]), else `ttl`.
+    pub fn attr_ttl(&self, ino: u64, ttl: Duration) -> Duration {
+        if self.handles.has_writer(ino) {
+            Duration::ZERO
+        } else {
+            ttl
         }
     }
 
@@ -744,13 +781,19 @@ impl Keibi {
             Mode::Passthrough(id) => Some(id.clone()),
             Mode::Plain => None,
         };
+        let writable = got.writable;
         let fh = self.handles.insert(Handle {
             ino,
             syncd_handle,
             file: File::from(got.fd),
             backing,
-            writable: got.writable,
+            writable,
         });
+        if writable && let Some(inval) = &self.attr_inval {
+            // From now on attributes go out with TTL 0; drop what the
+            // kernel cached before.
+            inval.attrs_of(ino);
+        }
         tracing::trace!(fh, ino, syncd_handle = syncd_handle.0, "handle opened");
         Ok((fh, mode))
     }
@@ -858,28 +901,35 @@ impl Keibi {
     }
 
     /// `fsync`: the content descriptor (if this handle is open), then the
-    /// store (syncd).
+    /// store (syncd), all within the fsync deadline, which the stalled
+    /// mode of the syncd client never shortens (see
+    /// [`SyncdClient::call_durable`]).
     pub async fn fsync(&self, ino: u64, fh: Option<u64>, datasync: bool) -> Result<(), FsError> {
+        let deadline = Instant::now() + self.fsync_deadline;
         if let Some(h) = fh.and_then(|fh| self.handles.get(fh)) {
-            let r = tokio::task::spawn_blocking(move || {
+            let local = tokio::task::spawn_blocking(move || {
                 if datasync {
                     h.file.sync_data()
                 } else {
                     h.file.sync_all()
                 }
-            })
-            .await
-            .map_err(|e| fs_err!(EIO, "fsync task failed: {e}"))?;
+            });
+            let r = tokio::time::timeout_at(deadline, local)
+                .await
+                .map_err(|_| {
+                    fs_err!(
+                        ETIMEDOUT,
+                        "fsync of ino {ino}: the content file did not sync within {} ms",
+                        self.fsync_deadline.as_millis()
+                    )
+                })?
+                .map_err(|e| fs_err!(EIO, "fsync task failed: {e}"))?;
             r.map_err(|e| FsError::io(format!("fsync of ino {ino}"), &e))?;
         }
         self.client
-            .call(
-                "fsync",
-                ino,
-                self.deadline(),
-                Retry::Idempotent,
-                |c, ctx| async move { c.client.fsync(ctx, Ino(ino), datasync).await },
-            )
+            .call_durable("fsync", ino, deadline, |c, ctx| async move {
+                c.client.fsync(ctx, Ino(ino), datasync).await
+            })
             .await
             .map_err(|e| e.into_fs("fsync"))
     }

@@ -149,13 +149,22 @@ impl KeibiFs {
     }
 
     /// An entry reply closure. Each entry given to the kernel counts one
-    /// lookup of its inode (until `forget`; see `crate::attr_cache`).
+    /// lookup of its inode (until `forget`; see `crate::attr_cache`). The
+    /// attributes' TTL is 0 for an inode open for writing here
+    /// ([`Keibi::attr_ttl`]); the entry keeps the normal TTL.
     fn entry(&self) -> impl FnOnce(ReplyEntry, Attr) + Send + 'static {
         let (ttl, k) = (self.ttl, self.keibi.clone());
         move |r, a| {
             k.entry_given(&a);
-            r.entry(&ttl, &file_attr(&a), Generation(0))
+            let attr_ttl = k.attr_ttl(a.ino.0, ttl);
+            r.entry_with_ttls(&attr_ttl, &ttl, &file_attr(&a), Generation(0))
         }
+    }
+
+    /// An attribute reply closure, with the TTL of [`Keibi::attr_ttl`].
+    fn attr(&self) -> impl FnOnce(ReplyAttr, Attr) + Send + 'static {
+        let (ttl, k) = (self.ttl, self.keibi.clone());
+        move |r, a| r.attr(&k.attr_ttl(a.ino.0, ttl), &file_attr(&a))
     }
 }
 
@@ -359,9 +368,15 @@ impl Filesystem for KeibiFs {
         if let Err(e) = config.set_max_write(MAX_WRITE) {
             let _ = config.set_max_write(e);
         }
+        // EXPORT_SUPPORT: the kernel may look an inode up by number
+        // (LOOKUP of "." in it, and of ".." for a directory's parent), so
+        // file handles (name_to_handle_at, NFS) outlive its inode cache.
+        // keibi's inode numbers are stable and never reused, so the
+        // generation is always 0.
         let wanted = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_ATOMIC_O_TRUNC;
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_EXPORT_SUPPORT;
         if let Err(missing) = config.add_capabilities(wanted) {
             tracing::info!(?missing, "the kernel lacks some optional FUSE capabilities");
             let _ = config.add_capabilities(wanted & !missing);
@@ -406,12 +421,11 @@ impl Filesystem for KeibiFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let k = self.keibi.clone();
-        let ttl = self.ttl;
         self.spawn(
             log("getattr", ino, fh),
             reply,
             async move { k.getattr(ino.0).await },
-            move |r, a| r.attr(&ttl, &file_attr(&a)),
+            self.attr(),
         );
     }
 
@@ -442,12 +456,11 @@ impl Filesystem for KeibiFs {
             mtime: mtime.map(time_set),
         };
         let k = self.keibi.clone();
-        let ttl = self.ttl;
         self.spawn(
             log("setattr", ino, fh),
             reply,
             async move { k.setattr(ino.0, changes).await },
-            move |r, a| r.attr(&ttl, &file_attr(&a)),
+            self.attr(),
         );
     }
 
@@ -907,6 +920,8 @@ impl Filesystem for KeibiFs {
             finish(l, reply, result, |r, (fh, attr, mode)| {
                 k.entry_given(&attr);
                 let a = file_attr(&attr);
+                // Opened for writing: TTL 0 ([`Keibi::attr_ttl`]).
+                let ttl = k.attr_ttl(attr.ino.0, ttl);
                 match mode {
                     Mode::Passthrough(id) => r.created_passthrough(
                         &ttl,
@@ -1089,7 +1104,7 @@ fn fill<R: DirReply>(
     ahead.serve(
         |e| fresh || k.usable_ahead(e, R::PLUS),
         |e, asked_at| {
-            let full = reply.put(e, ttl_left(ttl, asked_at, now));
+            let full = reply.put(e, k.attr_ttl(e.ino.0, ttl_left(ttl, asked_at, now)));
             // A readdirplus entry counts a lookup, except `.` and `..`.
             if !full
                 && R::PLUS

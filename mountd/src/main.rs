@@ -4,31 +4,38 @@
 //! everything else (metadata, content files) belongs to keibi-syncd, which
 //! it calls over the filesystem socket with a deadline on every call.
 //!
-//! Start-up, in order: command line; root check; the mountpoint's
-//! single-instance lock (`<lock dir>/<escaped mountpoint>/lock`, exit 3
-//! when another mountd holds it); clearing a dead mount left at the
-//! mountpoint; a tokio runtime (two workers) for the calls to syncd; the
-//! FUSE session (mount and `init`); the connector to syncd, which keeps
-//! reconnecting in the background (the mount serves at once, operations
-//! that need syncd fail with `ETIMEDOUT` until it is up); the ops socket
-//! (`<lock dir>/<escaped mountpoint>/ops.sock`) for `keibictl debug ops`.
+//! Start-up, in order: command line (syncd's socket from `--syncd-socket`,
+//! else from syncd's configuration file, [`syncd_config`]); root check;
+//! the lock directory and the mountpoint's anchor in it, checked to be
+//! root's alone ([`lock_dir`]); the mountpoint's single-instance lock
+//! (`<lock dir>/<anchor>/lock`, exit 3 when another mountd holds it);
+//! clearing a dead mount left at the mountpoint, or refusing (exit 3) when
+//! a live keibi mount of another mountd is there ([`mount`]); a tokio
+//! runtime (two workers) for the calls to syncd; the FUSE session (mount
+//! and `init`); the connector to syncd, which keeps reconnecting in the
+//! background (the mount serves at once, operations that need syncd fail
+//! with `ETIMEDOUT` until it is up); the ops socket
+//! (`<lock dir>/<anchor>/ops.sock`) for `keibictl debug ops`.
 //!
 //! Shutdown: `SIGTERM`/`SIGINT` detach the mount (`umount2(MNT_DETACH)`),
 //! wait for the session to end and exit 0. If the mount goes away by
 //! itself (someone ran `umount`), mountd exits 0 too.
 
 mod attr_cache;
+mod attr_inval;
 mod dir_handles;
 mod fd_check;
 mod fs;
 mod fuse;
 mod handles;
+mod lock_dir;
 mod logging;
 mod mount;
 mod ops_socket;
 mod passthrough;
 mod releases;
 mod syncd_client;
+mod syncd_config;
 
 use clap::Parser;
 use ipc_schema::lockfile::{InstanceLock, LockError};
@@ -53,13 +60,23 @@ const EXIT_LOCKED: u8 = 3;
 struct Args {
     /// Where to mount the share.
     mountpoint: PathBuf,
-    /// keibi-syncd's filesystem socket.
-    #[arg(long, default_value = "/run/keibi/fs.sock")]
-    syncd_socket: PathBuf,
-    /// Longest wait for keibi-syncd on any operation (e.g. 2s, 500ms).
+    /// keibi-syncd's filesystem socket [default: `fs_socket` of
+    /// keibi-syncd's configuration file, else /run/keibi/fs.sock].
+    #[arg(long)]
+    syncd_socket: Option<PathBuf>,
+    /// keibi-syncd's configuration file, read for its `fs_socket` only
+    /// [default: /etc/keibi/syncd.toml, if it exists].
+    #[arg(long)]
+    syncd_config: Option<PathBuf>,
+    /// Longest wait for keibi-syncd on any operation but fsync (e.g. 2s, 500ms).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     deadline: Duration,
-    /// How long the kernel may cache attributes and entries.
+    /// Longest wait of fsync/fsyncdir for local durability (the content
+    /// file and syncd's store), never shortened while syncd is slow.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    fsync_deadline: Duration,
+    /// How long the kernel may cache attributes and entries (attributes of
+    /// a file open for writing on this mount are not cached).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     attr_ttl: Duration,
     /// FUSE dispatch threads.
@@ -68,8 +85,9 @@ struct Args {
     /// Do not use FUSE passthrough (all reads and writes go through mountd).
     #[arg(long)]
     no_passthrough: bool,
-    /// Where mountpoint locks live.
-    #[arg(long, default_value = "/run/keibi/mounts")]
+    /// Where mountpoint locks and ops sockets live; created 0755 root, and
+    /// refused unless only root can change it and every directory above it.
+    #[arg(long, default_value = ipc_schema::paths::DEFAULT_LOCK_DIR)]
     lock_dir: PathBuf,
 }
 
@@ -104,21 +122,37 @@ fn run(args: Args) -> Result<(), Failure> {
             "must run as root (it mounts the share for every local user and registers passthrough files)",
         ));
     }
+    let (syncd_socket, socket_source) = syncd_config::resolve(
+        args.syncd_socket.as_deref(),
+        args.syncd_config.as_deref(),
+        Path::new(syncd_config::DEFAULT_SYNCD_CONFIG),
+    )
+    .map_err(|e| fail(EXIT_USAGE, e))?;
     let mountpoint = mount::absolute_mountpoint(&args.mountpoint)
         .map_err(|e| fail(1, format!("mountpoint {}: {e}", args.mountpoint.display())))?;
-    let lock = take_lock(&args.lock_dir, &mountpoint)?;
-
-    let cleared = mount::clear_stale_mounts(&mountpoint).map_err(|e| {
+    let anchor = ipc_schema::paths::mount_anchor(&args.lock_dir, &mountpoint);
+    lock_dir::check_socket_fits(&anchor).map_err(|e| fail(EXIT_USAGE, e))?;
+    lock_dir::prepare(&args.lock_dir, &anchor).map_err(|e| fail(EXIT_USAGE, e))?;
+    let lock = take_lock(&anchor, &mountpoint)?;
+    lock_dir::record_mountpoint(&anchor, &mountpoint).map_err(|e| {
         fail(
+            1,
+            format!("cannot record the mountpoint in {}: {e}", anchor.display()),
+        )
+    })?;
+
+    let cleared = mount::clear_dead_mounts(&mountpoint).map_err(|e| match e {
+        mount::ClearError::Live(why) => fail(EXIT_LOCKED, why),
+        mount::ClearError::Io(e) => fail(
             1,
             format!(
                 "cannot clear the dead mount at {}: {e}",
                 mountpoint.display()
             ),
-        )
+        ),
     })?;
     if cleared > 0 {
-        tracing::warn!(mountpoint = %mountpoint.display(), cleared, "cleared dead keibi mounts");
+        tracing::warn!(mountpoint = %mountpoint.display(), cleared, "cleared dead mounts");
     }
     let meta = std::fs::metadata(&mountpoint)
         .map_err(|e| fail(1, format!("mountpoint {}: {e}", mountpoint.display())))?;
@@ -144,7 +178,6 @@ fn run(args: Args) -> Result<(), Failure> {
         .map_err(|e| fail(1, format!("cannot install signal handlers: {e}")))?;
 
     let inflight = ipc_schema::inflight::InFlight::new();
-    let anchor = ipc_schema::paths::mount_anchor(&args.lock_dir, &mountpoint);
     let (ops_listener, ops_file) = rt
         .block_on(async { ops_socket::bind(&anchor) })
         .map_err(|e| fail(1, format!("cannot open the ops socket: {e}")))?;
@@ -152,18 +185,23 @@ fn run(args: Args) -> Result<(), Failure> {
 
     let passthrough = Arc::new(passthrough::Passthrough::new(!args.no_passthrough));
     let (client, connector) = syncd_client::new(syncd_client::ConnectConfig {
-        socket: args.syncd_socket.clone(),
+        socket: syncd_socket.clone(),
         mountpoint: mountpoint.display().to_string(),
         passthrough: passthrough.clone(),
     });
-    let keibi = Arc::new(fs::Keibi::new(
-        client,
-        passthrough,
-        args.deadline,
-        attr_cache::AttrCache::new(attr_cache::DEFAULT_CAPACITY),
-        args.attr_ttl,
-        rt.handle().clone(),
-    ));
+    let (attr_inval, inval_queue) = attr_inval::channel();
+    let keibi = Arc::new(
+        fs::Keibi::new(
+            client,
+            passthrough,
+            args.deadline,
+            attr_cache::AttrCache::new(attr_cache::DEFAULT_CAPACITY),
+            args.attr_ttl,
+            rt.handle().clone(),
+        )
+        .with_fsync_deadline(args.fsync_deadline)
+        .with_attr_inval(attr_inval),
+    );
     let adapter = fuse::KeibiFs::new(keibi, args.attr_ttl, rt.handle().clone(), inflight);
 
     let mut config = fuser::Config::default();
@@ -182,13 +220,18 @@ fn run(args: Args) -> Result<(), Failure> {
     ];
     let session = fuser::Session::new(adapter, &mountpoint, &config)
         .map_err(|e| fail(1, format!("cannot mount {}: {e}", mountpoint.display())))?;
+    inval_queue
+        .start(session.notifier())
+        .map_err(|e| fail(1, format!("cannot start a thread: {e}")))?;
     let background = session
         .spawn()
         .map_err(|e| fail(1, format!("cannot start the FUSE session: {e}")))?;
     tracing::info!(
         mountpoint = %mountpoint.display(),
-        syncd_socket = %args.syncd_socket.display(),
+        syncd_socket = %syncd_socket.display(),
+        syncd_socket_from = ?socket_source,
         deadline_ms = args.deadline.as_millis() as u64,
+        fsync_deadline_ms = args.fsync_deadline.as_millis() as u64,
         threads = args.threads,
         "mounted"
     );
@@ -217,16 +260,9 @@ fn run(args: Args) -> Result<(), Failure> {
     outcome
 }
 
-fn take_lock(lock_dir: &Path, mountpoint: &Path) -> Result<InstanceLock, Failure> {
-    let anchor = ipc_schema::paths::mount_anchor(lock_dir, mountpoint);
-    std::fs::create_dir_all(&anchor).map_err(|e| {
-        fail(
-            1,
-            format!("cannot create the lock directory {}: {e}", anchor.display()),
-        )
-    })?;
+fn take_lock(anchor: &Path, mountpoint: &Path) -> Result<InstanceLock, Failure> {
     let what = format!("mountpoint {}", mountpoint.display());
-    InstanceLock::acquire(&anchor, "lock", &what).map_err(|e| match e {
+    InstanceLock::acquire(anchor, ipc_schema::paths::LOCK_FILE, &what).map_err(|e| match e {
         LockError::Held { .. } => fail(EXIT_LOCKED, e.to_string()),
         LockError::Io { .. } => fail(1, e.to_string()),
     })

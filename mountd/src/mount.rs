@@ -1,20 +1,25 @@
-//! The mountpoint: its lock directory name, and clearing a dead mount left
-//! by an earlier mountd.
+//! The mountpoint: making its path absolute, and clearing a dead mount
+//! left by an earlier mountd.
 //!
-//! The single-instance lock of a mountpoint lives in
-//! `<lock dir>/<escaped mountpoint>/lock` ([`ipc_schema::paths`]).
+//! The single-instance lock of a mountpoint lives in its anchor directory
+//! under the lock directory ([`ipc_schema::paths`], [`crate::lock_dir`]).
 //!
 //! A mountd killed with `SIGKILL` leaves its mount behind with no daemon:
 //! every access fails with `ENOTCONN` ("Transport endpoint is not
-//! connected"). Once we hold the mountpoint's lock, no live keibi-mountd
-//! serves it, so such a mount, or any `fuse.keibi` mount still listed at
-//! the path in `/proc/self/mountinfo`, is lazily unmounted
+//! connected"). Such a mount, and only such a mount, is lazily unmounted
 //! (`umount2(MNT_DETACH)`): processes still inside it keep what they have,
-//! and the path is free for the new mount.
+//! and the path is free for the new mount. Holding our lock proves only
+//! that no mountd *with the same lock directory* serves the path; a
+//! `fuse.keibi` mount there that still answers belongs to a live mountd
+//! (another lock directory, another installation) and is never touched:
+//! start-up is refused instead. A mount whose `stat` does not answer
+//! within [`STAT_LIMIT`] (a frozen daemon) is not dead either and is left
+//! alone the same way.
 
 use nix::mount::{MntFlags, umount2};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The filesystem type our mounts show in `/proc/self/mountinfo`.
 pub const FSTYPE: &str = "fuse.keibi";
@@ -30,9 +35,66 @@ pub fn absolute_mountpoint(path: &Path) -> io::Result<PathBuf> {
     }
 }
 
-/// Whether `path` is a mount whose daemon is gone.
-pub fn is_dead_mount(path: &Path) -> bool {
-    matches!(nix::sys::stat::stat(path), Err(nix::errno::Errno::ENOTCONN))
+/// How long the check of an existing mount waits for `stat`.
+pub const STAT_LIMIT: Duration = Duration::from_secs(5);
+
+/// What `stat` of the mountpoint says about a mount there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// `ENOTCONN`: the mount's daemon is gone.
+    Dead,
+    /// It answered (with attributes or another error).
+    Answers,
+    /// No answer within the limit (a frozen daemon).
+    Silent,
+}
+
+/// `statx(AT_STATX_FORCE_SYNC)` of `path` on a thread of its own, bounded
+/// by `limit` (a mount served by a frozen daemon would block the caller in
+/// the kernel). `FORCE_SYNC` makes the kernel ask the daemon: a plain
+/// `stat` of a dead mount's root can be answered from the attribute cache
+/// for a while. A thread stuck in such a call is left behind.
+pub fn probe(path: &Path, limit: Duration) -> Probe {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return Probe::Answers;
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("keibi-mount-probe".into())
+        .spawn(move || {
+            // SAFETY: statx into a zeroed struct owned by this frame, with
+            // a NUL-terminated path that outlives the call.
+            let mut st: libc::statx = unsafe { std::mem::zeroed() };
+            let r = unsafe {
+                libc::statx(
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                    libc::AT_STATX_FORCE_SYNC,
+                    libc::STATX_BASIC_STATS,
+                    &mut st,
+                )
+            };
+            let errno = (r != 0).then(|| io::Error::last_os_error().raw_os_error());
+            let _ = tx.send(errno.flatten());
+        });
+    if spawned.is_err() {
+        return Probe::Silent;
+    }
+    match rx.recv_timeout(limit) {
+        Ok(Some(libc::ENOTCONN)) => Probe::Dead,
+        Ok(_) => Probe::Answers,
+        Err(_) => Probe::Silent,
+    }
+}
+
+/// Why the mountpoint cannot be used.
+#[derive(Debug)]
+pub enum ClearError {
+    /// A keibi mount that is not dead is there.
+    Live(String),
+    /// Unmounting a dead mount failed.
+    Io(io::Error),
 }
 
 /// Mount points of type [`FSTYPE`] at `path` in a mountinfo text.
@@ -79,29 +141,48 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     out
 }
 
-/// Lazily unmount whatever dead or leftover keibi mount is at `path`.
-/// Returns how many mounts were detached. Call only while holding the
-/// mountpoint's lock.
-pub fn clear_stale_mounts(path: &Path) -> io::Result<usize> {
+/// Lazily unmount every dead mount stacked at `path` (see the module
+/// doc); refuse when a keibi mount there is alive. Returns how many mounts
+/// were detached. Call only while holding the mountpoint's lock.
+pub fn clear_dead_mounts(path: &Path) -> Result<usize, ClearError> {
     let mut cleared = 0;
     // Mounts can be stacked; a bound keeps a failing detach from looping.
     for _ in 0..16 {
-        let dead = is_dead_mount(path);
+        let state = probe(path, STAT_LIMIT);
+        if state == Probe::Dead {
+            tracing::warn!(
+                mountpoint = %path.display(),
+                "a mount whose daemon is gone is at the mountpoint (ENOTCONN); unmounting it lazily"
+            );
+            detach(path).map_err(ClearError::Io)?;
+            cleared += 1;
+            continue;
+        }
         let listed = std::fs::read_to_string("/proc/self/mountinfo")
             .map(|t| keibi_mounts_at(&t, path))
             .unwrap_or(0);
-        if !dead && listed == 0 {
-            break;
+        if listed == 0 {
+            return Ok(cleared);
         }
-        tracing::warn!(
-            mountpoint = %path.display(),
-            dead,
-            "a keibi mount without a live keibi-mountd is at the mountpoint; unmounting it lazily"
-        );
-        detach(path)?;
-        cleared += 1;
+        return Err(ClearError::Live(match state {
+            Probe::Silent => format!(
+                "a keibi mount at {} does not answer stat within {} s: its keibi-mountd may be \
+                 frozen; it is not unmounted (if its daemon is gone, unmount it with umount -l)",
+                path.display(),
+                STAT_LIMIT.as_secs()
+            ),
+            _ => format!(
+                "{} is already a live keibi mount, served by another keibi-mountd (one with \
+                 another --lock-dir, or another installation); it is not unmounted. Stop that \
+                 keibi-mountd first",
+                path.display()
+            ),
+        }));
     }
-    Ok(cleared)
+    Err(ClearError::Io(io::Error::other(format!(
+        "{}: mounts are still stacked after 16 lazy unmounts",
+        path.display()
+    ))))
 }
 
 /// `umount2(path, MNT_DETACH)`.
@@ -130,6 +211,18 @@ mod tests {
         assert_eq!(keibi_mounts_at(text, Path::new("/tmp/m2")), 1);
         assert_eq!(keibi_mounts_at(text, Path::new("/proc")), 0);
         assert_eq!(keibi_mounts_at(text, Path::new("/tmp/m3")), 0);
+    }
+
+    #[test]
+    fn a_plain_directory_answers_and_has_nothing_to_clear() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(probe(dir.path(), STAT_LIMIT), Probe::Answers);
+        assert_eq!(
+            probe(&dir.path().join("missing"), STAT_LIMIT),
+            Probe::Answers,
+            "ENOENT is an answer, not a dead mount"
+        );
+        assert!(matches!(clear_dead_mounts(dir.path()), Ok(0)));
     }
 
     #[test]

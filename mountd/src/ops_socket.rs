@@ -2,7 +2,7 @@
 //! waiting on.
 //!
 //! The socket is `ops.sock` in the mountpoint's lock anchor directory
-//! (`<lock dir>/<escaped mountpoint>/`), mode 0600, and it admits only
+//! (`<lock dir>/<anchor>/`, [`ipc_schema::paths`]), mode 0600, and it admits only
 //! uid 0 (`SO_PEERCRED`, checked before anything else is answered). Each
 //! connection runs the [handshake](ipc_schema::handshake) for
 //! [`ServiceKind::Debug`] in the blocking pool (it has its own timeout),

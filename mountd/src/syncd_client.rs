@@ -144,8 +144,10 @@ pub struct SyncdClient {
 /// Whether syncd is keeping up. One missed deadline marks it stalled;
 /// while it is, calls wait at most [`STALLED_WAIT`], so a `stat` that
 /// makes several calls in a row answers within one deadline, not one per
-/// call. Any answer from syncd (or a new connection) clears it, and a
-/// probe with the full deadline runs in the background until one comes.
+/// call. Calls made with [`SyncdClient::call_durable`] (`fsync`) are
+/// exempt: they always wait for their full deadline. Any answer from
+/// syncd (or a new connection) clears it, and a probe with the full
+/// deadline runs in the background until one comes.
 #[derive(Default)]
 struct Health {
     stalled: AtomicBool,
@@ -206,13 +208,53 @@ impl SyncdClient {
         F: Fn(Arc<Connection>, Context) -> Fut,
         Fut: Future<Output = Result<Result<T, FsError>, RpcError>>,
     {
-        let full = deadline.saturating_duration_since(Instant::now());
-        let deadline = if self.health.stalled() {
+        let shortened = if self.health.stalled() {
             deadline.min(Instant::now() + STALLED_WAIT)
         } else {
             deadline
         };
-        let r = self.call_until(op, ino, deadline, retry, f).await;
+        self.call_and_track(op, ino, deadline, shortened, retry, f)
+            .await
+    }
+
+    /// Call syncd for durability (`fsync`, `fsyncdir`): like
+    /// [`SyncdClient::call`], but the deadline is never shortened by the
+    /// stalled mode. A program that asked for durability waits for it
+    /// (up to its own, longer deadline): sqlite and git treat a failed
+    /// `fsync` as fatal, so failing it fast because an earlier, unrelated
+    /// call was slow would turn one slow moment into a broken database.
+    pub async fn call_durable<T, F, Fut>(
+        &self,
+        op: &'static str,
+        ino: u64,
+        deadline: Instant,
+        f: F,
+    ) -> Result<T, CallError>
+    where
+        F: Fn(Arc<Connection>, Context) -> Fut,
+        Fut: Future<Output = Result<Result<T, FsError>, RpcError>>,
+    {
+        self.call_and_track(op, ino, deadline, deadline, Retry::Idempotent, f)
+            .await
+    }
+
+    /// Make the call until `wait_until` and keep [`Health`] up to date; a
+    /// probe started by a miss gets what was left of `deadline`.
+    async fn call_and_track<T, F, Fut>(
+        &self,
+        op: &'static str,
+        ino: u64,
+        deadline: Instant,
+        wait_until: Instant,
+        retry: Retry,
+        f: F,
+    ) -> Result<T, CallError>
+    where
+        F: Fn(Arc<Connection>, Context) -> Fut,
+        Fut: Future<Output = Result<Result<T, FsError>, RpcError>>,
+    {
+        let full = deadline.saturating_duration_since(Instant::now());
+        let r = self.call_until(op, ino, wait_until, retry, f).await;
         match &r {
             Err(CallError::Deadline { .. }) => {
                 if self.health.set_stalled(true) {

@@ -84,7 +84,7 @@ _keibi_sockets_ready() {
 keibi_start_mountd() {
     setsid "$KEIBI_BIN/keibi-mountd" "$KEIBI_MNT" \
         --syncd-socket "$KEIBI_FS_SOCK" \
-        --lock-dir "$KEIBI_RUN/mounts" \
+        --lock-dir "$KEIBI_WORK/locks" \
         "$@" \
         </dev/null >>"$KEIBI_WORK/mountd.log" 2>&1 &
     KEIBI_MOUNTD_PID=$!

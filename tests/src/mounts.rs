@@ -83,7 +83,7 @@ pub fn mount_tmpfs(path: &Path, bytes: u64) {
 }
 
 /// The systemd escaping of an absolute path (`systemd-escape --path`), as
-/// mountd names its lock anchor.
+/// the mountpoint's `keibi-mountd@` unit instance is named.
 pub fn systemd_escape_path(path: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();

@@ -5,7 +5,7 @@
 //! in.
 
 use harness::daemons::{control_answers, make_dir, mountd_command, syncd_command, terminate};
-use harness::mounts::{keibi_mounts_at, systemd_escape_path};
+use harness::mounts::keibi_mounts_at;
 use harness::process::wait_child;
 use harness::{KeibiFixture, Options, SYNCD_UID, poll_until, setup, watchdog};
 use std::fs;
@@ -167,7 +167,7 @@ fn removed_or_replaced_syncd_lock_file_keeps_a_second_syncd_out() {
 }
 
 fn mountd_anchor(fx: &KeibiFixture, mnt: &Path) -> PathBuf {
-    fx.lock_dir().join(systemd_escape_path(mnt))
+    ipc_schema::paths::mount_anchor(&fx.lock_dir(), mnt)
 }
 
 #[test]
@@ -226,7 +226,7 @@ fn two_mountd_on_one_mountpoint_exactly_one_runs() {
     }
     assert!(
         mountd_anchor(&fx, &mnt).join("lock").exists(),
-        "mountd's lock file is at <lock dir>/<escaped mountpoint>/lock"
+        "mountd's lock file is at <lock dir>/<anchor>/lock"
     );
 }
 

@@ -406,7 +406,9 @@ impl Store {
             Ok(dir)
         };
         let ino = match name.as_bytes() {
-            b"." => need_dir().map(|_| parent.0)?,
+            // "." of any inode: the kernel looks an inode up by number
+            // this way to decode a file handle (FUSE export support).
+            b"." => self.need_inode(parent.0).map(|_| parent.0)?,
             b".." => need_dir()?.parent,
             _ => {
                 names::validate(name)?;

@@ -801,3 +801,20 @@ fn fsync_and_statfs_answer() {
     let st = s.statfs().expect("statfs");
     assert!(st.blocks > 0 && st.namelen == 255);
 }
+
+#[test]
+fn lookup_of_dot_names_any_inode_itself() {
+    // The kernel decodes a file handle by looking up "." in the inode it
+    // names (FUSE export support), whatever its kind.
+    let (_d, s) = fresh();
+    let d = dir(&s, ROOT, "d");
+    let f = s
+        .mknod(d, &n("p"), FileKind::Fifo, 0o644, ME)
+        .expect("mknod")
+        .ino;
+    assert_eq!(s.lookup(f, &n(".")).expect("lookup . of a fifo").ino, f);
+    assert_eq!(s.lookup(d, &n(".")).expect("lookup . of a dir").ino, d);
+    assert_eq!(s.lookup(d, &n("..")).expect("lookup ..").ino, ROOT);
+    assert_eq!(errno(s.lookup(f, &n(".."))), libc::ENOTDIR);
+    assert_eq!(errno(s.lookup(Ino(9999), &n("."))), libc::ENOENT);
+}
