@@ -105,7 +105,18 @@ pub async fn serve_filesystem(listener: UnixListener, daemon: Arc<Daemon>, mount
                 pid = cred.pid,
                 "mountd connected"
             );
-            daemon.store.connect(conn);
+            // The open table's lock may be held across a transaction or an
+            // orphan scan: take it in the blocking pool, not on a worker.
+            let store = daemon.store.clone();
+            let connected = tokio::task::spawn_blocking(move || {
+                crate::fault::store_gate();
+                store.connect(conn)
+            })
+            .await;
+            if let Err(e) = connected {
+                tracing::warn!(conn = conn.0, error = %e, "cannot register the connection");
+                return;
+            }
             let server = FsServer::new(daemon.clone(), conn, sender);
             BaseChannel::with_defaults(transport::framed(stream))
                 .execute(server.serve())
@@ -114,7 +125,10 @@ pub async fn serve_filesystem(listener: UnixListener, daemon: Arc<Daemon>, mount
                 })
                 .await;
             let store = daemon.store.clone();
-            let dropped = tokio::task::spawn_blocking(move || store.disconnect(conn))
+            let dropped = tokio::task::spawn_blocking(move || {
+                crate::fault::store_gate();
+                store.disconnect(conn)
+            })
                 .await
                 .unwrap_or(0);
             daemon.mounts.remove(conn);
