@@ -198,6 +198,18 @@ mod tests {
             0o600
         );
         drop(again);
+        // Owner and group: another user's when we may (root), else ours.
+        let (uid, gid) = if nix::unistd::geteuid().is_root() {
+            (65534, 65534)
+        } else {
+            (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            )
+        };
+        drop(listen(&path, 0o660, Some(uid), Some(gid)).expect("bind with an owner"));
+        let md = std::fs::symlink_metadata(&path).expect("stat");
+        assert_eq!((md.uid(), md.gid(), md.mode() & 0o777), (uid, gid, 0o660));
         let plain = dir.path().join("plain");
         std::fs::write(&plain, b"x").expect("write");
         let err = listen(&plain, 0o600, None, None).expect_err("not a socket");

@@ -96,10 +96,7 @@ impl Census {
                 finish.figures = Some(scan(&d));
             }));
         }
-        let fresh = matches!(
-            tokio::time::timeout(wait, done.changed()).await,
-            Ok(Ok(()))
-        );
+        let fresh = matches!(tokio::time::timeout(wait, done.changed()).await, Ok(Ok(())));
         let st = census.lock();
         match &st.last {
             Some((figures, at)) => Report {

@@ -110,8 +110,8 @@ pub async fn serve_filesystem(listener: Listener, daemon: Arc<Daemon>, mountd_ui
                 crate::fault::store_gate();
                 store.disconnect(conn)
             })
-                .await
-                .unwrap_or(0);
+            .await
+            .unwrap_or(0);
             daemon.mounts.remove(conn);
             tracing::info!(
                 conn = conn.0,

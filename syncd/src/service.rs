@@ -84,8 +84,8 @@ impl FsServer {
             crate::fault::store_gate();
             f(&store)
         })
-            .await
-            .unwrap_or_else(|e| Err(fs_err!(EIO, "{op}: the operation failed: {e}")));
+        .await
+        .unwrap_or_else(|e| Err(fs_err!(EIO, "{op}: the operation failed: {e}")));
         self.log(op, &detail, start, &result);
         result
     }
