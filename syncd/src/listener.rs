@@ -1,5 +1,12 @@
 //! The two Unix sockets and their accept loops.
 //!
+//! Both are `interprocess` local sockets ([`ipc_schema::local_socket`]:
+//! binding with mode, owner and group, accepting, peer credentials). The
+//! filesystem socket is served on the filesystem runtime, the control
+//! socket on the control runtime (see `main.rs`); each runtime's own
+//! blocking pool runs its handshakes, so stuck store calls cannot delay a
+//! keibictl handshake.
+//!
 //! Every connection starts with the [handshake](ipc_schema::handshake),
 //! run on a blocking copy of the stream in the blocking pool (it has its own
 //! timeout, so a client that connects and says nothing holds no task). The

@@ -11,17 +11,19 @@
 //! descriptor on the connection's fd channel before answering, as the
 //! protocol requires (see `ipc_schema::fdpass`).
 //!
-//! No store call blocks a runtime worker: the short reads run inside
-//! `block_in_place` (the worker's other tasks move to another thread
-//! first), everything else in the blocking pool. Before this, the short
-//! reads ran plainly on the worker, and one read stuck on a slow disk held
-//! the connection's task behind it (tokio does not let other workers take
-//! a worker's next task); with one stuck per worker, the whole daemon,
-//! control socket included, stopped answering. This service runs on the
-//! filesystem runtime (see `main.rs`); the control service has a runtime,
-//! a thread and a blocking pool of its own, so `keibictl status` and
-//! `debug ops` answer however many store calls are stuck. Every store call
-//! passes the test-only fault point [`crate::fault::store_gate`] first.
+//! The short reads hold a runtime worker while they run, so this service
+//! runs on a runtime of its own, the filesystem runtime (see `main.rs`).
+//! When the disk is slow, stuck reads can hold all its workers (and the
+//! tasks queued behind them, the connection's own task included), which
+//! stalls this service only: it needs the store anyway. The control
+//! service has a runtime, a thread and a blocking pool of its own, so
+//! `keibictl status` and `debug ops` answer however many store calls are
+//! stuck. (Moving the short reads off the workers costs syncd CPU on every
+//! call: measured per `lookup` from mountd, about 40 µs of syncd CPU run
+//! here, 50-70 µs through `spawn_blocking`, 75-90 µs inside
+//! `block_in_place`, which hands the worker's queue to another thread on
+//! each call.) Every store call passes the test-only fault point
+//! [`crate::fault::store_gate`] first.
 //!
 //! Both paths list the request in the daemon's in-flight registry while it
 //! runs, for `keibictl debug ops` (`Control::debug_ops`).
@@ -90,17 +92,14 @@ impl FsServer {
         result
     }
 
-    /// Run a store operation that only reads on this task's thread, inside
-    /// [`tokio::task::block_in_place`]: a lookup in sled's cache and at
-    /// most one `stat` of a content file usually take microseconds, less
-    /// than a round trip through the blocking pool (see the module doc),
-    /// but a slow disk can make them take as long as it likes. Before `f`
-    /// runs, `block_in_place` hands this worker's queue (every other task
-    /// it was about to run, the connection's own task included) to another
-    /// thread, so a stuck read holds only its own request, never a runtime
-    /// worker. Only for operations that write nothing, so they never wait
-    /// for sled's log, and never send or wait on another process.
-    /// Multi-threaded runtime only (`block_in_place` panics elsewhere).
+    /// Run a store operation that only reads, right here on the task: a
+    /// lookup in sled's cache and at most one `stat` of a content file
+    /// (`fstatat` in the content directory, whose inode the kernel has
+    /// cached) take microseconds, less than the hand-off to the blocking
+    /// pool and back (see the module doc). Only for operations that write
+    /// nothing, so they never wait for sled's log, and never send or wait
+    /// on another process. When the disk is slow this holds a worker of the
+    /// filesystem runtime, which serves nothing but this service.
     fn run_here<T>(
         &self,
         op: &'static str,
@@ -109,10 +108,8 @@ impl FsServer {
     ) -> Result<T, FsError> {
         let start = Instant::now();
         let _inflight = self.daemon.inflight.register(op, None, None, "store");
-        let result = tokio::task::block_in_place(|| {
-            crate::fault::store_gate();
-            f(&self.daemon.store)
-        });
+        crate::fault::store_gate();
+        let result = f(&self.daemon.store);
         self.log(op, &detail, start, &result);
         result
     }
