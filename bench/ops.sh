@@ -10,6 +10,8 @@
 #            touch, so a few processes create them all)
 #   stat     one `ls -l` of that directory (readdir with attributes, and a
 #            stat per file)
+#   lookup   `stat` of --files names that do not exist (one xargs stat):
+#            each is one lookup answered by keibi-syncd, never cached
 #   open     `cat *` of those (empty) files: an open and a release each
 #   unlink   `rm -f *` of them
 #
@@ -128,7 +130,7 @@ ms_since() { awk -v d=$(($(now_ns) - $1)) 'BEGIN { printf "%.1f\n", d / 1e6 }'; 
 
 declare -A result
 targets=()
-rows=(create stat open unlink)
+rows=(create stat lookup open unlink)
 
 # One run of every measurement in a new directory under $1; appends the
 # times (ms) to the arrays named t_<row>.
@@ -147,6 +149,10 @@ one_run() {
         echo "ops.sh: ls -l in $d listed $((n - 1)) files, expected $files" >&2
         exit 1
     fi
+    t0=$(now_ns)
+    # Every stat fails (ENOENT), so xargs exits 123.
+    seq -f "m%05g" 1 "$files" | xargs stat >/dev/null 2>&1 || true
+    t_lookup+=("$(ms_since "$t0")")
     t0=$(now_ns)
     # shellcheck disable=SC2035 # every name is f<digits>
     cat * >/dev/null
@@ -168,7 +174,7 @@ measure() {
     local name="$1" dir="$2" i r
     targets+=("$name")
     echo "== $name: $dir"
-    t_create=() t_stat=() t_open=() t_unlink=()
+    t_create=() t_stat=() t_lookup=() t_open=() t_unlink=()
     for ((i = 0; i < runs; i++)); do
         one_run "$dir" "$i"
     done
@@ -200,6 +206,7 @@ echo
 declare -A label=(
     [create]="create (xargs touch)"
     [stat]="stat (one ls -l)"
+    [lookup]="lookup (stat missing)"
     [open]="open+release (cat *)"
     [unlink]="unlink (rm -f *)"
 )

@@ -20,6 +20,9 @@
 //!   belong to.
 //! - [`transport`]: the tarpc transport (length-delimited bincode frames
 //!   with a hard size cap) and the connect helpers.
+//! - [`local_socket`]: binding, accepting and connecting the local sockets
+//!   (with `interprocess`), peer credentials, and the server side of the
+//!   handshake.
 //! - [`inflight`]: the registry of operations in flight that
 //!   `keibictl debug ops` reads from each daemon ([`OpInFlight`]).
 //! - [`paths`]: where a mount's lock and debug socket live.
@@ -32,6 +35,7 @@ pub mod error;
 pub mod fdpass;
 pub mod handshake;
 pub mod inflight;
+pub mod local_socket;
 pub mod lockfile;
 pub mod paths;
 pub mod service;

@@ -1,25 +1,26 @@
-//! The tarpc transport on a Unix stream: length-delimited frames of at most
-//! [`MAX_FRAME`] bytes, bincode inside; plus the client-side connect helpers
-//! that run the [handshake](crate::handshake) first.
+//! The tarpc transport on a local socket stream: length-delimited frames of
+//! at most [`MAX_FRAME`] bytes, bincode inside; plus the client-side
+//! connect helpers, which connect with [`local_socket`] and run the
+//! [handshake](crate::handshake) first.
 
 use crate::handshake::{self, HandshakeError, ServiceKind};
+use crate::local_socket::{self, Stream};
 use crate::service::{ControlClient, FilesystemClient, MountDebugClient};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use tarpc::serde_transport::Transport;
 use tarpc::tokio_serde::formats::Bincode;
 use tarpc::tokio_util::codec::{Framed, LengthDelimitedCodec};
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// The largest frame either side accepts. A frame over it closes the
 /// connection (and is logged) instead of being allocated.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 
 /// Wrap a connected stream (handshake done) in a tarpc transport.
-pub fn framed<Item, SinkItem>(
-    stream: UnixStream,
-) -> Transport<UnixStream, Item, SinkItem, Bincode<Item, SinkItem>>
+pub fn framed<S, Item, SinkItem>(stream: S) -> Transport<S, Item, SinkItem, Bincode<Item, SinkItem>>
 where
+    S: AsyncRead + AsyncWrite,
     Item: for<'de> serde::Deserialize<'de>,
     SinkItem: serde::Serialize,
 {
@@ -54,34 +55,20 @@ async fn connect_raw(
     path: &Path,
     service: ServiceKind,
     fd: Option<OwnedFd>,
-) -> Result<UnixStream, ConnectError> {
+) -> Result<Stream, ConnectError> {
     let p = path.display().to_string();
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|source| ConnectError::Connect {
-            path: p.clone(),
-            source,
-        })?;
-    let mut std_stream = stream.into_std().map_err(|source| ConnectError::Connect {
+    let io_err = |source| ConnectError::Connect {
         path: p.clone(),
         source,
-    })?;
-    let done = tokio::task::spawn_blocking(move || {
-        std_stream.set_nonblocking(false)?;
-        handshake::client(&mut std_stream, service, fd.as_ref().map(|f| f.as_raw_fd()))?;
-        std_stream.set_nonblocking(true)?;
-        Ok::<_, HandshakeError>(std_stream)
+    };
+    let stream = local_socket::connect(path).await.map_err(io_err)?;
+    let (stream, done) = local_socket::with_blocking(stream, move |s| {
+        handshake::client(s, service, fd.as_ref().map(|f| f.as_raw_fd()))
     })
     .await
-    .map_err(|e| ConnectError::Connect {
-        path: p.clone(),
-        source: std::io::Error::other(e),
-    })?;
-    let std_stream = done.map_err(|source| ConnectError::Handshake {
-        path: p.clone(),
-        source,
-    })?;
-    UnixStream::from_std(std_stream).map_err(|source| ConnectError::Connect { path: p, source })
+    .map_err(io_err)?;
+    done.map_err(|source| ConnectError::Handshake { path: p, source })?;
+    Ok(stream)
 }
 
 /// Connect to syncd's filesystem socket, handing it `fd_channel` (syncd's
@@ -103,13 +90,12 @@ pub async fn connect_filesystem_with_peer_uid(
     fd_channel: OwnedFd,
 ) -> Result<(FilesystemClient, u32), ConnectError> {
     let stream = connect_raw(path, ServiceKind::Filesystem, Some(fd_channel)).await?;
-    let uid = stream
-        .peer_cred()
+    let uid = local_socket::peer(&stream)
         .map_err(|source| ConnectError::Connect {
             path: path.display().to_string(),
             source,
         })?
-        .uid();
+        .uid;
     let config = tarpc::client::Config::default();
     Ok((FilesystemClient::new(config, framed(stream)).spawn(), uid))
 }

@@ -331,6 +331,14 @@ pub struct Status {
     pub others: u64,
     /// Bytes of content (sum of file sizes).
     pub bytes: u64,
+    /// Whether `files`, `directories`, `others`, `bytes` and each mount's
+    /// `open_handles` were counted for this answer. syncd waits for its
+    /// count of the store only a moment; when the store is slower, the
+    /// figures are those of the last count that finished.
+    pub counts_fresh: bool,
+    /// How old those figures are, in milliseconds; `None` when no count
+    /// has finished since syncd started (the figures are then 0).
+    pub counts_age_ms: Option<u64>,
 }
 
 /// One operation a daemon is serving now, for `keibictl debug ops`.

@@ -29,6 +29,7 @@ pub fn status_table(status: &Status) -> String {
         ("directories", status.directories.to_string()),
         ("others", status.others.to_string()),
         ("bytes", bytes(status.bytes)),
+        ("counted", counted(status)),
     ];
     for (key, value) in rows {
         // Writing to a String cannot fail.
@@ -80,6 +81,21 @@ fn mounts_table(mounts: &[MountStatus]) -> String {
     out
 }
 
+/// Whether the figures (counts and open handles) are this answer's own.
+fn counted(status: &Status) -> String {
+    match (status.counts_fresh, status.counts_age_ms) {
+        (true, _) => "now".to_string(),
+        (false, Some(ms)) => format!(
+            "{} ago (stale: the store did not answer in time)",
+            humantime::format_duration(Duration::from_millis(ms - ms % 100))
+        ),
+        (false, None) => {
+            "never (unavailable: the store has not answered since keibi-syncd started; the figures are 0)"
+                .to_string()
+        }
+    }
+}
+
 fn seconds(s: u64) -> String {
     humantime::format_duration(Duration::from_secs(s)).to_string()
 }
@@ -125,6 +141,8 @@ mod tests {
             directories: 2,
             others: 1,
             bytes: 3 * 1024 * 1024,
+            counts_fresh: true,
+            counts_age_ms: Some(3),
         }
     }
 
@@ -145,6 +163,7 @@ mod tests {
             "/mnt/keibi",
             "yes",
             "1m 1s",
+            "counted      now",
         ] {
             assert!(t.contains(needle), "missing {needle:?} in\n{t}");
         }
@@ -166,6 +185,18 @@ mod tests {
         assert_eq!(v["mounts"][0]["open_handles"], 3);
         let back: Status = serde_json::from_str(&text).expect("decode as Status");
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn stale_and_missing_counts_are_named() {
+        let mut s = sample();
+        s.counts_fresh = false;
+        s.counts_age_ms = Some(12_345);
+        let t = status_table(&s);
+        assert!(t.contains("counted      12s 300ms ago (stale"), "{t}");
+        s.counts_age_ms = None;
+        let t = status_table(&s);
+        assert!(t.contains("counted      never (unavailable"), "{t}");
     }
 
     #[test]

@@ -49,6 +49,8 @@ fn sample() -> Status {
         directories: 3,
         others: 2,
         bytes: 4096,
+        counts_fresh: true,
+        counts_age_ms: Some(1),
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! The socket is `ops.sock` in the mountpoint's lock anchor directory
 //! (`<lock dir>/<anchor>/`, [`ipc_schema::paths`]), mode 0600, and it admits only
-//! uid 0 (`SO_PEERCRED`, checked before anything else is answered). Each
+//! uid 0 (`SO_PEERCRED`, checked before anything else is answered). It is
+//! an `interprocess` local socket ([`ipc_schema::local_socket`]). Each
 //! connection runs the [handshake](ipc_schema::handshake) for
 //! [`ServiceKind::Debug`] in the blocking pool (it has its own timeout),
 //! then tarpc serves [`MountDebug`] from the in-flight registry.
@@ -13,46 +14,28 @@
 //! and every FUSE operation is stuck waiting for it.
 
 use futures::StreamExt;
-use ipc_schema::handshake::{self, Refusal, ServiceKind};
+use ipc_schema::handshake::{ClientHello, Refusal, ServiceKind};
 use ipc_schema::inflight::InFlight;
+use ipc_schema::local_socket::{self, Listener, Stream};
 use ipc_schema::service::MountDebug;
 use ipc_schema::{OpInFlight, PROTOCOL_VERSION, transport};
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel};
-use tokio::net::{UnixListener, UnixStream};
 
 /// The only uid the socket admits.
 const ROOT: u32 = 0;
 
-/// Bind `ops.sock` in `anchor` with mode 0600. A socket file left there is
-/// replaced: we hold the mountpoint's lock, so no live mountd owns it.
-/// Must run inside the tokio runtime.
-pub fn bind(anchor: &Path) -> io::Result<(UnixListener, SocketFile)> {
+/// Bind `ops.sock` in `anchor` with mode 0600 (see
+/// [`local_socket::listen`]). A socket file left there is replaced: we
+/// hold the mountpoint's lock, so no live mountd owns it. Must run inside
+/// the tokio runtime.
+pub fn bind(anchor: &Path) -> io::Result<(Listener, SocketFile)> {
     let path = anchor.join(ipc_schema::paths::OPS_SOCKET);
-    let ctx = |what: &str, e: io::Error| {
-        io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
-    };
-    match std::fs::symlink_metadata(&path) {
-        Ok(md) if md.file_type().is_socket() => {
-            std::fs::remove_file(&path).map_err(|e| ctx("removing the stale socket", e))?
-        }
-        Ok(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ));
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(ctx("checking", e)),
-    }
-    let listener = UnixListener::bind(&path).map_err(|e| ctx("binding", e))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| ctx("setting the mode of", e))?;
+    let listener = local_socket::listen(&path, 0o600, None, None)?;
     Ok((listener, SocketFile(path)))
 }
 
@@ -79,10 +62,10 @@ impl Drop for SocketFile {
 }
 
 /// Accept `keibictl debug ops` connections forever.
-pub async fn serve(listener: UnixListener, inflight: Arc<InFlight>) {
+pub async fn serve(listener: Listener, inflight: Arc<InFlight>) {
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
+        match local_socket::accept(&listener).await {
+            Ok(stream) => {
                 tokio::spawn(serve_one(stream, inflight.clone()));
             }
             Err(e) => {
@@ -94,44 +77,18 @@ pub async fn serve(listener: UnixListener, inflight: Arc<InFlight>) {
     }
 }
 
-async fn serve_one(stream: UnixStream, inflight: Arc<InFlight>) {
-    let uid = match stream.peer_cred() {
-        Ok(c) => c.uid(),
+async fn serve_one(stream: Stream, inflight: Arc<InFlight>) {
+    let uid = match local_socket::peer(&stream) {
+        Ok(p) => p.uid,
         Err(e) => {
             tracing::warn!(error = %e, "ops socket: cannot read the peer's credentials");
             return;
         }
     };
-    let std_stream = match stream.into_std() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "ops socket: cannot take the connection");
-            return;
-        }
-    };
-    let outcome = tokio::task::spawn_blocking(move || {
-        let mut s = std_stream;
-        s.set_nonblocking(false).map_err(|e| e.to_string())?;
-        check_hello(&mut s, uid)?;
-        handshake::accept(&mut s).map_err(|e| format!("answering the handshake: {e}"))?;
-        s.set_nonblocking(true).map_err(|e| e.to_string())?;
-        Ok::<_, String>(s)
-    })
-    .await;
-    let stream = match outcome {
-        Ok(Ok(s)) => match UnixStream::from_std(s) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "ops socket: cannot register the connection");
-                return;
-            }
-        },
-        Ok(Err(why)) => {
+    let stream = match local_socket::serve_handshake(stream, move |h| check_hello(h, uid)).await {
+        Ok((s, _)) => s,
+        Err(why) => {
             tracing::warn!(uid, "ops socket: connection refused: {why}");
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "ops socket: handshake task failed");
             return;
         }
     };
@@ -143,43 +100,32 @@ async fn serve_one(stream: UnixStream, inflight: Arc<InFlight>) {
         .await;
 }
 
-/// Read and judge the client's preamble: root only, this protocol version,
-/// the debug service.
-fn check_hello(s: &mut std::os::unix::net::UnixStream, uid: u32) -> Result<(), String> {
-    let refuse = |s: &mut std::os::unix::net::UnixStream, why: Refusal, msg: String| {
-        let _ = handshake::refuse(s, why, &msg);
-        Err(msg)
-    };
-    let hello = match handshake::read_hello(s) {
-        Ok(h) => h,
-        Err(e) => return refuse(s, Refusal::BadPreamble, format!("bad preamble: {e}")),
-    };
+/// Judge the client's preamble: root only, this protocol version, the
+/// debug service. `Err` refuses it with a reason.
+fn check_hello(hello: &ClientHello, uid: u32) -> Result<(), (Refusal, String)> {
     if uid != ROOT {
-        return refuse(
-            s,
+        return Err((
             Refusal::PermissionDenied,
             format!("the ops socket admits only uid {ROOT}; this client runs as uid {uid}"),
-        );
+        ));
     }
     if hello.version != PROTOCOL_VERSION {
-        return refuse(
-            s,
+        return Err((
             Refusal::VersionMismatch,
             format!(
                 "protocol version mismatch: this keibi-mountd speaks version {PROTOCOL_VERSION}, the client speaks version {}; run binaries from the same keibi release",
                 hello.version
             ),
-        );
+        ));
     }
     if hello.service != ServiceKind::Debug as u8 {
-        return refuse(
-            s,
+        return Err((
             Refusal::BadPreamble,
             format!(
                 "this is a keibi-mountd ops socket; the client asked for service {}",
                 hello.service
             ),
-        );
+        ));
     }
     Ok(())
 }
@@ -199,6 +145,7 @@ impl MountDebug for DebugServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[tokio::test]
     async fn serves_the_registry_to_root() {

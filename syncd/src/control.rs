@@ -1,6 +1,12 @@
 //! The control service (keibictl → syncd): read-only status, and the
 //! filesystem requests in flight for `keibictl debug ops`.
+//!
+//! It runs on the control runtime (see `main.rs`), which shares no thread
+//! with the filesystem service, and neither method waits on the store:
+//! `status` takes the store's figures from [`census`] (bounded wait, then
+//! the cache), `debug_ops` reads the in-flight registry (a leaf lock).
 
+use crate::census::{self, Census};
 use crate::daemon::Daemon;
 use ipc_schema::service::Control;
 use ipc_schema::{KEIBI_VERSION, MountStatus, OpInFlight, PROTOCOL_VERSION, Status};
@@ -22,27 +28,20 @@ impl ControlServer {
 
 impl Control for ControlServer {
     async fn status(self, _: Context) -> Status {
-        let daemon = self.daemon.clone();
-        // Counting scans the store and stats content files: blocking work.
-        let (counts, mounts) = tokio::task::spawn_blocking(move || {
-            let counts = daemon.store.counts().unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "status: cannot count the store");
-                Default::default()
-            });
-            let mounts = daemon
-                .mounts
-                .list()
-                .into_iter()
-                .map(|(conn, info, since)| MountStatus {
-                    info,
-                    connected_secs: since.elapsed().as_secs(),
-                    open_handles: daemon.store.open_handles(conn),
-                })
-                .collect::<Vec<_>>();
-            (counts, mounts)
-        })
-        .await
-        .unwrap_or_default();
+        // Never waits on the store for more than a moment (see `census`).
+        let report = Census::report(&self.daemon, census::WAIT).await;
+        let mounts = self
+            .daemon
+            .mounts
+            .list()
+            .into_iter()
+            .map(|(conn, info, since)| MountStatus {
+                info,
+                connected_secs: since.elapsed().as_secs(),
+                open_handles: report.figures.handles.get(&conn).copied().unwrap_or(0),
+            })
+            .collect();
+        let counts = report.figures.counts;
         Status {
             version: KEIBI_VERSION.to_string(),
             protocol_version: PROTOCOL_VERSION,
@@ -54,6 +53,8 @@ impl Control for ControlServer {
             directories: counts.directories,
             others: counts.others,
             bytes: counts.bytes,
+            counts_fresh: report.fresh,
+            counts_age_ms: report.age.map(|a| a.as_millis() as u64),
         }
     }
 

@@ -1,7 +1,8 @@
 //! What every connection of this daemon shares: the store, the mounts that
-//! are connected, the filesystem requests in flight, and when the daemon
-//! started.
+//! are connected, the filesystem requests in flight, the cached store
+//! figures of `keibictl status`, and when the daemon started.
 
+use crate::census::Census;
 use crate::opens::ConnId;
 use crate::store::Store;
 use ipc_schema::MountInfo;
@@ -19,6 +20,8 @@ pub struct Daemon {
     pub mounts: Mounts,
     /// Filesystem requests being served now (`keibictl debug ops`).
     pub inflight: Arc<InFlight>,
+    /// The store's figures for `keibictl status`, cached.
+    pub census: Census,
     /// When the daemon started.
     pub started: Instant,
     next_conn: AtomicU64,
@@ -31,6 +34,7 @@ impl Daemon {
             store,
             mounts: Mounts::default(),
             inflight: InFlight::new(),
+            census: Census::default(),
             started: Instant::now(),
             next_conn: AtomicU64::new(1),
         }

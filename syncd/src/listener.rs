@@ -1,5 +1,12 @@
 //! The two Unix sockets and their accept loops.
 //!
+//! Both are `interprocess` local sockets ([`ipc_schema::local_socket`]:
+//! binding with mode, owner and group, accepting, peer credentials). The
+//! filesystem socket is served on the filesystem runtime, the control
+//! socket on the control runtime (see `main.rs`); each runtime's own
+//! blocking pool runs its handshakes, so stuck store calls cannot delay a
+//! keibictl handshake.
+//!
 //! Every connection starts with the [handshake](ipc_schema::handshake),
 //! run on a blocking copy of the stream in the blocking pool (it has its own
 //! timeout, so a client that connects and says nothing holds no task). The
@@ -20,18 +27,16 @@ use crate::service::FsServer;
 use futures::StreamExt;
 use ipc_schema::PROTOCOL_VERSION;
 use ipc_schema::fdpass::FdSender;
-use ipc_schema::handshake::{self, Refusal, ServiceKind};
+use ipc_schema::handshake::{self, ClientHello, Refusal, ServiceKind};
+use ipc_schema::local_socket::{self, Listener, Peer, Stream};
 use ipc_schema::service::{Control, Filesystem};
 use ipc_schema::transport;
-use nix::unistd::{Gid, Uid};
 use std::io;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tarpc::server::{BaseChannel, Channel};
-use tokio::net::{UnixListener, UnixStream};
 
 /// How long sending one descriptor to mountd may block.
 const FD_SEND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,48 +45,31 @@ const FD_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 pub const FS_SOCKET_MODE: u32 = 0o666;
 
 /// Bind a listening socket at `path` with file `mode` and, if given, owner
-/// and group. A stale socket file at the path is replaced (we hold the
-/// instance lock, so no live syncd of this state directory owns it);
-/// anything else there is an error. Must run inside the tokio runtime.
+/// and group (see [`local_socket::listen`]), making its directory first. A
+/// stale socket file at the path is replaced (we hold the instance lock,
+/// so no live syncd of this state directory owns it); anything else there
+/// is an error. Must run inside the tokio runtime that will serve it.
 pub fn bind(
     path: &Path,
     mode: u32,
     owner: Option<u32>,
     group: Option<u32>,
-) -> io::Result<UnixListener> {
-    let ctx = |what: &str, e: io::Error| {
-        io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
-    };
+) -> io::Result<Listener> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
-        std::fs::create_dir_all(dir).map_err(|e| ctx("creating the directory of", e))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("creating the directory of {}: {e}", path.display()),
+            )
+        })?;
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(md) if md.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|e| ctx("removing the stale socket", e))?
-        }
-        Ok(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ));
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(ctx("checking", e)),
-    }
-    let listener = UnixListener::bind(path).map_err(|e| ctx("binding", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| ctx("setting the mode of", e))?;
-    if owner.is_some() || group.is_some() {
-        nix::unistd::chown(path, owner.map(Uid::from_raw), group.map(Gid::from_raw))
-            .map_err(|e| ctx("changing the owner of", e.into()))?;
-    }
-    Ok(listener)
+    local_socket::listen(path, mode, owner, group)
 }
 
 /// Accept mountd connections on the filesystem socket forever.
-pub async fn serve_filesystem(listener: UnixListener, daemon: Arc<Daemon>, mountd_uid: u32) {
+pub async fn serve_filesystem(listener: Listener, daemon: Arc<Daemon>, mountd_uid: u32) {
     accept_loop(listener, "filesystem", move |stream| {
         let daemon = daemon.clone();
         async move {
@@ -105,7 +93,18 @@ pub async fn serve_filesystem(listener: UnixListener, daemon: Arc<Daemon>, mount
                 pid = cred.pid,
                 "mountd connected"
             );
-            daemon.store.connect(conn);
+            // The open table's lock may be held across a transaction or an
+            // orphan scan: take it in the blocking pool, not on a worker.
+            let store = daemon.store.clone();
+            let connected = tokio::task::spawn_blocking(move || {
+                crate::fault::store_gate();
+                store.connect(conn)
+            })
+            .await;
+            if let Err(e) = connected {
+                tracing::warn!(conn = conn.0, error = %e, "cannot register the connection");
+                return;
+            }
             let server = FsServer::new(daemon.clone(), conn, sender);
             BaseChannel::with_defaults(transport::framed(stream))
                 .execute(server.serve())
@@ -114,9 +113,12 @@ pub async fn serve_filesystem(listener: UnixListener, daemon: Arc<Daemon>, mount
                 })
                 .await;
             let store = daemon.store.clone();
-            let dropped = tokio::task::spawn_blocking(move || store.disconnect(conn))
-                .await
-                .unwrap_or(0);
+            let dropped = tokio::task::spawn_blocking(move || {
+                crate::fault::store_gate();
+                store.disconnect(conn)
+            })
+            .await
+            .unwrap_or(0);
             daemon.mounts.remove(conn);
             tracing::info!(
                 conn = conn.0,
@@ -129,7 +131,7 @@ pub async fn serve_filesystem(listener: UnixListener, daemon: Arc<Daemon>, mount
 }
 
 /// Accept keibictl connections on the control socket forever.
-pub async fn serve_control(listener: UnixListener, daemon: Arc<Daemon>) {
+pub async fn serve_control(listener: Listener, daemon: Arc<Daemon>) {
     accept_loop(listener, "control", move |stream| {
         let daemon = daemon.clone();
         async move {
@@ -150,14 +152,14 @@ pub async fn serve_control(listener: UnixListener, daemon: Arc<Daemon>) {
     .await
 }
 
-async fn accept_loop<F, Fut>(listener: UnixListener, what: &'static str, handle: F)
+async fn accept_loop<F, Fut>(listener: Listener, what: &'static str, handle: F)
 where
-    F: Fn(UnixStream) -> Fut,
+    F: Fn(Stream) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
+        match local_socket::accept(&listener).await {
+            Ok(stream) => {
                 tokio::spawn(handle(stream));
             }
             Err(e) => {
@@ -169,119 +171,72 @@ where
     }
 }
 
-/// The peer's credentials, as the kernel reports them.
-#[derive(Clone, Copy, Debug)]
-struct Peer {
-    uid: u32,
-    pid: i32,
-}
-
 /// Run the server side of the handshake; `None` when the client was
 /// refused or failed (already logged).
 async fn handshake_server(
-    stream: UnixStream,
+    stream: Stream,
     kind: ServiceKind,
     allowed_uid: Option<u32>,
-) -> Option<(UnixStream, Option<OwnedFd>, Peer)> {
-    let cred = match stream.peer_cred() {
-        Ok(c) => Peer {
-            uid: c.uid(),
-            pid: c.pid().unwrap_or(0),
-        },
+) -> Option<(Stream, Option<OwnedFd>, Peer)> {
+    let cred = match local_socket::peer(&stream) {
+        Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the peer's credentials");
             return None;
         }
     };
-    let std_stream = match stream.into_std() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot take the connection");
-            return None;
-        }
-    };
-    let outcome = tokio::task::spawn_blocking(move || {
-        let mut s = std_stream;
-        s.set_nonblocking(false).map_err(|e| e.to_string())?;
-        let fd = check_hello(&mut s, kind, allowed_uid, cred)?;
-        handshake::accept(&mut s).map_err(|e| format!("answering the handshake: {e}"))?;
-        s.set_nonblocking(true).map_err(|e| e.to_string())?;
-        Ok::<_, String>((s, fd))
-    })
-    .await;
-    match outcome {
-        Ok(Ok((s, fd))) => match UnixStream::from_std(s) {
-            Ok(s) => Some((s, fd, cred)),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot register the connection");
-                None
-            }
-        },
-        Ok(Err(why)) => {
+    match local_socket::serve_handshake(stream, move |h| check_hello(h, kind, allowed_uid, cred))
+        .await
+    {
+        Ok((s, fd)) => Some((s, fd, cred)),
+        Err(why) => {
             tracing::warn!(uid = cred.uid, pid = cred.pid, socket = ?kind, "connection refused: {why}");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "handshake task failed");
             None
         }
     }
 }
 
-/// Read and judge the client's preamble; refuse it with a reason, or
-/// return the descriptor it carried.
+/// Judge the client's preamble: `Err` refuses it with a reason.
 fn check_hello(
-    s: &mut std::os::unix::net::UnixStream,
+    hello: &ClientHello,
     kind: ServiceKind,
     allowed_uid: Option<u32>,
     cred: Peer,
-) -> Result<Option<OwnedFd>, String> {
-    let refuse = |s: &mut std::os::unix::net::UnixStream, why: Refusal, msg: String| {
-        let _ = handshake::refuse(s, why, &msg);
-        Err(msg)
-    };
-    let hello = match handshake::read_hello(s) {
-        Ok(h) => h,
-        Err(e) => return refuse(s, Refusal::BadPreamble, format!("bad preamble: {e}")),
-    };
+) -> Result<(), (Refusal, String)> {
     if let Some(uid) = allowed_uid
         && cred.uid != uid
     {
-        return refuse(
-            s,
+        return Err((
             Refusal::PermissionDenied,
             format!(
                 "the filesystem socket admits only uid {uid} (keibi-mountd); this client runs as uid {}",
                 cred.uid
             ),
-        );
+        ));
     }
     if hello.version != PROTOCOL_VERSION {
-        return refuse(
-            s,
+        return Err((
             Refusal::VersionMismatch,
             handshake::version_mismatch_message(hello.version, PROTOCOL_VERSION),
-        );
+        ));
     }
     if hello.service != kind as u8 {
-        return refuse(
-            s,
+        return Err((
             Refusal::BadPreamble,
             format!(
                 "this is the {} socket; the client asked for service {}",
                 socket_name(kind),
                 hello.service
             ),
-        );
+        ));
     }
     if kind == ServiceKind::Filesystem && hello.fd.is_none() {
-        return refuse(
-            s,
+        return Err((
             Refusal::BadPreamble,
             "the filesystem preamble carried no fd channel".to_string(),
-        );
+        ));
     }
-    Ok(hello.fd)
+    Ok(())
 }
 
 fn socket_name(kind: ServiceKind) -> &'static str {

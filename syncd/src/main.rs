@@ -12,11 +12,21 @@
 //! sockets; serve. SIGTERM or SIGINT removes the unused spares, flushes the
 //! store, removes the socket files and exits 0. Other startup failures exit
 //! 1.
+//!
+//! Two tokio runtimes. The filesystem runtime (multi-threaded, threads
+//! `keibi-fs`) serves mountd; its workers may run short store reads
+//! themselves (see [`service`]), so a slow disk can hold all of them. The
+//! control runtime (single-threaded, on the main thread, with its own
+//! blocking pool) serves keibictl, the signals and the lock file: nothing
+//! the filesystem service does can take its thread, so `keibictl status`
+//! and `debug ops` answer while the store is stuck.
 
+mod census;
 mod config;
 mod content;
 mod control;
 mod daemon;
+mod fault;
 mod listener;
 mod opens;
 mod service;
@@ -36,6 +46,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 /// How often the instance lock file is checked and repaired.
 const LOCK_REPAIR_EVERY: Duration = Duration::from_secs(2);
+
+/// How long the filesystem runtime's tasks get to finish at exit.
+const FS_SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
 /// Exit status: startup failure.
 const EXIT_FAILURE: u8 = 1;
@@ -76,6 +89,7 @@ fn main() -> ExitCode {
         Err(e @ LockError::Held { .. }) => return fail(EXIT_LOCKED, &e.to_string()),
         Err(e) => return fail(EXIT_FAILURE, &e.to_string()),
     };
+    fault::init();
     let store = match Store::load(&config.state_dir, config.share_owner) {
         Ok(s) => Arc::new(s),
         Err(e) => return fail(EXIT_FAILURE, &format!("cannot open the store: {e}")),
@@ -87,15 +101,26 @@ fn main() -> ExitCode {
         // Only a cost: every create then makes its content file itself.
         tracing::warn!(error = %e, "no spare content files");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let fs_runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_name("keibi-syncd")
+        .thread_name("keibi-fs")
         .build()
     {
         Ok(r) => r,
         Err(e) => return fail(EXIT_FAILURE, &format!("cannot start the runtime: {e}")),
     };
-    match runtime.block_on(run(config, lock, store)) {
+    let control_runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("keibi-control")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_FAILURE, &format!("cannot start the runtime: {e}")),
+    };
+    let result = control_runtime.block_on(run(config, lock, store, fs_runtime.handle()));
+    // Requests still running after the flush have nobody to answer.
+    fs_runtime.shutdown_timeout(FS_SHUTDOWN_WAIT);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(EXIT_FAILURE, &e),
     }
@@ -106,14 +131,25 @@ fn fail(code: u8, message: &str) -> ExitCode {
     ExitCode::from(code)
 }
 
-async fn run(config: Config, lock: InstanceLock, store: Arc<Store>) -> Result<(), String> {
+/// Serve until SIGTERM or SIGINT. Runs on the control runtime; the
+/// filesystem socket is bound and served on `fs` (see the module doc).
+async fn run(
+    config: Config,
+    lock: InstanceLock,
+    store: Arc<Store>,
+    fs: &tokio::runtime::Handle,
+) -> Result<(), String> {
     // Handlers first: once a socket exists, SIGTERM must mean "shut down
     // cleanly", never the default action.
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
     let daemon = Arc::new(Daemon::new(store.clone()));
-    let fs_listener = listener::bind(&config.fs_socket, listener::FS_SOCKET_MODE, None, None)
-        .map_err(|e| e.to_string())?;
+    let fs_listener = {
+        // Registered with the filesystem runtime's reactor.
+        let _in_fs = fs.enter();
+        listener::bind(&config.fs_socket, listener::FS_SOCKET_MODE, None, None)
+            .map_err(|e| e.to_string())?
+    };
     let sockets = vec![config.fs_socket.clone(), config.control_socket.clone()];
     let control_listener = match listener::bind(
         &config.control_socket,
@@ -127,7 +163,7 @@ async fn run(config: Config, lock: InstanceLock, store: Arc<Store>) -> Result<()
             return Err(e.to_string());
         }
     };
-    tokio::spawn(listener::serve_filesystem(
+    fs.spawn(listener::serve_filesystem(
         fs_listener,
         daemon.clone(),
         config.mountd_uid,

@@ -55,6 +55,8 @@ pub struct Options {
     pub syncd_log_filter: String,
     /// `RUST_LOG` for mountd.
     pub mountd_log_filter: String,
+    /// Extra environment for syncd (test-only fault points).
+    pub syncd_env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -68,6 +70,7 @@ impl Default for Options {
             defer_syncd: false,
             syncd_log_filter: filter("KEIBI_TEST_SYNCD_LOG"),
             mountd_log_filter: filter("KEIBI_TEST_MOUNTD_LOG"),
+            syncd_env: Vec::new(),
         }
     }
 }
@@ -395,6 +398,7 @@ impl KeibiFixture {
             &self.syncd_log_path(),
         );
         cmd.env("RUST_LOG", &self.opts.syncd_log_filter);
+        cmd.envs(self.opts.syncd_env.iter().map(|(k, v)| (k, v)));
         let child = spawn_registered(&mut cmd, "keibi-syncd");
         self.syncd = Some(child);
         let ctl = self.control_socket();

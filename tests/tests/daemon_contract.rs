@@ -79,11 +79,12 @@ fn syncd_stops_on_sigterm_and_sigint_removing_its_sockets() {
         "the control socket's default mode"
     );
     assert_eq!(md.uid(), SYNCD_UID);
-    assert!(
-        fs::metadata(fx.fs_socket())
-            .expect("fs socket")
-            .file_type()
-            .is_socket()
+    let fs_md = fs::metadata(fx.fs_socket()).expect("fs socket");
+    assert!(fs_md.file_type().is_socket());
+    assert_eq!(
+        fs_md.mode() & 0o777,
+        0o666,
+        "the fs socket is world-connectable (SO_PEERCRED admits mountd)"
     );
     let (st, by_itself) = fx.stop_syncd();
     assert!(by_itself && st.success(), "SIGTERM: exit 0 ({st})");

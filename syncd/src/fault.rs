@@ -1,0 +1,51 @@
+//! A fault point for tests only: hold every store call.
+//!
+//! When keibi-syncd starts with the environment variable
+//! [`STALL_ENV`] (`KEIBI_TEST_STORE_STALL`) naming a path, every store call
+//! waits, before it touches the store, for as long as a file exists at that
+//! path (checked every [`POLL`]). "Every store call" means each operation
+//! of the filesystem service (on whichever thread it runs), the open-table
+//! bookkeeping of a connection (`connect`/`disconnect`), and the scan that
+//! counts the store for `keibictl status`. It stands in for a disk that
+//! stops answering, so that the end-to-end test
+//! `tests/tests/control_liveness.rs` can show the control socket answering
+//! while the store is stuck.
+//!
+//! It is not a feature: nothing in a deployment sets the variable, and
+//! syncd logs a warning at start when it is set. Unset, the check is one
+//! load of an initialised [`OnceLock`] per store call.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The environment variable that arms the fault point (tests only).
+pub const STALL_ENV: &str = "KEIBI_TEST_STORE_STALL";
+
+/// How often a held store call looks at the file again.
+const POLL: Duration = Duration::from_millis(10);
+
+static STALL_FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+/// Read [`STALL_ENV`] once, at start (before any store call).
+pub fn init() {
+    let file = STALL_FILE.get_or_init(|| std::env::var_os(STALL_ENV).map(PathBuf::from));
+    if let Some(p) = file {
+        tracing::warn!(
+            path = %p.display(),
+            "test fault point {STALL_ENV} is armed: store calls wait while this file exists"
+        );
+    }
+}
+
+/// Wait while the stall file exists (tests only; returns at once when the
+/// fault point is not armed). Blocking: call it where the store call
+/// itself would block.
+#[inline]
+pub fn store_gate() {
+    if let Some(Some(file)) = STALL_FILE.get() {
+        while file.exists() {
+            std::thread::sleep(POLL);
+        }
+    }
+}
