@@ -26,6 +26,7 @@
 pub mod binaries;
 pub mod daemons;
 pub mod data;
+pub mod io_path;
 pub mod mounts;
 pub mod process;
 pub mod sys;
