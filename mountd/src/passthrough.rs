@@ -47,6 +47,8 @@ pub struct Passthrough {
     passthrough_opens: AtomicU64,
     /// Opens answered with plain I/O.
     plain_opens: AtomicU64,
+    /// Set once FUSE `init` has been answered (so `granted` is known).
+    initialized: tokio::sync::watch::Sender<bool>,
     backing: Mutex<HashMap<u64, Weak<BackingId>>>,
 }
 
@@ -68,6 +70,7 @@ impl Passthrough {
             used: AtomicBool::new(false),
             passthrough_opens: AtomicU64::new(0),
             plain_opens: AtomicU64::new(0),
+            initialized: tokio::sync::watch::Sender::new(false),
             backing: Mutex::new(HashMap::new()),
         }
     }
@@ -80,6 +83,20 @@ impl Passthrough {
     /// Record the kernel's answer in `init`.
     pub fn set_granted(&self, granted: bool) {
         self.granted.store(granted, Ordering::SeqCst);
+    }
+
+    /// Record that FUSE `init` is done (called whether or not
+    /// passthrough was wanted).
+    pub fn set_initialized(&self) {
+        self.initialized.send_replace(true);
+    }
+
+    /// Wait until FUSE `init` is done, at most `limit`, so what mountd
+    /// reports about passthrough (in `register_mount`) is the kernel's
+    /// answer and not the state before it.
+    pub async fn initialized_within(&self, limit: std::time::Duration) {
+        let mut rx = self.initialized.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|done| *done)).await;
     }
 
     /// Whether new opens use passthrough.
@@ -186,6 +203,24 @@ mod tests {
         let st = p.status();
         assert!(st.wanted && st.granted && st.disabled);
         assert_eq!((st.passthrough_opens, st.plain_opens), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn the_state_is_reported_after_init() {
+        let p = Arc::new(Passthrough::new(true));
+        let q = p.clone();
+        let waiter = tokio::spawn(async move {
+            q.initialized_within(std::time::Duration::from_secs(60))
+                .await;
+            q.active()
+        });
+        p.set_granted(true);
+        p.set_initialized();
+        let active = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .expect("the wait ends once init is done")
+            .expect("join");
+        assert!(active, "granted before the wait ended");
     }
 
     #[test]

@@ -777,6 +777,52 @@ fn local_disk_rules_and_refusals() {
     assert_eq!(md.atime(), 1_000_000_000, "UTIME_OMIT kept atime");
     assert!(md.mtime() >= before.mtime(), "UTIME_NOW set mtime to now");
 
+    // Writes, truncation and entry changes move mtime and ctime.
+    let d = fx.path("timed");
+    fs::create_dir(&d).expect("mkdir");
+    let tf = d.join("t");
+    fs::write(&tf, b"t").expect("write");
+    let past = (1_000_000_000, 0);
+    for p in [&d, &tf] {
+        sys::utimens(p, past, past).expect("set times to the past");
+    }
+    let (d0, f0) = (
+        fs::metadata(&d).expect("stat").ctime(),
+        fs::metadata(&tf).expect("stat").ctime(),
+    );
+    OpenOptions::new()
+        .append(true)
+        .open(&tf)
+        .and_then(|mut w| w.write_all(b"more"))
+        .expect("append");
+    let md = fs::metadata(&tf).expect("stat");
+    assert!(
+        md.mtime() > past.0 && md.ctime() >= f0,
+        "a write moves mtime and ctime"
+    );
+    sys::utimens(&tf, past, past).expect("set times to the past");
+    OpenOptions::new()
+        .write(true)
+        .open(&tf)
+        .and_then(|w| w.set_len(1))
+        .expect("truncate");
+    assert!(
+        fs::metadata(&tf).expect("stat").mtime() > past.0,
+        "a truncate moves mtime"
+    );
+    fs::write(d.join("new"), b"").expect("create in the directory");
+    let md = fs::metadata(&d).expect("stat");
+    assert!(
+        md.mtime() > past.0 && md.ctime() >= d0,
+        "a new entry moves the directory's times"
+    );
+    sys::utimens(&d, past, past).expect("set times to the past");
+    fs::remove_file(d.join("new")).expect("unlink");
+    assert!(
+        fs::metadata(&d).expect("stat").mtime() > past.0,
+        "an unlink moves the directory's mtime"
+    );
+
     // xattr limits and rules.
     assert_errno(
         sys::setxattr(&f, &format!("user.{}", "n".repeat(251)), b"v", 0),
@@ -859,14 +905,30 @@ fn local_disk_rules_and_refusals() {
         (harness::OTHER_UID, harness::OTHER_UID)
     );
 
-    // st_dev is the FUSE mount's and changes at every mount; st_ino stays.
+    // st_dev is the FUSE mount's device number (as in mountinfo), given
+    // anew at each mount; st_ino stays.
     drop((file, rw, other, clone, client, server, listener));
-    let (dev, ino) = (
-        fs::metadata(&f).expect("stat").dev(),
-        fs::metadata(&f).expect("stat").ino(),
-    );
+    let md = fs::metadata(&f).expect("stat");
+    assert_eq!(md.dev(), mount_dev(&fx), "st_dev is the mount's device");
+    let ino = md.ino();
     fx.restart_mountd();
     let md = fs::metadata(&f).expect("stat after remount");
     assert_eq!(md.ino(), ino, "the inode number survives the remount");
-    assert_ne!(md.dev(), dev, "a new mount has a new device number");
+    assert_eq!(md.dev(), mount_dev(&fx), "st_dev is the new mount's device");
+}
+
+/// The device number of the fixture's mount, from `/proc/self/mountinfo`.
+fn mount_dev(fx: &KeibiFixture) -> u64 {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let mnt = fx.mnt().display().to_string();
+    let line = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(mnt.as_str()))
+        .unwrap_or_else(|| panic!("{mnt} in mountinfo"));
+    let (major, minor) = line
+        .split(' ')
+        .nth(2)
+        .and_then(|mm| mm.split_once(':'))
+        .expect("major:minor in mountinfo");
+    libc::makedev(major.parse().expect("major"), minor.parse().expect("minor"))
 }
