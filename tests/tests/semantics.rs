@@ -278,7 +278,43 @@ fn copy_range(fx: &KeibiFixture) {
         }
     }
 }
-both_modes!(copy_file_range_and_cp, copy_range);
+
+/// `copy_range` on a mount whose mountd logs every FUSE operation, then
+/// the log shows mountd was asked exactly once and answered `ENOSYS`.
+fn copy_range_logged(passthrough: bool) {
+    let (_w, fx) = setup(
+        "copy_file_range",
+        LIMIT,
+        Options {
+            passthrough,
+            mountd_log_filter: "info,keibi_mountd::fuse=debug,tarpc=off".into(),
+            ..Options::default()
+        },
+    );
+    copy_range(&fx);
+    fx.assert_io_path();
+    let log = fx.mountd_log();
+    let asked: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("op=\"copy_file_range\""))
+        .collect();
+    assert!(
+        asked.len() == 1 && asked[0].contains("ENOSYS"),
+        "mountd is asked once and answers ENOSYS; later calls stay in the kernel: {asked:#?}"
+    );
+}
+
+mod copy_file_range_and_cp {
+    #[test]
+    fn passthrough() {
+        super::copy_range_logged(true);
+    }
+
+    #[test]
+    fn plain() {
+        super::copy_range_logged(false);
+    }
+}
 
 /// A POSIX ACL as `system.posix_acl_access` carries it: version 2, then
 /// (tag, perm, id) entries: owner rw, user 4242 r, group r, mask r, other r.
