@@ -109,4 +109,7 @@ pub trait Control {
 pub trait MountDebug {
     /// The FUSE operations mountd is waiting on now, oldest first.
     async fn ops() -> Vec<OpInFlight>;
+    /// Whether this mount's opens go through FUSE passthrough, and how
+    /// many opens went each way since it was mounted.
+    async fn passthrough() -> PassthroughStatus;
 }

@@ -341,6 +341,26 @@ pub struct Status {
     pub counts_age_ms: Option<u64>,
 }
 
+/// A mount's FUSE passthrough state, for `keibictl debug passthrough`:
+/// what was asked for and granted, and how each open was answered.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PassthroughStatus {
+    /// mountd asked for passthrough (it was not started with
+    /// `--no-passthrough`).
+    pub wanted: bool,
+    /// The kernel granted the passthrough capability in FUSE `init`.
+    pub granted: bool,
+    /// Passthrough was switched off after the kernel refused to register a
+    /// backing file before any passthrough open had succeeded.
+    pub disabled: bool,
+    /// Opens (`open` and `create`) answered with passthrough: the kernel
+    /// does their reads and writes on the content file.
+    pub passthrough_opens: u64,
+    /// Opens answered without passthrough: their reads and writes go
+    /// through mountd (`pread`/`pwrite`).
+    pub plain_opens: u64,
+}
+
 /// One operation a daemon is serving now, for `keibictl debug ops`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct OpInFlight {

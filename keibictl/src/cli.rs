@@ -4,6 +4,8 @@
 //! keibictl [--socket PATH] [--timeout DURATION] status [--json]
 //! keibictl [--socket PATH] [--timeout DURATION] debug ops [--mount MOUNTPOINT ...]
 //!          [--mountd-socket PATH ...] [--lock-dir DIR] [--json]
+//! keibictl [--timeout DURATION] debug passthrough (--mount MOUNTPOINT | --mountd-socket PATH)
+//!          [--lock-dir DIR] [--json]
 //! ```
 //!
 //! Durations use humantime's syntax (`5s`, `500ms`, `1m`).
@@ -64,6 +66,28 @@ pub enum DebugCommand {
         #[arg(long, default_value = ipc_schema::paths::DEFAULT_LOCK_DIR)]
         lock_dir: PathBuf,
         /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Whether a mount's reads and writes go through FUSE passthrough:
+    /// what keibi-mountd asked for, what the kernel granted, and how many
+    /// opens went each way since the mount (asked of mountd directly).
+    Passthrough {
+        /// The keibi mountpoint whose mountd to ask.
+        #[arg(
+            long = "mount",
+            value_name = "MOUNTPOINT",
+            required_unless_present = "mountd_socket",
+            conflicts_with = "mountd_socket"
+        )]
+        mount: Option<PathBuf>,
+        /// The keibi-mountd ops socket to ask.
+        #[arg(long = "mountd-socket", value_name = "PATH")]
+        mountd_socket: Option<PathBuf>,
+        /// keibi-mountd's lock directory (where the ops sockets live).
+        #[arg(long, default_value = "/run/keibi/mounts")]
+        lock_dir: PathBuf,
+        /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -129,6 +153,36 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn debug_passthrough_needs_one_target() {
+        assert!(Args::try_parse_from(["keibictl", "debug", "passthrough"]).is_err());
+        assert!(
+            Args::try_parse_from([
+                "keibictl",
+                "debug",
+                "passthrough",
+                "--mount",
+                "/mnt/a",
+                "--mountd-socket",
+                "/x.sock"
+            ])
+            .is_err()
+        );
+        let a = Args::try_parse_from(["keibictl", "debug", "passthrough", "--mount", "/mnt/a"])
+            .expect("parse");
+        assert!(matches!(
+            a.command,
+            Command::Debug {
+                what: DebugCommand::Passthrough {
+                    mount: Some(_),
+                    mountd_socket: None,
+                    json: false,
+                    ..
+                }
+            }
+        ));
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! turns the answer into a table for people or JSON for scripts.
 //!
 //! `debug ops` ([`debug_ops`]) asks syncd and each named mount's mountd at
-//! once; it succeeds when at least one of them answered.
+//! once; it succeeds when at least one of them answered. `debug
+//! passthrough` ([`passthrough`]) asks one mount's mountd how its opens
+//! were answered.
 //!
 //! Exit status: 0 when the command succeeded; 1 with one line
 //! `keibictl: <reason>` on stderr when syncd could not be reached, refused
@@ -16,6 +18,7 @@
 
 mod cli;
 mod debug_ops;
+mod passthrough;
 mod query;
 mod render;
 
@@ -75,6 +78,29 @@ fn run(args: &cli::Args) -> Result<(), String> {
             let report = runtime.block_on(debug_ops::gather(&args.socket, &targets, args.timeout));
             runtime.shutdown_background();
             print_debug_ops(&report, *json)
+        }
+        cli::Command::Debug {
+            what:
+                cli::DebugCommand::Passthrough {
+                    mount,
+                    mountd_socket,
+                    lock_dir,
+                    json,
+                },
+        } => {
+            let sock = passthrough::socket(mount.as_deref(), mountd_socket.as_deref(), lock_dir);
+            let answer = runtime.block_on(passthrough::ask(&sock, args.timeout));
+            runtime.shutdown_background();
+            let status = answer?;
+            let text = if *json {
+                passthrough::json(&status)?
+            } else {
+                passthrough::table(&status)
+            };
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(|e| format!("cannot write the answer: {e}"))
         }
     }
 }

@@ -396,6 +396,7 @@ impl Filesystem for KeibiFs {
         } else {
             tracing::info!("FUSE passthrough disabled by --no-passthrough");
         }
+        pt.set_initialized();
         Ok(())
     }
 

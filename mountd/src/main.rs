@@ -181,9 +181,13 @@ fn run(args: Args) -> Result<(), Failure> {
     let (ops_listener, ops_file) = rt
         .block_on(async { ops_socket::bind(&anchor) })
         .map_err(|e| fail(1, format!("cannot open the ops socket: {e}")))?;
-    rt.spawn(ops_socket::serve(ops_listener, inflight.clone()));
-
     let passthrough = Arc::new(passthrough::Passthrough::new(!args.no_passthrough));
+    rt.spawn(ops_socket::serve(
+        ops_listener,
+        inflight.clone(),
+        passthrough.clone(),
+    ));
+
     let (client, connector) = syncd_client::new(syncd_client::ConnectConfig {
         socket: syncd_socket.clone(),
         mountpoint: mountpoint.display().to_string(),

@@ -7,18 +7,20 @@
 //! an `interprocess` local socket ([`ipc_schema::local_socket`]). Each
 //! connection runs the [handshake](ipc_schema::handshake) for
 //! [`ServiceKind::Debug`] in the blocking pool (it has its own timeout),
-//! then tarpc serves [`MountDebug`] from the in-flight registry.
+//! then tarpc serves [`MountDebug`] from the in-flight registry and the
+//! passthrough counters.
 //!
 //! It runs on mountd's tokio runtime and never talks to syncd: answering
 //! takes only the registry's leaf lock, so it works while syncd is frozen
 //! and every FUSE operation is stuck waiting for it.
 
+use crate::passthrough::Passthrough;
 use futures::StreamExt;
 use ipc_schema::handshake::{ClientHello, Refusal, ServiceKind};
 use ipc_schema::inflight::InFlight;
 use ipc_schema::local_socket::{self, Listener, Stream};
 use ipc_schema::service::MountDebug;
-use ipc_schema::{OpInFlight, PROTOCOL_VERSION, transport};
+use ipc_schema::{OpInFlight, PROTOCOL_VERSION, PassthroughStatus, transport};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,11 +64,15 @@ impl Drop for SocketFile {
 }
 
 /// Accept `keibictl debug ops` connections forever.
-pub async fn serve(listener: Listener, inflight: Arc<InFlight>) {
+pub async fn serve(listener: Listener, inflight: Arc<InFlight>, passthrough: Arc<Passthrough>) {
     loop {
         match local_socket::accept(&listener).await {
             Ok(stream) => {
-                tokio::spawn(serve_one(stream, inflight.clone()));
+                let server = DebugServer {
+                    inflight: inflight.clone(),
+                    passthrough: passthrough.clone(),
+                };
+                tokio::spawn(serve_one(stream, server));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -77,7 +83,7 @@ pub async fn serve(listener: Listener, inflight: Arc<InFlight>) {
     }
 }
 
-async fn serve_one(stream: Stream, inflight: Arc<InFlight>) {
+async fn serve_one(stream: Stream, server: DebugServer) {
     let uid = match local_socket::peer(&stream) {
         Ok(p) => p.uid,
         Err(e) => {
@@ -93,7 +99,7 @@ async fn serve_one(stream: Stream, inflight: Arc<InFlight>) {
         }
     };
     BaseChannel::with_defaults(transport::framed(stream))
-        .execute(DebugServer { inflight }.serve())
+        .execute(server.serve())
         .for_each(|f| async {
             tokio::spawn(f);
         })
@@ -130,15 +136,20 @@ fn check_hello(hello: &ClientHello, uid: u32) -> Result<(), (Refusal, String)> {
     Ok(())
 }
 
-/// The debug service over the registry.
+/// The debug service over the registry and the passthrough counters.
 #[derive(Clone)]
 struct DebugServer {
     inflight: Arc<InFlight>,
+    passthrough: Arc<Passthrough>,
 }
 
 impl MountDebug for DebugServer {
     async fn ops(self, _: Context) -> Vec<OpInFlight> {
         self.inflight.snapshot()
+    }
+
+    async fn passthrough(self, _: Context) -> PassthroughStatus {
+        self.passthrough.status()
     }
 }
 
@@ -156,7 +167,9 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let inflight = InFlight::new();
         let _g = inflight.register("lookup", Some(1), None, "keibi-syncd (lookup)");
-        tokio::spawn(serve(listener, inflight.clone()));
+        let pt = Arc::new(Passthrough::new(true));
+        pt.set_granted(true);
+        tokio::spawn(serve(listener, inflight.clone(), pt));
         let client = transport::connect_mount_debug(&path)
             .await
             .expect("connect (tests run as root)");
@@ -167,6 +180,11 @@ mod tests {
         assert_eq!(ops.len(), 1);
         assert_eq!(ops[0].op, "lookup");
         assert_eq!(ops[0].waiting_on, "keibi-syncd (lookup)");
+        let pt = client
+            .passthrough(transport::context_with_timeout(Duration::from_secs(5)))
+            .await
+            .expect("passthrough");
+        assert!(pt.wanted && pt.granted && !pt.disabled);
         drop(file);
         assert!(!path.exists());
     }

@@ -17,14 +17,20 @@
 //! per inode, the handles keep the `Arc`s, and the id is closed when the
 //! last handle of the inode is released.
 //!
+//! Every decision is counted (passthrough or plain), and [`Passthrough::status`]
+//! reports the counts with the negotiated state on mountd's ops socket
+//! (`keibictl debug passthrough`), so a user or a test can see that opens
+//! really went through the kernel rather than trusting a flag.
+//!
 //! Locks: `backing` is a leaf lock. It is held across the registration
 //! ioctl (a bounded call into the kernel that never waits on another
 //! process) so two concurrent opens of one inode cannot register two ids.
 
 use fuser::BackingId;
+use ipc_schema::PassthroughStatus;
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 /// Passthrough state of the session.
@@ -37,6 +43,12 @@ pub struct Passthrough {
     disabled: AtomicBool,
     /// At least one passthrough open succeeded.
     used: AtomicBool,
+    /// Opens answered with passthrough.
+    passthrough_opens: AtomicU64,
+    /// Opens answered with plain I/O.
+    plain_opens: AtomicU64,
+    /// Set once FUSE `init` has been answered (so `granted` is known).
+    initialized: tokio::sync::watch::Sender<bool>,
     backing: Mutex<HashMap<u64, Weak<BackingId>>>,
 }
 
@@ -56,6 +68,9 @@ impl Passthrough {
             granted: AtomicBool::new(false),
             disabled: AtomicBool::new(false),
             used: AtomicBool::new(false),
+            passthrough_opens: AtomicU64::new(0),
+            plain_opens: AtomicU64::new(0),
+            initialized: tokio::sync::watch::Sender::new(false),
             backing: Mutex::new(HashMap::new()),
         }
     }
@@ -70,15 +85,54 @@ impl Passthrough {
         self.granted.store(granted, Ordering::SeqCst);
     }
 
+    /// Record that FUSE `init` is done (called whether or not
+    /// passthrough was wanted).
+    pub fn set_initialized(&self) {
+        self.initialized.send_replace(true);
+    }
+
+    /// Wait until FUSE `init` is done, at most `limit`, so what mountd
+    /// reports about passthrough (in `register_mount`) is the kernel's
+    /// answer and not the state before it.
+    pub async fn initialized_within(&self, limit: std::time::Duration) {
+        let mut rx = self.initialized.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|done| *done)).await;
+    }
+
     /// Whether new opens use passthrough.
     pub fn active(&self) -> bool {
         self.wanted && self.granted.load(Ordering::SeqCst) && !self.disabled.load(Ordering::SeqCst)
     }
 
+    /// The negotiated state and the counts of opens, for the ops socket.
+    pub fn status(&self) -> PassthroughStatus {
+        PassthroughStatus {
+            wanted: self.wanted,
+            granted: self.granted.load(Ordering::SeqCst),
+            disabled: self.disabled.load(Ordering::SeqCst),
+            passthrough_opens: self.passthrough_opens.load(Ordering::SeqCst),
+            plain_opens: self.plain_opens.load(Ordering::SeqCst),
+        }
+    }
+
     /// Decide how to answer an open of `ino`: reuse the inode's backing
     /// id, or register one with `register` (which wraps the reply's
-    /// `open_backing`), or fall back to plain I/O.
+    /// `open_backing`), or fall back to plain I/O. Counts the answer.
     pub fn mode_for(
+        &self,
+        ino: u64,
+        register: impl FnOnce() -> io::Result<BackingId>,
+    ) -> Result<Mode, io::Error> {
+        let mode = self.decide(ino, register)?;
+        let counter = match mode {
+            Mode::Passthrough(_) => &self.passthrough_opens,
+            Mode::Plain => &self.plain_opens,
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+        Ok(mode)
+    }
+
+    fn decide(
         &self,
         ino: u64,
         register: impl FnOnce() -> io::Result<BackingId>,
@@ -146,6 +200,27 @@ mod tests {
         let r = p.mode_for(2, || Err(io::Error::from_raw_os_error(libc::EPERM)));
         assert!(matches!(r, Ok(Mode::Plain)));
         assert!(!p.active());
+        let st = p.status();
+        assert!(st.wanted && st.granted && st.disabled);
+        assert_eq!((st.passthrough_opens, st.plain_opens), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn the_state_is_reported_after_init() {
+        let p = Arc::new(Passthrough::new(true));
+        let q = p.clone();
+        let waiter = tokio::spawn(async move {
+            q.initialized_within(std::time::Duration::from_secs(60))
+                .await;
+            q.active()
+        });
+        p.set_granted(true);
+        p.set_initialized();
+        let active = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .expect("the wait ends once init is done")
+            .expect("join");
+        assert!(active, "granted before the wait ended");
     }
 
     #[test]
@@ -155,5 +230,7 @@ mod tests {
         let r = p.mode_for(2, || Err(io::Error::from_raw_os_error(libc::EBADF)));
         assert!(r.is_err());
         assert!(p.active());
+        let st = p.status();
+        assert_eq!((st.passthrough_opens, st.plain_opens), (0, 0));
     }
 }

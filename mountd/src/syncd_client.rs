@@ -458,6 +458,9 @@ async fn connect_once(
     let (client, syncd_uid) = transport::connect_filesystem_with_peer_uid(&config.socket, theirs)
         .await
         .map_err(|e| e.to_string())?;
+    // Report passthrough as the kernel answered it in `init`, which runs
+    // on the session thread at the same time as this first connection.
+    config.passthrough.initialized_within(CONNECT_TIMEOUT).await;
     let info = MountInfo {
         mountpoint: config.mountpoint.clone(),
         pid: std::process::id(),

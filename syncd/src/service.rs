@@ -158,6 +158,21 @@ fn send_fd(
     Ok(f.opened)
 }
 
+/// For an open or create with `O_SYNC` or `O_DSYNC`, make the store
+/// durable before answering: with passthrough the kernel syncs only the
+/// content file after each write and never asks keibi, so a new file's
+/// name and inode must already be on disk when the first write returns
+/// (without passthrough the kernel sends an `fsync` after each write, which
+/// flushes the store again). If the flush fails, the open is undone.
+fn durable_if_sync(store: &Store, flags: i32, f: &OpenFile) -> Result<(), FsError> {
+    if flags & (libc::O_SYNC | libc::O_DSYNC) == 0 {
+        return Ok(());
+    }
+    store.flush().inspect_err(|_| {
+        let _ = store.release(f.opened.handle);
+    })
+}
+
 impl Filesystem for FsServer {
     async fn register_mount(
         self,
@@ -327,6 +342,7 @@ impl Filesystem for FsServer {
         let (conn, fds, deadline) = (self.conn, self.fds.clone(), ctx.deadline);
         self.run("create", d, move |s| {
             let f = s.create(parent, &name, perm, flags, caller, conn)?;
+            durable_if_sync(s, flags, &f)?;
             send_fd(s, &fds, f, deadline)
         })
         .await
@@ -337,6 +353,7 @@ impl Filesystem for FsServer {
         let (conn, fds, deadline) = (self.conn, self.fds.clone(), ctx.deadline);
         self.run("open", d, move |s| {
             let f = s.open(ino, flags, conn)?;
+            durable_if_sync(s, flags, &f)?;
             send_fd(s, &fds, f, deadline)
         })
         .await

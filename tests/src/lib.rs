@@ -27,6 +27,7 @@ pub mod binaries;
 pub mod daemons;
 pub mod data;
 pub mod extra_mountd;
+pub mod io_path;
 pub mod mounts;
 pub mod process;
 pub mod sys;

@@ -243,6 +243,7 @@ fn random_sequences_match_local_disk_passthrough() {
         Options::default(),
     );
     run_differential(&fx, "pt");
+    fx.assert_io_path();
 }
 
 #[test]
@@ -256,4 +257,5 @@ fn random_sequences_match_local_disk_plain() {
         },
     );
     run_differential(&fx, "plain");
+    fx.assert_io_path();
 }

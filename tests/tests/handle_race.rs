@@ -218,6 +218,7 @@ fn handles_churned_while_written_passthrough() {
         Options::default(),
     );
     writers_and_churners(&fx);
+    fx.assert_io_path();
 }
 
 #[test]
@@ -231,6 +232,7 @@ fn handles_churned_while_written_plain() {
         },
     );
     writers_and_churners(&fx);
+    fx.assert_io_path();
 }
 
 #[test]
@@ -241,6 +243,7 @@ fn large_copies_while_reading_passthrough() {
         Options::default(),
     );
     large_copies_while_reading(&fx);
+    fx.assert_io_path();
 }
 
 #[test]
@@ -254,4 +257,5 @@ fn large_copies_while_reading_plain() {
         },
     );
     large_copies_while_reading(&fx);
+    fx.assert_io_path();
 }

@@ -166,6 +166,7 @@ fn frozen_syncd(passthrough: bool) {
     fs::write(fx.path("after"), b"after").expect("create after SIGCONT");
     assert_eq!(fs::read(fx.path("after")).expect("read"), b"after");
     drop(handle);
+    fx.assert_io_path();
 }
 
 #[test]
@@ -427,6 +428,7 @@ fn open_handle_io_does_not_wait_for_syncd(passthrough: bool) {
         "a read on an open handle took {took:?} with syncd frozen"
     );
     fx.thaw_syncd();
+    fx.assert_io_path();
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -23,7 +23,8 @@ fn fixture(name: &str) -> (harness::Watchdog, KeibiFixture) {
 }
 
 /// Define `$name::passthrough` and `$name::plain`, running `$body(&fx)` on
-/// a fixture of each kind.
+/// a fixture of each kind, then checking that its opens really went
+/// through passthrough, or really did not ([`KeibiFixture::assert_io_path`]).
 macro_rules! both_modes {
     ($name:ident, $limit:expr, $body:path) => {
         mod $name {
@@ -37,6 +38,7 @@ macro_rules! both_modes {
                     Options::default(),
                 );
                 $body(&fx);
+                fx.assert_io_path();
             }
 
             #[test]
@@ -50,6 +52,7 @@ macro_rules! both_modes {
                     },
                 );
                 $body(&fx);
+                fx.assert_io_path();
             }
         }
     };
@@ -444,7 +447,18 @@ fn rename_over_existing_noreplace_exchange() {
         ino_a,
         "b is a's inode now"
     );
-    let _ = ino_b;
+    assert_ne!(ino_a, ino_b, "two files, two inodes");
+    assert!(
+        !fs::read_dir(fx.mnt())
+            .expect("readdir")
+            .any(|e| e.expect("entry").ino() == ino_b),
+        "the replaced inode is no longer named"
+    );
+    assert_eq!(
+        fx.status_json()["files"],
+        1,
+        "the replaced file is freed: only b (a's inode) is left"
+    );
 
     fs::write(&c, b"CCC").expect("write c");
     assert_errno(

@@ -571,12 +571,14 @@ fn opts(passthrough: bool) -> Options {
 fn passthrough() {
     let (_w, fx) = setup("readdir::passthrough", LIMIT, opts(true));
     run_checks(&fx.mnt());
+    fx.assert_io_path();
 }
 
 #[test]
 fn plain() {
     let (_w, fx) = setup("readdir::plain", LIMIT, opts(false));
     run_checks(&fx.mnt());
+    fx.assert_io_path();
 }
 
 #[test]
@@ -584,6 +586,7 @@ fn passthrough_attr_ttl_0() {
     let (_w, mut fx) = setup("readdir::passthrough_attr_ttl_0", LIMIT, opts(true));
     let _m = TtlZeroMountd::replace(&mut fx);
     run_checks(&fx.mnt());
+    fx.assert_io_path();
 }
 
 #[test]
@@ -591,4 +594,5 @@ fn plain_attr_ttl_0() {
     let (_w, mut fx) = setup("readdir::plain_attr_ttl_0", LIMIT, opts(false));
     let _m = TtlZeroMountd::replace(&mut fx);
     run_checks(&fx.mnt());
+    fx.assert_io_path();
 }

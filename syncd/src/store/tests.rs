@@ -748,6 +748,15 @@ fn symlinks_and_special_nodes() {
     assert_eq!(s.readlink(l.ino).expect("readlink"), b"../target");
     assert_eq!(errno(s.readlink(ROOT)), libc::EINVAL);
     assert_eq!(errno(s.symlink(ROOT, &n("e"), b"", ME)), libc::ENOENT);
+    assert_eq!(
+        errno(s.symlink(ROOT, &n("long"), &[b'a'; 4096], ME)),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(errno(s.symlink(ROOT, &n("nul"), b"a\0b", ME)), libc::EINVAL);
+    let max = s
+        .symlink(ROOT, &n("max"), &[b'a'; 4095], ME)
+        .expect("a 4095-byte target");
+    assert_eq!(s.readlink(max.ino).expect("readlink").len(), 4095);
     let fifo = s
         .mknod(ROOT, &n("p"), FileKind::Fifo, 0o600, ME)
         .expect("fifo");
@@ -757,7 +766,7 @@ fn symlinks_and_special_nodes() {
         libc::EINVAL
     );
     let c = s.counts().expect("counts");
-    assert_eq!((c.files, c.directories, c.others), (0, 1, 2));
+    assert_eq!((c.files, c.directories, c.others), (0, 1, 3));
 }
 
 #[test]
