@@ -1,9 +1,13 @@
-//! The control service (keibictl → syncd): read-only status, and the
-//! filesystem requests in flight for `keibictl debug ops`.
+//! The control service (keibictl → syncd): read-only status, the
+//! filesystem requests in flight for `keibictl debug ops`, and the
+//! consistency check of `keibictl check` (a full scan, run on the blocking
+//! pool so the control socket keeps answering its other calls).
 
 use crate::daemon::Daemon;
 use ipc_schema::service::Control;
-use ipc_schema::{KEIBI_VERSION, MountStatus, OpInFlight, PROTOCOL_VERSION, Status};
+use ipc_schema::{
+    CheckReport, FsError, KEIBI_VERSION, MountStatus, OpInFlight, PROTOCOL_VERSION, Status, fs_err,
+};
 use std::sync::Arc;
 use tarpc::context::Context;
 
@@ -60,5 +64,20 @@ impl Control for ControlServer {
     async fn debug_ops(self, _: Context) -> Vec<OpInFlight> {
         // Only the registry's leaf lock: answers while the store is stuck.
         self.daemon.inflight.snapshot()
+    }
+
+    async fn check(self, _: Context, repair: bool) -> Result<CheckReport, FsError> {
+        let store = self.daemon.store.clone();
+        tracing::info!(repair, "check: scanning the store");
+        let report = tokio::task::spawn_blocking(move || store.check(repair))
+            .await
+            .unwrap_or_else(|e| Err(fs_err!(EIO, "check failed: {e}")))?;
+        tracing::info!(
+            inodes = report.inodes,
+            findings = report.findings.len(),
+            unrepaired = report.unrepaired(),
+            "check: done"
+        );
+        Ok(report)
     }
 }
