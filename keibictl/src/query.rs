@@ -6,8 +6,8 @@
 //! and as a local timer around connect + call, so a syncd that accepted the
 //! connection but stopped (`SIGSTOP`) cannot hold keibictl past it.
 
-use ipc_schema::{CheckReport, Status};
 use ipc_schema::transport::{connect_control, context_with_timeout};
+use ipc_schema::{CheckReport, Status};
 use std::path::Path;
 use std::time::Duration;
 use tarpc::client::RpcError;

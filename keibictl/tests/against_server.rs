@@ -141,7 +141,10 @@ fn check_exit_status_says_whether_something_is_left() {
     server.join().expect("server thread");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("MissingContent") && text.contains("ino 42"), "{text}");
+    assert!(
+        text.contains("MissingContent") && text.contains("ino 42"),
+        "{text}"
+    );
     assert!(text.contains("1 found, 1 not repaired"), "{text}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("keibictl: 1 inconsistency found"), "{err}");

@@ -42,13 +42,35 @@ enum Fix {
     None,
     RecreateContent(u64),
     RemoveContent(u64),
-    RemoveEntry { parent: u64, name: Vec<u8>, ino: u64 },
-    SetNlink { ino: u64, from: u32, to: u32 },
-    SetDirCounts { ino: u64, nlink: u32, entries: u64, next_cookie: u64 },
-    SetParent { ino: u64, parent: u64 },
+    RemoveEntry {
+        parent: u64,
+        name: Vec<u8>,
+        ino: u64,
+    },
+    SetNlink {
+        ino: u64,
+        from: u32,
+        to: u32,
+    },
+    SetDirCounts {
+        ino: u64,
+        nlink: u32,
+        entries: u64,
+        next_cookie: u64,
+    },
+    SetParent {
+        ino: u64,
+        parent: u64,
+    },
     MarkOrphan(u64, bool),
-    RemoveCookie { parent: u64, cookie: u64 },
-    GiveCookie { parent: u64, name: Vec<u8> },
+    RemoveCookie {
+        parent: u64,
+        cookie: u64,
+    },
+    GiveCookie {
+        parent: u64,
+        name: Vec<u8>,
+    },
     RemoveXattrs(u64),
 }
 
@@ -273,7 +295,11 @@ impl Store {
                     out.push(raw(
                         CheckKind::Corrupt,
                         Some(parent),
-                        format!("entry {} in {}: cannot be decoded: {e}", shown(name), Ino(parent)),
+                        format!(
+                            "entry {} in {}: cannot be decoded: {e}",
+                            shown(name),
+                            Ino(parent)
+                        ),
                         Fix::None,
                     ));
                     continue;
@@ -452,8 +478,7 @@ impl Store {
             let root = ino == Ino::ROOT.0;
             let want_nlink = 2 + subdirs;
             let next_cookie = rec.next_cookie.max(max_cookie + 1);
-            if rec.nlink != want_nlink || rec.entries != entries || next_cookie != rec.next_cookie
-            {
+            if rec.nlink != want_nlink || rec.entries != entries || next_cookie != rec.next_cookie {
                 out.push(raw(
                     CheckKind::DirectoryCounts,
                     Some(ino),
@@ -509,7 +534,10 @@ impl Store {
                 out.push(raw(
                     CheckKind::LinkCount,
                     Some(ino),
-                    format!("{id} has link count {} but {links} entries name it", rec.nlink),
+                    format!(
+                        "{id} has link count {} but {links} entries name it",
+                        rec.nlink
+                    ),
                     Fix::SetNlink {
                         ino,
                         from: rec.nlink,
@@ -547,10 +575,7 @@ impl Store {
                     "{id} is unlinked and has no open handle here (freed by the next fresh mount)"
                 )
             } else {
-                format!(
-                    "{id} has link count {} but no entry names it",
-                    rec.nlink
-                )
+                format!("{id} has link count {} but no entry names it", rec.nlink)
             },
             Fix::None,
         ));
@@ -587,16 +612,18 @@ impl Store {
                 self.content
                     .create(*ino)
                     .and_then(|()| self.content.sync_dir())
-                    .map_err(|e| FsError::io(format!("recreating the content of {}", Ino(*ino)), &e))?;
+                    .map_err(|e| {
+                        FsError::io(format!("recreating the content of {}", Ino(*ino)), &e)
+                    })?;
                 Ok(true)
             }
             Fix::RemoveContent(ino) => {
                 if self.read_inode(*ino)?.is_some() || self.young_content(*ino, young) {
                     return Ok(false);
                 }
-                self.content
-                    .remove(*ino)
-                    .map_err(|e| FsError::io(format!("removing the content of {}", Ino(*ino)), &e))?;
+                self.content.remove(*ino).map_err(|e| {
+                    FsError::io(format!("removing the content of {}", Ino(*ino)), &e)
+                })?;
                 Ok(true)
             }
             Fix::RemoveXattrs(ino) => {
@@ -666,7 +693,9 @@ impl Store {
                 let Some(name) = t.cookies.get(cookie_key(*parent, *cookie))? else {
                     return Ok(false);
                 };
-                if t.entry(*parent, &name)?.is_some_and(|d| d.cookie == *cookie) {
+                if t.entry(*parent, &name)?
+                    .is_some_and(|d| d.cookie == *cookie)
+                {
                     return Ok(false);
                 }
                 t.cookies.remove(&cookie_key(*parent, *cookie))?;
@@ -676,8 +705,7 @@ impl Store {
                 let Some(mut d) = t.entry(*parent, name)? else {
                     return Ok(false);
                 };
-                if t
-                    .cookies
+                if t.cookies
                     .get(cookie_key(*parent, d.cookie))?
                     .is_some_and(|n| n.as_ref() == name.as_slice())
                 {
@@ -689,7 +717,8 @@ impl Store {
                 d.cookie = dir.next_cookie;
                 dir.next_cookie += 1;
                 t.set_entry(*parent, name, &d)?;
-                t.cookies.insert(&cookie_key(*parent, d.cookie), name.as_slice())?;
+                t.cookies
+                    .insert(&cookie_key(*parent, d.cookie), name.as_slice())?;
                 t.put(*parent, &dir)?;
                 Ok(true)
             }),

@@ -114,10 +114,16 @@ fn missing_content_is_reported_skipped_in_listings_and_recreated_by_repair() {
     assert!(s.lookup(ROOT, &n("good")).is_ok() && s.getattr(other).is_ok());
 
     let r = check(&s, false);
-    assert_eq!(kinds(&r), vec![(CheckKind::MissingContent, Some(bad.0), false)]);
+    assert_eq!(
+        kinds(&r),
+        vec![(CheckKind::MissingContent, Some(bad.0), false)]
+    );
     assert_eq!(r.unrepaired(), 1);
     let r = check(&s, true);
-    assert_eq!(kinds(&r), vec![(CheckKind::MissingContent, Some(bad.0), true)]);
+    assert_eq!(
+        kinds(&r),
+        vec![(CheckKind::MissingContent, Some(bad.0), true)]
+    );
     assert_eq!(r.unrepaired(), 0);
     assert_eq!(s.lookup(ROOT, &n("bad")).expect("repaired").size, 0);
     assert_eq!(kinds(&check(&s, false)), vec![]);
@@ -135,7 +141,9 @@ fn an_entry_without_its_inode_costs_only_itself_and_repair_removes_it() {
     s.inodes.remove(ino_key(sub.0)).expect("break the store");
     let listed = s.readdir(d, DirCookie(0), 100, true).expect("readdirplus");
     assert_eq!(listed.len(), 3, "., .. and keep: {listed:?}");
-    let e = s.lookup(d, &n("gone")).expect_err("lookup of the broken entry");
+    let e = s
+        .lookup(d, &n("gone"))
+        .expect_err("lookup of the broken entry");
     assert_eq!(e.errno, libc::EIO, "{e}");
     assert!(s.lookup(d, &n("keep")).is_ok());
 
@@ -274,16 +282,49 @@ fn start_up_recreates_a_lost_content_file_and_removes_strays() {
 }
 
 #[test]
-fn freed_content_goes_only_after_the_store_is_flushed() {
+fn freeing_leaves_the_content_to_the_reclaimer() {
+    let (d, s) = fresh();
+    let path = |ino: Ino| d.path().join("content").join(format!("{:016x}", ino.0));
+    let f = file(&s, ROOT, "f");
+    let g = file(&s, ROOT, "g");
+    let h = file(&s, ROOT, "h");
+    s.hold_reclaim(true);
+    // Unlink, rename over, and an orphan's last release: none of them
+    // removes the content file itself (a crash right after could roll the
+    // store back to a state that names it).
+    s.unlink(ROOT, &n("f")).expect("unlink");
+    s.rename(
+        ROOT,
+        &n("g"),
+        ROOT,
+        &n("h"),
+        ipc_schema::RenameFlags::default(),
+    )
+    .expect("rename over h");
+    let o = s.open(g, libc::O_RDONLY, CONN).expect("open");
+    s.unlink(ROOT, &n("h")).expect("unlink the open g");
+    s.release(o.opened.handle).expect("last release");
+    for ino in [f, g, h] {
+        assert!(path(ino).exists(), "{ino} kept until the reclaimer runs");
+        assert_eq!(errno_of(s.getattr(ino)), libc::ENOENT);
+    }
+    s.hold_reclaim(false);
+    s.settle();
+    for ino in [f, g, h] {
+        assert!(!path(ino).exists(), "{ino} reclaimed");
+    }
+}
+
+#[test]
+fn after_reclaiming_the_store_on_disk_no_longer_names_the_file() {
     let (d, s) = fresh();
     let f = file(&s, ROOT, "f");
     let path = d.path().join("content").join(format!("{:016x}", f.0));
     s.unlink(ROOT, &n("f")).expect("unlink");
     s.settle();
     assert!(!path.exists(), "reclaimed once the unlink is durable");
-    // The unlink reached the disk before the content went: a store opened
-    // from the files on disk right now (a copy, as a crash would leave
-    // them) no longer names the file.
+    // The files on disk right now (a copy, as a crash would leave them)
+    // no longer name the file.
     let copy = tempfile::tempdir().expect("tempdir");
     copy_dir(&d.path().join("db"), &copy.path().join("db"));
     std::fs::create_dir(copy.path().join("content")).expect("mkdir");
@@ -319,7 +360,10 @@ fn inode_numbers_are_reserved_durably_before_use() {
     let c = Store::load(copy.path(), (0, 0)).expect("load the copy");
     let next = file(&c, ROOT, "new").0;
     let max = *seen.iter().max().expect("some");
-    assert!(next > max, "new number {next} above every used one (max {max})");
+    assert!(
+        next > max,
+        "new number {next} above every used one (max {max})"
+    );
 }
 
 #[test]
@@ -358,7 +402,10 @@ fn device_nodes_keep_kind_and_rdev_across_reopening() {
 #[test]
 fn a_format_1_store_opens_with_every_inode_and_number() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let now = Timestamp { secs: 1_700_000_000, nanos: 5 };
+    let now = Timestamp {
+        secs: 1_700_000_000,
+        nanos: 5,
+    };
     {
         // A format 1 store as the previous release wrote it: the root, a
         // directory, a file with content, a symlink; counter at 6.
@@ -418,13 +465,19 @@ fn a_format_1_store_opens_with_every_inode_and_number() {
     }
     let s = reopen(dir.path());
     let d = s.lookup(ROOT, &n("d")).expect("d");
-    assert_eq!((d.ino, d.kind, d.perm, d.uid), (Ino(2), FileKind::Directory, 0o700, 7));
+    assert_eq!(
+        (d.ino, d.kind, d.perm, d.uid),
+        (Ino(2), FileKind::Directory, 0o700, 7)
+    );
     let f = s.lookup(ROOT, &n("f")).expect("f");
     assert_eq!((f.ino, f.size, f.rdev, f.crtime), (Ino(3), 16, 0, now));
     assert_eq!(s.readlink(Ino(5)).expect("readlink"), b"d/f");
     assert_eq!(s.getattr(ROOT).expect("root").nlink, 3);
     assert_eq!(kinds(&check(&s, false)), vec![]);
-    assert!(file(&s, ROOT, "new").0 >= 6, "numbers go on from the counter");
+    assert!(
+        file(&s, ROOT, "new").0 >= 6,
+        "numbers go on from the counter"
+    );
     drop(s);
     let s = reopen(dir.path());
     assert_eq!(s.lookup(ROOT, &n("f")).expect("f again").ino, Ino(3));

@@ -84,7 +84,15 @@ impl Store {
         perm: u16,
         caller: Caller,
     ) -> Result<Attr, FsError> {
-        self.new_node(parent, name, FileKind::Directory, perm, caller, Vec::new(), 0)
+        self.new_node(
+            parent,
+            name,
+            FileKind::Directory,
+            perm,
+            caller,
+            Vec::new(),
+            0,
+        )
     }
 
     /// Make a fifo, a socket node, a device node (metadata only: its mode

@@ -54,10 +54,9 @@ impl InoAlloc {
     pub fn alloc(&self) -> Result<u64, FsError> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.0 >= st.1 {
-            let bound = st
-                .0
-                .checked_add(BLOCK)
-                .ok_or_else(|| fs_err!(ENOSPC, "inode numbers exhausted"))?;
+            let bound =
+                st.0.checked_add(BLOCK)
+                    .ok_or_else(|| fs_err!(ENOSPC, "inode numbers exhausted"))?;
             self.meta
                 .insert(META_NEXT_INO, &bound.to_be_bytes())
                 .map_err(|e| store_err("reserving inode numbers", e))?;

@@ -48,12 +48,12 @@ pub mod xattrs;
 use crate::content::{ContentDir, ContentStat};
 use crate::opens::OpenTable;
 use crate::spares::Spares;
+use inos::InoAlloc;
 use ipc_schema::{
     Attr, DirCookie, DirEntry, FileKind, FsError, Ino, Name, SetAttr, StatFs, TimeSet, Timestamp,
     fs_err,
 };
 use nix::fcntl::OFlag;
-use inos::InoAlloc;
 use reclaim::Reclaimer;
 use records::{
     FORMAT_VERSION, InodeRec, META_FORMAT, META_NEXT_INO, be_u64, cookie_key, decode, dirent_key,
@@ -706,6 +706,12 @@ impl Store {
     #[cfg(test)]
     pub(crate) fn settle(&self) {
         self.reclaim.settle();
+    }
+
+    /// Hold or let go the reclaimer (tests).
+    #[cfg(test)]
+    pub(crate) fn hold_reclaim(&self, held: bool) {
+        self.reclaim.hold(held);
     }
 
     /// Statistics of the filesystem holding the content.

@@ -68,6 +68,9 @@ struct State {
     /// The thread holds a batch it has not finished.
     busy: bool,
     stop: bool,
+    /// Tests: the thread takes nothing while set.
+    #[cfg(test)]
+    held: bool,
 }
 
 impl Shared {
@@ -108,6 +111,14 @@ impl Reclaimer {
         }
     }
 
+    /// Tests: stop (`true`) or let go (`false`) the thread, to see what
+    /// is still there before it runs.
+    #[cfg(test)]
+    pub fn hold(&self, held: bool) {
+        self.shared.lock().held = held;
+        self.shared.wake.notify_all();
+    }
+
     /// Wait until everything queued so far has been reclaimed.
     pub fn settle(&self) {
         let mut st = self.shared.lock();
@@ -142,7 +153,11 @@ fn run(shared: &Shared, target: &Target) {
         let batch = {
             let mut st = shared.lock();
             loop {
-                if !st.queue.is_empty() {
+                #[cfg(test)]
+                let held = st.held && !st.stop;
+                #[cfg(not(test))]
+                let held = false;
+                if !st.queue.is_empty() && !held {
                     break;
                 }
                 if st.stop {
