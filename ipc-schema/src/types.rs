@@ -323,7 +323,7 @@ pub struct Status {
     pub files: u64,
     /// Directories in the share (the root included).
     pub directories: u64,
-    /// Other inodes (symlinks, fifos, sockets).
+    /// Other inodes (symlinks, fifos, sockets, device nodes).
     pub others: u64,
     /// Bytes of content (sum of file sizes).
     pub bytes: u64,

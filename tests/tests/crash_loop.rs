@@ -21,6 +21,7 @@
 use harness::process::{run_bounded, signal, wait_child};
 use harness::{Options, Pattern, binaries, setup, watchdog};
 use nix::sys::signal::Signal;
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -118,8 +119,8 @@ fn kill_9_of_syncd_under_churn_never_leaves_a_broken_name() {
             fx.start_mountd();
         }
         fx.wait_writable(Duration::from_secs(20));
-        verify_tree(round, &fx.mnt());
-        verify_durable(round, &dir, &log);
+        let read = verify_tree(round, &fx.mnt());
+        verify_durable(round, &dir, &log, &read);
         verify_check(round, &fx.control_socket());
     }
     let recorded = fs::read_to_string(&log).unwrap_or_default().lines().count();
@@ -131,7 +132,9 @@ fn kill_9_of_syncd_under_churn_never_leaves_a_broken_name() {
 }
 
 /// Every directory lists, every entry `lstat`s, every file reads fully.
-fn verify_tree(round: u64, root: &Path) {
+/// Returns the bytes of every regular file, by path.
+fn verify_tree(round: u64, root: &Path) -> HashMap<PathBuf, Vec<u8>> {
+    let mut files = HashMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
         let entries = fs::read_dir(&d)
@@ -144,10 +147,12 @@ fn verify_tree(round: u64, root: &Path) {
             if md.is_dir() {
                 stack.push(p);
             } else if md.is_file() {
-                read_fully(round, &p);
+                let bytes = read_fully(round, &p);
+                files.insert(p, bytes);
             }
         }
     }
+    files
 }
 
 fn read_fully(round: u64, p: &Path) -> Vec<u8> {
@@ -170,8 +175,9 @@ fn read_fully(round: u64, p: &Path) -> Vec<u8> {
     buf
 }
 
-/// Every file the log says was fsynced has exactly its bytes.
-fn verify_durable(round: u64, dir: &Path, log: &Path) {
+/// Every file the log says was fsynced is in the tree (as `verify_tree`
+/// read it) with exactly its bytes.
+fn verify_durable(round: u64, dir: &Path, log: &Path, read: &HashMap<PathBuf, Vec<u8>>) {
     let text = match fs::read_to_string(log) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
@@ -188,9 +194,11 @@ fn verify_durable(round: u64, dir: &Path, log: &Path) {
             continue;
         };
         let p: PathBuf = dir.join(rel);
-        let got = read_fully(round, &p);
+        let got = read
+            .get(&p)
+            .unwrap_or_else(|| panic!("round {round}: fsynced file {} is missing", p.display()));
         assert!(
-            got == Pattern::new(seed).bytes(0, len),
+            *got == Pattern::new(seed).bytes(0, len),
             "round {round}: fsynced file {} is torn: {} bytes, expected {len}",
             p.display(),
             got.len()
@@ -220,23 +228,45 @@ fn verify_check(round: u64, control: &Path) {
 
 /// Inode numbers are never handed out twice, even when a `kill -9` makes
 /// syncd lose its latest writes (the counter among them): numbers come
-/// from durable reservations.
+/// from durable reservations. A storm of creates runs while syncd is
+/// killed; every number a create returned is recorded, and after the
+/// restart a new file's number must be above all of them.
 #[test]
 fn inode_numbers_are_not_reused_after_kill_9_of_syncd() {
     let (_w, mut fx) = setup(
         "inode numbers after kill -9",
-        Duration::from_secs(120),
-        Options::default(),
+        Duration::from_secs(300),
+        Options {
+            deadline: Duration::from_millis(500),
+            ..Options::default()
+        },
     );
-    let mut seen = Vec::new();
-    for round in 0..3 {
-        for i in 0..30 {
-            let p = fx.path(format!("r{round}-f{i}"));
-            fs::write(&p, b"x").expect("create");
-            seen.push(fs::metadata(&p).expect("stat").ino());
-        }
-        // No fsync: the kill comes at once.
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut seen: Vec<u64> = Vec::new();
+    for round in 0..10u64 {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (dir, stop2) = (fx.path(format!("storm{round}")), stop.clone());
+        fs::create_dir(&dir).expect("mkdir");
+        let storm = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut i = 0u64;
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                // A number the kernel was told: the create succeeded.
+                if let Ok(f) = File::create(dir.join(format!("f{i}")))
+                    && let Ok(md) = f.metadata()
+                {
+                    got.push(md.ino());
+                }
+            }
+            got
+        });
+        pause(Duration::from_millis(50 + rng.below(400)));
         fx.kill9_syncd();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let got = storm.join().expect("the create storm");
+        assert!(!got.is_empty(), "round {round}: no create succeeded");
+        seen.extend(got);
         fx.start_syncd();
         fx.wait_writable(Duration::from_secs(20));
         let p = fx.path(format!("after-{round}"));

@@ -77,7 +77,7 @@ pub struct Counts {
     pub files: u64,
     /// Directories, the root included.
     pub directories: u64,
-    /// Symlinks, fifos, sockets.
+    /// Symlinks, fifos, sockets, device nodes.
     pub others: u64,
     /// Sum of regular file sizes.
     pub bytes: u64,
@@ -103,8 +103,10 @@ pub struct Store {
     /// lock, held only to copy the list.
     recovered: Mutex<Vec<check::Finding>>,
     state_dir: PathBuf,
-    /// Open handles. The only lock in the store besides the spares' queue
-    /// lock, which is a leaf (see [`crate::spares`]). Lock order: taken before a
+    /// Open handles. The only lock in the store besides leaf locks (the
+    /// spares' queue, see [`crate::spares`]; the reclaimer's queue,
+    /// [`reclaim`]; the inode allocator, [`inos`], held across the flush
+    /// of a new reservation; the start-up findings). Lock order: taken before a
     /// sled transaction starts and released after it commits, never the
     /// other way round; no other lock is taken while it is held, and it is
     /// never held across an IPC call or a wait on another process. It is

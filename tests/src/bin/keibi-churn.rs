@@ -6,6 +6,7 @@
 //! - atomic saves: write `save<i>.tmp` (no fsync), rename it over
 //!   `save<i>`, as editors do;
 //! - creates of `c<n>`, unlinks and renames of those, appends to `log<i>`;
+//! - `mkdir d<i>` with a file in it, or removing both again;
 //! - durable files: write `durable/r<ROUND>-<n>` from a known pattern,
 //!   `fsync` it and its directory, and only then append a line
 //!   `<relative path> <seed> <length>` to `LOG` (on local disk, outside
@@ -62,12 +63,13 @@ fn main() {
     let mut errors = 0u64;
     let mut ops = 0u64;
     loop {
-        let ok = match rng.below(10) {
-            0..=3 => save(&dir, &mut rng),
-            4 => create(&dir, &mut rng),
-            5 => unlink(&dir, &mut rng),
-            6 => rename(&dir, &mut rng),
-            7 => append(&dir, &mut rng),
+        let ok = match rng.below(20) {
+            0..=7 => save(&dir, &mut rng),
+            8..=10 => create(&dir, &mut rng),
+            11..=12 => unlink(&dir, &mut rng),
+            13..=14 => rename(&dir, &mut rng),
+            15..=17 => append(&dir, &mut rng),
+            18 => subdir(&dir, &mut rng),
             _ => {
                 durable_n += 1;
                 let rel = format!("durable/r{round}-{durable_n}");
@@ -111,6 +113,24 @@ fn rename(dir: &Path, rng: &mut Rng) -> std::io::Result<()> {
     )
 }
 
+/// mkdir `d<i>` with a file in it, or remove both again.
+fn subdir(dir: &Path, rng: &mut Rng) -> std::io::Result<()> {
+    let d = dir.join(format!("d{}", rng.below(4)));
+    if d.is_dir() {
+        fs::remove_file(d.join("f")).or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+        fs::remove_dir(&d)
+    } else {
+        fs::create_dir(&d)?;
+        fs::write(d.join("f"), content(rng))
+    }
+}
+
 fn append(dir: &Path, rng: &mut Rng) -> std::io::Result<()> {
     let mut f = OpenOptions::new()
         .create(true)
@@ -122,7 +142,7 @@ fn append(dir: &Path, rng: &mut Rng) -> std::io::Result<()> {
 
 fn durable(dir: &Path, rel: &str, rng: &mut Rng, log: &mut File) -> std::io::Result<()> {
     let seed = rng.next();
-    let len = rng.below(32 * 1024) as usize;
+    let len = rng.below(8 * 1024) as usize;
     let path = dir.join(rel);
     let mut f = OpenOptions::new()
         .create_new(true)
