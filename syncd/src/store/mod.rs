@@ -707,7 +707,7 @@ impl Store {
     /// Wait until every freed inode so far has been reclaimed (tests).
     #[cfg(test)]
     pub(crate) fn settle(&self) {
-        self.reclaim.settle();
+        assert!(self.reclaim.settle(), "the reclaimer did not settle");
     }
 
     /// Hold or let go the reclaimer (tests).

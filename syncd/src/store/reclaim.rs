@@ -34,6 +34,8 @@ use super::records::ino_key;
 
 /// How long the thread waits before trying again after a failed flush.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The longest [`Reclaimer::settle`] waits.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(10);
 
 /// What the thread needs: the database to flush and what to remove.
 #[derive(Clone)]
@@ -119,12 +121,24 @@ impl Reclaimer {
         self.shared.wake.notify_all();
     }
 
-    /// Wait until everything queued so far has been reclaimed.
-    pub fn settle(&self) {
+    /// Wait until everything queued so far has been reclaimed, at most
+    /// [`SETTLE_AT_MOST`] (a store that cannot flush never settles).
+    /// Returns whether it did.
+    pub fn settle(&self) -> bool {
+        let deadline = std::time::Instant::now() + SETTLE_AT_MOST;
         let mut st = self.shared.lock();
         while (!st.queue.is_empty() || st.busy) && !st.stop {
-            st = self.shared.idle.wait(st).unwrap_or_else(|p| p.into_inner());
+            let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+                return false;
+            };
+            st = self
+                .shared
+                .idle
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
+        true
     }
 
     /// Reclaim what is queued, stop the thread and wait for it (a clean
