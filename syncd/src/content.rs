@@ -266,6 +266,15 @@ impl ContentDir {
         Ok(out)
     }
 
+    /// Write everything of the filesystem holding the state directory to
+    /// disk (`syncfs`): the store's own files included, whatever sled has
+    /// or has not synced itself.
+    pub fn sync_filesystem(&self) -> io::Result<()> {
+        // syncfs needs a descriptor that is not O_PATH.
+        let dir = File::open(&self.dir)?;
+        nix::unistd::syncfs(&dir).map_err(io::Error::from)
+    }
+
     /// Make the names in the content directory durable (`fsync` of the
     /// directory): a content file created since the last call survives a
     /// power cut once this returns.

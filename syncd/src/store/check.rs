@@ -4,7 +4,9 @@
 //! The start-up scan runs before anything is served. It compares the
 //! content directory with the inode records: content files that no record
 //! names (left by a crash after an unlink or before a create committed, or
-//! unused spares) are removed; a named regular file whose content file is
+//! unused spares) are removed, after a `syncfs` has made the recovered
+//! store durable (a power cut right after must not bring back a name of a
+//! file removed here); a named regular file whose content file is
 //! missing is recreated empty, with a warning. Only a power cut can cause
 //! the latter (the content file's directory entry was not yet durable
 //! while sled's record naming it was; see `docs/architecture.md`), and an
@@ -145,8 +147,18 @@ impl Store {
                 .sync_dir()
                 .map_err(|e| FsError::io("syncing the content directory", &e))?;
         }
+        let unnamed: Vec<u64> = listed.difference(&named).copied().collect();
+        if !unnamed.is_empty() {
+            // The state read above must be on disk before content goes
+            // because of it: after a kill -9, sled's log may be only in
+            // the page cache, and a power cut now would bring back names
+            // of these files.
+            self.content
+                .sync_filesystem()
+                .map_err(|e| FsError::io("syncing the state directory's filesystem", &e))?;
+        }
         let mut removed = 0usize;
-        for &ino in listed.difference(&named) {
+        for &ino in &unnamed {
             self.content
                 .remove(ino)
                 .map_err(|e| FsError::io(format!("removing the content of {}", Ino(ino)), &e))?;
