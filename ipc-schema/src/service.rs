@@ -5,6 +5,10 @@
 //! request whose deadline has passed, and mountd answers the kernel when it
 //! passes whether syncd answered or not.
 
+// `mknod` carries eight values (with the context); the generated client and
+// server methods take them one by one.
+#![allow(clippy::too_many_arguments)]
+
 use crate::error::FsError;
 use crate::types::*;
 
@@ -33,12 +37,14 @@ pub trait Filesystem {
     ) -> Result<Vec<DirEntry>, FsError>;
     /// Make a directory (`perm` already masked by the caller's umask).
     async fn mkdir(parent: Ino, name: Name, perm: u16, caller: Caller) -> Result<Attr, FsError>;
-    /// Make a fifo or socket node; device nodes are refused with EPERM.
+    /// Make a fifo, socket or device node (`rdev`: the device number of a
+    /// device node, the kernel's encoding; ignored for other kinds).
     async fn mknod(
         parent: Ino,
         name: Name,
         kind: FileKind,
         perm: u16,
+        rdev: u32,
         caller: Caller,
     ) -> Result<Attr, FsError>;
     /// Make a symbolic link to `target`.
@@ -100,6 +106,10 @@ pub trait Control {
     /// The filesystem requests syncd is serving now, oldest first
     /// (`op` is the method name).
     async fn debug_ops() -> Vec<OpInFlight>;
+    /// Scan the store and the content directory and report every
+    /// inconsistency; with `repair`, fix what can be fixed without
+    /// guessing and say so in each finding. Runs while the store serves.
+    async fn check(repair: bool) -> Result<CheckReport, FsError>;
 }
 
 /// The debug service: keibictl → keibi-mountd, on the mount's ops socket

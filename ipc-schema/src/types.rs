@@ -91,6 +91,10 @@ pub enum FileKind {
     Fifo,
     /// A Unix socket node.
     Socket,
+    /// A character device node (metadata only: the mount is `nodev`).
+    CharDevice,
+    /// A block device node (metadata only: the mount is `nodev`).
+    BlockDevice,
 }
 
 /// A point in time, as seconds and nanoseconds since the Unix epoch.
@@ -144,6 +148,9 @@ pub struct Attr {
     pub gid: u32,
     /// Preferred I/O size.
     pub blksize: u32,
+    /// Device number of a device node (`st_rdev`, the kernel's encoding);
+    /// 0 for every other kind.
+    pub rdev: u32,
     /// Whether the inode has any extended attribute. mountd answers
     /// `getxattr`/`listxattr` of an inode without any from this, with no
     /// round trip: the kernel asks for `security.capability` before every
@@ -327,7 +334,7 @@ pub struct Status {
     pub files: u64,
     /// Directories in the share (the root included).
     pub directories: u64,
-    /// Other inodes (symlinks, fifos, sockets).
+    /// Other inodes (symlinks, fifos, sockets, device nodes).
     pub others: u64,
     /// Bytes of content (sum of file sizes).
     pub bytes: u64,
@@ -376,4 +383,81 @@ pub struct OpInFlight {
     /// What it waits on: `keibi-syncd (lookup)`, `fd channel`,
     /// `connection to keibi-syncd`, `store`, `blocking pool`.
     pub waiting_on: String,
+}
+
+/// What `keibictl check` found wrong in the store (`Control::check`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CheckKind {
+    /// A named regular file whose content file is missing (repair:
+    /// recreate it empty).
+    MissingContent,
+    /// A content file that no inode record names (repair: remove it).
+    UnreferencedContent,
+    /// A directory entry whose inode has no record (repair: remove the
+    /// entry).
+    EntryWithoutInode,
+    /// An inode whose link count differs from the entries naming it
+    /// (repair: set it to the count, unless no entry names it at all).
+    LinkCount,
+    /// A directory whose `entries` count or next cookie disagrees with its
+    /// entries (repair: set them).
+    DirectoryCounts,
+    /// A directory whose parent pointer disagrees with the entry naming it
+    /// (repair: set it).
+    DirectoryParent,
+    /// An inode with no name, not open, kept by the store (an orphan
+    /// without open handles, or a linked inode that no entry reaches).
+    /// Orphans are freed by the next fresh mount; not repaired here,
+    /// because a mount that reconnected may still hold it open.
+    Unreachable,
+    /// An orphan mark and a link count that disagree (repair: mark or
+    /// unmark).
+    OrphanMark,
+    /// A readdir cookie without its entry, or an entry without its cookie
+    /// (repair: remove the cookie, or give the entry a new one).
+    Cookie,
+    /// Extended attributes of an inode that has no record (repair: remove
+    /// them).
+    XattrsWithoutInode,
+    /// A record that cannot be decoded (not repaired).
+    Corrupt,
+    /// Repaired by syncd's start-up scan in this run (a named regular file
+    /// whose content file a power cut lost, recreated empty).
+    RecoveredAtStart,
+}
+
+/// One inconsistency `check` found.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CheckFinding {
+    /// What kind.
+    pub kind: CheckKind,
+    /// The inode it is about, when it has one.
+    pub ino: Option<Ino>,
+    /// What exactly, for people.
+    pub detail: String,
+    /// Whether it was repaired (only with `repair`, or at start).
+    pub repaired: bool,
+}
+
+/// The answer of `Control::check`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct CheckReport {
+    /// Inode records scanned.
+    pub inodes: u64,
+    /// Directory entries scanned.
+    pub entries: u64,
+    /// Content files scanned.
+    pub content_files: u64,
+    /// Every inconsistency found now.
+    pub findings: Vec<CheckFinding>,
+    /// What syncd's start-up scan repaired in this run (not counted as
+    /// findings: the store was consistent afterwards).
+    pub recovered_at_start: Vec<CheckFinding>,
+}
+
+impl CheckReport {
+    /// How many findings were not repaired.
+    pub fn unrepaired(&self) -> usize {
+        self.findings.iter().filter(|f| !f.repaired).count()
+    }
 }

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! keibictl [--socket PATH] [--timeout DURATION] status [--json]
+//! keibictl [--socket PATH] [--timeout DURATION] check [--repair] [--json]
 //! keibictl [--socket PATH] [--timeout DURATION] debug ops [--mount MOUNTPOINT ...]
 //!          [--mountd-socket PATH ...] [--lock-dir DIR] [--json]
 //! keibictl [--timeout DURATION] debug passthrough (--mount MOUNTPOINT | --mountd-socket PATH)
@@ -37,6 +38,19 @@ pub enum Command {
     /// Versions, uptime, state directory, connected mounts, file and byte counts.
     Status {
         /// Print the status as JSON (one object) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Scan syncd's store and content directory for inconsistencies (a
+    /// name without content, content without a name, wrong link counts,
+    /// orphans, ...). Exit status 0 when nothing is (left) wrong, 1
+    /// otherwise. Runs on a live syncd; give a big store a longer
+    /// `--timeout`.
+    Check {
+        /// Fix what can be fixed without guessing, and say what was done.
+        #[arg(long)]
+        repair: bool,
+        /// Print the report as JSON (one object) instead of lines.
         #[arg(long)]
         json: bool,
     },
@@ -181,6 +195,26 @@ mod tests {
                     json: false,
                     ..
                 }
+            }
+        ));
+    }
+
+    #[test]
+    fn check_takes_repair_and_json() {
+        let a = Args::try_parse_from(["keibictl", "check"]).expect("parse");
+        assert!(matches!(
+            a.command,
+            Command::Check {
+                repair: false,
+                json: false
+            }
+        ));
+        let a = Args::try_parse_from(["keibictl", "check", "--repair", "--json"]).expect("parse");
+        assert!(matches!(
+            a.command,
+            Command::Check {
+                repair: true,
+                json: true
             }
         ));
     }

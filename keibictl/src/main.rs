@@ -11,10 +11,14 @@
 //! passthrough` ([`passthrough`]) asks one mount's mountd how its opens
 //! were answered.
 //!
+//! `check` asks syncd to scan its store ([`render::check_text`] shows the
+//! report).
+//!
 //! Exit status: 0 when the command succeeded; 1 with one line
 //! `keibictl: <reason>` on stderr when syncd could not be reached, refused
-//! the connection or did not answer in time; 2 for a bad command line
-//! (clap's own convention).
+//! the connection or did not answer in time, and for `check` when
+//! inconsistencies were found (and, with `--repair`, some are left); 2 for
+//! a bad command line (clap's own convention).
 
 mod cli;
 mod debug_ops;
@@ -60,6 +64,32 @@ fn run(args: &cli::Args) -> Result<(), String> {
             out.write_all(text.as_bytes())
                 .and_then(|()| out.flush())
                 .map_err(|e| format!("cannot write the answer: {e}"))
+        }
+        cli::Command::Check { repair, json } => {
+            let answer = runtime.block_on(query::check(&args.socket, args.timeout, *repair));
+            runtime.shutdown_background();
+            let report = answer?;
+            let text = if *json {
+                render::check_json(&report)?
+            } else {
+                render::check_text(&report)
+            };
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(|e| format!("cannot write the answer: {e}"))?;
+            match report.unrepaired() {
+                0 => Ok(()),
+                n => Err(format!(
+                    "{n} inconsistenc{} {}",
+                    if n == 1 { "y" } else { "ies" },
+                    if *repair {
+                        "left after the repairs"
+                    } else {
+                        "found (`keibictl check --repair` fixes what it can)"
+                    }
+                )),
+            }
         }
         cli::Command::Debug {
             what:

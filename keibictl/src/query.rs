@@ -6,8 +6,8 @@
 //! and as a local timer around connect + call, so a syncd that accepted the
 //! connection but stopped (`SIGSTOP`) cannot hold keibictl past it.
 
-use ipc_schema::Status;
 use ipc_schema::transport::{connect_control, context_with_timeout};
+use ipc_schema::{CheckReport, Status};
 use std::path::Path;
 use std::time::Duration;
 use tarpc::client::RpcError;
@@ -20,6 +20,23 @@ pub async fn status(socket: &Path, timeout: Duration) -> Result<Status, String> 
             .status(context_with_timeout(timeout))
             .await
             .map_err(|e| rpc_reason(socket, timeout, &e))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(answer) => answer,
+        Err(_) => Err(no_answer(socket, timeout)),
+    }
+}
+
+/// The report of syncd's consistency check (with `repair`, after its
+/// repairs), or the reason it could not be had.
+pub async fn check(socket: &Path, timeout: Duration, repair: bool) -> Result<CheckReport, String> {
+    let exchange = async {
+        let client = connect_control(socket).await.map_err(|e| e.to_string())?;
+        client
+            .check(context_with_timeout(timeout), repair)
+            .await
+            .map_err(|e| rpc_reason(socket, timeout, &e))?
+            .map_err(|e| format!("keibi-syncd could not check its store: {e}"))
     };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(answer) => answer,

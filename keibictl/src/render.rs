@@ -4,7 +4,7 @@
 //! the same field names as the protocol (`uptime_secs`, `mounts[].info.pid`,
 //! ...), and a new field in the protocol shows up without a change here.
 
-use ipc_schema::{MountStatus, Status};
+use ipc_schema::{CheckReport, MountStatus, Status};
 use std::fmt::Write;
 use std::time::Duration;
 
@@ -14,6 +14,45 @@ pub fn status_json(status: &Status) -> Result<String, String> {
         .map_err(|e| format!("cannot encode the status as JSON: {e}"))?;
     s.push('\n');
     Ok(s)
+}
+
+/// A check report as one pretty-printed JSON object and a newline.
+pub fn check_json(report: &CheckReport) -> Result<String, String> {
+    let mut s = serde_json::to_string_pretty(report)
+        .map_err(|e| format!("cannot encode the report as JSON: {e}"))?;
+    s.push('\n');
+    Ok(s)
+}
+
+/// A check report for people: one line per finding, then a summary.
+pub fn check_text(report: &CheckReport) -> String {
+    let mut out = String::new();
+    for f in &report.recovered_at_start {
+        let _ = writeln!(out, "repaired at start: {}", f.detail);
+    }
+    for f in &report.findings {
+        let _ = writeln!(
+            out,
+            "{:<20} {}{}",
+            format!("{:?}", f.kind),
+            f.detail,
+            if f.repaired { " [repaired]" } else { "" }
+        );
+    }
+    let left = report.unrepaired();
+    let _ = writeln!(
+        out,
+        "checked {} inodes, {} entries, {} content files: {}",
+        report.inodes,
+        report.entries,
+        report.content_files,
+        match (report.findings.len(), left) {
+            (0, _) => "clean".to_string(),
+            (n, 0) => format!("{n} found, all repaired"),
+            (n, l) => format!("{n} found, {l} not repaired"),
+        }
+    );
+    out
 }
 
 /// The status as a human-readable table.

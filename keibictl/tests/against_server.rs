@@ -26,6 +26,26 @@ impl Control for Fixed {
     async fn debug_ops(self, _: Context) -> Vec<ipc_schema::OpInFlight> {
         Vec::new()
     }
+
+    /// One name without content; `repair` repairs it.
+    async fn check(
+        self,
+        _: Context,
+        repair: bool,
+    ) -> Result<ipc_schema::CheckReport, ipc_schema::FsError> {
+        Ok(ipc_schema::CheckReport {
+            inodes: 5,
+            entries: 4,
+            content_files: 2,
+            findings: vec![ipc_schema::CheckFinding {
+                kind: ipc_schema::CheckKind::MissingContent,
+                ino: Some(ipc_schema::Ino(42)),
+                detail: "ino 42 is a regular file with 1 name(s) and no content file".into(),
+                repaired: repair,
+            }],
+            recovered_at_start: Vec::new(),
+        })
+    }
 }
 
 fn sample() -> Status {
@@ -112,6 +132,34 @@ fn table_shows_the_servers_answer() {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
     server.join().expect("server thread");
+}
+
+#[test]
+fn check_exit_status_says_whether_something_is_left() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("control.sock");
+    let server = serve_once(&sock, false);
+    let out = keibictl(&sock, &["check"]);
+    server.join().expect("server thread");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("MissingContent") && text.contains("ino 42"),
+        "{text}"
+    );
+    assert!(text.contains("1 found, 1 not repaired"), "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("keibictl: 1 inconsistency found"), "{err}");
+
+    let sock = dir.path().join("control2.sock");
+    let server = serve_once(&sock, false);
+    let out = keibictl(&sock, &["check", "--repair", "--json"]);
+    server.join().expect("server thread");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["findings"][0]["kind"], "MissingContent");
+    assert_eq!(v["findings"][0]["repaired"], true);
+    assert_eq!(v["inodes"], 5);
 }
 
 #[test]

@@ -443,6 +443,7 @@ mod tests {
             uid: 0,
             gid: 0,
             blksize: 4096,
+            rdev: 0,
             has_xattrs: false,
         }
     }

@@ -366,19 +366,23 @@ impl Keibi {
         self.created(ticket, parent, &name, r, "mkdir")
     }
 
-    /// `mknod` of a fifo or socket; a regular file is created and closed
-    /// again; devices are refused (`EPERM`).
+    /// `mknod` of a fifo, socket or device node (stored as metadata with
+    /// its `rdev`; the mount is `nodev`); a regular file is created and
+    /// closed again.
     pub async fn mknod(
         &self,
         parent: u64,
         name: Name,
         mode: u32,
         perm: u16,
+        rdev: u32,
         caller: Caller,
     ) -> Result<Attr, FsError> {
         let kind = match mode & libc::S_IFMT {
             libc::S_IFIFO => FileKind::Fifo,
             libc::S_IFSOCK => FileKind::Socket,
+            libc::S_IFCHR => FileKind::CharDevice,
+            libc::S_IFBLK => FileKind::BlockDevice,
             libc::S_IFREG | 0 => {
                 let got = self
                     .create_fd(parent, name, perm, libc::O_RDONLY, caller)
@@ -388,7 +392,7 @@ impl Keibi {
                 self.abandon(got.opened.handle);
                 return Ok(attr);
             }
-            _ => return Err(fs_err!(EPERM, "mknod: device nodes are not supported")),
+            other => return Err(fs_err!(EINVAL, "mknod: unknown file type {other:#o}")),
         };
         let _change = self.change();
         let ticket = self.cache.ticket();
@@ -399,7 +403,7 @@ impl Keibi {
                 let n = n.clone();
                 async move {
                     c.client
-                        .mknod(ctx, Ino(parent), n, kind, perm, caller)
+                        .mknod(ctx, Ino(parent), n, kind, perm, rdev, caller)
                         .await
                 }
             })

@@ -277,6 +277,8 @@ fn file_type(k: FileKind) -> FileType {
         FileKind::Symlink => FileType::Symlink,
         FileKind::Fifo => FileType::NamedPipe,
         FileKind::Socket => FileType::Socket,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
     }
 }
 
@@ -335,7 +337,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: a.rdev,
         blksize: a.blksize,
         flags: 0,
     }
@@ -482,7 +484,7 @@ impl Filesystem for KeibiFs {
         n: &OsStr,
         mode: u32,
         umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
         let l = log("mknod", parent, None);
@@ -494,7 +496,7 @@ impl Filesystem for KeibiFs {
         self.spawn(
             l,
             reply,
-            async move { k.mknod(parent.0, n, mode, perm, c).await },
+            async move { k.mknod(parent.0, n, mode, perm, rdev, c).await },
             self.entry(),
         );
     }

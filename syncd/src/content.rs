@@ -9,9 +9,14 @@
 //! answers, and `setattr` changes them here (truncate, `futimens`).
 //!
 //! A content file is created before the transaction that links its inode
-//! into the tree and removed after the one that frees the inode, so the
-//! store never names a missing file; a crash in between leaves at most an
-//! unreferenced file, which [`ContentDir::sweep`] removes at the next start.
+//! into the tree and removed only after the transaction that frees the
+//! inode is durable (`store/reclaim.rs`), so a crash never leaves the store
+//! naming a missing file; it leaves at most unreferenced files, which the
+//! store's start-up scan removes ([`ContentDir::list`]). Only a power cut
+//! can lose the directory entry of a new content file that is named by a
+//! durable record (the entry is made durable by `fsync`/`fsyncdir` on the
+//! mount, [`ContentDir::sync_dir`], and for spares before they are used);
+//! the start-up scan recreates such a file empty and says so.
 //!
 //! Every operation on one file is a single `*at` system call relative to a
 //! descriptor of the content directory held open for the daemon's life, so
@@ -244,27 +249,37 @@ impl ContentDir {
         })
     }
 
-    /// Remove content files whose inode `exists` says is gone (left by a
-    /// crash between creating a file and committing its inode). Returns how
-    /// many were removed. Call before serving anything.
-    pub fn sweep(&self, exists: impl Fn(u64) -> bool) -> io::Result<usize> {
-        let mut removed = 0;
+    /// The inode numbers of every content file (names that are not 16 hex
+    /// digits are left alone).
+    pub fn list(&self) -> io::Result<Vec<u64>> {
+        let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.dir)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(ino) = name
+            let name = entry?.file_name();
+            if let Some(ino) = name
                 .to_str()
                 .filter(|s| s.len() == 16)
                 .and_then(|s| u64::from_str_radix(s, 16).ok())
-            else {
-                continue;
-            };
-            if !exists(ino) {
-                self.remove(ino)?;
-                removed += 1;
+            {
+                out.push(ino);
             }
         }
-        Ok(removed)
+        Ok(out)
+    }
+
+    /// Write everything of the filesystem holding the state directory to
+    /// disk (`syncfs`): the store's own files included, whatever sled has
+    /// or has not synced itself.
+    pub fn sync_filesystem(&self) -> io::Result<()> {
+        // syncfs needs a descriptor that is not O_PATH.
+        let dir = File::open(&self.dir)?;
+        nix::unistd::syncfs(&dir).map_err(io::Error::from)
+    }
+
+    /// Make the names in the content directory durable (`fsync` of the
+    /// directory): a content file created since the last call survives a
+    /// power cut once this returns.
+    pub fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.dir)?.sync_all()
     }
 }
 
@@ -347,13 +362,15 @@ mod tests {
     }
 
     #[test]
-    fn sweep_removes_only_unreferenced_files() {
+    fn list_names_only_content_files() {
         let dir = tempfile::tempdir().expect("tempdir");
         let c = ContentDir::new(dir.path()).expect("content dir");
         c.create(2).expect("create");
-        c.create(3).expect("create");
-        assert_eq!(c.sweep(|ino| ino == 2).expect("sweep"), 1);
-        assert!(c.stat(2).is_ok());
-        assert!(c.stat(3).is_err());
+        c.create(0xabc).expect("create");
+        std::fs::write(dir.path().join("content/other"), b"x").expect("write");
+        let mut l = c.list().expect("list");
+        l.sort_unstable();
+        assert_eq!(l, vec![2, 0xabc]);
+        c.sync_dir().expect("sync the directory");
     }
 }

@@ -1,15 +1,19 @@
-//! The control service (keibictl → syncd): read-only status, and the
-//! filesystem requests in flight for `keibictl debug ops`.
+//! The control service (keibictl → syncd): read-only status, the
+//! filesystem requests in flight for `keibictl debug ops`, and the
+//! consistency check of `keibictl check`.
 //!
 //! It runs on the control runtime (see `main.rs`), which shares no thread
-//! with the filesystem service, and neither method waits on the store:
-//! `status` takes the store's figures from [`census`] (bounded wait, then
-//! the cache), `debug_ops` reads the in-flight registry (a leaf lock).
+//! with the filesystem service, and none of its methods waits on the store
+//! on a runtime thread: `status` takes the store's figures from [`census`]
+//! (bounded wait, then the cache), `debug_ops` reads the in-flight registry
+//! (a leaf lock), and `check` (a full scan) runs on the blocking pool.
 
 use crate::census::{self, Census};
 use crate::daemon::Daemon;
 use ipc_schema::service::Control;
-use ipc_schema::{KEIBI_VERSION, MountStatus, OpInFlight, PROTOCOL_VERSION, Status};
+use ipc_schema::{
+    CheckReport, FsError, KEIBI_VERSION, MountStatus, OpInFlight, PROTOCOL_VERSION, Status, fs_err,
+};
 use std::sync::Arc;
 use tarpc::context::Context;
 
@@ -61,5 +65,20 @@ impl Control for ControlServer {
     async fn debug_ops(self, _: Context) -> Vec<OpInFlight> {
         // Only the registry's leaf lock: answers while the store is stuck.
         self.daemon.inflight.snapshot()
+    }
+
+    async fn check(self, _: Context, repair: bool) -> Result<CheckReport, FsError> {
+        let store = self.daemon.store.clone();
+        tracing::info!(repair, "check: scanning the store");
+        let report = tokio::task::spawn_blocking(move || store.check(repair))
+            .await
+            .unwrap_or_else(|e| Err(fs_err!(EIO, "check failed: {e}")))?;
+        tracing::info!(
+            inodes = report.inodes,
+            findings = report.findings.len(),
+            unrepaired = report.unrepaired(),
+            "check: done"
+        );
+        Ok(report)
     }
 }

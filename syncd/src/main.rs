@@ -9,8 +9,8 @@
 //! `--allow-root` (exit 2); take the single-instance lock on the state
 //! directory (exit 3 when another syncd holds it, naming its pid); open the
 //! store (and start making spare content files, see [`spares`]); bind both
-//! sockets; serve. SIGTERM or SIGINT removes the unused spares, flushes the
-//! store, removes the socket files and exits 0. Other startup failures exit
+//! sockets; serve. SIGTERM or SIGINT removes the unused spares, reclaims the
+//! freed inodes, flushes the store, removes the socket files and exits 0. Other startup failures exit
 //! 1.
 //!
 //! Two tokio runtimes. The filesystem runtime (multi-threaded, threads
@@ -184,11 +184,7 @@ async fn run(
         _ = int.recv() => "SIGINT",
     };
     tracing::info!(signal = signal_name, "shutting down");
-    let flushed = tokio::task::spawn_blocking(move || {
-        store.stop_spares();
-        store.flush()
-    })
-    .await;
+    let flushed = tokio::task::spawn_blocking(move || store.shutdown()).await;
     listener::remove_sockets(&sockets);
     match flushed {
         Ok(Ok(())) => {

@@ -262,11 +262,12 @@ impl Filesystem for FsServer {
         name: Name,
         kind: FileKind,
         perm: u16,
+        rdev: u32,
         caller: Caller,
     ) -> Result<Attr, FsError> {
-        let d = detail!("{parent} {name:?} {kind:?} {perm:o}");
+        let d = detail!("{parent} {name:?} {kind:?} {perm:o} rdev {rdev:#x}");
         self.run("mknod", d, move |s| {
-            s.mknod(parent, &name, kind, perm, caller)
+            s.mknod(parent, &name, kind, perm, rdev, caller)
         })
         .await
     }

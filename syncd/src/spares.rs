@@ -13,10 +13,14 @@
 //!
 //! Crash consistency is unchanged. A spare is a content file whose inode
 //! was never committed, exactly like the file a `create` makes before its
-//! transaction: the sweep at start removes spares a crash left behind, and
+//! transaction: the scan at start removes spares a crash left behind, and
 //! [`Spares::stop`] removes them at a clean shutdown. Their numbers come
-//! from the persistent counter, so no number is ever handed out twice; a
-//! spare that is never used leaves a gap, nothing more.
+//! from the store's durable reservations, so no number is ever handed out
+//! twice; a spare that is never used leaves a gap, nothing more. The filler
+//! makes spares in small batches and syncs the content directory before it
+//! offers a batch, so a file made from a spare has a durable directory
+//! entry before any record naming it can be durable (a power cut cannot
+//! leave its name pointing at nothing).
 //!
 //! The queue's lock is a leaf: held only to push, pop or look at the
 //! queue, never while making a file or taking another lock.
@@ -34,9 +38,14 @@ const TARGET: usize = 64;
 const LOW_WATER: usize = TARGET / 2;
 /// How long the filler waits after it failed to make a file.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Spares made before each sync of the content directory.
+const BATCH: usize = 8;
 
 /// Makes one spare: takes a new inode number and creates its content file.
 pub type MakeSpare = Box<dyn Fn() -> io::Result<u64> + Send>;
+/// Makes the names of the spares made so far durable (syncs the content
+/// directory).
+pub type SyncSpares = Box<dyn Fn() -> io::Result<()> + Send>;
 
 /// The spare content files and the thread that makes them.
 #[derive(Default)]
@@ -67,9 +76,9 @@ impl Shared {
 }
 
 impl Spares {
-    /// Start the filler thread, which makes spares with `make`. Does
-    /// nothing if it runs already.
-    pub fn start(&self, make: MakeSpare) -> io::Result<()> {
+    /// Start the filler thread, which makes spares with `make` and offers
+    /// each batch after `sync`. Does nothing if it runs already.
+    pub fn start(&self, make: MakeSpare, sync: SyncSpares) -> io::Result<()> {
         let mut filler = self.filler.lock().unwrap_or_else(|p| p.into_inner());
         if filler.is_some() {
             return Ok(());
@@ -78,7 +87,7 @@ impl Spares {
         let shared = self.shared.clone();
         let handle = std::thread::Builder::new()
             .name("keibi-spares".into())
-            .spawn(move || fill(&shared, &*make))?;
+            .spawn(move || fill(&shared, &*make, &*sync))?;
         *filler = Some(handle);
         Ok(())
     }
@@ -102,7 +111,6 @@ impl Spares {
     }
 
     /// The inode numbers of the spares ready now, oldest first.
-    #[cfg(test)]
     pub fn ready_list(&self) -> Vec<u64> {
         self.shared.lock().ready.iter().copied().collect()
     }
@@ -129,12 +137,13 @@ impl Spares {
 }
 
 /// The filler: whenever the queue is down to [`LOW_WATER`], make spares
-/// until there are [`TARGET`].
-fn fill(shared: &Shared, make: &dyn Fn() -> io::Result<u64>) {
+/// until there are [`TARGET`], offering them [`BATCH`] at a time after
+/// `sync`.
+fn fill(shared: &Shared, make: &dyn Fn() -> io::Result<u64>, sync: &dyn Fn() -> io::Result<()>) {
     let mut filling = true;
     let mut failing = false;
     loop {
-        {
+        let want = {
             let mut st = shared.lock();
             loop {
                 if st.stop {
@@ -148,12 +157,33 @@ fn fill(shared: &Shared, make: &dyn Fn() -> io::Result<u64>) {
                 }
                 st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
             }
-        }
+            (TARGET - st.ready.len().min(TARGET)).clamp(1, BATCH)
+        };
         filling = true;
-        match make() {
-            Ok(ino) => {
+        let mut batch = Vec::with_capacity(want);
+        let mut made = Ok(());
+        for _ in 0..want {
+            match make() {
+                Ok(ino) => batch.push(ino),
+                Err(e) => {
+                    made = Err(e);
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            match sync() {
+                // Offered only once their names are durable.
+                Ok(()) => shared.lock().ready.extend(batch),
+                Err(e) => {
+                    // Not offered: left for the scan at the next start.
+                    made = Err(e);
+                }
+            }
+        }
+        match made {
+            Ok(()) => {
                 failing = false;
-                shared.lock().ready.push_back(ino);
             }
             Err(e) => {
                 if !failing {
@@ -198,10 +228,13 @@ mod tests {
         assert_eq!(spares.take(), None, "nothing before the filler runs");
         let (c, n) = (content.clone(), next.clone());
         spares
-            .start(Box::new(move || {
-                let ino = n.fetch_add(1, Ordering::SeqCst);
-                c.create(ino).map(|()| ino)
-            }))
+            .start(
+                Box::new(move || {
+                    let ino = n.fetch_add(1, Ordering::SeqCst);
+                    c.create(ino).map(|()| ino)
+                }),
+                Box::new(|| Ok(())),
+            )
             .expect("start");
         wait_for("a full queue", || spares.ready() == TARGET);
         // Take every spare there is: the queue runs dry, which wakes the
@@ -237,10 +270,13 @@ mod tests {
         let spares = Spares::default();
         let t = tries.clone();
         spares
-            .start(Box::new(move || {
-                t.fetch_add(1, Ordering::SeqCst);
-                Err(io::Error::from_raw_os_error(libc::ENOSPC))
-            }))
+            .start(
+                Box::new(move || {
+                    t.fetch_add(1, Ordering::SeqCst);
+                    Err(io::Error::from_raw_os_error(libc::ENOSPC))
+                }),
+                Box::new(|| Ok(())),
+            )
             .expect("start");
         wait_for("a try", || tries.load(Ordering::SeqCst) > 0);
         assert_eq!(spares.take(), None);

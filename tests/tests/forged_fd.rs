@@ -75,6 +75,7 @@ fn dir_attr() -> Attr {
         uid: 0,
         gid: 0,
         blksize: 4096,
+        rdev: 0,
         has_xattrs: false,
     }
 }
@@ -95,6 +96,7 @@ fn file_attr(f: &FakeFile) -> Attr {
         uid: 0,
         gid: 0,
         blksize: 4096,
+        rdev: 0,
         has_xattrs: false,
     }
 }
@@ -211,6 +213,7 @@ impl Filesystem for FakeSyncd {
         _n: Name,
         _k: FileKind,
         _m: u16,
+        _r: u32,
         _c: Caller,
     ) -> Result<Attr, FsError> {
         rofs()

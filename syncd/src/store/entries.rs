@@ -84,10 +84,20 @@ impl Store {
         perm: u16,
         caller: Caller,
     ) -> Result<Attr, FsError> {
-        self.new_node(parent, name, FileKind::Directory, perm, caller, Vec::new())
+        self.new_node(
+            parent,
+            name,
+            FileKind::Directory,
+            perm,
+            caller,
+            Vec::new(),
+            0,
+        )
     }
 
-    /// Make a fifo, a socket node or an empty regular file. Directories and
+    /// Make a fifo, a socket node, a device node (metadata only: its mode
+    /// and device number `rdev`; the mount is `nodev`, so it cannot be
+    /// opened as a device) or an empty regular file. Directories and
     /// symlinks have their own operations (EINVAL here).
     pub fn mknod(
         &self,
@@ -95,11 +105,15 @@ impl Store {
         name: &Name,
         kind: FileKind,
         perm: u16,
+        rdev: u32,
         caller: Caller,
     ) -> Result<Attr, FsError> {
         match kind {
             FileKind::Fifo | FileKind::Socket | FileKind::File => {
-                self.new_node(parent, name, kind, perm, caller, Vec::new())
+                self.new_node(parent, name, kind, perm, caller, Vec::new(), 0)
+            }
+            FileKind::CharDevice | FileKind::BlockDevice => {
+                self.new_node(parent, name, kind, perm, caller, Vec::new(), rdev)
             }
             FileKind::Directory | FileKind::Symlink => {
                 Err(fs_err!(EINVAL, "mknod cannot make a {kind:?}"))
@@ -135,6 +149,7 @@ impl Store {
             0o777,
             caller,
             target.to_vec(),
+            0,
         )
     }
 
@@ -149,6 +164,7 @@ impl Store {
         Ok(rec.target)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn new_node(
         &self,
         parent: Ino,
@@ -157,6 +173,7 @@ impl Store {
         perm: u16,
         caller: Caller,
         target: Vec<u8>,
+        rdev: u32,
     ) -> Result<Attr, FsError> {
         names::validate(name)?;
         let ino = if kind == FileKind::File {
@@ -172,6 +189,7 @@ impl Store {
             }
             let mut rec = new_child(&dir, kind, perm, caller, now);
             rec.target = target.clone();
+            rec.rdev = rdev;
             if kind == FileKind::Directory {
                 rec.parent = parent.0;
                 dir.nlink += 1;

@@ -19,13 +19,28 @@
 //! only promised by `fsync` ([`Store::fsync`] flushes the store); sled
 //! otherwise writes its log in the background every 500 ms.
 //!
-//! Inode numbers come from a persistent counter (`meta/next_ino`) and are
-//! never reused, so a number the kernel still caches can never name another
-//! file. The root is inode 1.
+//! Inode numbers come from durable reservations ([`inos`]) and are never
+//! reused, not even after a crash, so a number the kernel still caches can
+//! never name another file. The root is inode 1.
+//!
+//! Crash safety. sled recovers a prefix of its log after a crash, so the
+//! store always comes back as it was at some moment: every transaction is
+//! all or nothing, and a later one is never kept without the earlier ones.
+//! What lives outside sled is ordered around that: a content file exists
+//! before the transaction that names it, and is removed only after the
+//! transaction that stops naming it is durable ([`reclaim`]). At start,
+//! [`Store::load`] removes what a crash left behind (content files and
+//! extended attributes of inodes that have no record) and recreates, empty,
+//! the content file of a named regular file that a power cut lost (with a
+//! warning; [`Store::check`] lists it). `docs/architecture.md` states the
+//! guarantees.
 
+pub mod check;
 pub mod entries;
 pub mod files;
+pub mod inos;
 pub mod names;
+pub mod reclaim;
 pub mod records;
 pub mod tx;
 pub mod xattrs;
@@ -33,11 +48,13 @@ pub mod xattrs;
 use crate::content::{ContentDir, ContentStat};
 use crate::opens::OpenTable;
 use crate::spares::Spares;
+use inos::InoAlloc;
 use ipc_schema::{
     Attr, DirCookie, DirEntry, FileKind, FsError, Ino, Name, SetAttr, StatFs, TimeSet, Timestamp,
     fs_err,
 };
 use nix::fcntl::OFlag;
+use reclaim::Reclaimer;
 use records::{
     FORMAT_VERSION, InodeRec, META_FORMAT, META_NEXT_INO, be_u64, cookie_key, decode, dirent_key,
     ino_key,
@@ -60,7 +77,7 @@ pub struct Counts {
     pub files: u64,
     /// Directories, the root included.
     pub directories: u64,
-    /// Symlinks, fifos, sockets.
+    /// Symlinks, fifos, sockets, device nodes.
     pub others: u64,
     /// Sum of regular file sizes.
     pub bytes: u64,
@@ -75,13 +92,23 @@ pub struct Store {
     cookies: sled::Tree,
     xattrs: sled::Tree,
     orphans: sled::Tree,
+    /// Counters and the format version (`meta`).
     meta: sled::Tree,
     content: Arc<ContentDir>,
     /// Content files made ahead of time for new regular files.
     spares: Spares,
+    /// Inode numbers.
+    inos: Arc<InoAlloc>,
+    /// Freed inodes whose content files and xattrs wait for a flush.
+    reclaim: Reclaimer,
+    /// What the start-up scan repaired (for [`Store::check`]). A leaf
+    /// lock, held only to copy the list.
+    recovered: Mutex<Vec<check::Finding>>,
     state_dir: PathBuf,
-    /// Open handles. The only lock in the store besides the spares' queue
-    /// lock, which is a leaf (see [`crate::spares`]). Lock order: taken before a
+    /// Open handles. The only lock in the store besides leaf locks (the
+    /// spares' queue, see [`crate::spares`]; the reclaimer's queue,
+    /// [`reclaim`]; the inode allocator, [`inos`], held across the flush
+    /// of a new reservation; the start-up findings). Lock order: taken before a
     /// sled transaction starts and released after it commits, never the
     /// other way round; no other lock is taken while it is held, and it is
     /// never held across an IPC call or a wait on another process. It is
@@ -144,46 +171,75 @@ impl Store {
         let xattrs = tree("xattrs")?;
         // An error here only costs the shortcut.
         let xattrs_seen = !matches!(xattrs.first(), Ok(None));
+        let (inodes, meta) = (tree("inodes")?, tree("meta")?);
+        init(&db, &inodes, &meta, state_dir, share_owner)?;
+        let content = Arc::new(content);
+        let reclaim = Reclaimer::start(reclaim::Target {
+            db: db.clone(),
+            xattrs: xattrs.clone(),
+            content: content.clone(),
+        })
+        .map_err(|e| FsError::io("starting the reclaim thread", &e))?;
         let store = Store {
-            inodes: tree("inodes")?,
+            inos: Arc::new(InoAlloc::load(db.clone(), meta.clone())?),
+            meta,
+            inodes,
             dirents: tree("dirents")?,
             cookies: tree("cookies")?,
             xattrs,
             xattrs_seen: AtomicBool::new(xattrs_seen),
             orphans: tree("orphans")?,
-            meta: tree("meta")?,
             db,
-            content: Arc::new(content),
+            content,
             spares: Spares::default(),
+            reclaim,
+            recovered: Mutex::new(Vec::new()),
             state_dir: state_dir.to_path_buf(),
             opens: Mutex::new(OpenTable::default()),
         };
-        store.init(share_owner)?;
-        let swept = store
-            .content
-            .sweep(|ino| store.inodes.contains_key(ino_key(ino)).unwrap_or(true))
-            .map_err(|e| FsError::io("sweeping the content directory", &e))?;
-        if swept > 0 {
-            tracing::info!(
-                swept,
-                "removed content files of inodes that were never committed"
-            );
-        }
+        let recovered = store.recover()?;
+        *store.recovered.lock().unwrap_or_else(|p| p.into_inner()) = recovered;
         Ok(store)
     }
 
-    fn init(&self, share_owner: (u32, u32)) -> Result<(), FsError> {
-        let format = self
-            .meta
+    /// What the start-up scan repaired, in this run.
+    pub(crate) fn recovered_at_start(&self) -> Vec<check::Finding> {
+        self.recovered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Make a new store (root directory, counters, format), or check the
+/// format of an existing one and migrate it if it is older.
+fn init(
+    db: &sled::Db,
+    inodes: &sled::Tree,
+    meta: &sled::Tree,
+    state_dir: &Path,
+    share_owner: (u32, u32),
+) -> Result<(), FsError> {
+    {
+        let format = meta
             .get(META_FORMAT)
             .map_err(|e| store_err("reading the format version", e))?;
         match format.as_deref().and_then(be_u64) {
             Some(FORMAT_VERSION) => return Ok(()),
+            Some(v) if v < FORMAT_VERSION => {
+                return records::migrate(db, inodes, meta, v).map_err(|e| {
+                    fs_err!(
+                        EIO,
+                        "migrating the store in {} from format {v}: {e}",
+                        state_dir.display()
+                    )
+                });
+            }
             Some(v) => {
                 return Err(fs_err!(
                     EIO,
                     "the store in {} has format {v}; this keibi-syncd reads format {FORMAT_VERSION}",
-                    self.state_dir.display()
+                    state_dir.display()
                 ));
             }
             None => {}
@@ -197,7 +253,7 @@ impl Store {
             now,
         );
         root.parent = Ino::ROOT.0;
-        (&self.inodes, &self.meta)
+        (inodes, meta)
             .transaction(|(inodes, meta)| {
                 if inodes.get(ino_key(Ino::ROOT.0))?.is_none() {
                     inodes.insert(&ino_key(Ino::ROOT.0), records::encode(&root))?;
@@ -215,7 +271,9 @@ impl Store {
         // Not flushed here: if this is lost in a crash, the next start
         // makes the same root again.
     }
+}
 
+impl Store {
     /// The state directory.
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
@@ -260,19 +318,25 @@ impl Store {
 
     /// A new inode number, never handed out before.
     pub(crate) fn alloc_ino(&self) -> Result<u64, FsError> {
-        alloc_ino(&self.meta)
+        self.inos.alloc()
     }
 
     /// Start making spare content files in the background (see
     /// [`crate::spares`]); `create` then rarely waits for the filesystem
     /// to make a file.
     pub fn start_spares(&self) -> Result<(), FsError> {
-        let (meta, content) = (self.meta.clone(), self.content.clone());
+        let (inos, content) = (self.inos.clone(), self.content.clone());
+        let dir = self.content.clone();
         self.spares
-            .start(Box::new(move || {
-                let ino = alloc_ino(&meta).map_err(|e| std::io::Error::other(e.to_string()))?;
-                content.create(ino).map(|()| ino)
-            }))
+            .start(
+                Box::new(move || {
+                    let ino = inos
+                        .alloc()
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    content.create(ino).map(|()| ino)
+                }),
+                Box::new(move || dir.sync_dir()),
+            )
             .map_err(|e| FsError::io("starting the spare file thread", &e))
     }
 
@@ -424,10 +488,19 @@ impl Store {
                 }
             }
         };
-        // The entry may have gone between the two reads: that is ENOENT.
-        let rec = self
-            .read_inode(ino)?
-            .ok_or_else(|| fs_err!(ENOENT, "no entry {name:?} in {parent}"))?;
+        let Some(rec) = self.read_inode(ino)? else {
+            // The entry may have gone between the two reads: that is
+            // ENOENT. An entry that is still there names a missing inode:
+            // damage (`keibictl check` reports it).
+            if ino != parent.0 && self.entry_ino(parent, name)? == Some(ino) {
+                return Err(fs_err!(
+                    EIO,
+                    "entry {name:?} in {parent} names {}, which has no record (run `keibictl check`)",
+                    Ino(ino)
+                ));
+            }
+            return Err(fs_err!(ENOENT, "no entry {name:?} in {parent}"));
+        };
         self.attr_of(ino, &rec)
     }
 
@@ -499,6 +572,13 @@ impl Store {
     /// `after`: `.` (cookie 1), `..` (cookie 2), then the entries in the
     /// order they were added. With `plus`, each carries its attributes; an
     /// entry removed while the listing is read is left out.
+    ///
+    /// A damaged entry costs only itself: an entry whose record cannot be
+    /// decoded, or (with `plus`) whose attributes cannot be read (its
+    /// inode record or content file is missing), is left out with a
+    /// warning, and the rest of the listing is served. Its own `lookup`
+    /// still fails with the error (`EIO` and a message), and
+    /// [`Store::check`] reports it.
     pub fn readdir(
         &self,
         dir: Ino,
@@ -516,12 +596,18 @@ impl Store {
         for (name, cookie, ino) in dots {
             if after.0 < cookie && out.len() < limit {
                 let attr = if plus {
-                    let r = if ino == dir.0 {
-                        rec.clone()
+                    let got = if ino == dir.0 {
+                        self.attr_of(ino, &rec)
                     } else {
-                        self.need_inode(ino)?
+                        self.need_inode(ino).and_then(|r| self.attr_of(ino, &r))
                     };
-                    Some(self.attr_of(ino, &r)?)
+                    match got {
+                        Ok(a) => Some(a),
+                        Err(e) => {
+                            tracing::warn!(dir = dir.0, ino, error = %e, "readdir: leaving out an entry whose attributes cannot be read");
+                            continue;
+                        }
+                    }
                 } else {
                     None
                 };
@@ -549,12 +635,26 @@ impl Store {
             else {
                 continue;
             };
-            let d: records::DirentRec =
-                decode(&v).map_err(|e| fs_err!(EIO, "corrupt entry in {dir}: {e}"))?;
+            let d: records::DirentRec = match decode(&v) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(dir = dir.0, name = ?Name(name.to_vec()), error = %e, "readdir: leaving out a corrupt entry");
+                    continue;
+                }
+            };
             let attr = if plus {
-                match self.read_inode(d.ino)? {
-                    Some(r) => Some(self.attr_of(d.ino, &r)?),
-                    None => continue,
+                // No record: the entry was removed meanwhile (or is
+                // damaged; `check` says which).
+                match self
+                    .read_inode(d.ino)
+                    .and_then(|r| r.map(|r| self.attr_of(d.ino, &r)).transpose())
+                {
+                    Ok(Some(a)) => Some(a),
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(dir = dir.0, ino = d.ino, name = ?Name(name.to_vec()), error = %e, "readdir: leaving out an entry whose attributes cannot be read");
+                        continue;
+                    }
                 }
             } else {
                 None
@@ -570,24 +670,55 @@ impl Store {
         Ok(out)
     }
 
-    /// Make `ino` durable: its content file (for a regular file), then the
-    /// whole store.
+    /// Make `ino` durable: its content file (for a regular file), the
+    /// names in the content directory, then the whole store. The content
+    /// directory goes first, so every content file the store names once
+    /// the flush returns has a durable name.
     pub fn fsync(&self, ino: Ino, datasync: bool) -> Result<(), FsError> {
         let rec = self.need_inode(ino.0)?;
         if rec.kind == FileKind::File {
             self.content
                 .sync(ino.0, datasync)
                 .map_err(|e| content_err(format!("fsync of {ino}"), &e))?;
+            return self.flush_store();
         }
         self.flush()
     }
 
-    /// Write everything to disk.
+    /// Write everything to disk: the content directory's names, then the
+    /// store.
     pub fn flush(&self) -> Result<(), FsError> {
+        self.content
+            .sync_dir()
+            .map_err(|e| FsError::io("syncing the content directory", &e))?;
+        self.flush_store()
+    }
+
+    fn flush_store(&self) -> Result<(), FsError> {
         self.db
             .flush()
             .map(drop)
             .map_err(|e| store_err("flushing", e))
+    }
+
+    /// A clean shutdown: stop making spares (and remove them), reclaim
+    /// every freed inode, and flush.
+    pub fn shutdown(&self) -> Result<(), FsError> {
+        self.stop_spares();
+        self.reclaim.drain();
+        self.flush()
+    }
+
+    /// Wait until every freed inode so far has been reclaimed (tests).
+    #[cfg(test)]
+    pub(crate) fn settle(&self) {
+        assert!(self.reclaim.settle(), "the reclaimer did not settle");
+    }
+
+    /// Hold or let go the reclaimer (tests).
+    #[cfg(test)]
+    pub(crate) fn hold_reclaim(&self, held: bool) {
+        self.reclaim.hold(held);
     }
 
     /// Statistics of the filesystem holding the content.
@@ -622,50 +753,19 @@ impl Store {
         Ok(c)
     }
 
-    /// Remove what is left of a freed inode outside the transaction that
-    /// freed it: its content file and extended attributes.
+    /// Hand what is left of a freed inode (its content file, its extended
+    /// attributes) to the reclaimer, which removes it once the transaction
+    /// that freed it is durable ([`reclaim`]). Call after that transaction
+    /// committed.
     pub(crate) fn purge(&self, ino: u64, kind: FileKind) {
-        if kind == FileKind::File
-            && let Err(e) = self.content.remove(ino)
-        {
-            tracing::warn!(ino, error = %e, "cannot remove the content file of a freed inode");
-        }
-        if !self.xattrs_seen.load(Ordering::Acquire) {
-            return;
-        }
-        for item in self.xattrs.scan_prefix(ino_key(ino)) {
-            match item {
-                Ok((k, _)) => {
-                    if let Err(e) = self.xattrs.remove(k) {
-                        tracing::warn!(ino, error = %e, "cannot remove an xattr of a freed inode");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(ino, error = %e, "cannot list the xattrs of a freed inode");
-                    break;
-                }
-            }
-        }
+        self.reclaim.push(ino, kind);
     }
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
         self.stop_spares();
-    }
-}
-
-/// A new inode number from the counter in `meta`, never handed out before.
-fn alloc_ino(meta: &sled::Tree) -> Result<u64, FsError> {
-    let next = meta
-        .update_and_fetch(META_NEXT_INO, |old| {
-            let n = old.and_then(be_u64).unwrap_or(2);
-            Some(n.saturating_add(1).to_be_bytes().to_vec())
-        })
-        .map_err(|e| store_err("allocating an inode number", e))?;
-    match next.as_deref().and_then(be_u64) {
-        Some(n) if n > 2 => Ok(n - 1),
-        _ => Err(fs_err!(EIO, "inode counter is corrupt")),
+        self.reclaim.drain();
     }
 }
 
@@ -711,6 +811,7 @@ fn make_attr(ino: u64, rec: &InodeRec, cs: Option<&ContentStat>, has_xattrs: boo
         uid: rec.uid,
         gid: rec.gid,
         blksize,
+        rdev: rec.rdev,
         has_xattrs,
     }
 }
@@ -720,3 +821,6 @@ mod tests;
 
 #[cfg(test)]
 mod differential_tests;
+
+#[cfg(test)]
+mod check_tests;

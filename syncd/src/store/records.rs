@@ -15,13 +15,17 @@
 //! keeps its cookie for as long as it stays in its directory.
 //!
 //! Records are bincode 1.3 of plain structs. A change of their layout bumps
-//! [`FORMAT_VERSION`], which the store checks when it opens.
+//! [`FORMAT_VERSION`], which the store checks when it opens; an older
+//! store is migrated then ([`migrate`]), keeping every inode and its
+//! number.
+//!
+//! Formats: 1, the first; 2 adds `rdev` to [`InodeRec`] (device nodes).
 
 use ipc_schema::{FileKind, Timestamp};
 use serde::{Deserialize, Serialize};
 
 /// Layout version of the records below; stored under `meta/format`.
-pub const FORMAT_VERSION: u64 = 1;
+pub const FORMAT_VERSION: u64 = 2;
 
 /// Key of the inode counter in `meta`: the next number to hand out.
 pub const META_NEXT_INO: &[u8] = b"next_ino";
@@ -65,6 +69,98 @@ pub struct InodeRec {
     pub entries: u64,
     /// Directories: the cookie the next new entry gets.
     pub next_cookie: u64,
+    /// Device nodes: the device number (`st_rdev`, the kernel's encoding);
+    /// 0 otherwise. Since format 2.
+    pub rdev: u32,
+}
+
+/// [`InodeRec`] as format 1 stored it (no `rdev`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InodeRecV1 {
+    /// As [`InodeRec::kind`].
+    pub kind: FileKind,
+    /// As [`InodeRec::perm`].
+    pub perm: u16,
+    /// As [`InodeRec::uid`].
+    pub uid: u32,
+    /// As [`InodeRec::gid`].
+    pub gid: u32,
+    /// As [`InodeRec::nlink`].
+    pub nlink: u32,
+    /// As [`InodeRec::atime`].
+    pub atime: Timestamp,
+    /// As [`InodeRec::mtime`].
+    pub mtime: Timestamp,
+    /// As [`InodeRec::ctime`].
+    pub ctime: Timestamp,
+    /// As [`InodeRec::crtime`].
+    pub crtime: Timestamp,
+    /// As [`InodeRec::target`].
+    pub target: Vec<u8>,
+    /// As [`InodeRec::parent`].
+    pub parent: u64,
+    /// As [`InodeRec::entries`].
+    pub entries: u64,
+    /// As [`InodeRec::next_cookie`].
+    pub next_cookie: u64,
+}
+
+impl From<InodeRecV1> for InodeRec {
+    fn from(r: InodeRecV1) -> InodeRec {
+        InodeRec {
+            kind: r.kind,
+            perm: r.perm,
+            uid: r.uid,
+            gid: r.gid,
+            nlink: r.nlink,
+            atime: r.atime,
+            mtime: r.mtime,
+            ctime: r.ctime,
+            crtime: r.crtime,
+            target: r.target,
+            parent: r.parent,
+            entries: r.entries,
+            next_cookie: r.next_cookie,
+            rdev: 0,
+        }
+    }
+}
+
+/// Migrate a store of format `from` to [`FORMAT_VERSION`]: every inode
+/// record is rewritten in the new layout and the format mark set, in one
+/// transaction (a crash leaves the old store or the new one), then
+/// flushed. Inode numbers, entries, cookies, xattrs and content files do
+/// not change.
+pub fn migrate(
+    db: &sled::Db,
+    inodes: &sled::Tree,
+    meta: &sled::Tree,
+    from: u64,
+) -> Result<(), String> {
+    use sled::Transactional;
+    if from != 1 {
+        return Err(format!("no migration from format {from}"));
+    }
+    let mut recs = Vec::new();
+    for item in inodes.iter() {
+        let (k, v) = item.map_err(|e| format!("reading inodes: {e}"))?;
+        let old: InodeRecV1 = decode(&v)
+            .map_err(|e| format!("record of inode {:?} cannot be decoded: {e}", be_u64(&k)))?;
+        recs.push((k, encode(&InodeRec::from(old))));
+    }
+    let n = recs.len();
+    (inodes, meta)
+        .transaction(|(inodes, meta)| {
+            for (k, v) in &recs {
+                inodes.insert(k, v.as_slice())?;
+            }
+            meta.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+            Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+        })
+        .map_err(|e| format!("rewriting the inode records: {e:?}"))?;
+    db.flush().map_err(|e| format!("flushing: {e}"))?;
+    tracing::info!(inodes = n, from, to = FORMAT_VERSION, "migrated the store");
+    Ok(())
 }
 
 impl InodeRec {
@@ -85,6 +181,7 @@ impl InodeRec {
             parent: 0,
             entries: 0,
             next_cookie: FIRST_ENTRY_COOKIE,
+            rdev: 0,
         }
     }
 

@@ -52,7 +52,7 @@ fn errno<T: std::fmt::Debug>(r: Result<T, FsError>) -> i32 {
 }
 
 fn file(s: &Store, parent: Ino, name: &str) -> Ino {
-    s.mknod(parent, &n(name), FileKind::File, 0o644, ME)
+    s.mknod(parent, &n(name), FileKind::File, 0o644, 0, ME)
         .expect("make file")
         .ino
 }
@@ -143,7 +143,7 @@ fn names_are_checked() {
     s.mkdir(ROOT, &ok, 0o755, ME).expect("255 bytes");
     let odd = Name(vec![0xff, 0xfe]);
     let f = s
-        .mknod(ROOT, &odd, FileKind::Fifo, 0o644, ME)
+        .mknod(ROOT, &odd, FileKind::Fifo, 0o644, 0, ME)
         .expect("non-UTF-8");
     assert_eq!(s.lookup(ROOT, &odd).expect("lookup").ino, f.ino);
 }
@@ -161,6 +161,7 @@ fn link_counts_and_refuses_directories() {
     assert_eq!(nlink(&s, f), 1);
     assert!(content_exists(&d, f));
     s.unlink(a, &n("g")).expect("unlink");
+    s.settle();
     assert!(!content_exists(&d, f), "last link frees the content");
 }
 
@@ -174,6 +175,7 @@ fn rename_replaces_files_and_frees_the_old_one() {
     assert_eq!(s.lookup(ROOT, &n("g")).expect("lookup").ino, f);
     assert_eq!(errno(s.lookup(ROOT, &n("f"))), libc::ENOENT);
     assert_eq!(errno(s.getattr(g)), libc::ENOENT);
+    s.settle();
     assert!(!content_exists(&d, g));
     assert_eq!(names_in(&s, ROOT), vec!["g"]);
 }
@@ -389,6 +391,7 @@ fn unlinked_open_file_lives_until_its_last_release() {
     assert!(s.getattr(ino).is_ok(), "still open once");
     s.release(o2.opened.handle).expect("release");
     assert_eq!(errno(s.getattr(ino)), libc::ENOENT);
+    s.settle();
     assert!(!content_exists(&d, ino));
     s.release(o2.opened.handle)
         .expect("a second release is harmless");
@@ -429,6 +432,7 @@ fn orphans_of_a_gone_mount_are_freed_by_a_fresh_mount() {
         "only the one nobody holds"
     );
     assert_eq!(errno(s.getattr(ino)), libc::ENOENT);
+    s.settle();
     assert!(!content_exists(&dir_, ino));
     assert!(s.getattr(held.opened.attr.ino).is_ok());
 }
@@ -695,7 +699,7 @@ fn files_made_from_spares_look_new_and_unused_spares_go_at_stop() {
         .create(ROOT, &n("c"), 0o600, libc::O_RDWR | libc::O_CREAT, ME, CONN)
         .expect("create");
     let m = s
-        .mknod(ROOT, &n("m"), FileKind::File, 0o644, ME)
+        .mknod(ROOT, &n("m"), FileKind::File, 0o644, 0, ME)
         .expect("mknod");
     for a in [o.opened.attr, m] {
         assert_eq!((a.size, a.nlink, a.kind), (0, 1, FileKind::File));
@@ -733,7 +737,7 @@ fn setgid_directories_pass_on_their_group() {
     let sub = s.mkdir(d, &n("sub"), 0o755, ME).expect("mkdir");
     assert_eq!((sub.gid, sub.perm), (50, 0o2755));
     let f = s
-        .mknod(d, &n("f"), FileKind::File, 0o644, ME)
+        .mknod(d, &n("f"), FileKind::File, 0o644, 0, ME)
         .expect("file");
     assert_eq!((f.gid, f.perm), (50, 0o644));
     let plain = s.mkdir(ROOT, &n("plain"), 0o755, ME).expect("mkdir");
@@ -758,11 +762,11 @@ fn symlinks_and_special_nodes() {
         .expect("a 4095-byte target");
     assert_eq!(s.readlink(max.ino).expect("readlink").len(), 4095);
     let fifo = s
-        .mknod(ROOT, &n("p"), FileKind::Fifo, 0o600, ME)
+        .mknod(ROOT, &n("p"), FileKind::Fifo, 0o600, 0, ME)
         .expect("fifo");
     assert_eq!(fifo.kind, FileKind::Fifo);
     assert_eq!(
-        errno(s.mknod(ROOT, &n("d"), FileKind::Directory, 0o755, ME)),
+        errno(s.mknod(ROOT, &n("d"), FileKind::Directory, 0o755, 0, ME)),
         libc::EINVAL
     );
     let c = s.counts().expect("counts");
@@ -797,6 +801,7 @@ fn xattrs_follow_setxattr_flags() {
     assert_eq!(errno(s.removexattr(f, &k)), libc::ENODATA);
     assert_eq!(errno(s.getxattr(Ino(999), &k)), libc::ENOENT);
     s.unlink(ROOT, &n("f")).expect("unlink");
+    s.settle();
     assert!(s.xattrs.scan_prefix(records::ino_key(f.0)).next().is_none());
 }
 
@@ -818,7 +823,7 @@ fn lookup_of_dot_names_any_inode_itself() {
     let (_d, s) = fresh();
     let d = dir(&s, ROOT, "d");
     let f = s
-        .mknod(d, &n("p"), FileKind::Fifo, 0o644, ME)
+        .mknod(d, &n("p"), FileKind::Fifo, 0o644, 0, ME)
         .expect("mknod")
         .ino;
     assert_eq!(s.lookup(f, &n(".")).expect("lookup . of a fifo").ino, f);
