@@ -18,9 +18,21 @@ use crate::types::*;
 #[tarpc::service]
 pub trait Filesystem {
     /// Say who this mount is; the first call on a connection. On a
-    /// reconnect, `held` lists every handle mountd still holds (empty for
-    /// a fresh mount): syncd's open counts become exactly these.
-    async fn register_mount(info: MountInfo, held: Vec<HeldHandle>) -> Result<(), FsError>;
+    /// reconnect, `held` lists every handle mountd still holds and
+    /// `referenced` every inode the kernel still references (its lookup
+    /// count is above zero); both are empty for a fresh mount. syncd's
+    /// open counts and kernel references of unlinked inodes become exactly
+    /// these.
+    async fn register_mount(
+        info: MountInfo,
+        held: Vec<HeldHandle>,
+        referenced: Vec<Ino>,
+    ) -> Result<(), FsError>;
+    /// The kernel no longer references `inos` (their lookup counts reached
+    /// zero, `FUSE_FORGET`): an unlinked inode among them that is not open
+    /// is freed. Inodes syncd holds no reference of for this mount are
+    /// ignored, so a forget may be sent late or twice.
+    async fn forget(inos: Vec<Ino>) -> Result<(), FsError>;
     /// Look `name` up in directory `parent`.
     async fn lookup(parent: Ino, name: Name) -> Result<Attr, FsError>;
     /// Attributes of an inode.

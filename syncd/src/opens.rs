@@ -40,6 +40,33 @@
 //! that finishes on one of them afterwards is refused instead of adding a
 //! handle nobody will release.
 //!
+//! # Kernel references
+//!
+//! The kernel also holds inodes without opening them: every entry it was
+//! given (a lookup, a create, a readdirplus entry) counts until it sends
+//! `forget`, and while it counts the kernel may open the inode by number,
+//! or `fstat` it through an `O_PATH` descriptor or a working directory. A
+//! local disk keeps an unlinked inode for as long as it is referenced this
+//! way, so an `open` racing an `unlink` gets the (now unlinked) file and
+//! `fstat` its attributes with `nlink` 0. keibi does the same: mountd
+//! mirrors the kernel's lookup counts and tells syncd when one reaches
+//! zero (`forget`), and this table keeps, per connection like handles, the
+//! *kernel references* of unlinked inodes ([`OpenTable::reference`]).
+//!
+//! The rule is: a non-directory whose link count reaches 0 through a
+//! removal made on a connection of a registered mount is referenced by that
+//! mount's kernel. This is exact, not a guess: the kernel removes a name
+//! only through a dentry that holds the inode, so at that moment its
+//! lookup count is at least one, and after it no name leads to the inode
+//! any more. The reference ends when mountd's `forget` for the inode
+//! arrives on the connection that holds it, when the connection ends
+//! without a mount, or when the mount registers again (a reconnect lists
+//! the inodes the kernel still references, like the handles it holds; a
+//! fresh mount references nothing). An inode with neither handles nor
+//! references is freed if it is an orphan. Removed directories are not
+//! kept (mountd answers `fstat` of one from its own cache, see
+//! `docs/architecture.md`).
+//!
 //! This table is plain data; the store wraps it in a mutex (see the lock
 //! order in `store/mod.rs`).
 
@@ -97,11 +124,15 @@ struct Conn {
     mount: Option<MountKey>,
 }
 
-/// Open handles by id, open counts by inode, and connections.
+/// Open handles by id, open counts by inode, kernel references of
+/// unlinked inodes, and connections.
 #[derive(Debug, Default)]
 pub struct OpenTable {
     handles: HashMap<HandleId, (Ino, ConnId)>,
     counts: HashMap<Ino, u32>,
+    /// Unlinked inodes a mount's kernel still references, with the
+    /// connections (one per mount) that hold the references.
+    refs: HashMap<Ino, Vec<ConnId>>,
     conns: HashMap<ConnId, Conn>,
 }
 
@@ -116,6 +147,12 @@ pub struct Settled {
     pub dropped: usize,
     /// Inodes left without any handle by the drop.
     pub closed: Vec<Ino>,
+    /// Kernel references of earlier connections of the mount that mountd
+    /// still reports (moved to the new connection or added).
+    pub refs_kept: usize,
+    /// Kernel references of earlier connections that mountd no longer
+    /// reports, dropped.
+    pub refs_dropped: usize,
 }
 
 impl OpenTable {
@@ -169,24 +206,31 @@ impl OpenTable {
         let closed = if parks {
             Vec::new()
         } else {
-            self.drop_handles(&mine)
+            let mut closed = self.drop_handles(&mine);
+            closed.extend(self.drop_refs(|c| c == conn));
+            closed.sort_unstable();
+            closed.dedup();
+            closed.retain(|i| !self.held(*i));
+            closed
         };
         self.forget_conn_if_done(conn);
         (mine.len(), closed)
     }
 
-    /// The mount `key` registered on `conn`: settle the handles of its
-    /// earlier connections (see the module doc). With `fresh`, every
-    /// handle of an earlier connection of the same mountpoint is dropped;
-    /// otherwise `held` lists the handles mountd still holds (and their
-    /// inodes), which are kept on `conn`, and the mount's other handles
-    /// are dropped.
+    /// The mount `key` registered on `conn`: settle the handles and kernel
+    /// references of its earlier connections (see the module doc). With
+    /// `fresh`, every handle and reference of an earlier connection of the
+    /// same mountpoint is dropped; otherwise `held` lists the handles
+    /// mountd still holds (and their inodes), and `referenced` the
+    /// unlinked inodes its kernel still references, which are kept on
+    /// `conn`, and the mount's other handles and references are dropped.
     pub fn register(
         &mut self,
         conn: ConnId,
         key: MountKey,
         fresh: bool,
         held: &[(HandleId, Ino)],
+        referenced: &[Ino],
     ) -> Settled {
         let same_mount =
             |m: &MountKey| m.mountpoint == key.mountpoint && (fresh || m.pid == key.pid);
@@ -222,6 +266,23 @@ impl OpenTable {
             .collect();
         settled.dropped = gone.len();
         settled.closed = self.drop_handles(&gone);
+        if !fresh {
+            for ino in referenced {
+                let holders = self.refs.entry(*ino).or_default();
+                holders.retain(|c| !earlier.contains(c));
+                if !holders.contains(&conn) {
+                    holders.push(conn);
+                }
+                settled.refs_kept += 1;
+            }
+        }
+        let before: usize = self.refs.values().map(Vec::len).sum();
+        let unreferenced = self.drop_refs(|c| earlier.contains(&c));
+        settled.refs_dropped = before - self.refs.values().map(Vec::len).sum::<usize>();
+        settled.closed.extend(unreferenced);
+        settled.closed.sort_unstable();
+        settled.closed.dedup();
+        settled.closed.retain(|i| !self.held(*i));
         for c in earlier {
             self.forget_conn_if_done(c);
         }
@@ -234,6 +295,55 @@ impl OpenTable {
     /// How many handles `ino` has.
     pub fn count(&self, ino: Ino) -> u32 {
         self.counts.get(&ino).copied().unwrap_or(0)
+    }
+
+    /// Whether a removal made on `conn` leaves its inode referenced by the
+    /// kernel: `conn` is live and a mount registered on it.
+    pub fn can_reference(&self, conn: Option<ConnId>) -> bool {
+        conn.and_then(|c| self.conns.get(&c))
+            .is_some_and(|c| c.live && c.mount.is_some())
+    }
+
+    /// The kernel of the mount on `conn` references unlinked `ino` (its
+    /// last name was removed through `conn`; see the module doc). Call
+    /// only when [`OpenTable::can_reference`] said so.
+    pub fn reference(&mut self, ino: Ino, conn: ConnId) {
+        let holders = self.refs.entry(ino).or_default();
+        if !holders.contains(&conn) {
+            holders.push(conn);
+        }
+    }
+
+    /// mountd on `conn` says its kernel no longer references `ino`. Returns
+    /// true when that ended the reference and `ino` is now neither open
+    /// nor referenced (free it if it is an orphan).
+    pub fn forget(&mut self, ino: Ino, conn: ConnId) -> bool {
+        let Some(holders) = self.refs.get_mut(&ino) else {
+            return false;
+        };
+        let before = holders.len();
+        holders.retain(|c| *c != conn);
+        if holders.len() == before {
+            return false;
+        }
+        if holders.is_empty() {
+            self.refs.remove(&ino);
+        }
+        let done = !self.held(ino);
+        self.forget_conn_if_done(conn);
+        done
+    }
+
+    /// Whether `ino` is open or referenced by a kernel: an orphan in that
+    /// state must be kept.
+    pub fn held(&self, ino: Ino) -> bool {
+        self.count(ino) > 0 || self.refs.contains_key(&ino)
+    }
+
+    /// How many unlinked inodes the kernels of connected mounts reference.
+    #[cfg(test)]
+    pub fn kernel_refs(&self) -> usize {
+        self.refs.len()
     }
 
     /// How many handles `conn` has.
@@ -260,10 +370,29 @@ impl OpenTable {
         closed
     }
 
-    /// Drop the record of a connection that ended and has no handle left.
+    /// Drop the kernel references held by the connections `pick` picks;
+    /// returns the inodes left neither referenced nor open.
+    fn drop_refs(&mut self, pick: impl Fn(ConnId) -> bool) -> Vec<Ino> {
+        let mut unheld = Vec::new();
+        self.refs.retain(|ino, holders| {
+            holders.retain(|c| !pick(*c));
+            if holders.is_empty() {
+                unheld.push(*ino);
+                false
+            } else {
+                true
+            }
+        });
+        unheld.retain(|i| self.count(*i) == 0);
+        unheld
+    }
+
+    /// Drop the record of a connection that ended and has no handle or
+    /// kernel reference left.
     fn forget_conn_if_done(&mut self, conn: ConnId) {
         if self.conns.get(&conn).is_some_and(|c| !c.live)
             && !self.handles.values().any(|(_, c)| *c == conn)
+            && !self.refs.values().any(|h| h.contains(&conn))
         {
             self.conns.remove(&conn);
         }
@@ -321,7 +450,7 @@ mod tests {
         let mut t = OpenTable::default();
         let (old, new) = (ConnId(1), ConnId(2));
         t.connect(old);
-        t.register(old, key(7), true, &[]);
+        t.register(old, key(7), true, &[], &[]);
         for h in 1..=4 {
             assert!(t.add(HandleId(h), Ino(10 + h % 2), old));
         }
@@ -341,6 +470,7 @@ mod tests {
                 (HandleId(3), Ino(11)),
                 (HandleId(5), Ino(12)),
             ],
+            &[],
         );
         assert_eq!((s.kept, s.dropped, s.closed), (3, 2, vec![Ino(10)]));
         assert_eq!(t.count(Ino(10)), 0);
@@ -356,11 +486,11 @@ mod tests {
         let mut t = OpenTable::default();
         let (old, new) = (ConnId(1), ConnId(2));
         t.connect(old);
-        t.register(old, key(7), true, &[]);
+        t.register(old, key(7), true, &[], &[]);
         assert!(t.add(HandleId(1), Ino(5), old));
         // mountd reconnected before syncd noticed the old connection end.
         t.connect(new);
-        let s = t.register(new, key(7), false, &[]);
+        let s = t.register(new, key(7), false, &[], &[]);
         assert_eq!(s.closed, vec![Ino(5)]);
         assert!(
             !t.add(HandleId(2), Ino(5), old),
@@ -376,7 +506,7 @@ mod tests {
         let mut t = OpenTable::default();
         let (dead, other, fresh) = (ConnId(1), ConnId(2), ConnId(3));
         t.connect(dead);
-        t.register(dead, key(7), true, &[]);
+        t.register(dead, key(7), true, &[], &[]);
         t.connect(other);
         t.register(
             other,
@@ -386,14 +516,67 @@ mod tests {
             },
             true,
             &[],
+            &[],
         );
         assert!(t.add(HandleId(1), Ino(5), dead));
         assert!(t.add(HandleId(2), Ino(5), other));
         t.disconnect(dead);
         t.connect(fresh);
-        let s = t.register(fresh, key(9), true, &[(HandleId(1), Ino(5))]);
+        let s = t.register(fresh, key(9), true, &[(HandleId(1), Ino(5))], &[]);
         assert_eq!((s.kept, s.dropped), (0, 1), "a fresh mount holds nothing");
         assert_eq!(t.count(Ino(5)), 1, "the other mount's handle stays");
+    }
+
+    #[test]
+    fn kernel_references_follow_forget_and_registration() {
+        let mut t = OpenTable::default();
+        let (old, new, bare) = (ConnId(1), ConnId(2), ConnId(3));
+        t.connect(bare);
+        assert!(!t.can_reference(Some(bare)), "no mount registered");
+        assert!(!t.can_reference(None));
+        t.connect(old);
+        t.register(old, key(7), true, &[], &[]);
+        assert!(t.can_reference(Some(old)));
+        for i in [5, 6, 7] {
+            t.reference(Ino(i), old);
+        }
+        assert!(t.add(HandleId(1), Ino(6), old));
+        assert!(t.held(Ino(5)));
+        // A forget on another connection is not this mount's.
+        assert!(!t.forget(Ino(5), bare));
+        assert!(t.forget(Ino(5), old), "referenced no more, not open");
+        assert!(!t.held(Ino(5)));
+        assert!(!t.forget(Ino(5), old), "forgotten twice");
+        assert!(!t.forget(Ino(6), old), "still open");
+        assert!(t.held(Ino(6)));
+        // The connection drops: references are parked with the handles.
+        t.disconnect(old);
+        assert!(t.held(Ino(7)));
+        // The reconnect reports 7 (and 9, after a syncd restart) as still
+        // referenced; 6 only as open.
+        t.connect(new);
+        let s = t.register(
+            new,
+            key(7),
+            false,
+            &[(HandleId(1), Ino(6))],
+            &[Ino(7), Ino(9)],
+        );
+        assert_eq!((s.refs_kept, s.refs_dropped), (2, 1));
+        assert!(s.closed.is_empty(), "6 is open, 7 and 9 referenced");
+        assert!(t.held(Ino(9)));
+        assert!(t.forget(Ino(7), new));
+        // A fresh mount of the mountpoint drops what is left.
+        let fresh = ConnId(4);
+        t.connect(fresh);
+        t.disconnect(new);
+        let s = t.register(fresh, key(8), true, &[], &[]);
+        assert_eq!(s.closed, vec![Ino(6), Ino(9)]);
+        assert!(!t.held(Ino(9)) && !t.held(Ino(6)));
+        assert_eq!(t.kernel_refs(), 0);
+        // A connection without a mount keeps nothing when it ends.
+        t.reference(Ino(11), bare);
+        assert_eq!(t.disconnect(bare), (0, vec![Ino(11)]));
     }
 
     #[test]

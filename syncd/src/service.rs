@@ -179,6 +179,7 @@ impl Filesystem for FsServer {
         _: Context,
         info: MountInfo,
         held: Vec<HeldHandle>,
+        referenced: Vec<Ino>,
     ) -> Result<(), FsError> {
         tracing::info!(
             conn = self.conn.0,
@@ -187,6 +188,7 @@ impl Filesystem for FsServer {
             passthrough = info.passthrough,
             reconnect = info.reconnect,
             held = held.len(),
+            referenced = referenced.len(),
             "mount registered"
         );
         let fresh = !info.reconnect;
@@ -198,17 +200,24 @@ impl Filesystem for FsServer {
         let held: Vec<(HandleId, Ino)> = held.iter().map(|h| (h.handle, h.ino)).collect();
         let (settled, freed) = self
             .run("register_mount", String::new(), move |s| {
-                s.register_mount(conn, key, fresh, &held)
+                s.register_mount(conn, key, fresh, &held, &referenced)
             })
             .await?;
         self.daemon.mounts.register(self.conn, info);
-        if settled.kept > 0 || settled.dropped > 0 || freed > 0 {
+        if settled.kept > 0
+            || settled.dropped > 0
+            || settled.refs_kept > 0
+            || settled.refs_dropped > 0
+            || freed > 0
+        {
             tracing::info!(
                 conn = conn.0,
                 kept = settled.kept,
                 dropped = settled.dropped,
+                refs_kept = settled.refs_kept,
+                refs_dropped = settled.refs_dropped,
                 freed,
-                "settled the handles of the mount's earlier connections; freed unlinked files nobody holds"
+                "settled the handles and kernel references of the mount's earlier connections; freed unlinked files nobody holds"
             );
         }
         Ok(())
@@ -305,7 +314,8 @@ impl Filesystem for FsServer {
 
     async fn unlink(self, _: Context, parent: Ino, name: Name) -> Result<(), FsError> {
         let d = detail!("{parent} {name:?}");
-        self.run("unlink", d, move |s| s.unlink(parent, &name))
+        let conn = self.conn;
+        self.run("unlink", d, move |s| s.unlink_by(Some(conn), parent, &name))
             .await
     }
 
@@ -324,8 +334,9 @@ impl Filesystem for FsServer {
         flags: RenameFlags,
     ) -> Result<(), FsError> {
         let d = detail!("{parent} {name:?} to {new_parent} {new_name:?} {flags:?}");
+        let conn = self.conn;
         self.run("rename", d, move |s| {
-            s.rename(parent, &name, new_parent, &new_name, flags)
+            s.rename_by(Some(conn), parent, &name, new_parent, &new_name, flags)
         })
         .await
     }
@@ -363,6 +374,18 @@ impl Filesystem for FsServer {
     async fn release(self, _: Context, handle: HandleId) -> Result<(), FsError> {
         self.run("release", detail!("{handle}"), move |s| s.release(handle))
             .await
+    }
+
+    async fn forget(self, _: Context, inos: Vec<Ino>) -> Result<(), FsError> {
+        let d = detail!("{} inodes", inos.len());
+        let conn = self.conn;
+        let freed = self
+            .run("forget", d, move |s| s.forget(conn, &inos))
+            .await?;
+        if freed > 0 {
+            tracing::debug!(conn = conn.0, freed, "forget freed unlinked inodes");
+        }
+        Ok(())
     }
 
     async fn fsync(self, _: Context, ino: Ino, datasync: bool) -> Result<(), FsError> {

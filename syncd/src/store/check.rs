@@ -414,7 +414,7 @@ impl Store {
         let open: HashSet<u64> = inodes
             .keys()
             .copied()
-            .filter(|&i| opens.count(Ino(i)) > 0)
+            .filter(|&i| opens.held(Ino(i)))
             .collect();
         drop(opens);
         for (&ino, rec) in &inodes {
@@ -572,12 +572,13 @@ impl Store {
             return;
         }
         if open {
-            // Unlinked and open: an orphan, as it should be.
+            // Unlinked and open, or referenced by a mount's kernel: an
+            // orphan, as it should be.
             if !orphan_mark {
                 out.push(raw(
                     CheckKind::OrphanMark,
                     Some(ino),
-                    format!("{id} is open with no name but has no orphan mark"),
+                    format!("{id} is open (or in use by the kernel) with no name but has no orphan mark"),
                     Fix::MarkOrphan(ino, true),
                 ));
             }
@@ -588,7 +589,7 @@ impl Store {
             Some(ino),
             if rec.nlink == 0 {
                 format!(
-                    "{id} is unlinked and has no open handle here (freed by the next fresh mount)"
+                    "{id} is unlinked and neither open nor in use by a mount's kernel (freed by the next registration of a mount)"
                 )
             } else {
                 format!("{id} has link count {} but no entry names it", rec.nlink)

@@ -6,15 +6,20 @@
 //! directory's `parent` names the directory holding it; the parents of a
 //! changed entry get new mtime and ctime, the inode whose links changed a
 //! new ctime. An inode whose last link goes is freed in the same
-//! transaction, unless it is a regular file that is open: then it becomes
-//! an orphan (see [`super::files`]). Content files and extended attributes
-//! of freed inodes are removed after the commit ([`Store::purge`]).
+//! transaction, unless it is a non-directory that is open or that the
+//! kernel of the mount that removed it still references: then it becomes
+//! an orphan (see [`super::files`] and [`crate::opens`]). Content files and
+//! extended attributes of freed inodes are removed after the commit
+//! ([`Store::purge`]).
+//!
+//! `unlink` and `rename` take the connection the removal came on (`None`
+//! for callers that are no mount, whose removals free at once).
 
 use super::Store;
 use super::names;
 use super::records::InodeRec;
 use super::tx::{Records, Tx, TxResult, fail};
-use crate::opens::OpenTable;
+use crate::opens::{ConnId, OpenTable};
 use ipc_schema::{Attr, Caller, FileKind, FsError, Ino, Name, RenameFlags, Timestamp, fs_err};
 
 /// Longest symlink target accepted (`PATH_MAX` without its NUL).
@@ -22,6 +27,29 @@ const MAX_TARGET: usize = 4095;
 
 /// What an operation freed, to purge after the commit.
 type Freed = Option<(u64, FileKind)>;
+
+/// What dropping a link did to the inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dropped {
+    /// It still has links.
+    Linked,
+    /// It became an orphan that the removing mount's kernel references
+    /// (record it in the open table after the commit).
+    Referenced(u64),
+    /// It became an orphan kept by open handles alone.
+    Open,
+    /// It was freed (purge after the commit).
+    Freed(u64, FileKind),
+}
+
+impl Dropped {
+    fn freed(self) -> Freed {
+        match self {
+            Dropped::Freed(ino, kind) => Some((ino, kind)),
+            _ => None,
+        }
+    }
+}
 
 /// The record of a new inode of `kind` made by `caller` in directory `dir`:
 /// owned by the caller; in a set-group-ID directory it takes the
@@ -51,28 +79,48 @@ fn touch(dir: &mut InodeRec, now: Timestamp) {
     dir.ctime = now;
 }
 
-/// Drop one link of `ino` (record in `recs`); free it when none is left,
-/// unless it is an open regular file, which becomes an orphan.
+/// Drop one link of `ino` (record in `recs`), removed through connection
+/// `by`; free it when none is left, unless it is open or the kernel of
+/// `by`'s mount references it (see [`crate::opens`]): then it becomes an
+/// orphan. Directories never come here.
 fn drop_link(
     t: &Tx<'_>,
     recs: &mut Records<'_, '_>,
     opens: &OpenTable,
+    by: Option<ConnId>,
     ino: u64,
     now: Timestamp,
-) -> TxResult<Freed> {
+) -> TxResult<Dropped> {
     let rec = recs.get(ino)?;
     rec.nlink = rec.nlink.saturating_sub(1);
     rec.ctime = now;
     if rec.nlink > 0 {
-        return Ok(None);
+        return Ok(Dropped::Linked);
     }
     let kind = rec.kind;
-    if kind == FileKind::File && opens.count(Ino(ino)) > 0 {
+    if opens.can_reference(by) {
         t.mark_orphan(ino)?;
-        return Ok(None);
+        return Ok(Dropped::Referenced(ino));
+    }
+    if opens.count(Ino(ino)) > 0 {
+        t.mark_orphan(ino)?;
+        return Ok(Dropped::Open);
     }
     recs.delete(ino);
-    Ok(Some((ino, kind)))
+    Ok(Dropped::Freed(ino, kind))
+}
+
+/// After the commit of a removal, with the open table still locked:
+/// record the kernel reference of an inode it left referenced.
+fn note_dropped(
+    opens: &mut OpenTable,
+    by: Option<ConnId>,
+    dropped: Result<Dropped, FsError>,
+) -> Result<Dropped, FsError> {
+    if let (Ok(Dropped::Referenced(ino)), Some(conn)) = (&dropped, by) {
+        opens.reference(Ino(*ino), conn);
+    }
+    dropped
 }
 
 impl Store {
@@ -243,12 +291,19 @@ impl Store {
     }
 
     /// Remove the non-directory entry `name` of `parent` (EISDIR for a
-    /// directory).
+    /// directory), not on behalf of any mount.
+    #[cfg(test)]
     pub fn unlink(&self, parent: Ino, name: &Name) -> Result<(), FsError> {
+        self.unlink_by(None, parent, name)
+    }
+
+    /// Remove the non-directory entry `name` of `parent` (EISDIR for a
+    /// directory) for the mount on connection `by`.
+    pub fn unlink_by(&self, by: Option<ConnId>, parent: Ino, name: &Name) -> Result<(), FsError> {
         names::validate(name)?;
         let now = Timestamp::now();
-        let opens = self.lock_opens();
-        let freed = self.tx(|t| {
+        let mut opens = self.lock_opens();
+        let dropped = self.tx(|t| {
             let mut recs = Records::new(t);
             let d = match t.entry(parent.0, name.as_bytes())? {
                 Some(d) => d,
@@ -263,12 +318,13 @@ impl Store {
             let dir = recs.get(parent.0)?;
             t.remove_entry(parent.0, dir, name.as_bytes(), &d)?;
             touch(dir, now);
-            let freed = drop_link(t, &mut recs, &opens, d.ino, now)?;
+            let dropped = drop_link(t, &mut recs, &opens, by, d.ino, now)?;
             recs.commit()?;
-            Ok(freed)
+            Ok(dropped)
         });
+        let dropped = note_dropped(&mut opens, by, dropped);
         drop(opens);
-        if let Some((ino, kind)) = freed? {
+        if let Some((ino, kind)) = dropped?.freed() {
             self.purge(ino, kind);
         }
         Ok(())
@@ -313,9 +369,24 @@ impl Store {
     /// EISDIR/ENOTDIR when the kinds do not fit, ENOTEMPTY for a full
     /// target directory, EEXIST with `noreplace`, a swap with `exchange`,
     /// EINVAL for moving a directory into its own subtree. Two names of one
-    /// inode: nothing happens.
+    /// inode: nothing happens. Not on behalf of any mount.
+    #[cfg(test)]
     pub fn rename(
         &self,
+        parent: Ino,
+        name: &Name,
+        new_parent: Ino,
+        new_name: &Name,
+        flags: RenameFlags,
+    ) -> Result<(), FsError> {
+        self.rename_by(None, parent, name, new_parent, new_name, flags)
+    }
+
+    /// [`Store::rename`] for the mount on connection `by` (a file replaced
+    /// by the rename stays while its kernel references it).
+    pub fn rename_by(
+        &self,
+        by: Option<ConnId>,
         parent: Ino,
         name: &Name,
         new_parent: Ino,
@@ -331,11 +402,11 @@ impl Store {
             ));
         }
         let now = Timestamp::now();
-        let opens = self.lock_opens();
-        let freed = self.tx(|t| {
+        let mut opens = self.lock_opens();
+        let dropped = self.tx(|t| {
             self.rename_tx(
                 t,
-                &opens,
+                (&opens, by),
                 parent.0,
                 name,
                 new_parent.0,
@@ -344,8 +415,9 @@ impl Store {
                 now,
             )
         });
+        let dropped = note_dropped(&mut opens, by, dropped);
         drop(opens);
-        if let Some((ino, kind)) = freed? {
+        if let Some((ino, kind)) = dropped?.freed() {
             self.purge(ino, kind);
         }
         Ok(())
@@ -355,14 +427,14 @@ impl Store {
     fn rename_tx(
         &self,
         t: &Tx<'_>,
-        opens: &OpenTable,
+        (opens, by): (&OpenTable, Option<ConnId>),
         p: u64,
         name: &Name,
         np: u64,
         new_name: &Name,
         flags: RenameFlags,
         now: Timestamp,
-    ) -> TxResult<Freed> {
+    ) -> TxResult<Dropped> {
         let (n, nn) = (name.as_bytes(), new_name.as_bytes());
         t.need_dir(p)?;
         t.need_dir(np)?;
@@ -406,10 +478,10 @@ impl Store {
         if dst.is_some_and(|d| d.ino == src.ino) {
             // The same entry, or two links of one inode: rename(2) does
             // nothing and succeeds.
-            return Ok(None);
+            return Ok(Dropped::Linked);
         }
         let mut recs = Records::new(t);
-        let mut freed = None;
+        let mut dropped = Dropped::Linked;
 
         if let (true, Some(dst)) = (flags.exchange, dst) {
             let dst_dir = dst.kind == FileKind::Directory;
@@ -472,9 +544,9 @@ impl Store {
                     }
                     recs.delete(dst.ino);
                     dec_nlink(recs.get(np)?);
-                    freed = Some((dst.ino, FileKind::Directory));
+                    dropped = Dropped::Freed(dst.ino, FileKind::Directory);
                 } else {
-                    freed = drop_link(t, &mut recs, opens, dst.ino, now)?;
+                    dropped = drop_link(t, &mut recs, opens, by, dst.ino, now)?;
                 }
             }
             let dir = recs.get(p)?;
@@ -491,6 +563,6 @@ impl Store {
         touch(recs.get(p)?, now);
         touch(recs.get(np)?, now);
         recs.commit()?;
-        Ok(freed)
+        Ok(dropped)
     }
 }

@@ -18,17 +18,22 @@
 //! `fstat` of the descriptor gives both the attributes and the
 //! `ContentId`, and a `release` writes nothing unless it frees an orphan.
 //!
-//! An orphan (link count 0, still open) keeps its record, its content file
-//! and an `orphans` mark. The last `release` frees it. Handles of a
-//! connection that ended are parked until its mount registers again
-//! ([`Store::register_mount`]), which settles them against the list of
-//! handles mountd still holds and frees every orphan nobody has open.
+//! An orphan (link count 0, still open or still referenced by the kernel
+//! of the mount that removed it, see [`crate::opens`]) keeps its record,
+//! its content file and an `orphans` mark; it can still be opened by
+//! number and answers `getattr` with `nlink` 0, as on a local disk. The
+//! last `release` or mountd's `forget` ([`Store::forget`]), whichever
+//! comes last, frees it. Handles and kernel references of a connection
+//! that ended are parked until its mount registers again
+//! ([`Store::register_mount`]), which settles them against the lists of
+//! handles mountd still holds and inodes its kernel still references, and
+//! frees every orphan nobody holds.
 //!
 //! Handle ids are unique across restarts: [`Store::begin_handle_epoch`]
 //! gives each syncd run its own epoch (see [`crate::opens`]).
 
 use super::entries::new_child;
-use super::records::{InodeRec, be_u64};
+use super::records::{InodeRec, be_u64, ino_key};
 use super::tx::fail;
 use super::{Store, content_err, names, store_err};
 use crate::content::ContentStat;
@@ -260,36 +265,60 @@ impl Store {
         let Some((ino, left)) = opens.remove(handle) else {
             return Ok(());
         };
-        if left > 0 {
+        if left > 0 || opens.held(ino) {
             return Ok(());
         }
         let freed = self.free_if_orphan(ino.0)?;
         drop(opens);
         // (The usual last release, of a linked file, wrote nothing.)
-        if freed {
-            self.purge(ino.0, FileKind::File);
+        if let Some(kind) = freed {
+            self.purge(ino.0, kind);
         }
         Ok(())
     }
 
-    /// Free `ino` if it is an orphan. Call with the open table locked and
-    /// the inode's count at zero; purge after unlocking.
+    /// mountd on `conn` says its kernel no longer references `inos` (their
+    /// lookup counts reached zero): end those references and free the
+    /// orphans that are now neither open nor referenced. Inodes this
+    /// connection holds no reference of are ignored (linked ones, and
+    /// ones already settled). Returns how many were freed.
+    pub fn forget(&self, conn: ConnId, inos: &[Ino]) -> Result<usize, FsError> {
+        let mut freed = Vec::new();
+        {
+            let mut opens = self.lock_opens();
+            for &ino in inos {
+                if opens.forget(ino, conn)
+                    && let Some(kind) = self.free_if_orphan(ino.0)?
+                {
+                    freed.push((ino.0, kind));
+                }
+            }
+        }
+        for &(ino, kind) in &freed {
+            self.purge(ino, kind);
+        }
+        Ok(freed.len())
+    }
+
+    /// Free `ino` if it is an orphan; returns its kind if it was freed.
+    /// Call with the open table locked and the inode neither open nor
+    /// referenced; purge after unlocking.
     ///
     /// The record is read first, outside a transaction: a linked file (the
     /// common case) needs no write at all. The read is reliable because a
     /// link count only reaches zero under the open-table lock, which the
     /// caller holds; the transaction checks again.
-    fn free_if_orphan(&self, ino: u64) -> Result<bool, FsError> {
+    fn free_if_orphan(&self, ino: u64) -> Result<Option<FileKind>, FsError> {
         match self.read_inode(ino)? {
-            Some(rec) if rec.nlink == 0 => {}
-            _ => return Ok(false),
+            Some(rec) if rec.nlink == 0 && !rec.is_dir() => {}
+            _ => return Ok(None),
         }
         self.tx(|t| match t.inode(ino)? {
-            Some(rec) if rec.nlink == 0 => {
+            Some(rec) if rec.nlink == 0 && !rec.is_dir() => {
                 t.drop_inode(ino)?;
-                Ok(true)
+                Ok(Some(rec.kind))
             }
-            _ => Ok(false),
+            _ => Ok(None),
         })
     }
 
@@ -310,19 +339,36 @@ impl Store {
         self.lock_opens().handles_of(conn)
     }
 
-    /// The mount `key` registered on `conn`: settle the handles of its
-    /// earlier connections against `held` (the handles mountd still holds,
-    /// on a reconnect; nothing for a fresh mount), then free every orphan
-    /// that has no handle. Returns what was settled and how many orphans
-    /// were freed.
+    /// The mount `key` registered on `conn`: settle the handles and kernel
+    /// references of its earlier connections against `held` (the handles
+    /// mountd still holds, on a reconnect; nothing for a fresh mount) and
+    /// `referenced` (the inodes its kernel still references; only the
+    /// orphans among them matter, the rest are left out), then free every
+    /// orphan that is neither open nor referenced. Returns what was
+    /// settled and how many orphans were freed.
     pub fn register_mount(
         &self,
         conn: ConnId,
         key: MountKey,
         fresh: bool,
         held: &[(HandleId, Ino)],
+        referenced: &[Ino],
     ) -> Result<(Settled, usize), FsError> {
-        let settled = self.lock_opens().register(conn, key, fresh, held);
+        let settled = {
+            let mut opens = self.lock_opens();
+            // Read under the lock: no link count reaches zero meanwhile.
+            let mut orphans = Vec::new();
+            for &ino in referenced {
+                let marked = self
+                    .orphans
+                    .contains_key(ino_key(ino.0))
+                    .map_err(|e| store_err("reading orphans", e))?;
+                if marked {
+                    orphans.push(ino);
+                }
+            }
+            opens.register(conn, key, fresh, held, &orphans)
+        };
         let freed = self.free_orphans()?;
         Ok((settled, freed))
     }
@@ -348,9 +394,9 @@ impl Store {
         Ok(epoch)
     }
 
-    /// Free every orphan that has no handle: nobody can reach it any more
-    /// (after a mount registered and its handles were settled). Returns
-    /// how many were freed.
+    /// Free every orphan that is neither open nor referenced by a kernel:
+    /// nobody can reach it any more (after a mount registered and its
+    /// handles and references were settled). Returns how many were freed.
     pub fn free_orphans(&self) -> Result<usize, FsError> {
         let mut freed = Vec::new();
         {
@@ -358,17 +404,19 @@ impl Store {
             for item in self.orphans.iter() {
                 let (k, _) = item.map_err(|e| store_err("listing orphans", e))?;
                 let Some(ino) = be_u64(&k) else { continue };
-                if opens.count(Ino(ino)) == 0 && self.free_if_orphan(ino)? {
-                    freed.push(ino);
+                if opens.held(Ino(ino)) {
+                    continue;
                 }
-                if opens.count(Ino(ino)) == 0 && self.read_inode(ino)?.is_none() {
+                if let Some(kind) = self.free_if_orphan(ino)? {
+                    freed.push((ino, kind));
+                } else if self.read_inode(ino)?.is_none() {
                     // A mark without its inode: drop the mark.
                     let _ = self.orphans.remove(k);
                 }
             }
         }
-        for &ino in &freed {
-            self.purge(ino, FileKind::File);
+        for &(ino, kind) in &freed {
+            self.purge(ino, kind);
         }
         Ok(freed.len())
     }
@@ -423,7 +471,7 @@ mod tests {
         let (_d, s) = store();
         let conn = ConnId(1);
         s.connect(conn);
-        s.register_mount(conn, key(1), true, &[]).expect("register");
+        s.register_mount(conn, key(1), true, &[], &[]).expect("register");
         let name = Name::from("x");
         let stop = Arc::new(AtomicBool::new(false));
         let unlinker = {
@@ -478,7 +526,7 @@ mod tests {
         let (_d, s) = store();
         let (old, new) = (ConnId(1), ConnId(2));
         s.connect(old);
-        s.register_mount(old, key(7), true, &[]).expect("register");
+        s.register_mount(old, key(7), true, &[], &[]).expect("register");
         let flags = libc::O_RDWR | libc::O_CREAT;
         let kept = s
             .create(Ino::ROOT, &Name::from("kept"), 0o644, flags, ME, old)
@@ -493,7 +541,7 @@ mod tests {
         assert!(s.getattr(li).is_ok(), "parked, not freed, at disconnect");
         s.connect(new);
         let (settled, freed) = s
-            .register_mount(new, key(7), false, &[(kept.opened.handle, ki)])
+            .register_mount(new, key(7), false, &[(kept.opened.handle, ki)], &[])
             .expect("register");
         assert_eq!((settled.kept, settled.dropped, freed), (1, 1, 1));
         assert_eq!(s.getattr(li).map_err(|e| e.errno), Err(libc::ENOENT));
