@@ -52,9 +52,17 @@
 //! would ([`AttrCache::removed`]). They are the last attributes mountd saw,
 //! so a removed file's size is the one it had when last seen.
 //!
+//! These counts also decide how long syncd keeps an unlinked inode: when
+//! one reaches zero mountd tells syncd (`forget`, queued in
+//! [`crate::releases`]), and a reconnect lists the inodes whose count is
+//! above zero ([`AttrCache::referenced_inos`]). syncd keeps a removed
+//! non-directory while the kernel references it, so for those this cache's
+//! attributes are only a fallback; for removed directories they are the
+//! answer.
+//!
 //! One `Mutex` guards everything; it is held only for map operations.
 
-use ipc_schema::Attr;
+use ipc_schema::{Attr, Ino};
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
@@ -237,24 +245,36 @@ impl AttrCache {
     }
 
     /// The kernel was given an entry for `attr.ino` (its lookup count grew
-    /// by one).
-    pub fn looked_up(&self, attr: &Attr) {
+    /// by one). Returns true if the kernel did not reference the inode
+    /// before (the count was zero).
+    pub fn looked_up(&self, attr: &Attr) -> bool {
         self.with(|m| {
             let e = m.referenced.entry(attr.ino.0).or_insert((0, *attr));
             e.0 += 1;
-        });
+            e.0 == 1
+        })
     }
 
-    /// The kernel dropped `n` lookups of `ino`.
-    pub fn forget(&self, ino: u64, n: u64) {
+    /// The kernel dropped `n` lookups of `ino`. Returns true if that
+    /// brought its count to zero (the kernel references it no more).
+    pub fn forget(&self, ino: u64, n: u64) -> bool {
         self.with(|m| {
-            if let Some(e) = m.referenced.get_mut(&ino) {
-                e.0 = e.0.saturating_sub(n);
-                if e.0 == 0 {
-                    m.referenced.remove(&ino);
-                }
+            let Some(e) = m.referenced.get_mut(&ino) else {
+                return false;
+            };
+            e.0 = e.0.saturating_sub(n);
+            if e.0 == 0 {
+                m.referenced.remove(&ino);
+                return true;
             }
-        });
+            false
+        })
+    }
+
+    /// Every inode the kernel references now (lookup count above zero),
+    /// for a reconnect's `register_mount`.
+    pub fn referenced_inos(&self) -> Vec<Ino> {
+        self.with(|m| m.referenced.keys().map(|&i| Ino(i)).collect())
     }
 
     /// The attributes to answer for `ino`, which syncd says does not exist:
@@ -309,7 +329,7 @@ impl AttrCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ipc_schema::{FileKind, Ino, Timestamp};
+    use ipc_schema::{FileKind, Timestamp};
 
     fn attr(ino: u64) -> Attr {
         Attr {
@@ -398,17 +418,20 @@ mod tests {
     #[test]
     fn removed_inodes_answer_while_the_kernel_holds_them() {
         let c = AttrCache::new(100);
-        c.looked_up(&attr(5));
-        c.looked_up(&attr(5));
+        assert!(c.looked_up(&attr(5)), "first reference");
+        assert!(!c.looked_up(&attr(5)));
+        assert_eq!(c.referenced_inos(), vec![Ino(5)]);
         assert_eq!(c.removed(5).map(|a| (a.nlink, a.size)), Some((0, 5)));
         let mut grown = attr(5);
         grown.size = 50;
         c.put_attr(c.ticket(), &grown);
         assert_eq!(c.removed(5).map(|a| a.size), Some(50));
-        c.forget(5, 1);
+        assert!(!c.forget(5, 1));
         assert!(c.removed(5).is_some(), "one lookup left");
-        c.forget(5, 1);
+        assert!(c.forget(5, 1), "the last lookup");
+        assert!(!c.forget(5, 1), "forgotten already");
         assert_eq!(c.removed(5), None);
+        assert!(c.referenced_inos().is_empty());
         assert_eq!(c.referenced(), 0);
         assert_eq!(c.removed(6), None, "never given to the kernel");
     }

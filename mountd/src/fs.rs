@@ -62,7 +62,7 @@ const UNCLAIMED_MARGIN: Duration = Duration::from_secs(1);
 /// The state behind the FUSE adapter.
 pub struct Keibi {
     client: SyncdClient,
-    cache: AttrCache,
+    cache: Arc<AttrCache>,
     handles: Arc<HandleTable>,
     /// Releases on their way to syncd.
     releases: Arc<Releases>,
@@ -129,7 +129,8 @@ impl Keibi {
         rt: tokio::runtime::Handle,
     ) -> Self {
         let handles = Arc::new(HandleTable::default());
-        client.report_handles_of(handles.clone());
+        let cache = Arc::new(cache);
+        client.report_handles_of(handles.clone(), cache.clone());
         let releases = Arc::new(Releases::default());
         rt.spawn(releases.clone().deliver(
             client.clone(),
@@ -451,13 +452,15 @@ impl Keibi {
     /// `unlink`.
     pub async fn unlink(&self, parent: u64, name: Name) -> Result<(), FsError> {
         let _change = self.change();
+        let deadline = self.deadline();
+        self.releases.crossings_settled(deadline).await;
         let ticket = self.cache.ticket();
         let n = name.clone();
         let ino = self.cache.entry_ino(parent, name.as_bytes());
         self.cache.forget_entry(parent, name.as_bytes());
         let r = self
             .client
-            .call("unlink", parent, self.deadline(), Retry::Once, |c, ctx| {
+            .call("unlink", parent, deadline, Retry::Once, |c, ctx| {
                 let n = n.clone();
                 async move { c.client.unlink(ctx, Ino(parent), n).await }
             })
@@ -494,6 +497,8 @@ impl Keibi {
         flags: RenameFlags,
     ) -> Result<(), FsError> {
         let _change = self.change();
+        let deadline = self.deadline();
+        self.releases.crossings_settled(deadline).await;
         let ticket = self.cache.ticket();
         let src = self.cache.entry_ino(parent, name.as_bytes());
         let dst = self.cache.entry_ino(new_parent, new_name.as_bytes());
@@ -501,7 +506,7 @@ impl Keibi {
         self.cache.forget_entry(new_parent, new_name.as_bytes());
         let r = self
             .client
-            .call("rename", parent, self.deadline(), Retry::Once, |c, ctx| {
+            .call("rename", parent, deadline, Retry::Once, |c, ctx| {
                 let (n, nn) = (name.clone(), new_name.clone());
                 async move {
                     c.client
@@ -1068,14 +1073,21 @@ impl Keibi {
     }
 
     /// The kernel was given an entry for `attr.ino` (its lookup count of
-    /// the inode grew by one; see [`crate::attr_cache`]).
+    /// the inode grew by one; see [`crate::attr_cache`]). A forget of the
+    /// inode still queued for syncd is void now.
     pub fn entry_given(&self, attr: &Attr) {
-        self.cache.looked_up(attr);
+        if self.cache.looked_up(attr) {
+            self.releases.referenced_again(attr.ino);
+        }
     }
 
-    /// The kernel forgot `n` lookups of `ino`.
+    /// The kernel forgot `n` lookups of `ino`. When it references the
+    /// inode no more, syncd is told (queued, never waited for here): an
+    /// unlinked inode is freed then.
     pub fn forget(&self, ino: u64, n: u64) {
-        self.cache.forget(ino, n);
+        if self.cache.forget(ino, n) {
+            self.releases.queue_forget(Ino(ino));
+        }
     }
 }
 

@@ -21,43 +21,203 @@
 //! open could wait for it, it is closed and its handle released
 //! ([`ipc_schema::fdpass::FdInbox::take_unclaimed`]).
 //!
+//! # Forgets
+//!
+//! The same task tells syncd which inodes the kernel no longer references
+//! (their lookup count reached zero, see [`crate::attr_cache`]), so that it
+//! can free unlinked ones: [`Releases::queue_forget`], delivered in
+//! batches (one `forget` call carries up to [`FORGET_BATCH`] inodes) and
+//! retried like releases. A forget must never reach syncd after the kernel
+//! was given the inode again and then removed its last name: syncd would
+//! free an inode the kernel references. So an inode given to the kernel
+//! again leaves the queue ([`Releases::referenced_again`]); if its forget
+//! is already on its way, the forget has *crossed* the new reference, and
+//! removals (`unlink`, `rename`) wait until that call is over
+//! ([`Releases::crossings_settled`]) before they are sent: the forget then
+//! reaches syncd before the removal, while the inode still has its name,
+//! and does nothing. syncd applies a forget only before its deadline (under
+//! the open-table lock), and removals wait [`CROSSING_GRACE`] beyond a
+//! missed deadline, so a late forget cannot land after a removal either.
+//! Crossings are rare (the kernel must evict an inode and look it up again
+//! within one call to syncd), so removals almost never wait.
+//!
 //! The queue's lock is a leaf, held only to insert or remove.
 
 use crate::syncd_client::{CallError, Retry, SyncdClient};
-use ipc_schema::HandleId;
+use ipc_schema::{HandleId, Ino};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+/// Most inodes in one `forget` call.
+pub const FORGET_BATCH: usize = 4096;
+/// How long removals still wait after a crossed forget missed its
+/// deadline: longer than the deadline of the call can differ between
+/// mountd and syncd (tarpc sends it as time left, so syncd's is later by
+/// the time the request took to arrive).
+pub const CROSSING_GRACE: Duration = Duration::from_secs(1);
+
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How often the inbox is checked for unclaimed descriptors.
 const REAP_INTERVAL: Duration = Duration::from_millis(500);
 
-/// syncd handles whose release is still to be delivered.
+#[derive(Default)]
+struct Pending {
+    /// Handles whose release is still to be delivered.
+    releases: BTreeSet<HandleId>,
+    /// Inodes whose forget is still to be delivered.
+    forgets: BTreeSet<Ino>,
+    /// The inodes of the `forget` call on its way, if one is.
+    in_flight: BTreeSet<Ino>,
+    /// Inodes of that call given to the kernel again meanwhile.
+    crossed: BTreeSet<Ino>,
+    /// Until when removals wait after a crossed call missed its deadline.
+    hold_until: Option<Instant>,
+}
+
+/// syncd handles whose release, and inodes whose forget, is still to be
+/// delivered.
 #[derive(Default)]
 pub struct Releases {
-    pending: Mutex<BTreeSet<HandleId>>,
+    pending: Mutex<Pending>,
     wake: Notify,
+    /// Woken when a crossed `forget` call is over.
+    settled: Notify,
 }
 
 impl Releases {
     /// Queue the release of `handle`; returns at once.
     pub fn queue(&self, handle: HandleId) {
-        self.lock().insert(handle);
+        self.lock().releases.insert(handle);
         self.wake.notify_one();
     }
 
     /// How many releases wait for delivery.
     pub fn pending(&self) -> usize {
-        self.lock().len()
+        self.lock().releases.len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<HandleId>> {
-        // A set of numbers stays consistent even if a holder panicked.
+    /// Queue a forget of `ino` (the kernel references it no more); returns
+    /// at once.
+    pub fn queue_forget(&self, ino: Ino) {
+        self.lock().forgets.insert(ino);
+        self.wake.notify_one();
+    }
+
+    /// The kernel was given `ino` again (its lookup count left zero): its
+    /// queued forget is void (see the module doc).
+    pub fn referenced_again(&self, ino: Ino) {
+        let mut p = self.lock();
+        p.forgets.remove(&ino);
+        if p.in_flight.contains(&ino) {
+            p.crossed.insert(ino);
+        }
+    }
+
+    /// How many forgets wait for delivery.
+    pub fn pending_forgets(&self) -> usize {
+        self.lock().forgets.len()
+    }
+
+    /// Wait (until `deadline` at most) until no `forget` call that crossed
+    /// a new reference may still reach syncd; a removal calls this before
+    /// it is sent (see the module doc).
+    pub async fn crossings_settled(&self, deadline: Instant) {
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            let until = {
+                let p = self.lock();
+                if !p.crossed.is_empty() {
+                    Some(deadline)
+                } else {
+                    p.hold_until.filter(|t| *t > Instant::now())
+                }
+            };
+            let Some(until) = until else {
+                return;
+            };
+            let until = until.min(deadline);
+            if tokio::time::timeout_at(until, settled).await.is_err() && until >= deadline {
+                return;
+            }
+            if Instant::now() >= deadline {
+                return;
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // Sets of numbers stay consistent even if a holder panicked.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take the next batch of forgets and mark it in flight.
+    fn take_forgets(&self) -> Vec<Ino> {
+        let mut p = self.lock();
+        let batch: Vec<Ino> = p.forgets.iter().take(FORGET_BATCH).copied().collect();
+        for i in &batch {
+            p.forgets.remove(i);
+        }
+        p.in_flight = batch.iter().copied().collect();
+        batch
+    }
+
+    /// The forget call of `batch` is over: `delivered` if syncd applied
+    /// it; else it goes back to the queue, less the inodes referenced
+    /// again. `answered`: syncd answered (then nothing of it can land
+    /// later; without an answer removals wait a grace period more).
+    fn forgets_done(&self, batch: Vec<Ino>, delivered: bool, answered: bool) {
+        let mut p = self.lock();
+        let crossed = std::mem::take(&mut p.crossed);
+        if !answered && !crossed.is_empty() {
+            p.hold_until = Some(Instant::now() + CROSSING_GRACE);
+        }
+        if !delivered {
+            p.forgets
+                .extend(batch.into_iter().filter(|i| !crossed.contains(i)));
+        }
+        p.in_flight.clear();
+        drop(p);
+        self.settled.notify_waiters();
+    }
+
+    /// Send one batch of forgets; false if it was not applied (syncd did
+    /// not answer in time, or got it too late): back off then.
+    async fn deliver_forgets(&self, client: &SyncdClient, deadline: Duration) -> bool {
+        let batch = self.take_forgets();
+        if batch.is_empty() {
+            return true;
+        }
+        let inos = batch.clone();
+        let r = client
+            .call(
+                "forget",
+                batch.first().map_or(0, |i| i.0),
+                Instant::now() + deadline,
+                Retry::Idempotent,
+                |c, ctx| {
+                    let inos = inos.clone();
+                    async move { c.client.forget(ctx, inos).await }
+                },
+            )
+            .await;
+        let (delivered, answered) = match r {
+            Ok(()) => (true, true),
+            // Arrived after its deadline: syncd did nothing; send again.
+            Err(CallError::Fs(e)) if e.errno == libc::ETIMEDOUT => (false, true),
+            Err(CallError::Fs(e)) => {
+                tracing::warn!(inodes = batch.len(), error = %e, "keibi-syncd failed a forget");
+                (true, true)
+            }
+            Err(CallError::Deadline { .. }) => (false, false),
+        };
+        self.forgets_done(batch, delivered, answered);
+        delivered
     }
 
     /// Deliver queued releases forever, each call bounded by `deadline`.
@@ -77,11 +237,11 @@ impl Releases {
                         syncd_handle = h.0,
                         "closed a descriptor nobody waited for; releasing its open"
                     );
-                    self.lock().insert(h);
+                    self.lock().releases.insert(h);
                 }
             }
-            let batch: Vec<HandleId> = self.lock().iter().copied().collect();
-            if batch.is_empty() {
+            let batch: Vec<HandleId> = self.lock().releases.iter().copied().collect();
+            if batch.is_empty() && self.pending_forgets() == 0 {
                 let _ = tokio::time::timeout(REAP_INTERVAL, self.wake.notified()).await;
                 continue;
             }
@@ -108,11 +268,15 @@ impl Releases {
                         break;
                     }
                 }
-                self.lock().remove(&h);
+                self.lock().releases.remove(&h);
+            }
+            if !stalled {
+                stalled = !self.deliver_forgets(&client, deadline).await;
             }
             if stalled {
                 tracing::debug!(
                     pending = self.pending(),
+                    forgets = self.pending_forgets(),
                     backoff_ms = backoff.as_millis() as u64,
                     "releases wait for keibi-syncd"
                 );
@@ -136,5 +300,41 @@ mod tests {
         r.queue(HandleId(3));
         r.queue(HandleId(1));
         assert_eq!(r.pending(), 2);
+    }
+
+    #[test]
+    fn a_forget_given_again_leaves_the_queue() {
+        let r = Releases::default();
+        r.queue_forget(Ino(5));
+        r.queue_forget(Ino(6));
+        r.referenced_again(Ino(5));
+        assert_eq!(r.take_forgets(), vec![Ino(6)]);
+        r.forgets_done(vec![Ino(6)], true, true);
+        assert_eq!(r.pending_forgets(), 0);
+    }
+
+    #[tokio::test]
+    async fn removals_wait_for_a_crossed_forget() {
+        let r = Arc::new(Releases::default());
+        r.queue_forget(Ino(5));
+        r.queue_forget(Ino(6));
+        let batch = r.take_forgets();
+        // Not crossed: removals go at once.
+        let far = Instant::now() + Duration::from_secs(30);
+        r.crossings_settled(far).await;
+        r.referenced_again(Ino(5));
+        let waiter = tokio::spawn({
+            let r = r.clone();
+            async move { r.crossings_settled(far).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "a crossed forget is on its way");
+        // It missed its deadline: 6 goes back to the queue, 5 does not,
+        // and removals wait a grace period more.
+        r.forgets_done(batch, false, false);
+        assert_eq!(r.pending_forgets(), 1);
+        let held = Instant::now();
+        waiter.await.expect("waiter");
+        assert!(held.elapsed() >= CROSSING_GRACE - Duration::from_millis(50));
     }
 }

@@ -24,6 +24,7 @@
 //! No lock is involved: the watch channel's guard is dropped before any
 //! await.
 
+use crate::attr_cache::AttrCache;
 use crate::handles::HandleTable;
 use crate::passthrough::Passthrough;
 use ipc_schema::fdpass::{self, FdInbox};
@@ -129,9 +130,9 @@ pub struct ConnectConfig {
     pub passthrough: Arc<Passthrough>,
 }
 
-/// Where the connector reads the handles mountd holds (set once the
-/// handle table exists).
-type HeldSource = Arc<OnceLock<Arc<HandleTable>>>;
+/// Where the connector reads the handles mountd holds and the inodes the
+/// kernel references (set once the handle table and the cache exist).
+type HeldSource = Arc<OnceLock<(Arc<HandleTable>, Arc<AttrCache>)>>;
 
 /// The calling side; cheap to clone.
 #[derive(Clone)]
@@ -279,10 +280,11 @@ impl SyncdClient {
         self.rx.borrow().clone()
     }
 
-    /// Name the handle table whose handles a reconnect reports to syncd.
-    /// Set once, before the connector starts.
-    pub fn report_handles_of(&self, table: Arc<HandleTable>) {
-        let _ = self.held.set(table);
+    /// Name the handle table whose handles, and the cache whose referenced
+    /// inodes, a reconnect reports to syncd. Set once, before the
+    /// connector starts.
+    pub fn report_handles_of(&self, table: Arc<HandleTable>, cache: Arc<AttrCache>) {
+        let _ = self.held.set((table, cache));
     }
 
     fn answered(&self) {
@@ -469,13 +471,20 @@ async fn connect_once(
     };
     // Read now: no connection is published, so no open can be added to
     // the table unseen (an open checks the connection after counting its
-    // handle, see `Keibi::receive_fd`). A fresh mount holds nothing.
-    let held = match (reconnect, held.get()) {
-        (true, Some(table)) => table.held(),
-        _ => Vec::new(),
+    // handle, see `Keibi::receive_fd`), and no entry from syncd can reach
+    // the kernel. A fresh mount holds nothing. (A forget queued meanwhile
+    // is sent on the new connection after this.)
+    let (held, referenced) = match (reconnect, held.get()) {
+        (true, Some((table, cache))) => (table.held(), cache.referenced_inos()),
+        _ => (Vec::new(), Vec::new()),
     };
     client
-        .register_mount(transport::context_with_timeout(CONNECT_TIMEOUT), info, held)
+        .register_mount(
+            transport::context_with_timeout(CONNECT_TIMEOUT),
+            info,
+            held,
+            referenced,
+        )
         .await
         .map_err(|e| format!("register_mount: {e}"))?
         .map_err(|e| format!("register_mount refused: {e}"))?;

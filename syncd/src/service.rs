@@ -376,11 +376,11 @@ impl Filesystem for FsServer {
             .await
     }
 
-    async fn forget(self, _: Context, inos: Vec<Ino>) -> Result<(), FsError> {
+    async fn forget(self, ctx: Context, inos: Vec<Ino>) -> Result<(), FsError> {
         let d = detail!("{} inodes", inos.len());
-        let conn = self.conn;
+        let (conn, until) = (self.conn, ctx.deadline);
         let freed = self
-            .run("forget", d, move |s| s.forget(conn, &inos))
+            .run("forget", d, move |s| s.forget(conn, &inos, until))
             .await?;
         if freed > 0 {
             tracing::debug!(conn = conn.0, freed, "forget freed unlinked inodes");

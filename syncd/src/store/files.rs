@@ -282,10 +282,28 @@ impl Store {
     /// orphans that are now neither open nor referenced. Inodes this
     /// connection holds no reference of are ignored (linked ones, and
     /// ones already settled). Returns how many were freed.
-    pub fn forget(&self, conn: ConnId, inos: &[Ino]) -> Result<usize, FsError> {
+    ///
+    /// Nothing is done once `until` (the request's deadline) has passed,
+    /// checked under the open-table lock: mountd lets a removal that may
+    /// have crossed this forget go only after the deadline (see mountd's
+    /// `releases.rs`), and the removal takes the same lock, so a forget
+    /// never lands after it.
+    pub fn forget(
+        &self,
+        conn: ConnId,
+        inos: &[Ino],
+        until: std::time::Instant,
+    ) -> Result<usize, FsError> {
         let mut freed = Vec::new();
         {
             let mut opens = self.lock_opens();
+            if std::time::Instant::now() >= until {
+                return Err(fs_err!(
+                    ETIMEDOUT,
+                    "forget of {} inodes arrived after its deadline; not applied",
+                    inos.len()
+                ));
+            }
             for &ino in inos {
                 if opens.forget(ino, conn)
                     && let Some(kind) = self.free_if_orphan(ino.0)?
