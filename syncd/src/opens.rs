@@ -547,13 +547,14 @@ mod tests {
         assert!(t.forget(Ino(5), old), "referenced no more, not open");
         assert!(!t.held(Ino(5)));
         assert!(!t.forget(Ino(5), old), "forgotten twice");
-        assert!(!t.forget(Ino(6), old), "still open");
+        assert!(!t.forget(Ino(6), old), "the reference ends; still open");
         assert!(t.held(Ino(6)));
+        t.reference(Ino(8), old);
         // The connection drops: references are parked with the handles.
         t.disconnect(old);
         assert!(t.held(Ino(7)));
         // The reconnect reports 7 (and 9, after a syncd restart) as still
-        // referenced; 6 only as open.
+        // referenced, not 8; 6 only as open.
         t.connect(new);
         let s = t.register(
             new,
@@ -563,7 +564,7 @@ mod tests {
             &[Ino(7), Ino(9)],
         );
         assert_eq!((s.refs_kept, s.refs_dropped), (2, 1));
-        assert!(s.closed.is_empty(), "6 is open, 7 and 9 referenced");
+        assert_eq!(s.closed, vec![Ino(8)], "6 is open, 7 and 9 referenced");
         assert!(t.held(Ino(9)));
         assert!(t.forget(Ino(7), new));
         // A fresh mount of the mountpoint drops what is left.

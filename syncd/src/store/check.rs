@@ -578,7 +578,9 @@ impl Store {
                 out.push(raw(
                     CheckKind::OrphanMark,
                     Some(ino),
-                    format!("{id} is open (or in use by the kernel) with no name but has no orphan mark"),
+                    format!(
+                        "{id} is open (or in use by the kernel) with no name but has no orphan mark"
+                    ),
                     Fix::MarkOrphan(ino, true),
                 ));
             }

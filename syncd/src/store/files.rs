@@ -459,6 +459,7 @@ fn check_openable(ino: Ino, rec: &InodeRec) -> Result<(), FsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ipc_schema::RenameFlags;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -489,7 +490,8 @@ mod tests {
         let (_d, s) = store();
         let conn = ConnId(1);
         s.connect(conn);
-        s.register_mount(conn, key(1), true, &[], &[]).expect("register");
+        s.register_mount(conn, key(1), true, &[], &[])
+            .expect("register");
         let name = Name::from("x");
         let stop = Arc::new(AtomicBool::new(false));
         let unlinker = {
@@ -544,7 +546,8 @@ mod tests {
         let (_d, s) = store();
         let (old, new) = (ConnId(1), ConnId(2));
         s.connect(old);
-        s.register_mount(old, key(7), true, &[], &[]).expect("register");
+        s.register_mount(old, key(7), true, &[], &[])
+            .expect("register");
         let flags = libc::O_RDWR | libc::O_CREAT;
         let kept = s
             .create(Ino::ROOT, &Name::from("kept"), 0o644, flags, ME, old)
@@ -567,6 +570,235 @@ mod tests {
         assert_eq!(s.open_handles(new), 1);
         s.release(kept.opened.handle).expect("release");
         assert_eq!(s.getattr(ki).map_err(|e| e.errno), Err(libc::ENOENT));
+    }
+
+    fn content_exists(dir: &tempfile::TempDir, ino: Ino) -> bool {
+        dir.path()
+            .join("content")
+            .join(format!("{:016x}", ino.0))
+            .exists()
+    }
+
+    fn far() -> std::time::Instant {
+        std::time::Instant::now() + std::time::Duration::from_secs(60)
+    }
+
+    /// A registered mount with a file `name` that is not open.
+    fn mounted_file(name: &str) -> (tempfile::TempDir, Arc<Store>, ConnId, Ino) {
+        let (d, s) = store();
+        let conn = ConnId(1);
+        s.connect(conn);
+        s.register_mount(conn, key(7), true, &[], &[])
+            .expect("register");
+        let f = s
+            .create(
+                Ino::ROOT,
+                &Name::from(name),
+                0o644,
+                libc::O_RDWR | libc::O_CREAT,
+                ME,
+                conn,
+            )
+            .expect("create");
+        s.release(f.opened.handle).expect("release");
+        (d, s, conn, f.opened.attr.ino)
+    }
+
+    /// Item: an unlink through a mount leaves the inode to the kernel that
+    /// still references it: its attributes (nlink 0) and content stay, it
+    /// can be opened by number (as an open racing the unlink does), and a
+    /// release does not free it; mountd's forget does, content included.
+    #[test]
+    fn unlink_leaves_a_referenced_orphan_until_forget() {
+        let (d, s, conn, ino) = mounted_file("f");
+        s.unlink_by(Some(conn), Ino::ROOT, &Name::from("f"))
+            .expect("unlink");
+        let attr = s.getattr(ino).expect("a referenced orphan answers getattr");
+        assert_eq!((attr.nlink, attr.kind), (0, FileKind::File));
+        assert!(content_exists(&d, ino));
+        let f = s
+            .open(ino, libc::O_RDWR, conn)
+            .expect("open of a referenced orphan");
+        assert_eq!(f.opened.attr.nlink, 0);
+        s.release(f.opened.handle).expect("release");
+        s.settle();
+        assert!(s.getattr(ino).is_ok(), "the kernel still references it");
+        let report = s.check(false).expect("check");
+        assert!(
+            report.findings.is_empty(),
+            "a referenced orphan is no damage: {:?}",
+            report.findings
+        );
+        // A forget from another connection is not this mount's.
+        assert_eq!(s.forget(ConnId(9), &[ino], far()).expect("forget"), 0);
+        assert_eq!(s.forget(conn, &[ino], far()).expect("forget"), 1);
+        assert_eq!(s.getattr(ino).map_err(|e| e.errno), Err(libc::ENOENT));
+        s.settle();
+        assert!(!content_exists(&d, ino), "space returned");
+        assert_eq!(s.forget(conn, &[ino], far()).expect("again"), 0);
+    }
+
+    /// An open handle and the kernel's reference both keep an orphan: the
+    /// last of the two to go frees it.
+    #[test]
+    fn forget_of_an_open_orphan_waits_for_the_release() {
+        let (d, s, conn, ino) = mounted_file("f");
+        let f = s.open(ino, libc::O_RDONLY, conn).expect("open");
+        let flags = RenameFlags::default();
+        let g = s
+            .create(
+                Ino::ROOT,
+                &Name::from("g"),
+                0o644,
+                libc::O_RDWR | libc::O_CREAT,
+                ME,
+                conn,
+            )
+            .expect("create");
+        s.release(g.opened.handle).expect("release");
+        // Replaced by a rename: the same rule as unlink.
+        s.rename_by(
+            Some(conn),
+            Ino::ROOT,
+            &Name::from("g"),
+            Ino::ROOT,
+            &Name::from("f"),
+            flags,
+        )
+        .expect("rename over");
+        assert_eq!(s.forget(conn, &[ino], far()).expect("forget"), 0);
+        assert_eq!(s.getattr(ino).expect("open orphan").nlink, 0);
+        s.release(f.opened.handle).expect("release");
+        assert_eq!(s.getattr(ino).map_err(|e| e.errno), Err(libc::ENOENT));
+        s.settle();
+        assert!(!content_exists(&d, ino));
+    }
+
+    /// A forget that syncd gets after its deadline is not applied (mountd
+    /// sends it again; see `Store::forget`).
+    #[test]
+    fn a_late_forget_is_not_applied() {
+        let (_d, s, conn, ino) = mounted_file("f");
+        s.unlink_by(Some(conn), Ino::ROOT, &Name::from("f"))
+            .expect("unlink");
+        let past = std::time::Instant::now();
+        let e = s.forget(conn, &[ino], past).expect_err("late");
+        assert_eq!(e.errno, libc::ETIMEDOUT);
+        assert!(s.getattr(ino).is_ok());
+    }
+
+    /// A reconnect keeps the references mountd lists and frees the orphans
+    /// it does not list; a fresh mount frees them all. A removal that no
+    /// mount made (or made on a connection without a mount) frees at once.
+    #[test]
+    fn registration_settles_kernel_references() {
+        let (_d, s, conn, a) = mounted_file("a");
+        let b = {
+            let f = s
+                .create(
+                    Ino::ROOT,
+                    &Name::from("b"),
+                    0o644,
+                    libc::O_RDWR | libc::O_CREAT,
+                    ME,
+                    conn,
+                )
+                .expect("create");
+            s.release(f.opened.handle).expect("release");
+            f.opened.attr.ino
+        };
+        for n in ["a", "b"] {
+            s.unlink_by(Some(conn), Ino::ROOT, &Name::from(n))
+                .expect("unlink");
+        }
+        s.disconnect(conn);
+        assert!(s.getattr(a).is_ok() && s.getattr(b).is_ok(), "parked");
+        let new = ConnId(2);
+        s.connect(new);
+        let (settled, freed) = s
+            .register_mount(new, key(7), false, &[], &[a, Ino::ROOT])
+            .expect("reconnect");
+        assert_eq!((settled.refs_kept, settled.refs_dropped, freed), (1, 1, 1));
+        assert_eq!(s.getattr(b).map_err(|e| e.errno), Err(libc::ENOENT));
+        assert_eq!(s.getattr(a).expect("still referenced").nlink, 0);
+        // The reference moved to the new connection: its forget counts.
+        assert_eq!(s.forget(conn, &[a], far()).expect("old conn"), 0);
+        assert!(s.getattr(a).is_ok());
+        // A fresh mount of the mountpoint (mountd restarted) frees it.
+        let fresh = ConnId(3);
+        s.disconnect(new);
+        s.connect(fresh);
+        let (_, freed) = s
+            .register_mount(fresh, key(8), true, &[], &[a])
+            .expect("fresh mount");
+        assert_eq!(freed, 1);
+        assert_eq!(s.getattr(a).map_err(|e| e.errno), Err(libc::ENOENT));
+        // Removals outside a mount free at once.
+        let c = {
+            let f = s
+                .create(
+                    Ino::ROOT,
+                    &Name::from("c"),
+                    0o644,
+                    libc::O_RDWR | libc::O_CREAT,
+                    ME,
+                    fresh,
+                )
+                .expect("create");
+            s.release(f.opened.handle).expect("release");
+            f.opened.attr.ino
+        };
+        s.unlink_by(None, Ino::ROOT, &Name::from("c"))
+            .expect("unlink");
+        assert_eq!(s.getattr(c).map_err(|e| e.errno), Err(libc::ENOENT));
+    }
+
+    /// A syncd restart loses the table; the reconnect's list brings the
+    /// references back, and they keep the orphans the kernel holds.
+    #[test]
+    fn references_survive_a_syncd_restart_through_the_reconnect() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ino = {
+            let s = Store::load(dir.path(), (0, 0)).expect("store");
+            let conn = ConnId(1);
+            s.connect(conn);
+            s.register_mount(conn, key(7), true, &[], &[])
+                .expect("register");
+            let f = s
+                .create(
+                    Ino::ROOT,
+                    &Name::from("f"),
+                    0o644,
+                    libc::O_RDWR | libc::O_CREAT,
+                    ME,
+                    conn,
+                )
+                .expect("create");
+            s.release(f.opened.handle).expect("release");
+            s.unlink_by(Some(conn), Ino::ROOT, &Name::from("f"))
+                .expect("unlink");
+            s.flush().expect("flush");
+            f.opened.attr.ino
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let s = loop {
+            match Store::load(dir.path(), (0, 0)) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(e.message.contains("lock"), "reopen: {e}");
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
+        let conn = ConnId(1);
+        s.connect(conn);
+        let (_, freed) = s
+            .register_mount(conn, key(7), false, &[], &[ino])
+            .expect("reconnect");
+        assert_eq!(freed, 0);
+        assert_eq!(s.getattr(ino).expect("kept").nlink, 0);
+        assert_eq!(s.forget(conn, &[ino], far()).expect("forget"), 1);
     }
 
     #[test]
