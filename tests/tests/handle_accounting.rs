@@ -2,8 +2,11 @@
 //! syncd counts open handles to know when an unlinked file's space can be
 //! returned, so its counts must equal the handles mountd holds through
 //! frozen and restarted syncds; removed inodes still referenced answer
-//! `fstat` with `nlink` 0; a `setxattr` is never hidden by a crossing
-//! `getattr`; a concurrent `open(O_CREAT)` never fails with ENOENT.
+//! `fstat` with `nlink` 0; an unlinked inode lives exactly as long as the
+//! kernel references it (open, `O_PATH`, or just its lookup count) and its
+//! space is returned when the kernel forgets it, without a remount; a
+//! `setxattr` is never hidden by a crossing `getattr`; a concurrent
+//! `open(O_CREAT)` never fails with ENOENT.
 //!
 //! Counts are read from `keibictl status --json` and waited for with a
 //! bounded poll; space is checked on syncd's content directory.
@@ -355,6 +358,81 @@ fn removed_but_referenced_inodes_answer_fstat_with_nlink_0_plain() {
     removed_but_referenced(false);
 }
 
+/// `keibictl check` of the fixture's syncd, and its output.
+fn check_clean(fx: &KeibiFixture) -> (bool, String) {
+    let out = run_bounded(
+        Command::new(binaries::binary("keibictl"))
+            .arg("--socket")
+            .arg(fx.control_socket())
+            .arg("check")
+            .stdin(Stdio::null()),
+        Duration::from_secs(60),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// An unlinked inode lives while the kernel references it and no longer:
+/// syncd keeps it (attributes, content) while an `O_PATH` descriptor
+/// holds it, and frees it, content file included, once the kernel
+/// forgets it (`FUSE_FORGET` when it evicts the unlinked inode), without
+/// a remount. Likewise for a file unlinked while closed and one unlinked
+/// while open and then closed. `keibictl check` finds nothing meanwhile.
+#[test]
+fn unlinked_inodes_are_freed_when_the_kernel_forgets_them() {
+    let (_w, fx) = setup("forget frees", LIMIT, opts(true));
+    let dir = fx.path("f");
+    fs::create_dir(&dir).expect("mkdir");
+
+    // Unlinked while closed: the kernel drops the inode at once.
+    let closed = dir.join("closed");
+    fs::write(&closed, vec![b'c'; 64 * 1024]).expect("write");
+    let closed_ino = fs::metadata(&closed).expect("stat").ino();
+    assert!(content_file(&fx, closed_ino).exists());
+    fs::remove_file(&closed).expect("unlink");
+    wait_content_gone(&fx, closed_ino, "a closed file unlinked");
+
+    // Held by an O_PATH descriptor: kept, with its real attributes, until
+    // the descriptor is closed.
+    let held = dir.join("held");
+    fs::write(&held, vec![b'h'; 70_000]).expect("write");
+    let opath = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(&held)
+        .expect("O_PATH open");
+    let held_ino = opath.metadata().expect("fstat").ino();
+    fs::remove_file(&held).expect("unlink");
+    // Unlinked while open, then closed.
+    let open_path = dir.join("open");
+    let f = make_open(&open_path, 50_000);
+    let open_ino = f.metadata().expect("fstat").ino();
+    fs::remove_file(&open_path).expect("unlink while open");
+    wait_for_handles(&fx, 1, "one file open");
+    drop(f);
+    wait_content_gone(&fx, open_ino, "a file unlinked while open, then closed");
+    wait_for_handles(&fx, 0, "nothing open");
+
+    // Still referenced by the kernel through the O_PATH descriptor, with
+    // no handle: the content stays, fstat gives the real size.
+    assert!(
+        content_file(&fx, held_ino).exists(),
+        "the content of an unlinked inode the kernel references was removed"
+    );
+    let st = fstat(&opath).expect("fstat of an unlinked O_PATH file");
+    assert_eq!((st.st_nlink, st.st_size), (0, 70_000));
+    let (ok, text) = check_clean(&fx);
+    assert!(ok, "keibictl check with a referenced orphan:\n{text}");
+    drop(opath);
+    wait_content_gone(&fx, held_ino, "an unlinked file after its O_PATH closed");
+    let (ok, text) = check_clean(&fx);
+    assert!(ok, "keibictl check at the end:\n{text}");
+}
+
 /// `statx` with `AT_STATX_FORCE_SYNC`: the kernel asks mountd even when its
 /// cached attributes are still valid.
 fn statx_sync(path: &Path) -> std::io::Result<()> {
@@ -478,4 +556,15 @@ fn concurrent_create_of_one_name_never_fails_with_enoent() {
         &errors[..errors.len().min(5)]
     );
     wait_for_handles(&fx, 0, "after the creators closed everything");
+    // Every file the unlinker removed is freed once the kernel forgets it
+    // (nothing is open, no name leads to them): nothing is left for
+    // `keibictl check` to report.
+    let _ = fs::remove_file(&p);
+    let mut last = String::new();
+    let clean = harness::wait::try_poll_until(SETTLE, || {
+        let (ok, text) = check_clean(&fx);
+        last = text;
+        ok.then_some(())
+    });
+    assert!(clean.is_some(), "keibictl check after the race:\n{last}");
 }
