@@ -656,10 +656,12 @@ impl Keibi {
                     .map(|o| (o, c.clone())))
             })
             .await;
-        // The kernel found a name for `ino` and opens it by number; if the
-        // file was unlinked in between, syncd no longer has it. ESTALE
-        // makes the kernel look the name up again and retry once (as for
-        // NFS), which opens or creates whatever the name is now.
+        // The kernel found a name for `ino` and opens it by number. syncd
+        // keeps an unlinked inode while the kernel references it (see
+        // `crate::releases`), so this only meets an inode syncd really
+        // freed (the limits in docs/architecture.md). ESTALE makes the
+        // kernel look the name up again and retry once (as for NFS),
+        // which opens or creates whatever the name is now.
         let r = r.map_err(|e| match e {
             CallError::Fs(e) if e.errno == libc::ENOENT => {
                 CallError::Fs(FsError::new(libc::ESTALE, e.message))

@@ -128,6 +128,7 @@ impl Filesystem for FakeSyncd {
         _: Context,
         _info: MountInfo,
         _held: Vec<HeldHandle>,
+        _referenced: Vec<Ino>,
     ) -> Result<(), FsError> {
         Ok(())
     }
@@ -289,6 +290,9 @@ impl Filesystem for FakeSyncd {
         })
     }
     async fn release(self, _: Context, _h: HandleId) -> Result<(), FsError> {
+        Ok(())
+    }
+    async fn forget(self, _: Context, _inos: Vec<Ino>) -> Result<(), FsError> {
         Ok(())
     }
     async fn fsync(self, _: Context, _i: Ino, _d: bool) -> Result<(), FsError> {
