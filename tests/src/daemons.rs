@@ -57,6 +57,8 @@ pub struct Options {
     pub mountd_log_filter: String,
     /// Extra environment for syncd (test-only fault points).
     pub syncd_env: Vec<(String, String)>,
+    /// mountd's `--fsync-deadline` (mountd's default when `None`).
+    pub fsync_deadline: Option<Duration>,
 }
 
 impl Default for Options {
@@ -71,6 +73,7 @@ impl Default for Options {
             syncd_log_filter: filter("KEIBI_TEST_SYNCD_LOG"),
             mountd_log_filter: filter("KEIBI_TEST_MOUNTD_LOG"),
             syncd_env: Vec::new(),
+            fsync_deadline: None,
         }
     }
 }
@@ -489,6 +492,9 @@ impl KeibiFixture {
             &self.mountd_log_path(),
         );
         cmd.env("RUST_LOG", &self.opts.mountd_log_filter);
+        if let Some(d) = self.opts.fsync_deadline {
+            cmd.arg("--fsync-deadline").arg(duration_arg(d));
+        }
         let child = spawn_registered(&mut cmd, "keibi-mountd");
         watchdog::register_mount(self.mnt());
         self.mountd = Some(child);

@@ -29,6 +29,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// mountd's fsync deadline here: a churn process killed while its fsync
+/// waits on the killed syncd exits when mountd answers that fsync.
+const FSYNC_DEADLINE: Duration = Duration::from_secs(3);
+
 /// The same generator as the workload's (xorshift64*).
 struct Rng(u64);
 
@@ -75,6 +79,7 @@ fn kill_9_of_syncd_under_churn_never_leaves_a_broken_name() {
         limit,
         Options {
             deadline: Duration::from_secs(1),
+            fsync_deadline: Some(FSYNC_DEADLINE),
             ..Options::default()
         },
     );
@@ -107,7 +112,11 @@ fn kill_9_of_syncd_under_churn_never_leaves_a_broken_name() {
         // operations fail and were never acknowledged.
         pause(Duration::from_millis(rng.below(300)));
         signal(churn.id(), Signal::SIGKILL);
-        wait_child(&mut churn, Duration::from_secs(20))
+        // A process killed while its fsync waits for syncd stays until
+        // mountd answers that fsync, at the latest at the fsync deadline:
+        // fuser does not pass FUSE_INTERRUPT on, and the kernel waits for
+        // the answer of a request it has sent.
+        wait_child(&mut churn, FSYNC_DEADLINE + Duration::from_secs(20))
             .unwrap_or_else(|| panic!("round {round}: keibi-churn did not die on SIGKILL"));
         watchdog::unregister_pid(churn.id());
         let remount = round % 5 == 0;
