@@ -616,6 +616,9 @@ mod tests {
         let attr = s.getattr(ino).expect("a referenced orphan answers getattr");
         assert_eq!((attr.nlink, attr.kind), (0, FileKind::File));
         assert!(content_exists(&d, ino));
+        // Decoding a file handle (lookup of ".") does not revive it.
+        let dot = s.lookup(ino, &Name::from(".")).map_err(|e| e.errno);
+        assert_eq!(dot.map(|a| a.ino), Err(libc::ENOENT));
         let f = s
             .open(ino, libc::O_RDWR, conn)
             .expect("open of a referenced orphan");

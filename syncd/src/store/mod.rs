@@ -471,8 +471,18 @@ impl Store {
         };
         let ino = match name.as_bytes() {
             // "." of any inode: the kernel looks an inode up by number
-            // this way to decode a file handle (FUSE export support).
-            b"." => self.need_inode(parent.0).map(|_| parent.0)?,
+            // this way to decode a file handle (FUSE export support), and
+            // only when it does not hold the inode. An unlinked inode kept
+            // for a kernel reference or an open handle (an orphan) is then
+            // not this kernel's to revive: ENOENT, which the kernel turns
+            // into ESTALE, as a local disk answers for a deleted file.
+            b"." => {
+                let rec = self.need_inode(parent.0)?;
+                if rec.nlink == 0 && !rec.is_dir() {
+                    return Err(fs_err!(ENOENT, "{parent} has been removed"));
+                }
+                parent.0
+            }
             b".." => need_dir()?.parent,
             _ => {
                 names::validate(name)?;
