@@ -122,6 +122,9 @@ pub trait Control {
     /// inconsistency; with `repair`, fix what can be fixed without
     /// guessing and say so in each finding. Runs while the store serves.
     async fn check(repair: bool) -> Result<CheckReport, FsError>;
+    /// This syncd's peer identity: its fingerprint, public key and the
+    /// configured listen addresses (protocol version 4).
+    async fn identity() -> PeerIdentity;
 }
 
 /// The debug service: keibictl → keibi-mountd, on the mount's ops socket

@@ -461,3 +461,18 @@ impl CheckReport {
         self.findings.iter().filter(|f| !f.repaired).count()
     }
 }
+
+/// syncd's peer identity, for `keibictl id` (`Control::identity`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The fingerprint: base32 (RFC 4648, upper case, no padding) of
+    /// SHA-256 over a domain-separation label and the public key; 52
+    /// characters, not grouped (keibictl groups it for people).
+    pub fingerprint: String,
+    /// The X25519 static public key, 64 lower-case hex digits.
+    pub public_key: String,
+    /// The configured peer listen addresses (`listen` in syncd.toml);
+    /// empty means dial only. Reported, not yet bound: the peer channel
+    /// is not built yet.
+    pub listen: Vec<String>,
+}

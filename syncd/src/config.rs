@@ -9,6 +9,7 @@
 use clap::Parser;
 use nix::unistd::{Group, User};
 use serde::Deserialize;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 /// The config file used when `--config` is not given, if it exists.
@@ -17,6 +18,9 @@ const DEFAULT_STATE_DIR: &str = "/var/lib/keibi";
 const DEFAULT_FS_SOCKET: &str = "/run/keibi/fs.sock";
 const DEFAULT_CONTROL_SOCKET: &str = "/run/keibi/control.sock";
 const DEFAULT_CONTROL_MODE: u32 = 0o660;
+/// The peer port when `listen` is not set (in the dynamic range, not
+/// assigned by IANA).
+pub const DEFAULT_PEER_PORT: u16 = 58150;
 
 /// keibi-syncd: the unprivileged daemon that owns keibi's metadata store
 /// and content, serving keibi-mountd and keibictl over Unix sockets.
@@ -67,6 +71,7 @@ struct FileConfig {
     control_socket_group: Option<String>,
     mountd_uid: Option<u32>,
     share_owner: Option<String>,
+    listen: Option<Vec<String>>,
 }
 
 /// The settings syncd runs with.
@@ -90,6 +95,9 @@ pub struct Config {
     pub share_owner: (u32, u32),
     /// Whether running as root is allowed.
     pub allow_root: bool,
+    /// Where the peer channel is to listen (`listen`); empty: dial only.
+    /// Reported by `keibictl id`; not bound yet.
+    pub listen: Vec<SocketAddr>,
 }
 
 impl Config {
@@ -124,7 +132,12 @@ impl Config {
             Some(s) => parse_owner(&s)?,
             None => (0, 0),
         };
+        let listen = match file.listen {
+            Some(addrs) => parse_listen(&addrs)?,
+            None => default_listen(),
+        };
         Ok(Config {
+            listen,
             state_dir: cli
                 .state_dir
                 .clone()
@@ -165,6 +178,37 @@ fn parse_mode(s: &str) -> Result<u32, String> {
             "control socket mode {s:?} is not an octal mode between 0000 and 0777"
         )),
     }
+}
+
+/// `0.0.0.0:PORT` and `[::]:PORT` with [`DEFAULT_PEER_PORT`].
+fn default_listen() -> Vec<SocketAddr> {
+    vec![
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PEER_PORT)),
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, DEFAULT_PEER_PORT)),
+    ]
+}
+
+/// Parse the `listen` addresses: each `IP:PORT` (IPv6 in brackets), port
+/// not 0 (peers must know where to dial), no address twice.
+fn parse_listen(addrs: &[String]) -> Result<Vec<SocketAddr>, String> {
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(addrs.len());
+    for a in addrs {
+        let addr: SocketAddr = a.trim().parse().map_err(|_| {
+            format!(
+                "listen address {a:?} is not IP:PORT (e.g. \"0.0.0.0:{DEFAULT_PEER_PORT}\" or \"[::]:{DEFAULT_PEER_PORT}\"; host names are not accepted)"
+            )
+        })?;
+        if addr.port() == 0 {
+            return Err(format!(
+                "listen address {a:?} has port 0; peers need a fixed port to dial"
+            ));
+        }
+        if out.contains(&addr) {
+            return Err(format!("listen address {a:?} is given twice"));
+        }
+        out.push(addr);
+    }
+    Ok(out)
 }
 
 /// Parse `UID:GID`.
@@ -213,6 +257,53 @@ mod tests {
         assert_eq!(c.mountd_uid, 0);
         assert_eq!(c.share_owner, (0, 0));
         assert!(!c.allow_root);
+        assert_eq!(
+            c.listen,
+            [
+                "0.0.0.0:58150".parse::<SocketAddr>().expect("v4"),
+                "[::]:58150".parse().expect("v6")
+            ]
+        );
+    }
+
+    #[test]
+    fn listen_is_parsed_and_empty_means_dial_only() {
+        let file: FileConfig =
+            toml::from_str(r#"listen = ["127.0.0.1:4000", "[::1]:4001"]"#).expect("toml");
+        let c = Config::merge(&Cli::default(), file).expect("config");
+        assert_eq!(
+            c.listen,
+            [
+                "127.0.0.1:4000".parse::<SocketAddr>().expect("v4"),
+                "[::1]:4001".parse().expect("v6")
+            ]
+        );
+        let file: FileConfig = toml::from_str("listen = []").expect("toml");
+        let c = Config::merge(&Cli::default(), file).expect("config");
+        assert!(c.listen.is_empty());
+    }
+
+    #[test]
+    fn bad_listen_addresses_are_refused_with_the_address() {
+        for (bad, says) in [
+            ("localhost:4000", "is not IP:PORT"),
+            ("0.0.0.0", "is not IP:PORT"),
+            ("::1:4000", "is not IP:PORT"),
+            ("1.2.3.4:70000", "is not IP:PORT"),
+            ("1.2.3.4:0", "port 0"),
+        ] {
+            let file: FileConfig =
+                toml::from_str(&format!("listen = [{bad:?}]")).expect("toml");
+            let err = Config::merge(&Cli::default(), file).expect_err(bad);
+            assert!(err.contains(bad) && err.contains(says), "{bad}: {err}");
+        }
+        let file: FileConfig =
+            toml::from_str(r#"listen = ["1.2.3.4:5", "1.2.3.4:5"]"#).expect("toml");
+        let err = Config::merge(&Cli::default(), file).expect_err("twice");
+        assert!(err.contains("twice"), "{err}");
+        // Not a list of strings: a TOML error, naming the key.
+        let err = toml::from_str::<FileConfig>("listen = \"0.0.0.0:1\"").expect_err("string");
+        assert!(err.to_string().contains("listen"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The control service (keibictl → syncd): read-only status, the
 //! filesystem requests in flight for `keibictl debug ops`, and the
-//! consistency check of `keibictl check`.
+//! consistency check of `keibictl check`, and the peer identity of
+//! `keibictl id`.
 //!
 //! It runs on the control runtime (see `main.rs`), which shares no thread
 //! with the filesystem service, and none of its methods waits on the store
@@ -12,7 +13,8 @@ use crate::census::{self, Census};
 use crate::daemon::Daemon;
 use ipc_schema::service::Control;
 use ipc_schema::{
-    CheckReport, FsError, KEIBI_VERSION, MountStatus, OpInFlight, PROTOCOL_VERSION, Status, fs_err,
+    CheckReport, FsError, KEIBI_VERSION, MountStatus, OpInFlight, PROTOCOL_VERSION, PeerIdentity, Status,
+    fs_err,
 };
 use std::sync::Arc;
 use tarpc::context::Context;
@@ -80,5 +82,10 @@ impl Control for ControlServer {
             "check: done"
         );
         Ok(report)
+    }
+
+    async fn identity(self, _: Context) -> PeerIdentity {
+        // Computed at start; nothing to wait on.
+        self.daemon.identity.clone()
     }
 }

@@ -1,11 +1,12 @@
 //! What every connection of this daemon shares: the store, the mounts that
 //! are connected, the filesystem requests in flight, the cached store
-//! figures of `keibictl status`, and when the daemon started.
+//! figures of `keibictl status`, when the daemon started, and its peer
+//! identity.
 
 use crate::census::Census;
 use crate::opens::ConnId;
 use crate::store::Store;
-use ipc_schema::MountInfo;
+use ipc_schema::{MountInfo, PeerIdentity};
 use ipc_schema::inflight::InFlight;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,18 +25,21 @@ pub struct Daemon {
     pub census: Census,
     /// When the daemon started.
     pub started: Instant,
+    /// The peer identity as `keibictl id` shows it.
+    pub identity: PeerIdentity,
     next_conn: AtomicU64,
 }
 
 impl Daemon {
-    /// Shared state around `store`.
-    pub fn new(store: Arc<Store>) -> Daemon {
+    /// Shared state around `store`, answering `keibictl id` with `identity`.
+    pub fn new(store: Arc<Store>, identity: PeerIdentity) -> Daemon {
         Daemon {
             store,
             mounts: Mounts::default(),
             inflight: InFlight::new(),
             census: Census::default(),
             started: Instant::now(),
+            identity,
             next_conn: AtomicU64::new(1),
         }
     }

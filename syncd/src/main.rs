@@ -7,7 +7,10 @@
 //!
 //! Startup, in order: flags and config file; refuse root unless
 //! `--allow-root` (exit 2); take the single-instance lock on the state
-//! directory (exit 3 when another syncd holds it, naming its pid); open the
+//! directory (exit 3 when another syncd holds it, naming its pid); load the
+//! peer identity, or make it at the first start (exit 4 when the file is
+//! there but corrupt, unreadable, of another version or readable by
+//! others, see [`identity`]); open the
 //! store (and start making spare content files, see [`spares`]); bind both
 //! sockets; serve. SIGTERM or SIGINT removes the unused spares, reclaims the
 //! freed inodes, flushes the store, removes the socket files and exits 0. Other startup failures exit
@@ -27,6 +30,7 @@ mod content;
 mod control;
 mod daemon;
 mod fault;
+mod identity;
 mod listener;
 mod opens;
 mod service;
@@ -56,6 +60,9 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_ROOT: u8 = 2;
 /// Exit status: another instance holds the state directory.
 const EXIT_LOCKED: u8 = 3;
+/// Exit status: the identity file is corrupt, unreadable, of another
+/// version or readable by others (it is left as it is).
+const EXIT_IDENTITY: u8 = 4;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -89,6 +96,22 @@ fn main() -> ExitCode {
         Err(e @ LockError::Held { .. }) => return fail(EXIT_LOCKED, &e.to_string()),
         Err(e) => return fail(EXIT_FAILURE, &e.to_string()),
     };
+    let identity = match identity::Identity::load_or_create(&config.state_dir) {
+        Ok((id, origin)) => {
+            tracing::info!(
+                file = %id.path().display(),
+                fingerprint = %identity::group(&id.fingerprint()),
+                created = origin == identity::Origin::Created,
+                "peer identity"
+            );
+            ipc_schema::PeerIdentity {
+                fingerprint: id.fingerprint(),
+                public_key: id.public_key().iter().map(|b| format!("{b:02x}")).collect(),
+                listen: config.listen.iter().map(|a| a.to_string()).collect(),
+            }
+        }
+        Err(e) => return fail(EXIT_IDENTITY, &e.to_string()),
+    };
     fault::init();
     let store = match Store::load(&config.state_dir, config.share_owner) {
         Ok(s) => Arc::new(s),
@@ -117,7 +140,13 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(EXIT_FAILURE, &format!("cannot start the runtime: {e}")),
     };
-    let result = control_runtime.block_on(run(config, lock, store, fs_runtime.handle()));
+    let result = control_runtime.block_on(run(
+        config,
+        lock,
+        store,
+        identity,
+        fs_runtime.handle(),
+    ));
     // Requests still running after the flush have nobody to answer.
     fs_runtime.shutdown_timeout(FS_SHUTDOWN_WAIT);
     match result {
@@ -137,13 +166,14 @@ async fn run(
     config: Config,
     lock: InstanceLock,
     store: Arc<Store>,
+    identity: ipc_schema::PeerIdentity,
     fs: &tokio::runtime::Handle,
 ) -> Result<(), String> {
     // Handlers first: once a socket exists, SIGTERM must mean "shut down
     // cleanly", never the default action.
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
-    let daemon = Arc::new(Daemon::new(store.clone()));
+    let daemon = Arc::new(Daemon::new(store.clone(), identity));
     let fs_listener = {
         // Registered with the filesystem runtime's reactor.
         let _in_fs = fs.enter();
