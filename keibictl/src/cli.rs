@@ -3,6 +3,7 @@
 //! ```text
 //! keibictl [--socket PATH] [--timeout DURATION] status [--json]
 //! keibictl [--socket PATH] [--timeout DURATION] check [--repair] [--json]
+//! keibictl [--socket PATH] [--timeout DURATION] id [--json]
 //! keibictl [--socket PATH] [--timeout DURATION] debug ops [--mount MOUNTPOINT ...]
 //!          [--mountd-socket PATH ...] [--lock-dir DIR] [--json]
 //! keibictl [--timeout DURATION] debug passthrough (--mount MOUNTPOINT | --mountd-socket PATH)
@@ -51,6 +52,14 @@ pub enum Command {
         #[arg(long)]
         repair: bool,
         /// Print the report as JSON (one object) instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// This machine's peer identity: the fingerprint to compare when
+    /// pairing (grouped for reading aloud), the public key, and the
+    /// configured listen addresses.
+    Id {
+        /// Print the identity as JSON (one object) instead of lines.
         #[arg(long)]
         json: bool,
     },
@@ -217,6 +226,14 @@ mod tests {
                 json: true
             }
         ));
+    }
+
+    #[test]
+    fn id_takes_json() {
+        let a = Args::try_parse_from(["keibictl", "id"]).expect("parse");
+        assert!(matches!(a.command, Command::Id { json: false }));
+        let a = Args::try_parse_from(["keibictl", "id", "--json"]).expect("parse");
+        assert!(matches!(a.command, Command::Id { json: true }));
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //! passthrough` ([`passthrough`]) asks one mount's mountd how its opens
 //! were answered.
 //!
+//! `id` asks syncd for its peer identity ([`render::identity_text`] groups
+//! the fingerprint for reading aloud).
+//!
 //! `check` asks syncd to scan its store ([`render::check_text`] shows the
 //! report).
 //!
@@ -59,6 +62,20 @@ fn run(args: &cli::Args) -> Result<(), String> {
                 render::status_json(&status)?
             } else {
                 render::status_table(&status)
+            };
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(|e| format!("cannot write the answer: {e}"))
+        }
+        cli::Command::Id { json } => {
+            let answer = runtime.block_on(query::identity(&args.socket, args.timeout));
+            runtime.shutdown_background();
+            let id = answer?;
+            let text = if *json {
+                render::identity_json(&id)?
+            } else {
+                render::identity_text(&id)
             };
             let mut out = std::io::stdout().lock();
             out.write_all(text.as_bytes())

@@ -7,7 +7,7 @@
 //! connection but stopped (`SIGSTOP`) cannot hold keibictl past it.
 
 use ipc_schema::transport::{connect_control, context_with_timeout};
-use ipc_schema::{CheckReport, Status};
+use ipc_schema::{CheckReport, PeerIdentity, Status};
 use std::path::Path;
 use std::time::Duration;
 use tarpc::client::RpcError;
@@ -37,6 +37,21 @@ pub async fn check(socket: &Path, timeout: Duration, repair: bool) -> Result<Che
             .await
             .map_err(|e| rpc_reason(socket, timeout, &e))?
             .map_err(|e| format!("keibi-syncd could not check its store: {e}"))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(answer) => answer,
+        Err(_) => Err(no_answer(socket, timeout)),
+    }
+}
+
+/// syncd's peer identity, or the reason it could not be had.
+pub async fn identity(socket: &Path, timeout: Duration) -> Result<PeerIdentity, String> {
+    let exchange = async {
+        let client = connect_control(socket).await.map_err(|e| e.to_string())?;
+        client
+            .identity(context_with_timeout(timeout))
+            .await
+            .map_err(|e| rpc_reason(socket, timeout, &e))
     };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(answer) => answer,

@@ -4,7 +4,7 @@
 //! the same field names as the protocol (`uptime_secs`, `mounts[].info.pid`,
 //! ...), and a new field in the protocol shows up without a change here.
 
-use ipc_schema::{CheckReport, MountStatus, Status};
+use ipc_schema::{CheckReport, MountStatus, PeerIdentity, Status};
 use std::fmt::Write;
 use std::time::Duration;
 
@@ -22,6 +22,43 @@ pub fn check_json(report: &CheckReport) -> Result<String, String> {
         .map_err(|e| format!("cannot encode the report as JSON: {e}"))?;
     s.push('\n');
     Ok(s)
+}
+
+/// The peer identity as one pretty-printed JSON object and a newline
+/// (the fingerprint ungrouped, as the protocol carries it).
+pub fn identity_json(id: &PeerIdentity) -> Result<String, String> {
+    let mut s = serde_json::to_string_pretty(id)
+        .map_err(|e| format!("cannot encode the identity as JSON: {e}"))?;
+    s.push('\n');
+    Ok(s)
+}
+
+/// The peer identity for people: the fingerprint in groups of four
+/// characters (for reading aloud), the public key, the listen addresses.
+pub fn identity_text(id: &PeerIdentity) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "fingerprint  {}", grouped(&id.fingerprint));
+    let _ = writeln!(out, "public key   {}", id.public_key);
+    if id.listen.is_empty() {
+        let _ = writeln!(out, "listen       none (dial only)");
+    } else {
+        let _ = writeln!(out, "listen       {}", id.listen.join(" "));
+    }
+    let _ = writeln!(
+        out,
+        "             (not bound yet: the peer channel is not built)"
+    );
+    out
+}
+
+/// `s` in groups of four characters separated by spaces.
+pub fn grouped(s: &str) -> String {
+    s.chars()
+        .collect::<Vec<_>>()
+        .chunks(4)
+        .map(|c| c.iter().collect::<String>())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A check report for people: one line per finding, then a summary.
@@ -158,6 +195,23 @@ fn bytes(n: u64) -> String {
 mod tests {
     use super::*;
     use ipc_schema::MountInfo;
+
+    #[test]
+    fn fingerprint_is_shown_in_groups_of_four() {
+        assert_eq!(grouped("ABCDEFGHIJ"), "ABCD EFGH IJ");
+        assert_eq!(grouped(""), "");
+        let id = PeerIdentity {
+            fingerprint: "A".repeat(52),
+            public_key: "00".repeat(32),
+            listen: Vec::new(),
+        };
+        let text = identity_text(&id);
+        assert!(
+            text.contains(&format!("fingerprint  {}", ["AAAA"; 13].join(" "))),
+            "{text}"
+        );
+        assert!(text.contains("dial only"), "{text}");
+    }
 
     fn sample() -> Status {
         Status {

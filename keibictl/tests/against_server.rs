@@ -6,7 +6,7 @@
 use futures::StreamExt;
 use ipc_schema::handshake::{self, Refusal};
 use ipc_schema::service::Control;
-use ipc_schema::{MountInfo, MountStatus, PROTOCOL_VERSION, Status};
+use ipc_schema::{MountInfo, MountStatus, PROTOCOL_VERSION, PeerIdentity, Status};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -25,6 +25,10 @@ impl Control for Fixed {
 
     async fn debug_ops(self, _: Context) -> Vec<ipc_schema::OpInFlight> {
         Vec::new()
+    }
+
+    async fn identity(self, _: Context) -> PeerIdentity {
+        sample_identity()
     }
 
     /// One name without content; `repair` repairs it.
@@ -71,6 +75,14 @@ fn sample() -> Status {
         bytes: 4096,
         counts_fresh: true,
         counts_age_ms: Some(1),
+    }
+}
+
+fn sample_identity() -> PeerIdentity {
+    PeerIdentity {
+        fingerprint: "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567ABCDEFGHIJKLMNOPQRST".into(),
+        public_key: "0123456789abcdef".repeat(4),
+        listen: vec!["0.0.0.0:58150".into(), "[::]:58150".into()],
     }
 }
 
@@ -190,4 +202,45 @@ fn version_mismatch_is_one_clear_line() {
         "{err:?}"
     );
     server.join().expect("server thread");
+}
+
+#[test]
+fn id_shows_the_grouped_fingerprint_and_json_the_structure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("control.sock");
+    let server = serve_once(&sock, false);
+    let out = keibictl(&sock, &["id"]);
+    server.join().expect("server thread");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "ABCD EFGH IJKL MNOP QRST UVWX YZ23 4567 ABCD EFGH IJKL MNOP QRST",
+        &"0123456789abcdef".repeat(4),
+        "0.0.0.0:58150 [::]:58150",
+        "not bound yet",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+
+    let sock = dir.path().join("control2.sock");
+    let server = serve_once(&sock, false);
+    let out = keibictl(&sock, &["id", "--json"]);
+    server.join().expect("server thread");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let got: PeerIdentity = serde_json::from_slice(&out.stdout).expect("stdout is a PeerIdentity");
+    assert_eq!(got, sample_identity());
+}
+
+#[test]
+fn id_without_syncd_fails_with_the_socket_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("absent.sock");
+    let out = keibictl(&sock, &["id", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("keibictl: ") && err.contains("absent.sock"),
+        "{err}"
+    );
 }

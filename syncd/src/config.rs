@@ -292,8 +292,7 @@ mod tests {
             ("1.2.3.4:70000", "is not IP:PORT"),
             ("1.2.3.4:0", "port 0"),
         ] {
-            let file: FileConfig =
-                toml::from_str(&format!("listen = [{bad:?}]")).expect("toml");
+            let file: FileConfig = toml::from_str(&format!("listen = [{bad:?}]")).expect("toml");
             let err = Config::merge(&Cli::default(), file).expect_err(bad);
             assert!(err.contains(bad) && err.contains(says), "{bad}: {err}");
         }

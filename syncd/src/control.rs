@@ -13,8 +13,8 @@ use crate::census::{self, Census};
 use crate::daemon::Daemon;
 use ipc_schema::service::Control;
 use ipc_schema::{
-    CheckReport, FsError, KEIBI_VERSION, MountStatus, OpInFlight, PROTOCOL_VERSION, PeerIdentity, Status,
-    fs_err,
+    CheckReport, FsError, KEIBI_VERSION, MountStatus, OpInFlight, PROTOCOL_VERSION, PeerIdentity,
+    Status, fs_err,
 };
 use std::sync::Arc;
 use tarpc::context::Context;

@@ -6,8 +6,8 @@
 use crate::census::Census;
 use crate::opens::ConnId;
 use crate::store::Store;
-use ipc_schema::{MountInfo, PeerIdentity};
 use ipc_schema::inflight::InFlight;
+use ipc_schema::{MountInfo, PeerIdentity};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -467,7 +467,10 @@ mod tests {
             matches!(err, IdentityError::Unreadable { .. }),
             "{err:?}: {err}"
         );
-        assert!(err.to_string().contains(&file(dir.path()).display().to_string()));
+        assert!(
+            err.to_string()
+                .contains(&file(dir.path()).display().to_string())
+        );
         assert!(file(dir.path()).is_dir(), "left as it was");
     }
 

@@ -140,13 +140,7 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(EXIT_FAILURE, &format!("cannot start the runtime: {e}")),
     };
-    let result = control_runtime.block_on(run(
-        config,
-        lock,
-        store,
-        identity,
-        fs_runtime.handle(),
-    ));
+    let result = control_runtime.block_on(run(config, lock, store, identity, fs_runtime.handle()));
     // Requests still running after the flush have nobody to answer.
     fs_runtime.shutdown_timeout(FS_SHUTDOWN_WAIT);
     match result {
