@@ -282,11 +282,20 @@ pub fn group(fingerprint: &str) -> String {
         .join(" ")
 }
 
+/// The temp file a new identity is written to before the rename.
+const TMP_NAME: &str = ".identity.tmp";
+
 /// Write `bytes` to `path` so that a crash leaves either nothing or the
 /// whole file: a new temp file (mode 0600) in `dir`, fsync, rename over
-/// `path`, fsync `dir`. The temp file is removed on failure.
+/// `path`, fsync `dir`. A temp file left by a crash is removed first (the
+/// caller holds the state directory's instance lock, so no other syncd is
+/// writing it); it is removed on failure too.
 fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".{FILE_NAME}.tmp.{}", std::process::id()));
+    let tmp = dir.join(TMP_NAME);
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -338,6 +347,19 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names, [FILE_NAME]);
+    }
+
+    #[test]
+    fn a_temp_file_left_by_a_crash_does_not_block_creation() {
+        let dir = state();
+        std::fs::write(dir.path().join(TMP_NAME), b"half written").expect("stale temp");
+        let (_, origin) = Identity::load_or_create(dir.path()).expect("create");
+        assert_eq!(origin, Origin::Created);
+        assert!(!dir.path().join(TMP_NAME).exists(), "stale temp removed");
+        assert_eq!(
+            std::fs::metadata(file(dir.path())).expect("stat").len(),
+            FILE_LEN as u64
+        );
     }
 
     #[test]
