@@ -284,6 +284,21 @@ mod tests {
     }
 
     #[test]
+    fn packaged_example_parses_and_shows_the_default_listen() {
+        // Every commented-out `key = value` line of the example, switched on.
+        let text: String = include_str!("../../packaging/syncd.toml")
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| l.contains(" = ") && !l.starts_with(' '))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(text.contains("listen = "), "{text}");
+        let file: FileConfig = toml::from_str(&text).expect("the example parses");
+        let listen = parse_listen(&file.listen.expect("listen in the example")).expect("valid");
+        assert_eq!(listen, default_listen());
+    }
+
+    #[test]
     fn bad_listen_addresses_are_refused_with_the_address() {
         for (bad, says) in [
             ("localhost:4000", "is not IP:PORT"),

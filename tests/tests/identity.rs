@@ -96,3 +96,38 @@ fn identity_persists_is_private_and_a_corrupt_file_stops_syncd() {
         "syncd stopped before binding its sockets"
     );
 }
+
+#[test]
+fn a_bad_listen_address_stops_syncd_with_a_config_error() {
+    let _w = harness::Watchdog::arm("identity-listen", Duration::from_secs(60));
+    let dir = tempfile::tempdir_in("/tmp").expect("tempdir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let config = dir.path().join("syncd.toml");
+    fs::write(
+        &config,
+        "listen = [\"0.0.0.0:58150\", \"peer.example:58150\"]\n",
+    )
+    .expect("write config");
+    fs::set_permissions(&config, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = run_bounded(
+        harness::daemons::syncd_command(
+            &dir.path().join("state"),
+            &dir.path().join("fs.sock"),
+            &dir.path().join("control.sock"),
+            &dir.path().join("syncd.log"),
+        )
+        .arg("--config")
+        .arg(&config),
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        err.contains("listen address \"peer.example:58150\" is not IP:PORT"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("state").exists(),
+        "nothing made before the config is good"
+    );
+}
