@@ -379,6 +379,11 @@ mod tests {
         h.update(key);
         let expected = BASE32_NOPAD.encode(&h.finalize());
         assert_eq!(fingerprint_of(&key), expected);
+        // The same, computed independently (Python's hashlib and base64).
+        assert_eq!(
+            expected,
+            "5DFF2ROC6H4JLT2FHXKV5SBKYD6A7UKEYESYEDGMISHCIN2INFFQ"
+        );
         assert_eq!(expected.len(), 52);
         assert!(
             expected
