@@ -105,7 +105,8 @@ text = open(sys.argv[1]).read()
 enabled = re.sub(r"(?m)^#([a-z_]+ = )", r"\1", text)
 keys = set(tomllib.loads(enabled))
 want = {"state_dir", "fs_socket", "control_socket", "control_socket_mode",
-        "control_socket_owner", "control_socket_group", "mountd_uid", "share_owner"}
+        "control_socket_owner", "control_socket_group", "mountd_uid", "share_owner",
+        "listen"}
 if keys != want:
     sys.exit(f"syncd.toml keys differ: missing {sorted(want - keys)}, unknown {sorted(keys - want)}")
 if tomllib.loads(text):
