@@ -111,6 +111,10 @@ fn crash(fx: &mut KeibiFixture, kill: Kill) {
     fx.kill9_syncd();
     if kill == Kill::Both {
         fx.kill9_mountd();
+        // Take the dead mount away here, so that only the new mountd's
+        // mount can satisfy the restart's wait (a new mountd clearing a
+        // dead mount is `liveness.rs`'s subject, not this file's).
+        harness::mounts::detach_all(&fx.mnt());
     }
 }
 
