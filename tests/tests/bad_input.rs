@@ -4,8 +4,8 @@
 
 use harness::daemons::control_answers;
 use harness::{
-    OTHER_UID, Options, Pattern, SYNCD_UID, assert_errno, hash_file, hash_reader, run_as,
-    run_bounded, setup,
+    OTHER_UID, Options, Pattern, SYNCD_UID, assert_errno, hash_file, hash_reader, poll_until,
+    run_as, run_bounded, setup,
 };
 use ipc_schema::PROTOCOL_VERSION;
 use ipc_schema::handshake::{self, HandshakeError, Refusal, ServiceKind};
@@ -200,6 +200,20 @@ fn full_state_dir(passthrough: bool) {
         "fsynced file intact"
     );
     fs::remove_file(&filler).expect("unlink the filler on a full state directory");
+    // The filler's space comes back once the kernel forgets the unlinked
+    // inode and syncd has made the free durable (the content file goes
+    // only then). A restart before that would find the disk still full,
+    // and sled cannot open its store on a full disk.
+    let free = |fx: &harness::KeibiFixture| {
+        nix::sys::statvfs::statvfs(&fx.state_dir())
+            .map(|s| s.blocks_available() * s.fragment_size())
+            .unwrap_or(0)
+    };
+    poll_until(
+        "the unlinked filler's space to come back",
+        Duration::from_secs(20),
+        || (free(&fx) >= (at as u64 / 2) << 20).then_some(()),
+    );
     fx.restart_both();
     assert_eq!(
         hash_file(&kept).expect("hash kept after restart"),
