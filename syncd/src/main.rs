@@ -33,6 +33,7 @@ mod fault;
 mod identity;
 mod listener;
 mod opens;
+mod peer;
 mod service;
 mod spares;
 mod store;
