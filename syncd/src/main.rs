@@ -179,7 +179,7 @@ fn main() -> ExitCode {
             reconnect_max: config.peer_reconnect_max,
             peer_timeout: config.peer_timeout,
         },
-        Arc::new(peer::requests::DefaultHandler::default()),
+        Arc::new(peer::requests::DefaultHandler),
     ) {
         Ok(m) => m,
         Err(e) => return fail(EXIT_FAILURE, &format!("cannot load the peers: {e}")),
@@ -195,7 +195,9 @@ fn main() -> ExitCode {
     };
     drop(id);
     for l in listeners {
-        tracing::info!(address = ?l.local_addr().ok(), "listening for peers");
+        if let Ok(address) = l.local_addr() {
+            tracing::info!(%address, "listening for peers");
+        }
         net_runtime.spawn(peer::listen::serve(l, manager.clone()));
     }
     let control_runtime = match tokio::runtime::Builder::new_current_thread()

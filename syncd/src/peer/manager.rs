@@ -618,7 +618,7 @@ impl Manager {
                 })
             })
             .collect();
-        out.sort_by(|a, b| b.age_ms.cmp(&a.age_ms));
+        out.sort_by_key(|op| std::cmp::Reverse(op.age_ms));
         out
     }
 
