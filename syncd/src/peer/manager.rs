@@ -787,3 +787,7 @@ mod tests {
         assert!(keep_new(&d, &c));
     }
 }
+
+#[cfg(test)]
+#[path = "manager_tests.rs"]
+mod pairing_tests;
