@@ -30,6 +30,8 @@ mod transport;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vectors;
 
 use std::io;
 use std::time::Duration;
