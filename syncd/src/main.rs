@@ -25,6 +25,7 @@
 //! and `debug ops` answer while the store is stuck.
 
 mod census;
+mod channel;
 mod config;
 mod content;
 mod control;
