@@ -30,9 +30,9 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// The largest payload of one channel DATA frame, so the largest encoded
-/// message. Equal to `channel::MAX_PAYLOAD` (the channel checks the frame;
-/// this layer never builds a larger message).
-pub const MAX_PAYLOAD: usize = 256 * 1024;
+/// message (the channel checks the frame; this layer never builds a larger
+/// message).
+pub const MAX_PAYLOAD: usize = crate::channel::MAX_PAYLOAD;
 
 /// The largest data of one [`Msg::Chunk`] and of an [`Request::Echo`] or
 /// [`Reply::Echo`]: room for the message's own header inside
@@ -427,6 +427,38 @@ mod tests {
             assert_eq!(bytes[0] as usize, index, "variant index of {}", msg.kind());
             assert_eq!(msg.kind(), MSG_NAMES[index]);
             assert_eq!(&Msg::decode(&bytes).expect("decodes"), msg);
+        }
+    }
+
+    #[test]
+    fn encoding_examples_in_the_protocol_document() {
+        let examples: [(Msg, &[u8]); 4] = [
+            (Msg::Ping { seq: 5 }, &[0x00, 0x05]),
+            (
+                Msg::Request {
+                    id: 1,
+                    timeout_ms: 5000,
+                    req: Request::Ping,
+                },
+                &[0x02, 0x01, 0x88, 0x27, 0x00],
+            ),
+            (
+                Msg::Credit {
+                    id: 1,
+                    bytes: 4 << 20,
+                },
+                &[0x06, 0x01, 0x80, 0x80, 0x80, 0x02],
+            ),
+            (
+                Msg::Chunk {
+                    id: 3,
+                    data: vec![0xaa, 0xbb],
+                },
+                &[0x04, 0x03, 0x02, 0xaa, 0xbb],
+            ),
+        ];
+        for (msg, bytes) in examples {
+            assert_eq!(msg.encode().expect("encodes"), bytes, "{msg:?}");
         }
     }
 
