@@ -29,6 +29,8 @@ mod resolver;
 mod transport;
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod vectors;

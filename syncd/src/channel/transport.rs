@@ -192,6 +192,14 @@ impl Opener {
         }
     }
 
+    /// An opener in the same state with the same key (tests).
+    #[cfg(test)]
+    pub(super) fn clone_for_test(&self) -> Opener {
+        let mut o = Opener::new(self.dir.key.clone(), Arc::clone(&self.own));
+        o.dir.counter = self.dir.counter;
+        o
+    }
+
     /// Open the sealed frame `buf` (as read after `header`) in place: on
     /// success `buf` holds `type || body` and the type is returned. REKEY
     /// is applied here; the caller handles the other types.
