@@ -29,6 +29,8 @@ mod resolver;
 mod transport;
 
 #[cfg(test)]
+mod bench;
+#[cfg(test)]
 mod fuzz;
 #[cfg(test)]
 mod tests;
