@@ -29,6 +29,10 @@ mod resolver;
 mod transport;
 
 #[cfg(test)]
+mod bench;
+#[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod vectors;

@@ -644,3 +644,53 @@ fn rekey_keys_follow_the_documented_derivation() {
     assert_eq!(*next, expect);
     assert_ne!(*next, old);
 }
+
+/// Seal frame(s) with the initiator's sealer and write them raw to the
+/// responder, bypassing `send`.
+async fn inject(i: &mut Established, frames: &[(u8, Vec<u8>)]) {
+    let mut raw = Vec::new();
+    for (ty, body) in frames {
+        i.tx.sealer.seal_one(*ty, body, &mut raw).expect("seal");
+    }
+    i.tx.write_raw(&raw).await.expect("write");
+}
+
+async fn recv_err(r: &mut Established) -> ChannelError {
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), r.rx.recv(&mut buf))
+        .await
+        .expect("bounded")
+        .expect_err("must fail")
+}
+
+#[tokio::test]
+async fn unknown_type_ready_after_handshake_and_rekey_with_body_are_refused() {
+    for (frame, want) in [
+        ((9u8, vec![]), "unknown type 9"),
+        ((2u8, vec![]), "READY frame after the handshake"),
+        ((1u8, vec![0u8; 3]), "REKEY frame 1 has a body of 3 bytes"),
+        ((3u8, vec![b'x'; 1025]), "CLOSE reason of 1025 bytes"),
+    ] {
+        let (mut i, mut r) = established(&cfg()).await;
+        inject(&mut i, &[frame]).await;
+        let err = recv_err(&mut r).await;
+        assert!(
+            matches!(&err, ChannelError::BadFrame(m) if m.contains(want)),
+            "{want}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn close_reason_is_cut_to_1_kib_on_a_char_boundary() {
+    let (mut i, mut r) = established(&cfg()).await;
+    // 'é' is 2 bytes: 1023 of them plus one would pass 1 KiB mid-char.
+    let long = format!("a{}", "é".repeat(1000));
+    i.tx.close(&long).await.expect("close");
+    let err = recv_err(&mut r).await;
+    let ChannelError::Closed(reason) = err else {
+        panic!("{err}");
+    };
+    assert_eq!(reason.len(), 1023);
+    assert!(long.starts_with(&reason));
+}

@@ -120,10 +120,10 @@ fn run(v: &Value) -> Result<(), String> {
         }
         i += 1;
     }
-    if let Some(h) = hex(v, "handshake_hash") {
-        if init.get_handshake_hash() != &h[..] || resp.get_handshake_hash() != &h[..] {
-            return Err(format!("{name}: handshake hash differs"));
-        }
+    if let Some(h) = hex(v, "handshake_hash")
+        && (init.get_handshake_hash() != &h[..] || resp.get_handshake_hash() != &h[..])
+    {
+        return Err(format!("{name}: handshake hash differs"));
     }
     let mut init = init.into_transport_mode().map_err(|e| e.to_string())?;
     let mut resp = resp.into_transport_mode().map_err(|e| e.to_string())?;
