@@ -132,7 +132,7 @@ impl Sealer {
                 || self.key_since.elapsed() >= self.rekey_interval
                 || self.dir.counter >= u64::MAX - 1)
         {
-            self.seal_one(FrameType::Rekey, &[], out)?;
+            self.seal_one(FrameType::Rekey as u8, &[], out)?;
             self.dir.rekey();
             self.under_key = 0;
             self.key_since = Instant::now();
@@ -141,12 +141,13 @@ impl Sealer {
                 **k = *self.dir.key;
             }
         }
-        self.seal_one(ty, body, out)
+        self.seal_one(ty as u8, body, out)
     }
 
-    fn seal_one(
+    /// Seal one frame with type byte `ty` (any byte: tests use unknown ones).
+    pub(super) fn seal_one(
         &mut self,
-        ty: FrameType,
+        ty: u8,
         body: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), ChannelError> {
@@ -160,7 +161,7 @@ impl Sealer {
         let start = out.len();
         out.reserve(HEADER_LEN + sealed_len);
         out.extend_from_slice(&header);
-        out.push(ty as u8);
+        out.push(ty);
         out.extend_from_slice(body);
         let n = self.dir.counter;
         let tag = self
@@ -190,6 +191,14 @@ impl Opener {
             rekeys: 0,
             own,
         }
+    }
+
+    /// An opener in the same state with the same key (tests).
+    #[cfg(test)]
+    pub(super) fn clone_for_test(&self) -> Opener {
+        let mut o = Opener::new(self.dir.key.clone(), Arc::clone(&self.own));
+        o.dir.counter = self.dir.counter;
+        o
     }
 
     /// Open the sealed frame `buf` (as read after `header`) in place: on
@@ -353,6 +362,13 @@ impl SecureSender {
         if self.buf.capacity() > 2 * super::MAX_FRAME {
             self.buf = Vec::new();
         }
+        Ok(())
+    }
+
+    /// Write bytes as they are (tests inject hand-made frames).
+    #[cfg(test)]
+    pub(super) async fn write_raw(&mut self, raw: &[u8]) -> Result<(), ChannelError> {
+        self.w.write_all(raw).await?;
         Ok(())
     }
 
