@@ -387,9 +387,14 @@ async fn run(
     let mut tx = SecureSender::new(w, sealer, 0);
     let mut rx = SecureReceiver::new(r, opener, 0);
     tx.send_frame(FrameType::Ready, &[]).await?;
-    let mut ready = Vec::new();
-    match rx.recv_frame(&mut ready).await {
-        Ok(FrameType::Ready) if ready.len() == 1 => {}
+    match rx.next_frame().await {
+        Ok(FrameType::Ready) if rx.body.len() == 1 => {}
+        Ok(FrameType::Ready) => {
+            return Err(ChannelError::Handshake(format!(
+                "the peer's READY frame has a body of {} bytes",
+                rx.body.len() - 1
+            )));
+        }
         Ok(ty) => {
             return Err(ChannelError::Handshake(format!(
                 "expected the peer's READY frame, got {ty:?}"
