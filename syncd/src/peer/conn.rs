@@ -1524,7 +1524,7 @@ mod tests {
         .await
         .map_err(|_| "neither answered nor closed".to_string())?;
         match outcome {
-            Ok(reply) if reply == Ok(Reply::Pong) => {}
+            Ok(Ok(Reply::Pong)) => {}
             Ok(other) => return Err(format!("probe answered {other:?}")),
             Err(CloseReason::Protocol(_) | CloseReason::Transport(_)) => {}
             Err(other) => return Err(format!("closed for an unexpected reason: {other}")),
