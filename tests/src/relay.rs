@@ -473,7 +473,7 @@ impl Pump {
             if n == 0 {
                 return Ok(());
             }
-            self.forward(&buf[..n].to_vec())?;
+            self.forward(&buf[..n])?;
         }
     }
 }
