@@ -32,6 +32,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 /// How many bytes of each frame (length prefix included) are kept.
 pub const HEAD_LEN: usize = 64;
@@ -148,6 +149,8 @@ struct Shared {
     fault: Option<Fault>,
     /// Set by the pump that applies the fault (once per relay).
     fired: AtomicBool,
+    /// When it was applied.
+    fired_at: Mutex<Option<Instant>>,
     needle: Vec<u8>,
     stopping: AtomicBool,
     /// One record per accepted connection, in order.
@@ -181,6 +184,7 @@ impl Relay {
             upstream,
             fault,
             fired: AtomicBool::new(false),
+            fired_at: Mutex::new(None),
             needle: needle.to_vec(),
             stopping: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
@@ -218,6 +222,11 @@ impl Relay {
     /// Whether the fault has been applied.
     pub fn fault_applied(&self) -> bool {
         self.shared.fired.load(Ordering::SeqCst)
+    }
+
+    /// When the fault was applied, if it was.
+    pub fn fault_applied_at(&self) -> Option<Instant> {
+        *lock(&self.shared.fired_at)
     }
 }
 
@@ -383,6 +392,7 @@ impl Pump {
         if self.shared.fired.swap(true, Ordering::SeqCst) {
             return None;
         }
+        *lock(&self.shared.fired_at) = Some(Instant::now());
         lock(&self.shared.conns)[self.conn].faulted = true;
         Some(fault)
     }

@@ -1,0 +1,248 @@
+//! A network attacker between two paired syncd, played by the test relay
+//! ([`harness::relay`]): alice dials bob through it. A tampered, replayed,
+//! reflected or reordered frame, and a `u32::MAX` length prefix, each close
+//! only that connection: the receiver logs the specific reason, the two
+//! reconnect afterwards (the relay applies its fault once), and bob keeps
+//! serving carol, who is connected to him directly, on the same connection
+//! throughout. The oversize prefix fails at once (not after the keepalive)
+//! and bob's peak memory does not grow by anything like the claimed size.
+//!
+//! A relay without a fault shows what a passive eavesdropper sees: the
+//! bytes of a known plaintext (the `Bulk` pattern that `peer bench`
+//! streams, and the software string of the handshake's Hello) never appear
+//! on the wire.
+
+use harness::Watchdog;
+use harness::peers::{NodeConfig, PeerNode, connect, state, u64_field};
+use harness::relay::{Dir, Fault, Relay};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// alice → relay → bob, and carol → bob directly.
+struct Setup {
+    alice: PeerNode,
+    bob: PeerNode,
+    carol: PeerNode,
+    relay: Relay,
+}
+
+fn setup(cfg: NodeConfig, fault: Option<Fault>, needle: &[u8]) -> Setup {
+    let alice = PeerNode::start("alice", cfg.clone());
+    let bob = PeerNode::start("bob", cfg.clone());
+    let carol = PeerNode::start("carol", NodeConfig::default());
+    let relay = Relay::start(bob.addr().parse().expect("bob's address"), fault, needle);
+    alice.peer_add(bob.fingerprint(), Some(&relay.addr()), Some("bob"));
+    bob.add(&alice, false);
+    connect(&carol, &bob);
+    Setup {
+        alice,
+        bob,
+        carol,
+        relay,
+    }
+}
+
+/// Run `fault` and check that the node on the receiving side logs a line
+/// with `reason`, the connection closes and comes back, and carol's
+/// connection to bob is untouched.
+fn fault_closes_only_that_connection(
+    name: &str,
+    fault: Fault,
+    detector_is_bob: bool,
+    reason: &str,
+) {
+    let _w = Watchdog::arm(name, Duration::from_secs(180));
+    let s = setup(NodeConfig::default(), Some(fault), b"");
+    // carol's connection as bob sees it (carol's port changes if she
+    // reconnects).
+    let carol_at_bob = s.bob.wait_connected(&s.carol, WAIT);
+    harness::poll_until("the relay to apply its fault", WAIT, || {
+        s.relay.fault_applied().then_some(())
+    });
+    let detector = if detector_is_bob { &s.bob } else { &s.alice };
+    let line = {
+        let log = detector.wait_log(&format!("{reason:?}"), WAIT, |log| log.contains(reason));
+        log.lines()
+            .find(|l| l.contains(reason))
+            .expect("found above")
+            .to_string()
+    };
+    eprintln!("{}: {line}", detector.name());
+    // The faulted connection is gone and a new one came up through the
+    // relay.
+    harness::poll_until("alice and bob to reconnect", WAIT, || {
+        let pa = s.alice.peer(s.bob.fingerprint())?;
+        let pb = s.bob.peer(s.alice.fingerprint())?;
+        (s.relay.connections() >= 2 && state(&pa) == "connected" && state(&pb) == "connected")
+            .then_some(())
+    });
+    let records = s.relay.records();
+    assert!(records[0].faulted, "the first connection took the fault");
+    assert!(!records[1..].iter().any(|r| r.faulted));
+    // carol: still connected to bob on the same TCP connection, and bob
+    // still answers her.
+    let now = s.bob.peer(s.carol.fingerprint()).expect("carol listed");
+    assert_eq!(state(&now), "connected", "{now}");
+    assert_eq!(
+        now["remote_addr"], carol_at_bob["remote_addr"],
+        "same connection"
+    );
+    let r = s.carol.bench(s.bob.fingerprint(), 256 * 1024, 1);
+    assert_eq!(u64_field(&r, "bytes"), 256 * 1024, "{r}");
+    // And the new alice–bob connection works.
+    let r = s.alice.bench(s.bob.fingerprint(), 256 * 1024, 1);
+    assert_eq!(u64_field(&r, "bytes"), 256 * 1024, "{r}");
+}
+
+#[test]
+fn a_tampered_frame_closes_only_that_connection() {
+    fault_closes_only_that_connection(
+        "peer-tamper-flip",
+        Fault::FlipBit {
+            dir: Dir::Out,
+            frame: 2,
+        },
+        true,
+        "failed authentication",
+    );
+}
+
+#[test]
+fn a_replayed_frame_closes_only_that_connection() {
+    fault_closes_only_that_connection(
+        "peer-tamper-replay",
+        Fault::Replay {
+            dir: Dir::Out,
+            frame: 2,
+        },
+        true,
+        "is a replay of frame 2",
+    );
+}
+
+#[test]
+fn a_reflected_frame_closes_only_that_connection() {
+    // bob's frame 2 to alice is also sent back to bob.
+    fault_closes_only_that_connection(
+        "peer-tamper-reflect",
+        Fault::Reflect {
+            dir: Dir::Back,
+            frame: 2,
+        },
+        true,
+        "is a reflection of our own frame",
+    );
+}
+
+#[test]
+fn reordered_frames_close_only_that_connection() {
+    fault_closes_only_that_connection(
+        "peer-tamper-swap",
+        Fault::Swap {
+            dir: Dir::Out,
+            frame: 2,
+        },
+        true,
+        "arrived out of order",
+    );
+}
+
+#[test]
+fn an_oversize_length_fails_at_once_without_allocating_it() {
+    let _w = Watchdog::arm("peer-tamper-oversize", Duration::from_secs(180));
+    // A keepalive of 20 s: the close must come from the length check, well
+    // before the keepalive could end the connection.
+    let cfg = NodeConfig {
+        peer_timeout: Duration::from_secs(20),
+        ..NodeConfig::default()
+    };
+    let s = setup(
+        cfg,
+        Some(Fault::Oversize {
+            dir: Dir::Out,
+            frame: 1,
+        }),
+        b"",
+    );
+    let carol_at_bob = s.bob.wait_connected(&s.carol, WAIT);
+    s.bob.wait_connected(&s.alice, WAIT);
+    let hwm_before = s.bob.vm_hwm_kib();
+    // Frame 1 is alice's first after READY: a keepalive ping within
+    // peer_timeout / 4, or sooner.
+    harness::poll_until("the relay to inject the length", WAIT, || {
+        s.relay.fault_applied().then_some(())
+    });
+    let at = s.relay.fault_applied_at().expect("applied");
+    s.bob
+        .try_wait_disconnected(&s.alice, Duration::from_secs(10))
+        .expect("bob drops alice within 10 s of the bad length (keepalive is 20 s)");
+    let took = at.elapsed();
+    let reason = format!("frame length {} is over the limit", u32::MAX);
+    s.bob.wait_log(&reason, WAIT, |log| log.contains(&reason));
+    let hwm_after = s.bob.vm_hwm_kib();
+    assert!(
+        hwm_after < hwm_before + 32 * 1024,
+        "bob's VmHWM grew from {hwm_before} KiB to {hwm_after} KiB after a 4 GiB length prefix"
+    );
+    eprintln!("closed within {took:?}; VmHWM {hwm_before} -> {hwm_after} KiB");
+    // The other peer is untouched, and alice comes back.
+    let now = s.bob.peer(s.carol.fingerprint()).expect("carol listed");
+    assert_eq!(state(&now), "connected");
+    assert_eq!(
+        now["remote_addr"], carol_at_bob["remote_addr"],
+        "same connection"
+    );
+    let r = s.carol.bench(s.bob.fingerprint(), 256 * 1024, 1);
+    assert_eq!(u64_field(&r, "bytes"), 256 * 1024, "{r}");
+    s.alice.wait_connected(&s.bob, WAIT);
+    s.bob.wait_connected(&s.alice, WAIT);
+}
+
+/// 64 bytes of the `Bulk` stream's pattern (byte i is i mod 251) from
+/// offset 1000, the way syncd's peer messages define it.
+fn bulk_pattern_sample() -> Vec<u8> {
+    (1000u64..1064).map(|i| (i % 251) as u8).collect()
+}
+
+#[test]
+fn a_known_plaintext_never_appears_on_the_wire() {
+    let _w = Watchdog::arm("peer-wire-plaintext", Duration::from_secs(180));
+    let needle = bulk_pattern_sample();
+    let s = setup(NodeConfig::default(), None, &needle);
+    s.alice.wait_connected(&s.bob, WAIT);
+    let bytes: u64 = 4 << 20;
+    let r = s.alice.bench(s.bob.fingerprint(), bytes, 2);
+    assert_eq!(u64_field(&r, "bytes"), bytes, "{r}");
+    let rec = s.relay.records();
+    assert_eq!(rec.len(), 1, "one connection");
+    let back = &rec[0].back;
+    assert!(
+        back.bytes >= bytes,
+        "the bench's data went through the relay: {} bytes",
+        back.bytes
+    );
+    assert_eq!(back.needle_hits, 0, "the Bulk pattern appeared in clear");
+    assert_eq!(rec[0].out.needle_hits, 0);
+    // The Hello's software string travels encrypted in handshake messages
+    // 2 and 3.
+    let software = format!("keibi-syncd {}", env!("CARGO_PKG_VERSION"));
+    for m in rec[0].out.handshake.iter().chain(&rec[0].back.handshake) {
+        assert!(
+            !m.windows(software.len()).any(|w| w == software.as_bytes()),
+            "{software:?} in a handshake message"
+        );
+    }
+    assert_eq!(rec[0].out.handshake.len(), 2);
+    assert_eq!(rec[0].back.handshake.len(), 1);
+    // No frame starts with a length the sealed data does not explain, and
+    // no frame header shows a plaintext message type: every frame is at
+    // least a type byte and a 16-byte tag long.
+    for head in rec[0].out.heads.iter().chain(&rec[0].back.heads) {
+        let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes"));
+        assert!(
+            len >= 17,
+            "a frame of {len} bytes is too short to be sealed"
+        );
+    }
+}
