@@ -185,3 +185,45 @@ fn a_man_in_the_middle_is_refused_by_both_victims() {
     assert_eq!(snapshot(&a), a_before);
     assert_eq!(snapshot(&b), b_before);
 }
+
+#[test]
+fn a_handshake_flood_does_not_disturb_an_established_peer() {
+    let _w = Watchdog::arm("peer-flood", Duration::from_secs(180));
+    let a = PeerNode::start("alice", NodeConfig::default());
+    let b = PeerNode::start("bob", NodeConfig::default());
+    connect(&a, &b);
+    let alice_at_bob = b.peer(a.fingerprint()).expect("alice listed");
+    // 200 connections to bob's port: half say nothing, half send a
+    // handshake message of the largest length with garbage in it.
+    let mut flood = Vec::new();
+    for i in 0..200 {
+        let Ok(mut s) = std::net::TcpStream::connect(b.addr()) else {
+            continue;
+        };
+        if i % 2 == 1 {
+            use std::io::Write;
+            let mut junk = vec![0xffu8, 0xff];
+            junk.extend(std::iter::repeat_n(0x42u8, 65535));
+            let _ = s.write_all(&junk);
+        }
+        flood.push(s);
+    }
+    assert!(flood.len() >= 100, "opened {} connections", flood.len());
+    b.wait_log("the handshake limit at work", WAIT, |log| {
+        log.contains("too many peer handshakes")
+    });
+    // The established connection is untouched and works.
+    let now = b.peer(a.fingerprint()).expect("alice listed");
+    assert_eq!(state(&now), "connected", "{now}");
+    assert_eq!(
+        now["remote_addr"], alice_at_bob["remote_addr"],
+        "same connection"
+    );
+    let r = a.bench(b.fingerprint(), 256 * 1024, 1);
+    assert_eq!(r["bytes"].as_u64(), Some(256 * 1024), "{r}");
+    // Once the flood is gone, a new paired peer gets in.
+    drop(flood);
+    let c = PeerNode::start("carol", NodeConfig::default());
+    connect(&c, &b);
+    assert!(b.peers().len() == 2);
+}

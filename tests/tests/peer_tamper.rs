@@ -246,3 +246,43 @@ fn a_known_plaintext_never_appears_on_the_wire() {
         );
     }
 }
+
+#[test]
+fn a_stalled_connection_is_detected_and_replaced() {
+    let _w = Watchdog::arm("peer-tamper-stall", Duration::from_secs(180));
+    let cfg = NodeConfig::default();
+    let bound = cfg.peer_timeout * 3;
+    // From alice's frame 2 on, the relay forwards nothing either way but
+    // keeps both sockets open: a silent network, not a closed one.
+    let s = setup(
+        cfg,
+        Some(Fault::Stall {
+            dir: Dir::Out,
+            frame: 2,
+        }),
+        b"",
+    );
+    harness::poll_until("the relay to stall", WAIT, || {
+        s.relay.fault_applied().then_some(())
+    });
+    let pa = s
+        .alice
+        .try_wait_disconnected(&s.bob, bound)
+        .expect("alice notices the silent connection within 3 × peer_timeout");
+    s.bob
+        .try_wait_disconnected(&s.alice, bound)
+        .expect("bob notices it too");
+    assert!(pa["last_error"].as_str().is_some(), "{pa}");
+    harness::poll_until("a new connection through the relay", WAIT, || {
+        let pa = s.alice.peer(s.bob.fingerprint())?;
+        let pb = s.bob.peer(s.alice.fingerprint())?;
+        (s.relay.connections() >= 2 && state(&pa) == "connected" && state(&pb) == "connected")
+            .then_some(())
+    });
+    let r = s.alice.bench(s.bob.fingerprint(), 256 * 1024, 1);
+    assert_eq!(u64_field(&r, "bytes"), 256 * 1024, "{r}");
+    assert_eq!(
+        state(&s.bob.peer(s.carol.fingerprint()).expect("carol listed")),
+        "connected"
+    );
+}
