@@ -198,3 +198,33 @@ fn errors_have_their_exit_status_and_name_what_is_wrong() {
     let out = a.ctl(&["peer", "list", "--json"]);
     assert_exit(&out, 1, "peer list with syncd stopped");
 }
+
+#[test]
+fn an_unprivileged_user_cannot_pair_or_list_peers() {
+    let _w = Watchdog::arm("peer-cli-unprivileged", Duration::from_secs(60));
+    let a = PeerNode::start("alice", NodeConfig::default());
+    let b = PeerNode::start("bob", NodeConfig::default());
+    // The control socket is 0660 nobody:nogroup here; OTHER_UID is in
+    // neither.
+    let keibictl = harness::binaries::binary("keibictl");
+    for args in [
+        format!("peer add {} --json", b.fingerprint()),
+        "peer list --json".to_string(),
+    ] {
+        let out = harness::run_as(
+            harness::OTHER_UID,
+            &format!(
+                "{} --socket {} {args}",
+                keibictl.display(),
+                a.control_socket().display()
+            ),
+        );
+        assert_exit(&out, 1, &format!("keibictl {args} as uid {}", harness::OTHER_UID));
+        assert!(
+            stderr(&out).to_lowercase().contains("permission denied"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(a.peers(), Vec::<Value>::new(), "nothing was added");
+}
