@@ -106,7 +106,8 @@ enabled = re.sub(r"(?m)^#([a-z_]+ = )", r"\1", text)
 keys = set(tomllib.loads(enabled))
 want = {"state_dir", "fs_socket", "control_socket", "control_socket_mode",
         "control_socket_owner", "control_socket_group", "mountd_uid", "share_owner",
-        "listen"}
+        "listen", "peer_timeout", "peer_reconnect_max", "peer_rekey_bytes",
+        "peer_rekey_interval"}
 if keys != want:
     sys.exit(f"syncd.toml keys differ: missing {sorted(want - keys)}, unknown {sorted(keys - want)}")
 if tomllib.loads(text):

@@ -125,6 +125,28 @@ pub trait Control {
     /// This syncd's peer identity: its fingerprint, public key and the
     /// configured listen addresses (protocol version 4).
     async fn identity() -> PeerIdentity;
+    /// Pair with a peer, or change the address and name of one already
+    /// added: syncd dials `addr` when given, and accepts the peer's
+    /// connections from now on (protocol version 5).
+    async fn peer_add(
+        fingerprint: String,
+        addr: Option<String>,
+        name: Option<String>,
+    ) -> Result<PeerInfo, PeerCtlError>;
+    /// Every paired peer and its connection, by fingerprint.
+    async fn peer_list() -> Vec<PeerInfo>;
+    /// Unpair a peer: its connection is closed at once and it is neither
+    /// dialed nor accepted any more. Answers what it was.
+    async fn peer_remove(fingerprint: String) -> Result<PeerInfo, PeerCtlError>;
+    /// Ask the connected peer for `bytes` of test data over `streams`
+    /// concurrent streams and time it.
+    async fn peer_bench(
+        fingerprint: String,
+        bytes: u64,
+        streams: u32,
+    ) -> Result<BenchReport, PeerCtlError>;
+    /// The peer requests in flight (sent and served), oldest first.
+    async fn debug_peer_ops() -> Vec<PeerOpInFlight>;
 }
 
 /// The debug service: keibictl → keibi-mountd, on the mount's ops socket

@@ -471,8 +471,113 @@ pub struct PeerIdentity {
     pub fingerprint: String,
     /// The X25519 static public key, 64 lower-case hex digits.
     pub public_key: String,
-    /// The configured peer listen addresses (`listen` in syncd.toml);
-    /// empty means dial only. Reported, not yet bound: the peer channel
-    /// is not built yet.
+    /// The peer listen addresses (`listen` in syncd.toml), all bound
+    /// (syncd does not start when one cannot be); empty means dial only.
     pub listen: Vec<String>,
+}
+
+/// One paired peer and its connection, for `keibictl peer list`
+/// (`Control::peer_list`, `peer_add`, `peer_remove`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The peer's fingerprint, 52 characters, not grouped.
+    pub fingerprint: String,
+    /// The name given with `peer add --name`.
+    pub name: Option<String>,
+    /// Where syncd dials it (`host:port` or `host`); `None`: it never
+    /// dials this peer and waits for it to connect.
+    pub addr: Option<String>,
+    /// `connected`, `connecting` (a dial or handshake under way),
+    /// `waiting` (backing off until `next_attempt_ms`) or `idle` (no
+    /// address and not connected: waiting for the peer to dial).
+    pub state: String,
+    /// Who dialed the live connection: `outbound` (this syncd) or
+    /// `inbound` (the peer); `None` when not connected.
+    pub direction: Option<String>,
+    /// The peer's IP address and port of the live connection.
+    pub remote_addr: Option<String>,
+    /// When data last arrived from the peer (Unix time, milliseconds);
+    /// kept across restarts.
+    pub last_seen_unix_ms: Option<u64>,
+    /// Smoothed round-trip time of the keepalive pings, microseconds.
+    pub rtt_us: Option<u64>,
+    /// Bytes sent on the live connection (frame payloads).
+    pub bytes_sent: u64,
+    /// Bytes received on the live connection (frame payloads).
+    pub bytes_received: u64,
+    /// The peer protocol version negotiated on the live connection.
+    pub protocol_version: Option<u32>,
+    /// Key changes on the live connection, both directions together.
+    pub rekeys: u64,
+    /// Why the last connection or attempt ended, when it did.
+    pub last_error: Option<String>,
+    /// Milliseconds until the next dial, while `waiting`.
+    pub next_attempt_ms: Option<u64>,
+}
+
+/// Why a peer command failed (`Control::peer_add`, `peer_remove`,
+/// `peer_bench`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum PeerCtlError {
+    /// The fingerprint is not 52 base32 characters that decode to 32
+    /// bytes; says what is wrong.
+    BadFingerprint(String),
+    /// No peer with this fingerprint was added.
+    UnknownPeer(String),
+    /// The fingerprint is this syncd's own.
+    IsSelf,
+    /// The address is not `host:port` or `host`; says what is wrong.
+    BadAddress(String),
+    /// The peer is not connected now (the fingerprint).
+    NotConnected(String),
+    /// Anything else (the store failed, the bench's requests failed).
+    Failed(String),
+}
+
+impl fmt::Display for PeerCtlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerCtlError::BadFingerprint(why) => write!(f, "bad fingerprint: {why}"),
+            PeerCtlError::UnknownPeer(fp) => write!(f, "no peer {fp} was added"),
+            PeerCtlError::IsSelf => write!(f, "this is this machine's own fingerprint"),
+            PeerCtlError::BadAddress(why) => write!(f, "bad address: {why}"),
+            PeerCtlError::NotConnected(fp) => write!(f, "peer {fp} is not connected"),
+            PeerCtlError::Failed(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+impl std::error::Error for PeerCtlError {}
+
+/// The answer of `Control::peer_bench`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct BenchReport {
+    /// Payload bytes received.
+    pub bytes: u64,
+    /// Concurrent streams.
+    pub streams: u32,
+    /// From the first request sent to the last byte received.
+    pub seconds: f64,
+    /// `bytes / seconds / 1e6`.
+    pub mb_per_s: f64,
+    /// Key changes on the connection during the bench, both directions.
+    pub rekeys: u64,
+}
+
+/// A peer request in flight, for `keibictl debug ops`
+/// (`Control::debug_peer_ops`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PeerOpInFlight {
+    /// The peer's fingerprint.
+    pub peer: String,
+    /// The peer's name, if it was given one.
+    pub name: Option<String>,
+    /// The request (`Ping`, `Echo`, `Bulk`, ...).
+    pub request: String,
+    /// True when this syncd asked; false when it serves the peer.
+    pub outgoing: bool,
+    /// Milliseconds since it started.
+    pub age_ms: u64,
+    /// Bytes moved so far.
+    pub bytes: u64,
 }

@@ -4,6 +4,12 @@
 //! keibictl [--socket PATH] [--timeout DURATION] status [--json]
 //! keibictl [--socket PATH] [--timeout DURATION] check [--repair] [--json]
 //! keibictl [--socket PATH] [--timeout DURATION] id [--json]
+//! keibictl [--socket PATH] [--timeout DURATION] peer add FINGERPRINT [--addr HOST:PORT]
+//!          [--name NAME] [--json]
+//! keibictl [--socket PATH] [--timeout DURATION] peer list [--json]
+//! keibictl [--socket PATH] [--timeout DURATION] peer remove FINGERPRINT [--json]
+//! keibictl [--socket PATH] peer bench FINGERPRINT [--bytes SIZE] [--streams N]
+//!          [--time-limit DURATION] [--json]
 //! keibictl [--socket PATH] [--timeout DURATION] debug ops [--mount MOUNTPOINT ...]
 //!          [--mountd-socket PATH ...] [--lock-dir DIR] [--json]
 //! keibictl [--timeout DURATION] debug passthrough (--mount MOUNTPOINT | --mountd-socket PATH)
@@ -63,11 +69,74 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pair with other machines, list them and their connections, unpair.
+    Peer {
+        /// What to do.
+        #[command(subcommand)]
+        what: PeerCommand,
+    },
     /// Look inside the daemons.
     Debug {
         /// What to look at.
         #[command(subcommand)]
         what: DebugCommand,
+    },
+}
+
+/// `keibictl peer ...`.
+#[derive(Subcommand, Debug)]
+pub enum PeerCommand {
+    /// Pair with a machine: accept its connections, and dial it when an
+    /// address is given. Both machines must add each other. Adding a peer
+    /// again changes its address and name.
+    Add {
+        /// The peer's fingerprint, as its `keibictl id` shows it (groups,
+        /// spaces, dashes and case do not matter).
+        fingerprint: String,
+        /// Where to dial it: HOST:PORT, or HOST for port 58150. Without
+        /// it, this machine waits for the peer to dial.
+        #[arg(long, value_name = "HOST:PORT")]
+        addr: Option<String>,
+        /// A name for the peer, shown by `peer list`.
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the peer as JSON (one object).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every paired peer: name, fingerprint, address, state, last seen,
+    /// round-trip time, bytes sent and received, protocol version.
+    List {
+        /// Print a JSON array of peers instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unpair a peer: its connection is closed at once, and it is neither
+    /// dialed nor accepted any more.
+    Remove {
+        /// The peer's fingerprint.
+        fingerprint: String,
+        /// Print the removed peer as JSON (one object).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the channel to a connected peer: ask it for `--bytes` of
+    /// test data over `--streams` concurrent streams and report MB/s.
+    Bench {
+        /// The peer's fingerprint.
+        fingerprint: String,
+        /// How much data, in total (e.g. `1GiB`, `512MiB`, `100MB`, `4096`).
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        bytes: u64,
+        /// Concurrent streams (1 to 64).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        streams: u32,
+        /// The bound on the whole bench (it replaces `--timeout`).
+        #[arg(long, default_value = "2m", value_parser = parse_duration)]
+        time_limit: Duration,
+        /// Print the report as JSON (one object).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -124,9 +193,146 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A byte count: digits, optionally followed by `B`, `K`/`KB` (1000),
+/// `KiB` (1024), `M`/`MB`, `MiB`, `G`/`GB`, `GiB`, `T`/`TB`, `TiB`
+/// (case-insensitive, spaces allowed). Zero is refused.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 1GiB, 512MiB, 100MB or 4096"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1000 * 1000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1000 * 1000 * 1000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1000 * 1000 * 1000 * 1000,
+        "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)"
+            ));
+        }
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err("the size must be greater than zero".into()),
+        Some(v) => Ok(v),
+        None => Err(format!("{s:?} is too large")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_commands_parse() {
+        let a = Args::try_parse_from([
+            "keibictl",
+            "peer",
+            "add",
+            "ABCD EFGH",
+            "--addr",
+            "host:1",
+            "--name",
+            "desk",
+            "--json",
+        ])
+        .expect("parse");
+        match a.command {
+            Command::Peer {
+                what:
+                    PeerCommand::Add {
+                        fingerprint,
+                        addr,
+                        name,
+                        json,
+                    },
+            } => {
+                assert_eq!(fingerprint, "ABCD EFGH");
+                assert_eq!(addr.as_deref(), Some("host:1"));
+                assert_eq!(name.as_deref(), Some("desk"));
+                assert!(json);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let a = Args::try_parse_from(["keibictl", "peer", "bench", "FP"]).expect("parse");
+        assert!(matches!(
+            a.command,
+            Command::Peer {
+                what: PeerCommand::Bench {
+                    bytes: 1073741824,
+                    streams: 1,
+                    json: false,
+                    ..
+                }
+            }
+        ));
+        let a = Args::try_parse_from([
+            "keibictl",
+            "peer",
+            "bench",
+            "FP",
+            "--bytes",
+            "100MB",
+            "--streams",
+            "4",
+        ])
+        .expect("parse");
+        assert!(matches!(
+            a.command,
+            Command::Peer {
+                what: PeerCommand::Bench {
+                    bytes: 100_000_000,
+                    streams: 4,
+                    ..
+                }
+            }
+        ));
+        assert!(
+            Args::try_parse_from(["keibictl", "peer", "bench", "FP", "--streams", "0"]).is_err()
+        );
+        assert!(
+            Args::try_parse_from(["keibictl", "peer", "bench", "FP", "--streams", "65"]).is_err()
+        );
+        assert!(Args::try_parse_from(["keibictl", "peer", "add"]).is_err());
+        assert!(matches!(
+            Args::try_parse_from(["keibictl", "peer", "list", "--json"])
+                .expect("parse")
+                .command,
+            Command::Peer {
+                what: PeerCommand::List { json: true }
+            }
+        ));
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("1 gib"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("100MB"), Ok(100_000_000));
+        assert_eq!(parse_size("3k"), Ok(3000));
+        assert_eq!(parse_size("2TiB"), Ok(2 << 40));
+        for bad in [
+            "",
+            "0",
+            "0MiB",
+            "GiB",
+            "1.5GiB",
+            "1 parsec",
+            "-1",
+            "99999999999TiB",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn defaults() {

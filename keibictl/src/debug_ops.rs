@@ -13,11 +13,15 @@
 //! fixed-length hash of the path, so any mountpoint's socket fits in
 //! `sun_path`).
 //!
+//! syncd is also asked for its peer requests in flight
+//! (`Control::debug_peer_ops`: requests this machine sent to its peers and
+//! requests it serves for them, with peer, age and bytes so far).
+//!
 //! The answer succeeds when at least one source answered; a source that did
 //! not is named on one line, and the others are still shown.
 
-use ipc_schema::OpInFlight;
 use ipc_schema::transport::{connect_control, connect_mount_debug, context_with_timeout};
+use ipc_schema::{OpInFlight, PeerOpInFlight};
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -37,6 +41,8 @@ pub struct Targets {
 pub struct Report {
     /// syncd's requests in flight.
     pub syncd: Result<Vec<OpInFlight>, String>,
+    /// syncd's peer requests in flight.
+    pub peers: Result<Vec<PeerOpInFlight>, String>,
     /// Each mount (its mountpoint, or the socket named) and its operations.
     pub mounts: Vec<(String, Result<Vec<OpInFlight>, String>)>,
 }
@@ -44,7 +50,7 @@ pub struct Report {
 impl Report {
     /// Whether any source answered.
     pub fn any_answer(&self) -> bool {
-        self.syncd.is_ok() || self.mounts.iter().any(|(_, r)| r.is_ok())
+        self.syncd.is_ok() || self.peers.is_ok() || self.mounts.iter().any(|(_, r)| r.is_ok())
     }
 }
 
@@ -60,13 +66,32 @@ pub async fn gather(control: &Path, targets: &Targets, timeout: Duration) -> Rep
         sources.push((s.display().to_string(), s.clone()));
     }
     let syncd = syncd_ops(control, timeout);
+    let peers = peer_ops(control, timeout);
     let mounts = futures::future::join_all(
         sources
             .into_iter()
             .map(|(label, sock)| async move { (label, mount_ops(&sock, timeout).await) }),
     );
-    let (syncd, mounts) = tokio::join!(syncd, mounts);
-    Report { syncd, mounts }
+    let (syncd, peers, mounts) = tokio::join!(syncd, peers, mounts);
+    Report {
+        syncd,
+        peers,
+        mounts,
+    }
+}
+
+async fn peer_ops(control: &Path, timeout: Duration) -> Result<Vec<PeerOpInFlight>, String> {
+    let exchange = async {
+        let client = connect_control(control).await.map_err(|e| e.to_string())?;
+        client
+            .debug_peer_ops(context_with_timeout(timeout))
+            .await
+            .map_err(|e| rpc_reason(timeout, e))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err(no_answer(timeout)),
+    }
 }
 
 async fn syncd_ops(control: &Path, timeout: Duration) -> Result<Vec<OpInFlight>, String> {
@@ -117,6 +142,7 @@ fn no_answer(timeout: Duration) -> String {
 pub fn table(report: &Report) -> String {
     let mut out = String::new();
     section(&mut out, "keibi-syncd", &report.syncd);
+    peer_section(&mut out, &report.peers);
     for (label, r) in &report.mounts {
         section(&mut out, &format!("keibi-mountd {label}"), r);
     }
@@ -172,8 +198,51 @@ fn section(out: &mut String, source: &str, r: &Result<Vec<OpInFlight>, String>) 
     out.push('\n');
 }
 
-/// The report as one JSON object: `{"syncd": [...] | null, "mounts":
-/// {"<mountpoint>": [...] | null}}` (null: the source did not answer).
+fn peer_section(out: &mut String, r: &Result<Vec<PeerOpInFlight>, String>) {
+    match r {
+        Err(why) => {
+            let _ = writeln!(out, "keibi-syncd peers: {why}");
+        }
+        Ok(ops) if ops.is_empty() => {
+            let _ = writeln!(out, "keibi-syncd peers: nothing in flight");
+        }
+        Ok(ops) => {
+            let mut rows =
+                vec![["PEER", "NAME", "REQUEST", "DIRECTION", "AGE", "BYTES"].map(String::from)];
+            for op in ops {
+                rows.push([
+                    crate::render::grouped(&op.peer),
+                    op.name.clone().unwrap_or_else(|| "-".into()),
+                    op.request.clone(),
+                    if op.outgoing { "sent" } else { "serving" }.into(),
+                    format!("{}ms", op.age_ms),
+                    op.bytes.to_string(),
+                ]);
+            }
+            let mut widths = [0usize; 6];
+            for row in &rows {
+                for (w, cell) in widths.iter_mut().zip(row) {
+                    *w = (*w).max(cell.chars().count());
+                }
+            }
+            for row in &rows {
+                let line = row
+                    .iter()
+                    .zip(widths)
+                    .map(|(cell, w)| format!("{cell:<w$}"))
+                    .collect::<Vec<_>>()
+                    .join("  ");
+                out.push_str(line.trim_end());
+                out.push('\n');
+            }
+        }
+    }
+    out.push('\n');
+}
+
+/// The report as one JSON object: `{"syncd": [...] | null, "peers": [...]
+/// | null, "mounts": {"<mountpoint>": [...] | null}}` (null: the source
+/// did not answer).
 pub fn json(report: &Report) -> Result<String, String> {
     let mounts: serde_json::Map<String, serde_json::Value> = report
         .mounts
@@ -182,6 +251,10 @@ pub fn json(report: &Report) -> Result<String, String> {
         .collect::<Result<_, String>>()?;
     let v = serde_json::json!({
         "syncd": ops_json(&report.syncd)?,
+        "peers": match &report.peers {
+            Ok(ops) => serde_json::to_value(ops).map_err(|e| format!("cannot encode as JSON: {e}"))?,
+            Err(_) => serde_json::Value::Null,
+        },
         "mounts": mounts,
     });
     let mut s = serde_json::to_string_pretty(&v)
@@ -202,6 +275,9 @@ pub fn failures(report: &Report) -> Vec<String> {
     let mut out = Vec::new();
     if let Err(e) = &report.syncd {
         out.push(format!("keibi-syncd: {e}"));
+    }
+    if let Err(e) = &report.peers {
+        out.push(format!("keibi-syncd peers: {e}"));
     }
     for (label, r) in &report.mounts {
         if let Err(e) = r {
@@ -229,6 +305,7 @@ mod tests {
     fn a_silent_syncd_is_one_line_and_mounts_still_show() {
         let r = Report {
             syncd: Err(no_answer(Duration::from_secs(5))),
+            peers: Err(no_answer(Duration::from_secs(5))),
             mounts: vec![("/mnt/keibi".into(), Ok(vec![op("lookup")]))],
         };
         assert!(r.any_answer());
@@ -265,9 +342,40 @@ mod tests {
     fn no_answer_anywhere_is_a_failure() {
         let r = Report {
             syncd: Err("cannot connect".into()),
+            peers: Err("cannot connect".into()),
             mounts: vec![("/mnt/keibi".into(), Err("cannot connect".into()))],
         };
         assert!(!r.any_answer());
-        assert_eq!(failures(&r).len(), 2);
+        assert_eq!(failures(&r).len(), 3);
+    }
+
+    #[test]
+    fn peer_requests_are_listed_under_peers() {
+        let r = Report {
+            syncd: Ok(Vec::new()),
+            peers: Ok(vec![PeerOpInFlight {
+                peer: "B".repeat(52),
+                name: Some("desk".into()),
+                request: "Bulk".into(),
+                outgoing: true,
+                age_ms: 250,
+                bytes: 4096,
+            }]),
+            mounts: Vec::new(),
+        };
+        let t = table(&r);
+        let row = t.lines().find(|l| l.contains("Bulk")).expect("row");
+        assert!(row.contains(&["BBBB"; 13].join(" ")), "{t}");
+        assert!(
+            row.contains("desk")
+                && row.contains("sent")
+                && row.contains("250ms")
+                && row.contains("4096"),
+            "{t}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&json(&r).expect("json")).expect("parse");
+        assert_eq!(v["peers"][0]["request"], "Bulk");
+        assert_eq!(v["peers"][0]["outgoing"], true);
+        assert_eq!(v["peers"][0]["bytes"], 4096);
     }
 }

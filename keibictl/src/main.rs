@@ -17,15 +17,21 @@
 //! `check` asks syncd to scan its store ([`render::check_text`] shows the
 //! report).
 //!
+//! `peer add|list|remove|bench` pair with other machines and show their
+//! connections ([`peers`]).
+//!
 //! Exit status: 0 when the command succeeded; 1 with one line
 //! `keibictl: <reason>` on stderr when syncd could not be reached, refused
 //! the connection or did not answer in time, and for `check` when
 //! inconsistencies were found (and, with `--repair`, some are left); 2 for
-//! a bad command line (clap's own convention).
+//! a bad command line (clap's own convention), and for a bad fingerprint
+//! or address in a `peer` command; 3 when a `peer` command names a peer
+//! that was never added, or `peer bench` one that is not connected.
 
 mod cli;
 mod debug_ops;
 mod passthrough;
+mod peers;
 mod query;
 mod render;
 
@@ -35,6 +41,15 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();
+    if let cli::Command::Peer { what } = &args.command {
+        return match run_peer(&args, what) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(f) => {
+                eprintln!("keibictl: {}", one_line(&f.reason));
+                ExitCode::from(f.code)
+            }
+        };
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(reason) => {
@@ -108,6 +123,7 @@ fn run(args: &cli::Args) -> Result<(), String> {
                 )),
             }
         }
+        cli::Command::Peer { .. } => Err("internal: peer commands run in run_peer".into()),
         cli::Command::Debug {
             what:
                 cli::DebugCommand::Ops {
@@ -150,6 +166,86 @@ fn run(args: &cli::Args) -> Result<(), String> {
                 .map_err(|e| format!("cannot write the answer: {e}"))
         }
     }
+}
+
+/// Run a `peer` command; the error carries its exit status.
+fn run_peer(args: &cli::Args, what: &cli::PeerCommand) -> Result<(), peers::Failure> {
+    use cli::PeerCommand;
+    let failed = |reason: String| peers::Failure { code: 1, reason };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| failed(format!("cannot start the async runtime: {e}")))?;
+    let (socket, timeout) = (args.socket.as_path(), args.timeout);
+    let text = match what {
+        PeerCommand::Add {
+            fingerprint,
+            addr,
+            name,
+            json,
+        } => {
+            let answer = runtime.block_on(peers::add(
+                socket,
+                timeout,
+                fingerprint.clone(),
+                addr.clone(),
+                name.clone(),
+            ));
+            runtime.shutdown_background();
+            let p = answer?;
+            if *json {
+                peers::json(&p).map_err(failed)?
+            } else {
+                peers::one_text("added:", &p)
+            }
+        }
+        PeerCommand::List { json } => {
+            let answer = runtime.block_on(peers::list(socket, timeout));
+            runtime.shutdown_background();
+            let list = answer?;
+            if *json {
+                peers::json(&list).map_err(failed)?
+            } else {
+                peers::table(&list, peers::now_unix_ms())
+            }
+        }
+        PeerCommand::Remove { fingerprint, json } => {
+            let answer = runtime.block_on(peers::remove(socket, timeout, fingerprint.clone()));
+            runtime.shutdown_background();
+            let p = answer?;
+            if *json {
+                peers::json(&p).map_err(failed)?
+            } else {
+                peers::one_text("removed (its connection is closed):", &p)
+            }
+        }
+        PeerCommand::Bench {
+            fingerprint,
+            bytes,
+            streams,
+            time_limit,
+            json,
+        } => {
+            let answer = runtime.block_on(peers::bench(
+                socket,
+                *time_limit,
+                fingerprint.clone(),
+                *bytes,
+                *streams,
+            ));
+            runtime.shutdown_background();
+            let r = answer?;
+            if *json {
+                peers::json(&r).map_err(failed)?
+            } else {
+                peers::bench_text(&r)
+            }
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| failed(format!("cannot write the answer: {e}")))
 }
 
 /// Print `debug ops`: tables (or JSON) on stdout; with JSON, the sources

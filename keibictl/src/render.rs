@@ -42,12 +42,8 @@ pub fn identity_text(id: &PeerIdentity) -> String {
     if id.listen.is_empty() {
         let _ = writeln!(out, "listen       none (dial only)");
     } else {
-        let _ = writeln!(out, "listen       {}", id.listen.join(" "));
+        let _ = writeln!(out, "listen       {} (bound)", id.listen.join(" "));
     }
-    let _ = writeln!(
-        out,
-        "             (not bound yet: the peer channel is not built)"
-    );
     out
 }
 
@@ -211,6 +207,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("dial only"), "{text}");
+        let id = PeerIdentity {
+            listen: vec!["0.0.0.0:58150".into(), "[::]:58150".into()],
+            ..id
+        };
+        let text = identity_text(&id);
+        assert!(
+            text.contains("listen       0.0.0.0:58150 [::]:58150 (bound)"),
+            "{text}"
+        );
+        assert!(!text.contains("not bound"), "{text}");
     }
 
     fn sample() -> Status {

@@ -6,7 +6,10 @@
 use futures::StreamExt;
 use ipc_schema::handshake::{self, Refusal};
 use ipc_schema::service::Control;
-use ipc_schema::{MountInfo, MountStatus, PROTOCOL_VERSION, PeerIdentity, Status};
+use ipc_schema::{
+    BenchReport, MountInfo, MountStatus, PROTOCOL_VERSION, PeerCtlError, PeerIdentity, PeerInfo,
+    Status,
+};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -29,6 +32,55 @@ impl Control for Fixed {
 
     async fn identity(self, _: Context) -> PeerIdentity {
         sample_identity()
+    }
+
+    /// Refuses a fingerprint containing "BAD" and an address containing
+    /// "bad", as syncd would; adds anything else.
+    async fn peer_add(
+        self,
+        _: Context,
+        fingerprint: String,
+        addr: Option<String>,
+        name: Option<String>,
+    ) -> Result<PeerInfo, PeerCtlError> {
+        if fingerprint.contains("BAD") {
+            return Err(PeerCtlError::BadFingerprint(format!(
+                "{fingerprint:?}: 3 characters, a fingerprint has 52"
+            )));
+        }
+        if addr.as_deref().is_some_and(|a| a.contains("bad")) {
+            return Err(PeerCtlError::BadAddress("port \"bad\"".into()));
+        }
+        Ok(PeerInfo {
+            fingerprint,
+            addr,
+            name,
+            ..sample_peer()
+        })
+    }
+
+    async fn peer_list(self, _: Context) -> Vec<PeerInfo> {
+        vec![sample_peer()]
+    }
+
+    /// Knows no peer.
+    async fn peer_remove(self, _: Context, fingerprint: String) -> Result<PeerInfo, PeerCtlError> {
+        Err(PeerCtlError::UnknownPeer(fingerprint))
+    }
+
+    /// Every peer is known and not connected.
+    async fn peer_bench(
+        self,
+        _: Context,
+        fingerprint: String,
+        _bytes: u64,
+        _streams: u32,
+    ) -> Result<BenchReport, PeerCtlError> {
+        Err(PeerCtlError::NotConnected(fingerprint))
+    }
+
+    async fn debug_peer_ops(self, _: Context) -> Vec<ipc_schema::PeerOpInFlight> {
+        Vec::new()
     }
 
     /// One name without content; `repair` repairs it.
@@ -83,6 +135,25 @@ fn sample_identity() -> PeerIdentity {
         fingerprint: "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567ABCDEFGHIJKLMNOPQRST".into(),
         public_key: "0123456789abcdef".repeat(4),
         listen: vec!["0.0.0.0:58150".into(), "[::]:58150".into()],
+    }
+}
+
+fn sample_peer() -> PeerInfo {
+    PeerInfo {
+        fingerprint: "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567ABCDEFGHIJKLMNOPQRST".into(),
+        name: Some("desk".into()),
+        addr: Some("192.0.2.7:58150".into()),
+        state: "connected".into(),
+        direction: Some("outbound".into()),
+        remote_addr: Some("192.0.2.7:58150".into()),
+        last_seen_unix_ms: Some(1),
+        rtt_us: Some(420),
+        bytes_sent: 1000,
+        bytes_received: 2000,
+        protocol_version: Some(1),
+        rekeys: 0,
+        last_error: None,
+        next_attempt_ms: None,
     }
 }
 
@@ -217,7 +288,7 @@ fn id_shows_the_grouped_fingerprint_and_json_the_structure() {
         "ABCD EFGH IJKL MNOP QRST UVWX YZ23 4567 ABCD EFGH IJKL MNOP QRST",
         &"0123456789abcdef".repeat(4),
         "0.0.0.0:58150 [::]:58150",
-        "not bound yet",
+        "0.0.0.0:58150 [::]:58150 (bound)",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
@@ -243,4 +314,66 @@ fn id_without_syncd_fails_with_the_socket_named() {
         err.starts_with("keibictl: ") && err.contains("absent.sock"),
         "{err}"
     );
+}
+
+#[test]
+fn peer_list_shows_the_peers_and_json_is_peer_info() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("control.sock");
+    let server = serve_once(&sock, false);
+    let out = keibictl(&sock, &["peer", "list"]);
+    server.join().expect("server thread");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "desk",
+        "ABCD EFGH IJKL",
+        "192.0.2.7:58150",
+        "connected",
+        "420µs",
+        "1000 B",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    let sock = dir.path().join("control2.sock");
+    let server = serve_once(&sock, false);
+    let out = keibictl(&sock, &["peer", "list", "--json"]);
+    server.join().expect("server thread");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let got: Vec<PeerInfo> = serde_json::from_slice(&out.stdout).expect("a PeerInfo array");
+    assert_eq!(got, vec![sample_peer()]);
+}
+
+#[test]
+fn peer_errors_have_their_exit_statuses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases: [(&[&str], i32, &str); 5] = [
+        (&["peer", "add", "BAD"], 2, "bad fingerprint"),
+        (
+            &["peer", "add", "GOOD", "--addr", "host:bad"],
+            2,
+            "bad address",
+        ),
+        (&["peer", "remove", "NOBODY"], 3, "no peer NOBODY"),
+        (&["peer", "bench", "OFFLINE"], 3, "not connected"),
+        (&["peer", "add", "GOOD", "--name", "n", "--json"], 0, ""),
+    ];
+    for (i, (args, code, says)) in cases.into_iter().enumerate() {
+        let sock = dir.path().join(format!("control{i}.sock"));
+        let server = serve_once(&sock, false);
+        let out = keibictl(&sock, args);
+        server.join().expect("server thread");
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        if code == 0 {
+            let got: PeerInfo = serde_json::from_slice(&out.stdout).expect("a PeerInfo");
+            assert_eq!(
+                (got.fingerprint.as_str(), got.name.as_deref()),
+                ("GOOD", Some("n"))
+            );
+        } else {
+            assert_eq!(err.lines().count(), 1, "{err:?}");
+            assert!(err.contains(says), "{args:?}: {err}");
+        }
+    }
 }

@@ -11,6 +11,7 @@ use nix::unistd::{Group, User};
 use serde::Deserialize;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The config file used when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG: &str = "/etc/keibi/syncd.toml";
@@ -21,6 +22,17 @@ const DEFAULT_CONTROL_MODE: u32 = 0o660;
 /// The peer port when `listen` is not set (in the dynamic range, not
 /// assigned by IANA).
 pub const DEFAULT_PEER_PORT: u16 = 58150;
+/// `peer_timeout` when not set.
+const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// `peer_reconnect_max` when not set.
+const DEFAULT_PEER_RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// `peer_rekey_bytes` when not set: 1 GiB.
+const DEFAULT_PEER_REKEY_BYTES: u64 = 1 << 30;
+/// The smallest `peer_rekey_bytes` accepted (a key per frame or two would
+/// only cost time).
+const MIN_PEER_REKEY_BYTES: u64 = 65536;
+/// `peer_rekey_interval` when not set.
+const DEFAULT_PEER_REKEY_INTERVAL: Duration = Duration::from_secs(600);
 
 /// keibi-syncd: the unprivileged daemon that owns keibi's metadata store
 /// and content, serving keibi-mountd and keibictl over Unix sockets.
@@ -72,6 +84,10 @@ struct FileConfig {
     mountd_uid: Option<u32>,
     share_owner: Option<String>,
     listen: Option<Vec<String>>,
+    peer_timeout: Option<String>,
+    peer_reconnect_max: Option<String>,
+    peer_rekey_bytes: Option<u64>,
+    peer_rekey_interval: Option<String>,
 }
 
 /// The settings syncd runs with.
@@ -95,9 +111,20 @@ pub struct Config {
     pub share_owner: (u32, u32),
     /// Whether running as root is allowed.
     pub allow_root: bool,
-    /// Where the peer channel is to listen (`listen`); empty: dial only.
-    /// Reported by `keibictl id`; not bound yet.
+    /// Where the peer channel listens (`listen`); empty: dial only.
     pub listen: Vec<SocketAddr>,
+    /// How long a peer may stay silent before its connection is declared
+    /// dead; also the bound on a whole handshake (`peer_timeout`).
+    pub peer_timeout: Duration,
+    /// The longest wait between two dials of an unreachable peer
+    /// (`peer_reconnect_max`).
+    pub peer_reconnect_max: Duration,
+    /// Sealed bytes after which a direction changes its key
+    /// (`peer_rekey_bytes`).
+    pub peer_rekey_bytes: u64,
+    /// Time after which a direction changes its key
+    /// (`peer_rekey_interval`).
+    pub peer_rekey_interval: Duration,
 }
 
 impl Config {
@@ -136,8 +163,30 @@ impl Config {
             Some(addrs) => parse_listen(&addrs)?,
             None => default_listen(),
         };
+        let duration = |key: &str, value: Option<String>, default: Duration| match value {
+            Some(v) => parse_positive_duration(key, &v),
+            None => Ok(default),
+        };
+        let peer_rekey_bytes = file.peer_rekey_bytes.unwrap_or(DEFAULT_PEER_REKEY_BYTES);
+        if peer_rekey_bytes < MIN_PEER_REKEY_BYTES {
+            return Err(format!(
+                "peer_rekey_bytes = {peer_rekey_bytes} is below the minimum, {MIN_PEER_REKEY_BYTES}"
+            ));
+        }
         Ok(Config {
             listen,
+            peer_timeout: duration("peer_timeout", file.peer_timeout, DEFAULT_PEER_TIMEOUT)?,
+            peer_reconnect_max: duration(
+                "peer_reconnect_max",
+                file.peer_reconnect_max,
+                DEFAULT_PEER_RECONNECT_MAX,
+            )?,
+            peer_rekey_bytes,
+            peer_rekey_interval: duration(
+                "peer_rekey_interval",
+                file.peer_rekey_interval,
+                DEFAULT_PEER_REKEY_INTERVAL,
+            )?,
             state_dir: cli
                 .state_dir
                 .clone()
@@ -211,6 +260,18 @@ fn parse_listen(addrs: &[String]) -> Result<Vec<SocketAddr>, String> {
     Ok(out)
 }
 
+/// Parse a duration in humantime's syntax (`5s`, `500ms`, `10m`); zero is
+/// refused.
+fn parse_positive_duration(key: &str, s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s.trim()) {
+        Ok(d) if d.is_zero() => Err(format!("{key} = {s:?}: must be more than zero")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!(
+            "{key} = {s:?} is not a duration like \"5s\", \"500ms\" or \"10m\": {e}"
+        )),
+    }
+}
+
 /// Parse `UID:GID`.
 fn parse_owner(s: &str) -> Result<(u32, u32), String> {
     let err = || format!("share owner {s:?} is not UID:GID (numbers)");
@@ -267,6 +328,47 @@ mod tests {
     }
 
     #[test]
+    fn peer_keys_have_defaults_and_are_parsed() {
+        let c = Config::merge(&Cli::default(), FileConfig::default()).expect("config");
+        assert_eq!(c.peer_timeout, Duration::from_secs(5));
+        assert_eq!(c.peer_reconnect_max, Duration::from_secs(30));
+        assert_eq!(c.peer_rekey_bytes, 1 << 30);
+        assert_eq!(c.peer_rekey_interval, Duration::from_secs(600));
+        let file: FileConfig = toml::from_str(
+            r#"
+            peer_timeout = "1500ms"
+            peer_reconnect_max = "2m"
+            peer_rekey_bytes = 65536
+            peer_rekey_interval = "30s"
+            "#,
+        )
+        .expect("toml");
+        let c = Config::merge(&Cli::default(), file).expect("config");
+        assert_eq!(c.peer_timeout, Duration::from_millis(1500));
+        assert_eq!(c.peer_reconnect_max, Duration::from_secs(120));
+        assert_eq!(c.peer_rekey_bytes, 65536);
+        assert_eq!(c.peer_rekey_interval, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn bad_peer_keys_are_refused_naming_the_key() {
+        for (line, says) in [
+            ("peer_timeout = \"soon\"", "peer_timeout"),
+            ("peer_timeout = \"0s\"", "more than zero"),
+            ("peer_reconnect_max = \"5\"", "peer_reconnect_max"),
+            ("peer_rekey_interval = \"\"", "peer_rekey_interval"),
+            ("peer_rekey_bytes = 65535", "minimum, 65536"),
+        ] {
+            let file: FileConfig = toml::from_str(line).expect("toml");
+            let err = Config::merge(&Cli::default(), file).expect_err(line);
+            assert!(err.contains(says), "{line}: {err}");
+        }
+        // A negative count is no u64: refused by the TOML layer, naming the key.
+        let err = toml::from_str::<FileConfig>("peer_rekey_bytes = -1").expect_err("negative");
+        assert!(err.to_string().contains("peer_rekey_bytes"), "{err}");
+    }
+
+    #[test]
     fn listen_is_parsed_and_empty_means_dial_only() {
         let file: FileConfig =
             toml::from_str(r#"listen = ["127.0.0.1:4000", "[::1]:4001"]"#).expect("toml");
@@ -294,8 +396,28 @@ mod tests {
             .collect();
         assert!(text.contains("listen = "), "{text}");
         let file: FileConfig = toml::from_str(&text).expect("the example parses");
-        let listen = parse_listen(&file.listen.expect("listen in the example")).expect("valid");
+        let listen =
+            parse_listen(file.listen.as_deref().expect("listen in the example")).expect("valid");
         assert_eq!(listen, default_listen());
+        // The peer keys' values are the defaults.
+        let defaults = Config::merge(&Cli::default(), FileConfig::default()).expect("defaults");
+        let duration = |key: &str, v: Option<String>| {
+            parse_positive_duration(key, &v.unwrap_or_else(|| panic!("{key} in the example")))
+                .expect("valid")
+        };
+        assert_eq!(
+            duration("peer_timeout", file.peer_timeout),
+            defaults.peer_timeout
+        );
+        assert_eq!(
+            duration("peer_reconnect_max", file.peer_reconnect_max),
+            defaults.peer_reconnect_max
+        );
+        assert_eq!(
+            duration("peer_rekey_interval", file.peer_rekey_interval),
+            defaults.peer_rekey_interval
+        );
+        assert_eq!(file.peer_rekey_bytes, Some(defaults.peer_rekey_bytes));
     }
 
     #[test]

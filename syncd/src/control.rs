@@ -8,13 +8,19 @@
 //! on a runtime thread: `status` takes the store's figures from [`census`]
 //! (bounded wait, then the cache), `debug_ops` reads the in-flight registry
 //! (a leaf lock), and `check` (a full scan) runs on the blocking pool.
+//!
+//! The peer commands talk to the peer manager ([`crate::peer::manager`]):
+//! `peer_list` and `debug_peer_ops` copy its table under a leaf lock;
+//! `peer_add` and `peer_remove` write the store on the blocking pool;
+//! `peer_bench` runs on the network runtime and is awaited here, bounded
+//! by the request's deadline.
 
 use crate::census::{self, Census};
 use crate::daemon::Daemon;
 use ipc_schema::service::Control;
 use ipc_schema::{
-    CheckReport, FsError, KEIBI_VERSION, MountStatus, OpInFlight, PROTOCOL_VERSION, PeerIdentity,
-    Status, fs_err,
+    BenchReport, CheckReport, FsError, KEIBI_VERSION, MountStatus, OpInFlight, PROTOCOL_VERSION,
+    PeerCtlError, PeerIdentity, PeerInfo, PeerOpInFlight, Status, fs_err,
 };
 use std::sync::Arc;
 use tarpc::context::Context;
@@ -87,5 +93,48 @@ impl Control for ControlServer {
     async fn identity(self, _: Context) -> PeerIdentity {
         // Computed at start; nothing to wait on.
         self.daemon.identity.clone()
+    }
+
+    async fn peer_add(
+        self,
+        _: Context,
+        fingerprint: String,
+        addr: Option<String>,
+        name: Option<String>,
+    ) -> Result<PeerInfo, PeerCtlError> {
+        self.daemon.peers.add(&fingerprint, addr, name).await
+    }
+
+    async fn peer_list(self, _: Context) -> Vec<PeerInfo> {
+        self.daemon.peers.list()
+    }
+
+    async fn peer_remove(self, _: Context, fingerprint: String) -> Result<PeerInfo, PeerCtlError> {
+        self.daemon.peers.remove(&fingerprint).await
+    }
+
+    async fn peer_bench(
+        self,
+        ctx: Context,
+        fingerprint: String,
+        bytes: u64,
+        streams: u32,
+    ) -> Result<BenchReport, PeerCtlError> {
+        // Done a little before the caller's deadline, so the answer (a
+        // report or why not) still reaches it.
+        let left = ctx
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        let limit = left
+            .saturating_sub(left / 10)
+            .max(std::time::Duration::from_millis(1));
+        self.daemon
+            .peers
+            .bench(&fingerprint, bytes, streams, limit)
+            .await
+    }
+
+    async fn debug_peer_ops(self, _: Context) -> Vec<PeerOpInFlight> {
+        self.daemon.peers.ops()
     }
 }

@@ -1,10 +1,11 @@
 //! What every connection of this daemon shares: the store, the mounts that
 //! are connected, the filesystem requests in flight, the cached store
-//! figures of `keibictl status`, when the daemon started, and its peer
-//! identity.
+//! figures of `keibictl status`, when the daemon started, its peer
+//! identity and the peer manager.
 
 use crate::census::Census;
 use crate::opens::ConnId;
+use crate::peer::manager::Manager;
 use crate::store::Store;
 use ipc_schema::inflight::InFlight;
 use ipc_schema::{MountInfo, PeerIdentity};
@@ -27,12 +28,15 @@ pub struct Daemon {
     pub started: Instant,
     /// The peer identity as `keibictl id` shows it.
     pub identity: PeerIdentity,
+    /// The paired peers and their connections.
+    pub peers: Arc<Manager>,
     next_conn: AtomicU64,
 }
 
 impl Daemon {
-    /// Shared state around `store`, answering `keibictl id` with `identity`.
-    pub fn new(store: Arc<Store>, identity: PeerIdentity) -> Daemon {
+    /// Shared state around `store`, answering `keibictl id` with
+    /// `identity`, with the peer manager `peers`.
+    pub fn new(store: Arc<Store>, identity: PeerIdentity, peers: Arc<Manager>) -> Daemon {
         Daemon {
             store,
             mounts: Mounts::default(),
@@ -40,6 +44,7 @@ impl Daemon {
             census: Census::default(),
             started: Instant::now(),
             identity,
+            peers,
             next_conn: AtomicU64::new(1),
         }
     }

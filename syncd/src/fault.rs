@@ -14,6 +14,13 @@
 //! It is not a feature: nothing in a deployment sets the variable, and
 //! syncd logs a warning at start when it is set. Unset, the check is one
 //! load of an initialised [`OnceLock`] per store call.
+//!
+//! A second hook, [`PEER_PROTOCOL_ENV`] (`KEIBI_TEST_PEER_PROTOCOL=<n>`),
+//! makes syncd claim peer protocol version `n` (min = max = n) in the
+//! peer handshake instead of [`crate::channel::PEER_PROTOCOL_VERSION`], so
+//! that an end-to-end test can show two syncd refusing each other with
+//! both versions named. A value that is not a number is ignored with a
+//! warning.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -27,6 +34,38 @@ const POLL: Duration = Duration::from_millis(10);
 
 static STALL_FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
 
+/// The environment variable that overrides the peer protocol version
+/// claimed in handshakes (tests only).
+pub const PEER_PROTOCOL_ENV: &str = "KEIBI_TEST_PEER_PROTOCOL";
+
+static PEER_PROTOCOL: OnceLock<Option<u32>> = OnceLock::new();
+
+fn peer_protocol_override() -> Option<u32> {
+    *PEER_PROTOCOL.get_or_init(|| {
+        let raw = std::env::var(PEER_PROTOCOL_ENV).ok()?;
+        match raw.trim().parse() {
+            Ok(n) => {
+                tracing::warn!(
+                    version = n,
+                    "test hook {PEER_PROTOCOL_ENV} is armed: peer handshakes claim protocol version {n}"
+                );
+                Some(n)
+            }
+            Err(_) => {
+                tracing::warn!(value = %raw, "{PEER_PROTOCOL_ENV} is not a number; ignored");
+                None
+            }
+        }
+    })
+}
+
+/// The (min, max) peer protocol versions this syncd claims: both
+/// [`crate::channel::PEER_PROTOCOL_VERSION`], or the test hook's value.
+pub fn peer_protocol_range() -> (u32, u32) {
+    let v = peer_protocol_override().unwrap_or(crate::channel::PEER_PROTOCOL_VERSION);
+    (v, v)
+}
+
 /// Read [`STALL_ENV`] once, at start (before any store call).
 pub fn init() {
     let file = STALL_FILE.get_or_init(|| std::env::var_os(STALL_ENV).map(PathBuf::from));
@@ -36,6 +75,7 @@ pub fn init() {
             "test fault point {STALL_ENV} is armed: store calls wait while this file exists"
         );
     }
+    peer_protocol_override();
 }
 
 /// Wait while the stall file exists (tests only; returns at once when the

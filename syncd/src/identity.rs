@@ -48,6 +48,12 @@ const FILE_MODE: u32 = 0o600;
 pub const FINGERPRINT_LABEL: &[u8] = b"keibi peer identity v1\0";
 /// Characters per group in the fingerprint as shown to people.
 const GROUP: usize = 4;
+/// The fingerprint's encoding: RFC 4648 base32, upper case, no padding,
+/// unused trailing bits zero (also what a typed fingerprint is parsed
+/// with, `store::peers::parse_fingerprint`).
+pub const FINGERPRINT_BASE32: data_encoding::Encoding = BASE32_NOPAD;
+/// Characters in a fingerprint (32 bytes of SHA-256 in base32).
+pub const FINGERPRINT_LEN: usize = 52;
 
 /// Why the identity could not be loaded or made.
 #[derive(Debug, thiserror::Error)]
@@ -269,7 +275,7 @@ pub fn fingerprint_of(public_key: &[u8; 32]) -> String {
     let mut h = Sha256::new();
     h.update(FINGERPRINT_LABEL);
     h.update(public_key);
-    BASE32_NOPAD.encode(&h.finalize())
+    FINGERPRINT_BASE32.encode(&h.finalize())
 }
 
 /// `fingerprint` in groups of four characters separated by spaces.

@@ -11,8 +11,10 @@
 //! peer identity, or make it at the first start (exit 4 when the file is
 //! there but corrupt, unreadable, of another version or readable by
 //! others, see [`identity`]); open the
-//! store (and start making spare content files, see [`spares`]); bind both
-//! sockets; serve. SIGTERM or SIGINT removes the unused spares, reclaims the
+//! store (and start making spare content files, see [`spares`]); bind
+//! every peer `listen` address (exit 1 naming the address and the errno
+//! when one cannot be, see [`peer::listen`]); load the paired peers and
+//! start dialing them ([`peer::manager`]); bind both sockets; serve. SIGTERM or SIGINT removes the unused spares, reclaims the
 //! freed inodes, flushes the store, removes the socket files and exits 0. Other startup failures exit
 //! 1.
 //!
@@ -23,8 +25,15 @@
 //! blocking pool) serves keibictl, the signals and the lock file: nothing
 //! the filesystem service does can take its thread, so `keibictl status`
 //! and `debug ops` answer while the store is stuck.
+//!
+//! A third runtime (multi-threaded, two workers, threads `keibi-net`)
+//! carries the peer channel: listeners, dialers, handshakes, connections
+//! and `peer bench`. Nothing on it blocks on the store (store writes go to
+//! its blocking pool), and neither other runtime waits on it except
+//! `peer bench`'s answer, bounded by its deadline.
 
 mod census;
+mod channel;
 mod config;
 mod content;
 mod control;
@@ -33,6 +42,7 @@ mod fault;
 mod identity;
 mod listener;
 mod opens;
+mod peer;
 mod service;
 mod spares;
 mod store;
@@ -53,6 +63,13 @@ const LOCK_REPAIR_EVERY: Duration = Duration::from_secs(2);
 
 /// How long the filesystem runtime's tasks get to finish at exit.
 const FS_SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
+
+/// How long the network runtime gets at exit to send the peers' CLOSE
+/// frames.
+const NET_SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
+
+/// Worker threads of the network runtime.
+const NET_WORKERS: usize = 2;
 
 /// Exit status: startup failure.
 const EXIT_FAILURE: u8 = 1;
@@ -96,7 +113,7 @@ fn main() -> ExitCode {
         Err(e @ LockError::Held { .. }) => return fail(EXIT_LOCKED, &e.to_string()),
         Err(e) => return fail(EXIT_FAILURE, &e.to_string()),
     };
-    let identity = match identity::Identity::load_or_create(&config.state_dir) {
+    let id = match identity::Identity::load_or_create(&config.state_dir) {
         Ok((id, origin)) => {
             tracing::info!(
                 file = %id.path().display(),
@@ -104,11 +121,7 @@ fn main() -> ExitCode {
                 created = origin == identity::Origin::Created,
                 "peer identity"
             );
-            ipc_schema::PeerIdentity {
-                fingerprint: id.fingerprint(),
-                public_key: id.public_key().iter().map(|b| format!("{b:02x}")).collect(),
-                listen: config.listen.iter().map(|a| a.to_string()).collect(),
-            }
+            id
         }
         Err(e) => return fail(EXIT_IDENTITY, &e.to_string()),
     };
@@ -132,6 +145,61 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(EXIT_FAILURE, &format!("cannot start the runtime: {e}")),
     };
+    let net_runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(NET_WORKERS)
+        .enable_all()
+        .thread_name("keibi-net")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_FAILURE, &format!("cannot start the runtime: {e}")),
+    };
+    let listeners = match peer::listen::bind(&config.listen) {
+        Ok(l) => l,
+        Err(e) => return fail(EXIT_FAILURE, &e),
+    };
+    let peers_store = match store.peers() {
+        Ok(p) => p,
+        Err(e) => return fail(EXIT_FAILURE, &format!("cannot open the peers: {e}")),
+    };
+    let manager = match peer::manager::Manager::start(
+        channel::LocalKeys::new(id.secret().to_bytes()),
+        peers_store,
+        net_runtime.handle().clone(),
+        peer::manager::ManagerConfig {
+            channel: channel::ChannelConfig {
+                handshake_timeout: config.peer_timeout,
+                rekey_bytes: config.peer_rekey_bytes,
+                rekey_interval: config.peer_rekey_interval,
+            },
+            conn: peer::conn::ConnConfig {
+                keepalive_timeout: config.peer_timeout,
+                ..peer::conn::ConnConfig::default()
+            },
+            reconnect_max: config.peer_reconnect_max,
+            peer_timeout: config.peer_timeout,
+        },
+        Arc::new(peer::requests::DefaultHandler),
+    ) {
+        Ok(m) => m,
+        Err(e) => return fail(EXIT_FAILURE, &format!("cannot load the peers: {e}")),
+    };
+    let identity = ipc_schema::PeerIdentity {
+        fingerprint: id.fingerprint(),
+        public_key: id.public_key().iter().map(|b| format!("{b:02x}")).collect(),
+        listen: listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+            .collect(),
+    };
+    drop(id);
+    for l in listeners {
+        if let Ok(address) = l.local_addr() {
+            tracing::info!(%address, "listening for peers");
+        }
+        net_runtime.spawn(peer::listen::serve(l, manager.clone()));
+    }
     let control_runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("keibi-control")
@@ -140,9 +208,17 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(EXIT_FAILURE, &format!("cannot start the runtime: {e}")),
     };
-    let result = control_runtime.block_on(run(config, lock, store, identity, fs_runtime.handle()));
+    let result = control_runtime.block_on(run(
+        config,
+        lock,
+        store,
+        identity,
+        manager,
+        fs_runtime.handle(),
+    ));
     // Requests still running after the flush have nobody to answer.
     fs_runtime.shutdown_timeout(FS_SHUTDOWN_WAIT);
+    net_runtime.shutdown_timeout(NET_SHUTDOWN_WAIT);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(EXIT_FAILURE, &e),
@@ -161,13 +237,14 @@ async fn run(
     lock: InstanceLock,
     store: Arc<Store>,
     identity: ipc_schema::PeerIdentity,
+    peers: Arc<peer::manager::Manager>,
     fs: &tokio::runtime::Handle,
 ) -> Result<(), String> {
     // Handlers first: once a socket exists, SIGTERM must mean "shut down
     // cleanly", never the default action.
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
-    let daemon = Arc::new(Daemon::new(store.clone(), identity));
+    let daemon = Arc::new(Daemon::new(store.clone(), identity, peers.clone()));
     let fs_listener = {
         // Registered with the filesystem runtime's reactor.
         let _in_fs = fs.enter();
@@ -208,7 +285,11 @@ async fn run(
         _ = int.recv() => "SIGINT",
     };
     tracing::info!(signal = signal_name, "shutting down");
-    let flushed = tokio::task::spawn_blocking(move || store.shutdown()).await;
+    let flushed = tokio::task::spawn_blocking(move || {
+        peers.shutdown("keibi-syncd is shutting down");
+        store.shutdown()
+    })
+    .await;
     listener::remove_sockets(&sockets);
     match flushed {
         Ok(Ok(())) => {

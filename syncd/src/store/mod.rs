@@ -40,6 +40,7 @@ pub mod entries;
 pub mod files;
 pub mod inos;
 pub mod names;
+pub mod peers;
 pub mod reclaim;
 pub mod records;
 pub mod tx;
@@ -274,6 +275,11 @@ fn init(
 }
 
 impl Store {
+    /// The paired peers (the `peers` tree, see [`peers`]).
+    pub fn peers(&self) -> Result<peers::Peers, peers::PeersError> {
+        peers::Peers::open(&self.db)
+    }
+
     /// The state directory.
     pub fn state_dir(&self) -> &Path {
         &self.state_dir

@@ -1,0 +1,473 @@
+//! Sealing and opening transport frames, per direction.
+//!
+//! Each direction has its own 32-byte key and a 64-bit frame counter
+//! that starts at 0 for every key. A frame is
+//! `len: u32 BE || ChaCha20-Poly1305(key, nonce = 0u32 || counter LE,
+//! aad = len, type || body)`. Because the receiver opens frame `n` only
+//! with counter `n` of its own direction's key, a replayed, reordered or
+//! dropped frame fails to authenticate, and so does a frame reflected
+//! back to its sender (the other direction's key differs). When that
+//! happens [`Opener`] tries, once and only to name the cause in the
+//! error, nearby counters of both keys (see [`Opener::diagnose`]); the
+//! connection is closed either way.
+//!
+//! Rekeying (REKEY frame, empty body): the sender seals a REKEY frame
+//! with the old key, then replaces its key with
+//! `HKDF-SHA256(salt = none, ikm = old).expand("keibi v1 rekey")` and
+//! restarts the counter; the receiver does the same after opening it.
+//! No answer is awaited, so traffic never pauses. Keys live in
+//! `Zeroizing` buffers and the AEAD state zeroizes itself on drop, so an
+//! old key is wiped as soon as it is replaced.
+//!
+//! Copies: a DATA payload is copied once into the sender's reused frame
+//! buffer and sealed in place; the receiver reads the sealed body
+//! straight into the caller's buffer (no zero-fill), opens it in place
+//! and removes the type byte (one `memmove`).
+
+use super::frame::{self, FrameType, HEADER_LEN, TAG_LEN};
+use super::resolver::nonce;
+use super::{ChannelConfig, ChannelError, MAX_PAYLOAD};
+use chacha20poly1305::aead::{AeadInOut, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Tag};
+use hkdf::Hkdf;
+use sha2::Sha256;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use zeroize::Zeroizing;
+
+/// HKDF info for the next key of a direction.
+const REKEY_INFO: &[u8] = b"keibi v1 rekey";
+/// Longest CLOSE reason (bytes of UTF-8).
+#[allow(dead_code)] // used by recv/close, called from peer/conn.rs
+pub const MAX_CLOSE_REASON: usize = 1024;
+/// How far from the expected counter [`Opener::diagnose`] looks.
+const DIAGNOSE_WINDOW: u64 = 64;
+/// Read buffer of the receiving half: small frames are read many at a
+/// time; large bodies bypass it.
+const READ_BUFFER: usize = 16 * 1024;
+
+/// One direction's key and counter.
+pub(super) struct DirKey {
+    pub(super) key: Zeroizing<[u8; 32]>,
+    aead: ChaCha20Poly1305,
+    pub(super) counter: u64,
+}
+
+impl DirKey {
+    pub(super) fn new(key: Zeroizing<[u8; 32]>) -> DirKey {
+        let aead = ChaCha20Poly1305::new(&(*key).into());
+        DirKey {
+            key,
+            aead,
+            counter: 0,
+        }
+    }
+
+    /// Replace the key by its successor and restart the counter; the old
+    /// key is zeroized (its `Zeroizing` buffer and the AEAD state drop).
+    fn rekey(&mut self) {
+        *self = DirKey::new(next_key(&self.key));
+    }
+}
+
+/// The key that follows `key` at a rekey.
+pub(super) fn next_key(key: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+    let mut next = Zeroizing::new([0u8; 32]);
+    // 32 bytes is far below HKDF-SHA256's 8160-byte limit: this cannot fail.
+    let _ = Hkdf::<Sha256>::new(None, key).expand(REKEY_INFO, &mut next[..]);
+    next
+}
+
+/// What the sender side shares with the receiver side, only so that the
+/// receiver can recognise a reflected frame (one of our own) in its error.
+#[derive(Default)]
+pub(super) struct OwnTx {
+    key: Mutex<Zeroizing<[u8; 32]>>,
+    counter: AtomicU64,
+}
+
+/// Seals frames of one direction.
+pub(super) struct Sealer {
+    pub(super) dir: DirKey,
+    /// Sealed bytes (with headers) under the current key.
+    under_key: u64,
+    key_since: Instant,
+    rekey_bytes: u64,
+    rekey_interval: Duration,
+    pub(super) rekeys: u64,
+    own: Arc<OwnTx>,
+}
+
+impl Sealer {
+    pub(super) fn new(key: Zeroizing<[u8; 32]>, cfg: &ChannelConfig, own: Arc<OwnTx>) -> Sealer {
+        if let Ok(mut k) = own.key.lock() {
+            **k = *key;
+        }
+        Sealer {
+            dir: DirKey::new(key),
+            under_key: 0,
+            key_since: Instant::now(),
+            rekey_bytes: cfg.rekey_bytes,
+            rekey_interval: cfg.rekey_interval,
+            rekeys: 0,
+            own,
+        }
+    }
+
+    /// Append one sealed frame of type `ty` with `body` to `out`, first a
+    /// REKEY frame when this one would pass the byte limit or the key is
+    /// older than the interval.
+    pub(super) fn seal(
+        &mut self,
+        ty: FrameType,
+        body: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), ChannelError> {
+        let frame_len = (HEADER_LEN + 1 + body.len() + TAG_LEN) as u64;
+        if ty != FrameType::Ready
+            && (self.under_key + frame_len > self.rekey_bytes
+                || self.key_since.elapsed() >= self.rekey_interval
+                || self.dir.counter >= u64::MAX - 1)
+        {
+            self.seal_one(FrameType::Rekey, &[], out)?;
+            self.dir.rekey();
+            self.under_key = 0;
+            self.key_since = Instant::now();
+            self.rekeys += 1;
+            if let Ok(mut k) = self.own.key.lock() {
+                **k = *self.dir.key;
+            }
+        }
+        self.seal_one(ty, body, out)
+    }
+
+    fn seal_one(
+        &mut self,
+        ty: FrameType,
+        body: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), ChannelError> {
+        let sealed_len = 1 + body.len() + TAG_LEN;
+        let header = u32::try_from(sealed_len)
+            .map_err(|_| ChannelError::Oversize {
+                len: sealed_len as u64,
+                cap: super::MAX_FRAME as u64,
+            })?
+            .to_be_bytes();
+        let start = out.len();
+        out.reserve(HEADER_LEN + sealed_len);
+        out.extend_from_slice(&header);
+        out.push(ty as u8);
+        out.extend_from_slice(body);
+        let n = self.dir.counter;
+        let tag = self
+            .dir
+            .aead
+            .encrypt_inout_detached(&nonce(n), &header, (&mut out[start + HEADER_LEN..]).into())
+            .map_err(|_| ChannelError::BadFrame("frame too long to seal".into()))?;
+        out.extend_from_slice(&tag);
+        self.dir.counter += 1;
+        self.own.counter.store(self.dir.counter, Ordering::Relaxed);
+        self.under_key += (HEADER_LEN + sealed_len) as u64;
+        Ok(())
+    }
+}
+
+/// Opens frames of one direction.
+pub(super) struct Opener {
+    pub(super) dir: DirKey,
+    pub(super) rekeys: u64,
+    own: Arc<OwnTx>,
+}
+
+impl Opener {
+    pub(super) fn new(key: Zeroizing<[u8; 32]>, own: Arc<OwnTx>) -> Opener {
+        Opener {
+            dir: DirKey::new(key),
+            rekeys: 0,
+            own,
+        }
+    }
+
+    /// Open the sealed frame `buf` (as read after `header`) in place: on
+    /// success `buf` holds `type || body` and the type is returned. REKEY
+    /// is applied here; the caller handles the other types.
+    pub(super) fn open(
+        &mut self,
+        header: [u8; HEADER_LEN],
+        buf: &mut Vec<u8>,
+    ) -> Result<FrameType, ChannelError> {
+        let len = buf.len();
+        if len < frame::MIN_FRAME || u32::from_be_bytes(header) as usize != len {
+            return Err(ChannelError::BadFrame(format!(
+                "frame of {len} bytes does not match its length prefix {}",
+                u32::from_be_bytes(header)
+            )));
+        }
+        if self.dir.counter == u64::MAX {
+            return Err(ChannelError::BadFrame(
+                "frame counter exhausted without a rekey".into(),
+            ));
+        }
+        let (sealed, tag) = buf.split_at_mut(len - TAG_LEN);
+        let tag = Tag::try_from(&*tag)
+            .map_err(|_| ChannelError::BadFrame("frame shorter than a tag".into()))?;
+        let n = self.dir.counter;
+        if self
+            .dir
+            .aead
+            .decrypt_inout_detached(&nonce(n), &header, sealed.into(), &tag)
+            .is_err()
+        {
+            // `sealed` is untouched when the tag does not verify.
+            return Err(ChannelError::BadFrame(self.diagnose(header, sealed, &tag)));
+        }
+        self.dir.counter += 1;
+        buf.truncate(len - TAG_LEN);
+        let ty = FrameType::from_byte(buf[0]).ok_or_else(|| {
+            ChannelError::BadFrame(format!("frame {n} has unknown type {}", buf[0]))
+        })?;
+        if ty == FrameType::Rekey {
+            if buf.len() != 1 {
+                return Err(ChannelError::BadFrame(format!(
+                    "REKEY frame {n} has a body of {} bytes",
+                    buf.len() - 1
+                )));
+            }
+            self.dir.rekey();
+            self.rekeys += 1;
+        }
+        Ok(ty)
+    }
+
+    /// Why frame `counter` failed to open, as far as can be told: try the
+    /// counters near the expected one under our receive key (a replay or
+    /// a reordered/dropped frame) and the recent counters of our own send
+    /// key (a reflection). Runs once, on the way to closing.
+    fn diagnose(&self, header: [u8; HEADER_LEN], sealed: &[u8], tag: &Tag) -> String {
+        let n = self.dir.counter;
+        let opens = |aead: &ChaCha20Poly1305, c: u64| {
+            let mut copy = sealed.to_vec();
+            aead.decrypt_inout_detached(&nonce(c), &header, copy.as_mut_slice().into(), tag)
+                .is_ok()
+        };
+        for c in n.saturating_sub(DIAGNOSE_WINDOW)..n {
+            if opens(&self.dir.aead, c) {
+                return format!(
+                    "frame {n} is a replay of frame {c} (its counter was already used): closing"
+                );
+            }
+        }
+        for c in n + 1..=n.saturating_add(DIAGNOSE_WINDOW) {
+            if opens(&self.dir.aead, c) {
+                return format!(
+                    "frame {n} arrived out of order: it was sealed as frame {c} (frames reordered or dropped): closing"
+                );
+            }
+        }
+        let own_key = self.own.key.lock().map(|k| **k).ok().map(Zeroizing::new);
+        if let Some(own_key) = own_key {
+            let aead = ChaCha20Poly1305::new(&(*own_key).into());
+            let sent = self.own.counter.load(Ordering::Relaxed);
+            for c in (sent.saturating_sub(DIAGNOSE_WINDOW)..sent).rev() {
+                if opens(&aead, c) {
+                    return format!(
+                        "frame {n} is a reflection of our own frame {c} (sealed with our sending key): closing"
+                    );
+                }
+            }
+        }
+        format!(
+            "frame {n} of {} bytes failed authentication (tampered or forged): closing",
+            sealed.len() + TAG_LEN
+        )
+    }
+}
+
+/// The sending half of a channel: seals DATA frames onto the TCP write
+/// half, rekeying by itself.
+pub struct SecureSender {
+    w: OwnedWriteHalf,
+    pub(super) sealer: Sealer,
+    buf: Vec<u8>,
+    bytes_sent: u64,
+}
+
+impl std::fmt::Debug for SecureSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecureSender")
+            .field("bytes_sent", &self.bytes_sent)
+            .field("rekeys", &self.sealer.rekeys)
+            .finish()
+    }
+}
+
+#[allow(dead_code)] // the public methods are called by peer/conn.rs
+impl SecureSender {
+    pub(super) fn new(w: OwnedWriteHalf, sealer: Sealer, bytes_sent: u64) -> SecureSender {
+        SecureSender {
+            w,
+            sealer,
+            buf: Vec::new(),
+            bytes_sent,
+        }
+    }
+
+    /// Send one DATA frame carrying `payload` (at most [`MAX_PAYLOAD`]).
+    pub async fn send(&mut self, payload: &[u8]) -> Result<(), ChannelError> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(ChannelError::Oversize {
+                len: payload.len() as u64,
+                cap: MAX_PAYLOAD as u64,
+            });
+        }
+        self.send_frame(FrameType::Data, payload).await
+    }
+
+    /// Send a CLOSE frame with `reason` (cut to 1 KiB), then shut the
+    /// write half down.
+    pub async fn close(&mut self, reason: &str) -> Result<(), ChannelError> {
+        let mut end = reason.len().min(MAX_CLOSE_REASON);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.send_frame(FrameType::Close, &reason.as_bytes()[..end])
+            .await?;
+        self.w.shutdown().await?;
+        Ok(())
+    }
+
+    pub(super) async fn send_frame(
+        &mut self,
+        ty: FrameType,
+        body: &[u8],
+    ) -> Result<(), ChannelError> {
+        self.buf.clear();
+        self.sealer.seal(ty, body, &mut self.buf)?;
+        self.w.write_all(&self.buf).await?;
+        self.bytes_sent += self.buf.len() as u64;
+        // Do not keep a huge buffer around after an unusual frame.
+        if self.buf.capacity() > 2 * super::MAX_FRAME {
+            self.buf = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Bytes written to the socket, frame headers and tags included.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+
+    /// How many times this side changed its sending key.
+    pub fn rekeys(&self) -> u64 {
+        self.sealer.rekeys
+    }
+}
+
+/// The receiving half of a channel: reads and opens frames from the TCP
+/// read half.
+pub struct SecureReceiver {
+    r: BufReader<OwnedReadHalf>,
+    pub(super) opener: Opener,
+    bytes_received: u64,
+}
+
+impl std::fmt::Debug for SecureReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecureReceiver")
+            .field("bytes_received", &self.bytes_received)
+            .field("rekeys", &self.opener.rekeys)
+            .finish()
+    }
+}
+
+/// A read half with the buffer the receiver uses.
+pub(super) fn buffered(r: OwnedReadHalf) -> BufReader<OwnedReadHalf> {
+    BufReader::with_capacity(READ_BUFFER, r)
+}
+
+#[allow(dead_code)] // the public methods are called by peer/conn.rs
+impl SecureReceiver {
+    pub(super) fn new(
+        r: BufReader<OwnedReadHalf>,
+        opener: Opener,
+        bytes_received: u64,
+    ) -> SecureReceiver {
+        SecureReceiver {
+            r,
+            opener,
+            bytes_received,
+        }
+    }
+
+    /// Read frames until a DATA frame arrives and put its body in
+    /// `payload` (cleared first). REKEY frames are applied on the way; a
+    /// CLOSE frame gives [`ChannelError::Closed`] with the peer's reason.
+    pub async fn recv(&mut self, payload: &mut Vec<u8>) -> Result<(), ChannelError> {
+        loop {
+            let ty = self.recv_frame(payload).await?;
+            match ty {
+                FrameType::Data => {
+                    // Drop the type byte.
+                    payload.drain(..1);
+                    return Ok(());
+                }
+                FrameType::Rekey => continue,
+                FrameType::Ready => {
+                    return Err(ChannelError::BadFrame(
+                        "READY frame after the handshake".into(),
+                    ));
+                }
+                FrameType::Close => {
+                    let reason = &payload[1..];
+                    if reason.len() > MAX_CLOSE_REASON {
+                        return Err(ChannelError::BadFrame(format!(
+                            "CLOSE reason of {} bytes is over {MAX_CLOSE_REASON}",
+                            reason.len()
+                        )));
+                    }
+                    let reason = String::from_utf8_lossy(reason).into_owned();
+                    payload.clear();
+                    return Err(ChannelError::Closed(reason));
+                }
+            }
+        }
+    }
+
+    /// Read and open one frame into `buf` (`type || body`).
+    pub(super) async fn recv_frame(
+        &mut self,
+        buf: &mut Vec<u8>,
+    ) -> Result<FrameType, ChannelError> {
+        let header = frame::read_frame(&mut self.r, buf).await?;
+        self.bytes_received += (HEADER_LEN + buf.len()) as u64;
+        self.opener.open(header, buf)
+    }
+
+    /// Bytes read from the socket in frames, headers and tags included.
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes_received
+    }
+
+    /// How many times the peer changed its sending key.
+    pub fn rekeys(&self) -> u64 {
+        self.opener.rekeys
+    }
+}
+
+/// A sealer and opener pair for one side: `send_key` seals, `recv_key`
+/// opens (tests and the handshake).
+pub(super) fn pair(
+    send_key: Zeroizing<[u8; 32]>,
+    recv_key: Zeroizing<[u8; 32]>,
+    cfg: &ChannelConfig,
+) -> (Sealer, Opener) {
+    let own = Arc::new(OwnTx::default());
+    (
+        Sealer::new(send_key, cfg, Arc::clone(&own)),
+        Opener::new(recv_key, own),
+    )
+}
