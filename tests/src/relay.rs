@@ -113,6 +113,9 @@ pub struct DirRecord {
     /// Whether the direction fell back to raw forwarding (a length above
     /// [`PARSE_CAP`]).
     pub raw: bool,
+    /// When the pump of this direction stopped: its sender closed or
+    /// failed, or its receiver stopped taking bytes.
+    pub ended: Option<Instant>,
 }
 
 /// What went through one relayed connection.
@@ -329,6 +332,8 @@ struct Pump {
 impl Pump {
     fn run(mut self) {
         let _ = self.pump();
+        let now = Instant::now();
+        self.record(|r| r.ended = Some(now));
         // Pass the end on, so the other side sees what the sender did.
         if !self.stall.load(Ordering::SeqCst) {
             let _ = lock(&self.dst).shutdown(Shutdown::Write);

@@ -219,7 +219,11 @@ fn an_unprivileged_user_cannot_pair_or_list_peers() {
                 a.control_socket().display()
             ),
         );
-        assert_exit(&out, 1, &format!("keibictl {args} as uid {}", harness::OTHER_UID));
+        assert_exit(
+            &out,
+            1,
+            &format!("keibictl {args} as uid {}", harness::OTHER_UID),
+        );
         assert!(
             stderr(&out).to_lowercase().contains("permission denied"),
             "{}",
