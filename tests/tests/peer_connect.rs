@@ -172,7 +172,10 @@ fn both_dialing_at_once_end_with_one_connection() {
     assert!(changed.is_none(), "the connection changed: {changed:?}");
     // When both connections were made, the one kept is the one whose
     // initiator has the smaller public key, on both sides.
-    if a.log().contains("duplicate connection") || b.log().contains("duplicate connection") {
+    let duplicate =
+        a.log().contains("duplicate connection") || b.log().contains("duplicate connection");
+    eprintln!("both dialed and one connection was closed as a duplicate: {duplicate}");
+    if duplicate {
         let ka = a.id()["public_key"]
             .as_str()
             .expect("public_key")

@@ -47,6 +47,18 @@ fn snapshot(node: &PeerNode) -> (Vec<(Value, Value, Value)>, Value) {
     (peers, counts)
 }
 
+/// Panic if `node`'s log shows a connection with `fp` ever completing.
+#[track_caller]
+fn assert_never_connected(node: &PeerNode, fp: &str) {
+    if let Some(l) = node
+        .log()
+        .lines()
+        .find(|l| l.contains("peer connected") && names_fp(l, fp))
+    {
+        panic!("{}: a connection with {fp} completed: {l}", node.name());
+    }
+}
+
 /// Poll until `node`'s log has a line naming every fingerprint of `fps`
 /// and containing one of `words` (case-insensitive); returns that line.
 fn wait_refusal(node: &PeerNode, fps: &[&str], words: &[&str]) -> String {
@@ -90,6 +102,8 @@ fn an_unpaired_peer_is_refused_and_changes_nothing() {
         "not added by the attempt"
     );
     assert_eq!(snapshot(&b), before, "bob's peers and store are unchanged");
+    assert_never_connected(&b, c.fingerprint());
+    assert_never_connected(&c, b.fingerprint());
     assert_eq!(
         state(&b.peer(a.fingerprint()).expect("alice listed")),
         "connected",
@@ -184,6 +198,14 @@ fn a_man_in_the_middle_is_refused_by_both_victims() {
     }
     assert_eq!(snapshot(&a), a_before);
     assert_eq!(snapshot(&b), b_before);
+    for (node, fp) in [
+        (&a, c.fingerprint()),
+        (&b, c.fingerprint()),
+        (&c, a.fingerprint()),
+        (&c, b.fingerprint()),
+    ] {
+        assert_never_connected(node, fp);
+    }
 }
 
 #[test]
