@@ -252,3 +252,69 @@ fn rekey_under_load_loses_nothing() {
     let r = a.bench(b.fingerprint(), 1 << 20, 1);
     assert_eq!(u64_field(&r, "bytes"), 1 << 20, "{r}");
 }
+
+#[test]
+fn debug_ops_shows_a_bench_in_flight_and_remove_ends_it() {
+    let _w = Watchdog::arm("peer-debug-ops", Duration::from_secs(180));
+    let a = PeerNode::start("alice", NodeConfig::default());
+    let b = PeerNode::start("bob", NodeConfig::default());
+    connect(&a, &b);
+    // A bench far longer than the checks below take; removing the peer
+    // ends it.
+    std::thread::scope(|s| {
+        let bench = s.spawn(|| {
+            a.ctl(&[
+                "peer",
+                "bench",
+                b.fingerprint(),
+                "--bytes",
+                &(64u64 << 30).to_string(),
+                "--json",
+            ])
+        });
+        let op = harness::poll_until(
+            "alice's debug ops to list a Bulk request to bob with bytes",
+            CONNECT,
+            || {
+                let ops = a.ctl_json(&["debug", "ops", "--json"]);
+                let peers = ops["peers"].as_array()?.clone();
+                peers.into_iter().find(|op| {
+                    op["peer"].as_str() == Some(b.fingerprint())
+                        && op["request"].as_str().is_some_and(|r| r.contains("Bulk"))
+                        && op["outgoing"].as_bool() == Some(true)
+                        && op["bytes"].as_u64().is_some_and(|n| n > 0)
+                })
+            },
+        );
+        assert_eq!(op["name"].as_str(), Some("bob"), "{op}");
+        assert!(op["age_ms"].as_u64().is_some(), "{op}");
+        // bob serves it: his side lists it as incoming from alice.
+        harness::poll_until(
+            "bob's debug ops to list the Bulk request from alice",
+            CONNECT,
+            || {
+                let ops = b.ctl_json(&["debug", "ops", "--json"]);
+                ops["peers"].as_array()?.iter().find_map(|op| {
+                    (op["peer"].as_str() == Some(a.fingerprint())
+                        && op["request"].as_str().is_some_and(|r| r.contains("Bulk"))
+                        && op["outgoing"].as_bool() == Some(false))
+                    .then_some(())
+                })
+            },
+        );
+        a.peer_remove(b.fingerprint());
+        let out = bench.join().expect("bench thread");
+        assert_ne!(
+            out.status.code(),
+            Some(0),
+            "the bench was cut short: {out:?}"
+        );
+        assert!(!out.stderr.is_empty(), "and says why: {out:?}");
+    });
+    let ops = a.ctl_json(&["debug", "ops", "--json"]);
+    assert_eq!(
+        ops["peers"],
+        serde_json::json!([]),
+        "nothing left in flight"
+    );
+}
