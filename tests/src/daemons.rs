@@ -222,7 +222,7 @@ pub fn control_answers(path: &Path) -> bool {
 }
 
 /// Spawn `cmd`, registering the child for emergency cleanup.
-fn spawn_registered(cmd: &mut Command, what: &str) -> Child {
+pub fn spawn_registered(cmd: &mut Command, what: &str) -> Child {
     let child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {what} ({cmd:?}): {e}"));

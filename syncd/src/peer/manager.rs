@@ -34,7 +34,7 @@
 //! call or a network call, and nothing else is locked while it is held.
 
 use super::conn::{self, ConnConfig, FrameTx, PeerConn, PeerLabel};
-use super::msg::Request;
+use super::msg::{MAX_CHUNK, Request, bulk_pattern_byte};
 use super::requests::RequestHandler;
 use crate::channel::{ChannelConfig, Established, LocalKeys, SecureSender};
 use crate::store::peers::{PeerRecord, Peers, parse_addr, parse_fingerprint};
@@ -677,7 +677,13 @@ async fn bench_on(
                 .map_err(|e| format!("stream {i}: {e}"))?;
             let mut got = 0u64;
             while let Some(chunk) = s.next().await {
-                got += chunk.map_err(|e| format!("stream {i}: {e}"))?.len() as u64;
+                let chunk = chunk.map_err(|e| format!("stream {i}: {e}"))?;
+                if let Some(at) = pattern_mismatch(got, &chunk) {
+                    return Err(format!(
+                        "stream {i}: byte {at} is not the Bulk pattern (data lost, repeated or reordered)"
+                    ));
+                }
+                got += chunk.len() as u64;
             }
             if got != want {
                 return Err(format!("stream {i}: asked for {want} bytes, got {got}"));
@@ -702,6 +708,29 @@ async fn bench_on(
         mb_per_s: got as f64 / seconds / 1e6,
         rekeys: live.rekeys() - rekeys_before,
     })
+}
+
+/// Where `chunk`, received at `offset` of a `Bulk` stream, first differs
+/// from the pattern ([`bulk_pattern_byte`]), as an offset in the stream;
+/// `None` when every byte is right. Compared slice by slice against one
+/// precomputed period-aligned buffer, so checking costs about a `memcmp`.
+fn pattern_mismatch(offset: u64, chunk: &[u8]) -> Option<u64> {
+    static PATTERN: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let pattern = PATTERN.get_or_init(|| {
+        (0..(MAX_CHUNK + 251) as u64)
+            .map(bulk_pattern_byte)
+            .collect()
+    });
+    for (n, piece) in chunk.chunks(MAX_CHUNK).enumerate() {
+        let start = offset + (n * MAX_CHUNK) as u64;
+        let phase = (start % 251) as usize;
+        let want = &pattern[phase..phase + piece.len()];
+        if piece != want {
+            let i = piece.iter().zip(want).position(|(a, b)| a != b)?;
+            return Some(start + i as u64);
+        }
+    }
+    None
 }
 
 /// Every [`LAST_SEEN_EVERY`], write the last-seen time of each connected
@@ -751,6 +780,34 @@ fn unix_ms_at(at: Instant) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bench_checks_every_byte_of_the_bulk_pattern() {
+        use super::pattern_mismatch;
+        use crate::peer::msg::{MAX_CHUNK, bulk_pattern_byte};
+        let stream: Vec<u8> = (0..3 * MAX_CHUNK as u64 + 77)
+            .map(bulk_pattern_byte)
+            .collect();
+        // Any split into chunks of any size at the right offsets passes.
+        for size in [1, 250, 251, 4096, MAX_CHUNK, 2 * MAX_CHUNK + 5] {
+            let mut at = 0u64;
+            for c in stream.chunks(size) {
+                assert_eq!(pattern_mismatch(at, c), None, "size {size} at {at}");
+                at += c.len() as u64;
+            }
+        }
+        // A chunk at the wrong offset (lost, repeated or reordered data)
+        // or with one wrong byte does not.
+        assert_eq!(pattern_mismatch(1, &stream[..1000]), Some(1));
+        let mut bad = stream[..5000].to_vec();
+        bad[4321] ^= 0x40;
+        assert_eq!(pattern_mismatch(0, &bad), Some(4321));
+        assert_eq!(
+            pattern_mismatch(MAX_CHUNK as u64, &stream[..MAX_CHUNK]),
+            Some(MAX_CHUNK as u64),
+            "a chunk repeated: MAX_CHUNK is not a multiple of 251"
+        );
+    }
+
     use super::*;
 
     #[test]
