@@ -25,7 +25,9 @@
 //! request, queued for sending for an incoming one).
 
 use super::conn::{self, MAX_QUEUED_STREAM_FRAMES, MAX_STREAM_WINDOW, PeerConn, Shared, State};
-use super::msg::{MAX_CHUNK, Msg, RemoteError, RemoteErrorKind, Reply, Request, bulk_pattern_byte};
+use super::msg::{
+    MAX_CHUNK, Msg, RemoteError, RemoteErrorKind, Reply, Request, bulk_pattern_byte, encode_chunk,
+};
 use futures::future::BoxFuture;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -139,7 +141,7 @@ async fn send_bulk(sink: &mut ChunkSink, total: u64) -> Result<(), RemoteError> 
     while sent < total {
         let len = (total - sent).min(MAX_CHUNK as u64) as usize;
         let phase = (sent % 251) as usize;
-        sink.send(pattern[phase..phase + len].to_vec()).await?;
+        sink.send_slice(&pattern[phase..phase + len]).await?;
         sent += len as u64;
     }
     Ok(())
@@ -498,6 +500,12 @@ impl ChunkSink {
     /// Queue one chunk (at most `MAX_CHUNK` bytes; an empty one is skipped)
     /// once the requester has granted credit for it.
     pub async fn send(&mut self, data: Vec<u8>) -> Result<(), RemoteError> {
+        self.send_slice(&data).await
+    }
+
+    /// [`ChunkSink::send`] from borrowed data: the data is copied once,
+    /// straight into the frame.
+    pub async fn send_slice(&mut self, data: &[u8]) -> Result<(), RemoteError> {
         if data.is_empty() {
             return Ok(());
         }
@@ -508,8 +516,7 @@ impl ChunkSink {
             ));
         }
         let len = data.len() as u64;
-        let frame = Msg::Chunk { id: self.id, data }
-            .encode()
+        let frame = encode_chunk(self.id, data)
             .map_err(|e| RemoteError::new(RemoteErrorKind::Failed, e.to_string()))?;
         loop {
             {
