@@ -28,7 +28,9 @@ use super::conn::{self, MAX_QUEUED_STREAM_FRAMES, MAX_STREAM_WINDOW, PeerConn, S
 use super::msg::{
     MAX_CHUNK, Msg, RemoteError, RemoteErrorKind, Reply, Request, bulk_pattern_byte, encode_chunk,
 };
+use futures::FutureExt;
 use futures::future::BoxFuture;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
@@ -757,17 +759,10 @@ async fn serve(
     handler: Arc<dyn RequestHandler>,
     sink_wake: Option<Arc<Notify>>,
 ) {
-    let timed_out = || {
-        RemoteError::new(
-            RemoteErrorKind::Timeout,
-            format!("not served within {timeout:?}"),
-        )
-    };
     let frame = match sink_wake {
         None => {
-            let reply = tokio::time::timeout(timeout, handler.call(req))
-                .await
-                .unwrap_or_else(|_| Err(timed_out()));
+            let name = req.name();
+            let reply = guarded(&shared, name, timeout, || handler.call(req)).await;
             Msg::Reply { id, reply }.encode().unwrap_or_else(|e| {
                 let reply = Err(RemoteError::new(RemoteErrorKind::Failed, e.to_string()));
                 encode_error(Msg::Reply { id, reply })
@@ -779,9 +774,8 @@ async fn serve(
                 id,
                 wake,
             };
-            let result = tokio::time::timeout(timeout, handler.stream(req, sink))
-                .await
-                .unwrap_or_else(|_| Err(timed_out()));
+            let name = req.name();
+            let result = guarded(&shared, name, timeout, || handler.stream(req, sink)).await;
             Msg::End { id, result }.encode().unwrap_or_else(|e| {
                 let result = Err(RemoteError::new(RemoteErrorKind::Failed, e.to_string()));
                 encode_error(Msg::End { id, result })
@@ -802,6 +796,35 @@ async fn serve(
     }
     drop(st);
     shared.wake_writer();
+}
+
+/// Run a handler within `timeout`, turning a panic (while making its
+/// future or running it) into a `Failed` error, so that a buggy handler
+/// costs one request, not the connection's bookkeeping.
+async fn guarded<T>(
+    shared: &Shared,
+    request: &'static str,
+    timeout: Duration,
+    make: impl FnOnce() -> BoxFuture<'static, Result<T, RemoteError>>,
+) -> Result<T, RemoteError> {
+    let panicked = || {
+        tracing::error!(peer = %shared.label, request, "the request handler panicked");
+        RemoteError::new(
+            RemoteErrorKind::Failed,
+            format!("the handler of {request} failed"),
+        )
+    };
+    let Ok(future) = std::panic::catch_unwind(AssertUnwindSafe(make)) else {
+        return Err(panicked());
+    };
+    match tokio::time::timeout(timeout, AssertUnwindSafe(future).catch_unwind()).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(panicked()),
+        Err(_) => Err(RemoteError::new(
+            RemoteErrorKind::Timeout,
+            format!("not served within {timeout:?}"),
+        )),
+    }
 }
 
 /// Encode a `Reply` or `End` that carries an error.
@@ -873,6 +896,9 @@ mod tests {
             Box::pin(async move {
                 if matches!(&req, Request::Echo { data } if data == b"stall") {
                     std::future::pending::<()>().await;
+                }
+                if matches!(&req, Request::Echo { data } if data == b"panic") {
+                    panic!("a handler bug (expected by the test)");
                 }
                 let reply = DefaultHandler.call(req).await;
                 signal.finish();
@@ -1052,6 +1078,26 @@ mod tests {
             ))))
         );
         assert_eq!(stream.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_fails_its_request_only() {
+        let p = pair(STREAM_WINDOW);
+        let panic = Request::Echo {
+            data: b"panic".to_vec(),
+        };
+        match p.client.request(panic, BOUND).await {
+            Err(RequestError::Remote(e)) => {
+                assert_eq!(e.kind, RemoteErrorKind::Failed);
+                assert_eq!(e.message, "the handler of Echo failed");
+            }
+            other => panic!("expected the handler's failure, got {other:?}"),
+        }
+        assert!(p.server.in_flight().is_empty(), "its slot is free");
+        assert_eq!(
+            p.client.request(Request::Ping, BOUND).await,
+            Ok(Reply::Pong)
+        );
     }
 
     #[tokio::test]
