@@ -1604,6 +1604,94 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn credit_beyond_the_largest_window_closes_the_connection() {
+        let (conn, raw_tx, _raw_rx) = with_raw_peer(ConnConfig::default());
+        let bulk = Msg::Request {
+            id: 1,
+            timeout_ms: 60_000,
+            req: Request::Bulk { bytes: 1 << 40 },
+        };
+        raw_tx.0.send(frame(&bulk)).await.expect("send");
+        let credit = Msg::Credit {
+            id: 1,
+            bytes: MAX_STREAM_WINDOW + 1,
+        };
+        raw_tx.0.send(frame(&credit)).await.expect("send");
+        let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .expect("closes");
+        match &reason {
+            CloseReason::Protocol(why) => assert!(why.contains("more than 16777216"), "{why}"),
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
+    }
+
+    /// Start one request of the given kind from `conn` to the raw peer and
+    /// return its id as the raw peer saw it.
+    async fn raw_request(
+        conn: &PeerConn,
+        raw_rx: &mut MemRx,
+        req: Request,
+    ) -> (u64, tokio::task::JoinHandle<()>) {
+        let c = conn.clone();
+        let task = tokio::spawn(async move {
+            if req.is_stream() {
+                if let Ok(mut s) = c.stream(req, Duration::from_secs(60)).await {
+                    while let Some(Ok(_)) = s.next().await {}
+                }
+            } else {
+                let _ = c.request(req, Duration::from_secs(60)).await;
+            }
+        });
+        match next_non_ping(raw_rx).await {
+            Ok(Msg::Request { id, .. }) => (id, task),
+            other => panic!("expected a Request, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_of_the_wrong_shape_close_the_connection() {
+        let cases: [(Request, fn(u64) -> Msg, &str); 4] = [
+            (
+                Request::Bulk { bytes: 1 },
+                |id| Msg::Reply {
+                    id,
+                    reply: Ok(Reply::Pong),
+                },
+                "Reply to stream request 1 (Bulk)",
+            ),
+            (
+                Request::Ping,
+                |id| Msg::Chunk { id, data: vec![1] },
+                "Chunk for unary request 1 (Ping)",
+            ),
+            (
+                Request::Ping,
+                |id| Msg::End { id, result: Ok(()) },
+                "End of unary request 1 (Ping)",
+            ),
+            (
+                Request::Bulk { bytes: 1 },
+                |id| Msg::Chunk { id, data: vec![] },
+                "empty Chunk for request 1",
+            ),
+        ];
+        for (req, answer, expected) in cases {
+            let (conn, raw_tx, mut raw_rx) = with_raw_peer(ConnConfig::default());
+            let (id, task) = raw_request(&conn, &mut raw_rx, req).await;
+            raw_tx.0.send(frame(&answer(id))).await.expect("send");
+            let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+                .await
+                .expect("closes");
+            assert_eq!(reason, CloseReason::Protocol(expected.into()));
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("the request ends")
+                .expect("task");
+        }
+    }
+
+    #[tokio::test]
     async fn request_ids_must_increase() {
         let (conn, raw_tx, mut raw_rx) = with_raw_peer(ConnConfig::default());
         let ping = |id| {
