@@ -1649,9 +1649,13 @@ mod tests {
         }
     }
 
+    /// A request, the answer the raw peer gives it (from the id), and the
+    /// protocol error that must follow.
+    type WrongShape = (Request, fn(u64) -> Msg, &'static str);
+
     #[tokio::test]
     async fn answers_of_the_wrong_shape_close_the_connection() {
-        let cases: [(Request, fn(u64) -> Msg, &str); 4] = [
+        let cases: [WrongShape; 4] = [
             (
                 Request::Bulk { bytes: 1 },
                 |id| Msg::Reply {
