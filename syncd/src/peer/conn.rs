@@ -44,7 +44,10 @@
 //! Locking: all of a connection's state is in one `Mutex<State>` (the only
 //! lock of this module), held for short, non-blocking steps and never across
 //! an `.await`; while it is held, only `Notify`, oneshot and mpsc senders
-//! (whose internal locks are leaves) and `tokio::spawn` are called.
+//! (whose internal locks are leaves) and `tokio::spawn` are called. The
+//! request slots (a semaphore) are awaited before the lock is taken, and
+//! closed after it is released. The lock is a leaf for callers: code that
+//! holds its own lock may call into a `PeerConn`.
 
 use super::msg::Msg;
 use super::requests::{self, Incoming, Outgoing, RequestHandler};

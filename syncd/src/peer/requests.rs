@@ -15,6 +15,12 @@
 //! that does not increase is a protocol error (so a stale message can never
 //! be taken for a new request's).
 //!
+//! Slots: a request holds one of [`conn::MAX_IN_FLIGHT`] slots of its
+//! connection from before it is queued until its answer arrives or its
+//! `Cancel` is queued; a caller beyond that waits (within its deadline).
+//! The serving side relies on it: it counts a request until its answer is
+//! written, and more than the limit is a protocol error.
+//!
 //! Serving: each incoming request runs in its own task, calling the
 //! connection's [`RequestHandler`] ([`DefaultHandler`] serves `Ping`, `Echo`
 //! and `Bulk`). A stream handler sends its data through a [`ChunkSink`],
