@@ -58,21 +58,41 @@ async fn handshake_with(
     )
 }
 
+/// A connected pair whose socket buffers are small (64 KiB asked), so
+/// that a writer blocks soon when nobody reads.
+async fn small_buffered_tcp_pair() -> (TcpStream, TcpStream) {
+    let ls = tokio::net::TcpSocket::new_v4().expect("socket");
+    ls.set_recv_buffer_size(1 << 16).expect("rcvbuf");
+    ls.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let l = ls.listen(1).expect("listen");
+    let addr = l.local_addr().expect("addr");
+    let cs = tokio::net::TcpSocket::new_v4().expect("socket");
+    cs.set_send_buffer_size(1 << 16).expect("sndbuf");
+    let (a, b) = tokio::join!(cs.connect(addr), l.accept());
+    (a.expect("connect"), b.expect("accept").0)
+}
+
 /// A finished pair: (initiator's, responder's).
 pub(super) async fn established(cfg: &ChannelConfig) -> (Established, Established) {
-    let (a, b) = (keys(1), keys(2));
-    let fp_a = fingerprint_of(&a.public());
-    let fp_b = fingerprint_of(&b.public());
-    let (i, r) = handshake_with(
-        &a,
-        &b,
-        &fp_b,
-        move |fp| fp == fp_a,
-        params(1, 1),
-        params(1, 1),
-        cfg,
-    )
-    .await;
+    let (a, b) = tcp_pair().await;
+    established_on(a, b, cfg).await
+}
+
+/// A finished pair over the given streams.
+async fn established_on(
+    a: TcpStream,
+    b: TcpStream,
+    cfg: &ChannelConfig,
+) -> (Established, Established) {
+    let (ka, kb) = (keys(1), keys(2));
+    let fp_a = fingerprint_of(&ka.public());
+    let fp_b = fingerprint_of(&kb.public());
+    let paired = move |fp: &str| fp == fp_a;
+    let (pi, pr) = (params(1, 1), params(1, 1));
+    let (i, r) = tokio::join!(
+        handshake::initiate_with(a, &ka, &fp_b, cfg, &pi),
+        handshake::respond_with(b, &kb, &paired, cfg, &pr),
+    );
     (i.expect("initiator"), r.expect("responder"))
 }
 
@@ -568,7 +588,12 @@ async fn oversize_length_fails_at_once_without_reading_or_allocating() {
         matches!(err, ChannelError::Oversize { len, cap } if len == u32::MAX as u64 && cap == MAX_FRAME as u64),
         "{err}"
     );
-    assert_eq!(fresh.capacity(), 0, "nothing allocated for the body");
+    assert_eq!(fresh.capacity(), 0, "the caller's buffer is untouched");
+    assert!(
+        r.rx.body.capacity() < 1024,
+        "nothing allocated for the body: {}",
+        r.rx.body.capacity()
+    );
 }
 
 #[tokio::test]
@@ -693,4 +718,89 @@ async fn close_reason_is_cut_to_1_kib_on_a_char_boundary() {
     };
     assert_eq!(reason.len(), 1023);
     assert!(long.starts_with(&reason));
+}
+
+fn numbered(k: u32) -> Vec<u8> {
+    let mut msg = vec![(k % 251) as u8; MAX_PAYLOAD];
+    msg[..4].copy_from_slice(&k.to_be_bytes());
+    msg
+}
+
+/// The number in a `numbered` message, checking the rest is intact.
+fn number_of(buf: &[u8]) -> u32 {
+    assert_eq!(buf.len(), MAX_PAYLOAD);
+    let k = u32::from_be_bytes(buf[..4].try_into().expect("4"));
+    assert!(buf[4..].iter().all(|b| *b == (k % 251) as u8), "intact");
+    k
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_receives_lose_nothing() {
+    // The receiver gives up on its receives after a moment, again and
+    // again (like a select! with a timer), while 256 KiB messages
+    // arrive: nothing may be lost or repeated.
+    let (mut i, mut r) = established(&cfg()).await;
+    const N: u32 = 12;
+    let sender = tokio::spawn(async move {
+        for k in 0..N {
+            i.tx.send(&numbered(k)).await.expect("send");
+        }
+        i
+    });
+    let mut buf = Vec::new();
+    let mut got = Vec::new();
+    let mut timeouts = 0u32;
+    while got.len() < N as usize {
+        match tokio::time::timeout(Duration::from_micros(20), r.rx.recv(&mut buf)).await {
+            Err(_) => timeouts += 1,
+            Ok(res) => {
+                res.expect("recv");
+                got.push(number_of(&buf));
+            }
+        }
+    }
+    sender.await.expect("sender");
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    assert!(timeouts > 0, "some receives were really cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_sends_never_break_the_stream() {
+    // Nobody reads, so the socket buffers fill and sends block mid-frame;
+    // the sender gives up on each after 5 ms. A cancelled send may or may
+    // not deliver its message (its frame is finished by the next send),
+    // but the stream never carries a broken frame.
+    let (a, b) = small_buffered_tcp_pair().await;
+    let (mut i, mut r) = established_on(a, b, &cfg()).await;
+    const N: u32 = 16;
+    let mut cancelled = 0u32;
+    for k in 0..N {
+        match tokio::time::timeout(Duration::from_millis(5), i.tx.send(&numbered(k))).await {
+            Ok(res) => res.expect("send"),
+            Err(_) => cancelled += 1,
+        }
+    }
+    let sender = tokio::spawn(async move {
+        i.tx.send(b"end").await.expect("last send");
+        i
+    });
+    let mut buf = Vec::new();
+    let mut got = Vec::new();
+    loop {
+        r.rx.recv(&mut buf).await.expect("recv");
+        if buf == b"end" {
+            break;
+        }
+        got.push(number_of(&buf));
+    }
+    sender.await.expect("sender");
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "in order, no repeats: {got:?}"
+    );
+    assert!(
+        got.len() as u32 >= N - cancelled,
+        "only cancelled sends may be missing"
+    );
+    assert!(cancelled > 0, "some sends were really cancelled");
 }
