@@ -1561,9 +1561,22 @@ mod tests {
         }
     }
 
+    /// CPU time of the whole process so far.
+    fn process_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+        assert_eq!(rc, 0, "clock_gettime");
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
     /// Throughput of `Bulk` streams through the whole stack (channel and
-    /// connection) on loopback; prints MB/s of payload, asserts only that
-    /// every byte arrived. Run in release:
+    /// connection, both ends in this process) on loopback; prints MB/s of
+    /// payload and MB per CPU second (what it costs, whatever else runs on
+    /// the machine), asserts only that every byte arrived. Run in release:
     /// `cargo test --release -p keibi-syncd bench_bulk -- --ignored --nocapture`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "a benchmark: run by hand, in release"]
@@ -1572,6 +1585,7 @@ mod tests {
         let total: u64 = 1 << 30;
         for streams in [1u64, 4] {
             let started = std::time::Instant::now();
+            let cpu0 = process_cpu();
             let runs = (0..streams).map(|_| {
                 let a = a.clone();
                 tokio::spawn(async move {
@@ -1597,9 +1611,11 @@ mod tests {
             }
             assert_eq!(got, total / streams * streams);
             let seconds = started.elapsed().as_secs_f64();
+            let cpu = (process_cpu() - cpu0).as_secs_f64();
             println!(
-                "{streams} stream(s): {got} bytes in {seconds:.3} s = {:.0} MB/s",
-                got as f64 / seconds / 1e6
+                "{streams} stream(s): {got} bytes in {seconds:.3} s = {:.0} MB/s; {cpu:.3} CPU s = {:.0} MB per CPU second",
+                got as f64 / seconds / 1e6,
+                got as f64 / cpu / 1e6
             );
         }
         a.close("done");
