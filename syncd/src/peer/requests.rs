@@ -1226,6 +1226,49 @@ mod tests {
         assert_eq!(drain(&mut bulk, first.len() as u64).await, total);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_requests_keep_being_answered_while_a_consumed_bulk_stream_flows() {
+        let p = pair(STREAM_WINDOW);
+        let received = Arc::new(AtomicUsize::new(0));
+        let mut bulk = p
+            .client
+            .stream(Request::Bulk { bytes: u64::MAX }, BOUND)
+            .await
+            .expect("starts");
+        let consumer = {
+            let received = received.clone();
+            tokio::spawn(async move {
+                let mut offset = 0u64;
+                while let Some(chunk) = bulk.next().await {
+                    let chunk = chunk.expect("stream data");
+                    check_bulk(offset, &chunk);
+                    offset += chunk.len() as u64;
+                    received.store(offset as usize, Ordering::SeqCst);
+                }
+                panic!("an endless stream ended");
+            })
+        };
+        until("the bulk stream flows", || {
+            received.load(Ordering::SeqCst) > 0
+        })
+        .await;
+        for n in 0..20u8 {
+            let before = received.load(Ordering::SeqCst);
+            let echo = p
+                .client
+                .request(Request::Echo { data: vec![n; 100] }, BOUND)
+                .await;
+            assert_eq!(echo, Ok(Reply::Echo { data: vec![n; 100] }));
+            // The stream goes on meanwhile: it is not paused for the echo.
+            until("more bulk data arrives", || {
+                received.load(Ordering::SeqCst) > before
+            })
+            .await;
+        }
+        assert!(!consumer.is_finished(), "the bulk stream is still flowing");
+        consumer.abort();
+    }
+
     #[tokio::test]
     async fn the_window_bounds_the_senders_unacknowledged_bytes() {
         let window = 2 * MAX_CHUNK as u32;
