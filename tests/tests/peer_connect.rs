@@ -85,6 +85,18 @@ fn remove_closes_the_connection_at_once_on_both_sides() {
     });
     // b has no address for a: it waits, and a no longer dials.
     assert_eq!(state(&pb), "idle", "{pb}");
+    // And a refuses b from now on: b dials a and is not paired.
+    b.add(&a, true);
+    let fp = b.fingerprint().to_string();
+    a.wait_log("b refused as not paired", CONNECT, |log| {
+        log.lines()
+            .any(|l| l.contains("not paired") && l.contains(&fp))
+    });
+    assert!(a.peer(b.fingerprint()).is_none(), "still not listed");
+    assert_ne!(
+        state(&b.peer(a.fingerprint()).expect("listed")),
+        "connected"
+    );
 }
 
 #[test]
@@ -254,7 +266,7 @@ fn rekey_under_load_loses_nothing() {
 }
 
 #[test]
-fn debug_ops_shows_a_bench_in_flight_and_remove_ends_it() {
+fn debug_ops_shows_a_bench_in_flight_a_small_request_passes_it_and_remove_ends_it() {
     let _w = Watchdog::arm("peer-debug-ops", Duration::from_secs(180));
     let a = PeerNode::start("alice", NodeConfig::default());
     let b = PeerNode::start("bob", NodeConfig::default());
@@ -301,6 +313,19 @@ fn debug_ops_shows_a_bench_in_flight_and_remove_ends_it() {
                     .then_some(())
                 })
             },
+        );
+        // A small request is not starved by the bulk transfer on the same
+        // connection: a 64 KiB bench completes while the big one is still
+        // in flight.
+        let small = a.bench(b.fingerprint(), 64 * 1024, 1);
+        assert_eq!(u64_field(&small, "bytes"), 64 * 1024, "{small}");
+        let ops = a.ctl_json(&["debug", "ops", "--json"]);
+        assert!(
+            ops["peers"].as_array().expect("peers").iter().any(|o| {
+                o["request"].as_str().is_some_and(|r| r.contains("Bulk"))
+                    && o["bytes"].as_u64() > op["bytes"].as_u64()
+            }),
+            "the big bench is still running and has moved on: {ops}"
         );
         a.peer_remove(b.fingerprint());
         let out = bench.join().expect("bench thread");
