@@ -253,6 +253,10 @@ fn rekey_under_load_loses_nothing() {
     assert!(u64_field(&r, "rekeys") >= 32, "{r}");
     let pa = a.peer(b.fingerprint()).expect("listed");
     let pb = b.peer(a.fingerprint()).expect("listed");
+    eprintln!(
+        "bench {r}; rekeys seen by alice {}, by bob {}",
+        pa["rekeys"], pb["rekeys"]
+    );
     assert!(u64_field(&pa, "rekeys") >= 32, "{pa}");
     assert!(u64_field(&pb, "rekeys") >= 32, "{pb}");
     assert!(u64_field(&pa, "bytes_received") >= bytes, "{pa}");
