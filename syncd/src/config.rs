@@ -36,8 +36,10 @@ const DEFAULT_PEER_REKEY_INTERVAL: Duration = Duration::from_secs(600);
 
 /// keibi-syncd: the unprivileged daemon that owns keibi's metadata store
 /// and content, serving keibi-mountd and keibictl over Unix sockets.
+///
+/// A flag given twice counts once, with its last value.
 #[derive(Parser, Debug, Default)]
-#[command(name = "keibi-syncd", version)]
+#[command(name = "keibi-syncd", version, args_override_self = true)]
 pub struct Cli {
     /// TOML config file [default: /etc/keibi/syncd.toml, if it exists]
     #[arg(long, value_name = "PATH")]
@@ -481,6 +483,22 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("unknown_key = 1").is_err());
         assert!(resolve_user("no-such-user-keibi-test").is_err());
         assert_eq!(resolve_user("root"), Ok(0));
+    }
+
+    #[test]
+    fn the_last_of_a_repeated_flag_counts() {
+        let cli = Cli::try_parse_from([
+            "keibi-syncd",
+            "--config",
+            "/first.toml",
+            "--state-dir",
+            "/a",
+            "--config",
+            "/second.toml",
+        ])
+        .expect("a repeated flag is accepted");
+        assert_eq!(cli.config, Some(PathBuf::from("/second.toml")));
+        assert_eq!(cli.state_dir, Some(PathBuf::from("/a")));
     }
 
     #[test]

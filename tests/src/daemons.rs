@@ -141,9 +141,24 @@ fn append_log(path: &Path) -> File {
 /// A `keibi-syncd` command running as `nobody` on these paths, its output
 /// appended to `log`. Used by the fixture and by tests that start extra
 /// instances.
+///
+/// The syncd is dial only: `--config` names a file beside the state
+/// directory holding `listen = []`, because syncd binds its peer port
+/// (58150) by default and tests run side by side. A later `--config` on
+/// the command replaces it (syncd takes the last of a repeated flag).
 pub fn syncd_command(state: &Path, fs_sock: &Path, control_sock: &Path, log: &Path) -> Command {
+    let config = state
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join("syncd-dial-only.toml");
+    std::fs::write(&config, "listen = []\n")
+        .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", config.display()));
     let mut cmd = Command::new(binaries::syncd());
-    cmd.arg("--state-dir")
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
         .arg(state)
         .arg("--fs-socket")
         .arg(fs_sock)

@@ -68,43 +68,73 @@ pub fn check_header(header: [u8; HEADER_LEN]) -> Result<usize, ChannelError> {
     Ok(len)
 }
 
-/// Read one transport frame: its header, checked, and its sealed body
-/// into `body` (cleared first; grown to the frame's length at most).
+/// Reads transport frames, one at a time, so that a read cancelled at
+/// any `.await` (a `select!` that picked another branch) loses nothing:
+/// the header bytes read so far live here, the body bytes in the
+/// caller's buffer, and the next call carries on where this one stopped.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    header: [u8; HEADER_LEN],
+    got: usize,
+}
+
+impl FrameReader {
+    /// Read one frame: its header, checked, and its sealed body into
+    /// `body` (cleared when a new frame starts; grown to the frame's
+    /// length at most). Pass the same `body` again after a cancelled call.
+    pub async fn read<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+        body: &mut Vec<u8>,
+    ) -> Result<[u8; HEADER_LEN], ChannelError> {
+        if self.got < HEADER_LEN {
+            while self.got < HEADER_LEN {
+                let n = r.read(&mut self.header[self.got..]).await?;
+                if n == 0 {
+                    return Err(if self.got == 0 {
+                        ChannelError::Eof
+                    } else {
+                        ChannelError::BadFrame(format!(
+                            "truncated: end of stream after {} of the {HEADER_LEN} length bytes",
+                            self.got
+                        ))
+                    });
+                }
+                self.got += n;
+            }
+            body.clear();
+        }
+        // Checked before anything of the body is read or allocated (and
+        // again, harmlessly, when a cancelled read resumes).
+        let len = check_header(self.header)?;
+        body.reserve_exact(len.saturating_sub(body.len()));
+        while body.len() < len {
+            // `read_buf` fills the spare capacity without zeroing it
+            // first; the `take` keeps each read inside this frame.
+            let n = (&mut *r)
+                .take((len - body.len()) as u64)
+                .read_buf(body)
+                .await?;
+            if n == 0 {
+                return Err(ChannelError::BadFrame(format!(
+                    "truncated: end of stream after {} of the {len} bytes of a frame",
+                    body.len()
+                )));
+            }
+        }
+        self.got = 0;
+        Ok(self.header)
+    }
+}
+
+/// Read one transport frame with a fresh [`FrameReader`] (for a reader
+/// that is never cancelled mid-frame: tests, benches).
+#[cfg(test)]
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     body: &mut Vec<u8>,
 ) -> Result<[u8; HEADER_LEN], ChannelError> {
-    let mut header = [0u8; HEADER_LEN];
-    let mut got = 0;
-    while got < HEADER_LEN {
-        let n = r.read(&mut header[got..]).await?;
-        if n == 0 {
-            return Err(if got == 0 {
-                ChannelError::Eof
-            } else {
-                ChannelError::BadFrame(format!(
-                    "truncated: end of stream after {got} of the {HEADER_LEN} length bytes"
-                ))
-            });
-        }
-        got += n;
-    }
-    let len = check_header(header)?;
-    body.clear();
-    body.reserve_exact(len);
-    // `read_buf` fills the spare capacity without zeroing it first; the
-    // `take` keeps each read inside this frame.
-    let mut limited = r.take(len as u64);
-    while body.len() < len {
-        let n = limited.read_buf(body).await?;
-        if n == 0 {
-            return Err(ChannelError::BadFrame(format!(
-                "truncated: end of stream after {} of the {len} bytes of a frame",
-                body.len()
-            )));
-        }
-    }
-    Ok(header)
+    FrameReader::default().read(r, body).await
 }
 
 /// Write one handshake message with its `u16` length prefix.
@@ -199,5 +229,27 @@ mod tests {
         assert_eq!(header, [0, 0, 0, 17]);
         assert_eq!(body, (1..=17).collect::<Vec<u8>>());
         assert_eq!(whole, &[99], "nothing past the frame is read");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_read_resumes_where_it_stopped() {
+        // The frame arrives in pieces; each read attempt is cut short
+        // (like a select! that picked a timer) while data is missing.
+        let (mut tx, mut rx) = tokio::io::duplex(64);
+        let frame: Vec<u8> = [0u8, 0, 0, 20].into_iter().chain(1..=20u8).collect();
+        let mut reader = FrameReader::default();
+        let mut body = Vec::new();
+        for piece in [&frame[..2], &frame[2..9], &frame[9..]] {
+            let attempt = tokio::time::timeout(
+                std::time::Duration::from_millis(20),
+                reader.read(&mut rx, &mut body),
+            )
+            .await;
+            assert!(attempt.is_err(), "incomplete: the read waits");
+            tx.write_all(piece).await.expect("write");
+        }
+        let header = reader.read(&mut rx, &mut body).await.expect("frame");
+        assert_eq!(header, [0, 0, 0, 20]);
+        assert_eq!(body, (1..=20).collect::<Vec<u8>>());
     }
 }

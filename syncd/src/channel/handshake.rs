@@ -41,7 +41,7 @@ use snow::{Builder, HandshakeState};
 use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_SHA256";
@@ -299,9 +299,10 @@ async fn run(
             })?;
             // ML-KEM decapsulation never fails: a bad ciphertext yields
             // an unrelated secret (implicit rejection), caught by READY.
-            let ss = dk.decapsulate(&ct.into());
+            let mut ss = dk.decapsulate(&ct.into());
             let mut ss_bytes = Zeroizing::new([0u8; 32]);
             ss_bytes.copy_from_slice(&ss);
+            ss.zeroize();
             // Message 3 goes out even on a version mismatch, so that the
             // responder can log both versions too.
             let msg3 = encode(&Hello {
@@ -333,9 +334,10 @@ async fn run(
                 })?;
             let ek = ml_kem::ml_kem_768::EncapsulationKey::new(&ek_bytes.into())
                 .map_err(|_| ChannelError::Handshake("invalid ML-KEM encapsulation key".into()))?;
-            let (ct, ss) = ek.encapsulate();
+            let (ct, mut ss) = ek.encapsulate();
             let mut ss_bytes = Zeroizing::new([0u8; 32]);
             ss_bytes.copy_from_slice(&ss);
+            ss.zeroize();
             #[allow(unused_mut)] // changed by the test-only corruption below
             let mut mlkem_ct = ct.to_vec();
             #[cfg(test)]
@@ -387,9 +389,14 @@ async fn run(
     let mut tx = SecureSender::new(w, sealer, 0);
     let mut rx = SecureReceiver::new(r, opener, 0);
     tx.send_frame(FrameType::Ready, &[]).await?;
-    let mut ready = Vec::new();
-    match rx.recv_frame(&mut ready).await {
-        Ok(FrameType::Ready) if ready.len() == 1 => {}
+    match rx.next_frame().await {
+        Ok(FrameType::Ready) if rx.body.len() == 1 => {}
+        Ok(FrameType::Ready) => {
+            return Err(ChannelError::Handshake(format!(
+                "the peer's READY frame has a body of {} bytes",
+                rx.body.len() - 1
+            )));
+        }
         Ok(ty) => {
             return Err(ChannelError::Handshake(format!(
                 "expected the peer's READY frame, got {ty:?}"

@@ -29,7 +29,13 @@ mod resolver;
 mod transport;
 
 #[cfg(test)]
+mod bench;
+#[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vectors;
 
 use std::io;
 use std::time::Duration;

@@ -58,21 +58,41 @@ async fn handshake_with(
     )
 }
 
+/// A connected pair whose socket buffers are small (64 KiB asked), so
+/// that a writer blocks soon when nobody reads.
+async fn small_buffered_tcp_pair() -> (TcpStream, TcpStream) {
+    let ls = tokio::net::TcpSocket::new_v4().expect("socket");
+    ls.set_recv_buffer_size(1 << 16).expect("rcvbuf");
+    ls.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let l = ls.listen(1).expect("listen");
+    let addr = l.local_addr().expect("addr");
+    let cs = tokio::net::TcpSocket::new_v4().expect("socket");
+    cs.set_send_buffer_size(1 << 16).expect("sndbuf");
+    let (a, b) = tokio::join!(cs.connect(addr), l.accept());
+    (a.expect("connect"), b.expect("accept").0)
+}
+
 /// A finished pair: (initiator's, responder's).
 pub(super) async fn established(cfg: &ChannelConfig) -> (Established, Established) {
-    let (a, b) = (keys(1), keys(2));
-    let fp_a = fingerprint_of(&a.public());
-    let fp_b = fingerprint_of(&b.public());
-    let (i, r) = handshake_with(
-        &a,
-        &b,
-        &fp_b,
-        move |fp| fp == fp_a,
-        params(1, 1),
-        params(1, 1),
-        cfg,
-    )
-    .await;
+    let (a, b) = tcp_pair().await;
+    established_on(a, b, cfg).await
+}
+
+/// A finished pair over the given streams.
+async fn established_on(
+    a: TcpStream,
+    b: TcpStream,
+    cfg: &ChannelConfig,
+) -> (Established, Established) {
+    let (ka, kb) = (keys(1), keys(2));
+    let fp_a = fingerprint_of(&ka.public());
+    let fp_b = fingerprint_of(&kb.public());
+    let paired = move |fp: &str| fp == fp_a;
+    let (pi, pr) = (params(1, 1), params(1, 1));
+    let (i, r) = tokio::join!(
+        handshake::initiate_with(a, &ka, &fp_b, cfg, &pi),
+        handshake::respond_with(b, &kb, &paired, cfg, &pr),
+    );
     (i.expect("initiator"), r.expect("responder"))
 }
 
@@ -345,4 +365,442 @@ async fn forged_mlkem_ciphertext_fails_key_confirmation() {
             "{e}"
         );
     }
+}
+
+/// What the frame relay does to frame `n` (counted from 0 = READY) of
+/// the initiator → responder direction.
+#[derive(Debug, Clone, Copy)]
+enum Attack {
+    /// Flip one bit of the sealed body.
+    Flip(usize),
+    /// Forward it, then forward it again.
+    Replay(usize),
+    /// Forward frame n+1 before frame n.
+    Swap(usize),
+    /// Send it back to the initiator instead.
+    Reflect(usize),
+    /// Forward half of it, then end the stream.
+    Truncate(usize),
+    /// Send a length prefix of u32::MAX instead, and nothing after it
+    /// (the connection stays open).
+    Oversize(usize),
+}
+
+async fn read_hs_msg(r: &mut tokio::net::tcp::OwnedReadHalf) -> Option<Vec<u8>> {
+    let mut len = [0u8; 2];
+    r.read_exact(&mut len).await.ok()?;
+    let mut msg = len.to_vec();
+    msg.resize(2 + u16::from_be_bytes(len) as usize, 0);
+    r.read_exact(&mut msg[2..]).await.ok()?;
+    Some(msg)
+}
+
+async fn read_raw_frame(r: &mut tokio::net::tcp::OwnedReadHalf) -> Option<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await.ok()?;
+    let mut f = len.to_vec();
+    f.resize(4 + u32::from_be_bytes(len) as usize, 0);
+    r.read_exact(&mut f[4..]).await.ok()?;
+    Some(f)
+}
+
+/// A relay that understands the framing (3 handshake messages, then u32
+/// frames) and applies `attack` to the initiator → responder frames.
+/// Returns (initiator's stream, responder's stream).
+async fn frame_relay(attack: Attack) -> (TcpStream, TcpStream) {
+    let (init_side, relay_a) = tcp_pair().await;
+    let (relay_b, resp_side) = tcp_pair().await;
+    tokio::spawn(async move {
+        let (mut ar, aw) = relay_a.into_split();
+        let (mut br, mut bw) = relay_b.into_split();
+        let aw = Arc::new(tokio::sync::Mutex::new(aw));
+        for m in 0..3 {
+            if m % 2 == 0 {
+                let Some(msg) = read_hs_msg(&mut ar).await else {
+                    return;
+                };
+                let _ = bw.write_all(&msg).await;
+            } else {
+                let Some(msg) = read_hs_msg(&mut br).await else {
+                    return;
+                };
+                let _ = aw.lock().await.write_all(&msg).await;
+            }
+        }
+        // responder → initiator: pass through.
+        let back = Arc::clone(&aw);
+        tokio::spawn(async move {
+            while let Some(f) = read_raw_frame(&mut br).await {
+                if back.lock().await.write_all(&f).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut n = 0usize;
+        let mut held: Option<Vec<u8>> = None;
+        while let Some(mut f) = read_raw_frame(&mut ar).await {
+            let out: Vec<Vec<u8>> = match attack {
+                Attack::Flip(k) if k == n => {
+                    let last = f.len() - 1;
+                    f[last / 2 + 2] ^= 0x01;
+                    vec![f]
+                }
+                Attack::Replay(k) if k == n => vec![f.clone(), f],
+                Attack::Swap(k) if k == n => {
+                    held = Some(f);
+                    vec![]
+                }
+                Attack::Swap(k) if k + 1 == n => {
+                    let first = held.take().expect("held frame");
+                    vec![f, first]
+                }
+                Attack::Reflect(k) if k == n => {
+                    let _ = aw.lock().await.write_all(&f).await;
+                    vec![]
+                }
+                Attack::Truncate(k) if k == n => {
+                    let _ = bw.write_all(&f[..f.len() / 2]).await;
+                    let _ = bw.shutdown().await;
+                    // Keep the initiator's side open; stop relaying.
+                    std::future::pending::<()>().await;
+                    vec![]
+                }
+                Attack::Oversize(k) if k == n => {
+                    let _ = bw.write_all(&u32::MAX.to_be_bytes()).await;
+                    std::future::pending::<()>().await;
+                    vec![]
+                }
+                _ => vec![f],
+            };
+            for f in out {
+                if bw.write_all(&f).await.is_err() {
+                    return;
+                }
+            }
+            n += 1;
+        }
+    });
+    (init_side, resp_side)
+}
+
+/// A channel through `frame_relay(attack)`: (initiator's, responder's).
+async fn attacked(attack: Attack) -> (Established, Established) {
+    let (a, b) = frame_relay(attack).await;
+    let (i, r) = handshake_over(a, b, params(1, 1)).await;
+    (i.expect("initiator"), r.expect("responder"))
+}
+
+/// Send DATA frames 1..=4 (frame 0 was READY) and return what the
+/// responder got before its error, and the error.
+async fn deliver(i: &mut Established, r: &mut Established) -> (Vec<Vec<u8>>, ChannelError) {
+    for k in 1..=4u8 {
+        i.tx.send(&[k; 100]).await.expect("send");
+    }
+    let mut got = Vec::new();
+    let mut buf = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), r.rx.recv(&mut buf)).await {
+            Ok(Ok(())) => got.push(buf.clone()),
+            Ok(Err(e)) => return (got, e),
+            Err(_) => panic!("no error within 10 s; got {} frames", got.len()),
+        }
+    }
+}
+
+fn first_byte(frames: &[Vec<u8>]) -> Vec<u8> {
+    frames.iter().map(|f| f[0]).collect()
+}
+
+#[tokio::test]
+async fn tampered_frame_fails_authentication() {
+    let (mut i, mut r) = attacked(Attack::Flip(2)).await;
+    let (got, err) = deliver(&mut i, &mut r).await;
+    assert_eq!(first_byte(&got), [1]);
+    assert!(
+        matches!(&err, ChannelError::BadFrame(m) if m.contains("frame 2") && m.contains("failed authentication")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn replayed_frame_is_named_a_replay() {
+    let (mut i, mut r) = attacked(Attack::Replay(2)).await;
+    let (got, err) = deliver(&mut i, &mut r).await;
+    assert_eq!(first_byte(&got), [1, 2], "the original is delivered once");
+    assert!(
+        matches!(&err, ChannelError::BadFrame(m) if m.contains("frame 3 is a replay of frame 2")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn reordered_frames_are_named_out_of_order() {
+    let (mut i, mut r) = attacked(Attack::Swap(2)).await;
+    let (got, err) = deliver(&mut i, &mut r).await;
+    assert_eq!(first_byte(&got), [1]);
+    assert!(
+        matches!(&err, ChannelError::BadFrame(m) if m.contains("frame 2 arrived out of order") && m.contains("sealed as frame 3")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn reflected_frame_is_named_a_reflection() {
+    let (mut i, _r) = attacked(Attack::Reflect(1)).await;
+    i.tx.send(b"to the responder").await.expect("send");
+    let mut buf = Vec::new();
+    let err = tokio::time::timeout(Duration::from_secs(10), i.rx.recv(&mut buf))
+        .await
+        .expect("bounded")
+        .expect_err("reflection");
+    assert!(
+        matches!(&err, ChannelError::BadFrame(m) if m.contains("reflection of our own frame 1")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn truncated_frame_is_named_truncated() {
+    let (mut i, mut r) = attacked(Attack::Truncate(3)).await;
+    let (got, err) = deliver(&mut i, &mut r).await;
+    assert_eq!(first_byte(&got), [1, 2]);
+    assert!(
+        matches!(&err, ChannelError::BadFrame(m) if m.contains("truncated") && m.contains("of the 117 bytes")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn oversize_length_fails_at_once_without_reading_or_allocating() {
+    let (mut i, mut r) = attacked(Attack::Oversize(2)).await;
+    i.tx.send(&[1; 100]).await.expect("send");
+    i.tx.send(&[2; 100]).await.expect("send");
+    let mut buf = Vec::new();
+    r.rx.recv(&mut buf).await.expect("frame 1");
+    let mut fresh = Vec::new();
+    // The relay sends 4 bytes and then nothing while keeping the socket
+    // open: the error must come from the prefix alone.
+    let err = tokio::time::timeout(Duration::from_secs(5), r.rx.recv(&mut fresh))
+        .await
+        .expect("the receiver must not wait for the 4 GiB body")
+        .expect_err("oversize");
+    assert!(
+        matches!(err, ChannelError::Oversize { len, cap } if len == u32::MAX as u64 && cap == MAX_FRAME as u64),
+        "{err}"
+    );
+    assert_eq!(fresh.capacity(), 0, "the caller's buffer is untouched");
+    assert!(
+        r.rx.body.capacity() < 1024,
+        "nothing allocated for the body: {}",
+        r.rx.body.capacity()
+    );
+}
+
+#[tokio::test]
+async fn rekey_by_bytes_loses_and_duplicates_nothing() {
+    let cfg = ChannelConfig {
+        handshake_timeout: Duration::from_secs(10),
+        rekey_bytes: 16_384,
+        rekey_interval: Duration::from_secs(3600),
+    };
+    let (mut i, mut r) = established(&cfg).await;
+    let first_key = *i.tx.sealer.dir.key;
+    const N: u32 = 600;
+    let sender = tokio::spawn(async move {
+        for k in 0..N {
+            // Varying sizes, a sequence number first.
+            let len = 4 + (k as usize * 37) % 1500;
+            let mut msg = vec![(k % 251) as u8; len];
+            msg[..4].copy_from_slice(&k.to_be_bytes());
+            i.tx.send(&msg).await.expect("send");
+        }
+        i
+    });
+    let mut buf = Vec::new();
+    for k in 0..N {
+        r.rx.recv(&mut buf).await.expect("recv");
+        assert_eq!(
+            u32::from_be_bytes(buf[..4].try_into().expect("4")),
+            k,
+            "in order, none lost or repeated"
+        );
+        assert_eq!(buf.len(), 4 + (k as usize * 37) % 1500);
+        assert!(buf[4..].iter().all(|b| *b == (k % 251) as u8));
+    }
+    let i = sender.await.expect("sender");
+    // About 450 KB through 16 KiB keys.
+    assert!(i.tx.rekeys() > 20, "rekeys: {}", i.tx.rekeys());
+    assert_eq!(i.tx.rekeys(), r.rx.rekeys());
+    assert_ne!(*i.tx.sealer.dir.key, first_key, "the key changed");
+    assert_eq!(
+        *i.tx.sealer.dir.key, *r.rx.opener.dir.key,
+        "both sides agree"
+    );
+    assert_eq!(i.tx.bytes_sent(), r.rx.bytes_received());
+}
+
+#[tokio::test]
+async fn rekey_by_time() {
+    let cfg = ChannelConfig {
+        handshake_timeout: Duration::from_secs(10),
+        rekey_bytes: 1 << 30,
+        rekey_interval: Duration::ZERO,
+    };
+    let (mut i, mut r) = established(&cfg).await;
+    let mut buf = Vec::new();
+    for k in 0..3u8 {
+        i.tx.send(&[k]).await.expect("send");
+        r.rx.recv(&mut buf).await.expect("recv");
+        assert_eq!(buf, [k]);
+    }
+    assert_eq!(i.tx.rekeys(), 3);
+    assert_eq!(r.rx.rekeys(), 3);
+}
+
+#[test]
+fn rekey_keys_follow_the_documented_derivation() {
+    use hkdf::Hkdf;
+    let old = [5u8; 32];
+    let mut expect = [0u8; 32];
+    Hkdf::<sha2::Sha256>::new(None, &old)
+        .expand(b"keibi v1 rekey", &mut expect)
+        .expect("expand");
+    let next = super::transport::next_key(&old);
+    assert_eq!(*next, expect);
+    assert_ne!(*next, old);
+}
+
+/// Seal frame(s) with the initiator's sealer and write them raw to the
+/// responder, bypassing `send`.
+async fn inject(i: &mut Established, frames: &[(u8, Vec<u8>)]) {
+    let mut raw = Vec::new();
+    for (ty, body) in frames {
+        i.tx.sealer.seal_one(*ty, body, &mut raw).expect("seal");
+    }
+    i.tx.write_raw(&raw).await.expect("write");
+}
+
+async fn recv_err(r: &mut Established) -> ChannelError {
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), r.rx.recv(&mut buf))
+        .await
+        .expect("bounded")
+        .expect_err("must fail")
+}
+
+#[tokio::test]
+async fn unknown_type_ready_after_handshake_and_rekey_with_body_are_refused() {
+    for (frame, want) in [
+        ((9u8, vec![]), "unknown type 9"),
+        ((2u8, vec![]), "READY frame after the handshake"),
+        ((1u8, vec![0u8; 3]), "REKEY frame 1 has a body of 3 bytes"),
+        ((3u8, vec![b'x'; 1025]), "CLOSE reason of 1025 bytes"),
+    ] {
+        let (mut i, mut r) = established(&cfg()).await;
+        inject(&mut i, &[frame]).await;
+        let err = recv_err(&mut r).await;
+        assert!(
+            matches!(&err, ChannelError::BadFrame(m) if m.contains(want)),
+            "{want}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn close_reason_is_cut_to_1_kib_on_a_char_boundary() {
+    let (mut i, mut r) = established(&cfg()).await;
+    // 'é' is 2 bytes: 1023 of them plus one would pass 1 KiB mid-char.
+    let long = format!("a{}", "é".repeat(1000));
+    i.tx.close(&long).await.expect("close");
+    let err = recv_err(&mut r).await;
+    let ChannelError::Closed(reason) = err else {
+        panic!("{err}");
+    };
+    assert_eq!(reason.len(), 1023);
+    assert!(long.starts_with(&reason));
+}
+
+fn numbered(k: u32) -> Vec<u8> {
+    let mut msg = vec![(k % 251) as u8; MAX_PAYLOAD];
+    msg[..4].copy_from_slice(&k.to_be_bytes());
+    msg
+}
+
+/// The number in a `numbered` message, checking the rest is intact.
+fn number_of(buf: &[u8]) -> u32 {
+    assert_eq!(buf.len(), MAX_PAYLOAD);
+    let k = u32::from_be_bytes(buf[..4].try_into().expect("4"));
+    assert!(buf[4..].iter().all(|b| *b == (k % 251) as u8), "intact");
+    k
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_receives_lose_nothing() {
+    // The receiver gives up on its receives after a moment, again and
+    // again (like a select! with a timer), while 256 KiB messages
+    // arrive: nothing may be lost or repeated.
+    let (mut i, mut r) = established(&cfg()).await;
+    const N: u32 = 12;
+    let sender = tokio::spawn(async move {
+        for k in 0..N {
+            i.tx.send(&numbered(k)).await.expect("send");
+        }
+        i
+    });
+    let mut buf = Vec::new();
+    let mut got = Vec::new();
+    let mut timeouts = 0u32;
+    while got.len() < N as usize {
+        match tokio::time::timeout(Duration::from_micros(20), r.rx.recv(&mut buf)).await {
+            Err(_) => timeouts += 1,
+            Ok(res) => {
+                res.expect("recv");
+                got.push(number_of(&buf));
+            }
+        }
+    }
+    sender.await.expect("sender");
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    assert!(timeouts > 0, "some receives were really cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_sends_never_break_the_stream() {
+    // Nobody reads, so the socket buffers fill and sends block mid-frame;
+    // the sender gives up on each after 5 ms. A cancelled send may or may
+    // not deliver its message (its frame is finished by the next send),
+    // but the stream never carries a broken frame.
+    let (a, b) = small_buffered_tcp_pair().await;
+    let (mut i, mut r) = established_on(a, b, &cfg()).await;
+    const N: u32 = 16;
+    let mut cancelled = 0u32;
+    for k in 0..N {
+        match tokio::time::timeout(Duration::from_millis(5), i.tx.send(&numbered(k))).await {
+            Ok(res) => res.expect("send"),
+            Err(_) => cancelled += 1,
+        }
+    }
+    let sender = tokio::spawn(async move {
+        i.tx.send(b"end").await.expect("last send");
+        i
+    });
+    let mut buf = Vec::new();
+    let mut got = Vec::new();
+    loop {
+        r.rx.recv(&mut buf).await.expect("recv");
+        if buf == b"end" {
+            break;
+        }
+        got.push(number_of(&buf));
+    }
+    sender.await.expect("sender");
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "in order, no repeats: {got:?}"
+    );
+    assert!(
+        got.len() as u32 >= N - cancelled,
+        "only cancelled sends may be missing"
+    );
+    assert!(cancelled > 0, "some sends were really cancelled");
 }

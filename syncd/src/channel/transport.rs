@@ -20,9 +20,11 @@
 //! old key is wiped as soon as it is replaced.
 //!
 //! Copies: a DATA payload is copied once into the sender's reused frame
-//! buffer and sealed in place; the receiver reads the sealed body
-//! straight into the caller's buffer (no zero-fill), opens it in place
-//! and removes the type byte (one `memmove`).
+//! buffer and sealed in place; the receiver reads the sealed body into
+//! its own reused buffer (no zero-fill), opens it in place and copies the
+//! body out to the caller. Both halves are cancel-safe (see
+//! [`SecureSender::send`] and [`SecureReceiver::recv`]), which the
+//! connection's `select!` loops rely on.
 
 use super::frame::{self, FrameType, HEADER_LEN, TAG_LEN};
 use super::resolver::nonce;
@@ -132,7 +134,7 @@ impl Sealer {
                 || self.key_since.elapsed() >= self.rekey_interval
                 || self.dir.counter >= u64::MAX - 1)
         {
-            self.seal_one(FrameType::Rekey, &[], out)?;
+            self.seal_one(FrameType::Rekey as u8, &[], out)?;
             self.dir.rekey();
             self.under_key = 0;
             self.key_since = Instant::now();
@@ -141,12 +143,13 @@ impl Sealer {
                 **k = *self.dir.key;
             }
         }
-        self.seal_one(ty, body, out)
+        self.seal_one(ty as u8, body, out)
     }
 
-    fn seal_one(
+    /// Seal one frame with type byte `ty` (any byte: tests use unknown ones).
+    pub(super) fn seal_one(
         &mut self,
-        ty: FrameType,
+        ty: u8,
         body: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), ChannelError> {
@@ -160,7 +163,7 @@ impl Sealer {
         let start = out.len();
         out.reserve(HEADER_LEN + sealed_len);
         out.extend_from_slice(&header);
-        out.push(ty as u8);
+        out.push(ty);
         out.extend_from_slice(body);
         let n = self.dir.counter;
         let tag = self
@@ -190,6 +193,14 @@ impl Opener {
             rekeys: 0,
             own,
         }
+    }
+
+    /// An opener in the same state with the same key (tests).
+    #[cfg(test)]
+    pub(super) fn clone_for_test(&self) -> Opener {
+        let mut o = Opener::new(self.dir.key.clone(), Arc::clone(&self.own));
+        o.dir.counter = self.dir.counter;
+        o
     }
 
     /// Open the sealed frame `buf` (as read after `header`) in place: on
@@ -292,7 +303,9 @@ impl Opener {
 pub struct SecureSender {
     w: OwnedWriteHalf,
     pub(super) sealer: Sealer,
+    /// Sealed bytes not yet (all) written; `buf[..written]` went out.
     buf: Vec<u8>,
+    written: usize,
     bytes_sent: u64,
 }
 
@@ -312,11 +325,17 @@ impl SecureSender {
             w,
             sealer,
             buf: Vec::new(),
+            written: 0,
             bytes_sent,
         }
     }
 
     /// Send one DATA frame carrying `payload` (at most [`MAX_PAYLOAD`]).
+    ///
+    /// Cancel-safe in the sense that matters for the stream: when a call
+    /// is dropped at an `.await`, the frame it sealed is finished by the
+    /// next `send` or `close` (so it may still be delivered), and the
+    /// stream never carries a broken frame.
     pub async fn send(&mut self, payload: &[u8]) -> Result<(), ChannelError> {
         if payload.len() > MAX_PAYLOAD {
             return Err(ChannelError::Oversize {
@@ -345,14 +364,38 @@ impl SecureSender {
         ty: FrameType,
         body: &[u8],
     ) -> Result<(), ChannelError> {
-        self.buf.clear();
+        self.flush_pending().await?;
         self.sealer.seal(ty, body, &mut self.buf)?;
-        self.w.write_all(&self.buf).await?;
-        self.bytes_sent += self.buf.len() as u64;
+        self.flush_pending().await
+    }
+
+    /// Write what is sealed and not yet written. Each `write` either
+    /// wrote bytes (counted in `written`) or nothing, so a call dropped at
+    /// its `.await` leaves a consistent state: the next send finishes the
+    /// frame first, and the stream never carries half a frame followed by
+    /// another.
+    async fn flush_pending(&mut self) -> Result<(), ChannelError> {
+        while self.written < self.buf.len() {
+            let n = self.w.write(&self.buf[self.written..]).await?;
+            if n == 0 {
+                return Err(ChannelError::Io(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+            self.bytes_sent += n as u64;
+        }
+        self.buf.clear();
+        self.written = 0;
         // Do not keep a huge buffer around after an unusual frame.
         if self.buf.capacity() > 2 * super::MAX_FRAME {
             self.buf = Vec::new();
         }
+        Ok(())
+    }
+
+    /// Write bytes as they are (tests inject hand-made frames).
+    #[cfg(test)]
+    pub(super) async fn write_raw(&mut self, raw: &[u8]) -> Result<(), ChannelError> {
+        self.w.write_all(raw).await?;
         Ok(())
     }
 
@@ -371,6 +414,9 @@ impl SecureSender {
 /// read half.
 pub struct SecureReceiver {
     r: BufReader<OwnedReadHalf>,
+    reader: frame::FrameReader,
+    /// The frame being read or just opened (reused; at most `MAX_FRAME`).
+    pub(super) body: Vec<u8>,
     pub(super) opener: Opener,
     bytes_received: u64,
 }
@@ -398,6 +444,8 @@ impl SecureReceiver {
     ) -> SecureReceiver {
         SecureReceiver {
             r,
+            reader: frame::FrameReader::default(),
+            body: Vec::new(),
             opener,
             bytes_received,
         }
@@ -406,13 +454,19 @@ impl SecureReceiver {
     /// Read frames until a DATA frame arrives and put its body in
     /// `payload` (cleared first). REKEY frames are applied on the way; a
     /// CLOSE frame gives [`ChannelError::Closed`] with the peer's reason.
+    ///
+    /// Cancel-safe: a call dropped at an `.await` (say, in a `select!`)
+    /// loses nothing; the partly read frame is kept here and the next
+    /// call finishes it. `payload` is written only when a whole DATA
+    /// frame has been opened.
     pub async fn recv(&mut self, payload: &mut Vec<u8>) -> Result<(), ChannelError> {
         loop {
-            let ty = self.recv_frame(payload).await?;
+            let ty = self.next_frame().await?;
+            let body = &self.body[1..];
             match ty {
                 FrameType::Data => {
-                    // Drop the type byte.
-                    payload.drain(..1);
+                    payload.clear();
+                    payload.extend_from_slice(body);
                     return Ok(());
                 }
                 FrameType::Rekey => continue,
@@ -422,29 +476,25 @@ impl SecureReceiver {
                     ));
                 }
                 FrameType::Close => {
-                    let reason = &payload[1..];
-                    if reason.len() > MAX_CLOSE_REASON {
+                    if body.len() > MAX_CLOSE_REASON {
                         return Err(ChannelError::BadFrame(format!(
                             "CLOSE reason of {} bytes is over {MAX_CLOSE_REASON}",
-                            reason.len()
+                            body.len()
                         )));
                     }
-                    let reason = String::from_utf8_lossy(reason).into_owned();
-                    payload.clear();
-                    return Err(ChannelError::Closed(reason));
+                    return Err(ChannelError::Closed(
+                        String::from_utf8_lossy(body).into_owned(),
+                    ));
                 }
             }
         }
     }
 
-    /// Read and open one frame into `buf` (`type || body`).
-    pub(super) async fn recv_frame(
-        &mut self,
-        buf: &mut Vec<u8>,
-    ) -> Result<FrameType, ChannelError> {
-        let header = frame::read_frame(&mut self.r, buf).await?;
-        self.bytes_received += (HEADER_LEN + buf.len()) as u64;
-        self.opener.open(header, buf)
+    /// Read and open one frame into `self.body` (`type || body`).
+    pub(super) async fn next_frame(&mut self) -> Result<FrameType, ChannelError> {
+        let header = self.reader.read(&mut self.r, &mut self.body).await?;
+        self.bytes_received += (HEADER_LEN + self.body.len()) as u64;
+        self.opener.open(header, &mut self.body)
     }
 
     /// Bytes read from the socket in frames, headers and tags included.

@@ -35,15 +35,18 @@
 //! So the chunk bytes of one stream that are buffered anywhere (outbox,
 //! channel, receiver) never exceed the window, and a receiver that gets more
 //! than it granted closes the connection. The other buffers are bounded too:
-//! at most [`MAX_INCOMING`] requests are served at once per connection (more
-//! are answered `Busy`); a `Pong` and each stream's `Credit` are coalesced.
+//! a side has at most [`MAX_IN_FLIGHT`] requests in flight to its peer (more
+//! wait for a slot), and the serving side counts a request until its answer
+//! is written, so a peer with more (one that sends requests without reading
+//! the answers) breaks the protocol and is cut off; a `Pong` and each
+//! stream's `Credit` are coalesced.
 //!
 //! Locking: all of a connection's state is in one `Mutex<State>` (the only
 //! lock of this module), held for short, non-blocking steps and never across
 //! an `.await`; while it is held, only `Notify`, oneshot and mpsc senders
 //! (whose internal locks are leaves) and `tokio::spawn` are called.
 
-use super::msg::{Msg, RemoteError};
+use super::msg::Msg;
 use super::requests::{self, Incoming, Outgoing, RequestHandler};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -51,7 +54,7 @@ use std::future::Future;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 
 /// The sending half of a channel: one message per frame.
@@ -82,6 +85,51 @@ impl PeerClosed {
     }
 }
 
+/// The encrypted channel's halves carry the connection. A channel error
+/// becomes an `io::Error` that keeps its message; the peer's CLOSE becomes
+/// [`PeerClosed`].
+impl FrameTx for crate::channel::SecureSender {
+    async fn send(&mut self, payload: &[u8]) -> io::Result<()> {
+        crate::channel::SecureSender::send(self, payload)
+            .await
+            .map_err(channel_error)
+    }
+
+    async fn close(&mut self, reason: &str) -> io::Result<()> {
+        crate::channel::SecureSender::close(self, reason)
+            .await
+            .map_err(channel_error)
+    }
+}
+
+impl FrameRx for crate::channel::SecureReceiver {
+    async fn recv(&mut self, payload: &mut Vec<u8>) -> io::Result<()> {
+        crate::channel::SecureReceiver::recv(self, payload)
+            .await
+            .map_err(channel_error)
+    }
+}
+
+/// A channel error as an `io::Error` of the fitting kind, message kept.
+fn channel_error(e: crate::channel::ChannelError) -> io::Error {
+    use crate::channel::ChannelError;
+    match e {
+        ChannelError::Io(inner) => inner,
+        ChannelError::Closed(reason) => PeerClosed(reason).into_io(),
+        other => {
+            let kind = match &other {
+                ChannelError::Eof => io::ErrorKind::UnexpectedEof,
+                ChannelError::Timeout(_) => io::ErrorKind::TimedOut,
+                ChannelError::Oversize { .. } | ChannelError::BadFrame(_) => {
+                    io::ErrorKind::InvalidData
+                }
+                _ => io::ErrorKind::Other,
+            };
+            io::Error::new(kind, other)
+        }
+    }
+}
+
 /// The default credit window per stream.
 pub const STREAM_WINDOW: u32 = 4 << 20;
 /// The largest window a peer may grant; more credit than this outstanding
@@ -94,13 +142,18 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the writer may take to send the CLOSE frame once the
 /// connection ends.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// How many requests of one peer are served at once; more are answered
-/// with a `Busy` error (without running them).
-pub const MAX_INCOMING: usize = 128;
+/// How many requests a side may have in flight to its peer at once: a
+/// request holds a slot from when it is queued until its answer arrives or
+/// it is cancelled. The serving side counts a request from its arrival
+/// until its answer (`Reply` or `End`) is written; more than this many is
+/// a protocol error.
+pub const MAX_IN_FLIGHT: usize = 128;
 /// How many frames of one stream may wait in the outbox (a serving task
 /// waits beyond that), so that a peer granting a large window cannot make
 /// the outbox grow faster than the writer drains it.
 pub const MAX_QUEUED_STREAM_FRAMES: usize = 2;
+/// How many unanswered `Ping`s are remembered for measuring the RTT.
+const PINGS_TRACKED: usize = 8;
 /// The longest close reason sent in a CLOSE frame (the channel's limit).
 pub const MAX_CLOSE_REASON: usize = 1024;
 
@@ -226,12 +279,21 @@ pub(super) struct Outbox {
     /// answer: the newest `Pong` serves keepalive and RTT alike).
     pong: Option<u64>,
     ping: Option<u64>,
-    control: VecDeque<Vec<u8>>,
+    control: VecDeque<Queued>,
     /// Credit not yet sent, per stream (coalesced).
     credits: BTreeMap<u64, u64>,
     /// Streams with queued frames, in turn order.
     ring: VecDeque<u64>,
-    streams: HashMap<u64, VecDeque<Vec<u8>>>,
+    streams: HashMap<u64, VecDeque<Queued>>,
+    /// Answers (`Reply`, `End`) queued and not yet written.
+    unsent_answers: usize,
+}
+
+/// A queued frame.
+struct Queued {
+    frame: Vec<u8>,
+    /// The request this frame answers (it is a `Reply` or `End`).
+    answers: Option<u64>,
 }
 
 /// What [`Outbox::pop`] found.
@@ -261,29 +323,74 @@ fn encode_small(msg: &Msg) -> Vec<u8> {
 }
 
 impl Outbox {
+    /// Queue a control message (not an answer).
     pub(super) fn push_control(&mut self, frame: Vec<u8>) {
-        self.control.push_back(frame);
+        self.control.push_back(Queued {
+            frame,
+            answers: None,
+        });
     }
 
-    /// Queue a frame of stream `id` (a `Chunk`, or the `End` after them).
-    pub(super) fn push_stream(&mut self, id: u64, frame: Vec<u8>) {
+    /// Queue the `Reply` to unary request `id`.
+    pub(super) fn push_reply(&mut self, id: u64, frame: Vec<u8>) {
+        self.unsent_answers += 1;
+        self.control.push_back(Queued {
+            frame,
+            answers: Some(id),
+        });
+    }
+
+    /// Queue a `Chunk` of stream `id`.
+    pub(super) fn push_chunk(&mut self, id: u64, frame: Vec<u8>) {
+        self.push_stream(
+            id,
+            Queued {
+                frame,
+                answers: None,
+            },
+        );
+    }
+
+    /// Queue the `End` of stream `id`, after its chunks.
+    pub(super) fn push_end(&mut self, id: u64, frame: Vec<u8>) {
+        self.unsent_answers += 1;
+        self.push_stream(
+            id,
+            Queued {
+                frame,
+                answers: Some(id),
+            },
+        );
+    }
+
+    fn push_stream(&mut self, id: u64, queued: Queued) {
         let queue = self.streams.entry(id).or_default();
         if queue.is_empty() {
             self.ring.push_back(id);
         }
-        queue.push_back(frame);
+        queue.push_back(queued);
+    }
+
+    /// Answers queued and not yet written.
+    pub(super) fn unsent_answers(&self) -> usize {
+        self.unsent_answers
+    }
+
+    /// Forget every queued frame of served request `id` (its requester
+    /// cancelled): its stream frames and its answer.
+    pub(super) fn drop_request(&mut self, id: u64) {
+        if let Some(queue) = self.streams.remove(&id) {
+            self.ring.retain(|queued| *queued != id);
+            self.unsent_answers -= queue.iter().filter(|q| q.answers.is_some()).count();
+        }
+        let before = self.control.len();
+        self.control.retain(|q| q.answers != Some(id));
+        self.unsent_answers -= before - self.control.len();
     }
 
     /// How many frames of stream `id` wait.
     pub(super) fn stream_len(&self, id: u64) -> usize {
         self.streams.get(&id).map_or(0, VecDeque::len)
-    }
-
-    /// Forget the queued frames of stream `id` (its requester cancelled).
-    pub(super) fn drop_stream(&mut self, id: u64) {
-        if self.streams.remove(&id).is_some() {
-            self.ring.retain(|queued| *queued != id);
-        }
     }
 
     /// Grant `bytes` more credit to the sender of stream `id`.
@@ -323,8 +430,11 @@ impl Outbox {
         if let Some(seq) = self.ping.take() {
             return Popped::Frame(encode_small(&Msg::Ping { seq }), Source::Ping(seq));
         }
-        if let Some(frame) = self.control.pop_front() {
-            return Popped::Frame(frame, Source::Other);
+        if let Some(queued) = self.control.pop_front() {
+            if queued.answers.is_some() {
+                self.unsent_answers -= 1;
+            }
+            return Popped::Frame(queued.frame, Source::Other);
         }
         if let Some((id, total)) = self.credits.pop_first() {
             let bytes = u32::try_from(total).unwrap_or(u32::MAX);
@@ -337,7 +447,7 @@ impl Outbox {
             let Some(queue) = self.streams.get_mut(&id) else {
                 continue;
             };
-            let Some(frame) = queue.pop_front() else {
+            let Some(queued) = queue.pop_front() else {
                 self.streams.remove(&id);
                 continue;
             };
@@ -346,7 +456,10 @@ impl Outbox {
             } else {
                 self.ring.push_back(id);
             }
-            return Popped::Frame(frame, Source::Stream(id));
+            if queued.answers.is_some() {
+                self.unsent_answers -= 1;
+            }
+            return Popped::Frame(queued.frame, Source::Stream(id));
         }
         Popped::Idle
     }
@@ -365,8 +478,11 @@ pub(super) struct State {
     pub(super) last_incoming_id: u64,
     /// Set once, when the connection ends.
     pub(super) closed: Option<CloseReason>,
-    /// The outstanding `Ping` and when it was written.
-    ping_out: Option<(u64, Instant)>,
+    /// The `Ping`s written and not answered yet, oldest first, with when
+    /// they were written (at most [`PINGS_TRACKED`]; the peer answers only
+    /// the newest of those waiting, so several may go unanswered, and a
+    /// round trip longer than the ping period still gets measured).
+    pings_out: VecDeque<(u64, Instant)>,
     ping_seq: u64,
     srtt: Option<Duration>,
     last_received: Instant,
@@ -389,6 +505,8 @@ pub(super) struct Shared {
     /// (one waiter: `notify_one` keeps a permit if it is busy).
     writer_wake: Notify,
     closed_tx: watch::Sender<Option<CloseReason>>,
+    /// This side's request slots ([`MAX_IN_FLIGHT`]); closed at the end.
+    pub(super) slots: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -427,6 +545,7 @@ impl Shared {
         // Pending requesters see their senders dropped and read the reason;
         // serving tasks stop at their next await.
         drop(outgoing);
+        self.slots.close();
         for served in incoming.into_values() {
             served.task.abort();
         }
@@ -561,7 +680,7 @@ pub fn spawn<T: FrameTx, R: FrameRx>(
             next_id: 1,
             last_incoming_id: 0,
             closed: None,
-            ping_out: None,
+            pings_out: VecDeque::new(),
             ping_seq: 0,
             srtt: None,
             last_received: now,
@@ -571,6 +690,7 @@ pub fn spawn<T: FrameTx, R: FrameRx>(
         }),
         writer_wake: Notify::new(),
         closed_tx: watch::channel(None).0,
+        slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
     });
     tracing::debug!(peer = %shared.label, "peer connection started");
     tokio::spawn(drive(shared.clone(), tx, rx, handler));
@@ -611,7 +731,12 @@ async fn write_loop<T: FrameTx>(shared: Arc<Shared>, mut tx: T) {
             if let Popped::Frame(frame, source) = &popped {
                 st.bytes_sent += frame.len() as u64;
                 match source {
-                    Source::Ping(seq) => st.ping_out = Some((*seq, Instant::now())),
+                    Source::Ping(seq) => {
+                        if st.pings_out.len() == PINGS_TRACKED {
+                            st.pings_out.pop_front();
+                        }
+                        st.pings_out.push_back((*seq, Instant::now()));
+                    }
                     Source::Stream(id) => requests::stream_frame_left(&st, *id),
                     Source::Other => {}
                 }
@@ -677,15 +802,14 @@ fn dispatch(
             Ok(())
         }
         Msg::Pong { seq } => {
-            if let Some((expected, sent)) = st.ping_out
-                && expected == seq
-            {
-                let sample = sent.elapsed();
+            if let Some(at) = st.pings_out.iter().position(|(sent, _)| *sent == seq) {
+                let sample = st.pings_out[at].1.elapsed();
                 st.srtt = Some(match st.srtt {
                     None => sample,
                     Some(old) => old * 7 / 8 + sample / 8,
                 });
-                st.ping_out = None;
+                // Older pings will not be answered any more.
+                st.pings_out.drain(..=at);
             }
             Ok(())
         }
@@ -723,23 +847,6 @@ async fn keepalive_loop(shared: Arc<Shared>) {
         }
         tokio::time::sleep_until(dead_at.min(next_ping)).await;
     }
-}
-
-/// Report an error to a serving task's peer without running it.
-pub(super) fn remote_error_frame(id: u64, stream: bool, error: RemoteError) -> Vec<u8> {
-    let msg = if stream {
-        Msg::End {
-            id,
-            result: Err(error),
-        }
-    } else {
-        Msg::Reply {
-            id,
-            reply: Err(error),
-        }
-    };
-    // A RemoteError's message is at most MAX_ERROR_MESSAGE bytes.
-    msg.encode().expect("an error message always fits a frame")
 }
 
 /// An in-memory channel pair for unit tests: frames pass through bounded
@@ -871,10 +978,10 @@ mod tests {
     fn outbox_sends_control_first_then_streams_in_turn() {
         let mut outbox = Outbox::default();
         for n in 0..3u8 {
-            outbox.push_stream(1, vec![1, n]);
-            outbox.push_stream(2, vec![2, n]);
+            outbox.push_chunk(1, vec![1, n]);
+            outbox.push_chunk(2, vec![2, n]);
         }
-        outbox.push_stream(3, vec![3, 0]);
+        outbox.push_chunk(3, vec![3, 0]);
         outbox.grant(9, 100);
         outbox.push_control(vec![0xC0]);
         outbox.queue_ping(5);
@@ -909,12 +1016,12 @@ mod tests {
     #[test]
     fn outbox_control_overtakes_queued_chunks_and_close_overtakes_all() {
         let mut outbox = Outbox::default();
-        outbox.push_stream(1, vec![1]);
-        outbox.push_stream(1, vec![2]);
+        outbox.push_chunk(1, vec![1]);
+        outbox.push_chunk(1, vec![2]);
         assert_eq!(outbox.pop(), Popped::Frame(vec![1], Source::Stream(1)));
         outbox.push_control(vec![0xC0]);
         assert_eq!(outbox.pop(), Popped::Frame(vec![0xC0], Source::Other));
-        outbox.drop_stream(1);
+        outbox.drop_request(1);
         assert_eq!(outbox.stream_len(1), 0);
         assert_eq!(outbox.pop(), Popped::Idle);
         outbox.push_control(vec![0xC1]);
@@ -1025,6 +1132,34 @@ mod tests {
         );
         assert!(stats.last_received > stats.opened, "{stats:?}");
         a.close("done");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_round_trip_longer_than_the_ping_period_is_measured() {
+        // Pings go out every second; the raw peer answers each after 2.5 s
+        // (a slow link), so three pings are always unanswered.
+        let (conn, raw_tx, mut raw_rx) = with_raw_peer(cfg(Duration::from_secs(4), STREAM_WINDOW));
+        let latency = Duration::from_millis(2500);
+        let answerer = tokio::spawn(async move {
+            while let Some(Frame::Data(bytes)) = raw_rx.0.recv().await {
+                if let Ok(Msg::Ping { seq }) = Msg::decode(&bytes) {
+                    let tx = raw_tx.0.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(latency).await;
+                        let _ = tx.send(frame(&Msg::Pong { seq })).await;
+                    });
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(conn.close_reason(), None, "the late pongs keep it alive");
+        let rtt = conn.stats().rtt.expect("an RTT despite the late pongs");
+        assert!(
+            rtt >= latency && rtt < latency + Duration::from_millis(50),
+            "{rtt:?}"
+        );
+        conn.close("done");
+        answerer.abort();
     }
 
     #[tokio::test]
@@ -1208,6 +1343,264 @@ mod tests {
             reason,
             CloseReason::Protocol("Reply for request 7, which was never sent".into())
         );
+    }
+
+    /// Two connections over the real encrypted channel on 127.0.0.1,
+    /// rekeying every `rekey_bytes`: (dialer's, listener's).
+    async fn over_the_channel(rekey_bytes: u64) -> (PeerConn, PeerConn) {
+        use crate::channel::{ChannelConfig, LocalKeys, initiate, respond};
+        use crate::identity::fingerprint_of;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (dial, accept) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (a_keys, b_keys) = (LocalKeys::new([1; 32]), LocalKeys::new([2; 32]));
+        let (fp_a, fp_b) = (
+            fingerprint_of(&a_keys.public()),
+            fingerprint_of(&b_keys.public()),
+        );
+        let channel_cfg = ChannelConfig {
+            handshake_timeout: Duration::from_secs(10),
+            rekey_bytes,
+            ..ChannelConfig::default()
+        };
+        let paired = {
+            let fp_a = fp_a.clone();
+            move |fp: &str| fp == fp_a
+        };
+        let (a, b) = tokio::join!(
+            initiate(dial.expect("connect"), &a_keys, &fp_b, &channel_cfg),
+            respond(accept.expect("accept").0, &b_keys, &paired, &channel_cfg),
+        );
+        let (a, b) = (
+            a.expect("dialer's handshake"),
+            b.expect("listener's handshake"),
+        );
+        let label = |fingerprint: String| PeerLabel {
+            fingerprint,
+            name: None,
+        };
+        let handler = Arc::new(DefaultHandler);
+        (
+            spawn(
+                a.tx,
+                a.rx,
+                label(fp_b),
+                handler.clone(),
+                ConnConfig::default(),
+            ),
+            spawn(b.tx, b.rx, label(fp_a), handler, ConnConfig::default()),
+        )
+    }
+
+    #[tokio::test]
+    async fn requests_streams_and_close_work_over_the_encrypted_channel() {
+        let (a, b) = over_the_channel(128 << 10).await;
+        let bound = Duration::from_secs(30);
+        assert_eq!(a.request(Request::Ping, bound).await, Ok(Reply::Pong));
+        let data: Vec<u8> = (0..MAX_CHUNK).map(|i| (i * 7) as u8).collect();
+        assert_eq!(
+            b.request(Request::Echo { data: data.clone() }, bound).await,
+            Ok(Reply::Echo { data })
+        );
+        // Two streams at once, each through several rekeys.
+        let total = 1u64 << 20;
+        let read_all = |conn: PeerConn| async move {
+            let mut stream = conn
+                .stream(Request::Bulk { bytes: total }, bound)
+                .await
+                .expect("starts");
+            let mut offset = 0u64;
+            while let Some(chunk) = stream.next().await {
+                for byte in chunk.expect("stream data") {
+                    assert_eq!(
+                        byte,
+                        crate::peer::msg::bulk_pattern_byte(offset),
+                        "byte {offset}"
+                    );
+                    offset += 1;
+                }
+            }
+            offset
+        };
+        let (from_b, from_a) = tokio::join!(read_all(a.clone()), read_all(b.clone()));
+        assert_eq!((from_b, from_a), (total, total));
+        assert!(a.stats().bytes_received > total && b.stats().bytes_received > total);
+        a.close("moving house");
+        let seen_by_b = tokio::time::timeout(bound, b.closed())
+            .await
+            .expect("b closes");
+        assert_eq!(seen_by_b, CloseReason::Remote("moving house".into()));
+        assert_eq!(a.closed().await, CloseReason::Local("moving house".into()));
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_does_not_read_its_answers_is_cut_off() {
+        // The raw peer sends requests and never reads: the answers pile up
+        // here (the queue to the raw peer holds 64 frames), until it has
+        // more than MAX_IN_FLIGHT requests unanswered.
+        let (conn, raw_tx, _raw_rx) = with_raw_peer(ConnConfig::default());
+        let echo = vec![0x55; 1000];
+        let mut sent = 0;
+        let reason = loop {
+            sent += 1;
+            let request = Msg::Request {
+                id: sent,
+                timeout_ms: 60_000,
+                req: Request::Echo { data: echo.clone() },
+            };
+            if raw_tx.0.send(frame(&request)).await.is_err() {
+                break tokio::time::timeout(Duration::from_secs(10), conn.closed())
+                    .await
+                    .expect("closed");
+            }
+            if let Some(reason) = conn.close_reason() {
+                break reason;
+            }
+            assert!(sent < 10_000, "still open after {sent} unread requests");
+        };
+        match &reason {
+            CloseReason::Protocol(why) => assert!(why.contains("requests in flight"), "{why}"),
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
+        assert!(sent as usize > MAX_IN_FLIGHT, "cut off after {sent}");
+    }
+
+    /// One case of the connection's fuzz test: feed `input` to a
+    /// connection from a raw peer, then check that it either closed with a
+    /// reason or still answers a `Ping` (so no task panicked or hung).
+    async fn survives(input: Vec<Result<Msg, Vec<u8>>>) -> Result<(), String> {
+        let config = cfg(Duration::from_secs(600), MAX_CHUNK as u32);
+        let (conn, raw_tx, mut raw_rx) = with_raw_peer(config);
+        // Some requests of its own, so that replies and credit can match.
+        let mut own = Vec::new();
+        for _ in 0..2 {
+            let c = conn.clone();
+            own.push(tokio::spawn(async move {
+                c.request(Request::Ping, Duration::from_secs(600)).await
+            }));
+        }
+        let c = conn.clone();
+        own.push(tokio::spawn(async move {
+            let mut s = c
+                .stream(Request::Bulk { bytes: 1 << 20 }, Duration::from_secs(600))
+                .await?;
+            while let Some(chunk) = s.next().await {
+                chunk?;
+            }
+            Ok(Reply::Pong)
+        }));
+        for item in input {
+            let frame = match item {
+                Ok(msg) => Frame::Data(msg.encode().map_err(|e| e.to_string())?),
+                Err(bytes) => Frame::Data(bytes),
+            };
+            if raw_tx.0.send(frame).await.is_err() {
+                break;
+            }
+        }
+        let probe = Msg::Request {
+            id: u64::MAX,
+            timeout_ms: 10_000,
+            req: Request::Ping,
+        };
+        let probed = raw_tx.0.send(frame(&probe)).await.is_ok();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if !probed {
+                    return Err(conn.closed().await);
+                }
+                match next_non_ping(&mut raw_rx).await {
+                    Ok(Msg::Reply {
+                        id: u64::MAX,
+                        reply,
+                    }) => return Ok(reply),
+                    Ok(_) => continue,
+                    Err(_) => return Err(conn.closed().await),
+                }
+            }
+        })
+        .await
+        .map_err(|_| "neither answered nor closed".to_string())?;
+        match outcome {
+            Ok(Ok(Reply::Pong)) => {}
+            Ok(other) => return Err(format!("probe answered {other:?}")),
+            Err(CloseReason::Protocol(_) | CloseReason::Transport(_)) => {}
+            Err(other) => return Err(format!("closed for an unexpected reason: {other}")),
+        }
+        conn.close("done");
+        for task in own {
+            task.abort();
+        }
+        Ok(())
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The connection's fuzz target: any sequence of messages (with ids
+        /// that name live requests) and arbitrary frames from a peer
+        /// neither panics nor hangs it. (Case count: `PROPTEST_CASES`.)
+        #[test]
+        fn fuzz_connection_input(
+            input in proptest::collection::vec(
+                proptest::prop_oneof![
+                    3 => crate::peer::msg::tests::msg_with_ids(0u64..5).prop_map(Ok),
+                    1 => proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64).prop_map(Err),
+                ],
+                0..24,
+            )
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let result = runtime.block_on(survives(input));
+            prop_assert!(result.is_ok(), "{:?}", result);
+        }
+    }
+
+    /// Throughput of `Bulk` streams through the whole stack (channel and
+    /// connection) on loopback; prints MB/s of payload, asserts only that
+    /// every byte arrived. Run in release:
+    /// `cargo test --release -p keibi-syncd bench_bulk -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a benchmark: run by hand, in release"]
+    async fn bench_bulk_over_the_channel() {
+        let (a, b) = over_the_channel(1 << 30).await;
+        let total: u64 = 1 << 30;
+        for streams in [1u64, 4] {
+            let started = std::time::Instant::now();
+            let runs = (0..streams).map(|_| {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    let mut stream = a
+                        .stream(
+                            Request::Bulk {
+                                bytes: total / streams,
+                            },
+                            Duration::from_secs(600),
+                        )
+                        .await
+                        .expect("starts");
+                    let mut got = 0u64;
+                    while let Some(chunk) = stream.next().await {
+                        got += chunk.expect("data").len() as u64;
+                    }
+                    got
+                })
+            });
+            let mut got = 0;
+            for run in runs.collect::<Vec<_>>() {
+                got += run.await.expect("stream task");
+            }
+            assert_eq!(got, total / streams * streams);
+            let seconds = started.elapsed().as_secs_f64();
+            println!(
+                "{streams} stream(s): {got} bytes in {seconds:.3} s = {:.0} MB/s",
+                got as f64 / seconds / 1e6
+            );
+        }
+        a.close("done");
+        drop(b);
     }
 
     #[tokio::test]

@@ -104,7 +104,11 @@ pub async fn run(manager: Arc<Manager>, fingerprint: String, addr: String) {
 }
 
 /// One dial: resolve, connect (each address in turn), handshake, hand over.
-async fn dial_once(manager: &Arc<Manager>, fingerprint: &str, addr: &str) -> Result<(), String> {
+pub(super) async fn dial_once(
+    manager: &Arc<Manager>,
+    fingerprint: &str,
+    addr: &str,
+) -> Result<(), String> {
     let bound = manager.peer_timeout();
     let target = parse_addr(addr)?;
     let resolved: Vec<SocketAddr> = match tokio::time::timeout(

@@ -33,10 +33,10 @@
 //! `admin` when both are held, is never held across an `.await`, a store
 //! call or a network call, and nothing else is locked while it is held.
 
-use super::conn::{self, ConnConfig, FrameTx, PeerClosed, PeerConn, PeerLabel};
+use super::conn::{self, ConnConfig, FrameTx, PeerConn, PeerLabel};
 use super::msg::{MAX_CHUNK, Request, bulk_pattern_byte};
 use super::requests::RequestHandler;
-use crate::channel::{ChannelConfig, ChannelError, Established, LocalKeys, SecureSender};
+use crate::channel::{ChannelConfig, Established, LocalKeys, SecureSender};
 use crate::store::peers::{PeerRecord, Peers, parse_addr, parse_fingerprint};
 use ipc_schema::{BenchReport, PeerCtlError, PeerInfo, PeerOpInFlight};
 use std::collections::BTreeMap;
@@ -99,18 +99,6 @@ pub fn keep_new(old_initiator: &[u8; 32], new_initiator: &[u8; 32]) -> bool {
     }
 }
 
-/// A channel error as the `io::Error` the multiplexer expects: the peer's
-/// CLOSE becomes a [`PeerClosed`] inside it, end of stream
-/// `UnexpectedEof`, anything else keeps its message.
-fn channel_to_io(e: ChannelError) -> std::io::Error {
-    match e {
-        ChannelError::Closed(reason) => PeerClosed(reason).into_io(),
-        ChannelError::Eof => std::io::Error::new(std::io::ErrorKind::UnexpectedEof, e.to_string()),
-        ChannelError::Io(io) => io,
-        other => std::io::Error::new(std::io::ErrorKind::InvalidData, other.to_string()),
-    }
-}
-
 /// Rekeys of a connection's sending direction, read after each frame
 /// (the sender itself moves into the connection's writer task).
 #[derive(Default)]
@@ -118,8 +106,7 @@ struct Counters {
     tx_rekeys: AtomicU64,
 }
 
-/// The sending half with its rekey count published (the adapter from the
-/// channel to the multiplexer's [`FrameTx`]).
+/// The sending half with its rekey count published.
 struct CountedTx {
     inner: SecureSender,
     counters: Arc<Counters>,
@@ -127,7 +114,7 @@ struct CountedTx {
 
 impl FrameTx for CountedTx {
     async fn send(&mut self, payload: &[u8]) -> std::io::Result<()> {
-        let r = self.inner.send(payload).await.map_err(channel_to_io);
+        let r = FrameTx::send(&mut self.inner, payload).await;
         self.counters
             .tx_rekeys
             .store(self.inner.rekeys(), Ordering::Relaxed);
@@ -135,12 +122,11 @@ impl FrameTx for CountedTx {
     }
 
     async fn close(&mut self, reason: &str) -> std::io::Result<()> {
-        self.inner.close(reason).await.map_err(channel_to_io)
+        FrameTx::close(&mut self.inner, reason).await
     }
 }
 
-/// The receiving half with its rekey count published (the adapter from
-/// the channel to the multiplexer's [`conn::FrameRx`]).
+/// The receiving half with its rekey count published.
 struct CountedRx {
     inner: crate::channel::SecureReceiver,
     counters: Arc<RxCounters>,
@@ -153,7 +139,7 @@ struct RxCounters {
 
 impl conn::FrameRx for CountedRx {
     async fn recv(&mut self, payload: &mut Vec<u8>) -> std::io::Result<()> {
-        let r = self.inner.recv(payload).await.map_err(channel_to_io);
+        let r = conn::FrameRx::recv(&mut self.inner, payload).await;
         self.counters
             .rx_rekeys
             .store(self.inner.rekeys(), Ordering::Relaxed);
@@ -844,3 +830,7 @@ mod tests {
         assert!(keep_new(&d, &c));
     }
 }
+
+#[cfg(test)]
+#[path = "manager_tests.rs"]
+mod pairing_tests;

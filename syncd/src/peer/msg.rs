@@ -30,9 +30,9 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// The largest payload of one channel DATA frame, so the largest encoded
-/// message. Equal to `channel::MAX_PAYLOAD` (the channel checks the frame;
-/// this layer never builds a larger message).
-pub const MAX_PAYLOAD: usize = 256 * 1024;
+/// message (the channel checks the frame; this layer never builds a larger
+/// message).
+pub const MAX_PAYLOAD: usize = crate::channel::MAX_PAYLOAD;
 
 /// The largest data of one [`Msg::Chunk`] and of an [`Request::Echo`] or
 /// [`Reply::Echo`]: room for the message's own header inside
@@ -158,7 +158,8 @@ pub enum RemoteErrorKind {
     Unsupported,
     /// The request's arguments are out of bounds (e.g. too large).
     Invalid,
-    /// This peer serves too many requests of that connection already.
+    /// The serving side cannot take the request now (for handlers that
+    /// shed load; the connection itself never answers with it).
     Busy,
     /// The request's deadline passed on the serving side.
     Timeout,
@@ -303,7 +304,7 @@ impl Msg {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -325,7 +326,11 @@ mod tests {
         prop::collection::vec(any::<u8>(), 0..max)
     }
 
-    fn msg() -> impl Strategy<Value = Msg> {
+    /// Any message, with ids from `ids` (shared with the connection's fuzz
+    /// test, which wants ids that name live requests).
+    pub(crate) fn msg_with_ids(
+        ids: impl Strategy<Value = u64> + Clone + 'static,
+    ) -> impl Strategy<Value = Msg> {
         let request = prop_oneof![
             Just(Request::Ping),
             bytes(300).prop_map(|data| Request::Echo { data }),
@@ -338,22 +343,26 @@ mod tests {
         prop_oneof![
             any::<u64>().prop_map(|seq| Msg::Ping { seq }),
             any::<u64>().prop_map(|seq| Msg::Pong { seq }),
-            (any::<u64>(), any::<u32>(), request).prop_map(|(id, timeout_ms, req)| Msg::Request {
+            (ids.clone(), any::<u32>(), request).prop_map(|(id, timeout_ms, req)| Msg::Request {
                 id,
                 timeout_ms,
                 req
             }),
-            (any::<u64>(), prop::result::maybe_ok(reply, remote_error()))
+            (ids.clone(), prop::result::maybe_ok(reply, remote_error()))
                 .prop_map(|(id, reply)| Msg::Reply { id, reply }),
-            (any::<u64>(), bytes(2000)).prop_map(|(id, data)| Msg::Chunk { id, data }),
+            (ids.clone(), bytes(2000)).prop_map(|(id, data)| Msg::Chunk { id, data }),
             (
-                any::<u64>(),
+                ids.clone(),
                 prop::result::maybe_ok(Just(()), remote_error())
             )
                 .prop_map(|(id, result)| Msg::End { id, result }),
-            (any::<u64>(), any::<u32>()).prop_map(|(id, bytes)| Msg::Credit { id, bytes }),
-            any::<u64>().prop_map(|id| Msg::Cancel { id }),
+            (ids.clone(), any::<u32>()).prop_map(|(id, bytes)| Msg::Credit { id, bytes }),
+            ids.prop_map(|id| Msg::Cancel { id }),
         ]
+    }
+
+    fn msg() -> impl Strategy<Value = Msg> {
+        msg_with_ids(any::<u64>())
     }
 
     /// The heap bytes a decoded message holds: what decoding allocated.
@@ -427,6 +436,38 @@ mod tests {
             assert_eq!(bytes[0] as usize, index, "variant index of {}", msg.kind());
             assert_eq!(msg.kind(), MSG_NAMES[index]);
             assert_eq!(&Msg::decode(&bytes).expect("decodes"), msg);
+        }
+    }
+
+    #[test]
+    fn encoding_examples_in_the_protocol_document() {
+        let examples: [(Msg, &[u8]); 4] = [
+            (Msg::Ping { seq: 5 }, &[0x00, 0x05]),
+            (
+                Msg::Request {
+                    id: 1,
+                    timeout_ms: 5000,
+                    req: Request::Ping,
+                },
+                &[0x02, 0x01, 0x88, 0x27, 0x00],
+            ),
+            (
+                Msg::Credit {
+                    id: 1,
+                    bytes: 4 << 20,
+                },
+                &[0x06, 0x01, 0x80, 0x80, 0x80, 0x02],
+            ),
+            (
+                Msg::Chunk {
+                    id: 3,
+                    data: vec![0xaa, 0xbb],
+                },
+                &[0x04, 0x03, 0x02, 0xaa, 0xbb],
+            ),
+        ];
+        for (msg, bytes) in examples {
+            assert_eq!(msg.encode().expect("encodes"), bytes, "{msg:?}");
         }
     }
 

@@ -29,7 +29,7 @@ use super::msg::{MAX_CHUNK, Msg, RemoteError, RemoteErrorKind, Reply, Request, b
 use futures::future::BoxFuture;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -195,25 +195,28 @@ fn deadline_after(timeout: Duration) -> Instant {
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
-/// Removes an outgoing request that is given up on, and tells the peer.
+/// Holds an outgoing request's slot; cancels the request if it is given
+/// up on.
 struct OutgoingGuard {
     shared: Arc<Shared>,
     id: u64,
-    armed: bool,
+    /// Released when the request ends: after its answer arrived, or after
+    /// its `Cancel` was queued (so a request that takes the slot next
+    /// reaches the peer after the `Cancel`, and the peer never counts more
+    /// than [`conn::MAX_IN_FLIGHT`] of ours).
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl OutgoingGuard {
     /// The request ended normally: nothing to cancel.
     fn disarm(&mut self) {
-        self.armed = false;
+        self.slot = None;
     }
-}
 
-impl Drop for OutgoingGuard {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
+    /// Give up on the request: forget it and tell the peer (unless it ended
+    /// meanwhile).
+    fn cancel(&mut self) {
+        let Some(slot) = self.slot.take() else { return };
         let mut st = self.shared.lock();
         if st.outgoing.remove(&self.id).is_some() && st.closed.is_none() {
             st.outbox.forget_credit(self.id);
@@ -221,6 +224,13 @@ impl Drop for OutgoingGuard {
             drop(st);
             self.shared.wake_writer();
         }
+        drop(slot);
+    }
+}
+
+impl Drop for OutgoingGuard {
+    fn drop(&mut self) {
+        self.cancel();
     }
 }
 
@@ -230,11 +240,13 @@ fn encode_cancel(id: u64) -> Vec<u8> {
         .expect("a fixed-size message always encodes")
 }
 
-/// Register and queue a new outgoing request.
-fn start(
+/// Take a request slot (waiting until `deadline`), then register and queue
+/// a new outgoing request.
+async fn start(
     shared: &Arc<Shared>,
     req: Request,
     timeout: Duration,
+    deadline: Instant,
     kind: OutKind,
 ) -> Result<OutgoingGuard, RequestError> {
     if let Request::Echo { data } = &req
@@ -242,6 +254,11 @@ fn start(
     {
         return Err(RequestError::TooLarge);
     }
+    let slot = match tokio::time::timeout_at(deadline, shared.slots.clone().acquire_owned()).await {
+        Ok(Ok(slot)) => slot,
+        Ok(Err(_)) => return Err(closed_error(shared)),
+        Err(_) => return Err(RequestError::Timeout),
+    };
     let name = req.name();
     let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
     let initial_credit = match &kind {
@@ -288,7 +305,7 @@ fn start(
     Ok(OutgoingGuard {
         shared: shared.clone(),
         id,
-        armed: true,
+        slot: Some(slot),
     })
 }
 
@@ -313,7 +330,7 @@ impl PeerConn {
         }
         let deadline = deadline_after(timeout);
         let (tx, rx) = oneshot::channel();
-        let mut guard = start(self.shared(), req, timeout, OutKind::Unary(tx))?;
+        let mut guard = start(self.shared(), req, timeout, deadline, OutKind::Unary(tx)).await?;
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(reply)) => {
                 guard.disarm();
@@ -348,7 +365,7 @@ impl PeerConn {
             events: events_tx,
             credit_left: window,
         };
-        let guard = start(self.shared(), req, timeout, kind)?;
+        let guard = start(self.shared(), req, timeout, deadline, kind).await?;
         Ok(ReplyStream {
             shared: self.shared().clone(),
             id: guard.id,
@@ -420,13 +437,7 @@ impl ReplyStream {
             Err(_) => {
                 self.done = true;
                 // Cancel now rather than when the stream is dropped.
-                let armed = OutgoingGuard {
-                    shared: self.shared.clone(),
-                    id: self.id,
-                    armed: true,
-                };
-                drop(armed);
-                self.guard.disarm();
+                self.guard.cancel();
                 return Some(Err(RequestError::Timeout));
             }
         };
@@ -519,7 +530,7 @@ impl ChunkSink {
                     flow.unacked += len;
                     st.stream_high_water = st.stream_high_water.max(flow.unacked);
                     served.bytes += len;
-                    st.outbox.push_stream(self.id, frame);
+                    st.outbox.push_chunk(self.id, frame);
                     drop(guard);
                     self.shared.wake_writer();
                     return Ok(());
@@ -649,8 +660,10 @@ pub(super) fn dispatch(
             check_received(st, id, "Cancel")?;
             if let Some(served) = st.incoming.remove(&id) {
                 served.task.abort();
-                st.outbox.drop_stream(id);
             }
+            // Its queued chunks and answer too, if any: the requester has
+            // forgotten it.
+            st.outbox.drop_request(id);
             Ok(())
         }
     }
@@ -688,19 +701,14 @@ fn on_request(
     }
     st.last_incoming_id = id;
     let stream = req.is_stream();
-    if st.incoming.len() >= conn::MAX_INCOMING {
-        let error = RemoteError::new(
-            RemoteErrorKind::Busy,
-            format!("{} requests are served already", conn::MAX_INCOMING),
-        );
-        let frame = conn::remote_error_frame(id, stream, error);
-        if stream {
-            st.outbox.push_stream(id, frame);
-        } else {
-            st.outbox.push_control(frame);
-        }
-        shared.wake_writer();
-        return Ok(());
+    // Served, or answered with the answer not yet written: an honest peer
+    // holds a slot for each of these (see `OutgoingGuard::slot`).
+    let in_flight = st.incoming.len() + st.outbox.unsent_answers();
+    if in_flight >= conn::MAX_IN_FLIGHT {
+        return Err(format!(
+            "the peer has more than {} requests in flight (it is not reading the answers?)",
+            conn::MAX_IN_FLIGHT
+        ));
     }
     let name = req.name();
     let flow = stream.then(|| StreamCredit {
@@ -754,11 +762,8 @@ async fn serve(
                 .await
                 .unwrap_or_else(|_| Err(timed_out()));
             Msg::Reply { id, reply }.encode().unwrap_or_else(|e| {
-                conn::remote_error_frame(
-                    id,
-                    false,
-                    RemoteError::new(RemoteErrorKind::Failed, e.to_string()),
-                )
+                let reply = Err(RemoteError::new(RemoteErrorKind::Failed, e.to_string()));
+                encode_error(Msg::Reply { id, reply })
             })
         }
         Some(wake) => {
@@ -771,11 +776,8 @@ async fn serve(
                 .await
                 .unwrap_or_else(|_| Err(timed_out()));
             Msg::End { id, result }.encode().unwrap_or_else(|e| {
-                conn::remote_error_frame(
-                    id,
-                    true,
-                    RemoteError::new(RemoteErrorKind::Failed, e.to_string()),
-                )
+                let result = Err(RemoteError::new(RemoteErrorKind::Failed, e.to_string()));
+                encode_error(Msg::End { id, result })
             })
         }
     };
@@ -787,12 +789,18 @@ async fn serve(
         return;
     }
     if served.stream.is_some() {
-        st.outbox.push_stream(id, frame);
+        st.outbox.push_end(id, frame);
     } else {
-        st.outbox.push_control(frame);
+        st.outbox.push_reply(id, frame);
     }
     drop(st);
     shared.wake_writer();
+}
+
+/// Encode a `Reply` or `End` that carries an error.
+fn encode_error(msg: Msg) -> Vec<u8> {
+    // A RemoteError's message is at most MAX_ERROR_MESSAGE bytes.
+    msg.encode().expect("an error message always fits a frame")
 }
 
 #[cfg(test)]
@@ -800,7 +808,7 @@ mod tests {
     use super::*;
     use crate::peer::conn::memory;
     use crate::peer::conn::{
-        ConnConfig, KEEPALIVE_TIMEOUT, MAX_INCOMING, PeerLabel, STREAM_WINDOW, spawn,
+        ConnConfig, KEEPALIVE_TIMEOUT, MAX_IN_FLIGHT, PeerLabel, STREAM_WINDOW, spawn,
     };
     use futures::future::join_all;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1042,7 +1050,7 @@ mod tests {
     #[tokio::test]
     async fn many_concurrent_requests_each_get_their_own_answer() {
         let p = pair(STREAM_WINDOW);
-        let calls = (0..MAX_INCOMING as u32).map(|n| {
+        let calls = (0..3 * MAX_IN_FLIGHT as u32).map(|n| {
             let client = p.client.clone();
             async move {
                 let data = n.to_le_bytes().repeat(1 + n as usize % 50);
@@ -1065,35 +1073,49 @@ mod tests {
             }
         });
         tokio::join!(join_all(calls), join_all(streams));
-        assert_eq!(p.counters.started.load(Ordering::SeqCst), MAX_INCOMING + 4);
+        assert_eq!(
+            p.counters.started.load(Ordering::SeqCst),
+            3 * MAX_IN_FLIGHT + 4
+        );
     }
 
     #[tokio::test]
-    async fn requests_beyond_the_limit_are_answered_busy() {
+    async fn requests_beyond_the_limit_wait_for_a_slot() {
         let p = pair(STREAM_WINDOW);
-        let stalled: Vec<_> = (0..MAX_INCOMING)
+        let stall = || Request::Echo {
+            data: b"stall".to_vec(),
+        };
+        let mut stalled: Vec<_> = (0..MAX_IN_FLIGHT)
             .map(|_| {
                 let client = p.client.clone();
-                tokio::spawn(async move {
-                    client
-                        .request(
-                            Request::Echo {
-                                data: b"stall".to_vec(),
-                            },
-                            BOUND,
-                        )
-                        .await
-                })
+                tokio::spawn(async move { client.request(stall(), BOUND).await })
             })
             .collect();
         until("the server serves the limit", || {
-            p.server.in_flight().len() == MAX_INCOMING
+            p.server.in_flight().len() == MAX_IN_FLIGHT
         })
         .await;
-        match p.client.request(Request::Ping, BOUND).await {
-            Err(RequestError::Remote(e)) => assert_eq!(e.kind, RemoteErrorKind::Busy, "{e}"),
-            other => panic!("expected Busy, got {other:?}"),
-        }
+        // One more waits here, unsent...
+        let extra = {
+            let client = p.client.clone();
+            tokio::spawn(async move { client.request(Request::Ping, BOUND).await })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(
+            p.client.in_flight().len(),
+            MAX_IN_FLIGHT,
+            "the extra one is not sent"
+        );
+        assert_eq!(p.server.in_flight().len(), MAX_IN_FLIGHT);
+        assert!(!extra.is_finished());
+        // ...until a slot frees up.
+        stalled.pop().expect("a stalled request").abort();
+        let answer = tokio::time::timeout(BOUND, extra)
+            .await
+            .expect("answered")
+            .expect("task");
+        assert_eq!(answer, Ok(Reply::Pong));
+        assert_eq!(p.client.close_reason(), None);
         for task in stalled {
             task.abort();
         }
@@ -1101,10 +1123,7 @@ mod tests {
             p.server.in_flight().is_empty()
         })
         .await;
-        assert_eq!(
-            p.client.request(Request::Ping, BOUND).await,
-            Ok(Reply::Pong)
-        );
+        assert_eq!(p.counters.aborted.load(Ordering::SeqCst), MAX_IN_FLIGHT);
     }
 
     #[tokio::test]

@@ -1,0 +1,123 @@
+//! Throughput of the channel's crypto and of one channel over loopback,
+//! as `#[ignore]` tests that print MB/s (no assertion on speed):
+//!
+//! ```text
+//! cargo test -p keibi-syncd --release bench_ -- --ignored --nocapture --test-threads=1
+//! ```
+//!
+//! `bench_seal_open_in_memory` seals and opens 256 KiB DATA frames on one
+//! thread (the CPU cost of a frame at both ends); `bench_channel_over_tcp`
+//! sends them through a real channel on 127.0.0.1 with the sender and the
+//! receiver on separate tokio worker threads (what one peer connection
+//! can carry when crypto is the limit).
+
+use super::frame::{self, FrameType};
+use super::resolver::nonce;
+use super::transport;
+use super::{ChannelConfig, MAX_PAYLOAD};
+use chacha20poly1305::ChaCha20Poly1305;
+use chacha20poly1305::aead::{AeadInOut, KeyInit};
+use std::time::{Duration, Instant};
+use zeroize::Zeroizing;
+
+const TOTAL: usize = 2 << 30;
+
+fn report(what: &str, bytes: usize, took: Duration) {
+    let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512vl");
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
+    eprintln!(
+        "{what}: {} MiB of payload in {:.3} s = {:.0} MB/s (CPU: avx512 {avx512}, avx2 {avx2})",
+        bytes >> 20,
+        took.as_secs_f64(),
+        bytes as f64 / took.as_secs_f64() / 1e6,
+    );
+}
+
+#[test]
+#[ignore = "benchmark: run with --release --ignored --nocapture"]
+fn bench_seal_open_in_memory() {
+    let cfg = ChannelConfig::default();
+    let key = Zeroizing::new([7u8; 32]);
+    let (mut sealer, _) = transport::pair(key.clone(), Zeroizing::new([0; 32]), &cfg);
+    let (_, mut opener) = transport::pair(Zeroizing::new([1; 32]), key, &cfg);
+    let payload = vec![0x5au8; MAX_PAYLOAD];
+    let mut wire = Vec::with_capacity(super::MAX_FRAME + 64);
+    let mut body = Vec::with_capacity(super::MAX_FRAME);
+    let frames = TOTAL / MAX_PAYLOAD;
+    let start = Instant::now();
+    for _ in 0..frames {
+        wire.clear();
+        sealer
+            .seal(FrameType::Data, &payload, &mut wire)
+            .expect("seal");
+        let mut r = wire.as_slice();
+        // A REKEY frame may come first.
+        loop {
+            let header =
+                futures::executor::block_on(frame::read_frame(&mut r, &mut body)).expect("read");
+            if opener.open(header, &mut body).expect("open") == FrameType::Data {
+                break;
+            }
+        }
+    }
+    let took = start.elapsed();
+    // The ceiling in the same run: the bare AEAD in place on 256 KiB
+    // buffers (encrypt, then decrypt), no framing, no copies.
+    let aead = ChaCha20Poly1305::new(&[7u8; 32].into());
+    let mut buf = vec![0x5au8; MAX_PAYLOAD];
+    let bare = Instant::now();
+    for n in 0..frames as u64 {
+        let tag = aead
+            .encrypt_inout_detached(&nonce(n), b"", buf.as_mut_slice().into())
+            .expect("encrypt");
+        aead.decrypt_inout_detached(&nonce(n), b"", buf.as_mut_slice().into(), &tag)
+            .expect("decrypt");
+    }
+    report(
+        "bare ChaCha20-Poly1305 encrypt+decrypt in place, 1 thread",
+        frames * MAX_PAYLOAD,
+        bare.elapsed(),
+    );
+    report("seal+open in memory, 1 thread", frames * MAX_PAYLOAD, took);
+}
+
+#[test]
+#[ignore = "benchmark: run with --release --ignored --nocapture"]
+fn bench_channel_over_tcp() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (mut i, mut r) = super::tests::established(&ChannelConfig::default()).await;
+        let frames = TOTAL / MAX_PAYLOAD;
+        let start = Instant::now();
+        let sender = tokio::spawn(async move {
+            let payload = vec![0x5au8; MAX_PAYLOAD];
+            for _ in 0..frames {
+                i.tx.send(&payload).await.expect("send");
+            }
+            i
+        });
+        let mut buf = Vec::new();
+        for _ in 0..frames {
+            r.rx.recv(&mut buf).await.expect("recv");
+            assert_eq!(buf.len(), MAX_PAYLOAD);
+        }
+        let took = start.elapsed();
+        let i = sender.await.expect("sender");
+        report(
+            "one channel over TCP 127.0.0.1, 2 workers",
+            frames * MAX_PAYLOAD,
+            took,
+        );
+        eprintln!(
+            "handshake {:?}; wire bytes {} ({} rekeys)",
+            i.handshake_time,
+            i.tx.bytes_sent(),
+            i.tx.rekeys()
+        );
+    });
+}
