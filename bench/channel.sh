@@ -154,8 +154,9 @@ start_node a "$port_a"
 start_node b "$port_b"
 fp_a="$(ctl a id --json | json_field fingerprint)"
 fp_b="$(ctl b id --json | json_field fingerprint)"
-ctl a peer add "$fp_b" --addr "127.0.0.1:$port_b" --name b --json >/dev/null
+# b first, so that a's first dial is not refused as unpaired.
 ctl b peer add "$fp_a" --name a --json >/dev/null
+ctl a peer add "$fp_b" --addr "127.0.0.1:$port_b" --name b --json >/dev/null
 
 state_of() {
     ctl a peer list --json | python3 -c '
@@ -230,6 +231,9 @@ EOF
 
 echo
 echo "== peer channel between two keibi-syncd on 127.0.0.1: $bytes bytes per run, $runs runs"
+# Other work on the machine takes CPU from both columns, not always
+# equally: say how busy it was.
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg), CPUs: $(nproc)"
 printf '%-8s %12s %12s %7s   %s\n' streams "channel MB/s" "raw TCP MB/s" ratio "runs (channel | raw)"
 for streams in 1 4; do
     ch=()
@@ -255,3 +259,4 @@ rekeys="$(ctl a peer list --json | python3 -c '
 import json, sys
 print(next(p["rekeys"] for p in json.load(sys.stdin) if p["fingerprint"] == sys.argv[1]))' "$fp_b")"
 echo "rekeys on the connection so far: $rekeys"
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
