@@ -5,7 +5,7 @@
 # syncd/src/peer/). They feed random and mutated input to the decoders
 # and check that nothing panics, no buffer grows past its cap, and only
 # authentic, well-formed input is accepted. The ordinary test run
-# (scripts/test.sh, CI) runs the same tests with 64 cases each.
+# (scripts/test.sh, CI) runs the same tests with small case counts.
 #
 #   bash scripts/fuzz.sh [CASES]     (default 100000 per test)
 #

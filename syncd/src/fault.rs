@@ -41,22 +41,24 @@ pub const PEER_PROTOCOL_ENV: &str = "KEIBI_TEST_PEER_PROTOCOL";
 static PEER_PROTOCOL: OnceLock<Option<u32>> = OnceLock::new();
 
 fn peer_protocol_override() -> Option<u32> {
-    *PEER_PROTOCOL.get_or_init(|| {
-        let raw = std::env::var(PEER_PROTOCOL_ENV).ok()?;
-        match raw.trim().parse() {
-            Ok(n) => {
-                tracing::warn!(
-                    version = n,
-                    "test hook {PEER_PROTOCOL_ENV} is armed: peer handshakes claim protocol version {n}"
-                );
-                Some(n)
-            }
-            Err(_) => {
-                tracing::warn!(value = %raw, "{PEER_PROTOCOL_ENV} is not a number; ignored");
-                None
-            }
+    *PEER_PROTOCOL.get_or_init(|| parse_peer_protocol(&std::env::var(PEER_PROTOCOL_ENV).ok()?))
+}
+
+/// The version a [`PEER_PROTOCOL_ENV`] value asks for, if it is a number.
+fn parse_peer_protocol(raw: &str) -> Option<u32> {
+    match raw.trim().parse() {
+        Ok(n) => {
+            tracing::warn!(
+                version = n,
+                "test hook {PEER_PROTOCOL_ENV} is armed: peer handshakes claim protocol version {n}"
+            );
+            Some(n)
         }
-    })
+        Err(_) => {
+            tracing::warn!(value = %raw, "{PEER_PROTOCOL_ENV} is not a number; ignored");
+            None
+        }
+    }
 }
 
 /// The (min, max) peer protocol versions this syncd claims: both
@@ -87,5 +89,19 @@ pub fn store_gate() {
         while file.exists() {
             std::thread::sleep(POLL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_protocol_values() {
+        assert_eq!(parse_peer_protocol("2"), Some(2));
+        assert_eq!(parse_peer_protocol(" 7\n"), Some(7));
+        assert_eq!(parse_peer_protocol("two"), None);
+        assert_eq!(parse_peer_protocol(""), None);
+        assert_eq!(parse_peer_protocol("-1"), None);
     }
 }

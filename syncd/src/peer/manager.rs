@@ -811,6 +811,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn info_states_without_a_connection() {
+        let rec = |addr: Option<&str>| PeerRecord {
+            name: Some("n".into()),
+            addr: addr.map(String::from),
+            added_unix_ms: 1,
+            last_seen_unix_ms: Some(7),
+        };
+        let idle = Entry::from_record(rec(None)).info("FP");
+        assert_eq!(idle.state, "idle");
+        assert_eq!(
+            (idle.direction, idle.rtt_us, idle.protocol_version),
+            (None, None, None)
+        );
+        assert_eq!(idle.last_seen_unix_ms, Some(7), "kept from the store");
+        let mut e = Entry::from_record(rec(Some("h:1")));
+        assert_eq!(e.info("FP").state, "connecting", "a dialer is about to run");
+        e.dialing = Dialing::Connecting;
+        assert_eq!(e.info("FP").state, "connecting");
+        e.dialing = Dialing::Waiting(Instant::now() + Duration::from_secs(3));
+        e.last_error = Some("refused".into());
+        let waiting = e.info("FP");
+        assert_eq!(waiting.state, "waiting");
+        let next = waiting.next_attempt_ms.expect("next attempt");
+        assert!(next <= 3000 && next > 2000, "{next}");
+        assert_eq!(waiting.last_error.as_deref(), Some("refused"));
+        assert_eq!(
+            (waiting.fingerprint.as_str(), waiting.name.as_deref()),
+            ("FP", Some("n"))
+        );
+    }
+
+    #[test]
     fn both_sides_keep_the_connection_of_the_smaller_initiator() {
         let a = [1u8; 32];
         let b = [2u8; 32];

@@ -18,7 +18,8 @@
 //! sender of the credit is receiving (a request it sent).
 //!
 //! Chunk data costs one copy each way: the sender copies it into the frame
-//! buffer ([`Msg::encode`] reserves the exact size first), the receiver out of
+//! buffer ([`encode_chunk`] from a borrowed slice; both it and
+//! [`Msg::encode`] reserve the exact size first), the receiver out of
 //! the frame buffer into the chunk's own `Vec` (`serde_bytes`, so a byte
 //! string is one slice copy, not a sequence of `u8`s).
 //!
@@ -303,6 +304,32 @@ impl Msg {
     }
 }
 
+/// The encoding of `Msg::Chunk { id, data }` from borrowed data (the
+/// variant index, the id, then the data as a byte string: postcard encodes
+/// a tuple as its elements in order, so the bytes are the same), copying
+/// the data once, into a buffer of the exact size.
+pub fn encode_chunk(id: u64, data: &[u8]) -> Result<Vec<u8>, EncodeError> {
+    const CHUNK_INDEX: u32 = 4;
+    let fields = (CHUNK_INDEX, id, serde_bytes::Bytes::new(data));
+    let kind = "Chunk";
+    let len =
+        postcard::experimental::serialized_size(&fields).map_err(|e| EncodeError::Postcard {
+            kind,
+            err: e.to_string(),
+        })?;
+    if len > MAX_PAYLOAD {
+        return Err(EncodeError::TooLarge {
+            kind,
+            len,
+            max: MAX_PAYLOAD,
+        });
+    }
+    postcard::to_extend(&fields, Vec::with_capacity(len)).map_err(|e| EncodeError::Postcard {
+        kind,
+        err: e.to_string(),
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -469,6 +496,29 @@ pub(crate) mod tests {
         for (msg, bytes) in examples {
             assert_eq!(msg.encode().expect("encodes"), bytes, "{msg:?}");
         }
+    }
+
+    #[test]
+    fn encode_chunk_matches_the_message_encoding() {
+        assert_eq!(MSG_NAMES[4], "Chunk");
+        for (id, len) in [(0u64, 1usize), (1, 127), (300, 128), (u64::MAX, MAX_CHUNK)] {
+            let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let expected = Msg::Chunk {
+                id,
+                data: data.clone(),
+            }
+            .encode()
+            .expect("encodes");
+            assert_eq!(
+                encode_chunk(id, &data).expect("encodes"),
+                expected,
+                "id {id}, {len} bytes"
+            );
+        }
+        assert!(matches!(
+            encode_chunk(1, &vec![0; MAX_PAYLOAD]),
+            Err(EncodeError::TooLarge { kind: "Chunk", .. })
+        ));
     }
 
     #[test]

@@ -15,6 +15,12 @@
 //! that does not increase is a protocol error (so a stale message can never
 //! be taken for a new request's).
 //!
+//! Slots: a request holds one of [`conn::MAX_IN_FLIGHT`] slots of its
+//! connection from before it is queued until its answer arrives or its
+//! `Cancel` is queued; a caller beyond that waits (within its deadline).
+//! The serving side relies on it: it counts a request until its answer is
+//! written, and more than the limit is a protocol error.
+//!
 //! Serving: each incoming request runs in its own task, calling the
 //! connection's [`RequestHandler`] ([`DefaultHandler`] serves `Ping`, `Echo`
 //! and `Bulk`). A stream handler sends its data through a [`ChunkSink`],
@@ -25,8 +31,12 @@
 //! request, queued for sending for an incoming one).
 
 use super::conn::{self, MAX_QUEUED_STREAM_FRAMES, MAX_STREAM_WINDOW, PeerConn, Shared, State};
-use super::msg::{MAX_CHUNK, Msg, RemoteError, RemoteErrorKind, Reply, Request, bulk_pattern_byte};
+use super::msg::{
+    MAX_CHUNK, Msg, RemoteError, RemoteErrorKind, Reply, Request, bulk_pattern_byte, encode_chunk,
+};
+use futures::FutureExt;
 use futures::future::BoxFuture;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
@@ -139,7 +149,7 @@ async fn send_bulk(sink: &mut ChunkSink, total: u64) -> Result<(), RemoteError> 
     while sent < total {
         let len = (total - sent).min(MAX_CHUNK as u64) as usize;
         let phase = (sent % 251) as usize;
-        sink.send(pattern[phase..phase + len].to_vec()).await?;
+        sink.send_slice(&pattern[phase..phase + len]).await?;
         sent += len as u64;
     }
     Ok(())
@@ -498,6 +508,12 @@ impl ChunkSink {
     /// Queue one chunk (at most `MAX_CHUNK` bytes; an empty one is skipped)
     /// once the requester has granted credit for it.
     pub async fn send(&mut self, data: Vec<u8>) -> Result<(), RemoteError> {
+        self.send_slice(&data).await
+    }
+
+    /// [`ChunkSink::send`] from borrowed data: the data is copied once,
+    /// straight into the frame.
+    pub async fn send_slice(&mut self, data: &[u8]) -> Result<(), RemoteError> {
         if data.is_empty() {
             return Ok(());
         }
@@ -508,8 +524,7 @@ impl ChunkSink {
             ));
         }
         let len = data.len() as u64;
-        let frame = Msg::Chunk { id: self.id, data }
-            .encode()
+        let frame = encode_chunk(self.id, data)
             .map_err(|e| RemoteError::new(RemoteErrorKind::Failed, e.to_string()))?;
         loop {
             {
@@ -750,17 +765,10 @@ async fn serve(
     handler: Arc<dyn RequestHandler>,
     sink_wake: Option<Arc<Notify>>,
 ) {
-    let timed_out = || {
-        RemoteError::new(
-            RemoteErrorKind::Timeout,
-            format!("not served within {timeout:?}"),
-        )
-    };
     let frame = match sink_wake {
         None => {
-            let reply = tokio::time::timeout(timeout, handler.call(req))
-                .await
-                .unwrap_or_else(|_| Err(timed_out()));
+            let name = req.name();
+            let reply = guarded(&shared, name, timeout, || handler.call(req)).await;
             Msg::Reply { id, reply }.encode().unwrap_or_else(|e| {
                 let reply = Err(RemoteError::new(RemoteErrorKind::Failed, e.to_string()));
                 encode_error(Msg::Reply { id, reply })
@@ -772,9 +780,8 @@ async fn serve(
                 id,
                 wake,
             };
-            let result = tokio::time::timeout(timeout, handler.stream(req, sink))
-                .await
-                .unwrap_or_else(|_| Err(timed_out()));
+            let name = req.name();
+            let result = guarded(&shared, name, timeout, || handler.stream(req, sink)).await;
             Msg::End { id, result }.encode().unwrap_or_else(|e| {
                 let result = Err(RemoteError::new(RemoteErrorKind::Failed, e.to_string()));
                 encode_error(Msg::End { id, result })
@@ -795,6 +802,35 @@ async fn serve(
     }
     drop(st);
     shared.wake_writer();
+}
+
+/// Run a handler within `timeout`, turning a panic (while making its
+/// future or running it) into a `Failed` error, so that a buggy handler
+/// costs one request, not the connection's bookkeeping.
+async fn guarded<T>(
+    shared: &Shared,
+    request: &'static str,
+    timeout: Duration,
+    make: impl FnOnce() -> BoxFuture<'static, Result<T, RemoteError>>,
+) -> Result<T, RemoteError> {
+    let panicked = || {
+        tracing::error!(peer = %shared.label, request, "the request handler panicked");
+        RemoteError::new(
+            RemoteErrorKind::Failed,
+            format!("the handler of {request} failed"),
+        )
+    };
+    let Ok(future) = std::panic::catch_unwind(AssertUnwindSafe(make)) else {
+        return Err(panicked());
+    };
+    match tokio::time::timeout(timeout, AssertUnwindSafe(future).catch_unwind()).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(panicked()),
+        Err(_) => Err(RemoteError::new(
+            RemoteErrorKind::Timeout,
+            format!("not served within {timeout:?}"),
+        )),
+    }
 }
 
 /// Encode a `Reply` or `End` that carries an error.
@@ -866,6 +902,9 @@ mod tests {
             Box::pin(async move {
                 if matches!(&req, Request::Echo { data } if data == b"stall") {
                     std::future::pending::<()>().await;
+                }
+                if matches!(&req, Request::Echo { data } if data == b"panic") {
+                    panic!("a handler bug (expected by the test)");
                 }
                 let reply = DefaultHandler.call(req).await;
                 signal.finish();
@@ -1048,6 +1087,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_panicking_handler_fails_its_request_only() {
+        let p = pair(STREAM_WINDOW);
+        let panic = Request::Echo {
+            data: b"panic".to_vec(),
+        };
+        match p.client.request(panic, BOUND).await {
+            Err(RequestError::Remote(e)) => {
+                assert_eq!(e.kind, RemoteErrorKind::Failed);
+                assert_eq!(e.message, "the handler of Echo failed");
+            }
+            other => panic!("expected the handler's failure, got {other:?}"),
+        }
+        assert!(p.server.in_flight().is_empty(), "its slot is free");
+        assert_eq!(
+            p.client.request(Request::Ping, BOUND).await,
+            Ok(Reply::Pong)
+        );
+    }
+
+    #[tokio::test]
     async fn many_concurrent_requests_each_get_their_own_answer() {
         let p = pair(STREAM_WINDOW);
         let calls = (0..3 * MAX_IN_FLIGHT as u32).map(|n| {
@@ -1165,6 +1224,49 @@ mod tests {
         assert!(serving[0].bytes < total);
         // Then the bulk stream completes, intact.
         assert_eq!(drain(&mut bulk, first.len() as u64).await, total);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_requests_keep_being_answered_while_a_consumed_bulk_stream_flows() {
+        let p = pair(STREAM_WINDOW);
+        let received = Arc::new(AtomicUsize::new(0));
+        let mut bulk = p
+            .client
+            .stream(Request::Bulk { bytes: u64::MAX }, BOUND)
+            .await
+            .expect("starts");
+        let consumer = {
+            let received = received.clone();
+            tokio::spawn(async move {
+                let mut offset = 0u64;
+                while let Some(chunk) = bulk.next().await {
+                    let chunk = chunk.expect("stream data");
+                    check_bulk(offset, &chunk);
+                    offset += chunk.len() as u64;
+                    received.store(offset as usize, Ordering::SeqCst);
+                }
+                panic!("an endless stream ended");
+            })
+        };
+        until("the bulk stream flows", || {
+            received.load(Ordering::SeqCst) > 0
+        })
+        .await;
+        for n in 0..20u8 {
+            let before = received.load(Ordering::SeqCst);
+            let echo = p
+                .client
+                .request(Request::Echo { data: vec![n; 100] }, BOUND)
+                .await;
+            assert_eq!(echo, Ok(Reply::Echo { data: vec![n; 100] }));
+            // The stream goes on meanwhile: it is not paused for the echo.
+            until("more bulk data arrives", || {
+                received.load(Ordering::SeqCst) > before
+            })
+            .await;
+        }
+        assert!(!consumer.is_finished(), "the bulk stream is still flowing");
+        consumer.abort();
     }
 
     #[tokio::test]
