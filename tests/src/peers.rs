@@ -339,13 +339,20 @@ impl PeerNode {
 
     /// Run `keibictl --socket <control> --timeout 60s <args>` (bounded).
     pub fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_within(Duration::from_secs(60), args)
+    }
+
+    /// Run keibictl with `--timeout limit` (the process is killed 30 s
+    /// after that).
+    pub fn ctl_within(&self, limit: Duration, args: &[&str]) -> Output {
         run_bounded(
             Command::new(binaries::binary("keibictl"))
                 .arg("--socket")
                 .arg(self.control_socket())
-                .args(["--timeout", "60s"])
+                .arg("--timeout")
+                .arg(duration_arg(limit))
                 .args(args),
-            Duration::from_secs(90),
+            limit + Duration::from_secs(30),
         )
     }
 
@@ -353,7 +360,13 @@ impl PeerNode {
     /// exit status 0 and parse stdout as JSON.
     #[track_caller]
     pub fn ctl_json(&self, args: &[&str]) -> Value {
-        let out = self.ctl(args);
+        self.ctl_json_within(Duration::from_secs(60), args)
+    }
+
+    /// [`Self::ctl_json`] with keibictl's `--timeout limit`.
+    #[track_caller]
+    pub fn ctl_json_within(&self, limit: Duration, args: &[&str]) -> Value {
+        let out = self.ctl_within(limit, args);
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -429,19 +442,23 @@ impl PeerNode {
         self.ctl_json(&["peer", "remove", fingerprint, "--json"])
     }
 
-    /// `keibictl peer bench FP --bytes B --streams S --json`.
+    /// `keibictl peer bench FP --bytes B --streams S --json`, given up to
+    /// 240 s (the debug build's crypto is slow: a few MB/s).
     #[track_caller]
     pub fn bench(&self, fingerprint: &str, bytes: u64, streams: u32) -> Value {
-        self.ctl_json(&[
-            "peer",
-            "bench",
-            fingerprint,
-            "--bytes",
-            &bytes.to_string(),
-            "--streams",
-            &streams.to_string(),
-            "--json",
-        ])
+        self.ctl_json_within(
+            Duration::from_secs(240),
+            &[
+                "peer",
+                "bench",
+                fingerprint,
+                "--bytes",
+                &bytes.to_string(),
+                "--streams",
+                &streams.to_string(),
+                "--json",
+            ],
+        )
     }
 
     /// Poll until `check` holds for this node's entry of `fingerprint`;

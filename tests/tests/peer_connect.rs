@@ -246,7 +246,7 @@ fn version_mismatch_is_refused_naming_both_versions() {
 
 #[test]
 fn rekey_under_load_loses_nothing() {
-    let _w = Watchdog::arm("peer-rekey", Duration::from_secs(300));
+    let _w = Watchdog::arm("peer-rekey", Duration::from_secs(400));
     let cfg = NodeConfig {
         rekey_bytes: Some(65536),
         ..NodeConfig::default()
@@ -256,11 +256,11 @@ fn rekey_under_load_loses_nothing() {
     connect(&a, &b);
     // b sees a's ephemeral port: it changes if a reconnects.
     let before = b.peer(a.fingerprint()).expect("listed");
-    let bytes: u64 = 32 << 20;
+    let bytes: u64 = 24 << 20;
     let r = a.bench(b.fingerprint(), bytes, 4);
     assert_eq!(u64_field(&r, "bytes"), bytes, "every byte, once: {r}");
     assert_eq!(u64_field(&r, "streams"), 4, "{r}");
-    // 32 MiB through keys that last 64 KiB: hundreds of rekeys. The
+    // 24 MiB through keys that last 64 KiB: over a hundred rekeys. The
     // bound is loose (how rekeys are counted per direction is the
     // channel's business); a channel that never rekeys fails it.
     assert!(u64_field(&r, "rekeys") >= 32, "{r}");
