@@ -15,6 +15,7 @@ const LIMIT: Duration = Duration::from_secs(20);
 struct Node {
     _dir: tempfile::TempDir,
     manager: Arc<Manager>,
+    store: Peers,
     public: [u8; 32],
     fingerprint: String,
     addr: String,
@@ -36,9 +37,10 @@ fn node(rt: &tokio::runtime::Runtime) -> Node {
         reconnect_max: Duration::from_millis(500),
         peer_timeout: Duration::from_secs(5),
     };
+    let store = Peers::open(&db).expect("peers");
     let manager = Manager::start(
         keys,
-        Peers::open(&db).expect("peers"),
+        store.clone(),
         rt.handle().clone(),
         cfg,
         Arc::new(DefaultHandler),
@@ -52,6 +54,7 @@ fn node(rt: &tokio::runtime::Runtime) -> Node {
     Node {
         _dir: dir,
         manager,
+        store,
         public,
         fingerprint: crate::identity::fingerprint_of(&public),
         addr,
@@ -142,6 +145,11 @@ fn pair_connect_bench_and_remove_closes_the_connection() {
         info(&a, &b.fingerprint).filter(|p| p.state != "connected")
     });
     assert!(after.last_error.is_some(), "{after:?}");
+    // When the connection ended, a wrote when b was last seen.
+    let seen = wait_for("a's store to have b's last-seen time", || {
+        a.store.get(&b.fingerprint).ok()??.last_seen_unix_ms
+    });
+    assert_eq!(Some(seen), after.last_seen_unix_ms);
     // And a's dials are refused from now on.
     std::thread::sleep(Duration::from_millis(1500));
     assert_ne!(
