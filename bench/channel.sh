@@ -19,7 +19,10 @@
 #   handshake the `handshake_ms` syncd logs for each connection it made
 #
 # Each figure is the median of --runs runs (default 3); the single runs
-# are printed too. MB is 10^6 bytes. The ratio is channel / raw TCP.
+# are printed too. MB is 10^6 bytes. The ratio is channel / raw TCP. Next
+# to MB/s, MB per CPU second: the bytes moved over the CPU time the movers
+# used (both syncd together; the python process for raw TCP), which other
+# work on the machine does not change the way it changes MB/s.
 # Throughput on a shared 2-CPU machine varies from run to run; compare
 # figures from the same run.
 #
@@ -175,21 +178,31 @@ done
 
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.0f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-# MB/s of one channel bench with $1 streams.
+# CPU time (user + system) of both syncd so far, in clock ticks.
+syncd_ticks() { awk '{ t += $14 + $15 } END { print t }' /proc/"${pids[0]}"/stat /proc/"${pids[1]}"/stat; }
+
+# "MB/s MB-per-CPU-second" of one channel bench with $1 streams (CPU: both
+# syncd together, sender and receiver).
 channel_mbps() {
-    ctl a peer bench "$fp_b" --bytes "$bytes" --streams "$1" --json | python3 -c '
+    local t0 t1 out
+    t0=$(syncd_ticks)
+    out="$(ctl a peer bench "$fp_b" --bytes "$bytes" --streams "$1" --json)"
+    t1=$(syncd_ticks)
+    python3 -c '
 import json, sys
-r = json.load(sys.stdin)
-got, want, secs = r["bytes"], int(sys.argv[1]), r["seconds"]
+r = json.loads(sys.argv[1])
+got, want, secs = r["bytes"], int(sys.argv[2]), r["seconds"]
+cpu = max(int(sys.argv[3]) / int(sys.argv[4]), 1e-3)
 if got != want:
     sys.exit("bench moved %d bytes, not %d" % (got, want))
-print("%.0f" % (got / secs / 1e6))' "$bytes"
+print("%.0f %.0f" % (got / secs / 1e6, got / cpu / 1e6))' "$out" "$bytes" "$((t1 - t0))" "$(getconf CLK_TCK)"
 }
 
-# MB/s of $bytes over $1 plain TCP connections on 127.0.0.1.
+# "MB/s MB-per-CPU-second" of $bytes over $1 plain TCP connections on
+# 127.0.0.1 (CPU: the python process, sender and receiver).
 raw_mbps() {
     python3 - "$1" "$bytes" <<'EOF'
-import socket, sys, threading, time
+import os, socket, sys, threading, time
 streams, total = int(sys.argv[1]), int(sys.argv[2])
 per = total // streams
 chunk = bytes(256 * 1024)
@@ -220,12 +233,15 @@ receivers = [threading.Thread(target=receive) for _ in range(streams)]
 for t in receivers:
     t.start()
 t0 = time.perf_counter()
+cpu0 = sum(os.times()[:2])
 senders = [threading.Thread(target=send) for _ in range(streams)]
 for t in senders:
     t.start()
 for t in senders + receivers:
     t.join()
-print(f"{per * streams / (time.perf_counter() - t0) / 1e6:.0f}")
+wall = time.perf_counter() - t0
+cpu = max(sum(os.times()[:2]) - cpu0, 1e-3)
+print(f"{per * streams / wall / 1e6:.0f} {per * streams / cpu / 1e6:.0f}")
 EOF
 }
 
@@ -234,18 +250,29 @@ echo "== peer channel between two keibi-syncd on 127.0.0.1: $bytes bytes per run
 # Other work on the machine takes CPU from both columns, not always
 # equally: say how busy it was.
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg), CPUs: $(nproc)"
-printf '%-8s %12s %12s %7s   %s\n' streams "channel MB/s" "raw TCP MB/s" ratio "runs (channel | raw)"
+printf '%-8s %14s %14s %7s %12s %12s %7s\n' streams "channel MB/s" "raw TCP MB/s" ratio "channel MB/" "raw MB/" ratio
+printf '%-8s %14s %14s %7s %12s %12s %7s\n' "" "" "" "" "CPU-second" "CPU-second" ""
 for streams in 1 4; do
     ch=()
     raw=()
+    ch_cpu=()
+    raw_cpu=()
     for ((i = 0; i < runs; i++)); do
-        ch+=("$(channel_mbps "$streams")")
-        raw+=("$(raw_mbps "$streams")")
+        read -r speed per_cpu < <(channel_mbps "$streams")
+        ch+=("$speed")
+        ch_cpu+=("$per_cpu")
+        read -r speed per_cpu < <(raw_mbps "$streams")
+        raw+=("$speed")
+        raw_cpu+=("$per_cpu")
     done
     ch_med="$(printf '%s\n' "${ch[@]}" | median)"
     raw_med="$(printf '%s\n' "${raw[@]}" | median)"
+    ch_cpu_med="$(printf '%s\n' "${ch_cpu[@]}" | median)"
+    raw_cpu_med="$(printf '%s\n' "${raw_cpu[@]}" | median)"
     ratio="$(awk -v a="$ch_med" -v b="$raw_med" 'BEGIN { printf "%.2f", a / b }')"
-    printf '%-8s %12s %12s %7s   %s | %s\n' "$streams" "$ch_med" "$raw_med" "$ratio" "${ch[*]}" "${raw[*]}"
+    cpu_ratio="$(awk -v a="$ch_cpu_med" -v b="$raw_cpu_med" 'BEGIN { printf "%.2f", a / b }')"
+    printf '%-8s %14s %14s %7s %12s %12s %7s\n' "$streams" "$ch_med" "$raw_med" "$ratio" "$ch_cpu_med" "$raw_cpu_med" "$cpu_ratio"
+    echo "         runs: channel ${ch[*]} MB/s (${ch_cpu[*]} MB/CPU-s); raw ${raw[*]} MB/s (${raw_cpu[*]} MB/CPU-s)"
 done
 
 echo
