@@ -73,6 +73,7 @@ find_cargo
 need_command fusermount3 fuse3
 need_command findmnt util-linux
 need_command setpriv util-linux
+need_command python3 python3
 need_command cc gcc
 if [[ $with_sshfs -eq 1 ]]; then
     need_command sshfs sshfs

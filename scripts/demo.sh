@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # keibi demo: build keibi, run keibi-syncd and keibi-mountd on a temporary
 # state directory and mountpoint, write a file through the mount, read it
-# back and compare, show `keibictl status`, then stop everything.
+# back and compare, show `keibictl status`; then start a second
+# keibi-syncd (a peer on the same machine, on 127.0.0.1), pair the two,
+# wait for their encrypted channel, show `keibictl peer list` and move
+# 256 MiB through the channel with `keibictl peer bench`; then stop
+# everything. (Sharing the folder's files between peers is not built yet.)
 #
 # Run as root on Debian 12 (or similar):   bash scripts/demo.sh [--keep]
 #
@@ -41,6 +45,7 @@ find_cargo
 need_command fusermount3 fuse3
 need_command findmnt util-linux
 need_command setpriv util-linux
+need_command python3 python3
 need_command cc gcc
 install_needed
 if [[ ! -e /dev/fuse ]]; then
@@ -98,6 +103,30 @@ ls -l "$KEIBI_MNT/hello"
 echo "== keibictl status"
 "$KEIBI_BIN/keibictl" --socket "$KEIBI_CONTROL_SOCK" status
 
+echo "== a second keibi-syncd (peer \"b\", no mount), listening on 127.0.0.1"
+keibi_start_peer peer-b
+ctl_a() { "$KEIBI_BIN/keibictl" --socket "$KEIBI_CONTROL_SOCK" "$@"; }
+ctl_b() { "$KEIBI_BIN/keibictl" --socket "$KEIBI_PEER_CONTROL_SOCK" "$@"; }
+fingerprint() { python3 -c 'import json, sys; print(json.load(sys.stdin)["fingerprint"])'; }
+fp_a="$(ctl_a id --json | fingerprint)"
+fp_b="$(ctl_b id --json | fingerprint)"
+ctl_b id
+echo "== pairing: each side adds the other's fingerprint (a also gets b's address)"
+ctl_b peer add "$fp_a" --name a
+ctl_a peer add "$fp_b" --name b --addr "127.0.0.1:$KEIBI_PEER_PORT"
+peer_connected() {
+    ctl_a peer list --json | python3 -c '
+import json, sys
+sys.exit(0 if any(p["fingerprint"] == sys.argv[1] and p["state"] == "connected" for p in json.load(sys.stdin)) else 1)' "$fp_b"
+}
+if ! keibi_poll 30 peer_connected; then
+    echo "demo.sh: the two keibi-syncd did not connect within 30 s; logs: $KEIBI_WORK/syncd.log, $KEIBI_WORK/peer-b/syncd.log" >&2
+    exit 1
+fi
+ctl_a peer list
+echo "== 256 MiB from b to a through the encrypted channel"
+ctl_a peer bench "$fp_b" --bytes 256MiB --streams 2
+
 if [[ $keep -eq 1 ]]; then
     trap - EXIT INT TERM
     cat <<MSG
@@ -107,10 +136,11 @@ keibi is running:
   keibi-syncd:   pid $KEIBI_SYNCD_PID (user $KEIBI_SYNCD_USER), state $KEIBI_STATE, log $KEIBI_WORK/syncd.log
   keibi-mountd:  pid $KEIBI_MOUNTD_PID, log $KEIBI_WORK/mountd.log
   status:        $KEIBI_BIN/keibictl --socket $KEIBI_CONTROL_SOCK status
+  peer b:        pid ${KEIBI_PEER_PIDS[0]}, $KEIBI_BIN/keibictl --socket $KEIBI_PEER_CONTROL_SOCK peer list
 
 Stop it (mountd unmounts on SIGTERM, then syncd flushes and exits):
   kill -TERM $KEIBI_MOUNTD_PID; while kill -0 $KEIBI_MOUNTD_PID 2>/dev/null; do sleep 0.2; done
-  kill -TERM $KEIBI_SYNCD_PID
+  kill -TERM $KEIBI_SYNCD_PID ${KEIBI_PEER_PIDS[0]}
   rm -rf $KEIBI_WORK
 MSG
     exit 0

@@ -5,8 +5,14 @@
 #   keibi_setup_workdir [DIR]   sets KEIBI_WORK (made if not given) with
 #                               state/ (syncd's, owned by the syncd user),
 #                               run/ (sockets and mountd's lock dir),
-#                               mnt/ (the mountpoint), logs in KEIBI_WORK
+#                               mnt/ (the mountpoint), syncd.toml (peer
+#                               listen address: a free port of 127.0.0.1),
+#                               logs in KEIBI_WORK
 #   keibi_start_syncd           starts syncd as KEIBI_SYNCD_USER (nobody)
+#   keibi_start_peer NAME       starts one more syncd (no mount) in
+#                               KEIBI_WORK/NAME with its own state, sockets
+#                               and port; sets KEIBI_PEER_CONTROL_SOCK and
+#                               KEIBI_PEER_PORT; keibi_stop stops it too
 #   keibi_start_mountd [ARGS]   starts mountd (root) with extra ARGS
 #   keibi_wait_mounted          polls until the mount is up (bounded)
 #   keibi_stop                  SIGTERM to both, bounded wait, lazy unmount
@@ -14,11 +20,18 @@
 #
 # Inputs: KEIBI_BIN (directory of the binaries), KEIBI_SYNCD_USER.
 # Outputs: KEIBI_WORK, KEIBI_STATE, KEIBI_RUN, KEIBI_MNT, KEIBI_SYNCD_PID,
-# KEIBI_MOUNTD_PID, KEIBI_FS_SOCK, KEIBI_CONTROL_SOCK.
+# KEIBI_MOUNTD_PID, KEIBI_FS_SOCK, KEIBI_CONTROL_SOCK, KEIBI_CONFIG,
+# KEIBI_PORT.
 
 : "${KEIBI_SYNCD_USER:=nobody}"
 KEIBI_SYNCD_PID=""
 KEIBI_MOUNTD_PID=""
+KEIBI_PEER_PIDS=()
+
+# A TCP port of 127.0.0.1 that is free now.
+keibi_free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 
 keibi_setup_workdir() {
     KEIBI_WORK="${1:-$(mktemp -d /tmp/keibi.XXXXXX)}"
@@ -34,6 +47,11 @@ keibi_setup_workdir() {
     chown "$KEIBI_SYNCD_USER:" "$KEIBI_STATE" "$KEIBI_RUN"
     chmod 0700 "$KEIBI_STATE"
     chmod 0755 "$KEIBI_RUN"
+    # Peers only on loopback, on a free port: never the default 0.0.0.0:58150.
+    KEIBI_PORT="$(keibi_free_port)"
+    KEIBI_CONFIG="$KEIBI_WORK/syncd.toml"
+    printf 'listen = ["127.0.0.1:%s"]\n' "$KEIBI_PORT" >"$KEIBI_CONFIG"
+    chmod 0644 "$KEIBI_CONFIG"
 }
 
 # Poll `$@` every 0.1 s until it succeeds (return 0), for at most $1
@@ -64,6 +82,7 @@ keibi_start_syncd() {
     # syncd itself; its own session keeps terminal signals away (--keep).
     setsid setpriv --reuid="$KEIBI_SYNCD_USER" --regid="$(id -g "$KEIBI_SYNCD_USER")" --clear-groups \
         "$KEIBI_BIN/keibi-syncd" \
+        --config "$KEIBI_CONFIG" \
         --state-dir "$KEIBI_STATE" \
         --fs-socket "$KEIBI_FS_SOCK" \
         --control-socket "$KEIBI_CONTROL_SOCK" \
@@ -79,6 +98,36 @@ keibi_start_syncd() {
 _keibi_sockets_ready() {
     _keibi_alive "$KEIBI_SYNCD_PID" || return 2
     [[ -S "$KEIBI_FS_SOCK" && -S "$KEIBI_CONTROL_SOCK" ]]
+}
+
+keibi_start_peer() {
+    local dir="$KEIBI_WORK/$1"
+    mkdir -p "$dir/state" "$dir/run"
+    chmod 0755 "$dir"
+    chown "$KEIBI_SYNCD_USER:" "$dir/state" "$dir/run"
+    chmod 0700 "$dir/state"
+    KEIBI_PEER_PORT="$(keibi_free_port)"
+    KEIBI_PEER_CONTROL_SOCK="$dir/run/control.sock"
+    printf 'listen = ["127.0.0.1:%s"]\n' "$KEIBI_PEER_PORT" >"$dir/syncd.toml"
+    chmod 0644 "$dir/syncd.toml"
+    setsid setpriv --reuid="$KEIBI_SYNCD_USER" --regid="$(id -g "$KEIBI_SYNCD_USER")" --clear-groups \
+        "$KEIBI_BIN/keibi-syncd" \
+        --config "$dir/syncd.toml" \
+        --state-dir "$dir/state" \
+        --fs-socket "$dir/run/fs.sock" \
+        --control-socket "$KEIBI_PEER_CONTROL_SOCK" \
+        </dev/null >>"$dir/syncd.log" 2>&1 &
+    KEIBI_PEER_PIDS+=($!)
+    if ! keibi_poll 20 _keibi_peer_ready "$!"; then
+        echo "keibi-syncd $1 did not create its control socket within 20 s; its log:" >&2
+        tail -n 30 "$dir/syncd.log" >&2
+        return 1
+    fi
+}
+
+_keibi_peer_ready() {
+    _keibi_alive "$1" || return 2
+    [[ -S "$KEIBI_PEER_CONTROL_SOCK" ]]
 }
 
 keibi_start_mountd() {
@@ -129,4 +178,9 @@ keibi_stop() {
     fi
     _keibi_term "$KEIBI_SYNCD_PID" 10
     KEIBI_SYNCD_PID=""
+    local p
+    for p in "${KEIBI_PEER_PIDS[@]}"; do
+        _keibi_term "$p" 10
+    done
+    KEIBI_PEER_PIDS=()
 }
