@@ -98,6 +98,12 @@ fn an_unpaired_peer_is_refused_and_changes_nothing() {
     });
     assert_ne!(state(&pc), "connected", "{pc}");
     assert!(
+        pc["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not added this machine's fingerprint")),
+        "the refused side is told the likely cause: {pc}"
+    );
+    assert!(
         b.peer(c.fingerprint()).is_none(),
         "not added by the attempt"
     );

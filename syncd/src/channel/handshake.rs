@@ -166,6 +166,14 @@ fn normalize(fingerprint: &str) -> String {
         .collect()
 }
 
+/// The initiator's error when the responder hangs up instead of sending
+/// READY.
+fn refused_after_message_3() -> ChannelError {
+    ChannelError::Handshake(
+        "the peer closed the connection after message 3, before key confirmation: it has most likely not added this machine's fingerprint (there: keibictl peer add <this machine's fingerprint>)".to_string(),
+    )
+}
+
 enum Role<'a> {
     Initiator(&'a str),
     Responder(&'a (dyn Fn(&str) -> bool + Send + Sync)),
@@ -406,6 +414,19 @@ async fn run(
             return Err(ChannelError::Handshake(format!(
                 "key confirmation failed, the peer's READY frame did not open (the two sides derived different keys): {why}"
             )));
+        }
+        // The responder checks its peer table after message 3 and closes
+        // without a word when this machine is not in it (it owes an
+        // unknown key no explanation); name the likely cause. Closing with
+        // our READY still unread in its socket makes its kernel answer
+        // with a reset instead of an end of stream.
+        Err(ChannelError::Eof) if initiator => {
+            return Err(refused_after_message_3());
+        }
+        Err(ChannelError::Io(e))
+            if initiator && e.kind() == std::io::ErrorKind::ConnectionReset =>
+        {
+            return Err(refused_after_message_3());
         }
         Err(e) => return Err(e),
     }

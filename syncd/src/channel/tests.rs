@@ -205,7 +205,12 @@ async fn unpaired_peer_is_refused_by_the_listener() {
         "{err}"
     );
     assert!(err.to_string().contains(&fp_a));
-    assert!(i.is_err(), "the initiator never gets the READY");
+    let err = i.expect_err("the initiator never gets the READY");
+    assert!(
+        err.to_string()
+            .contains("has most likely not added this machine's fingerprint"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
