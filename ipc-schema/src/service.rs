@@ -108,6 +108,16 @@ pub trait Filesystem {
     async fn listxattr(ino: Ino) -> Result<Vec<Name>, FsError>;
     /// Remove an extended attribute (ENODATA when absent).
     async fn removexattr(ino: Ino, name: Name) -> Result<(), FsError>;
+    /// Make the chunks of `[offset, offset + len)` of the version open as
+    /// `handle` present (fetching and verifying what is missing) and
+    /// answer the handle's presence bitmap ([`Partial::present`]).
+    /// `EIO` when no reachable peer has a chunk, `ETIMEDOUT` at the
+    /// call's deadline (protocol version 6).
+    async fn fetch_range(handle: HandleId, offset: u64, len: u64) -> Result<Vec<u64>, FsError>;
+    /// The invalidations after sequence number `after` of run `epoch`,
+    /// waiting up to `wait_ms` for one to come (a long poll; protocol
+    /// version 6).
+    async fn changes(epoch: u64, after: u64, wait_ms: u32) -> Result<ChangeBatch, FsError>;
 }
 
 /// The control service: keibictl → keibi-syncd, on the control socket.
@@ -147,6 +157,14 @@ pub trait Control {
     ) -> Result<BenchReport, PeerCtlError>;
     /// The peer requests in flight (sent and served), oldest first.
     async fn debug_peer_ops() -> Vec<PeerOpInFlight>;
+    /// Sync state: local sequence, per-peer progress, partial files
+    /// (protocol version 6).
+    async fn sync_status() -> SyncStatus;
+    /// Files whose bytes are not all local, up to `limit` (protocol
+    /// version 6).
+    async fn not_local(limit: u32) -> Vec<NotLocal>;
+    /// Chunk fetches in flight, oldest first (protocol version 6).
+    async fn debug_fetches() -> Vec<FetchInFlight>;
 }
 
 /// The debug service: keibictl → keibi-mountd, on the mount's ops socket

@@ -227,7 +227,7 @@ pub struct ContentId {
 
 /// The answer to `open` and `create`. The descriptor itself travels on the
 /// fd channel, tagged with `handle`, and is sent before this answer.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Opened {
     /// syncd's name for this open (valid on this connection only).
     pub handle: HandleId,
@@ -235,6 +235,8 @@ pub struct Opened {
     pub attr: Attr,
     /// Identity of the content file whose descriptor was sent.
     pub content: ContentId,
+    /// Set when the file's bytes are not all local (protocol version 6).
+    pub partial: Option<Partial>,
 }
 
 /// `rename` flags (`renameat2`).
@@ -580,4 +582,133 @@ pub struct PeerOpInFlight {
     pub age_ms: u64,
     /// Bytes moved so far.
     pub bytes: u64,
+}
+
+/// A file whose bytes are not all on this machine (protocol version 6):
+/// part of [`Opened`]. mountd must not use passthrough for such an open,
+/// and reads a range at once only when every chunk it touches is marked
+/// present; otherwise it first calls `Filesystem::fetch_range`. A write
+/// touching a missing chunk below `size` fetches it first too, so that a
+/// fetch never overwrites written bytes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Partial {
+    /// Bytes per chunk.
+    pub chunk_size: u64,
+    /// Size of the version this handle reads (chunks exist below it only).
+    pub size: u64,
+    /// Bitmap of chunks present and verified: chunk `i` is bit `i % 64` of
+    /// word `i / 64`.
+    pub present: Vec<u64>,
+}
+
+/// One cache invalidation syncd asks mountd to do, after it applied a
+/// change that came from a peer (protocol version 6).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Inval {
+    /// The entry `name` in `parent` changed (appeared, went or now names
+    /// another inode): `notify_inval_entry`, and drop mountd's cached
+    /// entry and the directory's read-ahead.
+    Entry {
+        /// The directory.
+        parent: Ino,
+        /// The name in it.
+        name: Name,
+    },
+    /// The inode's attributes or content changed: `notify_inval_inode`
+    /// (whole range), and drop mountd's cached attributes.
+    Inode {
+        /// The inode.
+        ino: Ino,
+    },
+    /// Changes were dropped before mountd read them (it asked from a
+    /// sequence number older than syncd keeps, or syncd restarted): drop
+    /// every cache mountd keeps.
+    All,
+}
+
+/// An answer to `Filesystem::changes`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ChangeBatch {
+    /// Identifies this syncd run; a different value than the last batch
+    /// means syncd restarted (and `items` starts with [`Inval::All`]).
+    pub epoch: u64,
+    /// The sequence number to ask from next time.
+    pub next: u64,
+    /// The invalidations, oldest first.
+    pub items: Vec<Inval>,
+}
+
+/// Sync state of one peer, for `keibictl status` (protocol version 6).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PeerSync {
+    /// The peer's fingerprint.
+    pub fingerprint: String,
+    /// The peer's name, if it was given one.
+    pub name: Option<String>,
+    /// Whether it is connected now.
+    pub connected: bool,
+    /// Since when it has been unreachable (seconds since the epoch, UTC),
+    /// when it is not connected.
+    pub unreachable_since: Option<i64>,
+    /// Local changes the peer has not yet pulled (as far as this side
+    /// knows).
+    pub pending_out: u64,
+    /// Changes of the peer not yet applied here (known from its last
+    /// announcement).
+    pub pending_in: u64,
+    /// The last local sequence number the peer acknowledged.
+    pub acked_seq: u64,
+    /// The peer's last sequence number applied here.
+    pub applied_seq: u64,
+    /// Changes from the peer that are waiting (their parent directory has
+    /// not arrived yet, or they could not be applied; see the log).
+    pub deferred: u64,
+}
+
+/// What `keibictl status` shows of sync (protocol version 6).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct SyncStatus {
+    /// This machine's device id (16 hex digits).
+    pub device: String,
+    /// The local change sequence number.
+    pub local_seq: u64,
+    /// Local changes not yet made into versions.
+    pub dirty: u64,
+    /// Per paired peer.
+    pub peers: Vec<PeerSync>,
+    /// Files whose bytes are not all local.
+    pub partial_files: u64,
+    /// Bytes of those files not present locally.
+    pub missing_bytes: u64,
+    /// Conflicts resolved since syncd started (a conflict copy made or
+    /// a delete undone).
+    pub conflicts: u64,
+}
+
+/// A file whose bytes are not all local (`keibictl status --files`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NotLocal {
+    /// Its path in the share, from the root (`/a/b`), lossy UTF-8.
+    pub path: String,
+    /// The local inode.
+    pub ino: u64,
+    /// Its size.
+    pub size: u64,
+    /// Bytes present and verified.
+    pub present_bytes: u64,
+}
+
+/// A chunk fetch in flight (`keibictl debug ops`, key `fetches`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct FetchInFlight {
+    /// The local inode.
+    pub ino: u64,
+    /// The chunk index.
+    pub chunk: u64,
+    /// The peer asked (fingerprint).
+    pub peer: String,
+    /// Milliseconds since it was asked.
+    pub age_ms: u64,
+    /// Whether a reader waits for it (false: read-ahead or eager fetch).
+    pub demanded: bool,
 }

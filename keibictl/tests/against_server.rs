@@ -83,6 +83,18 @@ impl Control for Fixed {
         Vec::new()
     }
 
+    async fn sync_status(self, _: Context) -> ipc_schema::SyncStatus {
+        ipc_schema::SyncStatus::default()
+    }
+
+    async fn not_local(self, _: Context, _limit: u32) -> Vec<ipc_schema::NotLocal> {
+        Vec::new()
+    }
+
+    async fn debug_fetches(self, _: Context) -> Vec<ipc_schema::FetchInFlight> {
+        Vec::new()
+    }
+
     /// One name without content; `repair` repairs it.
     async fn check(
         self,

@@ -19,8 +19,9 @@ use crate::census::{self, Census};
 use crate::daemon::Daemon;
 use ipc_schema::service::Control;
 use ipc_schema::{
-    BenchReport, CheckReport, FsError, KEIBI_VERSION, MountStatus, OpInFlight, PROTOCOL_VERSION,
-    PeerCtlError, PeerIdentity, PeerInfo, PeerOpInFlight, Status, fs_err,
+    BenchReport, CheckReport, FetchInFlight, FsError, KEIBI_VERSION, MountStatus, NotLocal,
+    OpInFlight, PROTOCOL_VERSION, PeerCtlError, PeerIdentity, PeerInfo, PeerOpInFlight, Status,
+    SyncStatus, fs_err,
 };
 use std::sync::Arc;
 use tarpc::context::Context;
@@ -136,5 +137,18 @@ impl Control for ControlServer {
 
     async fn debug_peer_ops(self, _: Context) -> Vec<PeerOpInFlight> {
         self.daemon.peers.ops()
+    }
+
+    async fn sync_status(self, _: Context) -> SyncStatus {
+        // Filled in by the sync engine.
+        SyncStatus::default()
+    }
+
+    async fn not_local(self, _: Context, _limit: u32) -> Vec<NotLocal> {
+        Vec::new()
+    }
+
+    async fn debug_fetches(self, _: Context) -> Vec<FetchInFlight> {
+        Vec::new()
     }
 }

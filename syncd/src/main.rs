@@ -46,6 +46,7 @@ mod peer;
 mod service;
 mod spares;
 mod store;
+mod sync;
 
 use clap::Parser;
 use config::{Cli, Config};

@@ -424,4 +424,26 @@ impl Filesystem for FsServer {
         self.run("removexattr", d, move |s| s.removexattr(ino, &name))
             .await
     }
+
+    async fn fetch_range(
+        self,
+        _: Context,
+        _handle: HandleId,
+        _offset: u64,
+        _len: u64,
+    ) -> Result<Vec<u64>, FsError> {
+        // Filled in by the data path (sync::fetch).
+        Err(fs_err!(ENOSYS, "fetch_range is not served yet"))
+    }
+
+    async fn changes(
+        self,
+        _: Context,
+        _epoch: u64,
+        _after: u64,
+        _wait_ms: u32,
+    ) -> Result<ChangeBatch, FsError> {
+        // Filled in by the invalidation queue (sync::inval).
+        Err(fs_err!(ENOSYS, "changes is not served yet"))
+    }
 }

@@ -287,10 +287,29 @@ impl Filesystem for FakeSyncd {
                 ino: st.ino(),
                 uid: f.announced_uid,
             },
+            partial: None,
         })
     }
     async fn release(self, _: Context, _h: HandleId) -> Result<(), FsError> {
         Ok(())
+    }
+    async fn fetch_range(
+        self,
+        _: Context,
+        _h: HandleId,
+        _offset: u64,
+        _len: u64,
+    ) -> Result<Vec<u64>, FsError> {
+        Err(fs_err!(ENOSYS, "not served by this fake"))
+    }
+    async fn changes(
+        self,
+        _: Context,
+        _epoch: u64,
+        _after: u64,
+        _wait_ms: u32,
+    ) -> Result<ChangeBatch, FsError> {
+        Err(fs_err!(ENOSYS, "not served by this fake"))
     }
     async fn forget(self, _: Context, _inos: Vec<Ino>) -> Result<(), FsError> {
         Ok(())

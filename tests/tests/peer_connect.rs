@@ -36,8 +36,8 @@ fn pair_connect_and_list() {
     let pb = b.wait_connected(&a, CONNECT);
     assert_eq!(direction(&pa), "outbound", "{pa}");
     assert_eq!(direction(&pb), "inbound", "{pb}");
-    assert_eq!(pa["protocol_version"].as_u64(), Some(1), "{pa}");
-    assert_eq!(pb["protocol_version"].as_u64(), Some(1), "{pb}");
+    assert_eq!(pa["protocol_version"].as_u64(), Some(2), "{pa}");
+    assert_eq!(pb["protocol_version"].as_u64(), Some(2), "{pb}");
     assert_eq!(pa["name"].as_str(), Some("bob"));
     assert_eq!(pa["remote_addr"].as_str(), Some(b.addr().as_str()), "{pa}");
     assert!(pa["last_error"].is_null(), "{pa}");

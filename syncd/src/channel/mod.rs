@@ -48,7 +48,7 @@ pub use transport::{SecureReceiver, SecureSender};
 /// The peer protocol version this build speaks (the range it accepts is
 /// `[PEER_PROTOCOL_VERSION, PEER_PROTOCOL_VERSION]`, unless the test hook
 /// `KEIBI_TEST_PEER_PROTOCOL` overrides it, see `fault.rs`).
-pub const PEER_PROTOCOL_VERSION: u32 = 1;
+pub const PEER_PROTOCOL_VERSION: u32 = 2;
 
 /// The largest payload of one DATA frame (one peer message).
 pub const MAX_PAYLOAD: usize = 256 * 1024;

@@ -102,7 +102,31 @@ pub enum Request {
     /// Stream: `bytes` bytes of a fixed pattern ([`bulk_pattern_byte`]), in
     /// chunks. Used to test the channel and to measure its throughput.
     Bulk { bytes: u64 },
+    /// Stream: the records of the serving peer's change log after its
+    /// sequence number `since`, then the live changes as they happen
+    /// (the stream stays open). The stream's bytes are items, each a u32
+    /// BE length then a postcard [`crate::sync::index::IndexItem`] (at
+    /// most [`MAX_INDEX_ITEM`] bytes).
+    Index { since: u64 },
+    /// Unary, answered with [`Reply::Ack`]: the sender's change log now
+    /// ends at `seq` (a hint to pull; lossy and idempotent).
+    Notify { seq: u64 },
+    /// Stream: the bytes of chunk `index` of object `gid`, which must hash
+    /// to `hash` (at most `CHUNK_SIZE` bytes). `NotFound` when the serving
+    /// peer does not have exactly those bytes.
+    Chunk {
+        /// The object.
+        gid: crate::sync::model::Gid,
+        /// The chunk's index in the file.
+        index: u64,
+        /// Its expected BLAKE3 hash.
+        hash: crate::sync::model::ChunkHash,
+    },
 }
+
+/// The largest index item accepted (a record of a file of about 64 GiB).
+#[allow(dead_code)]
+pub const MAX_INDEX_ITEM: usize = 8 << 20;
 
 impl Request {
     /// The request's name, for the in-flight registry and logs.
@@ -111,6 +135,9 @@ impl Request {
             Request::Ping => "Ping",
             Request::Echo { .. } => "Echo",
             Request::Bulk { .. } => "Bulk",
+            Request::Index { .. } => "Index",
+            Request::Notify { .. } => "Notify",
+            Request::Chunk { .. } => "Chunk",
         }
     }
 
@@ -119,7 +146,10 @@ impl Request {
     /// alone, so a `Reply` to a stream (or a `Chunk` to a unary request) is
     /// a protocol error.
     pub fn is_stream(&self) -> bool {
-        matches!(self, Request::Bulk { .. })
+        matches!(
+            self,
+            Request::Bulk { .. } | Request::Index { .. } | Request::Chunk { .. }
+        )
     }
 }
 
@@ -141,6 +171,8 @@ pub enum Reply {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// Answer to [`Request::Notify`].
+    Ack,
 }
 
 /// Why the serving peer could not answer.
@@ -166,6 +198,9 @@ pub enum RemoteErrorKind {
     Timeout,
     /// Serving failed.
     Failed,
+    /// The serving peer does not have what was asked (a chunk it no
+    /// longer holds, or holds other bytes of).
+    NotFound,
 }
 
 impl RemoteError {

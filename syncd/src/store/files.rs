@@ -252,6 +252,7 @@ impl Store {
                     ino: cs.ino,
                     uid: cs.uid,
                 },
+                partial: None,
             },
             fd,
         })

@@ -40,6 +40,8 @@ pub mod entries;
 pub mod files;
 pub mod inos;
 pub mod names;
+#[allow(dead_code)]
+pub mod objects;
 pub mod peers;
 pub mod reclaim;
 pub mod records;
