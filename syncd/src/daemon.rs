@@ -1,12 +1,13 @@
 //! What every connection of this daemon shares: the store, the mounts that
 //! are connected, the filesystem requests in flight, the cached store
 //! figures of `keibictl status`, when the daemon started, its peer
-//! identity and the peer manager.
+//! identity, the peer manager and the sync engine.
 
 use crate::census::Census;
 use crate::opens::ConnId;
 use crate::peer::manager::Manager;
 use crate::store::Store;
+use crate::sync::engine::SyncEngine;
 use ipc_schema::inflight::InFlight;
 use ipc_schema::{MountInfo, PeerIdentity};
 use std::collections::BTreeMap;
@@ -30,13 +31,20 @@ pub struct Daemon {
     pub identity: PeerIdentity,
     /// The paired peers and their connections.
     pub peers: Arc<Manager>,
+    /// The sync engine.
+    pub sync: Arc<SyncEngine>,
     next_conn: AtomicU64,
 }
 
 impl Daemon {
     /// Shared state around `store`, answering `keibictl id` with
-    /// `identity`, with the peer manager `peers`.
-    pub fn new(store: Arc<Store>, identity: PeerIdentity, peers: Arc<Manager>) -> Daemon {
+    /// `identity`, with the peer manager `peers` and the engine `sync`.
+    pub fn new(
+        store: Arc<Store>,
+        identity: PeerIdentity,
+        peers: Arc<Manager>,
+        sync: Arc<SyncEngine>,
+    ) -> Daemon {
         Daemon {
             store,
             mounts: Mounts::default(),
@@ -45,6 +53,7 @@ impl Daemon {
             started: Instant::now(),
             identity,
             peers,
+            sync,
             next_conn: AtomicU64::new(1),
         }
     }
