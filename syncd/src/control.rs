@@ -149,6 +149,6 @@ impl Control for ControlServer {
     }
 
     async fn debug_fetches(self, _: Context) -> Vec<FetchInFlight> {
-        Vec::new()
+        self.daemon.fetcher.debug_fetches()
     }
 }

@@ -7,6 +7,8 @@ use crate::census::Census;
 use crate::opens::ConnId;
 use crate::peer::manager::Manager;
 use crate::store::Store;
+use crate::sync::fetch::Fetcher;
+use crate::sync::inval::InvalQueue;
 use ipc_schema::inflight::InFlight;
 use ipc_schema::{MountInfo, PeerIdentity};
 use std::collections::BTreeMap;
@@ -30,13 +32,24 @@ pub struct Daemon {
     pub identity: PeerIdentity,
     /// The paired peers and their connections.
     pub peers: Arc<Manager>,
+    /// On-demand chunk fetches (`fetch_range`, `debug_fetches`).
+    pub fetcher: Arc<Fetcher>,
+    /// Invalidations for mountd (`changes`).
+    pub invals: Arc<InvalQueue>,
     next_conn: AtomicU64,
 }
 
 impl Daemon {
     /// Shared state around `store`, answering `keibictl id` with
-    /// `identity`, with the peer manager `peers`.
-    pub fn new(store: Arc<Store>, identity: PeerIdentity, peers: Arc<Manager>) -> Daemon {
+    /// `identity`, with the peer manager `peers`, the chunk fetcher
+    /// `fetcher` and the invalidation queue `invals`.
+    pub fn new(
+        store: Arc<Store>,
+        identity: PeerIdentity,
+        peers: Arc<Manager>,
+        fetcher: Arc<Fetcher>,
+        invals: Arc<InvalQueue>,
+    ) -> Daemon {
         Daemon {
             store,
             mounts: Mounts::default(),
@@ -45,6 +58,8 @@ impl Daemon {
             started: Instant::now(),
             identity,
             peers,
+            fetcher,
+            invals,
             next_conn: AtomicU64::new(1),
         }
     }

@@ -186,6 +186,13 @@ fn main() -> ExitCode {
         Ok(m) => m,
         Err(e) => return fail(EXIT_FAILURE, &format!("cannot load the peers: {e}")),
     };
+    let fetcher = sync::fetch::Fetcher::new(
+        store.clone(),
+        manager.clone(),
+        sync::fetch::FetchConfig::of(&config),
+        net_runtime.handle().clone(),
+    );
+    let invals = Arc::new(sync::inval::InvalQueue::new());
     let identity = ipc_schema::PeerIdentity {
         fingerprint: id.fingerprint(),
         public_key: id.public_key().iter().map(|b| format!("{b:02x}")).collect(),
@@ -216,6 +223,7 @@ fn main() -> ExitCode {
         store,
         identity,
         manager,
+        (fetcher, invals),
         fs_runtime.handle(),
     ));
     // Requests still running after the flush have nobody to answer.
@@ -262,13 +270,20 @@ async fn run(
     store: Arc<Store>,
     identity: ipc_schema::PeerIdentity,
     peers: Arc<peer::manager::Manager>,
+    (fetcher, invals): (Arc<sync::fetch::Fetcher>, Arc<sync::inval::InvalQueue>),
     fs: &tokio::runtime::Handle,
 ) -> Result<(), String> {
     // Handlers first: once a socket exists, SIGTERM must mean "shut down
     // cleanly", never the default action.
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
-    let daemon = Arc::new(Daemon::new(store.clone(), identity, peers.clone()));
+    let daemon = Arc::new(Daemon::new(
+        store.clone(),
+        identity,
+        peers.clone(),
+        fetcher,
+        invals,
+    ));
     let fs_listener = {
         // Registered with the filesystem runtime's reactor.
         let _in_fs = fs.enter();
