@@ -190,8 +190,6 @@ impl Control for ControlServer {
     }
 
     async fn debug_fetches(self, _: Context) -> Vec<FetchInFlight> {
-        // The fetcher's registry (a leaf lock): answers while the store is
-        // stuck.
-        self.daemon.sync.data().fetches()
+        self.daemon.fetcher.debug_fetches()
     }
 }

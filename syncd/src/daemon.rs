@@ -8,6 +8,8 @@ use crate::opens::ConnId;
 use crate::peer::manager::Manager;
 use crate::store::Store;
 use crate::sync::engine::SyncEngine;
+use crate::sync::fetch::Fetcher;
+use crate::sync::inval::InvalQueue;
 use ipc_schema::inflight::InFlight;
 use ipc_schema::{MountInfo, PeerIdentity};
 use std::collections::BTreeMap;
@@ -33,17 +35,25 @@ pub struct Daemon {
     pub peers: Arc<Manager>,
     /// The sync engine.
     pub sync: Arc<SyncEngine>,
+    /// On-demand chunk fetches (`fetch_range`, `debug_fetches`).
+    pub fetcher: Arc<Fetcher>,
+    /// Invalidations for mountd (`changes`).
+    pub invals: Arc<InvalQueue>,
     next_conn: AtomicU64,
 }
 
 impl Daemon {
     /// Shared state around `store`, answering `keibictl id` with
-    /// `identity`, with the peer manager `peers` and the engine `sync`.
+    /// `identity`, with the peer manager `peers`, the sync engine
+    /// `sync`, the chunk fetcher
+    /// `fetcher` and the invalidation queue `invals`.
     pub fn new(
         store: Arc<Store>,
         identity: PeerIdentity,
         peers: Arc<Manager>,
         sync: Arc<SyncEngine>,
+        fetcher: Arc<Fetcher>,
+        invals: Arc<InvalQueue>,
     ) -> Daemon {
         Daemon {
             store,
@@ -54,6 +64,8 @@ impl Daemon {
             identity,
             peers,
             sync,
+            fetcher,
+            invals,
             next_conn: AtomicU64::new(1),
         }
     }

@@ -198,6 +198,19 @@ fn main() -> ExitCode {
         Ok(m) => m,
         Err(e) => return fail(EXIT_FAILURE, &format!("cannot load the peers: {e}")),
     };
+    let fetcher = sync::fetch::Fetcher::new(
+        store.clone(),
+        manager.clone(),
+        sync::fetch::FetchConfig::of(&config),
+        net_runtime.handle().clone(),
+    );
+    let invals = Arc::new(sync::inval::InvalQueue::new());
+    engine.set_data_path(Arc::new(sync::wired::Wired {
+        store: store.clone(),
+        fetcher: fetcher.clone(),
+        invals: invals.clone(),
+        eager_fetch_max: config.eager_fetch_max,
+    }));
     let identity = ipc_schema::PeerIdentity {
         fingerprint: id.fingerprint(),
         public_key: id.public_key().iter().map(|b| format!("{b:02x}")).collect(),
@@ -229,6 +242,7 @@ fn main() -> ExitCode {
         identity,
         manager,
         engine,
+        (fetcher, invals),
         fs_runtime.handle(),
     ));
     // Requests still running after the flush have nobody to answer.
@@ -276,13 +290,21 @@ async fn run(
     identity: ipc_schema::PeerIdentity,
     peers: Arc<peer::manager::Manager>,
     sync: Arc<sync::engine::SyncEngine>,
+    (fetcher, invals): (Arc<sync::fetch::Fetcher>, Arc<sync::inval::InvalQueue>),
     fs: &tokio::runtime::Handle,
 ) -> Result<(), String> {
     // Handlers first: once a socket exists, SIGTERM must mean "shut down
     // cleanly", never the default action.
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
-    let daemon = Arc::new(Daemon::new(store.clone(), identity, peers.clone(), sync));
+    let daemon = Arc::new(Daemon::new(
+        store.clone(),
+        identity,
+        peers.clone(),
+        sync,
+        fetcher,
+        invals,
+    ));
     let fs_listener = {
         // Registered with the filesystem runtime's reactor.
         let _in_fs = fs.enter();

@@ -31,7 +31,7 @@ use crate::peer::msg::{RemoteError, RemoteErrorKind, Reply, Request};
 use crate::peer::requests::{ChunkSink, DefaultHandler, RequestHandler};
 use crate::store::Store;
 use futures::future::BoxFuture;
-use ipc_schema::{FetchInFlight, FsError, Ino, Inval};
+use ipc_schema::{FsError, Ino, Inval};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{Notify, watch};
@@ -43,8 +43,6 @@ pub trait DataPath: Send + Sync + 'static {
     fn prefetch(&self, ino: Ino);
     /// Tell mountd what changed.
     fn push_invals(&self, invals: Vec<Inval>);
-    /// Chunk fetches in flight.
-    fn fetches(&self) -> Vec<FetchInFlight>;
     /// Files up to this size are fetched as soon as their version arrives.
     fn eager_fetch_max(&self) -> u64;
     /// Make the chunks of `ino` generation `generation` covering
@@ -222,9 +220,6 @@ pub struct NoDataPath;
 impl DataPath for NoDataPath {
     fn prefetch(&self, _: Ino) {}
     fn push_invals(&self, _: Vec<Inval>) {}
-    fn fetches(&self) -> Vec<FetchInFlight> {
-        Vec::new()
-    }
     fn eager_fetch_max(&self) -> u64 {
         0
     }

@@ -10,6 +10,10 @@
 //! - [`index`]: index items, their framing, and serving the change log.
 //! - [`session`]: one peer session (pull, apply, defer, retry).
 //! - [`status`]: per-peer progress for `keibictl status`.
+//! - [`wired`]: the engine's data path made of the parts below.
+//! - [`fetch`]: on-demand, verified chunk fetches from peers.
+//! - [`serve`]: serving a chunk to a peer.
+//! - [`inval`]: the invalidations mountd long-polls.
 //!
 //! The store keeps the index (`store::objects`); this module tree decides
 //! what to do with local and remote changes and moves the data.
@@ -23,3 +27,9 @@ pub mod merge;
 pub mod model;
 pub mod session;
 pub mod status;
+pub mod wired;
+
+pub mod fetch;
+#[allow(dead_code)]
+pub mod inval;
+pub mod serve;
