@@ -8,7 +8,7 @@ use crate::peer::msg::{RemoteError, Reply};
 use crate::peer::requests::{ChunkSink, DefaultHandler, RequestHandler};
 use futures::future::BoxFuture;
 use std::collections::BTreeSet;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 
 const INO: Ino = Ino(42);
 const GENERATION: u64 = 3;
@@ -37,7 +37,7 @@ fn hashes(bytes: &[u8]) -> Vec<ChunkHash> {
 struct MemStore {
     dir: tempfile::TempDir,
     recs: Mutex<HashMap<Ino, PresenceRec>>,
-    generation: u64,
+    generation: AtomicU64,
 }
 
 impl MemStore {
@@ -47,7 +47,7 @@ impl MemStore {
         let store = MemStore {
             dir: tempfile::tempdir().expect("temp dir"),
             recs: Mutex::new(HashMap::new()),
-            generation: GENERATION,
+            generation: AtomicU64::new(GENERATION),
         };
         let file = File::create(store.path(INO, GENERATION)).expect("create the content file");
         file.set_len(size).expect("sparse file");
@@ -101,7 +101,7 @@ impl ChunkStore for MemStore {
     }
 
     fn generation(&self, _: Ino) -> Result<u64, FsError> {
-        Ok(self.generation)
+        Ok(self.generation.load(Ordering::SeqCst))
     }
 
     fn open_for_fill(&self, ino: Ino, generation: u64) -> Result<File, FsError> {
@@ -113,7 +113,9 @@ impl ChunkStore for MemStore {
         let Some(rec) = recs.get_mut(&ino) else {
             return Err(fs_err!(ENOENT, "not partial"));
         };
-        assert_eq!(rec.generation, generation);
+        if rec.generation != generation {
+            return Err(fs_err!(ESTALE, "another version"));
+        }
         rec.present[(index / 64) as usize] |= 1 << (index % 64);
         if (0..chunk_count(rec.size)).all(|i| bit(&rec.present, i)) {
             recs.remove(&ino);
@@ -505,6 +507,28 @@ async fn a_replaced_version_is_eio() {
     assert_eq!(err.errno, libc::EIO);
     assert!(err.message.contains("replaced"), "{err}");
     assert!(asked(&f.servers[0]).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_replaced_during_the_fetch_is_eio_and_its_chunk_is_not_written() {
+    let f = fixture(SIZE, &[Serves::Good], false, cfg(8, 0));
+    let reader = {
+        let fetcher = f.fetcher.clone();
+        tokio::spawn(async move { fetcher.ensure(INO, GENERATION, 0, 10, far(), true).await })
+    };
+    until("the peer was asked", || !asked(&f.servers[0]).is_empty()).await;
+    // A newer version arrives, complete (copied from local content).
+    f.store.recs.lock().expect("lock").remove(&INO);
+    f.store.generation.store(GENERATION + 1, Ordering::SeqCst);
+    f.gate.send_replace(true);
+    let err = reader
+        .await
+        .expect("no panic")
+        .expect_err("the old version cannot be completed");
+    assert_eq!(err.errno, libc::EIO);
+    assert!(err.message.contains("replaced"), "{err}");
+    // The flight found the record gone and wrote nothing.
+    assert!(f.store.bytes().iter().all(|b| *b == 0));
 }
 
 #[test]
