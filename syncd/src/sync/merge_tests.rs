@@ -1,0 +1,3 @@
+//! Tests of the merge rules.
+
+use super::*;
