@@ -376,7 +376,6 @@ impl Fetcher {
 
     /// Fetch every missing chunk of `ino` in the background (an eager
     /// fetch of a small file). Failures are logged.
-    #[allow(dead_code)] // called by the sync engine
     pub fn prefetch(self: &Arc<Self>, ino: Ino) {
         let this = self.clone();
         self.rt.spawn(async move {
