@@ -311,26 +311,9 @@ impl Fetcher {
         deadline: Instant,
         demanded: bool,
     ) -> Result<Vec<u64>, FsError> {
-        let rec = self.store_call(move |s| s.presence(ino)).await?;
-        let rec = match rec {
-            Some(rec) if rec.generation == generation => rec,
-            Some(rec) => {
-                return Err(fs_err!(
-                    EIO,
-                    "{ino}: the version open here (generation {generation}) was replaced by generation {}; its missing bytes are no longer served",
-                    rec.generation
-                ));
-            }
-            None => {
-                let current = self.store_call(move |s| s.generation(ino)).await?;
-                if current != generation {
-                    return Err(fs_err!(
-                        EIO,
-                        "{ino}: the version open here (generation {generation}) was replaced by generation {current}; its missing bytes are no longer served"
-                    ));
-                }
-                return Ok(all_present(offset.saturating_add(len)));
-            }
+        let rec = match self.version(ino, generation).await? {
+            Some(rec) => rec,
+            None => return Ok(all_present(offset.saturating_add(len))),
         };
         let limit = limit_of(&rec);
         let end = offset.saturating_add(len).min(limit);
@@ -367,15 +350,32 @@ impl Fetcher {
         if let Some(e) = results.into_iter().find_map(Result::err) {
             return Err(e);
         }
-        match self.store_call(move |s| s.presence(ino)).await? {
-            Some(now) if now.generation == generation => Ok(now.present),
-            _ => Ok(all_present(rec.size.max(offset.saturating_add(len)))),
+        match self.version(ino, generation).await? {
+            Some(now) => Ok(now.present),
+            None => Ok(all_present(rec.size.max(offset.saturating_add(len)))),
         }
+    }
+
+    /// The presence record of `ino` if generation `generation` is partial
+    /// (`None`: it is current and complete); `EIO` when a newer version
+    /// replaced it, since peers serve only the current version.
+    async fn version(&self, ino: Ino, generation: u64) -> Result<Option<PresenceRec>, FsError> {
+        let current = match self.store_call(move |s| s.presence(ino)).await? {
+            Some(rec) if rec.generation == generation => return Ok(Some(rec)),
+            Some(rec) => rec.generation,
+            None => self.store_call(move |s| s.generation(ino)).await?,
+        };
+        if current == generation {
+            return Ok(None);
+        }
+        Err(fs_err!(
+            EIO,
+            "{ino}: the version open here (generation {generation}) was replaced by generation {current}; its missing bytes are no longer served"
+        ))
     }
 
     /// Fetch every missing chunk of `ino` in the background (an eager
     /// fetch of a small file). Failures are logged.
-    #[allow(dead_code)] // called by the sync engine
     pub fn prefetch(self: &Arc<Self>, ino: Ino) {
         let this = self.clone();
         self.rt.spawn(async move {
@@ -595,16 +595,35 @@ impl Fetcher {
     async fn write(&self, spec: &ChunkSpec, bytes: Vec<u8>) -> Result<(), FsError> {
         let key = spec.key;
         self.store_call(move |s| {
+            // Complete meanwhile (truncated with O_TRUNC, or replaced):
+            // the caller looks at the version again.
             let Some(rec) = s.presence(key.ino)? else {
                 return Ok(());
             };
-            if rec.generation != key.generation || bit(&rec.present, key.index) {
+            if rec.generation != key.generation {
+                return Err(fs_err!(
+                    EIO,
+                    "{}: generation {} was replaced by {} while chunk {} was fetched",
+                    key.ino,
+                    key.generation,
+                    rec.generation,
+                    key.index
+                ));
+            }
+            if bit(&rec.present, key.index) {
                 return Ok(());
             }
             let (start, _) = chunk_range(key.index, rec.size);
-            let upto = (start + bytes.len() as u64).min(limit_of(&rec));
+            let file = s.open_for_fill(key.ino, key.generation)?;
+            // Below the limit, and never past the file's end: a truncate
+            // that lowered the limit after the record was read has cut
+            // the file already.
+            let len = file
+                .metadata()
+                .map_err(|e| fs_err!(EIO, "{}: stat before writing a chunk: {e}", key.ino))?
+                .len();
+            let upto = (start + bytes.len() as u64).min(limit_of(&rec)).min(len);
             if upto > start {
-                let file = s.open_for_fill(key.ino, key.generation)?;
                 file.write_all_at(&bytes[..(upto - start) as usize], start)
                     .map_err(|e| {
                         fs_err!(EIO, "{}: writing fetched chunk {}: {e}", key.ino, key.index)

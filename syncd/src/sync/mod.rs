@@ -30,6 +30,5 @@ pub mod status;
 pub mod wired;
 
 pub mod fetch;
-#[allow(dead_code)]
 pub mod inval;
 pub mod serve;
