@@ -94,7 +94,13 @@ pub fn decide(local: Option<&ObjRec>, remote: &ObjRec) -> Outcome {
     };
     match remote.vv.compare(&local.vv) {
         Causality::Older => Outcome::Ignore,
-        Causality::Equal if remote.same_state(local) => Outcome::Ignore,
+        // An equal vector with another author or state (two peers that
+        // settled a tie alike but for who "made" it, or copies of one
+        // content) is settled by the winner rule, so that records converge
+        // exactly: the author takes part in later tie-breaks.
+        Causality::Equal if remote.same_state(local) && remote.modified_by == local.modified_by => {
+            Outcome::Ignore
+        }
         Causality::Newer => store(remote.clone(), None, false),
         Causality::Equal | Causality::Concurrent => concurrent(local, remote),
     }
@@ -136,7 +142,7 @@ fn concurrent(local: &ObjRec, remote: &ObjRec) -> Outcome {
     {
         conflict_copy(loser).map(|rec| ConflictCopy {
             rec,
-            from_local: !remote_wins,
+            from_local: remote_wins,
         })
     } else {
         None
@@ -251,4 +257,4 @@ pub fn renamed_for_collision(rec: &ObjRec, at: &EntryName) -> ObjRec {
 
 #[cfg(test)]
 #[path = "merge_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -246,7 +246,7 @@ mod tests {
         p.seen(10);
         let rec = |seq| Deferred {
             seq,
-            rec: crate::sync::merge::tests_support::file_rec(1, &[(1, 1)], b"x"),
+            rec: crate::sync::merge::tests::file_rec(1, &[(1, 1)], b"x"),
             wait: Wait::Busy,
         };
         assert_eq!(p.applied(&[rec(7), rec(9)]), Some(6));
