@@ -453,6 +453,12 @@ impl KeibiFixture {
         &self.opts
     }
 
+    /// The options, to change before a restart (e.g. syncd's test hooks
+    /// in `syncd_env`, used by the next [`Self::start_syncd`]).
+    pub fn options_mut(&mut self) -> &mut Options {
+        &mut self.opts
+    }
+
     /// syncd's pid, while it runs.
     pub fn syncd_pid(&self) -> Option<u32> {
         self.syncd.as_ref().map(|c| c.id())

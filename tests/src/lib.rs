@@ -34,6 +34,7 @@ pub mod pair;
 pub mod peers;
 pub mod process;
 pub mod relay;
+pub mod sync_helpers;
 pub mod sys;
 pub mod tree;
 pub mod wait;
