@@ -15,17 +15,20 @@ use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(300);
 const SIZE: u64 = 4 << 20;
+/// mountd's `--read-deadline` here.
+const READ_DEADLINE: Duration = Duration::from_secs(2);
 
 #[test]
 fn chunks_that_do_not_match_their_hash_are_refused_and_never_cached() {
     let _w = Watchdog::arm("corrupt", LIMIT);
     let mut o = PairOptions::new(LinkMode::Netns);
     o.env_a = vec![("KEIBI_TEST_CORRUPT_CHUNKS".into(), "1".into())];
+    o.node.mountd_args = vec!["--read-deadline".into(), "2s".into()];
     let mut p = Pair::start(o);
     let want = write_pattern(&p.a.path("victim.bin"), 33, SIZE);
     wait_size(&p.b.path("victim.bin"), SIZE, PROPAGATION);
 
-    let limit = p.options().node.deadline * 10;
+    let limit = READ_DEADLINE * 10;
     for _ in 0..2 {
         let (r, took) = read_all_bounded(&p.b.path("victim.bin"), limit);
         match r {

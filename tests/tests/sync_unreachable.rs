@@ -12,6 +12,7 @@
 //!   state, and after the peer restarts the read succeeds without fetching
 //!   the chunks that had arrived again (b's byte counter).
 
+use harness::daemons::duration_arg;
 use harness::pair::{LinkMode, Pair, PairOptions, Side};
 use harness::sync_helpers::{
     CHUNK, PROPAGATION, not_local_entry, read_all_bounded, tasks_in_d_state, wait_content,
@@ -22,7 +23,7 @@ use harness::{Watchdog, poll_until};
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(600);
-/// mountd's `--deadline` in these tests (the read deadline).
+/// mountd's `--read-deadline` in these tests.
 const DEADLINE: Duration = Duration::from_secs(2);
 /// Slack over the deadline for a failed read to come back (scheduling on
 /// a loaded 2-core machine).
@@ -30,7 +31,7 @@ const SLACK: Duration = Duration::from_secs(3);
 
 fn opts(peer_timeout: Duration) -> PairOptions {
     let mut o = PairOptions::new(LinkMode::Netns);
-    o.node.deadline = DEADLINE;
+    o.node.mountd_args = vec!["--read-deadline".into(), duration_arg(DEADLINE)];
     o.peer_timeout = peer_timeout;
     o
 }
