@@ -38,7 +38,7 @@ fn a_256mib_file_travels_and_a_one_chunk_edit_moves_about_one_chunk() {
     // The chunk itself, the new version's record (1024 chunk hashes of 32
     // bytes) and keepalives: far below 4 chunks.
     assert!(
-        moved >= CHUNK / 2 && moved <= 4 * CHUNK,
+        (CHUNK / 2..=4 * CHUNK).contains(&moved),
         "a one-chunk edit of a 256 MiB file moved {moved} bytes from a to b (expected about one \
          chunk, {CHUNK})"
     );
