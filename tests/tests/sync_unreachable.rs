@@ -164,16 +164,18 @@ fn a_peer_killed_during_a_large_read_fails_the_read_in_time_and_resumes_without_
         let path = p.b.path("large.bin");
         std::thread::spawn(move || read_all_bounded(&path, Duration::from_secs(300)))
     };
-    let present = poll_until(
-        "b to have part of large.bin",
+    let got = poll_until(
+        "b to receive part of large.bin",
         Duration::from_secs(120),
         || {
-            let e = not_local_entry(&p.b.ctl().not_local(), "large.bin")?;
-            let n = e["present_bytes"].as_u64()?;
+            let n = p.bytes_received(Side::B);
             (n >= 4 << 20).then_some(n)
         },
     );
-    assert!(present < SIZE, "the whole file arrived before the kill");
+    assert!(
+        got < SIZE && !reader.is_finished(),
+        "the whole file arrived before the kill"
+    );
     p.kill_syncd(Side::A);
     let killed = Instant::now();
     let (r, _) = reader.join().expect("the reader thread");
