@@ -112,6 +112,9 @@ impl Keibi {
             .await
             .map_err(|e| e.into_fs("setattr"))?;
         self.cache.changed(ticket, ino, Some(&a));
+        if let Some(size) = changes.size {
+            self.handles.truncated(ino, size);
+        }
         Ok(a)
     }
 

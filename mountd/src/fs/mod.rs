@@ -37,12 +37,16 @@ mod names;
 mod xattrs;
 
 use crate::attr_cache::{AttrCache, Ticket};
-use crate::attr_inval::AttrInval;
 use crate::dir_handles::{self, DirHandles, ReadAhead};
 use crate::fd_check::{self, Access};
 use crate::handles::{Handle, HandleTable};
+use crate::inval::Invalidator;
+use crate::kernel_inval::KernelInval;
+use crate::ondemand::{self, PartialState};
+use crate::passthrough::OpenKind;
 use crate::passthrough::{Mode, Passthrough};
 use crate::releases::Releases;
+use crate::sync_data::SyncData;
 use crate::syncd_client::{CallError, Retry, SyncdClient};
 use fuser::BackingId;
 use ipc_schema::{
@@ -74,16 +78,23 @@ pub struct Keibi {
     releases: Arc<Releases>,
     dirs: DirHandles,
     /// Counts changes made through this mount (see the module doc).
-    changes: AtomicU64,
+    changes: Arc<AtomicU64>,
     passthrough: Arc<Passthrough>,
     deadline: Duration,
     /// How long `fsync`/`fsyncdir` wait for local durability (mountd's
     /// `sync_all` and syncd's store flush together).
     fsync_deadline: Duration,
     /// Drops the kernel's cached attributes of inodes opened for writing.
-    attr_inval: Option<AttrInval>,
+    attr_inval: Option<KernelInval>,
+    /// syncd's calls for bytes that are not local ([`crate::ondemand`]).
+    data: Arc<dyn SyncData>,
+    /// How long a read or write waits for missing bytes to be fetched.
+    read_deadline: Duration,
     rt: tokio::runtime::Handle,
 }
+
+/// The default of `--read-deadline`.
+pub const DEFAULT_READ_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The default of `--fsync-deadline`.
 pub const DEFAULT_FSYNC_DEADLINE: Duration = Duration::from_secs(30);
@@ -144,12 +155,14 @@ impl Keibi {
             deadline + FD_GRACE + UNCLAIMED_MARGIN,
         ));
         Keibi {
+            data: Arc::new(client.clone()),
+            read_deadline: DEFAULT_READ_DEADLINE,
             client,
             cache,
             handles,
             releases,
             dirs: DirHandles::new(attr_ttl),
-            changes: AtomicU64::new(0),
+            changes: Arc::new(AtomicU64::new(0)),
             passthrough,
             deadline,
             fsync_deadline: DEFAULT_FSYNC_DEADLINE,
@@ -165,9 +178,24 @@ impl Keibi {
         self
     }
 
+    /// Wait at most `d` for missing bytes of a partial file instead of
+    /// [`DEFAULT_READ_DEADLINE`].
+    pub fn with_read_deadline(mut self, d: Duration) -> Self {
+        self.read_deadline = d;
+        self
+    }
+
+    /// Ask `data` instead of the syncd client for missing bytes (tests use
+    /// a fake syncd).
+    #[cfg(test)]
+    pub fn with_data(mut self, data: Arc<dyn SyncData>) -> Self {
+        self.data = data;
+        self
+    }
+
     /// Invalidate the kernel's cached attributes of an inode through
     /// `inval` when a handle opens it for writing ([`crate::attr_inval`]).
-    pub fn with_attr_inval(mut self, inval: AttrInval) -> Self {
+    pub fn with_attr_inval(mut self, inval: KernelInval) -> Self {
         self.attr_inval = Some(inval);
         self
     }
@@ -182,6 +210,17 @@ impl Keibi {
         } else {
             ttl
         }
+    }
+
+    /// The invalidation stream's half of the filesystem: its caches and
+    /// syncd's calls ([`crate::inval`]). `None` without a kernel
+    /// notifier ([`Keibi::with_attr_inval`]).
+    pub fn invalidation(&self) -> Option<(Arc<dyn SyncData>, Invalidator)> {
+        let kernel = self.attr_inval.clone()?;
+        Some((
+            self.data.clone(),
+            Invalidator::new(self.cache.clone(), self.changes.clone(), kernel),
+        ))
     }
 
     /// The passthrough state (for `init`).
