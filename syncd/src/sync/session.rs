@@ -22,7 +22,7 @@
 //! the deferred records are pulled again, and nothing is lost. Records
 //! already applied come back as equal versions and are ignored.
 
-use super::apply::{self, Fate, Wait};
+use super::apply::{self, Fate, Settle, Wait};
 use super::engine::SyncEngine;
 use super::index::{IndexItem, ItemReader};
 use super::model::ObjRec;
@@ -164,7 +164,7 @@ pub fn apply_batch(
 ) -> Vec<Deferred> {
     let mut deferred = waiting;
     for (seq, rec) in batch {
-        match apply::apply_one(engine, peer, &rec, false) {
+        match apply::apply_one(engine, peer, &rec, Settle::default()) {
             Fate::Done | Fate::Skipped => {}
             Fate::Deferred(wait) => deferred.push(Deferred { seq, rec, wait }),
         }
@@ -172,25 +172,37 @@ pub fn apply_batch(
     // Retry until a round applies nothing.
     loop {
         let before = deferred.len();
-        deferred = retry(engine, peer, deferred, false);
+        deferred = retry(engine, peer, deferred, Settle::default());
         if deferred.len() == before || deferred.is_empty() {
             break;
         }
     }
-    if deferred
+    // A directory's tombstone that meets entries is settled (the
+    // directory kept) only when no other delete waits: the entries may be
+    // the ones those deletes remove.
+    let deletes_wait = deferred
         .iter()
-        .any(|d| matches!(d.wait, Wait::Collision { .. }))
-    {
-        deferred = retry(engine, peer, deferred, true);
+        .any(|d| d.rec.deleted && d.wait != Wait::NotEmpty);
+    let settle = Settle {
+        collision: true,
+        not_empty: !deletes_wait,
+    };
+    if deferred.iter().any(|d| {
+        matches!(d.wait, Wait::Collision { .. }) || (settle.not_empty && d.wait == Wait::NotEmpty)
+    }) {
+        deferred = retry(engine, peer, deferred, settle);
     }
     deferred.sort_by_key(|d| d.seq);
     deferred
 }
 
-fn retry(engine: &SyncEngine, peer: &str, list: Vec<Deferred>, final_pass: bool) -> Vec<Deferred> {
+fn retry(engine: &SyncEngine, peer: &str, list: Vec<Deferred>, settle: Settle) -> Vec<Deferred> {
     let mut left = Vec::new();
     for d in list {
-        let settle = final_pass && matches!(d.wait, Wait::Collision { .. });
+        let settle = Settle {
+            collision: settle.collision && matches!(d.wait, Wait::Collision { .. }),
+            not_empty: settle.not_empty && d.wait == Wait::NotEmpty,
+        };
         match apply::apply_one(engine, peer, &d.rec, settle) {
             Fate::Done | Fate::Skipped => {}
             Fate::Deferred(wait) => left.push(Deferred { wait, ..d }),
