@@ -10,8 +10,9 @@
 //!   is fetched at once (`eager_fetch_max`);
 //! - `MissingParent`: deferred until the parent arrives (the session
 //!   retries after each batch);
-//! - `Collision`: deferred once (a rename over a file usually comes with
-//!   the replaced file's tombstone later in the batch); on the final pass
+//! - `Collision`: deferred (a rename over a file comes with the replaced
+//!   file's tombstone, later in the batch or in the next one); once it has
+//!   waited a second (`session::COLLISION_GRACE`), on the final pass
 //!   the object with the older (mtime, modified_by) moves to its conflict
 //!   name ([`merge::collision_loser`]), the same choice on every peer;
 //! - `Busy` (the local inode has changes not yet versioned, or a handle
