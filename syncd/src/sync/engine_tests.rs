@@ -261,17 +261,17 @@ async fn converged(a: &Node, b: &Node) {
         let done = a.store.dirty_count() == 0
             && b.store.dirty_count() == 0
             && records(&a.store) == records(&b.store)
-            && tree_of(&a) == tree_of(&b);
+            && tree_of(a) == tree_of(b);
         if done {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "the two nodes did not converge:\na: {:?}\n{:#?}\n{:?}\nb: {:?}\n{:#?}\n{:?}",
-            tree_of(&a),
+            tree_of(a),
             records(&a.store),
             a.engine.book.get("FP-b"),
-            tree_of(&b),
+            tree_of(b),
             records(&b.store),
             b.engine.book.get("FP-a"),
         );

@@ -39,8 +39,10 @@ use super::model::{Causality, DeviceId, EntryName, Gid, ObjRec, VersionVector};
 use ipc_schema::{FileKind, Timestamp};
 use std::cmp::Ordering;
 
-/// What to do with a remote version.
+/// What to do with a remote version (lives for one decision, so the size
+/// of its records does not matter).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Outcome {
     /// We have this version or a newer one: nothing to do.
     Ignore,
