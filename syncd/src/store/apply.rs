@@ -461,7 +461,6 @@ impl Store {
             chunks: rec.chunks.clone(),
             present,
             limit: rec.size,
-            mtime: rec.mtime,
         };
         debug_assert_eq!(p.chunks.len() as u64, n);
         Ok((!p.complete()).then_some(p))

@@ -114,11 +114,6 @@ pub struct PresenceRec {
     /// arrived (initially `size`): chunks that start at or beyond it count
     /// as present (they are local zeros or local writes).
     pub limit: u64,
-    /// The mtime of the last version recorded for the file: a write of
-    /// fetched bytes moves the content file's mtime, and
-    /// [`Store::mark_present`] puts this one back (unless the file is being
-    /// changed locally).
-    pub mtime: Timestamp,
 }
 
 impl PresenceRec {
@@ -573,14 +568,6 @@ impl Store {
                         gid_ino.remove(g)?;
                         presence.remove(&ino)?;
                     } else {
-                        if let Some(p) = presence.get(ino)? {
-                            // The version's mtime is the local one now.
-                            let mut p: PresenceRec = postcard::from_bytes(&p).map_err(|_| {
-                                sled::transaction::ConflictableTransactionError::Abort(())
-                            })?;
-                            p.mtime = rec.mtime;
-                            presence.insert(&ino, enc(&p))?;
-                        }
                         ino_gid.insert(&ino, g)?;
                         gid_ino.insert(g, &ino)?;
                     }

@@ -145,12 +145,11 @@ impl Store {
         {
             return Ok(());
         }
-        let mtime = match self.presence(ino)? {
-            Some(p) if p.generation == generation => p.mtime,
-            _ => match self.object(&self.gid_of(ino)?)? {
-                Some(o) if !o.deleted => o.mtime,
-                _ => return Ok(()),
-            },
+        // The recorded version's mtime (a local version's, once the file
+        // was changed here and versioned).
+        let mtime = match self.object(&self.gid_of(ino)?)? {
+            Some(o) if !o.deleted => o.mtime,
+            _ => return Ok(()),
         };
         let cs = self
             .content
