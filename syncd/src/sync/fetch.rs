@@ -93,8 +93,8 @@ impl ChunkStore for Store {
 
     fn generation(&self, ino: Ino) -> Result<u64, FsError> {
         crate::fault::store_gate();
-        match self.local_object(ino)?.now {
-            Some(now) => Ok(now.generation),
+        match self.read_inode(ino.0)? {
+            Some(rec) => Ok(rec.generation),
             None => Err(fs_err!(ENOENT, "{ino} is gone")),
         }
     }
