@@ -1,7 +1,7 @@
 //! The command line: global options first, then a subcommand.
 //!
 //! ```text
-//! keibictl [--socket PATH] [--timeout DURATION] status [--json]
+//! keibictl [--socket PATH] [--timeout DURATION] status [--files] [--json]
 //! keibictl [--socket PATH] [--timeout DURATION] check [--repair] [--json]
 //! keibictl [--socket PATH] [--timeout DURATION] id [--json]
 //! keibictl [--socket PATH] [--timeout DURATION] peer add FINGERPRINT [--addr HOST:PORT]
@@ -42,9 +42,16 @@ pub struct Args {
 /// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Versions, uptime, state directory, connected mounts, file and byte counts.
+    /// Versions, uptime, state directory, connected mounts, file and byte
+    /// counts, and sync: per peer "in sync", "N changes pending" or
+    /// "unreachable since T", files not all local, conflicts.
     Status {
-        /// Print the status as JSON (one object) instead of a table.
+        /// List the files whose bytes are not all local instead (path,
+        /// size, bytes present).
+        #[arg(long)]
+        files: bool,
+        /// Print the status as JSON (one object; `sync` holds the sync
+        /// state) instead of a table; with `--files`, a JSON array.
         #[arg(long)]
         json: bool,
     },
@@ -339,7 +346,13 @@ mod tests {
         let a = Args::try_parse_from(["keibictl", "status"]).expect("parse");
         assert_eq!(a.socket, PathBuf::from("/run/keibi/control.sock"));
         assert_eq!(a.timeout, Duration::from_secs(5));
-        assert!(matches!(a.command, Command::Status { json: false }));
+        assert!(matches!(
+            a.command,
+            Command::Status {
+                json: false,
+                files: false
+            }
+        ));
     }
 
     #[test]
@@ -356,7 +369,13 @@ mod tests {
         .expect("parse");
         assert_eq!(a.socket, PathBuf::from("/tmp/c.sock"));
         assert_eq!(a.timeout, Duration::from_millis(250));
-        assert!(matches!(a.command, Command::Status { json: true }));
+        assert!(matches!(
+            a.command,
+            Command::Status {
+                json: true,
+                files: false
+            }
+        ));
     }
 
     #[test]

@@ -17,11 +17,15 @@
 //! (`Control::debug_peer_ops`: requests this machine sent to its peers and
 //! requests it serves for them, with peer, age and bytes so far).
 //!
+//! And for the chunk fetches in flight (`Control::debug_fetches`: the
+//! inode, the chunk, the peer asked, the age, and whether a reader waits
+//! for it or it is read-ahead).
+//!
 //! The answer succeeds when at least one source answered; a source that did
 //! not is named on one line, and the others are still shown.
 
 use ipc_schema::transport::{connect_control, connect_mount_debug, context_with_timeout};
-use ipc_schema::{OpInFlight, PeerOpInFlight};
+use ipc_schema::{FetchInFlight, OpInFlight, PeerOpInFlight};
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -43,6 +47,8 @@ pub struct Report {
     pub syncd: Result<Vec<OpInFlight>, String>,
     /// syncd's peer requests in flight.
     pub peers: Result<Vec<PeerOpInFlight>, String>,
+    /// syncd's chunk fetches in flight.
+    pub fetches: Result<Vec<FetchInFlight>, String>,
     /// Each mount (its mountpoint, or the socket named) and its operations.
     pub mounts: Vec<(String, Result<Vec<OpInFlight>, String>)>,
 }
@@ -50,7 +56,10 @@ pub struct Report {
 impl Report {
     /// Whether any source answered.
     pub fn any_answer(&self) -> bool {
-        self.syncd.is_ok() || self.peers.is_ok() || self.mounts.iter().any(|(_, r)| r.is_ok())
+        self.syncd.is_ok()
+            || self.peers.is_ok()
+            || self.fetches.is_ok()
+            || self.mounts.iter().any(|(_, r)| r.is_ok())
     }
 }
 
@@ -67,16 +76,32 @@ pub async fn gather(control: &Path, targets: &Targets, timeout: Duration) -> Rep
     }
     let syncd = syncd_ops(control, timeout);
     let peers = peer_ops(control, timeout);
+    let fetches = fetches(control, timeout);
     let mounts = futures::future::join_all(
         sources
             .into_iter()
             .map(|(label, sock)| async move { (label, mount_ops(&sock, timeout).await) }),
     );
-    let (syncd, peers, mounts) = tokio::join!(syncd, peers, mounts);
+    let (syncd, peers, fetches, mounts) = tokio::join!(syncd, peers, fetches, mounts);
     Report {
         syncd,
         peers,
+        fetches,
         mounts,
+    }
+}
+
+async fn fetches(control: &Path, timeout: Duration) -> Result<Vec<FetchInFlight>, String> {
+    let exchange = async {
+        let client = connect_control(control).await.map_err(|e| e.to_string())?;
+        client
+            .debug_fetches(context_with_timeout(timeout))
+            .await
+            .map_err(|e| rpc_reason(timeout, e))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err(no_answer(timeout)),
     }
 }
 
@@ -143,6 +168,7 @@ pub fn table(report: &Report) -> String {
     let mut out = String::new();
     section(&mut out, "keibi-syncd", &report.syncd);
     peer_section(&mut out, &report.peers);
+    fetch_section(&mut out, &report.fetches);
     for (label, r) in &report.mounts {
         section(&mut out, &format!("keibi-mountd {label}"), r);
     }
@@ -240,9 +266,49 @@ fn peer_section(out: &mut String, r: &Result<Vec<PeerOpInFlight>, String>) {
     out.push('\n');
 }
 
+fn fetch_section(out: &mut String, r: &Result<Vec<FetchInFlight>, String>) {
+    match r {
+        Err(why) => {
+            let _ = writeln!(out, "keibi-syncd fetches: {why}");
+        }
+        Ok(fetches) if fetches.is_empty() => {
+            let _ = writeln!(out, "keibi-syncd fetches: nothing in flight");
+        }
+        Ok(fetches) => {
+            let mut rows = vec![["INO", "CHUNK", "PEER", "AGE", "FOR"].map(String::from)];
+            for f in fetches {
+                rows.push([
+                    f.ino.to_string(),
+                    f.chunk.to_string(),
+                    crate::render::grouped(&f.peer),
+                    format!("{}ms", f.age_ms),
+                    if f.demanded { "read" } else { "ahead" }.into(),
+                ]);
+            }
+            let mut widths = [0usize; 5];
+            for row in &rows {
+                for (w, cell) in widths.iter_mut().zip(row) {
+                    *w = (*w).max(cell.chars().count());
+                }
+            }
+            for row in &rows {
+                let line = row
+                    .iter()
+                    .zip(widths)
+                    .map(|(cell, w)| format!("{cell:<w$}"))
+                    .collect::<Vec<_>>()
+                    .join("  ");
+                out.push_str(line.trim_end());
+                out.push('\n');
+            }
+        }
+    }
+    out.push('\n');
+}
+
 /// The report as one JSON object: `{"syncd": [...] | null, "peers": [...]
-/// | null, "mounts": {"<mountpoint>": [...] | null}}` (null: the source
-/// did not answer).
+/// | null, "fetches": [...] | null, "mounts": {"<mountpoint>": [...] |
+/// null}}` (null: the source did not answer).
 pub fn json(report: &Report) -> Result<String, String> {
     let mounts: serde_json::Map<String, serde_json::Value> = report
         .mounts
@@ -253,6 +319,10 @@ pub fn json(report: &Report) -> Result<String, String> {
         "syncd": ops_json(&report.syncd)?,
         "peers": match &report.peers {
             Ok(ops) => serde_json::to_value(ops).map_err(|e| format!("cannot encode as JSON: {e}"))?,
+            Err(_) => serde_json::Value::Null,
+        },
+        "fetches": match &report.fetches {
+            Ok(f) => serde_json::to_value(f).map_err(|e| format!("cannot encode as JSON: {e}"))?,
             Err(_) => serde_json::Value::Null,
         },
         "mounts": mounts,
@@ -278,6 +348,9 @@ pub fn failures(report: &Report) -> Vec<String> {
     }
     if let Err(e) = &report.peers {
         out.push(format!("keibi-syncd peers: {e}"));
+    }
+    if let Err(e) = &report.fetches {
+        out.push(format!("keibi-syncd fetches: {e}"));
     }
     for (label, r) in &report.mounts {
         if let Err(e) = r {
@@ -306,6 +379,7 @@ mod tests {
         let r = Report {
             syncd: Err(no_answer(Duration::from_secs(5))),
             peers: Err(no_answer(Duration::from_secs(5))),
+            fetches: Err(no_answer(Duration::from_secs(5))),
             mounts: vec![("/mnt/keibi".into(), Ok(vec![op("lookup")]))],
         };
         assert!(r.any_answer());
@@ -343,10 +417,11 @@ mod tests {
         let r = Report {
             syncd: Err("cannot connect".into()),
             peers: Err("cannot connect".into()),
+            fetches: Err("cannot connect".into()),
             mounts: vec![("/mnt/keibi".into(), Err("cannot connect".into()))],
         };
         assert!(!r.any_answer());
-        assert_eq!(failures(&r).len(), 3);
+        assert_eq!(failures(&r).len(), 4);
     }
 
     #[test]
@@ -361,6 +436,7 @@ mod tests {
                 age_ms: 250,
                 bytes: 4096,
             }]),
+            fetches: Ok(Vec::new()),
             mounts: Vec::new(),
         };
         let t = table(&r);
@@ -377,5 +453,49 @@ mod tests {
         assert_eq!(v["peers"][0]["request"], "Bulk");
         assert_eq!(v["peers"][0]["outgoing"], true);
         assert_eq!(v["peers"][0]["bytes"], 4096);
+    }
+
+    #[test]
+    fn chunk_fetches_have_their_own_section_and_json_key() {
+        let r = Report {
+            syncd: Ok(Vec::new()),
+            peers: Ok(Vec::new()),
+            fetches: Ok(vec![
+                FetchInFlight {
+                    ino: 42,
+                    chunk: 7,
+                    peer: "C".repeat(52),
+                    age_ms: 120,
+                    demanded: true,
+                },
+                FetchInFlight {
+                    ino: 42,
+                    chunk: 8,
+                    peer: "C".repeat(52),
+                    age_ms: 80,
+                    demanded: false,
+                },
+            ]),
+            mounts: Vec::new(),
+        };
+        let t = table(&r);
+        let rows: Vec<Vec<&str>> = t
+            .lines()
+            .filter(|l| l.starts_with("42 "))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows.len(), 2, "{t}");
+        assert_eq!(rows[0][..2], ["42", "7"]);
+        assert_eq!(rows[0].last(), Some(&"read"));
+        assert_eq!(rows[1].last(), Some(&"ahead"));
+        assert!(t.contains("120ms"), "{t}");
+        let v: serde_json::Value = serde_json::from_str(&json(&r).expect("json")).expect("parse");
+        assert_eq!(v["fetches"][0]["chunk"], 7);
+        assert_eq!(v["fetches"][1]["demanded"], false);
+        let empty = Report {
+            fetches: Ok(Vec::new()),
+            ..r
+        };
+        assert!(table(&empty).contains("keibi-syncd fetches: nothing in flight"));
     }
 }

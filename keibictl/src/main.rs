@@ -59,6 +59,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// The most files `status --files` lists.
+const NOT_LOCAL_LIMIT: u32 = 10_000;
+
 /// Run the command; the error is the reason shown to the user.
 fn run(args: &cli::Args) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -66,17 +69,39 @@ fn run(args: &cli::Args) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     match &args.command {
-        cli::Command::Status { json } => {
-            let answer = runtime.block_on(query::status(&args.socket, args.timeout));
+        cli::Command::Status { json, files: true } => {
+            let answer = runtime.block_on(query::not_local(
+                &args.socket,
+                args.timeout,
+                NOT_LOCAL_LIMIT,
+            ));
+            runtime.shutdown_background();
+            let list = answer?;
+            let text = if *json {
+                render::not_local_json(&list)?
+            } else {
+                render::not_local_table(&list)
+            };
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(|e| format!("cannot write the answer: {e}"))
+        }
+        cli::Command::Status { json, files: false } => {
+            let answer = runtime.block_on(query::status_with_sync(&args.socket, args.timeout));
             // A handshake stuck on a stalled syncd sits in a blocking thread
             // that would keep a plain drop of the runtime waiting; we already
             // gave up on it.
             runtime.shutdown_background();
-            let status = answer?;
+            let (status, sync) = answer?;
             let text = if *json {
-                render::status_json(&status)?
+                render::status_json(&status, &sync)?
             } else {
-                render::status_table(&status)
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
+                render::status_table(&status) + &render::sync_text(&sync, now)
             };
             let mut out = std::io::stdout().lock();
             out.write_all(text.as_bytes())

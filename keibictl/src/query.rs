@@ -7,17 +7,46 @@
 //! connection but stopped (`SIGSTOP`) cannot hold keibictl past it.
 
 use ipc_schema::transport::{connect_control, context_with_timeout};
-use ipc_schema::{CheckReport, PeerIdentity, Status};
+use ipc_schema::{CheckReport, NotLocal, PeerIdentity, Status, SyncStatus};
 use std::path::Path;
 use std::time::Duration;
 use tarpc::client::RpcError;
 
-/// syncd's status, or the reason it could not be had.
-pub async fn status(socket: &Path, timeout: Duration) -> Result<Status, String> {
+/// syncd's status and its sync status (one connection), or the reason
+/// they could not be had.
+pub async fn status_with_sync(
+    socket: &Path,
+    timeout: Duration,
+) -> Result<(Status, SyncStatus), String> {
+    let exchange = async {
+        let client = connect_control(socket).await.map_err(|e| e.to_string())?;
+        let status = client
+            .status(context_with_timeout(timeout))
+            .await
+            .map_err(|e| rpc_reason(socket, timeout, &e))?;
+        let sync = client
+            .sync_status(context_with_timeout(timeout))
+            .await
+            .map_err(|e| rpc_reason(socket, timeout, &e))?;
+        Ok((status, sync))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(answer) => answer,
+        Err(_) => Err(no_answer(socket, timeout)),
+    }
+}
+
+/// The files whose bytes are not all local (at most `limit`), or the
+/// reason they could not be had.
+pub async fn not_local(
+    socket: &Path,
+    timeout: Duration,
+    limit: u32,
+) -> Result<Vec<NotLocal>, String> {
     let exchange = async {
         let client = connect_control(socket).await.map_err(|e| e.to_string())?;
         client
-            .status(context_with_timeout(timeout))
+            .not_local(context_with_timeout(timeout), limit)
             .await
             .map_err(|e| rpc_reason(socket, timeout, &e))
     };
@@ -89,7 +118,7 @@ mod tests {
     async fn missing_socket_names_the_path() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("control.sock");
-        let err = status(&path, Duration::from_secs(2))
+        let err = status_with_sync(&path, Duration::from_secs(2))
             .await
             .expect_err("no socket there");
         assert!(err.contains("control.sock"), "{err}");
@@ -107,7 +136,7 @@ mod tests {
             .expect("runtime");
         let started = std::time::Instant::now();
         let err = runtime
-            .block_on(status(&path, Duration::from_millis(300)))
+            .block_on(status_with_sync(&path, Duration::from_millis(300)))
             .expect_err("nobody answers");
         runtime.shutdown_background();
         assert!(err.contains("did not answer"), "{err}");

@@ -2,16 +2,153 @@
 //!
 //! The JSON is serde's form of `ipc_schema::Status` as is, so scripts see
 //! the same field names as the protocol (`uptime_secs`, `mounts[].info.pid`,
-//! ...), and a new field in the protocol shows up without a change here.
+//! ...), and a new field in the protocol shows up without a change here;
+//! the sync state is under the key `sync` (serde's form of
+//! `ipc_schema::SyncStatus`).
 
-use ipc_schema::{CheckReport, MountStatus, PeerIdentity, Status};
+use ipc_schema::{CheckReport, MountStatus, NotLocal, PeerIdentity, PeerSync, Status, SyncStatus};
 use std::fmt::Write;
 use std::time::Duration;
 
-/// The status as one pretty-printed JSON object and a newline.
-pub fn status_json(status: &Status) -> Result<String, String> {
-    let mut s = serde_json::to_string_pretty(status)
+/// The status as one pretty-printed JSON object and a newline, with the
+/// sync state under `sync`.
+pub fn status_json(status: &Status, sync: &SyncStatus) -> Result<String, String> {
+    let mut v = serde_json::to_value(status)
         .map_err(|e| format!("cannot encode the status as JSON: {e}"))?;
+    let sync =
+        serde_json::to_value(sync).map_err(|e| format!("cannot encode the status as JSON: {e}"))?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("sync".into(), sync);
+    }
+    let mut s = serde_json::to_string_pretty(&v)
+        .map_err(|e| format!("cannot encode the status as JSON: {e}"))?;
+    s.push('\n');
+    Ok(s)
+}
+
+/// The sync part of `status` for people: this device, the local change
+/// log, and one `sync:` line per peer: `in sync`, `N changes pending`
+/// (ours not yet pulled, theirs not yet applied, theirs waiting here), or
+/// `unreachable since T` (UTC). `now` is the current time (seconds since
+/// the epoch), for the age.
+pub fn sync_text(sync: &SyncStatus, now: i64) -> String {
+    let mut out = String::new();
+    let rows = [
+        ("device", sync.device.clone()),
+        ("local seq", sync.local_seq.to_string()),
+        ("unversioned", sync.dirty.to_string()),
+        (
+            "not local",
+            format!(
+                "{} files, {} missing",
+                sync.partial_files,
+                bytes(sync.missing_bytes)
+            ),
+        ),
+        ("conflicts", sync.conflicts.to_string()),
+    ];
+    for (key, value) in rows {
+        let _ = writeln!(out, "{key:<12} {value}");
+    }
+    if sync.peers.is_empty() {
+        let _ = writeln!(out, "sync:        no paired peers");
+    }
+    for p in &sync.peers {
+        let who = match &p.name {
+            Some(n) => format!("{n} ({})", short(&p.fingerprint)),
+            None => short(&p.fingerprint),
+        };
+        let _ = writeln!(out, "sync:        {who}: {}", peer_state(p, now));
+    }
+    out
+}
+
+/// One peer's sync state in words.
+pub fn peer_state(p: &PeerSync, now: i64) -> String {
+    if !p.connected {
+        return match p.unreachable_since {
+            Some(t) => format!(
+                "unreachable since {} ({} ago){}",
+                utc(t),
+                seconds(now.saturating_sub(t).max(0) as u64),
+                pending_suffix(p)
+            ),
+            None => format!("never connected{}", pending_suffix(p)),
+        };
+    }
+    let pending = p.pending_out + p.pending_in + p.deferred;
+    if pending == 0 {
+        "in sync".into()
+    } else {
+        format!(
+            "{pending} changes pending ({} to send, {} to apply, {} waiting)",
+            p.pending_out, p.pending_in, p.deferred
+        )
+    }
+}
+
+fn pending_suffix(p: &PeerSync) -> String {
+    if p.pending_out == 0 {
+        String::new()
+    } else {
+        format!(", {} changes pending", p.pending_out)
+    }
+}
+
+/// The first 8 characters of a fingerprint, then `…`.
+fn short(fingerprint: &str) -> String {
+    let head: String = fingerprint.chars().take(8).collect();
+    if fingerprint.chars().count() > 8 {
+        format!("{head}…")
+    } else {
+        head
+    }
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+fn utc(secs: i64) -> String {
+    let d = Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + d).to_string()
+}
+
+/// The files not all local as a table: path, size and bytes present (in
+/// bytes).
+pub fn not_local_table(list: &[NotLocal]) -> String {
+    if list.is_empty() {
+        return "every file is local\n".into();
+    }
+    let mut rows = vec![["PATH", "SIZE", "PRESENT"].map(String::from)];
+    for f in list {
+        rows.push([
+            f.path.clone(),
+            f.size.to_string(),
+            f.present_bytes.to_string(),
+        ]);
+    }
+    let mut widths = [0usize; 3];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let line = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The files not all local as a JSON array and a newline.
+pub fn not_local_json(list: &[NotLocal]) -> Result<String, String> {
+    let mut s = serde_json::to_string_pretty(list)
+        .map_err(|e| format!("cannot encode the list as JSON: {e}"))?;
     s.push('\n');
     Ok(s)
 }
@@ -277,9 +414,10 @@ mod tests {
     #[test]
     fn json_round_trips() {
         let s = sample();
-        let text = status_json(&s).expect("json");
+        let text = status_json(&s, &SyncStatus::default()).expect("json");
         let v: serde_json::Value = serde_json::from_str(&text).expect("parse");
         assert_eq!(v["pid"], 4242);
+        assert!(v["sync"].is_object());
         assert_eq!(v["mounts"][0]["info"]["mountpoint"], "/mnt/keibi");
         assert_eq!(v["mounts"][0]["open_handles"], 3);
         let back: Status = serde_json::from_str(&text).expect("decode as Status");
@@ -303,5 +441,89 @@ mod tests {
         assert_eq!(bytes(0), "0");
         assert_eq!(bytes(1023), "1023");
         assert_eq!(bytes(1536), "1536 (1.5 KiB)");
+    }
+
+    fn peer(connected: bool) -> PeerSync {
+        PeerSync {
+            fingerprint: "ABCDEFGHIJKL".into(),
+            name: Some("bob".into()),
+            connected,
+            unreachable_since: None,
+            pending_out: 0,
+            pending_in: 0,
+            acked_seq: 0,
+            applied_seq: 0,
+            deferred: 0,
+        }
+    }
+
+    #[test]
+    fn each_peer_gets_a_sync_line_in_words() {
+        let in_sync = peer(true);
+        let pending = PeerSync {
+            pending_out: 2,
+            pending_in: 3,
+            deferred: 1,
+            ..peer(true)
+        };
+        let gone = PeerSync {
+            unreachable_since: Some(1_764_480_000),
+            pending_out: 4,
+            ..peer(false)
+        };
+        assert_eq!(peer_state(&in_sync, 0), "in sync");
+        assert_eq!(
+            peer_state(&pending, 0),
+            "6 changes pending (2 to send, 3 to apply, 1 waiting)"
+        );
+        assert_eq!(
+            peer_state(&gone, 1_764_480_090),
+            "unreachable since 2025-11-30T05:20:00Z (1m 30s ago), 4 changes pending"
+        );
+        let sync = SyncStatus {
+            device: "0123456789abcdef".into(),
+            local_seq: 17,
+            peers: vec![in_sync, gone],
+            partial_files: 2,
+            missing_bytes: 3 << 20,
+            conflicts: 1,
+            ..SyncStatus::default()
+        };
+        let t = sync_text(&sync, 1_764_480_090);
+        let lines: Vec<&str> = t.lines().filter(|l| l.starts_with("sync:")).collect();
+        assert_eq!(lines.len(), 2, "{t}");
+        assert!(lines[0].ends_with("bob (ABCDEFGH…): in sync"), "{t}");
+        assert!(
+            lines[1].contains("unreachable since 2025-11-30T05:20:00Z"),
+            "{t}"
+        );
+        assert!(
+            t.contains("not local    2 files, 3145728 (3.0 MiB) missing"),
+            "{t}"
+        );
+        assert!(t.contains("conflicts    1"), "{t}");
+        let j = status_json(&sample(), &sync).expect("json");
+        let v: serde_json::Value = serde_json::from_str(&j).expect("parse");
+        assert_eq!(v["sync"]["local_seq"], 17);
+        assert_eq!(v["sync"]["peers"][1]["unreachable_since"], 1_764_480_000);
+        assert_eq!(v["pid"], 4242, "the status fields stay where they were");
+    }
+
+    #[test]
+    fn files_not_local_are_listed_with_size_and_presence() {
+        assert_eq!(not_local_table(&[]), "every file is local\n");
+        let list = vec![NotLocal {
+            path: "/big/file.bin".into(),
+            ino: 9,
+            size: 4 << 20,
+            present_bytes: 1 << 20,
+        }];
+        let t = not_local_table(&list);
+        let row: Vec<&str> = t.lines().nth(1).expect("row").split_whitespace().collect();
+        assert_eq!(row, ["/big/file.bin", "4194304", "1048576"]);
+        let v: serde_json::Value =
+            serde_json::from_str(&not_local_json(&list).expect("json")).expect("parse");
+        assert_eq!(v[0]["path"], "/big/file.bin");
+        assert_eq!(v[0]["present_bytes"], 1 << 20);
     }
 }

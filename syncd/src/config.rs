@@ -33,6 +33,15 @@ const DEFAULT_PEER_REKEY_BYTES: u64 = 1 << 30;
 const MIN_PEER_REKEY_BYTES: u64 = 65536;
 /// `peer_rekey_interval` when not set.
 const DEFAULT_PEER_REKEY_INTERVAL: Duration = Duration::from_secs(600);
+/// `eager_fetch_max` when not set: 1 MiB.
+const DEFAULT_EAGER_FETCH_MAX: u64 = 1 << 20;
+/// `fetch_parallel` when not set.
+const DEFAULT_FETCH_PARALLEL: usize = 8;
+/// The largest `fetch_parallel` accepted (a connection carries at most
+/// 128 requests at once, shared by every file).
+const MAX_FETCH_PARALLEL: usize = 64;
+/// `fetch_readahead_max` when not set: 8 MiB.
+const DEFAULT_FETCH_READAHEAD_MAX: u64 = 8 << 20;
 
 /// keibi-syncd: the unprivileged daemon that owns keibi's metadata store
 /// and content, serving keibi-mountd and keibictl over Unix sockets.
@@ -90,6 +99,9 @@ struct FileConfig {
     peer_reconnect_max: Option<String>,
     peer_rekey_bytes: Option<u64>,
     peer_rekey_interval: Option<String>,
+    eager_fetch_max: Option<u64>,
+    fetch_parallel: Option<usize>,
+    fetch_readahead_max: Option<u64>,
 }
 
 /// The settings syncd runs with.
@@ -127,6 +139,15 @@ pub struct Config {
     /// Time after which a direction changes its key
     /// (`peer_rekey_interval`).
     pub peer_rekey_interval: Duration,
+    /// Files from a peer up to this size are fetched whole as soon as
+    /// their version arrives (`eager_fetch_max`); larger ones on demand.
+    pub eager_fetch_max: u64,
+    /// At most this many chunk requests of one file in flight
+    /// (`fetch_parallel`).
+    pub fetch_parallel: usize,
+    /// The largest read-ahead window of a sequential reader, in bytes
+    /// (`fetch_readahead_max`; 0: no read-ahead).
+    pub fetch_readahead_max: u64,
 }
 
 impl Config {
@@ -175,7 +196,18 @@ impl Config {
                 "peer_rekey_bytes = {peer_rekey_bytes} is below the minimum, {MIN_PEER_REKEY_BYTES}"
             ));
         }
+        let fetch_parallel = file.fetch_parallel.unwrap_or(DEFAULT_FETCH_PARALLEL);
+        if !(1..=MAX_FETCH_PARALLEL).contains(&fetch_parallel) {
+            return Err(format!(
+                "fetch_parallel = {fetch_parallel} is not between 1 and {MAX_FETCH_PARALLEL}"
+            ));
+        }
         Ok(Config {
+            eager_fetch_max: file.eager_fetch_max.unwrap_or(DEFAULT_EAGER_FETCH_MAX),
+            fetch_parallel,
+            fetch_readahead_max: file
+                .fetch_readahead_max
+                .unwrap_or(DEFAULT_FETCH_READAHEAD_MAX),
             listen,
             peer_timeout: duration("peer_timeout", file.peer_timeout, DEFAULT_PEER_TIMEOUT)?,
             peer_reconnect_max: duration(
@@ -371,6 +403,33 @@ mod tests {
     }
 
     #[test]
+    fn fetch_keys_have_defaults_and_are_parsed() {
+        let c = Config::merge(&Cli::default(), FileConfig::default()).expect("config");
+        assert_eq!(c.eager_fetch_max, 1 << 20);
+        assert_eq!(c.fetch_parallel, 8);
+        assert_eq!(c.fetch_readahead_max, 8 << 20);
+        let file: FileConfig = toml::from_str(
+            r#"
+            eager_fetch_max = 0
+            fetch_parallel = 2
+            fetch_readahead_max = 1048576
+            "#,
+        )
+        .expect("toml");
+        let c = Config::merge(&Cli::default(), file).expect("config");
+        assert_eq!(c.eager_fetch_max, 0);
+        assert_eq!(c.fetch_parallel, 2);
+        assert_eq!(c.fetch_readahead_max, 1 << 20);
+        for bad in ["fetch_parallel = 0", "fetch_parallel = 65"] {
+            let file: FileConfig = toml::from_str(bad).expect("toml");
+            let err = Config::merge(&Cli::default(), file).expect_err(bad);
+            assert!(err.contains("fetch_parallel"), "{bad}: {err}");
+        }
+        let err = toml::from_str::<FileConfig>("eager_fetch_max = -1").expect_err("negative");
+        assert!(err.to_string().contains("eager_fetch_max"), "{err}");
+    }
+
+    #[test]
     fn listen_is_parsed_and_empty_means_dial_only() {
         let file: FileConfig =
             toml::from_str(r#"listen = ["127.0.0.1:4000", "[::1]:4001"]"#).expect("toml");
@@ -420,6 +479,9 @@ mod tests {
             defaults.peer_rekey_interval
         );
         assert_eq!(file.peer_rekey_bytes, Some(defaults.peer_rekey_bytes));
+        assert_eq!(file.eager_fetch_max, Some(defaults.eager_fetch_max));
+        assert_eq!(file.fetch_parallel, Some(defaults.fetch_parallel));
+        assert_eq!(file.fetch_readahead_max, Some(defaults.fetch_readahead_max));
     }
 
     #[test]

@@ -1,6 +1,20 @@
 //! Content files: the bytes of regular files, one ordinary file per inode
-//! under `<state>/content/`, named by the inode number in 16 hex digits and
-//! created with mode 0600 (only syncd's user can open them).
+//! and *content generation* under `<state>/content/`, created with mode
+//! 0600 (only syncd's user can open them). Generation 0 is named by the
+//! inode number in 16 hex digits (`<ino:016x>`, the only name before store
+//! format 3); generation g > 0 is `<ino:016x>.<g:08x>`.
+//!
+//! A generation is a whole version of the bytes. Local writes change the
+//! current generation in place; a version applied from a peer starts the
+//! next one (a new, sparse file filled from the old one where chunks match
+//! and from the peer on demand), so syncd never rewrites bytes under a
+//! descriptor that mountd (or the kernel, for a passthrough file) holds:
+//! an open handle keeps reading the generation it opened. The store
+//! records the current generation in the inode ([`crate::store::records`])
+//! and each handle's generation in the open table ([`crate::opens`]); an
+//! older generation is removed at its last release (or, after a crash, by
+//! the start-up scan, which removes every file that is not the current
+//! generation of an inode).
 //!
 //! syncd rarely touches the bytes itself: it opens a content file with the
 //! access mode an `open` asked for and passes the descriptor to mountd,
@@ -91,15 +105,44 @@ impl ContentStat {
     }
 }
 
-/// The name of the content file of `ino` inside the content directory:
-/// 16 lower-case hex digits.
-fn file_name(ino: u64) -> [u8; 16] {
+/// The name of the content file of `ino` generation `generation` inside
+/// the content directory: 16 lower-case hex digits, and for a generation
+/// above 0 a dot and at least 8 more.
+fn file_name(ino: u64, generation: u64) -> Vec<u8> {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut name = [0u8; 16];
-    for (i, c) in name.iter_mut().enumerate() {
-        *c = HEX[((ino >> (60 - 4 * i)) & 0xf) as usize];
+    let mut name = Vec::with_capacity(if generation == 0 { 16 } else { 33 });
+    for i in 0..16 {
+        name.push(HEX[((ino >> (60 - 4 * i)) & 0xf) as usize]);
+    }
+    if generation > 0 {
+        name.extend_from_slice(format!(".{generation:08x}").as_bytes());
     }
     name
+}
+
+/// The inode and generation a content file name stands for (`None` for
+/// other names).
+fn parse_name(name: &str) -> Option<(u64, u64)> {
+    let hex = |s: &str| {
+        (!s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| u64::from_str_radix(s, 16).ok())
+        .flatten()
+    };
+    let (ino, generation) = match name.split_once('.') {
+        None => (name, None),
+        Some((i, g)) => (i, Some(g)),
+    };
+    if ino.len() != 16 {
+        return None;
+    }
+    let ino = hex(ino)?;
+    match generation {
+        None => Some((ino, 0)),
+        Some(g) if g.len() >= 8 => Some((ino, hex(g).filter(|g| *g > 0)?)),
+        Some(_) => None,
+    }
 }
 
 /// The content directory of a state directory.
@@ -128,25 +171,42 @@ impl ContentDir {
         Ok(ContentDir { dir, fd })
     }
 
-    /// Path of the content file of `ino`.
+    /// Path of the content file of `ino` (generation 0).
     #[cfg(test)]
     pub fn path(&self, ino: u64) -> PathBuf {
         self.dir.join(format!("{ino:016x}"))
     }
 
-    fn open_at(&self, ino: u64, flags: OFlag) -> io::Result<OwnedFd> {
+    /// Path of the content file of `ino` generation `generation`.
+    #[cfg(test)]
+    pub fn path_gen(&self, ino: u64, generation: u64) -> PathBuf {
+        self.dir
+            .join(String::from_utf8_lossy(&file_name(ino, generation)).as_ref())
+    }
+
+    fn open_at(&self, ino: u64, generation: u64, flags: OFlag) -> io::Result<OwnedFd> {
         nix::fcntl::openat(
             &self.fd,
-            &file_name(ino)[..],
+            &file_name(ino, generation)[..],
             flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
             Mode::from_bits_truncate(CONTENT_MODE),
         )
         .map_err(io::Error::from)
     }
 
-    /// Create the (empty) content file of a new inode.
+    /// Create the (empty) content file of a new inode (generation 0).
     pub fn create(&self, ino: u64) -> io::Result<()> {
         self.create_open(ino, OFlag::O_WRONLY).map(drop)
+    }
+
+    /// Create the (empty) content file of `ino` generation `generation`
+    /// and keep it open with `access`.
+    pub fn create_gen(&self, ino: u64, generation: u64, access: OFlag) -> io::Result<OwnedFd> {
+        self.open_at(
+            ino,
+            generation,
+            (access & OFlag::O_ACCMODE) | OFlag::O_CREAT | OFlag::O_EXCL,
+        )
     }
 
     /// Create the (empty) content file of a new inode and keep it open
@@ -155,6 +215,7 @@ impl ContentDir {
     pub fn create_open(&self, ino: u64, access: OFlag) -> io::Result<OwnedFd> {
         self.open_at(
             ino,
+            0,
             (access & OFlag::O_ACCMODE) | OFlag::O_CREAT | OFlag::O_EXCL,
         )
     }
@@ -164,30 +225,37 @@ impl ContentDir {
     /// its access and modification times (and so its change time) to now:
     /// the file looks as if made by this call.
     pub fn open_spare(&self, ino: u64, access: OFlag) -> io::Result<OwnedFd> {
-        let fd = self.open(ino, access)?;
+        let fd = self.open(ino, 0, access)?;
         let now = nix::sys::time::TimeSpec::UTIME_NOW;
         nix::sys::stat::futimens(&fd, &now, &now).map_err(io::Error::from)?;
         Ok(fd)
     }
 
-    /// Open the content file of `ino` with `access` (`O_RDONLY`, `O_WRONLY`
-    /// or `O_RDWR`) and nothing else but close-on-exec.
-    pub fn open(&self, ino: u64, access: OFlag) -> io::Result<OwnedFd> {
-        self.open_at(ino, access & OFlag::O_ACCMODE)
+    /// Open the content file of `ino` generation `generation` with `access`
+    /// (`O_RDONLY`, `O_WRONLY` or `O_RDWR`) and nothing else but
+    /// close-on-exec.
+    pub fn open(&self, ino: u64, generation: u64, access: OFlag) -> io::Result<OwnedFd> {
+        self.open_at(ino, generation, access & OFlag::O_ACCMODE)
     }
 
-    /// `stat` of the content file of `ino`.
-    pub fn stat(&self, ino: u64) -> io::Result<ContentStat> {
-        nix::sys::stat::fstatat(&self.fd, &file_name(ino)[..], AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map(|s| ContentStat::from(&s))
-            .map_err(io::Error::from)
+    /// `stat` of the content file of `ino` generation `generation`.
+    pub fn stat(&self, ino: u64, generation: u64) -> io::Result<ContentStat> {
+        nix::sys::stat::fstatat(
+            &self.fd,
+            &file_name(ino, generation)[..],
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map(|s| ContentStat::from(&s))
+        .map_err(io::Error::from)
     }
 
     /// Set the size and/or the access and modification times of the
-    /// content file of `ino` through one descriptor, and `stat` it.
+    /// content file of `ino` generation `generation` through one
+    /// descriptor, and `stat` it.
     pub fn update(
         &self,
         ino: u64,
+        generation: u64,
         size: Option<u64>,
         atime: Option<TimeSet>,
         mtime: Option<TimeSet>,
@@ -197,7 +265,7 @@ impl ContentDir {
         } else {
             OFlag::O_RDONLY
         };
-        let file = File::from(self.open(ino, access)?);
+        let file = File::from(self.open(ino, generation, access)?);
         if let Some(size) = size {
             file.set_len(size)?;
         }
@@ -214,18 +282,23 @@ impl ContentDir {
         ContentStat::of(&file)
     }
 
-    /// Remove the content file of `ino`; a missing file is not an error.
-    pub fn remove(&self, ino: u64) -> io::Result<()> {
-        match nix::unistd::unlinkat(&self.fd, &file_name(ino)[..], UnlinkatFlags::NoRemoveDir) {
+    /// Remove the content file of `ino` generation `generation`; a missing
+    /// file is not an error.
+    pub fn remove(&self, ino: u64, generation: u64) -> io::Result<()> {
+        match nix::unistd::unlinkat(
+            &self.fd,
+            &file_name(ino, generation)[..],
+            UnlinkatFlags::NoRemoveDir,
+        ) {
             Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Make the content file of `ino` (and its name in the content
-    /// directory) durable.
-    pub fn sync(&self, ino: u64, datasync: bool) -> io::Result<()> {
-        let f = File::from(self.open(ino, OFlag::O_RDONLY)?);
+    /// Make the content file of `ino` generation `generation` (and its
+    /// name in the content directory) durable.
+    pub fn sync(&self, ino: u64, generation: u64, datasync: bool) -> io::Result<()> {
+        let f = File::from(self.open(ino, generation, OFlag::O_RDONLY)?);
         if datasync {
             f.sync_data()?;
         } else {
@@ -249,18 +322,14 @@ impl ContentDir {
         })
     }
 
-    /// The inode numbers of every content file (names that are not 16 hex
-    /// digits are left alone).
-    pub fn list(&self) -> io::Result<Vec<u64>> {
+    /// The inode number and generation of every content file (other names
+    /// are left alone).
+    pub fn list(&self) -> io::Result<Vec<(u64, u64)>> {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.dir)? {
             let name = entry?.file_name();
-            if let Some(ino) = name
-                .to_str()
-                .filter(|s| s.len() == 16)
-                .and_then(|s| u64::from_str_radix(s, 16).ok())
-            {
-                out.push(ino);
+            if let Some(id) = name.to_str().and_then(parse_name) {
+                out.push(id);
             }
         }
         Ok(out)
@@ -311,10 +380,10 @@ mod tests {
         let md = std::fs::metadata(c.path(0x2a)).expect("stat");
         assert_eq!(md.permissions().mode() & 0o777, 0o600);
         assert!(c.create(0x2a).is_err(), "create is exclusive");
-        let cs = c.update(0x2a, Some(5000), None, None).expect("truncate");
+        let cs = c.update(0x2a, 0, Some(5000), None, None).expect("truncate");
         assert_eq!(cs.size, 5000);
-        assert_eq!(c.stat(0x2a).expect("stat"), cs);
-        let fd = c.open(0x2a, OFlag::O_RDONLY).expect("open");
+        assert_eq!(c.stat(0x2a, 0).expect("stat"), cs);
+        let fd = c.open(0x2a, 0, OFlag::O_RDONLY).expect("open");
         let fl = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).expect("getfl");
         assert_eq!(fl & libc::O_ACCMODE, libc::O_RDONLY);
         let t = Timestamp {
@@ -322,13 +391,13 @@ mod tests {
             nanos: 5,
         };
         let cs = c
-            .update(0x2a, None, None, Some(TimeSet::At(t)))
+            .update(0x2a, 0, None, None, Some(TimeSet::At(t)))
             .expect("times");
         assert_eq!((cs.mtime, cs.size), (t, 5000));
-        assert_eq!(c.stat(0x2a).expect("stat").mtime, t);
-        c.sync(0x2a, true).expect("sync");
-        c.remove(0x2a).expect("remove");
-        c.remove(0x2a).expect("removing twice is fine");
+        assert_eq!(c.stat(0x2a, 0).expect("stat").mtime, t);
+        c.sync(0x2a, 0, true).expect("sync");
+        c.remove(0x2a, 0).expect("remove");
+        c.remove(0x2a, 0).expect("removing twice is fine");
     }
 
     #[test]
@@ -344,7 +413,7 @@ mod tests {
             let fl = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).expect("getfl");
             assert_eq!(fl & libc::O_ACCMODE, access.bits());
             let cs = ContentStat::of(&fd).expect("fstat");
-            assert_eq!(c.stat(ino).expect("stat"), cs, "the same file");
+            assert_eq!(c.stat(ino, 0).expect("stat"), cs, "the same file");
             let md = std::fs::metadata(c.path(ino)).expect("stat");
             assert_eq!(md.permissions().mode() & 0o777, 0o600);
             assert_eq!(
@@ -355,10 +424,46 @@ mod tests {
     }
 
     #[test]
-    fn file_names_are_sixteen_hex_digits() {
+    fn file_names_are_sixteen_hex_digits_and_a_generation() {
         for ino in [0, 1, 0x2a, 0xdead_beef, u64::MAX] {
-            assert_eq!(&file_name(ino)[..], format!("{ino:016x}").as_bytes());
+            assert_eq!(&file_name(ino, 0)[..], format!("{ino:016x}").as_bytes());
+            assert_eq!(parse_name(&format!("{ino:016x}")), Some((ino, 0)));
+            for g in [1, 0xffff_ffff, u64::MAX] {
+                let n = String::from_utf8(file_name(ino, g)).expect("ascii");
+                assert_eq!(n, format!("{ino:016x}.{g:08x}"));
+                assert_eq!(parse_name(&n), Some((ino, g)));
+            }
         }
+        for bad in [
+            "x",
+            "000000000000002",
+            "000000000000002a.",
+            "000000000000002a.1",
+            "000000000000002a.00000000",
+            "000000000000002A",
+            "000000000000002a.0000000g",
+        ] {
+            assert_eq!(parse_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn generations_are_separate_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = ContentDir::new(dir.path()).expect("content dir");
+        c.create(5).expect("create");
+        let fd = c
+            .create_gen(5, 2, OFlag::O_WRONLY)
+            .expect("create generation 2");
+        nix::unistd::write(&fd, b"abc").expect("write");
+        assert_eq!(c.stat(5, 2).expect("stat").size, 3);
+        assert_eq!(c.stat(5, 0).expect("stat").size, 0);
+        assert!(c.path_gen(5, 2).ends_with("0000000000000005.00000002"));
+        let mut l = c.list().expect("list");
+        l.sort_unstable();
+        assert_eq!(l, vec![(5, 0), (5, 2)]);
+        c.remove(5, 2).expect("remove");
+        assert_eq!(c.list().expect("list"), vec![(5, 0)]);
     }
 
     #[test]
@@ -370,7 +475,7 @@ mod tests {
         std::fs::write(dir.path().join("content/other"), b"x").expect("write");
         let mut l = c.list().expect("list");
         l.sort_unstable();
-        assert_eq!(l, vec![2, 0xabc]);
+        assert_eq!(l, vec![(2, 0), (0xabc, 0)]);
         c.sync_dir().expect("sync the directory");
     }
 }

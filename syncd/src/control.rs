@@ -9,6 +9,10 @@
 //! (bounded wait, then the cache), `debug_ops` reads the in-flight registry
 //! (a leaf lock), and `check` (a full scan) runs on the blocking pool.
 //!
+//! The sync commands (`sync_status`, `not_local`) read the store on the
+//! blocking pool, bounded by the request's deadline; `debug_fetches`
+//! copies the fetcher's registry.
+//!
 //! The peer commands talk to the peer manager ([`crate::peer::manager`]):
 //! `peer_list` and `debug_peer_ops` copy its table under a leaf lock;
 //! `peer_add` and `peer_remove` write the store on the blocking pool;
@@ -37,6 +41,14 @@ impl ControlServer {
     pub fn new(daemon: Arc<Daemon>) -> ControlServer {
         ControlServer { daemon }
     }
+}
+
+/// A little before the caller's deadline, so an answer (if only an empty
+/// one) still reaches it.
+fn before_deadline(ctx: &Context) -> tokio::time::Instant {
+    let now = std::time::Instant::now();
+    let left = ctx.deadline.saturating_duration_since(now);
+    tokio::time::Instant::from_std(now + left.saturating_sub(left / 10))
 }
 
 impl Control for ControlServer {
@@ -139,16 +151,45 @@ impl Control for ControlServer {
         self.daemon.peers.ops()
     }
 
-    async fn sync_status(self, _: Context) -> SyncStatus {
-        // Filled in by the sync engine.
-        SyncStatus::default()
+    async fn sync_status(self, ctx: Context) -> SyncStatus {
+        let peers = self.daemon.peers.list();
+        let sync = self.daemon.sync.clone();
+        let work =
+            tokio::task::spawn_blocking(move || crate::sync::status::sync_status(&sync, peers));
+        match tokio::time::timeout_at(before_deadline(&ctx), work).await {
+            Ok(Ok(Ok(status))) => status,
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(error = %e, "sync status: the store failed");
+                SyncStatus::default()
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "sync status failed");
+                SyncStatus::default()
+            }
+            Err(_) => SyncStatus::default(),
+        }
     }
 
-    async fn not_local(self, _: Context, _limit: u32) -> Vec<NotLocal> {
-        Vec::new()
+    async fn not_local(self, ctx: Context, limit: u32) -> Vec<NotLocal> {
+        let sync = self.daemon.sync.clone();
+        let work = tokio::task::spawn_blocking(move || {
+            crate::sync::status::not_local(&sync, limit as usize)
+        });
+        match tokio::time::timeout_at(before_deadline(&ctx), work).await {
+            Ok(Ok(Ok(list))) => list,
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(error = %e, "not_local: the store failed");
+                Vec::new()
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "not_local failed");
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        }
     }
 
     async fn debug_fetches(self, _: Context) -> Vec<FetchInFlight> {
-        Vec::new()
+        self.daemon.fetcher.debug_fetches()
     }
 }

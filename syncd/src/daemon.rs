@@ -1,12 +1,15 @@
 //! What every connection of this daemon shares: the store, the mounts that
 //! are connected, the filesystem requests in flight, the cached store
 //! figures of `keibictl status`, when the daemon started, its peer
-//! identity and the peer manager.
+//! identity, the peer manager and the sync engine.
 
 use crate::census::Census;
 use crate::opens::ConnId;
 use crate::peer::manager::Manager;
 use crate::store::Store;
+use crate::sync::engine::SyncEngine;
+use crate::sync::fetch::Fetcher;
+use crate::sync::inval::InvalQueue;
 use ipc_schema::inflight::InFlight;
 use ipc_schema::{MountInfo, PeerIdentity};
 use std::collections::BTreeMap;
@@ -30,13 +33,28 @@ pub struct Daemon {
     pub identity: PeerIdentity,
     /// The paired peers and their connections.
     pub peers: Arc<Manager>,
+    /// The sync engine.
+    pub sync: Arc<SyncEngine>,
+    /// On-demand chunk fetches (`fetch_range`, `debug_fetches`).
+    pub fetcher: Arc<Fetcher>,
+    /// Invalidations for mountd (`changes`).
+    pub invals: Arc<InvalQueue>,
     next_conn: AtomicU64,
 }
 
 impl Daemon {
     /// Shared state around `store`, answering `keibictl id` with
-    /// `identity`, with the peer manager `peers`.
-    pub fn new(store: Arc<Store>, identity: PeerIdentity, peers: Arc<Manager>) -> Daemon {
+    /// `identity`, with the peer manager `peers`, the sync engine
+    /// `sync`, the chunk fetcher
+    /// `fetcher` and the invalidation queue `invals`.
+    pub fn new(
+        store: Arc<Store>,
+        identity: PeerIdentity,
+        peers: Arc<Manager>,
+        sync: Arc<SyncEngine>,
+        fetcher: Arc<Fetcher>,
+        invals: Arc<InvalQueue>,
+    ) -> Daemon {
         Daemon {
             store,
             mounts: Mounts::default(),
@@ -45,6 +63,9 @@ impl Daemon {
             started: Instant::now(),
             identity,
             peers,
+            sync,
+            fetcher,
+            invals,
             next_conn: AtomicU64::new(1),
         }
     }

@@ -21,6 +21,11 @@
 //! that an end-to-end test can show two syncd refusing each other with
 //! both versions named. A value that is not a number is ignored with a
 //! warning.
+//!
+//! A third hook, [`CORRUPT_CHUNKS_ENV`] (`KEIBI_TEST_CORRUPT_CHUNKS=1`),
+//! makes syncd flip one byte of every file chunk it serves to a peer
+//! ([`corrupt_chunks`], used by `sync::serve`), so that an end-to-end test
+//! can show the receiving side refusing bytes that do not match their hash.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -68,6 +73,25 @@ pub fn peer_protocol_range() -> (u32, u32) {
     (v, v)
 }
 
+/// The environment variable that makes served chunks wrong (tests only).
+pub const CORRUPT_CHUNKS_ENV: &str = "KEIBI_TEST_CORRUPT_CHUNKS";
+
+static CORRUPT_CHUNKS: OnceLock<bool> = OnceLock::new();
+
+/// Whether every served chunk gets one byte flipped (the
+/// [`CORRUPT_CHUNKS_ENV`] hook is set to `1`).
+pub fn corrupt_chunks() -> bool {
+    *CORRUPT_CHUNKS.get_or_init(|| {
+        let on = std::env::var(CORRUPT_CHUNKS_ENV).is_ok_and(|v| v.trim() == "1");
+        if on {
+            tracing::warn!(
+                "test hook {CORRUPT_CHUNKS_ENV} is armed: every chunk served to a peer has a byte flipped"
+            );
+        }
+        on
+    })
+}
+
 /// Read [`STALL_ENV`] once, at start (before any store call).
 pub fn init() {
     let file = STALL_FILE.get_or_init(|| std::env::var_os(STALL_ENV).map(PathBuf::from));
@@ -78,6 +102,7 @@ pub fn init() {
         );
     }
     peer_protocol_override();
+    corrupt_chunks();
 }
 
 /// Wait while the stall file exists (tests only; returns at once when the

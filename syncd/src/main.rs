@@ -14,7 +14,9 @@
 //! store (and start making spare content files, see [`spares`]); bind
 //! every peer `listen` address (exit 1 naming the address and the errno
 //! when one cannot be, see [`peer::listen`]); load the paired peers and
-//! start dialing them ([`peer::manager`]); bind both sockets; serve. SIGTERM or SIGINT removes the unused spares, reclaims the
+//! start dialing them ([`peer::manager`]), the sync engine first (it ties
+//! the store to this device and serves the peers' requests, see
+//! [`sync::engine`]); bind both sockets; serve. SIGTERM or SIGINT removes the unused spares, reclaims the
 //! freed inodes, flushes the store, removes the socket files and exits 0. Other startup failures exit
 //! 1.
 //!
@@ -156,6 +158,16 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(EXIT_FAILURE, &format!("cannot start the runtime: {e}")),
     };
+    let device = sync::model::DeviceId::of_public_key(&id.public_key());
+    let engine = {
+        // The versioner runs on the network runtime, next to the sessions.
+        let _in_net = net_runtime.enter();
+        match sync::engine::SyncEngine::start(store.clone(), device) {
+            Ok(e) => e,
+            Err(e) => return fail(EXIT_FAILURE, &format!("cannot start the sync engine: {e}")),
+        }
+    };
+    tracing::info!(device = %device.hex(), local_seq = store.local_seq(), "sync engine started");
     let listeners = match peer::listen::bind(&config.listen) {
         Ok(l) => l,
         Err(e) => return fail(EXIT_FAILURE, &e),
@@ -181,11 +193,24 @@ fn main() -> ExitCode {
             reconnect_max: config.peer_reconnect_max,
             peer_timeout: config.peer_timeout,
         },
-        Arc::new(peer::requests::DefaultHandler),
+        engine.handler(),
     ) {
         Ok(m) => m,
         Err(e) => return fail(EXIT_FAILURE, &format!("cannot load the peers: {e}")),
     };
+    let fetcher = sync::fetch::Fetcher::new(
+        store.clone(),
+        manager.clone(),
+        sync::fetch::FetchConfig::of(&config),
+        net_runtime.handle().clone(),
+    );
+    let invals = Arc::new(sync::inval::InvalQueue::new());
+    engine.set_data_path(Arc::new(sync::wired::Wired {
+        store: store.clone(),
+        fetcher: fetcher.clone(),
+        invals: invals.clone(),
+        eager_fetch_max: config.eager_fetch_max,
+    }));
     let identity = ipc_schema::PeerIdentity {
         fingerprint: id.fingerprint(),
         public_key: id.public_key().iter().map(|b| format!("{b:02x}")).collect(),
@@ -216,6 +241,8 @@ fn main() -> ExitCode {
         store,
         identity,
         manager,
+        engine,
+        (fetcher, invals),
         fs_runtime.handle(),
     ));
     // Requests still running after the flush have nobody to answer.
@@ -262,13 +289,22 @@ async fn run(
     store: Arc<Store>,
     identity: ipc_schema::PeerIdentity,
     peers: Arc<peer::manager::Manager>,
+    sync: Arc<sync::engine::SyncEngine>,
+    (fetcher, invals): (Arc<sync::fetch::Fetcher>, Arc<sync::inval::InvalQueue>),
     fs: &tokio::runtime::Handle,
 ) -> Result<(), String> {
     // Handlers first: once a socket exists, SIGTERM must mean "shut down
     // cleanly", never the default action.
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
-    let daemon = Arc::new(Daemon::new(store.clone(), identity, peers.clone()));
+    let daemon = Arc::new(Daemon::new(
+        store.clone(),
+        identity,
+        peers.clone(),
+        sync,
+        fetcher,
+        invals,
+    ));
     let fs_listener = {
         // Registered with the filesystem runtime's reactor.
         let _in_fs = fs.enter();

@@ -67,11 +67,23 @@
 //! kept (mountd answers `fstat` of one from its own cache, see
 //! `docs/architecture.md`).
 //!
+//! # Content generations
+//!
+//! Each handle also records the content generation it opened (see
+//! [`crate::content`]) and whether it may write. When a version from a
+//! peer starts a new generation, the old one is *retired*
+//! ([`OpenTable::retire`]): its file stays while a handle has it open, and
+//! the last handle of it to go puts it on the list of generations nobody
+//! uses ([`OpenTable::take_unpinned`]), which the store hands to its
+//! reclaimer. Handles that mountd reports after a syncd restart get the
+//! inode's current generation (the start-up scan removed every other
+//! file, and their descriptors keep what they read).
+//!
 //! This table is plain data; the store wraps it in a mutex (see the lock
 //! order in `store/mod.rs`).
 
 use ipc_schema::{HandleId, Ino};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One filesystem connection (one mountd connection), numbered by syncd.
@@ -124,12 +136,31 @@ struct Conn {
     mount: Option<MountKey>,
 }
 
+/// One open handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Handle {
+    ino: Ino,
+    conn: ConnId,
+    /// The content generation it reads.
+    generation: u64,
+    /// Opened for writing.
+    write: bool,
+}
+
 /// Open handles by id, open counts by inode, kernel references of
 /// unlinked inodes, and connections.
 #[derive(Debug, Default)]
 pub struct OpenTable {
-    handles: HashMap<HandleId, (Ino, ConnId)>,
+    handles: HashMap<HandleId, Handle>,
     counts: HashMap<Ino, u32>,
+    /// Handles per (inode, generation).
+    gens: HashMap<(Ino, u64), u32>,
+    /// Handles opened for writing, per inode.
+    writers: HashMap<Ino, u32>,
+    /// Generations that are no longer current but still open.
+    retired: HashSet<(Ino, u64)>,
+    /// Retired generations whose last handle went: to remove.
+    unpinned: Vec<(Ino, u64)>,
     /// Unlinked inodes a mount's kernel still references, with the
     /// connections (one per mount) that hold the references.
     refs: HashMap<Ino, Vec<ConnId>>,
@@ -170,25 +201,98 @@ impl OpenTable {
     /// Record `handle` on `ino` for `conn`. Returns false (and records
     /// nothing) if `conn` is no longer live: an open that finishes after
     /// its connection ended must not pin the inode.
+    #[cfg(test)]
     pub fn add(&mut self, handle: HandleId, ino: Ino, conn: ConnId) -> bool {
+        self.add_open(handle, ino, conn, 0, false)
+    }
+
+    /// Record `handle` on `ino` generation `generation` for `conn`, opened
+    /// for writing if `write`. Returns false (and records nothing) if
+    /// `conn` is no longer live: an open that finishes after its
+    /// connection ended must not pin the inode.
+    pub fn add_open(
+        &mut self,
+        handle: HandleId,
+        ino: Ino,
+        conn: ConnId,
+        generation: u64,
+        write: bool,
+    ) -> bool {
         if !self.conns.get(&conn).is_some_and(|c| c.live) {
             return false;
         }
-        if let Some(old) = self.handles.insert(handle, (ino, conn)) {
-            // Never happens (ids are unique); keep the counts right anyway.
-            self.decrement(old.0);
-        }
-        *self.counts.entry(ino).or_insert(0) += 1;
+        self.insert(
+            handle,
+            Handle {
+                ino,
+                conn,
+                generation,
+                write,
+            },
+        );
         true
+    }
+
+    fn insert(&mut self, handle: HandleId, h: Handle) {
+        if let Some(old) = self.handles.insert(handle, h) {
+            // Never happens (ids are unique); keep the counts right anyway.
+            self.decrement(&old);
+        }
+        *self.counts.entry(h.ino).or_insert(0) += 1;
+        *self.gens.entry((h.ino, h.generation)).or_insert(0) += 1;
+        if h.write {
+            *self.writers.entry(h.ino).or_insert(0) += 1;
+        }
     }
 
     /// Forget `handle`. Returns its inode and how many handles that inode
     /// still has, or `None` for an unknown handle.
     pub fn remove(&mut self, handle: HandleId) -> Option<(Ino, u32)> {
-        let (ino, conn) = self.handles.remove(&handle)?;
-        let left = self.decrement(ino);
-        self.forget_conn_if_done(conn);
-        Some((ino, left))
+        self.remove_open(handle).map(|(ino, left, _)| (ino, left))
+    }
+
+    /// [`OpenTable::remove`], also answering whether the handle was
+    /// opened for writing.
+    pub fn remove_open(&mut self, handle: HandleId) -> Option<(Ino, u32, bool)> {
+        let h = self.handles.remove(&handle)?;
+        let left = self.decrement(&h);
+        self.forget_conn_if_done(h.conn);
+        Some((h.ino, left, h.write))
+    }
+
+    /// The inode and generation `handle` reads.
+    pub fn version_of(&self, handle: HandleId) -> Option<(Ino, u64)> {
+        self.handles.get(&handle).map(|h| (h.ino, h.generation))
+    }
+
+    /// Whether a handle of `ino` may write.
+    pub fn has_writer(&self, ino: Ino) -> bool {
+        self.writers.contains_key(&ino)
+    }
+
+    /// Generation `generation` of `ino` is no longer current: answers true
+    /// if no handle has it open (remove it now); else it is removed when
+    /// its last handle goes ([`OpenTable::take_unpinned`]).
+    pub fn retire(&mut self, ino: Ino, generation: u64) -> bool {
+        if self.gens.contains_key(&(ino, generation)) {
+            self.retired.insert((ino, generation));
+            false
+        } else {
+            true
+        }
+    }
+
+    /// Retired generations whose last handle went since the last call.
+    pub fn take_unpinned(&mut self) -> Vec<(Ino, u64)> {
+        std::mem::take(&mut self.unpinned)
+    }
+
+    /// Set the generation of a handle (re-registered after a restart).
+    pub fn set_generation(&mut self, handle: HandleId, generation: u64) {
+        if let Some(h) = self.handles.get(&handle).copied() {
+            self.decrement(&h);
+            self.insert(handle, Handle { generation, ..h });
+        }
     }
 
     /// The connection `conn` ended. Its handles are parked for its mount's
@@ -250,19 +354,24 @@ impl OpenTable {
         if !fresh {
             for (h, ino) in held {
                 match self.handles.get_mut(h) {
-                    Some((_, c)) if earlier.contains(c) || *c == conn => *c = conn,
+                    Some(x) if earlier.contains(&x.conn) || x.conn == conn => x.conn = conn,
                     Some(_) => continue,
-                    None => {
-                        self.handles.insert(*h, (*ino, conn));
-                        *self.counts.entry(*ino).or_insert(0) += 1;
-                    }
+                    None => self.insert(
+                        *h,
+                        Handle {
+                            ino: *ino,
+                            conn,
+                            generation: 0,
+                            write: false,
+                        },
+                    ),
                 }
                 settled.kept += 1;
             }
         }
         let gone: Vec<(HandleId, Ino)> = theirs
             .into_iter()
-            .filter(|(h, _)| self.handles.get(h).is_some_and(|(_, c)| *c != conn))
+            .filter(|(h, _)| self.handles.get(h).is_some_and(|x| x.conn != conn))
             .collect();
         settled.dropped = gone.len();
         settled.closed = self.drop_handles(&gone);
@@ -348,23 +457,25 @@ impl OpenTable {
 
     /// How many handles `conn` has.
     pub fn handles_of(&self, conn: ConnId) -> u64 {
-        self.handles.values().filter(|(_, c)| *c == conn).count() as u64
+        self.handles.values().filter(|h| h.conn == conn).count() as u64
     }
 
     fn handles_on(&self, pick: impl Fn(ConnId) -> bool) -> Vec<(HandleId, Ino)> {
         self.handles
             .iter()
-            .filter(|(_, (_, c))| pick(*c))
-            .map(|(h, (i, _))| (*h, *i))
+            .filter(|(_, h)| pick(h.conn))
+            .map(|(id, h)| (*id, h.ino))
             .collect()
     }
 
     /// Remove `gone`; returns the inodes left with no handle.
     fn drop_handles(&mut self, gone: &[(HandleId, Ino)]) -> Vec<Ino> {
         let mut closed = Vec::new();
-        for (h, ino) in gone {
-            if self.handles.remove(h).is_some() && self.decrement(*ino) == 0 {
-                closed.push(*ino);
+        for (id, _) in gone {
+            if let Some(h) = self.handles.remove(id)
+                && self.decrement(&h) == 0
+            {
+                closed.push(h.ino);
             }
         }
         closed
@@ -391,14 +502,33 @@ impl OpenTable {
     /// kernel reference left.
     fn forget_conn_if_done(&mut self, conn: ConnId) {
         if self.conns.get(&conn).is_some_and(|c| !c.live)
-            && !self.handles.values().any(|(_, c)| *c == conn)
+            && !self.handles.values().any(|h| h.conn == conn)
             && !self.refs.values().any(|h| h.contains(&conn))
         {
             self.conns.remove(&conn);
         }
     }
 
-    fn decrement(&mut self, ino: Ino) -> u32 {
+    fn decrement(&mut self, h: &Handle) -> u32 {
+        let key = (h.ino, h.generation);
+        match self.gens.get_mut(&key) {
+            Some(n) if *n > 1 => *n -= 1,
+            _ => {
+                self.gens.remove(&key);
+                if self.retired.remove(&key) {
+                    self.unpinned.push(key);
+                }
+            }
+        }
+        if h.write {
+            match self.writers.get_mut(&h.ino) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => {
+                    self.writers.remove(&h.ino);
+                }
+            }
+        }
+        let ino = h.ino;
         match self.counts.get_mut(&ino) {
             Some(n) if *n > 1 => {
                 *n -= 1;
@@ -578,6 +708,31 @@ mod tests {
         // A connection without a mount keeps nothing when it ends.
         t.reference(Ino(11), bare);
         assert_eq!(t.disconnect(bare), (0, vec![Ino(11)]));
+    }
+
+    #[test]
+    fn retired_generations_are_unpinned_by_their_last_handle() {
+        let mut t = OpenTable::default();
+        let c = ConnId(1);
+        t.connect(c);
+        assert!(t.add_open(HandleId(1), Ino(5), c, 0, false));
+        assert!(t.add_open(HandleId(2), Ino(5), c, 0, true));
+        assert!(t.has_writer(Ino(5)));
+        assert_eq!(t.version_of(HandleId(2)), Some((Ino(5), 0)));
+        assert!(t.retire(Ino(5), 3), "generation 3 is not open");
+        assert!(!t.retire(Ino(5), 0), "generation 0 is open");
+        assert!(t.add_open(HandleId(3), Ino(5), c, 1, false));
+        assert_eq!(t.remove_open(HandleId(2)), Some((Ino(5), 2, true)));
+        assert!(!t.has_writer(Ino(5)));
+        assert!(t.take_unpinned().is_empty(), "handle 1 still reads it");
+        t.remove(HandleId(1));
+        assert_eq!(t.take_unpinned(), vec![(Ino(5), 0)]);
+        assert!(t.take_unpinned().is_empty());
+        // A disconnect without a mount drops handles the same way.
+        assert!(!t.retire(Ino(5), 1));
+        t.disconnect(c);
+        assert_eq!(t.take_unpinned(), vec![(Ino(5), 1)]);
+        assert_eq!(t.count(Ino(5)), 0);
     }
 
     #[test]

@@ -127,6 +127,24 @@ impl FsServer {
     }
 }
 
+/// The longest a `changes` long poll waits.
+const MAX_CHANGES_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long before a call's deadline a waiting call answers, so that its
+/// answer (`ETIMEDOUT`, or an empty batch) reaches mountd before mountd
+/// gives up on it.
+const ANSWER_MARGIN: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// When a call with tarpc deadline `deadline` must answer: [`ANSWER_MARGIN`]
+/// before it (or at once when that has passed).
+fn answer_by(deadline: std::time::Instant) -> tokio::time::Instant {
+    let now = std::time::Instant::now();
+    let left = deadline
+        .saturating_duration_since(now)
+        .saturating_sub(ANSWER_MARGIN);
+    tokio::time::Instant::now() + left
+}
+
 /// Send an open's descriptor, then hand back the answer; if the descriptor
 /// cannot be sent the open is undone. An open finished after its
 /// request's `deadline` is undone too, without sending anything: mountd
@@ -427,23 +445,61 @@ impl Filesystem for FsServer {
 
     async fn fetch_range(
         self,
-        _: Context,
-        _handle: HandleId,
-        _offset: u64,
-        _len: u64,
+        ctx: Context,
+        handle: HandleId,
+        offset: u64,
+        len: u64,
     ) -> Result<Vec<u64>, FsError> {
-        // Filled in by the data path (sync::fetch).
-        Err(fs_err!(ENOSYS, "fetch_range is not served yet"))
+        let d = detail!("{handle} {offset}+{len}");
+        let start = Instant::now();
+        let version = {
+            let _inflight =
+                self.daemon
+                    .inflight
+                    .register("fetch_range", None, Some(handle.0), "store");
+            crate::fault::store_gate();
+            self.daemon.store.handle_version(handle)
+        };
+        let result = match version {
+            None => Err(fs_err!(EBADF, "fetch_range: {handle} is not open")),
+            Some((ino, generation)) => {
+                let _inflight = self.daemon.inflight.register(
+                    "fetch_range",
+                    Some(ino.0),
+                    Some(handle.0),
+                    "peers",
+                );
+                self.daemon
+                    .fetcher
+                    .ensure(ino, generation, offset, len, answer_by(ctx.deadline), true)
+                    .await
+            }
+        };
+        self.log("fetch_range", &d, start, &result);
+        result
     }
 
     async fn changes(
         self,
-        _: Context,
-        _epoch: u64,
-        _after: u64,
-        _wait_ms: u32,
+        ctx: Context,
+        epoch: u64,
+        after: u64,
+        wait_ms: u32,
     ) -> Result<ChangeBatch, FsError> {
-        // Filled in by the invalidation queue (sync::inval).
-        Err(fs_err!(ENOSYS, "changes is not served yet"))
+        let left = answer_by(ctx.deadline).saturating_duration_since(tokio::time::Instant::now());
+        let wait = std::time::Duration::from_millis(u64::from(wait_ms))
+            .min(MAX_CHANGES_WAIT)
+            .min(left);
+        let batch = self.daemon.invals.wait(epoch, after, wait).await;
+        tracing::debug!(
+            op = "changes",
+            conn = self.conn.0,
+            epoch,
+            after,
+            next = batch.next,
+            items = batch.items.len(),
+            "ok"
+        );
+        Ok(batch)
     }
 }

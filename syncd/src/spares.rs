@@ -128,7 +128,7 @@ impl Spares {
         }
         let left: Vec<u64> = self.shared.lock().ready.drain(..).collect();
         for &ino in &left {
-            if let Err(e) = content.remove(ino) {
+            if let Err(e) = content.remove(ino, 0) {
                 tracing::warn!(ino, error = %e, "cannot remove a spare content file");
             }
         }
@@ -241,7 +241,7 @@ mod tests {
         // filler, and it fills the queue up again.
         let mut taken = Vec::new();
         while let Some(ino) = spares.take() {
-            assert_eq!(content.stat(ino).expect("its content file").size, 0);
+            assert_eq!(content.stat(ino, 0).expect("its content file").size, 0);
             taken.push(ino);
         }
         assert!(taken.len() >= TARGET);
@@ -254,10 +254,10 @@ mod tests {
         assert!(ready.iter().all(|ino| !taken.contains(ino)));
         assert_eq!(spares.stop(&content), TARGET);
         for ino in ready {
-            assert!(content.stat(ino).is_err(), "spare {ino} removed at stop");
+            assert!(content.stat(ino, 0).is_err(), "spare {ino} removed at stop");
         }
         for ino in taken {
-            assert!(content.stat(ino).is_ok(), "taken file {ino} kept");
+            assert!(content.stat(ino, 0).is_ok(), "taken file {ino} kept");
         }
         assert_eq!(spares.take(), None);
     }

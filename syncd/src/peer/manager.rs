@@ -447,6 +447,7 @@ impl Manager {
             handshake_ms = handshake_time.as_secs_f64() * 1000.0,
             "peer connected"
         );
+        self.handler.connected(conn.clone());
         let me = self.clone();
         self.net.spawn(async move {
             let reason = conn.closed().await;

@@ -92,6 +92,10 @@ pub trait RequestHandler: Send + Sync + 'static {
     /// Serve a stream request: send its data into `sink`; the result ends
     /// the stream.
     fn stream(&self, req: Request, sink: ChunkSink) -> BoxFuture<'static, Result<(), RemoteError>>;
+    /// A new connection was admitted (by the peer manager, after the
+    /// duplicate rule): the sync engine starts its session on it. Runs on
+    /// the network runtime; must not block.
+    fn connected(&self, _conn: PeerConn) {}
 }
 
 /// Serves part 1's requests: `Ping`, `Echo` (at most `MAX_CHUNK` bytes) and
@@ -505,6 +509,11 @@ pub struct ChunkSink {
 }
 
 impl ChunkSink {
+    /// The peer that asked for the stream.
+    pub fn peer(&self) -> &conn::PeerLabel {
+        &self.shared.label
+    }
+
     /// Queue one chunk (at most `MAX_CHUNK` bytes; an empty one is skipped)
     /// once the requester has granted credit for it.
     pub async fn send(&mut self, data: Vec<u8>) -> Result<(), RemoteError> {

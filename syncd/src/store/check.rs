@@ -43,7 +43,8 @@ enum Fix {
     /// Cannot be repaired without guessing.
     None,
     RecreateContent(u64),
-    RemoveContent(u64),
+    /// A content file (inode, generation) of an inode with no record.
+    RemoveContent(u64, u64),
     RemoveEntry {
         parent: u64,
         name: Vec<u8>,
@@ -105,7 +106,7 @@ impl Store {
     /// The start-up scan (see the module doc). Returns what it repaired
     /// that `check` should show.
     pub(crate) fn recover(&self) -> Result<Vec<Finding>, FsError> {
-        let listed: HashSet<u64> = self
+        let listed: HashSet<(u64, u64)> = self
             .content
             .list()
             .map_err(|e| FsError::io("listing the content directory", &e))?
@@ -121,12 +122,13 @@ impl Store {
             if rec.kind != FileKind::File {
                 continue;
             }
-            named.insert(ino);
-            if listed.contains(&ino) {
+            named.insert((ino, rec.generation));
+            if listed.contains(&(ino, rec.generation)) {
                 continue;
             }
             self.content
-                .create(ino)
+                .create_gen(ino, rec.generation, nix::fcntl::OFlag::O_WRONLY)
+                .map(drop)
                 .map_err(|e| FsError::io(format!("recreating the content of {}", Ino(ino)), &e))?;
             tracing::warn!(
                 ino,
@@ -147,7 +149,10 @@ impl Store {
                 .sync_dir()
                 .map_err(|e| FsError::io("syncing the content directory", &e))?;
         }
-        let unnamed: Vec<u64> = listed.difference(&named).copied().collect();
+        // Every file that is not the current generation of a regular file:
+        // unused spares, content of inodes freed before a crash, and older
+        // generations (nothing is open at start).
+        let unnamed: Vec<(u64, u64)> = listed.difference(&named).copied().collect();
         if !unnamed.is_empty() {
             // The state read above must be on disk before content goes
             // because of it: after a kill -9, sled's log may be only in
@@ -158,9 +163,9 @@ impl Store {
                 .map_err(|e| FsError::io("syncing the state directory's filesystem", &e))?;
         }
         let mut removed = 0usize;
-        for &ino in &unnamed {
+        for &(ino, generation) in &unnamed {
             self.content
-                .remove(ino)
+                .remove(ino, generation)
                 .map_err(|e| FsError::io(format!("removing the content of {}", Ino(ino)), &e))?;
             removed += 1;
         }
@@ -268,7 +273,7 @@ impl Store {
         let mut report = CheckReport::default();
         // Content files first: a file created after this list cannot be
         // reported as unreferenced.
-        let mut content: HashSet<u64> = self
+        let mut content: HashSet<(u64, u64)> = self
             .content
             .list()
             .map_err(|e| FsError::io("listing the content directory", &e))?
@@ -435,17 +440,24 @@ impl Store {
             );
         }
         let spares: HashSet<u64> = self.spares.ready_list().into_iter().collect();
-        let mut unreferenced: Vec<u64> = content.into_iter().collect();
+        // Other generations of a live inode are not listed: an open handle
+        // may still read one, and the next start removes the rest.
+        let mut unreferenced: Vec<(u64, u64)> = content
+            .into_iter()
+            .filter(|(ino, _)| !inodes.contains_key(ino))
+            .collect();
         unreferenced.sort_unstable();
-        for ino in unreferenced {
-            if spares.contains(&ino) || self.young_content(ino, young) {
+        for (ino, generation) in unreferenced {
+            if (generation == 0 && spares.contains(&ino))
+                || self.young_content(ino, generation, young)
+            {
                 continue;
             }
             out.push(raw(
                 CheckKind::UnreferencedContent,
                 Some(ino),
                 format!("content file of {}, which has no record", Ino(ino)),
-                Fix::RemoveContent(ino),
+                Fix::RemoveContent(ino, generation),
             ));
         }
         let mut xattr_inos = BTreeSet::new();
@@ -473,7 +485,7 @@ impl Store {
         &self,
         ino: u64,
         rec: &InodeRec,
-        content: &mut HashSet<u64>,
+        content: &mut HashSet<(u64, u64)>,
         links: u32,
         (entries, subdirs, max_cookie): (u64, u32, u64),
         named_in: Option<u64>,
@@ -482,7 +494,10 @@ impl Store {
         out: &mut Vec<Raw>,
     ) {
         let id = Ino(ino);
-        if rec.kind == FileKind::File && !content.remove(&ino) && !self.content_exists(ino) {
+        if rec.kind == FileKind::File
+            && !content.remove(&(ino, rec.generation))
+            && !self.content_exists(ino, rec.generation)
+        {
             out.push(raw(
                 CheckKind::MissingContent,
                 Some(ino),
@@ -600,8 +615,8 @@ impl Store {
         ));
     }
 
-    fn content_exists(&self, ino: u64) -> bool {
-        match self.content.stat(ino) {
+    fn content_exists(&self, ino: u64, generation: u64) -> bool {
+        match self.content.stat(ino, generation) {
             Ok(_) => true,
             Err(e) => e.kind() != std::io::ErrorKind::NotFound,
         }
@@ -609,8 +624,8 @@ impl Store {
 
     /// Whether the content file of `ino` changed in the last `young` (or
     /// cannot be looked at): a create may be about to name it.
-    fn young_content(&self, ino: u64, young: Duration) -> bool {
-        let Ok(cs) = self.content.stat(ino) else {
+    fn young_content(&self, ino: u64, generation: u64, young: Duration) -> bool {
+        let Ok(cs) = self.content.stat(ino, generation) else {
             return true;
         };
         let now = ipc_schema::Timestamp::now();
@@ -624,23 +639,27 @@ impl Store {
         match fix {
             Fix::None => Ok(false),
             Fix::RecreateContent(ino) => {
-                let still = matches!(self.read_inode(*ino)?, Some(r) if r.kind == FileKind::File);
-                if !still || self.content_exists(*ino) {
+                let generation = match self.read_inode(*ino)? {
+                    Some(r) if r.kind == FileKind::File => r.generation,
+                    _ => return Ok(false),
+                };
+                if self.content_exists(*ino, generation) {
                     return Ok(false);
                 }
                 self.content
-                    .create(*ino)
-                    .and_then(|()| self.content.sync_dir())
+                    .create_gen(*ino, generation, nix::fcntl::OFlag::O_WRONLY)
+                    .and_then(|_| self.content.sync_dir())
                     .map_err(|e| {
                         FsError::io(format!("recreating the content of {}", Ino(*ino)), &e)
                     })?;
                 Ok(true)
             }
-            Fix::RemoveContent(ino) => {
-                if self.read_inode(*ino)?.is_some() || self.young_content(*ino, young) {
+            Fix::RemoveContent(ino, generation) => {
+                if self.read_inode(*ino)?.is_some() || self.young_content(*ino, *generation, young)
+                {
                     return Ok(false);
                 }
-                self.content.remove(*ino).map_err(|e| {
+                self.content.remove(*ino, *generation).map_err(|e| {
                     FsError::io(format!("removing the content of {}", Ino(*ino)), &e)
                 })?;
                 Ok(true)

@@ -92,7 +92,7 @@ fn missing_content_is_reported_skipped_in_listings_and_recreated_by_repair() {
     let good = file(&s, ROOT, "good");
     let bad = file(&s, ROOT, "bad");
     let other = file(&s, ROOT, "other");
-    s.content.remove(bad.0).expect("break the store");
+    s.content.remove(bad.0, 0).expect("break the store");
     // The listing serves every other entry.
     let listed: Vec<String> = s
         .readdir(ROOT, DirCookie(0), 100, true)
@@ -248,7 +248,7 @@ fn leftovers_of_freed_inodes_are_reported_and_removed() {
     );
     let r = check(&s, true);
     assert_eq!(r.unrepaired(), 0, "{r:?}");
-    assert!(s.content.stat(999_999).is_err());
+    assert!(s.content.stat(999_999, 0).is_err());
     assert_eq!(kinds(&check(&s, false)), vec![]);
 }
 
@@ -262,7 +262,7 @@ fn start_up_recreates_a_lost_content_file_and_removes_strays() {
         // As a power cut can leave it: the record durable, the content
         // file's directory entry not; plus an unreferenced file and the
         // xattrs of an inode that is gone.
-        s.content.remove(f.0).expect("lose the content file");
+        s.content.remove(f.0, 0).expect("lose the content file");
         s.content.create(777_777).expect("stray");
         s.xattrs
             .insert(xattr_key(666_666, b"user.a"), &b"v"[..])
@@ -272,7 +272,7 @@ fn start_up_recreates_a_lost_content_file_and_removes_strays() {
     let s = reopen(dir.path());
     let a = s.lookup(ROOT, &n("f")).expect("the name works again");
     assert_eq!((a.ino, a.size), (f, 0));
-    assert!(s.content.stat(stray).is_err(), "stray removed at start");
+    assert!(s.content.stat(stray, 0).is_err(), "stray removed at start");
     assert!(s.xattrs.scan_prefix(ino_key(666_666)).next().is_none());
     let r = check(&s, false);
     assert_eq!(kinds(&r), vec![], "consistent after the start-up scan");

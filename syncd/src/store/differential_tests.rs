@@ -260,7 +260,7 @@ fn check_invariants(s: &Store) {
             );
         }
         if rec.kind == FileKind::File {
-            assert!(s.content.stat(*ino).is_ok(), "content of ino {ino}");
+            assert!(s.content.stat(*ino, 0).is_ok(), "content of ino {ino}");
         }
     }
 }

@@ -26,11 +26,11 @@ use ipc_schema::{Attr, Caller, FileKind, FsError, Ino, Name, RenameFlags, Timest
 const MAX_TARGET: usize = 4095;
 
 /// What an operation freed, to purge after the commit.
-type Freed = Option<(u64, FileKind)>;
+type Freed = Option<(u64, FileKind, u64)>;
 
 /// What dropping a link did to the inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dropped {
+pub(super) enum Dropped {
     /// It still has links.
     Linked,
     /// It became an orphan that the removing mount's kernel references
@@ -38,14 +38,15 @@ enum Dropped {
     Referenced(u64),
     /// It became an orphan kept by open handles alone.
     Open,
-    /// It was freed (purge after the commit).
-    Freed(u64, FileKind),
+    /// It was freed (purge after the commit): inode, kind, content
+    /// generation.
+    Freed(u64, FileKind, u64),
 }
 
 impl Dropped {
     fn freed(self) -> Freed {
         match self {
-            Dropped::Freed(ino, kind) => Some((ino, kind)),
+            Dropped::Freed(ino, kind, generation) => Some((ino, kind, generation)),
             _ => None,
         }
     }
@@ -74,7 +75,7 @@ fn dec_nlink(dir: &mut InodeRec) {
     dir.nlink = dir.nlink.saturating_sub(1);
 }
 
-fn touch(dir: &mut InodeRec, now: Timestamp) {
+pub(super) fn touch(dir: &mut InodeRec, now: Timestamp) {
     dir.mtime = now;
     dir.ctime = now;
 }
@@ -83,7 +84,7 @@ fn touch(dir: &mut InodeRec, now: Timestamp) {
 /// `by`; free it when none is left, unless it is open or the kernel of
 /// `by`'s mount references it (see [`crate::opens`]): then it becomes an
 /// orphan. Directories never come here.
-fn drop_link(
+pub(super) fn drop_link(
     t: &Tx<'_>,
     recs: &mut Records<'_, '_>,
     opens: &OpenTable,
@@ -97,7 +98,7 @@ fn drop_link(
     if rec.nlink > 0 {
         return Ok(Dropped::Linked);
     }
-    let kind = rec.kind;
+    let (kind, generation) = (rec.kind, rec.generation);
     if opens.can_reference(by) {
         t.mark_orphan(ino)?;
         return Ok(Dropped::Referenced(ino));
@@ -107,7 +108,7 @@ fn drop_link(
         return Ok(Dropped::Open);
     }
     recs.delete(ino);
-    Ok(Dropped::Freed(ino, kind))
+    Ok(Dropped::Freed(ino, kind, generation))
 }
 
 /// After the commit of a removal, with the open table still locked:
@@ -246,13 +247,19 @@ impl Store {
             t.add_entry(parent.0, &mut dir, name.as_bytes(), ino, kind)?;
             touch(&mut dir, now);
             t.put(parent.0, &dir)?;
+            if super::objects::shared_kind(kind) {
+                t.mark_dirty(ino)?;
+            }
             Ok(rec)
         });
         match made {
-            Ok(rec) => self.attr_of(ino, &rec),
+            Ok(rec) => {
+                self.wake_engine();
+                self.attr_of(ino, &rec)
+            }
             Err(e) => {
                 if kind == FileKind::File {
-                    let _ = self.content.remove(ino);
+                    let _ = self.content.remove(ino, 0);
                 }
                 Err(e)
             }
@@ -285,8 +292,10 @@ impl Store {
             rec.nlink += 1;
             rec.ctime = now;
             t.put(ino.0, &rec)?;
+            t.mark_dirty(ino.0)?;
             Ok(rec)
         })?;
+        self.wake_engine();
         self.attr_of(ino.0, &rec)
     }
 
@@ -318,15 +327,17 @@ impl Store {
             let dir = recs.get(parent.0)?;
             t.remove_entry(parent.0, dir, name.as_bytes(), &d)?;
             touch(dir, now);
+            t.mark_dirty(d.ino)?;
             let dropped = drop_link(t, &mut recs, &opens, by, d.ino, now)?;
             recs.commit()?;
             Ok(dropped)
         });
         let dropped = note_dropped(&mut opens, by, dropped);
         drop(opens);
-        if let Some((ino, kind)) = dropped?.freed() {
-            self.purge(ino, kind);
+        if let Some((ino, kind, generation)) = dropped?.freed() {
+            self.purge(ino, kind, generation);
         }
+        self.wake_engine();
         Ok(())
     }
 
@@ -353,6 +364,7 @@ impl Store {
                 ));
             }
             recs.delete(d.ino);
+            t.mark_dirty(d.ino)?;
             let dir = recs.get(parent.0)?;
             t.remove_entry(parent.0, dir, name.as_bytes(), &d)?;
             dir.nlink = dir.nlink.saturating_sub(1);
@@ -360,7 +372,8 @@ impl Store {
             recs.commit()?;
             Ok(d.ino)
         })?;
-        self.purge(freed, FileKind::Directory);
+        self.purge(freed, FileKind::Directory, 0);
+        self.wake_engine();
         Ok(())
     }
 
@@ -417,9 +430,10 @@ impl Store {
         });
         let dropped = note_dropped(&mut opens, by, dropped);
         drop(opens);
-        if let Some((ino, kind)) = dropped?.freed() {
-            self.purge(ino, kind);
+        if let Some((ino, kind, generation)) = dropped?.freed() {
+            self.purge(ino, kind, generation);
         }
+        self.wake_engine();
         Ok(())
     }
 
@@ -482,6 +496,10 @@ impl Store {
         }
         let mut recs = Records::new(t);
         let mut dropped = Dropped::Linked;
+        t.mark_dirty(src.ino)?;
+        if let Some(dst) = dst {
+            t.mark_dirty(dst.ino)?;
+        }
 
         if let (true, Some(dst)) = (flags.exchange, dst) {
             let dst_dir = dst.kind == FileKind::Directory;
@@ -544,7 +562,7 @@ impl Store {
                     }
                     recs.delete(dst.ino);
                     dec_nlink(recs.get(np)?);
-                    dropped = Dropped::Freed(dst.ino, FileKind::Directory);
+                    dropped = Dropped::Freed(dst.ino, FileKind::Directory, 0);
                 } else {
                     dropped = drop_link(t, &mut recs, opens, by, dst.ino, now)?;
                 }

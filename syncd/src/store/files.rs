@@ -65,7 +65,7 @@ impl Store {
                 .read_inode(ino.0)?
                 .ok_or_else(|| fs_err!(ENOENT, "no inode {ino}"))?;
             check_openable(ino, &rec)?;
-            if !opens.add(handle, ino, conn) {
+            if !opens.add_open(handle, ino, conn, rec.generation, writes(flags)) {
                 return Err(fs_err!(ESHUTDOWN, "{conn} has closed"));
             }
             rec
@@ -132,7 +132,7 @@ impl Store {
                 fs_err!(EIO, "entry {name:?} in {parent} names missing {}", Ino(ino))
             })?;
             check_openable(Ino(ino), &rec)?;
-            if !opens.add(handle, Ino(ino), conn) {
+            if !opens.add_open(handle, Ino(ino), conn, rec.generation, writes(flags)) {
                 return Err(fs_err!(ESHUTDOWN, "{conn} has closed"));
             }
             (ino, rec)
@@ -158,9 +158,12 @@ impl Store {
         let access = OFlag::from_bits_truncate(flags) & OFlag::O_ACCMODE;
         let (ino, fd) = self.new_content(access)?;
         let handle = next_handle();
-        if !self.lock_opens().add(handle, Ino(ino), conn) {
+        if !self
+            .lock_opens()
+            .add_open(handle, Ino(ino), conn, 0, writes(flags))
+        {
             drop(fd);
-            let _ = self.content.remove(ino);
+            let _ = self.content.remove(ino, 0);
             return Err(fs_err!(ESHUTDOWN, "{conn} has closed"));
         }
         let now = Timestamp::now();
@@ -178,14 +181,18 @@ impl Store {
             dir.mtime = now;
             dir.ctime = now;
             t.put(parent.0, &dir)?;
+            t.mark_dirty(ino)?;
             Ok(Some(rec))
         });
         match made {
-            Ok(Some(rec)) => self.describe_open(ino, &rec, handle, fd).map(Some),
+            Ok(Some(rec)) => {
+                self.wake_engine();
+                self.describe_open(ino, &rec, handle, fd).map(Some)
+            }
             other => {
                 self.lock_opens().remove(handle);
                 drop(fd);
-                let _ = self.content.remove(ino);
+                let _ = self.content.remove(ino, 0);
                 other.map(|_| None)
             }
         }
@@ -204,12 +211,15 @@ impl Store {
             let access = OFlag::from_bits_truncate(flags) & OFlag::O_ACCMODE;
             let fd = self
                 .content
-                .open(ino, access)
+                .open(ino, rec.generation, access)
                 .map_err(|e| content_err(format!("opening {}", Ino(ino)), &e))?;
             if flags & libc::O_TRUNC != 0 && access != OFlag::O_RDONLY {
                 nix::unistd::ftruncate(&fd, 0).map_err(|e| {
                     FsError::io(format!("truncating {}", Ino(ino)), &io::Error::from(e))
                 })?;
+                // Truncated to nothing: a partial file is complete now,
+                // without fetching anything.
+                self.lower_limit(Ino(ino), rec.generation, 0)?;
             }
             Ok(fd)
         })();
@@ -235,8 +245,9 @@ impl Store {
     ) -> Result<OpenFile, FsError> {
         let described = ContentStat::of(&fd)
             .map_err(|e| FsError::io(format!("fstat of {}", Ino(ino)), &e))
-            .and_then(|cs| Ok((cs, self.has_xattrs(ino)?)));
-        let (cs, has_xattrs) = match described {
+            .and_then(|cs| Ok((cs, self.has_xattrs(ino)?)))
+            .and_then(|(cs, x)| Ok((cs, x, self.partial_of(Ino(ino), rec.generation)?)));
+        let (cs, has_xattrs, partial) = match described {
             Ok(d) => d,
             Err(e) => {
                 let _ = self.release(handle);
@@ -252,7 +263,7 @@ impl Store {
                     ino: cs.ino,
                     uid: cs.uid,
                 },
-                partial: None,
+                partial,
             },
             fd,
         })
@@ -261,21 +272,40 @@ impl Store {
     /// Forget `handle`; the last release of an orphan frees it. Releasing an
     /// unknown handle (already released, or opened before syncd restarted)
     /// is not an error.
+    ///
+    /// The release of a handle opened for writing marks the file dirty
+    /// (its writes, passthrough ones included, are versioned now); the
+    /// last release of a content generation that is no longer current
+    /// removes it.
     pub fn release(&self, handle: HandleId) -> Result<(), FsError> {
         let mut opens = self.lock_opens();
-        let Some((ino, left)) = opens.remove(handle) else {
+        let Some((ino, left, write)) = opens.remove_open(handle) else {
             return Ok(());
         };
-        if left > 0 || opens.held(ino) {
-            return Ok(());
-        }
-        let freed = self.free_if_orphan(ino.0)?;
+        let unpinned = opens.take_unpinned();
+        let freed = if left > 0 || opens.held(ino) {
+            None
+        } else {
+            self.free_if_orphan(ino.0)?
+        };
         drop(opens);
-        // (The usual last release, of a linked file, wrote nothing.)
-        if let Some(kind) = freed {
-            self.purge(ino.0, kind);
+        self.purge_unpinned(unpinned);
+        // (The usual last release, of a linked file, opened for reading,
+        // wrote nothing.)
+        if let Some((kind, generation)) = freed {
+            self.purge(ino.0, kind, generation);
+            self.wake_engine();
+        } else if write {
+            self.mark_dirty(ino.0)?;
         }
         Ok(())
+    }
+
+    /// Remove the retired generations whose last handle went.
+    pub(crate) fn purge_unpinned(&self, unpinned: Vec<(Ino, u64)>) {
+        for (ino, generation) in unpinned {
+            self.purge_generation(ino.0, generation);
+        }
     }
 
     /// mountd on `conn` says its kernel no longer references `inos` (their
@@ -307,14 +337,17 @@ impl Store {
             }
             for &ino in inos {
                 if opens.forget(ino, conn)
-                    && let Some(kind) = self.free_if_orphan(ino.0)?
+                    && let Some((kind, generation)) = self.free_if_orphan(ino.0)?
                 {
-                    freed.push((ino.0, kind));
+                    freed.push((ino.0, kind, generation));
                 }
             }
         }
-        for &(ino, kind) in &freed {
-            self.purge(ino, kind);
+        for &(ino, kind, generation) in &freed {
+            self.purge(ino, kind, generation);
+        }
+        if !freed.is_empty() {
+            self.wake_engine();
         }
         Ok(freed.len())
     }
@@ -327,7 +360,9 @@ impl Store {
     /// common case) needs no write at all. The read is reliable because a
     /// link count only reaches zero under the open-table lock, which the
     /// caller holds; the transaction checks again.
-    fn free_if_orphan(&self, ino: u64) -> Result<Option<FileKind>, FsError> {
+    /// The freeing marks the inode dirty (the engine then records its
+    /// tombstone, if it had not already).
+    fn free_if_orphan(&self, ino: u64) -> Result<Option<(FileKind, u64)>, FsError> {
         match self.read_inode(ino)? {
             Some(rec) if rec.nlink == 0 && !rec.is_dir() => {}
             _ => return Ok(None),
@@ -335,7 +370,8 @@ impl Store {
         self.tx(|t| match t.inode(ino)? {
             Some(rec) if rec.nlink == 0 && !rec.is_dir() => {
                 t.drop_inode(ino)?;
-                Ok(Some(rec.kind))
+                t.mark_dirty(ino)?;
+                Ok(Some((rec.kind, rec.generation)))
             }
             _ => Ok(None),
         })
@@ -350,7 +386,13 @@ impl Store {
     /// mount registers again (see [`crate::opens`]). Returns how many
     /// handles it had.
     pub fn disconnect(&self, conn: ConnId) -> usize {
-        self.lock_opens().disconnect(conn).0
+        let (had, unpinned) = {
+            let mut opens = self.lock_opens();
+            let had = opens.disconnect(conn).0;
+            (had, opens.take_unpinned())
+        };
+        self.purge_unpinned(unpinned);
+        had
     }
 
     /// How many handles `conn` has open.
@@ -386,7 +428,18 @@ impl Store {
                     orphans.push(ino);
                 }
             }
-            opens.register(conn, key, fresh, held, &orphans)
+            let settled = opens.register(conn, key, fresh, held, &orphans);
+            // Handles kept across a syncd restart read the current
+            // generation (the start-up scan removed the others).
+            for &(h, ino) in held {
+                if let Some(rec) = self.read_inode(ino.0)? {
+                    opens.set_generation(h, rec.generation);
+                }
+            }
+            let unpinned = opens.take_unpinned();
+            drop(opens);
+            self.purge_unpinned(unpinned);
+            settled
         };
         let freed = self.free_orphans()?;
         Ok((settled, freed))
@@ -426,16 +479,19 @@ impl Store {
                 if opens.held(Ino(ino)) {
                     continue;
                 }
-                if let Some(kind) = self.free_if_orphan(ino)? {
-                    freed.push((ino, kind));
+                if let Some((kind, generation)) = self.free_if_orphan(ino)? {
+                    freed.push((ino, kind, generation));
                 } else if self.read_inode(ino)?.is_none() {
                     // A mark without its inode: drop the mark.
                     let _ = self.orphans.remove(k);
                 }
             }
         }
-        for &(ino, kind) in &freed {
-            self.purge(ino, kind);
+        for &(ino, kind, generation) in &freed {
+            self.purge(ino, kind, generation);
+        }
+        if !freed.is_empty() {
+            self.wake_engine();
         }
         Ok(freed.len())
     }
@@ -446,6 +502,11 @@ const META_HANDLE_EPOCH: &[u8] = b"handle_epoch";
 
 /// How many times `create` goes round when the name keeps changing.
 const CREATE_ROUNDS: usize = 64;
+
+/// Whether `open(2)` `flags` allow writing.
+fn writes(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY
+}
 
 /// EISDIR, ELOOP or ENXIO unless `rec` is a regular file.
 fn check_openable(ino: Ino, rec: &InodeRec) -> Result<(), FsError> {

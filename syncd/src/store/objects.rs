@@ -13,12 +13,53 @@
 //! | `peer_seq`  | peer fingerprint                 | their seq applied (u64 BE)|
 //! | `presence`  | ino (u64 BE)                     | [`PresenceRec`] (postcard)|
 //!
-//! (Design and invariants: written by the owner of this module.)
+//!
+//! # Global ids
+//!
+//! The root is [`Gid::ROOT`]; an object made here is `Gid::new(device,
+//! ino)`, so a local inode's gid is known before it is first versioned
+//! ([`Store::gid_of`]); `ino_gid`/`gid_ino` are written when an object is
+//! first versioned ([`Store::commit_local`]) or applied from a peer
+//! ([`Store::apply_remote`]), and removed by its tombstone's commit (not
+//! by the purge of the inode: a deleted inode still knows its gid until
+//! its tombstone is recorded).
+//!
+//! # The change log
+//!
+//! Every record stored gets the next local sequence number: `changes`
+//! maps it to the gid, `obj_seq` the gid to its latest number (the older
+//! entry is removed, so the log holds each object once). Commits run one
+//! at a time (the sequence lock, below), and the counter moves after the
+//! transaction commits, so a reader of [`Store::changes_since`] never
+//! skips a number that appears later.
+//!
+//! # Dirty marks
+//!
+//! Every store operation that changes shared state (create, mkdir,
+//! symlink, link, unlink, rmdir, rename, setattr, the release of a handle
+//! opened for writing, fsync, the freeing of an orphan) writes
+//! `dirty[ino] = mark`, from one counter, in the same transaction as its
+//! change (or, for operations that write no transaction, just before it):
+//! one sled insert per operation, nothing more. The engine takes the
+//! dirty inodes ([`Store::take_dirty`]), builds a version from
+//! [`Store::local_object`], and [`Store::commit_local`] clears the mark
+//! only if it is still the one taken: a change made meanwhile leaves the
+//! inode dirty. A spurious mark costs one comparison with the recorded
+//! version. [`Store::dirty_notify`] wakes the engine.
+//!
+//! # Locks
+//!
+//! `apply` (one [`Store::apply_remote`] at a time) → the open table →
+//! `seq` (one commit to the change log at a time) → a sled transaction.
+//! None is held across I/O with another process.
 
-use super::Store;
+use super::records::{InodeRec, be_u64, decode, ino_key};
+use super::{Store, store_err};
 use crate::sync::model::{ChunkHash, DeviceId, EntryName, Gid, ObjRec};
-use ipc_schema::{FileKind, FsError, Ino, Inval, Timestamp};
+use ipc_schema::{FileKind, FsError, Ino, Inval, Timestamp, fs_err};
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// What the store knows of one inode for versioning it
 /// ([`Store::local_object`]).
@@ -69,6 +110,38 @@ pub struct PresenceRec {
     pub chunks: Vec<ChunkHash>,
     /// Bitmap: chunk `i` present is bit `i % 64` of word `i / 64`.
     pub present: Vec<u64>,
+    /// The smallest size the file was truncated to since the version
+    /// arrived (initially `size`): chunks that start at or beyond it count
+    /// as present (they are local zeros or local writes).
+    pub limit: u64,
+}
+
+impl PresenceRec {
+    /// Whether chunk `index` counts as present.
+    pub fn has(&self, index: u64) -> bool {
+        let (start, _) = crate::sync::model::chunk_range(index, self.size);
+        start >= self.limit || bit(&self.present, index)
+    }
+
+    /// Whether every chunk counts as present.
+    pub fn complete(&self) -> bool {
+        (0..self.chunks.len() as u64).all(|i| self.has(i))
+    }
+}
+
+/// Bit `index` of `bits`.
+pub fn bit(bits: &[u64], index: u64) -> bool {
+    bits.get((index / 64) as usize)
+        .is_some_and(|w| w & (1 << (index % 64)) != 0)
+}
+
+/// Set bit `index` of `bits` (growing it).
+pub fn set_bit(bits: &mut Vec<u64>, index: u64) {
+    let w = (index / 64) as usize;
+    if bits.len() <= w {
+        bits.resize(w + 1, 0);
+    }
+    bits[w] |= 1 << (index % 64);
 }
 
 /// A dirty inode taken by [`Store::take_dirty`]: its mark lets
@@ -125,16 +198,169 @@ pub enum ApplyError {
     /// kind change, a directory cycle): refused, with the reason.
     #[error("refused: {0}")]
     Invalid(String),
+    /// The local inode is dirty or open for writing: its local changes
+    /// are versioned first; try again after.
+    #[error("the local object has changes not yet versioned")]
+    Busy,
     /// The store or the content directory failed.
     #[error("{0}")]
     Fs(FsError),
 }
 
-#[allow(unused_variables)]
+impl From<FsError> for ApplyError {
+    fn from(e: FsError) -> Self {
+        ApplyError::Fs(e)
+    }
+}
+
+/// Key of `meta` holding the device this store is tied to.
+const META_DEVICE: &[u8] = b"device";
+
+/// The trees and counters of the shared index (see the module doc).
+pub(crate) struct Index {
+    pub objects: sled::Tree,
+    pub gid_ino: sled::Tree,
+    pub ino_gid: sled::Tree,
+    pub obj_seq: sled::Tree,
+    pub changes: sled::Tree,
+    pub dirty: sled::Tree,
+    pub peer_seq: sled::Tree,
+    pub presence: sled::Tree,
+    /// The next dirty mark.
+    pub marks: AtomicU64,
+    /// The last local sequence number committed.
+    pub seq: AtomicU64,
+    /// Held across a commit to the change log (see the module doc).
+    seq_lock: Mutex<()>,
+    /// Held across one [`Store::apply_remote`].
+    pub(crate) apply_lock: Mutex<()>,
+    /// The device, once attached.
+    device: Mutex<Option<DeviceId>>,
+    /// Wakes the engine after a dirty mark.
+    notify: Arc<tokio::sync::Notify>,
+    /// The last local sequence number, for those who wait for it.
+    seq_watch: tokio::sync::watch::Sender<u64>,
+}
+
+impl Index {
+    /// Open the index's trees of `db` and load its counters.
+    pub(crate) fn open(db: &sled::Db, meta: &sled::Tree) -> Result<Index, FsError> {
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| store_err(&format!("opening tree {name}"), e))
+        };
+        let dirty = tree("dirty")?;
+        let mut marks = 1u64;
+        for item in dirty.iter() {
+            let (_, v) = item.map_err(|e| store_err("reading dirty marks", e))?;
+            marks = marks.max(be_u64(&v).unwrap_or(0).saturating_add(1));
+        }
+        let changes = tree("changes")?;
+        let seq = match changes
+            .last()
+            .map_err(|e| store_err("reading the change log", e))?
+        {
+            Some((k, _)) => be_u64(&k).unwrap_or(0),
+            None => 0,
+        };
+        let device = meta
+            .get(META_DEVICE)
+            .map_err(|e| store_err("reading the device", e))?
+            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+            .map(DeviceId);
+        Ok(Index {
+            objects: tree("objects")?,
+            gid_ino: tree("gid_ino")?,
+            ino_gid: tree("ino_gid")?,
+            obj_seq: tree("obj_seq")?,
+            changes,
+            dirty,
+            peer_seq: tree("peer_seq")?,
+            presence: tree("presence")?,
+            marks: AtomicU64::new(marks),
+            seq: AtomicU64::new(seq),
+            seq_lock: Mutex::new(()),
+            apply_lock: Mutex::new(()),
+            device: Mutex::new(device),
+            notify: Arc::new(tokio::sync::Notify::new()),
+            seq_watch: tokio::sync::watch::Sender::new(seq),
+        })
+    }
+
+    pub(crate) fn lock_seq(&self) -> MutexGuard<'_, ()> {
+        self.seq_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The sequence number the next commit gets (call with the sequence
+    /// lock held).
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.seq.load(Ordering::SeqCst) + 1
+    }
+
+    /// A commit of `seq` is durable in sled's order: publish it (with the
+    /// sequence lock still held).
+    pub(crate) fn published(&self, seq: u64) {
+        self.seq.store(seq, Ordering::SeqCst);
+        self.seq_watch.send_replace(seq);
+    }
+}
+
+/// Encode an index record (postcard).
+pub(crate) fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    // Plain structs into a Vec: cannot fail.
+    postcard::to_allocvec(v).unwrap_or_default()
+}
+
+/// Decode an index record.
+pub(crate) fn dec<T: for<'de> Deserialize<'de>>(b: &[u8], what: &str) -> Result<T, FsError> {
+    postcard::from_bytes(b).map_err(|e| fs_err!(EIO, "corrupt {what} in the index: {e}"))
+}
+
+/// Whether `kind` is shared with peers.
+pub fn shared_kind(kind: FileKind) -> bool {
+    matches!(
+        kind,
+        FileKind::File | FileKind::Directory | FileKind::Symlink
+    )
+}
+
 impl Store {
-    /// This store's device id (set by [`Store::attach_device`]).
+    /// This store's device id (set by [`Store::attach_device`]); all
+    /// zeros before it is attached.
     pub fn device(&self) -> DeviceId {
-        todo!("store::objects")
+        self.idx
+            .device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or(DeviceId([0; 8]))
+    }
+
+    /// What wakes the sync engine after a store operation marked an inode
+    /// dirty (`notify_one` after each).
+    pub fn dirty_notify(&self) -> Arc<tokio::sync::Notify> {
+        self.idx.notify.clone()
+    }
+
+    /// The last local sequence number, as it moves.
+    pub fn seq_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.idx.seq_watch.subscribe()
+    }
+
+    /// Wake the engine (after a dirty mark was written).
+    pub(crate) fn wake_engine(&self) {
+        self.idx.notify.notify_one();
+    }
+
+    /// Mark `ino` dirty outside a transaction (for operations that write
+    /// none: setattr, release, fsync), then wake the engine.
+    pub(crate) fn mark_dirty(&self, ino: u64) -> Result<(), FsError> {
+        let mark = self.idx.marks.fetch_add(1, Ordering::Relaxed);
+        self.idx
+            .dirty
+            .insert(ino_key(ino), &mark.to_be_bytes())
+            .map_err(|e| store_err(&format!("marking {} dirty", Ino(ino)), e))?;
+        self.wake_engine();
+        Ok(())
     }
 
     /// Tie the store to the device `device` (the identity's key). The
@@ -142,126 +368,354 @@ impl Store {
     /// global id and is marked dirty, so it is versioned and announced.
     /// Refuses a store tied to another device.
     pub fn attach_device(&self, device: DeviceId) -> Result<(), FsError> {
-        todo!("store::objects")
+        let mut current = self.idx.device.lock().unwrap_or_else(|p| p.into_inner());
+        match *current {
+            Some(d) if d == device => return Ok(()),
+            Some(d) => {
+                return Err(fs_err!(
+                    EINVAL,
+                    "the store in {} belongs to device {}, but this identity is device {}: the identity file was replaced; restore it, or start with a new state directory",
+                    self.state_dir.display(),
+                    d.hex(),
+                    device.hex()
+                ));
+            }
+            None => {}
+        }
+        let (mut gid_ino, mut ino_gid, mut dirty) = (
+            sled::Batch::default(),
+            sled::Batch::default(),
+            sled::Batch::default(),
+        );
+        let mut n = 0u64;
+        for item in self.inodes.iter() {
+            let (k, v) = item.map_err(|e| store_err("scanning inodes", e))?;
+            let (Some(ino), Ok(rec)) = (be_u64(&k), decode::<InodeRec>(&v)) else {
+                continue;
+            };
+            let gid = if ino == Ino::ROOT.0 {
+                Gid::ROOT
+            } else {
+                Gid::new(device, ino)
+            };
+            gid_ino.insert(&gid.0[..], &ino.to_be_bytes()[..]);
+            ino_gid.insert(&ino.to_be_bytes()[..], &gid.0[..]);
+            if ino != Ino::ROOT.0 && shared_kind(rec.kind) && rec.nlink > 0 {
+                let mark = self.idx.marks.fetch_add(1, Ordering::Relaxed);
+                dirty.insert(&ino.to_be_bytes()[..], &mark.to_be_bytes()[..]);
+                n += 1;
+            }
+        }
+        let e = |e| store_err("giving inodes their global ids", e);
+        self.idx.gid_ino.apply_batch(gid_ino).map_err(e)?;
+        self.idx.ino_gid.apply_batch(ino_gid).map_err(e)?;
+        self.idx.dirty.apply_batch(dirty).map_err(e)?;
+        // Last: a crash before it makes the next start do all of it again.
+        self.meta
+            .insert(META_DEVICE, &device.0[..])
+            .map_err(|e| store_err("recording the device", e))?;
+        self.flush_store()?;
+        *current = Some(device);
+        drop(current);
+        tracing::info!(device = %device.hex(), dirty = n, "store attached to its device");
+        self.wake_engine();
+        Ok(())
     }
 
     /// Up to `limit` dirty inodes, oldest mark first.
     pub fn take_dirty(&self, limit: usize) -> Result<Vec<DirtyMark>, FsError> {
-        todo!("store::objects")
+        let mut all = Vec::new();
+        for item in self.idx.dirty.iter() {
+            let (k, v) = item.map_err(|e| store_err("reading dirty marks", e))?;
+            if let (Some(ino), Some(mark)) = (be_u64(&k), be_u64(&v)) {
+                all.push(DirtyMark {
+                    ino: Ino(ino),
+                    mark,
+                });
+            }
+        }
+        all.sort_unstable_by_key(|m| m.mark);
+        all.truncate(limit);
+        Ok(all)
     }
 
     /// How many inodes are dirty.
     pub fn dirty_count(&self) -> u64 {
-        todo!("store::objects")
+        self.idx.dirty.len() as u64
+    }
+
+    /// The global id of local inode `ino`: recorded, or the one it gets
+    /// when first versioned.
+    pub fn gid_of(&self, ino: Ino) -> Result<Gid, FsError> {
+        if ino == Ino::ROOT {
+            return Ok(Gid::ROOT);
+        }
+        match self
+            .idx
+            .ino_gid
+            .get(ino_key(ino.0))
+            .map_err(|e| store_err("reading ino_gid", e))?
+        {
+            Some(v) => gid_from(&v),
+            None => Ok(Gid::new(self.device(), ino.0)),
+        }
+    }
+
+    /// The names of `ino`: (parent inode, name), from `links`.
+    pub(crate) fn links_of(&self, ino: u64) -> Result<Vec<(u64, Vec<u8>)>, FsError> {
+        let mut out = Vec::new();
+        for item in self.links.scan_prefix(ino_key(ino)) {
+            let (k, _) = item.map_err(|e| store_err("reading links", e))?;
+            let Some(parent) = k.get(8..).and_then(be_u64) else {
+                continue;
+            };
+            out.push((parent, k[16..].to_vec()));
+        }
+        Ok(out)
     }
 
     /// The versioning view of `ino`.
     pub fn local_object(&self, ino: Ino) -> Result<LocalObject, FsError> {
-        todo!("store::objects")
+        let gid = self.gid_of(ino)?;
+        let recorded = self.object(&gid)?;
+        let now = match self.read_inode(ino.0)? {
+            Some(rec) if rec.nlink > 0 => Some(self.local_state(ino, &rec)?),
+            _ => None,
+        };
+        Ok(LocalObject {
+            ino,
+            gid,
+            recorded,
+            now,
+        })
+    }
+
+    fn local_state(&self, ino: Ino, rec: &InodeRec) -> Result<LocalState, FsError> {
+        let mut names = Vec::new();
+        if ino != Ino::ROOT {
+            for (parent, name) in self.links_of(ino.0)? {
+                names.push(EntryName {
+                    parent: self.gid_of(Ino(parent))?,
+                    name,
+                });
+            }
+        }
+        names.sort();
+        let (mtime, size, presence) = match rec.kind {
+            FileKind::File => {
+                let cs = self
+                    .content
+                    .stat(ino.0, rec.generation)
+                    .map_err(|e| super::content_err(format!("stat of {ino}"), &e))?;
+                let presence = self
+                    .presence(ino)?
+                    .filter(|p| p.generation == rec.generation);
+                (cs.mtime, cs.size, presence)
+            }
+            FileKind::Symlink => (rec.mtime, rec.target.len() as u64, None),
+            _ => (rec.mtime, 0, None),
+        };
+        Ok(LocalState {
+            kind: rec.kind,
+            perm: rec.perm & 0o7777,
+            mtime,
+            size,
+            names,
+            target: rec.target.clone(),
+            generation: rec.generation,
+            presence,
+        })
     }
 
     /// Open the content file of `ino` generation `generation` for reading (to
     /// hash it).
     pub fn open_content(&self, ino: Ino, generation: u64) -> Result<std::fs::File, FsError> {
-        todo!("store::objects")
+        self.content
+            .open(ino.0, generation, nix::fcntl::OFlag::O_RDONLY)
+            .map(std::fs::File::from)
+            .map_err(|e| super::content_err(format!("opening {ino} generation {generation}"), &e))
     }
 
     /// Record `rec` as the new local version of `mark.ino` and append it
     /// to the change log; clear the dirty mark if it is still `mark`.
     /// Answers the new local sequence number.
     pub fn commit_local(&self, mark: DirtyMark, rec: &ObjRec) -> Result<u64, FsError> {
-        todo!("store::objects")
+        use sled::Transactional;
+        let ix = &self.idx;
+        let _seq = ix.lock_seq();
+        let seq = ix.next_seq();
+        let value = enc(rec);
+        let ino = ino_key(mark.ino.0);
+        (
+            &ix.objects,
+            &ix.obj_seq,
+            &ix.changes,
+            &ix.gid_ino,
+            &ix.ino_gid,
+            &ix.dirty,
+            &ix.presence,
+        )
+            .transaction(
+                |(objects, obj_seq, changes, gid_ino, ino_gid, dirty, presence)| {
+                    let g = &rec.gid.0[..];
+                    objects.insert(g, value.as_slice())?;
+                    if let Some(old) = obj_seq.insert(g, &seq.to_be_bytes())? {
+                        changes.remove(old)?;
+                    }
+                    changes.insert(&seq.to_be_bytes(), g)?;
+                    if rec.deleted {
+                        ino_gid.remove(&ino)?;
+                        gid_ino.remove(g)?;
+                        presence.remove(&ino)?;
+                    } else {
+                        ino_gid.insert(&ino, g)?;
+                        gid_ino.insert(g, &ino)?;
+                    }
+                    if dirty.get(ino)?.as_deref().and_then(be_u64) == Some(mark.mark) {
+                        dirty.remove(&ino)?;
+                    }
+                    Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+                },
+            )
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Storage(e) => {
+                    store_err("committing a local version", e)
+                }
+                sled::transaction::TransactionError::Abort(()) => {
+                    fs_err!(EIO, "committing a local version aborted")
+                }
+            })?;
+        ix.published(seq);
+        Ok(seq)
     }
 
     /// Clear a dirty mark without a new version (nothing shared changed).
     pub fn clear_dirty(&self, mark: DirtyMark) -> Result<(), FsError> {
-        todo!("store::objects")
+        let _ = self
+            .idx
+            .dirty
+            .compare_and_swap(
+                ino_key(mark.ino.0),
+                Some(&mark.mark.to_be_bytes()[..]),
+                None as Option<&[u8]>,
+            )
+            .map_err(|e| store_err("clearing a dirty mark", e))?;
+        Ok(())
     }
 
     /// The last local sequence number.
     pub fn local_seq(&self) -> u64 {
-        todo!("store::objects")
+        self.idx.seq.load(Ordering::SeqCst)
     }
 
     /// Records changed after local sequence `seq`, up to `limit`, in
     /// sequence order.
     pub fn changes_since(&self, seq: u64, limit: usize) -> Result<Vec<(u64, ObjRec)>, FsError> {
-        todo!("store::objects")
+        let mut out = Vec::new();
+        let upto = self.local_seq();
+        if seq >= upto {
+            return Ok(out);
+        }
+        let range = seq.saturating_add(1).to_be_bytes()..=upto.to_be_bytes();
+        for item in self.idx.changes.range(range) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, g) = item.map_err(|e| store_err("reading the change log", e))?;
+            let (Some(s), Ok(gid)) = (be_u64(&k), gid_from(&g)) else {
+                continue;
+            };
+            if let Some(rec) = self.object(&gid)? {
+                out.push((s, rec));
+            }
+        }
+        Ok(out)
     }
 
     /// The recorded version of `gid`.
     pub fn object(&self, gid: &Gid) -> Result<Option<ObjRec>, FsError> {
-        todo!("store::objects")
+        match self
+            .idx
+            .objects
+            .get(gid.0)
+            .map_err(|e| store_err("reading objects", e))?
+        {
+            Some(v) => dec(&v, "object").map(Some),
+            None => Ok(None),
+        }
     }
 
     /// The local inode of `gid`, if it has one (not for tombstones).
     pub fn ino_of(&self, gid: &Gid) -> Result<Option<Ino>, FsError> {
-        todo!("store::objects")
+        if *gid == Gid::ROOT {
+            return Ok(Some(Ino::ROOT));
+        }
+        Ok(self
+            .idx
+            .gid_ino
+            .get(gid.0)
+            .map_err(|e| store_err("reading gid_ino", e))?
+            .as_deref()
+            .and_then(be_u64)
+            .map(Ino))
     }
 
     /// The last sequence number of peer `fingerprint` applied here.
     pub fn peer_applied(&self, fingerprint: &str) -> Result<u64, FsError> {
-        todo!("store::objects")
+        Ok(self
+            .idx
+            .peer_seq
+            .get(fingerprint.as_bytes())
+            .map_err(|e| store_err("reading peer_seq", e))?
+            .as_deref()
+            .and_then(be_u64)
+            .unwrap_or(0))
     }
 
     /// Remember that changes of `fingerprint` up to `seq` are applied
-    /// (flushed with the records they cover).
+    /// (flushed with the records they cover: sled keeps a prefix of its
+    /// log, and this write comes after theirs).
     pub fn set_peer_applied(&self, fingerprint: &str, seq: u64) -> Result<(), FsError> {
-        todo!("store::objects")
-    }
-
-    /// Make the local tree show `rec` (a version from a peer, or the
-    /// outcome of a conflict): create, move, link, unlink, change
-    /// attributes, and for new content start a new content generation
-    /// (sparse, of `rec.size`, chunks copied from `seed` where the hash at
-    /// the same index matches, the rest marked missing). One sled
-    /// transaction; nothing is marked dirty; the record gets a new local
-    /// sequence number (so it is passed on). Names are validated; files
-    /// belong to the share owner.
-    pub fn apply_remote(&self, rec: &ObjRec, seed: Option<Seed>) -> Result<Applied, ApplyError> {
-        todo!("store::apply")
-    }
-
-    /// The presence record of `ino`, if its bytes are not all local.
-    pub fn presence(&self, ino: Ino) -> Result<Option<PresenceRec>, FsError> {
-        todo!("store::presence")
-    }
-
-    /// The inode and content generation an open handle reads.
-    pub fn handle_version(&self, handle: ipc_schema::HandleId) -> Option<(Ino, u64)> {
-        todo!("store::presence")
-    }
-
-    /// Open `ino`'s content generation `generation` for writing fetched chunks.
-    pub fn open_for_fill(&self, ino: Ino, generation: u64) -> Result<std::fs::File, FsError> {
-        todo!("store::presence")
-    }
-
-    /// Mark chunk `index` of `ino` generation `generation` present (its bytes are
-    /// written and verified). Answers the presence bitmap after it
-    /// (empty: the file is complete and the record is gone).
-    pub fn mark_present(&self, ino: Ino, generation: u64, index: u64) -> Result<Vec<u64>, FsError> {
-        todo!("store::presence")
-    }
-
-    /// The bytes of chunk `index` of `gid`'s current version, if they are
-    /// present here and hash to `hash` (checked before answering).
-    pub fn read_chunk(
-        &self,
-        gid: &Gid,
-        index: u64,
-        hash: &ChunkHash,
-    ) -> Result<Option<Vec<u8>>, FsError> {
-        todo!("store::presence")
-    }
-
-    /// Every partial file: (ino, presence), up to `limit`.
-    pub fn partial_files(&self, limit: usize) -> Result<Vec<(Ino, PresenceRec)>, FsError> {
-        todo!("store::presence")
+        self.idx
+            .peer_seq
+            .insert(fingerprint.as_bytes(), &seq.to_be_bytes())
+            .map_err(|e| store_err("writing peer_seq", e))?;
+        Ok(())
     }
 
     /// The path of `ino` from the root (`/a/b`), for listings.
     pub fn path_of(&self, ino: Ino) -> Result<String, FsError> {
-        todo!("store::objects")
+        let mut parts: Vec<Vec<u8>> = Vec::new();
+        let mut at = ino.0;
+        // Bounded: a cycle would be damage.
+        for _ in 0..4096 {
+            if at == Ino::ROOT.0 {
+                parts.reverse();
+                let mut out = String::new();
+                for p in &parts {
+                    out.push('/');
+                    out.push_str(&String::from_utf8_lossy(p));
+                }
+                if out.is_empty() {
+                    out.push('/');
+                }
+                return Ok(out);
+            }
+            let mut links = self.links_of(at)?;
+            links.sort();
+            let Some((parent, name)) = links.into_iter().next() else {
+                return Err(fs_err!(ENOENT, "{} has no name", Ino(at)));
+            };
+            parts.push(name);
+            at = parent;
+        }
+        Err(fs_err!(EIO, "the path of {ino} is too deep"))
     }
+}
+
+/// A gid from its 16 bytes.
+pub(crate) fn gid_from(b: &[u8]) -> Result<Gid, FsError> {
+    <[u8; 16]>::try_from(b)
+        .map(Gid)
+        .map_err(|_| fs_err!(EIO, "corrupt gid in the index"))
 }

@@ -37,6 +37,28 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// The longest [`Reclaimer::settle`] waits.
 const SETTLE_AT_MOST: Duration = Duration::from_secs(10);
 
+/// Something freed, to remove after the flush.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freed {
+    /// A freed inode: its content file (generation `generation`, for a
+    /// regular file) and its extended attributes.
+    Inode {
+        /// The inode.
+        ino: u64,
+        /// Its kind.
+        kind: FileKind,
+        /// Its content generation when freed.
+        generation: u64,
+    },
+    /// A content generation that is no longer current and no longer open.
+    Generation {
+        /// The inode.
+        ino: u64,
+        /// The generation.
+        generation: u64,
+    },
+}
+
 /// What the thread needs: the database to flush and what to remove.
 #[derive(Clone)]
 pub struct Target {
@@ -66,7 +88,7 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    queue: Vec<(u64, FileKind)>,
+    queue: Vec<Freed>,
     /// The thread holds a batch it has not finished.
     busy: bool,
     stop: bool,
@@ -97,18 +119,17 @@ impl Reclaimer {
         })
     }
 
-    /// Queue the freed inode `ino` of `kind`. After [`Reclaimer::drain`]
-    /// (no thread any more) it is reclaimed here and now, in the same
-    /// order: flush first.
-    pub fn push(&self, ino: u64, kind: FileKind) {
+    /// Queue `freed`. After [`Reclaimer::drain`] (no thread any more) it
+    /// is reclaimed here and now, in the same order: flush first.
+    pub fn push(&self, freed: Freed) {
         let mut st = self.shared.lock();
         if !st.stop {
-            st.queue.push((ino, kind));
+            st.queue.push(freed);
             self.shared.wake.notify_one();
             return;
         }
         drop(st);
-        if reclaim(&self.target, &[(ino, kind)]).is_err() {
+        if reclaim(&self.target, &[freed]).is_err() {
             // Left for the start-up scan.
         }
     }
@@ -213,7 +234,7 @@ fn run(shared: &Shared, target: &Target) {
 
 /// Flush the store, then remove the content files and extended attributes
 /// of `batch`. Err: the flush failed and nothing was removed.
-fn reclaim(target: &Target, batch: &[(u64, FileKind)]) -> Result<(), ()> {
+fn reclaim(target: &Target, batch: &[Freed]) -> Result<(), ()> {
     if let Err(e) = target.db.flush() {
         tracing::warn!(
             error = %e,
@@ -222,13 +243,26 @@ fn reclaim(target: &Target, batch: &[(u64, FileKind)]) -> Result<(), ()> {
         );
         return Err(());
     }
-    for &(ino, kind) in batch {
-        if kind == FileKind::File
-            && let Err(e) = target.content.remove(ino)
-        {
-            tracing::warn!(ino, error = %e, "cannot remove the content file of a freed inode");
+    for &freed in batch {
+        match freed {
+            Freed::Inode {
+                ino,
+                kind,
+                generation,
+            } => {
+                if kind == FileKind::File
+                    && let Err(e) = target.content.remove(ino, generation)
+                {
+                    tracing::warn!(ino, error = %e, "cannot remove the content file of a freed inode");
+                }
+                remove_xattrs(&target.xattrs, ino);
+            }
+            Freed::Generation { ino, generation } => {
+                if let Err(e) = target.content.remove(ino, generation) {
+                    tracing::warn!(ino, generation, error = %e, "cannot remove an old content generation");
+                }
+            }
         }
-        remove_xattrs(&target.xattrs, ino);
     }
     Ok(())
 }

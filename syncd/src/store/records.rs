@@ -8,6 +8,13 @@
 //! | `xattrs`  | ino (u64 BE) ++ name bytes        | value bytes            |
 //! | `orphans` | ino (u64 BE)                      | empty                  |
 //! | `meta`    | `"next_ino"`, `"format"`          | u64 BE                 |
+//! | `links`   | ino ++ parent ino ++ name bytes   | empty                  |
+//!
+//! `links` is `dirents` turned around: the names of an inode (a file's
+//! hard links, a directory's one name), for the shared index, which names
+//! an object by its parents and names. Every operation that adds or
+//! removes an entry changes both in one transaction ([`super::tx::Tx`]).
+//! The trees of the shared index are listed in [`super::objects`].
 //!
 //! Big-endian keys make sled's byte order the numeric order, so a prefix
 //! scan of `cookies` under one directory lists it in cookie order: that is
@@ -19,13 +26,17 @@
 //! store is migrated then ([`migrate`]), keeping every inode and its
 //! number.
 //!
-//! Formats: 1, the first; 2 adds `rdev` to [`InodeRec`] (device nodes).
+//! Formats: 1, the first; 2 adds `rdev` to [`InodeRec`] (device nodes); 3
+//! adds `generation` (which content file is current, see
+//! [`crate::content`]), the `links` tree (built from `dirents` by the
+//! migration) and the trees of the shared index (empty after a migration;
+//! [`super::Store::attach_device`] fills them).
 
 use ipc_schema::{FileKind, Timestamp};
 use serde::{Deserialize, Serialize};
 
 /// Layout version of the records below; stored under `meta/format`.
-pub const FORMAT_VERSION: u64 = 2;
+pub const FORMAT_VERSION: u64 = 3;
 
 /// Key of the inode counter in `meta`: the next number to hand out.
 pub const META_NEXT_INO: &[u8] = b"next_ino";
@@ -72,6 +83,65 @@ pub struct InodeRec {
     /// Device nodes: the device number (`st_rdev`, the kernel's encoding);
     /// 0 otherwise. Since format 2.
     pub rdev: u32,
+    /// Regular files: the content generation, i.e. which content file holds
+    /// the bytes (0: `<ino>`, g: `<ino>.<g>`); a version applied from a
+    /// peer starts a new one. 0 otherwise. Since format 3.
+    pub generation: u64,
+}
+
+/// [`InodeRec`] as format 2 stored it (no `generation`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InodeRecV2 {
+    /// As [`InodeRec::kind`].
+    pub kind: FileKind,
+    /// As [`InodeRec::perm`].
+    pub perm: u16,
+    /// As [`InodeRec::uid`].
+    pub uid: u32,
+    /// As [`InodeRec::gid`].
+    pub gid: u32,
+    /// As [`InodeRec::nlink`].
+    pub nlink: u32,
+    /// As [`InodeRec::atime`].
+    pub atime: Timestamp,
+    /// As [`InodeRec::mtime`].
+    pub mtime: Timestamp,
+    /// As [`InodeRec::ctime`].
+    pub ctime: Timestamp,
+    /// As [`InodeRec::crtime`].
+    pub crtime: Timestamp,
+    /// As [`InodeRec::target`].
+    pub target: Vec<u8>,
+    /// As [`InodeRec::parent`].
+    pub parent: u64,
+    /// As [`InodeRec::entries`].
+    pub entries: u64,
+    /// As [`InodeRec::next_cookie`].
+    pub next_cookie: u64,
+    /// As [`InodeRec::rdev`].
+    pub rdev: u32,
+}
+
+impl From<InodeRecV2> for InodeRec {
+    fn from(r: InodeRecV2) -> InodeRec {
+        InodeRec {
+            kind: r.kind,
+            perm: r.perm,
+            uid: r.uid,
+            gid: r.gid,
+            nlink: r.nlink,
+            atime: r.atime,
+            mtime: r.mtime,
+            ctime: r.ctime,
+            crtime: r.crtime,
+            target: r.target,
+            parent: r.parent,
+            entries: r.entries,
+            next_cookie: r.next_cookie,
+            rdev: r.rdev,
+            generation: 0,
+        }
+    }
 }
 
 /// [`InodeRec`] as format 1 stored it (no `rdev`).
@@ -122,15 +192,17 @@ impl From<InodeRecV1> for InodeRec {
             entries: r.entries,
             next_cookie: r.next_cookie,
             rdev: 0,
+            generation: 0,
         }
     }
 }
 
 /// Migrate a store of format `from` to [`FORMAT_VERSION`]: every inode
-/// record is rewritten in the new layout and the format mark set, in one
-/// transaction (a crash leaves the old store or the new one), then
-/// flushed. Inode numbers, entries, cookies, xattrs and content files do
-/// not change.
+/// record is rewritten in the new layout, the `links` tree is built from
+/// `dirents`, and the format mark set, in one transaction (a crash leaves
+/// the old store or the new one), then flushed. Inode numbers, entries,
+/// cookies, xattrs and content files do not change (every file keeps
+/// content generation 0, the file it had).
 pub fn migrate(
     db: &sled::Db,
     inodes: &sled::Tree,
@@ -138,28 +210,56 @@ pub fn migrate(
     from: u64,
 ) -> Result<(), String> {
     use sled::Transactional;
-    if from != 1 {
+    if !(1..FORMAT_VERSION).contains(&from) {
         return Err(format!("no migration from format {from}"));
     }
     let mut recs = Vec::new();
     for item in inodes.iter() {
         let (k, v) = item.map_err(|e| format!("reading inodes: {e}"))?;
-        let old: InodeRecV1 = decode(&v)
-            .map_err(|e| format!("record of inode {:?} cannot be decoded: {e}", be_u64(&k)))?;
-        recs.push((k, encode(&InodeRec::from(old))));
+        let undecodable =
+            |e: bincode1::Error| format!("record of inode {:?} cannot be decoded: {e}", be_u64(&k));
+        let rec = match from {
+            1 => InodeRec::from(decode::<InodeRecV1>(&v).map_err(undecodable)?),
+            _ => InodeRec::from(decode::<InodeRecV2>(&v).map_err(undecodable)?),
+        };
+        recs.push((k, encode(&rec)));
+    }
+    let dirents = db
+        .open_tree("dirents")
+        .map_err(|e| format!("opening dirents: {e}"))?;
+    let links = db
+        .open_tree("links")
+        .map_err(|e| format!("opening links: {e}"))?;
+    let mut link_keys = Vec::new();
+    for item in dirents.iter() {
+        let (k, v) = item.map_err(|e| format!("reading dirents: {e}"))?;
+        let d: DirentRec = decode(&v).map_err(|e| format!("an entry cannot be decoded: {e}"))?;
+        let (Some(parent), Some(name)) = (be_u64(&k), k.get(8..)) else {
+            return Err("an entry key is too short".into());
+        };
+        link_keys.push(link_key(d.ino, parent, name));
     }
     let n = recs.len();
-    (inodes, meta)
-        .transaction(|(inodes, meta)| {
+    (inodes, meta, &links)
+        .transaction(|(inodes, meta, links)| {
             for (k, v) in &recs {
                 inodes.insert(k, v.as_slice())?;
+            }
+            for k in &link_keys {
+                links.insert(k.as_slice(), &[][..])?;
             }
             meta.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes())?;
             Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
         })
         .map_err(|e| format!("rewriting the inode records: {e:?}"))?;
     db.flush().map_err(|e| format!("flushing: {e}"))?;
-    tracing::info!(inodes = n, from, to = FORMAT_VERSION, "migrated the store");
+    tracing::info!(
+        inodes = n,
+        links = link_keys.len(),
+        from,
+        to = FORMAT_VERSION,
+        "migrated the store"
+    );
     Ok(())
 }
 
@@ -182,6 +282,7 @@ impl InodeRec {
             entries: 0,
             next_cookie: FIRST_ENTRY_COOKIE,
             rdev: 0,
+            generation: 0,
         }
     }
 
@@ -222,6 +323,15 @@ pub fn ino_key(ino: u64) -> [u8; 8] {
 /// Key of an entry `name` in directory `parent`.
 pub fn dirent_key(parent: u64, name: &[u8]) -> Vec<u8> {
     prefixed(parent, name)
+}
+
+/// Key of the name `name` in directory `parent` of inode `ino` in `links`.
+pub fn link_key(ino: u64, parent: u64, name: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16 + name.len());
+    k.extend_from_slice(&ino.to_be_bytes());
+    k.extend_from_slice(&parent.to_be_bytes());
+    k.extend_from_slice(name);
+    k
 }
 
 /// Key of the cookie `cookie` in directory `parent`.

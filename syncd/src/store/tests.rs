@@ -688,7 +688,7 @@ fn files_made_from_spares_look_new_and_unused_spares_go_at_stop() {
     });
     for ino in s.spares.ready_list() {
         s.content
-            .update(ino, None, Some(old), Some(old))
+            .update(ino, 0, None, Some(old), Some(old))
             .expect("age a spare");
     }
     let recent = Timestamp {

@@ -7,10 +7,13 @@
 //! the closure more than once (on conflict), so closures only read and
 //! write through this view and keep side effects (content files) outside.
 
-use super::records::{DirentRec, InodeRec, cookie_key, decode, dirent_key, encode, ino_key};
+use super::records::{
+    DirentRec, InodeRec, cookie_key, decode, dirent_key, encode, ino_key, link_key,
+};
 use ipc_schema::{FileKind, FsError, Ino, fs_err};
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Result inside a transaction closure; `Abort` carries the errno.
 pub type TxResult<T> = Result<T, ConflictableTransactionError<FsError>>;
@@ -32,6 +35,12 @@ pub struct Tx<'a> {
     pub xattrs: &'a TransactionalTree,
     /// `orphans` tree.
     pub orphans: &'a TransactionalTree,
+    /// `dirty` tree (see [`super::objects`]).
+    pub dirty: &'a TransactionalTree,
+    /// `links` tree (see [`super::records`]).
+    pub links: &'a TransactionalTree,
+    /// The store's dirty mark counter.
+    pub marks: &'a AtomicU64,
 }
 
 impl Tx<'_> {
@@ -79,6 +88,14 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Mark `ino` dirty: its shared state changes in this transaction, so
+    /// the sync engine versions it (see [`super::objects`]).
+    pub fn mark_dirty(&self, ino: u64) -> TxResult<()> {
+        let mark = self.marks.fetch_add(1, Ordering::Relaxed);
+        self.dirty.insert(&ino_key(ino), &mark.to_be_bytes())?;
+        Ok(())
+    }
+
     /// Mark `ino` as unlinked but open.
     pub fn mark_orphan(&self, ino: u64) -> TxResult<()> {
         self.orphans.insert(&ino_key(ino), &[][..])?;
@@ -99,7 +116,11 @@ impl Tx<'_> {
     /// Overwrite an existing entry's target (RENAME_EXCHANGE), keeping its
     /// cookie.
     pub fn set_entry(&self, parent: u64, name: &[u8], d: &DirentRec) -> TxResult<()> {
+        if let Some(old) = self.entry(parent, name)? {
+            self.links.remove(link_key(old.ino, parent, name))?;
+        }
         self.dirents.insert(dirent_key(parent, name), encode(d))?;
+        self.links.insert(link_key(d.ino, parent, name), &[][..])?;
         Ok(())
     }
 
@@ -119,6 +140,7 @@ impl Tx<'_> {
         let d = DirentRec { ino, kind, cookie };
         self.dirents.insert(dirent_key(parent, name), encode(&d))?;
         self.cookies.insert(&cookie_key(parent, cookie), name)?;
+        self.links.insert(link_key(ino, parent, name), &[][..])?;
         Ok(())
     }
 
@@ -133,6 +155,7 @@ impl Tx<'_> {
     ) -> TxResult<()> {
         self.dirents.remove(dirent_key(parent, name))?;
         self.cookies.remove(&cookie_key(parent, d.cookie))?;
+        self.links.remove(link_key(d.ino, parent, name))?;
         dir.entries = dir.entries.saturating_sub(1);
         Ok(())
     }

@@ -1,0 +1,255 @@
+//! Applying a peer's record here: the merge decision ([`super::merge`]),
+//! then `Store::apply_remote`, and what follows from its answer.
+//!
+//! Every function here runs on the blocking pool, under the engine's
+//! index lock (taken by [`apply_one`]), so the decision and the write are
+//! one step (see `engine.rs`).
+//!
+//! Answers of the store, and what is done about them:
+//! - applied: the invalidations go to mountd, a small file left partial
+//!   is fetched at once (`eager_fetch_max`);
+//! - `MissingParent`: deferred until the parent arrives (the session
+//!   retries after each batch);
+//! - `Collision`: deferred once (a rename over a file usually comes with
+//!   the replaced file's tombstone later in the batch); on the final pass
+//!   the object with the older (mtime, modified_by) moves to its conflict
+//!   name ([`merge::collision_loser`]), the same choice on every peer;
+//! - `Busy` (the local inode has changes not yet versioned, or a handle
+//!   open for writing): retried after the versioner ran, when the local
+//!   change is a version and the decision sees it;
+//! - `NotEmpty` (a directory's tombstone, but something was created in it
+//!   here that the deleter had not seen): the directory is kept and made a
+//!   new local version (`merged(local, tombstone)` bumped with this
+//!   device), so the deleting peer gets it back with its new children;
+//! - `Invalid`: logged with the peer and the reason, skipped (never
+//!   applied, never passed on);
+//! - a store failure: deferred and retried.
+
+use super::engine::SyncEngine;
+use super::merge::{self, ConflictCopy, Outcome};
+use super::model::{EntryName, Gid, ObjRec};
+use crate::store::objects::{Applied, ApplyError, DirtyMark, Seed};
+
+/// Why a record waits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Its parent directory is not here (yet).
+    MissingParent(Gid),
+    /// Another object holds one of its names.
+    Collision {
+        /// The name.
+        at: EntryName,
+        /// Who holds it.
+        existing: Gid,
+    },
+    /// The local object has changes not yet versioned.
+    Busy,
+    /// The store failed; retried later.
+    Failed(String),
+}
+
+/// What became of one record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fate {
+    /// Applied, or nothing to do.
+    Done,
+    /// Refused for good (invalid); logged.
+    Skipped,
+    /// To retry.
+    Deferred(Wait),
+}
+
+/// Decide on and apply `rec`, a record of peer `peer`. `final_pass`:
+/// resolve a name collision now instead of deferring it.
+pub fn apply_one(engine: &SyncEngine, peer: &str, rec: &ObjRec, final_pass: bool) -> Fate {
+    let _index = engine.lock_index();
+    let fate = decide_and_apply(engine, peer, rec, final_pass);
+    engine.publish_seq();
+    fate
+}
+
+fn decide_and_apply(engine: &SyncEngine, peer: &str, rec: &ObjRec, final_pass: bool) -> Fate {
+    let store = &engine.store;
+    let local = match store.object(&rec.gid) {
+        Ok(l) => l,
+        Err(e) => return Fate::Deferred(Wait::Failed(e.to_string())),
+    };
+    let (out, copy, conflict) = match merge::decide(local.as_ref(), rec) {
+        Outcome::Ignore => return Fate::Done,
+        Outcome::Store {
+            rec,
+            copy,
+            conflict,
+        } => (rec, copy, conflict),
+    };
+    if let Some(copy) = copy {
+        match make_copy(engine, peer, &out.gid, &copy) {
+            Fate::Done => {}
+            other => return other,
+        }
+    }
+    match store.apply_remote(&out, None) {
+        Ok(applied) => {
+            after_apply(engine, &out, applied);
+            if conflict {
+                engine.count_conflict();
+                tracing::info!(peer, gid = ?out.gid, "conflict resolved");
+            }
+            Fate::Done
+        }
+        Err(ApplyError::NotEmpty) => resurrect(engine, peer, local.as_ref(), &out),
+        Err(ApplyError::Collision { at, existing }) if final_pass => {
+            settle_collision(engine, peer, &out, at, existing)
+        }
+        Err(e) => fate_of(peer, &out, e),
+    }
+}
+
+/// Make a conflict copy (through the merge rules, so a copy that is here
+/// already is not made twice).
+fn make_copy(engine: &SyncEngine, peer: &str, of: &Gid, copy: &ConflictCopy) -> Fate {
+    let store = &engine.store;
+    let existing = match store.object(&copy.rec.gid) {
+        Ok(e) => e,
+        Err(e) => return Fate::Deferred(Wait::Failed(e.to_string())),
+    };
+    let rec = match merge::decide(existing.as_ref(), &copy.rec) {
+        Outcome::Ignore => return Fate::Done,
+        Outcome::Store { rec, .. } => rec,
+    };
+    let seed = if copy.from_local {
+        match local_seed(engine, of) {
+            Ok(seed) => seed,
+            Err(e) => return Fate::Deferred(Wait::Failed(e.to_string())),
+        }
+    } else {
+        None
+    };
+    match store.apply_remote(&rec, seed) {
+        Ok(applied) => {
+            tracing::info!(peer, copy = ?rec.gid, name = %String::from_utf8_lossy(&rec.names[0].name), "conflict copy made");
+            after_apply(engine, &rec, applied);
+            Fate::Done
+        }
+        Err(e) => fate_of(peer, &rec, e),
+    }
+}
+
+/// The local content a conflict copy of the local version starts from:
+/// the current content generation of the object `of` (whose local version
+/// lost).
+fn local_seed(engine: &SyncEngine, of: &Gid) -> Result<Option<Seed>, ipc_schema::FsError> {
+    let Some(ino) = engine.store.ino_of(of)? else {
+        return Ok(None);
+    };
+    let obj = engine.store.local_object(ino)?;
+    Ok(obj.now.map(|now| Seed {
+        ino,
+        generation: now.generation,
+    }))
+}
+
+/// After a successful apply: invalidations, eager fetch, and the log.
+fn after_apply(engine: &SyncEngine, rec: &ObjRec, applied: Applied) {
+    if !applied.invals.is_empty() {
+        engine.data().push_invals(applied.invals);
+    }
+    if let Some(ino) = applied.ino
+        && applied.partial
+        && rec.size <= engine.data().eager_fetch_max()
+    {
+        engine.data().prefetch(ino);
+    }
+    tracing::debug!(gid = ?rec.gid, seq = applied.seq, deleted = rec.deleted, "applied");
+}
+
+/// A directory's tombstone met a directory that is not empty here: keep
+/// it, as a new local version that has seen the delete.
+fn resurrect(engine: &SyncEngine, peer: &str, local: Option<&ObjRec>, tomb: &ObjRec) -> Fate {
+    let store = &engine.store;
+    let Some(local) = local.filter(|l| !l.deleted) else {
+        return Fate::Deferred(Wait::Failed("not empty, but not recorded".into()));
+    };
+    let ino = match store.ino_of(&local.gid) {
+        Ok(Some(ino)) => ino,
+        Ok(None) => return Fate::Deferred(Wait::Failed("not empty, but no inode".into())),
+        Err(e) => return Fate::Deferred(Wait::Failed(e.to_string())),
+    };
+    let rec = ObjRec {
+        vv: local.vv.merged(&tomb.vv).bumped(engine.device),
+        modified_by: engine.device,
+        ..local.clone()
+    };
+    // Mark 0 is never a live mark: a dirty mark set meanwhile stays.
+    match store.commit_local(DirtyMark { ino, mark: 0 }, &rec) {
+        Ok(seq) => {
+            engine.count_conflict();
+            tracing::info!(peer, gid = ?rec.gid, seq, "a deleted directory has new entries here: kept");
+            Fate::Done
+        }
+        Err(e) => Fate::Deferred(Wait::Failed(e.to_string())),
+    }
+}
+
+/// Two objects claim one name after the batch: the older moves to its
+/// conflict name (its record rewritten, version vector unchanged).
+fn settle_collision(
+    engine: &SyncEngine,
+    peer: &str,
+    rec: &ObjRec,
+    at: EntryName,
+    existing: Gid,
+) -> Fate {
+    let store = &engine.store;
+    let other = match store.object(&existing) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            return Fate::Deferred(Wait::Failed("the name's holder is not recorded".into()));
+        }
+        Err(e) => return Fate::Deferred(Wait::Failed(e.to_string())),
+    };
+    if merge::collision_loser(rec, &other) {
+        let moved = merge::renamed_for_collision(rec, &at);
+        match store.apply_remote(&moved, None) {
+            Ok(applied) => {
+                engine.count_conflict();
+                after_apply(engine, &moved, applied);
+                Fate::Done
+            }
+            Err(e) => fate_of(peer, &moved, e),
+        }
+    } else {
+        let moved = merge::renamed_for_collision(&other, &at);
+        if let Err(e) = store
+            .apply_remote(&moved, None)
+            .map(|a| after_apply(engine, &moved, a))
+        {
+            return fate_of(peer, &moved, e);
+        }
+        engine.count_conflict();
+        match store.apply_remote(rec, None) {
+            Ok(applied) => {
+                after_apply(engine, rec, applied);
+                Fate::Done
+            }
+            Err(e) => fate_of(peer, rec, e),
+        }
+    }
+}
+
+fn fate_of(peer: &str, rec: &ObjRec, e: ApplyError) -> Fate {
+    match e {
+        ApplyError::MissingParent(gid) => Fate::Deferred(Wait::MissingParent(gid)),
+        ApplyError::Collision { at, existing } => Fate::Deferred(Wait::Collision { at, existing }),
+        // BUSY-ARM
+        ApplyError::Invalid(reason) => {
+            tracing::warn!(peer, gid = ?rec.gid, %reason, "refused a record from the peer");
+            Fate::Skipped
+        }
+        ApplyError::NotEmpty => Fate::Deferred(Wait::Failed("directory not empty".into())),
+        ApplyError::Fs(e) => {
+            tracing::warn!(peer, gid = ?rec.gid, error = %e, "applying a record failed; will retry");
+            Fate::Deferred(Wait::Failed(e.to_string()))
+        }
+    }
+}

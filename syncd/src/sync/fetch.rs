@@ -1,0 +1,641 @@
+//! Fetching chunks on demand: the bytes of a remote version, from a peer
+//! that has them, verified, into the sparse content file.
+//!
+//! A file that arrived from a peer starts as a content generation whose
+//! chunks are missing, with a presence record ([`PresenceRec`]: the
+//! expected hash of every chunk and a bitmap of those present). A read of
+//! a missing range comes here as [`Fetcher::ensure`] (mountd's
+//! `fetch_range`, with the read's deadline); the sync engine calls it too
+//! before rehashing a partial file, and [`Fetcher::prefetch`] fetches a
+//! whole small file in the background as soon as its version arrives.
+//!
+//! One chunk, one fetch. Each missing chunk is a *flight*: a task that asks
+//! the connected peers for it in turn (`Request::Chunk{gid, index, hash}`,
+//! a stream of at most `CHUNK_SIZE` bytes), collects the bytes, checks
+//! their length and BLAKE3 hash, and only then writes them. Bytes that do
+//! not match are refused (logged with the peer; nothing is written) and the
+//! next peer is asked; a peer that answers `NotFound`, fails or times out
+//! is skipped the same way. When no peer is connected, or none had the
+//! chunk, the flight fails with `EIO` at once: a reader never waits for a
+//! peer that is not there. The bytes below the presence `limit` (a file
+//! truncated since the version arrived keeps only those) are `pwrite`n into
+//! the generation's file, then the chunk is marked present (the bit is
+//! written after the bytes; at start the store re-hashes present chunks, so
+//! a power cut between the two cannot leave a wrong chunk marked present).
+//! A chunk already marked present is never written again, so bytes written
+//! locally into a fetched chunk are never overwritten by a later fetch.
+//!
+//! Dedup: flights are keyed by (inode, generation, chunk); a second reader
+//! of a chunk already in flight waits for the same flight. Parallelism: at
+//! most `fetch_parallel` flights of one file ask peers at once (a
+//! semaphore per file; the others queue in order). Deadlines: the waiting
+//! reader gives up at its deadline with `ETIMEDOUT`, but the flight goes on
+//! in the background (bounded by [`CHUNK_TIMEOUT`] per peer), so the next
+//! read finds the chunk present.
+//!
+//! Read-ahead: a demanded read that continues where the last one of the
+//! same file ended, or inside what was read ahead for it, is sequential:
+//! its window doubles (from one chunk up to `fetch_readahead_max` bytes),
+//! and the missing chunks of the window after the read are started as
+//! background flights. A read elsewhere resets the window to nothing. The
+//! window is kept per inode ([`Readahead`]).
+//!
+//! Locks: one `Mutex<State>` (the flights and the per-file state), and one
+//! small mutex per flight (the peer being asked, for `debug_fetches`).
+//! Neither is held across an `.await`, a store call or a peer call; the
+//! state lock is never taken while a flight's is held (the flight's is a
+//! leaf). Store calls run on the blocking pool.
+
+use crate::peer::conn::PeerConn;
+use crate::peer::manager::Manager;
+use crate::peer::msg::{RemoteErrorKind, Request};
+use crate::peer::requests::RequestError;
+use crate::store::Store;
+use crate::store::objects::PresenceRec;
+use crate::sync::model::{CHUNK_SIZE, ChunkHash, Gid, chunk_count, chunk_range};
+use ipc_schema::{FetchInFlight, FsError, Ino, fs_err};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::runtime::Handle;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+
+/// How long one peer may take to send one chunk before the next is asked.
+pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How many files' read-ahead state is kept (those with flights in the
+/// air are always kept).
+const FILES_KEPT: usize = 1024;
+
+/// The store as the fetcher uses it (a seam, so the fetcher's logic is
+/// tested with an in-memory store). Every method blocks.
+pub trait ChunkStore: Send + Sync + 'static {
+    /// The presence record of `ino`, if its bytes are not all local.
+    fn presence(&self, ino: Ino) -> Result<Option<PresenceRec>, FsError>;
+    /// The current content generation of `ino`.
+    fn generation(&self, ino: Ino) -> Result<u64, FsError>;
+    /// Open generation `generation` of `ino` for writing fetched chunks.
+    fn open_for_fill(&self, ino: Ino, generation: u64) -> Result<File, FsError>;
+    /// Mark chunk `index` present; answers the bitmap after it (empty:
+    /// the file is complete).
+    fn mark_present(&self, ino: Ino, generation: u64, index: u64) -> Result<Vec<u64>, FsError>;
+}
+
+impl ChunkStore for Store {
+    fn presence(&self, ino: Ino) -> Result<Option<PresenceRec>, FsError> {
+        crate::fault::store_gate();
+        Store::presence(self, ino)
+    }
+
+    fn generation(&self, ino: Ino) -> Result<u64, FsError> {
+        crate::fault::store_gate();
+        match self.local_object(ino)?.now {
+            Some(now) => Ok(now.generation),
+            None => Err(fs_err!(ENOENT, "{ino} is gone")),
+        }
+    }
+
+    fn open_for_fill(&self, ino: Ino, generation: u64) -> Result<File, FsError> {
+        crate::fault::store_gate();
+        Store::open_for_fill(self, ino, generation)
+    }
+
+    fn mark_present(&self, ino: Ino, generation: u64, index: u64) -> Result<Vec<u64>, FsError> {
+        crate::fault::store_gate();
+        Store::mark_present(self, ino, generation, index)
+    }
+}
+
+/// Where the connected peers come from (a seam for the tests).
+pub trait PeerSource: Send + Sync + 'static {
+    /// The connected peers (fingerprint, connection), in a stable order.
+    fn connected(&self) -> Vec<(String, PeerConn)>;
+}
+
+impl PeerSource for Manager {
+    fn connected(&self) -> Vec<(String, PeerConn)> {
+        self.list()
+            .into_iter()
+            .filter_map(|info| {
+                let conn = self.live_conn(&info.fingerprint).flatten()?;
+                Some((info.fingerprint, conn))
+            })
+            .collect()
+    }
+}
+
+/// The fetcher's settings (from the configuration).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchConfig {
+    /// At most this many chunk requests of one file in flight
+    /// (`fetch_parallel`).
+    pub parallel: usize,
+    /// The largest read-ahead window in bytes (`fetch_readahead_max`).
+    pub readahead_max: u64,
+    /// How long one peer may take to send one chunk.
+    pub chunk_timeout: Duration,
+}
+
+impl FetchConfig {
+    /// The settings of `config`.
+    pub fn of(config: &crate::config::Config) -> FetchConfig {
+        FetchConfig {
+            parallel: config.fetch_parallel,
+            readahead_max: config.fetch_readahead_max,
+            chunk_timeout: CHUNK_TIMEOUT,
+        }
+    }
+}
+
+/// The read-ahead state of one file (see the module doc).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Readahead {
+    /// Where the last demanded read started.
+    last_offset: u64,
+    /// The end of what was read or read ahead after it.
+    ahead_end: u64,
+    /// The window in bytes (0: none).
+    window: u64,
+}
+
+impl Readahead {
+    /// A demanded read of `[offset, offset + len)`: update the window and
+    /// answer the byte range to read ahead (empty when none).
+    pub fn on_read(&mut self, offset: u64, len: u64, max: u64) -> (u64, u64) {
+        let end = offset.saturating_add(len);
+        let sequential =
+            offset <= self.ahead_end && offset.saturating_add(CHUNK_SIZE) >= self.last_offset;
+        self.window = if sequential {
+            self.window
+                .saturating_mul(2)
+                .clamp(CHUNK_SIZE, max.max(CHUNK_SIZE))
+        } else {
+            0
+        };
+        if max == 0 {
+            self.window = 0;
+        }
+        self.last_offset = offset;
+        self.ahead_end = end.saturating_add(self.window);
+        (end, self.ahead_end)
+    }
+}
+
+/// A chunk of a file's content generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ChunkKey {
+    ino: Ino,
+    generation: u64,
+    index: u64,
+}
+
+/// What a flight needs to know of its chunk.
+#[derive(Clone, Copy, Debug)]
+struct ChunkSpec {
+    key: ChunkKey,
+    gid: Gid,
+    hash: ChunkHash,
+    /// The chunk's length in the version (its last chunk is shorter).
+    len: u64,
+}
+
+/// One chunk being fetched.
+struct Flight {
+    done: watch::Sender<Option<Result<(), FsError>>>,
+    started: Instant,
+    demanded: AtomicBool,
+    /// The peer being asked ("" while waiting for a slot).
+    peer: Mutex<String>,
+}
+
+impl Flight {
+    fn set_peer(&self, fingerprint: &str) {
+        let mut peer = self.peer.lock().unwrap_or_else(|p| p.into_inner());
+        fingerprint.clone_into(&mut peer);
+    }
+}
+
+/// Per file: read-ahead and the request slots.
+struct FileState {
+    readahead: Readahead,
+    slots: Arc<Semaphore>,
+}
+
+#[derive(Default)]
+struct State {
+    flights: HashMap<ChunkKey, Arc<Flight>>,
+    files: HashMap<Ino, FileState>,
+}
+
+/// The fetcher (see the module doc). Shared as `Arc<Fetcher>`.
+pub struct Fetcher {
+    store: Arc<dyn ChunkStore>,
+    peers: Arc<dyn PeerSource>,
+    cfg: FetchConfig,
+    /// Where flights run (the network runtime).
+    rt: Handle,
+    state: Mutex<State>,
+}
+
+/// Is chunk `index` set in `bitmap`?
+pub fn bit(bitmap: &[u64], index: u64) -> bool {
+    bitmap
+        .get((index / 64) as usize)
+        .is_some_and(|w| w & (1 << (index % 64)) != 0)
+}
+
+/// The presence `limit` of a record: chunks entirely at or beyond it count
+/// present.
+fn limit_of(rec: &PresenceRec) -> u64 {
+    rec.size
+}
+
+/// A bitmap with every chunk of `[0, upto)` set (a complete file).
+fn all_present(upto: u64) -> Vec<u64> {
+    vec![u64::MAX; chunk_count(upto).div_ceil(64) as usize]
+}
+
+impl Fetcher {
+    /// A fetcher of `store`'s chunks from `peers`, running its flights on
+    /// `rt`.
+    pub fn new(
+        store: Arc<dyn ChunkStore>,
+        peers: Arc<dyn PeerSource>,
+        cfg: FetchConfig,
+        rt: Handle,
+    ) -> Arc<Fetcher> {
+        Arc::new(Fetcher {
+            store,
+            peers,
+            cfg: FetchConfig {
+                parallel: cfg.parallel.max(1),
+                ..cfg
+            },
+            rt,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run a store call on the blocking pool.
+    async fn store_call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn ChunkStore) -> Result<T, FsError> + Send + 'static,
+    ) -> Result<T, FsError> {
+        let store = self.store.clone();
+        self.rt
+            .spawn_blocking(move || f(&*store))
+            .await
+            .unwrap_or_else(|e| Err(fs_err!(EIO, "a store call of the fetcher failed: {e}")))
+    }
+
+    /// Make the chunks of `[offset, offset + len)` of `ino`'s generation
+    /// `generation` present, fetching what is missing, and answer the
+    /// presence bitmap (every bit set when the file is complete).
+    /// `demanded`: a reader waits (read-ahead follows sequential demand).
+    /// `EIO` when no connected peer has a chunk, `ETIMEDOUT` at `deadline`
+    /// (the fetch goes on in the background).
+    pub async fn ensure(
+        self: &Arc<Self>,
+        ino: Ino,
+        generation: u64,
+        offset: u64,
+        len: u64,
+        deadline: Instant,
+        demanded: bool,
+    ) -> Result<Vec<u64>, FsError> {
+        let rec = match self.version(ino, generation).await? {
+            Some(rec) => rec,
+            None => return Ok(all_present(offset.saturating_add(len))),
+        };
+        let limit = limit_of(&rec);
+        let end = offset.saturating_add(len).min(limit);
+        let wanted = self.missing(&rec, offset, end);
+        let ahead = if demanded {
+            let (from, to) = self.readahead(ino, offset, len);
+            self.missing(&rec, from, to.min(limit))
+        } else {
+            Vec::new()
+        };
+        let mut waits = Vec::with_capacity(wanted.len());
+        for index in wanted {
+            let flight = self.start(self.spec(ino, &rec, index), demanded);
+            waits.push(flight.done.subscribe());
+        }
+        for index in ahead {
+            self.start(self.spec(ino, &rec, index), false);
+        }
+        let all = futures::future::join_all(waits.into_iter().map(|mut rx| async move {
+            match rx.wait_for(Option::is_some).await {
+                Ok(done) => done.clone().unwrap_or(Ok(())),
+                Err(_) => Err(fs_err!(EIO, "{ino}: a chunk fetch ended without an answer")),
+            }
+        }));
+        let results = match tokio::time::timeout_at(deadline, all).await {
+            Ok(results) => results,
+            Err(_) => {
+                return Err(fs_err!(
+                    ETIMEDOUT,
+                    "{ino}: the chunks of bytes {offset}..{end} did not arrive before the deadline (they are still being fetched)"
+                ));
+            }
+        };
+        if let Some(e) = results.into_iter().find_map(Result::err) {
+            return Err(e);
+        }
+        match self.version(ino, generation).await? {
+            Some(now) => Ok(now.present),
+            None => Ok(all_present(rec.size.max(offset.saturating_add(len)))),
+        }
+    }
+
+    /// The presence record of `ino` if generation `generation` is partial
+    /// (`None`: it is current and complete); `EIO` when a newer version
+    /// replaced it, since peers serve only the current version.
+    async fn version(&self, ino: Ino, generation: u64) -> Result<Option<PresenceRec>, FsError> {
+        let current = match self.store_call(move |s| s.presence(ino)).await? {
+            Some(rec) if rec.generation == generation => return Ok(Some(rec)),
+            Some(rec) => rec.generation,
+            None => self.store_call(move |s| s.generation(ino)).await?,
+        };
+        if current == generation {
+            return Ok(None);
+        }
+        Err(fs_err!(
+            EIO,
+            "{ino}: the version open here (generation {generation}) was replaced by generation {current}; its missing bytes are no longer served"
+        ))
+    }
+
+    /// Fetch every missing chunk of `ino` in the background (an eager
+    /// fetch of a small file). Failures are logged.
+    pub fn prefetch(self: &Arc<Self>, ino: Ino) {
+        let this = self.clone();
+        self.rt.spawn(async move {
+            let rec = match this.store_call(move |s| s.presence(ino)).await {
+                Ok(Some(rec)) => rec,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(%ino, error = %e, "prefetch: no presence record");
+                    return;
+                }
+            };
+            let limit = limit_of(&rec);
+            for index in this.missing(&rec, 0, limit) {
+                this.start(this.spec(ino, &rec, index), false);
+            }
+        });
+    }
+
+    /// The chunk fetches in flight, oldest first.
+    pub fn debug_fetches(&self) -> Vec<FetchInFlight> {
+        let flights: Vec<(ChunkKey, Arc<Flight>)> = self
+            .lock()
+            .flights
+            .iter()
+            .map(|(k, f)| (*k, f.clone()))
+            .collect();
+        let now = Instant::now();
+        let mut out: Vec<FetchInFlight> = flights
+            .into_iter()
+            .map(|(key, f)| FetchInFlight {
+                ino: key.ino.0,
+                chunk: key.index,
+                peer: f.peer.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                age_ms: now.saturating_duration_since(f.started).as_millis() as u64,
+                demanded: f.demanded.load(Ordering::Relaxed),
+            })
+            .collect();
+        out.sort_by_key(|f| std::cmp::Reverse(f.age_ms));
+        out
+    }
+
+    /// The missing chunks that overlap `[from, to)` (chunks entirely at or
+    /// beyond the limit count present: the caller clips `to`).
+    fn missing(&self, rec: &PresenceRec, from: u64, to: u64) -> Vec<u64> {
+        if from >= to {
+            return Vec::new();
+        }
+        let first = from / CHUNK_SIZE;
+        let last = (to - 1) / CHUNK_SIZE;
+        (first..=last.min(chunk_count(rec.size).saturating_sub(1)))
+            .filter(|i| !bit(&rec.present, *i))
+            .collect()
+    }
+
+    fn spec(&self, ino: Ino, rec: &PresenceRec, index: u64) -> ChunkSpec {
+        let (start, end) = chunk_range(index, rec.size);
+        ChunkSpec {
+            key: ChunkKey {
+                ino,
+                generation: rec.generation,
+                index,
+            },
+            gid: rec.gid,
+            hash: rec
+                .chunks
+                .get(index as usize)
+                .copied()
+                .unwrap_or(ChunkHash([0; 32])),
+            len: end - start,
+        }
+    }
+
+    /// Update `ino`'s read-ahead for a demanded read; answer the range to
+    /// read ahead.
+    fn readahead(&self, ino: Ino, offset: u64, len: u64) -> (u64, u64) {
+        let mut st = self.lock();
+        let parallel = self.cfg.parallel;
+        if st.files.len() >= FILES_KEPT && !st.files.contains_key(&ino) {
+            // Forget idle files (no flight holds a slot).
+            st.files
+                .retain(|_, f| f.slots.available_permits() < parallel);
+        }
+        let file = st.files.entry(ino).or_insert_with(|| FileState {
+            readahead: Readahead::default(),
+            slots: Arc::new(Semaphore::new(parallel)),
+        });
+        file.readahead.on_read(offset, len, self.cfg.readahead_max)
+    }
+
+    /// The flight of `spec`'s chunk: the one in the air, or a new one.
+    fn start(self: &Arc<Self>, spec: ChunkSpec, demanded: bool) -> Arc<Flight> {
+        let mut st = self.lock();
+        if let Some(flight) = st.flights.get(&spec.key) {
+            if demanded {
+                flight.demanded.store(true, Ordering::Relaxed);
+            }
+            return flight.clone();
+        }
+        let flight = Arc::new(Flight {
+            done: watch::channel(None).0,
+            started: Instant::now(),
+            demanded: AtomicBool::new(demanded),
+            peer: Mutex::new(String::new()),
+        });
+        st.flights.insert(spec.key, flight.clone());
+        let parallel = self.cfg.parallel;
+        let slots = st
+            .files
+            .entry(spec.key.ino)
+            .or_insert_with(|| FileState {
+                readahead: Readahead::default(),
+                slots: Arc::new(Semaphore::new(parallel)),
+            })
+            .slots
+            .clone();
+        drop(st);
+        let this = self.clone();
+        let task_flight = flight.clone();
+        self.rt.spawn(async move {
+            let result = match slots.acquire_owned().await {
+                Ok(_slot) => this.fly(&spec, &task_flight).await,
+                Err(_) => Err(fs_err!(EIO, "the fetcher is shutting down")),
+            };
+            if let Err(e) = &result {
+                tracing::debug!(ino = %spec.key.ino, chunk = spec.key.index, error = %e, "chunk fetch failed");
+            }
+            this.lock().flights.remove(&spec.key);
+            task_flight.done.send_replace(Some(result));
+        });
+        flight
+    }
+
+    /// Fetch one chunk from the first connected peer that has it, verify
+    /// it, write it and mark it present.
+    async fn fly(&self, spec: &ChunkSpec, flight: &Flight) -> Result<(), FsError> {
+        let ino = spec.key.ino;
+        let index = spec.key.index;
+        let mut peers = self.peers.connected();
+        if peers.is_empty() {
+            return Err(fs_err!(
+                EIO,
+                "{ino}: chunk {index} is not here and no peer is connected"
+            ));
+        }
+        // Spread a file's chunks over the peers.
+        let turn = (index % peers.len() as u64) as usize;
+        peers.rotate_left(turn);
+        let mut refusals = Vec::new();
+        for (fingerprint, conn) in peers {
+            flight.set_peer(&fingerprint);
+            match self.ask(&conn, spec).await {
+                Ok(bytes) => return self.write(spec, bytes).await,
+                Err(why) => {
+                    tracing::debug!(%ino, chunk = index, peer = %fingerprint, %why, "peer did not give the chunk");
+                    refusals.push(format!("{fingerprint}: {why}"));
+                }
+            }
+        }
+        Err(fs_err!(
+            EIO,
+            "{ino}: no connected peer gave chunk {index} ({})",
+            refusals.join("; ")
+        ))
+    }
+
+    /// Ask one peer for the chunk: its bytes, checked (length and hash).
+    async fn ask(&self, conn: &PeerConn, spec: &ChunkSpec) -> Result<Vec<u8>, String> {
+        let req = Request::Chunk {
+            gid: spec.gid,
+            index: spec.key.index,
+            hash: spec.hash,
+        };
+        let mut stream = conn
+            .stream(req, self.cfg.chunk_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut bytes = Vec::with_capacity(spec.len as usize);
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(|e| match e {
+                RequestError::Remote(r) if r.kind == RemoteErrorKind::NotFound => {
+                    "it does not have the chunk".to_owned()
+                }
+                other => other.to_string(),
+            })?;
+            if (bytes.len() + piece.len()) as u64 > spec.len {
+                // Dropping the stream cancels it.
+                return Err(format!(
+                    "refused: it sent more than the chunk's {} bytes",
+                    spec.len
+                ));
+            }
+            bytes.extend_from_slice(&piece);
+        }
+        if bytes.len() as u64 != spec.len {
+            return Err(format!(
+                "refused: it sent {} bytes, the chunk has {}",
+                bytes.len(),
+                spec.len
+            ));
+        }
+        if ChunkHash::of(&bytes) != spec.hash {
+            tracing::warn!(
+                peer = %conn.label(),
+                ino = %spec.key.ino,
+                chunk = spec.key.index,
+                gid = %spec.gid.hex(),
+                "refused a chunk whose bytes do not match its hash; nothing written, asking the next peer"
+            );
+            return Err("refused: the bytes do not match the chunk's hash".to_owned());
+        }
+        Ok(bytes)
+    }
+
+    /// Write a verified chunk's bytes below the presence limit and mark it
+    /// present (unless it was marked present meanwhile, or the version or
+    /// its presence record is gone).
+    async fn write(&self, spec: &ChunkSpec, bytes: Vec<u8>) -> Result<(), FsError> {
+        let key = spec.key;
+        self.store_call(move |s| {
+            // Complete meanwhile (truncated with O_TRUNC, or replaced):
+            // the caller looks at the version again.
+            let Some(rec) = s.presence(key.ino)? else {
+                return Ok(());
+            };
+            if rec.generation != key.generation {
+                return Err(fs_err!(
+                    EIO,
+                    "{}: generation {} was replaced by {} while chunk {} was fetched",
+                    key.ino,
+                    key.generation,
+                    rec.generation,
+                    key.index
+                ));
+            }
+            if bit(&rec.present, key.index) {
+                return Ok(());
+            }
+            let (start, _) = chunk_range(key.index, rec.size);
+            let file = s.open_for_fill(key.ino, key.generation)?;
+            // Below the limit, and never past the file's end: a truncate
+            // that lowered the limit after the record was read has cut
+            // the file already.
+            let len = file
+                .metadata()
+                .map_err(|e| fs_err!(EIO, "{}: stat before writing a chunk: {e}", key.ino))?
+                .len();
+            let upto = (start + bytes.len() as u64).min(limit_of(&rec)).min(len);
+            if upto > start {
+                file.write_all_at(&bytes[..(upto - start) as usize], start)
+                    .map_err(|e| {
+                        fs_err!(EIO, "{}: writing fetched chunk {}: {e}", key.ino, key.index)
+                    })?;
+            }
+            s.mark_present(key.ino, key.generation, key.index)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+#[path = "fetch_tests.rs"]
+mod tests;

@@ -1,0 +1,347 @@
+//! The local versioner: turns local changes into versions.
+//!
+//! Store operations that change shared state mark the inodes they touch
+//! dirty (before the change), and wake this task. It takes the dirty
+//! inodes, oldest mark first, [`TAKE`] at a time, and for each one, on the
+//! blocking pool under the engine's index lock:
+//!
+//! - reads what the store knows of it (`Store::local_object`);
+//! - a kind that is not shared (fifo, socket, device): the mark is cleared;
+//! - a live inode: the record it would have now ([`state_record`]): names,
+//!   permission bits, mtime, size, symlink target, and for files the
+//!   BLAKE3 hash of each chunk. The recorded hashes are reused when size
+//!   and mtime are the recorded ones; otherwise every chunk of the content
+//!   generation is hashed, except chunks of a partial file that are not
+//!   here, which keep the hash they are expected to have (their bytes
+//!   are the version's, still at the peer);
+//! - a gone inode with a live recorded version: a tombstone;
+//! - the same state as recorded: the mark is cleared, no version;
+//! - else a new version: the recorded vector bumped with this device
+//!   (`{device: 1}` for a new object), committed with the mark
+//!   (`Store::commit_local` clears the mark only if no change came since).
+//!
+//! A partial file with a missing chunk that straddles its truncation limit
+//! (part of it is a version's bytes that are not here, part local zeros or
+//! writes) cannot be hashed: the chunk is fetched first through the data
+//! path, outside the lock, and the inode stays dirty and is retried with a
+//! growing backoff if that fails.
+//!
+//! After each round the new local sequence number is published (waking the
+//! index streams that serve peers, so the change is announced at once) and
+//! the sessions are told (so records refused as `Busy` are retried).
+
+use super::engine::SyncEngine;
+use super::model::{CHUNK_SIZE, ObjRec, VersionVector, chunk_count, chunk_range};
+use crate::store::objects::{DirtyMark, LocalObject, LocalState};
+use ipc_schema::{FileKind, FsError, Ino, Timestamp};
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Dirty inodes taken per round.
+pub const TAKE: usize = 256;
+
+/// The first wait before retrying an inode that could not be versioned.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest.
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long a chunk fetch for versioning may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// When nothing wakes the versioner, it looks anyway this often (a mark
+/// whose wake-up was lost is versioned at the latest then).
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// What became of one dirty inode.
+#[derive(Debug)]
+enum Step {
+    /// Versioned, or nothing to version.
+    Done,
+    /// A chunk must be fetched first: (inode, generation, chunk range).
+    NeedsFetch(Ino, u64, u64, u64),
+    /// Failed; retry later.
+    Failed(String),
+}
+
+/// Run the versioner until the runtime stops.
+pub async fn run(engine: Arc<SyncEngine>) {
+    let wake = dirty_wake(&engine);
+    // Inodes that failed, with when to try again and the next backoff.
+    let mut later: HashMap<Ino, (Instant, Duration)> = HashMap::new();
+    loop {
+        let notified = wake.notified();
+        let worked = round(&engine, &mut later).await;
+        engine.versioned.notify_waiters();
+        if worked {
+            continue;
+        }
+        let wait = later
+            .values()
+            .map(|(at, _)| at.saturating_duration_since(Instant::now()))
+            .min()
+            .unwrap_or(IDLE_POLL)
+            .min(IDLE_POLL);
+        let _ = tokio::time::timeout(wait, notified).await;
+    }
+}
+
+/// What wakes the versioner when an inode is marked dirty.
+fn dirty_wake(_engine: &SyncEngine) -> Arc<tokio::sync::Notify> {
+    // Until the store signals its marks, the idle poll finds them.
+    Arc::new(tokio::sync::Notify::new())
+}
+
+/// One round: version what is dirty and due. Answers whether it
+/// versioned anything (then another round follows at once).
+async fn round(engine: &Arc<SyncEngine>, later: &mut HashMap<Ino, (Instant, Duration)>) -> bool {
+    let now = Instant::now();
+    let due: Vec<Ino> = later
+        .iter()
+        .filter(|(_, (at, _))| *at <= now)
+        .map(|(ino, _)| *ino)
+        .collect();
+    let skip: Vec<Ino> = later
+        .keys()
+        .filter(|ino| !due.contains(ino))
+        .copied()
+        .collect();
+    let e = engine.clone();
+    let result = tokio::task::spawn_blocking(move || version_dirty(&e, &skip)).await;
+    let (steps, any_done) = match result {
+        Ok(Ok(r)) => r,
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "versioning local changes failed");
+            return false;
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "versioning local changes failed");
+            return false;
+        }
+    };
+    engine.publish_seq();
+    for (ino, step) in steps {
+        match step {
+            Step::Done => {
+                later.remove(&ino);
+            }
+            Step::NeedsFetch(ino, generation, start, end) => {
+                let fetched = engine
+                    .data()
+                    .ensure(ino, generation, start, end - start, FETCH_TIMEOUT)
+                    .await;
+                match fetched {
+                    Ok(()) => {
+                        later.remove(&ino);
+                    }
+                    Err(e) => {
+                        tracing::info!(ino = ino.0, error = %e, "cannot fetch a chunk needed to version a local change; will retry");
+                        backoff(later, ino);
+                    }
+                }
+            }
+            Step::Failed(e) => {
+                tracing::warn!(ino = ino.0, error = %e, "cannot version a local change; will retry");
+                backoff(later, ino);
+            }
+        }
+    }
+    any_done
+}
+
+fn backoff(later: &mut HashMap<Ino, (Instant, Duration)>, ino: Ino) {
+    let next = later
+        .get(&ino)
+        .map(|(_, b)| (*b * 2).min(BACKOFF_MAX))
+        .unwrap_or(BACKOFF_MIN);
+    later.insert(ino, (Instant::now() + next, next));
+}
+
+/// Take dirty inodes (skipping those in `skip`) and version each. Answers
+/// the step of each and whether any was taken and settled.
+fn version_dirty(engine: &SyncEngine, skip: &[Ino]) -> Result<(Vec<(Ino, Step)>, bool), FsError> {
+    let marks = engine.store.take_dirty(TAKE + skip.len())?;
+    let mut steps = Vec::new();
+    let mut any_done = false;
+    for mark in marks.into_iter().filter(|m| !skip.contains(&m.ino)) {
+        let step = {
+            let _index = engine.lock_index();
+            version_one(engine, mark).unwrap_or_else(|e| Step::Failed(e.to_string()))
+        };
+        if matches!(step, Step::Done) {
+            any_done = true;
+        }
+        steps.push((mark.ino, step));
+    }
+    Ok((steps, any_done))
+}
+
+/// Version one dirty inode (under the index lock).
+fn version_one(engine: &SyncEngine, mark: DirtyMark) -> Result<Step, FsError> {
+    let store = &engine.store;
+    let obj = store.local_object(mark.ino)?;
+    let rec = match &obj.now {
+        None => match &obj.recorded {
+            Some(r) if !r.deleted => Some(tombstone(r)),
+            _ => None,
+        },
+        Some(now) if !is_shared(now.kind) => None,
+        Some(now) => match state_record(engine, &obj, now)? {
+            Ok(rec) => Some(rec),
+            Err(fetch) => return Ok(fetch),
+        },
+    };
+    let Some(mut rec) = rec else {
+        store.clear_dirty(mark)?;
+        return Ok(Step::Done);
+    };
+    if let Some(recorded) = &obj.recorded
+        && recorded.same_state(&rec)
+    {
+        store.clear_dirty(mark)?;
+        return Ok(Step::Done);
+    }
+    rec.vv = match &obj.recorded {
+        Some(r) => r.vv.bumped(engine.device),
+        None => VersionVector::default().bumped(engine.device),
+    };
+    rec.modified_by = engine.device;
+    let seq = store.commit_local(mark, &rec)?;
+    tracing::debug!(ino = mark.ino.0, gid = ?rec.gid, seq, deleted = rec.deleted, "local version");
+    Ok(Step::Done)
+}
+
+/// Whether objects of `kind` are shared.
+pub fn is_shared(kind: FileKind) -> bool {
+    matches!(
+        kind,
+        FileKind::File | FileKind::Directory | FileKind::Symlink
+    )
+}
+
+/// The tombstone of a deleted object (vector and author set by the
+/// caller).
+fn tombstone(recorded: &ObjRec) -> ObjRec {
+    ObjRec {
+        gid: recorded.gid,
+        vv: recorded.vv.clone(),
+        modified_by: recorded.modified_by,
+        deleted: true,
+        kind: recorded.kind,
+        names: Vec::new(),
+        perm: recorded.perm,
+        mtime: Timestamp::now(),
+        size: 0,
+        chunks: Vec::new(),
+        target: Vec::new(),
+    }
+}
+
+/// The record of a live inode's state now (vector and author set by the
+/// caller), or the fetch it needs first.
+fn state_record(
+    engine: &SyncEngine,
+    obj: &LocalObject,
+    now: &LocalState,
+) -> Result<Result<ObjRec, Step>, FsError> {
+    let chunks = if now.kind == FileKind::File {
+        match file_chunks(engine, obj, now)? {
+            Ok(c) => c,
+            Err(step) => return Ok(Err(step)),
+        }
+    } else {
+        Vec::new()
+    };
+    let mut names = now.names.clone();
+    names.sort();
+    Ok(Ok(ObjRec {
+        gid: obj.gid,
+        vv: VersionVector::default(),
+        modified_by: engine.device,
+        deleted: false,
+        kind: now.kind,
+        names,
+        perm: now.perm & 0o7777,
+        mtime: now.mtime,
+        size: if now.kind == FileKind::Symlink {
+            now.target.len() as u64
+        } else if now.kind == FileKind::File {
+            now.size
+        } else {
+            0
+        },
+        chunks,
+        target: if now.kind == FileKind::Symlink {
+            now.target.clone()
+        } else {
+            Vec::new()
+        },
+    }))
+}
+
+/// The chunk hashes of a file's current content.
+fn file_chunks(
+    engine: &SyncEngine,
+    obj: &LocalObject,
+    now: &LocalState,
+) -> Result<Result<Vec<super::model::ChunkHash>, Step>, FsError> {
+    if let Some(r) = &obj.recorded
+        && !r.deleted
+        && r.size == now.size
+        && r.mtime == now.mtime
+        && r.chunks.len() as u64 == chunk_count(r.size)
+    {
+        return Ok(Ok(r.chunks.clone()));
+    }
+    let count = chunk_count(now.size);
+    // Chunks that are not here keep their expected hash; one that is
+    // partly past the truncation limit must be fetched first.
+    if let Some(p) = &now.presence
+        && p.generation == now.generation
+    {
+        let limit = p.size.min(now.size);
+        for i in 0..count {
+            let (start, end) = chunk_range(i, now.size);
+            let here = bit(&p.present, i) || start >= limit;
+            if !here && end > limit && start < limit {
+                return Ok(Err(Step::NeedsFetch(
+                    obj.ino,
+                    now.generation,
+                    start,
+                    limit - start,
+                )));
+            }
+        }
+    }
+    let file = engine.store.open_content(obj.ino, now.generation)?;
+    let mut buf = vec![0u8; CHUNK_SIZE as usize];
+    let mut out = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let (start, end) = chunk_range(i, now.size);
+        if let Some(p) = &now.presence
+            && p.generation == now.generation
+            && !bit(&p.present, i)
+            && end <= p.size.min(now.size)
+            && let Some(h) = p.chunks.get(i as usize)
+        {
+            out.push(*h);
+            continue;
+        }
+        let len = (end - start) as usize;
+        file.read_exact_at(&mut buf[..len], start).map_err(|e| {
+            ipc_schema::fs_err!(
+                EIO,
+                "reading chunk {i} of inode {} to hash it: {e}",
+                obj.ino.0
+            )
+        })?;
+        out.push(super::model::ChunkHash::of(&buf[..len]));
+    }
+    Ok(Ok(out))
+}
+
+/// Bit `i` of a presence bitmap.
+fn bit(words: &[u64], i: u64) -> bool {
+    words
+        .get((i / 64) as usize)
+        .is_some_and(|w| w & (1 << (i % 64)) != 0)
+}

@@ -1,0 +1,259 @@
+//! One peer session: pull the peer's change log over one connection and
+//! apply it here.
+//!
+//! The session starts when the peer manager admits a connection (the
+//! handler's `connected` hook) and ends with it. It opens one
+//! `Index{since}` stream, `since` being the peer's sequence number applied
+//! here (`Store::peer_applied`), so a reconnect pulls only what changed
+//! after it. The stream has no useful deadline (it lives as long as the
+//! connection; the connection's keepalive detects a dead peer and ends it),
+//! so it is opened with the longest timeout the protocol carries.
+//!
+//! Items are applied in the order they come, in batches (what arrived
+//! together, at most [`BATCH`]), each on the blocking pool
+//! ([`super::apply`]). Records that cannot be applied yet are deferred:
+//! kept in memory, in seq order, and retried after each batch, after each
+//! round of the local versioner (for `Busy`), and every [`RETRY`]. A record
+//! still colliding after its batch's retries gets the collision rule.
+//!
+//! Progress: the peer's sequence number applied here
+//! (`Store::set_peer_applied`) moves only past records that are applied
+//! or skipped, never past a deferred one; so after a restart or a cut,
+//! the deferred records are pulled again, and nothing is lost. Records
+//! already applied come back as equal versions and are ignored.
+
+use super::apply::{self, Fate, Wait};
+use super::engine::SyncEngine;
+use super::index::{IndexItem, ItemReader};
+use super::model::ObjRec;
+use crate::peer::conn::PeerConn;
+use crate::peer::msg::Request;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The most records applied in one blocking call.
+pub const BATCH: usize = 512;
+
+/// How often deferred records are retried when nothing else happens.
+pub const RETRY: Duration = Duration::from_millis(250);
+
+/// The index stream's timeout: the longest the protocol carries (the
+/// stream ends with the connection; see the module doc).
+pub const INDEX_STREAM_TIMEOUT: Duration = Duration::from_millis(u32::MAX as u64);
+
+/// A record waiting to be applied, with the peer's seq.
+#[derive(Clone, Debug)]
+pub struct Deferred {
+    /// The peer's sequence number of the record.
+    pub seq: u64,
+    /// The record.
+    pub rec: ObjRec,
+    /// Why it waits.
+    pub wait: Wait,
+}
+
+/// Run a session on `conn` until it ends.
+pub async fn run(engine: Arc<SyncEngine>, conn: PeerConn) {
+    let fp = conn.label().fingerprint.clone();
+    engine.book.session_started(&fp);
+    let reason = session(&engine, &conn, &fp).await;
+    tracing::info!(peer = %conn.label(), %reason, "sync session ended");
+    engine.book.session_ended(&fp);
+}
+
+/// The session's loop; answers why it ended.
+async fn session(engine: &Arc<SyncEngine>, conn: &PeerConn, fp: &str) -> String {
+    let since = {
+        let store = engine.store.clone();
+        let fp = fp.to_owned();
+        match tokio::task::spawn_blocking(move || store.peer_applied(&fp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return format!("cannot read the peer's progress: {e}"),
+            Err(e) => return format!("cannot read the peer's progress: {e}"),
+        }
+    };
+    engine.book.update(fp, |p| p.applied_seq = since);
+    let mut stream = match conn
+        .stream(Request::Index { since }, INDEX_STREAM_TIMEOUT)
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return format!("cannot open the index stream: {e}"),
+    };
+    tracing::info!(peer = %conn.label(), since, "sync session started");
+    let mut progress = Progress::new(since);
+    let mut reader = ItemReader::default();
+    let mut batch: Vec<(u64, ObjRec)> = Vec::new();
+    let mut deferred: Vec<Deferred> = Vec::new();
+    loop {
+        let busy = deferred.iter().any(|d| d.wait == Wait::Busy);
+        tokio::select! {
+            chunk = stream.next() => match chunk {
+                None => return "the peer ended the index stream".into(),
+                Some(Err(e)) => return e.to_string(),
+                Some(Ok(bytes)) => reader.push(&bytes),
+            },
+            _ = engine.versioned.notified(), if busy => {}
+            _ = tokio::time::sleep(RETRY), if !deferred.is_empty() => {}
+        }
+        loop {
+            // Take what arrived, a batch at a time.
+            while batch.len() < BATCH {
+                match reader.next_item() {
+                    Ok(Some(IndexItem::Rec { seq, rec })) => {
+                        progress.seen(seq);
+                        batch.push((seq, rec));
+                    }
+                    Ok(Some(IndexItem::CaughtUp { seq })) => {
+                        progress.seen(seq);
+                        engine.book.update(fp, |p| p.peer_seq = p.peer_seq.max(seq));
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(peer = %conn.label(), error = %e, "broken index stream");
+                        conn.close("broken index stream");
+                        return format!("broken index stream: {e}");
+                    }
+                }
+            }
+            let full = batch.len() >= BATCH;
+            let taken = std::mem::take(&mut batch);
+            let engine2 = engine.clone();
+            let fp2 = fp.to_owned();
+            let waiting = std::mem::take(&mut deferred);
+            deferred = match tokio::task::spawn_blocking(move || {
+                apply_batch(&engine2, &fp2, taken, waiting)
+            })
+            .await
+            {
+                Ok(d) => d,
+                Err(e) => return format!("applying failed: {e}"),
+            };
+            if let Some(applied) = progress.applied(&deferred) {
+                let store = engine.store.clone();
+                let fp2 = fp.to_owned();
+                match tokio::task::spawn_blocking(move || store.set_peer_applied(&fp2, applied))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return format!("cannot record the peer's progress: {e}"),
+                    Err(e) => return format!("cannot record the peer's progress: {e}"),
+                }
+            }
+            let n = deferred.len() as u64;
+            let applied = progress.recorded;
+            engine.book.update(fp, |p| {
+                p.applied_seq = applied;
+                p.deferred = n;
+            });
+            if !full {
+                break;
+            }
+        }
+    }
+}
+
+/// Apply `batch` in order, then retry the deferred records (older ones
+/// and the batch's) until no more can be applied, then settle what still
+/// collides. Answers what is still deferred, in seq order.
+pub fn apply_batch(
+    engine: &SyncEngine,
+    peer: &str,
+    batch: Vec<(u64, ObjRec)>,
+    waiting: Vec<Deferred>,
+) -> Vec<Deferred> {
+    let mut deferred = waiting;
+    for (seq, rec) in batch {
+        match apply::apply_one(engine, peer, &rec, false) {
+            Fate::Done | Fate::Skipped => {}
+            Fate::Deferred(wait) => deferred.push(Deferred { seq, rec, wait }),
+        }
+    }
+    // Retry until a round applies nothing.
+    loop {
+        let before = deferred.len();
+        deferred = retry(engine, peer, deferred, false);
+        if deferred.len() == before || deferred.is_empty() {
+            break;
+        }
+    }
+    if deferred
+        .iter()
+        .any(|d| matches!(d.wait, Wait::Collision { .. }))
+    {
+        deferred = retry(engine, peer, deferred, true);
+    }
+    deferred.sort_by_key(|d| d.seq);
+    deferred
+}
+
+fn retry(engine: &SyncEngine, peer: &str, list: Vec<Deferred>, final_pass: bool) -> Vec<Deferred> {
+    let mut left = Vec::new();
+    for d in list {
+        let settle = final_pass && matches!(d.wait, Wait::Collision { .. });
+        match apply::apply_one(engine, peer, &d.rec, settle) {
+            Fate::Done | Fate::Skipped => {}
+            Fate::Deferred(wait) => left.push(Deferred { wait, ..d }),
+        }
+    }
+    left
+}
+
+/// How far the session got in the peer's log.
+#[derive(Debug)]
+struct Progress {
+    /// The highest seq seen (record or `CaughtUp`).
+    seen: u64,
+    /// The last value recorded in the store.
+    recorded: u64,
+}
+
+impl Progress {
+    fn new(since: u64) -> Progress {
+        Progress {
+            seen: since,
+            recorded: since,
+        }
+    }
+
+    fn seen(&mut self, seq: u64) {
+        self.seen = self.seen.max(seq);
+    }
+
+    /// The new value to record, if it moved: everything seen, but not
+    /// past a deferred record.
+    fn applied(&mut self, deferred: &[Deferred]) -> Option<u64> {
+        let upto = match deferred.iter().map(|d| d.seq).min() {
+            Some(first) => first.saturating_sub(1).min(self.seen),
+            None => self.seen,
+        };
+        if upto > self.recorded {
+            self.recorded = upto;
+            Some(upto)
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_never_passes_a_deferred_record() {
+        let mut p = Progress::new(3);
+        p.seen(10);
+        let rec = |seq| Deferred {
+            seq,
+            rec: crate::sync::merge::tests::file_rec(1, &[(1, 1)], b"x"),
+            wait: Wait::Busy,
+        };
+        assert_eq!(p.applied(&[rec(7), rec(9)]), Some(6));
+        assert_eq!(p.applied(&[rec(7)]), None, "no move");
+        assert_eq!(p.applied(&[]), Some(10));
+        p.seen(12);
+        assert_eq!(p.applied(&[rec(4)]), None, "never backwards");
+        assert_eq!(p.applied(&[]), Some(12));
+    }
+}
