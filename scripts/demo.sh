@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
-# keibi demo: build keibi, run keibi-syncd and keibi-mountd on a temporary
-# state directory and mountpoint, write a file through the mount, read it
-# back and compare, show `keibictl status`; then start a second
-# keibi-syncd (a peer on the same machine, on 127.0.0.1), pair the two,
-# wait for their encrypted channel, show `keibictl peer list` and move
-# 256 MiB through the channel with `keibictl peer bench`; then stop
-# everything. (Sharing the folder's files between peers is not built yet.)
+# keibi demo: one folder on two machines, both on this one. Builds keibi,
+# starts two complete peers, alice and bob (each a keibi-syncd with its own
+# state directory and peer port on 127.0.0.1, and a keibi-mountd with its
+# own mountpoint), pairs them, writes a file on alice's mount and reads it
+# on bob's, edits it on bob and shows the edit on alice, writes 64 MiB of
+# random bytes on alice and checks them on bob (bob fetches the chunks on
+# demand, verified), prints `keibictl status` of both; then stops
+# everything.
 #
 # Run as root on Debian 12 (or similar):   bash scripts/demo.sh [--keep]
 #
-#   --keep   leave both daemons and the mount running, and print how to
-#            stop them and remove the temporary directory.
+#   --keep   leave both peers running, and print their mountpoints and how
+#            to stop them.
 #
-# Installs what is missing with apt-get (fuse3, util-linux, gcc for the
-# linker); Rust itself (cargo, 1.95+) must already be installed
+# Installs what is missing with apt-get (fuse3, util-linux, python3, gcc
+# for the linker); Rust itself (cargo, 1.95+) must already be installed
 # (https://rustup.rs). keibi-syncd runs as the unprivileged user `nobody`,
-# keibi-mountd as root. Logs: syncd.log and mountd.log in the temporary
-# directory (printed), with RUST_LOG honoured (default info).
+# keibi-mountd as root. Logs: syncd.log and mountd.log in each peer's
+# directory (printed on failure), with RUST_LOG honoured (default info).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,7 +41,7 @@ for arg in "$@"; do
     esac
 done
 
-require_root "it mounts a FUSE filesystem and runs keibi-syncd as nobody"
+require_root "it mounts FUSE filesystems and runs keibi-syncd as nobody"
 find_cargo
 need_command fusermount3 fuse3
 need_command findmnt util-linux
@@ -60,96 +61,103 @@ echo "== building keibi (release)"
 (cd "$repo" && cargo build --release --workspace --bins)
 KEIBI_BIN="$repo/target/release"
 
+KEIBI_WORK="$(mktemp -d /tmp/keibi-demo.XXXXXX)"
+chmod 0755 "$KEIBI_WORK"
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
-    keibi_stop
+    keibi_nodes_stop
     if [[ $rc -ne 0 ]]; then
-        echo "demo.sh: failed; logs are in $KEIBI_WORK (syncd.log, mountd.log)" >&2
+        echo "demo.sh: failed; logs are in $KEIBI_WORK/{alice,bob}/{syncd,mountd}.log" >&2
     else
         rm -rf "$KEIBI_WORK"
     fi
     exit "$rc"
 }
-
-keibi_setup_workdir "$(mktemp -d /tmp/keibi-demo.XXXXXX)"
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-echo "== starting keibi-syncd as $KEIBI_SYNCD_USER (state: $KEIBI_STATE)"
-keibi_start_syncd
-echo "== starting keibi-mountd on $KEIBI_MNT"
-keibi_start_mountd
-keibi_wait_mounted
-findmnt --mountpoint "$KEIBI_MNT"
+for n in alice bob; do
+    echo "== starting $n: keibi-syncd as $KEIBI_SYNCD_USER, keibi-mountd on $KEIBI_WORK/$n/mnt"
+    keibi_node_up "$n"
+done
+alice="$KEIBI_WORK/alice/mnt"
+bob="$KEIBI_WORK/bob/mnt"
 
-echo "== writing a file through the mount and reading it back"
-sample="$KEIBI_WORK/sample.bin"
-head -c $((8 * 1024 * 1024)) /dev/urandom >"$sample"
-mkdir "$KEIBI_MNT/hello"
-echo "hello from keibi" >"$KEIBI_MNT/hello/greeting.txt"
-cp "$sample" "$KEIBI_MNT/hello/random.bin"
-sync "$KEIBI_MNT/hello/random.bin"
-cat "$KEIBI_MNT/hello/greeting.txt"
-if cmp "$sample" "$KEIBI_MNT/hello/random.bin"; then
-    echo "random.bin: 8 MiB written and read back identical ($(sha256sum <"$sample" | cut -c1-16)...)"
-else
-    echo "demo.sh: the file read back differs from what was written" >&2
-    exit 1
-fi
-ls -l "$KEIBI_MNT/hello"
+echo "== pairing: each adds the other's fingerprint (alice also gets bob's address)"
+keibi_pair alice bob
+keibi_node_ctl alice peer list
 
-echo "== keibictl status"
-"$KEIBI_BIN/keibictl" --socket "$KEIBI_CONTROL_SOCK" status
-
-echo "== a second keibi-syncd (peer \"b\", no mount), listening on 127.0.0.1"
-keibi_start_peer peer-b
-ctl_a() { "$KEIBI_BIN/keibictl" --socket "$KEIBI_CONTROL_SOCK" "$@"; }
-ctl_b() { "$KEIBI_BIN/keibictl" --socket "$KEIBI_PEER_CONTROL_SOCK" "$@"; }
-fingerprint() { python3 -c 'import json, sys; print(json.load(sys.stdin)["fingerprint"])'; }
-fp_a="$(ctl_a id --json | fingerprint)"
-fp_b="$(ctl_b id --json | fingerprint)"
-ctl_b id
-echo "== pairing: each side adds the other's fingerprint (a also gets b's address)"
-ctl_b peer add "$fp_a" --name a
-ctl_a peer add "$fp_b" --name b --addr "127.0.0.1:$KEIBI_PEER_PORT"
-peer_connected() {
-    ctl_a peer list --json | python3 -c '
-import json, sys
-sys.exit(0 if any(p["fingerprint"] == sys.argv[1] and p["state"] == "connected" for p in json.load(sys.stdin)) else 1)' "$fp_b"
+# Wait (bounded) until FILE reads as TEXT; prints how long it took.
+wait_text() {
+    local file="$1" text="$2" t0
+    t0=$(date +%s%N)
+    read_is() { [[ "$(cat "$1" 2>/dev/null)" == "$2" ]]; }
+    if ! keibi_poll 30 read_is "$file" "$text"; then
+        echo "demo.sh: $file did not show the change within 30 s" >&2
+        exit 1
+    fi
+    echo "   (arrived after $((($(date +%s%N) - t0) / 1000000)) ms)"
 }
-if ! keibi_poll 30 peer_connected; then
-    echo "demo.sh: the two keibi-syncd did not connect within 30 s; logs: $KEIBI_WORK/syncd.log, $KEIBI_WORK/peer-b/syncd.log" >&2
+
+echo "== alice writes hello.txt"
+echo "hello from alice" >"$alice/hello.txt"
+wait_text "$bob/hello.txt" "hello from alice"
+echo "== bob reads it: $ cat $bob/hello.txt"
+cat "$bob/hello.txt"
+
+echo "== bob edits it"
+echo "and an edit from bob" >>"$bob/hello.txt"
+wait_text "$alice/hello.txt" "$(printf 'hello from alice\nand an edit from bob')"
+echo "== alice sees the edit: $ cat $alice/hello.txt"
+cat "$alice/hello.txt"
+
+echo "== alice writes 64 MiB of random bytes; bob reads them (fetched on demand, each chunk verified)"
+head -c $((64 * 1024 * 1024)) /dev/urandom >"$alice/random.bin"
+want="$(sha256sum <"$alice/random.bin" | cut -d' ' -f1)"
+size_is() { [[ "$(stat -c %s "$1" 2>/dev/null)" == "$2" ]]; }
+if ! keibi_poll 30 size_is "$bob/random.bin" $((64 * 1024 * 1024)); then
+    echo "demo.sh: random.bin did not reach bob within 30 s" >&2
     exit 1
 fi
-ctl_a peer list
-echo "== 256 MiB from b to a through the encrypted channel"
-ctl_a peer bench "$fp_b" --bytes 256MiB --streams 2
+got="$(sha256sum <"$bob/random.bin" | cut -d' ' -f1)"
+if [[ "$got" != "$want" ]]; then
+    echo "demo.sh: random.bin differs on bob (sha256 $got, alice has $want)" >&2
+    exit 1
+fi
+echo "random.bin: identical on both mounts (sha256 ${want:0:16}...)"
+ls -l "$alice" "$bob"
+
+echo "== keibictl status (alice)"
+keibi_node_ctl alice status
+echo "== keibictl status (bob)"
+keibi_node_ctl bob status
 
 if [[ $keep -eq 1 ]]; then
     trap - EXIT INT TERM
     cat <<MSG
 
 keibi is running:
-  mount:         $KEIBI_MNT
-  keibi-syncd:   pid $KEIBI_SYNCD_PID (user $KEIBI_SYNCD_USER), state $KEIBI_STATE, log $KEIBI_WORK/syncd.log
-  keibi-mountd:  pid $KEIBI_MOUNTD_PID, log $KEIBI_WORK/mountd.log
-  status:        $KEIBI_BIN/keibictl --socket $KEIBI_CONTROL_SOCK status
-  peer b:        pid ${KEIBI_PEER_PIDS[0]}, $KEIBI_BIN/keibictl --socket $KEIBI_PEER_CONTROL_SOCK peer list
+  alice:  mount $alice, keibi-syncd pid ${KEIBI_NODE_SYNCD_PID[alice]}, keibi-mountd pid ${KEIBI_NODE_MOUNTD_PID[alice]}
+          $KEIBI_BIN/keibictl --socket $KEIBI_WORK/alice/run/control.sock status
+  bob:    mount $bob, keibi-syncd pid ${KEIBI_NODE_SYNCD_PID[bob]}, keibi-mountd pid ${KEIBI_NODE_MOUNTD_PID[bob]}
+          $KEIBI_BIN/keibictl --socket $KEIBI_WORK/bob/run/control.sock status
 
-Stop it (mountd unmounts on SIGTERM, then syncd flushes and exits):
-  kill -TERM $KEIBI_MOUNTD_PID; while kill -0 $KEIBI_MOUNTD_PID 2>/dev/null; do sleep 0.2; done
-  kill -TERM $KEIBI_SYNCD_PID ${KEIBI_PEER_PIDS[0]}
+Stop them (mountd unmounts on SIGTERM, then syncd flushes and exits):
+  kill -TERM ${KEIBI_NODE_MOUNTD_PID[alice]} ${KEIBI_NODE_MOUNTD_PID[bob]}; sleep 2
+  kill -TERM ${KEIBI_NODE_SYNCD_PID[alice]} ${KEIBI_NODE_SYNCD_PID[bob]}
   rm -rf $KEIBI_WORK
 MSG
     exit 0
 fi
 
-echo "== stopping (SIGTERM to keibi-mountd, then keibi-syncd)"
-keibi_stop
-if keibi_is_mounted; then
-    echo "demo.sh: the mount is still there after keibi-mountd stopped" >&2
-    exit 1
-fi
-echo "demo.sh: done; keibi works on this machine"
+echo "== stopping (SIGTERM to both keibi-mountd, then both keibi-syncd)"
+keibi_nodes_stop
+for m in "$alice" "$bob"; do
+    if [[ "$(findmnt -n -o FSTYPE --mountpoint "$m" 2>/dev/null)" == "fuse.keibi" ]]; then
+        echo "demo.sh: the mount $m is still there after keibi-mountd stopped" >&2
+        exit 1
+    fi
+done
+echo "demo.sh: done; a file crossed from alice to bob and back"

@@ -11,7 +11,8 @@
 #
 # Installs what is missing with apt-get (one `apt-get update` only when
 # something must be installed): fuse3, sqlite3, git, tar, util-linux,
-# iproute2, systemd (systemd-analyze), python3, gcc. Rust (cargo, rustfmt,
+# iproute2 (ip, tc: the two-node tests' network namespaces), nftables
+# (the stalled-link tests), systemd (systemd-analyze), python3, gcc. Rust (cargo, rustfmt,
 # clippy; 1.95+) must already be installed (https://rustup.rs).
 #
 # Environment: KEIBI_TEST_THREADS (default 2) is passed to the test
@@ -32,6 +33,9 @@ need_command findmnt util-linux
 need_command setpriv util-linux
 need_command unshare util-linux
 need_command ss iproute2
+need_command ip iproute2
+need_command tc iproute2
+need_command nft nftables
 need_command systemd-analyze systemd
 need_command systemd-sysusers systemd
 need_command python3 python3

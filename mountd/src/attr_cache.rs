@@ -131,12 +131,15 @@ struct Maps {
     changed: HashMap<u64, (u64, Instant)>,
     /// Inodes the kernel holds: its lookup count and their last attributes.
     referenced: HashMap<u64, (u64, Attr)>,
+    /// Replies to requests sent before this counter value are not kept
+    /// for any inode (set when everything was dropped, [`AttrCache::clear`]).
+    floor: u64,
 }
 
 impl Maps {
     /// Whether a reply to a request sent at `since` may be cached for `ino`.
     fn current(&self, since: Ticket, ino: u64) -> bool {
-        self.changed.get(&ino).is_none_or(|(c, _)| *c <= since.0)
+        since.0 >= self.floor && self.changed.get(&ino).is_none_or(|(c, _)| *c <= since.0)
     }
 
     fn store(&mut self, attr: &Attr) {
@@ -167,6 +170,7 @@ impl AttrCache {
                 entries: TwoGen::new(capacity),
                 changed: HashMap::new(),
                 referenced: HashMap::new(),
+                floor: 0,
             }),
             counter: AtomicU64::new(0),
         }
@@ -237,6 +241,26 @@ impl AttrCache {
             m.changed
                 .retain(|_, (_, at)| now.duration_since(*at) < CHANGE_MEMORY);
         }
+    }
+
+    /// `ino` changed elsewhere (a peer's change syncd applied): forget its
+    /// attributes, and keep no reply to a request sent before now.
+    pub fn invalidate(&self, ino: u64) {
+        self.with(|m| {
+            m.attrs.remove(&ino);
+            self.note_change(m, ino);
+        });
+    }
+
+    /// Anything may have changed elsewhere: forget every attribute and
+    /// entry, and keep no reply to a request sent before now. The kernel's
+    /// lookup counts stay (they are the kernel's, not a cache).
+    pub fn clear(&self) {
+        self.with(|m| {
+            m.attrs = TwoGen::new(m.attrs.half * 2);
+            m.entries = TwoGen::new(m.entries.half * 2);
+            m.floor = self.counter.fetch_add(1, Ordering::SeqCst) + 1;
+        });
     }
 
     /// The last known attributes of `ino`.
@@ -329,6 +353,40 @@ impl AttrCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invalidate_drops_attributes_and_replies_sent_before() {
+        let c = AttrCache::new(16);
+        let t = c.ticket();
+        assert!(c.put_attr(t, &attr(3)));
+        let before = c.ticket();
+        c.invalidate(3);
+        assert_eq!(c.attr(3), None);
+        assert!(
+            !c.put_attr(before, &attr(3)),
+            "a reply sent before the change"
+        );
+        assert!(c.put_attr(c.ticket(), &attr(3)), "a reply sent after it");
+        assert!(
+            c.put_attr(before, &attr(4)),
+            "other inodes are not affected"
+        );
+    }
+
+    #[test]
+    fn clear_drops_everything_but_the_kernels_counts() {
+        let c = AttrCache::new(16);
+        let t = c.ticket();
+        c.put_entry(t, 1, b"a", &attr(3));
+        c.put_attr(t, &attr(4));
+        assert!(c.looked_up(&attr(3)));
+        c.clear();
+        assert_eq!(c.len(), (0, 0));
+        assert_eq!(c.entry(1, b"a"), None);
+        assert_eq!(c.referenced(), 1, "lookup counts stay");
+        assert!(!c.put_attr(t, &attr(5)), "no reply sent before the clear");
+        assert!(c.put_attr(c.ticket(), &attr(5)));
+    }
     use ipc_schema::{FileKind, Timestamp};
 
     fn attr(ino: u64) -> Attr {

@@ -9,7 +9,9 @@
 //!   the directory handle's read-ahead holds the entries asked for
 //!   ([`crate::dir_handles`]);
 //! - hands the reply to a tokio task that awaits syncd (with the deadline)
-//!   and answers from there, so no dispatch thread ever waits on syncd.
+//!   and answers from there, so no dispatch thread ever waits on syncd;
+//!   this includes `read`/`write`/`fallocate` of a partial file that
+//!   touch chunks not on this machine yet ([`crate::ondemand`]).
 //!
 //! Every operation handed to a task is listed in the in-flight registry
 //! ([`InFlight`]) until it answers, with what it waits on, so that
@@ -663,8 +665,20 @@ impl Filesystem for KeibiFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let l = log("read", ino, Some(fh));
+        if self.keibi.needs_fetch(fh.0, offset, u64::from(size)) {
+            // Bytes not on this machine yet: syncd fetches them (with the
+            // read deadline) while the dispatch thread goes on.
+            let k = self.keibi.clone();
+            return self.spawn(
+                l,
+                reply,
+                async move { k.read_fetching(fh.0, offset, size).await },
+                |r, d| r.data(&d),
+            );
+        }
         let r = self.keibi.read(fh.0, offset, size);
-        self.inline(log("read", ino, Some(fh)), reply, r, |r, d| r.data(&d));
+        self.inline(l, reply, r, |r, d| r.data(&d));
     }
 
     fn write(
@@ -679,8 +693,18 @@ impl Filesystem for KeibiFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let l = log("write", ino, Some(fh));
+        if self.keibi.needs_fetch(fh.0, offset, data.len() as u64) {
+            let (k, data) = (self.keibi.clone(), data.to_vec());
+            return self.spawn(
+                l,
+                reply,
+                async move { k.write_fetching(fh.0, offset, data).await },
+                |r, n| r.written(n),
+            );
+        }
         let r = self.keibi.write(fh.0, offset, data);
-        self.inline(log("write", ino, Some(fh)), reply, r, |r, n| r.written(n));
+        self.inline(l, reply, r, |r, n| r.written(n));
     }
 
     fn flush(
@@ -952,8 +976,18 @@ impl Filesystem for KeibiFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let l = log("fallocate", ino, Some(fh));
+        if self.keibi.needs_fetch(fh.0, offset, length) {
+            let k = self.keibi.clone();
+            return self.spawn(
+                l,
+                reply,
+                async move { k.fallocate_fetching(fh.0, offset, length, mode).await },
+                |r, ()| r.ok(),
+            );
+        }
         let r = self.keibi.fallocate(fh.0, offset, length, mode);
-        self.inline(log("fallocate", ino, Some(fh)), reply, r, |r, ()| r.ok());
+        self.inline(l, reply, r, |r, ()| r.ok());
     }
 
     fn lseek(

@@ -27,6 +27,7 @@
 //!
 //! [`HandleId`]: ipc_schema::HandleId
 
+use crate::ondemand::PartialState;
 use fuser::BackingId;
 use ipc_schema::{HandleId, HeldHandle, Ino};
 use std::collections::HashMap;
@@ -50,6 +51,9 @@ pub struct Handle {
     pub backing: Option<Arc<BackingId>>,
     /// Opened with write access.
     pub writable: bool,
+    /// Set when the file's bytes are not all local: the chunks present
+    /// ([`crate::ondemand`]).
+    pub partial: Option<PartialState>,
 }
 
 #[derive(Default)]
@@ -131,6 +135,17 @@ impl HandleTable {
         m.writers.contains_key(&ino)
     }
 
+    /// The file `ino` was truncated to `size` through this mount: lower
+    /// the size below which its partial handles fetch missing chunks.
+    pub fn truncated(&self, ino: u64, size: u64) {
+        let m = self.map.read().unwrap_or_else(|p| p.into_inner());
+        for h in m.by_fh.values().filter(|h| h.ino == ino) {
+            if let Some(p) = &h.partial {
+                p.lower_size(size);
+            }
+        }
+    }
+
     /// Remove `fh`. In-flight operations keep their references; the
     /// descriptor closes when the last one is dropped.
     pub fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
@@ -180,6 +195,7 @@ mod tests {
             syncd_handle: HandleId(1),
             file,
             backing: None,
+            partial: None,
             writable: false,
         });
         let held = table.get(fh).expect("the handle just inserted");
@@ -207,6 +223,7 @@ mod tests {
                 syncd_handle: HandleId(1),
                 file,
                 backing: None,
+                partial: None,
                 writable: false,
             });
             assert!(seen.insert(fh), "file handle {fh} given twice");
@@ -225,6 +242,7 @@ mod tests {
             syncd_handle: HandleId(7),
             file: File::open(dir.path()).expect("open"),
             backing: None,
+            partial: None,
             writable: false,
         });
         table.end_opening(HandleId(8));
@@ -247,6 +265,7 @@ mod tests {
                 syncd_handle: HandleId(1),
                 file: File::open(dir.path()).expect("open"),
                 backing: None,
+                partial: None,
                 writable,
             })
         };

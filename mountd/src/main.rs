@@ -22,18 +22,21 @@
 //! itself (someone ran `umount`), mountd exits 0 too.
 
 mod attr_cache;
-mod attr_inval;
 mod dir_handles;
 mod fd_check;
 mod fs;
 mod fuse;
 mod handles;
+mod inval;
+mod kernel_inval;
 mod lock_dir;
 mod logging;
 mod mount;
+mod ondemand;
 mod ops_socket;
 mod passthrough;
 mod releases;
+mod sync_data;
 mod syncd_client;
 mod syncd_config;
 
@@ -71,6 +74,10 @@ struct Args {
     /// Longest wait for keibi-syncd on any operation but fsync (e.g. 2s, 500ms).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     deadline: Duration,
+    /// Longest wait of a read (or write) for bytes of a file that are not
+    /// on this machine yet, fetched from a peer; then it fails (ETIMEDOUT).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    read_deadline: Duration,
     /// Longest wait of fsync/fsyncdir for local durability (the content
     /// file and syncd's store), never shortened while syncd is slow.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -193,7 +200,7 @@ fn run(args: Args) -> Result<(), Failure> {
         mountpoint: mountpoint.display().to_string(),
         passthrough: passthrough.clone(),
     });
-    let (attr_inval, inval_queue) = attr_inval::channel();
+    let (attr_inval, inval_queue) = kernel_inval::channel();
     let keibi = Arc::new(
         fs::Keibi::new(
             client,
@@ -204,8 +211,10 @@ fn run(args: Args) -> Result<(), Failure> {
             rt.handle().clone(),
         )
         .with_fsync_deadline(args.fsync_deadline)
+        .with_read_deadline(args.read_deadline)
         .with_attr_inval(attr_inval),
     );
+    let invalidation = keibi.invalidation();
     let adapter = fuse::KeibiFs::new(keibi, args.attr_ttl, rt.handle().clone(), inflight);
 
     let mut config = fuser::Config::default();
@@ -227,6 +236,11 @@ fn run(args: Args) -> Result<(), Failure> {
     inval_queue
         .start(session.notifier())
         .map_err(|e| fail(1, format!("cannot start a thread: {e}")))?;
+    // Changes from peers: polled from syncd, notified to the kernel by
+    // the thread just started.
+    if let Some((data, invalidator)) = invalidation {
+        rt.spawn(inval::run(data, invalidator));
+    }
     let background = session
         .spawn()
         .map_err(|e| fail(1, format!("cannot start the FUSE session: {e}")))?;

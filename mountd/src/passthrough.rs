@@ -17,17 +17,38 @@
 //! per inode, the handles keep the `Arc`s, and the id is closed when the
 //! last handle of the inode is released.
 //!
+//! # One inode, one I/O mode (the kernel's `fs/fuse/iomode.c`)
+//!
+//! The kernel puts an inode either in cached mode (opens answered without
+//! passthrough) or in passthrough mode, with one backing file: an open
+//! answered without passthrough while a passthrough open of the inode is
+//! live fails with `EIO`, and so does a passthrough open while a plain
+//! open is live, or one with another backing file. The registry therefore
+//! keeps, per inode, either the live backing id with the content file it
+//! was registered for, or the number of live plain handles, and decides
+//! each open from that ([`Passthrough::mode_for`]):
+//!
+//! - while plain handles of the inode are live, new opens are plain too
+//!   (a plain `pread` of the descriptor syncd sent is right for any open);
+//! - an open whose file is not all local ([`crate::ondemand`]) must be
+//!   plain: it is, unless a passthrough open of the inode is live;
+//! - while a passthrough open of the inode is live, an open of another
+//!   content file (a newer version from a peer) or of a partial file
+//!   cannot get its own mode: read-only, it shares the live backing id and
+//!   reads the version that is open (logged); for writing it fails with
+//!   `EBUSY` rather than write into a version syncd no longer keeps.
+//!
 //! Every decision is counted (passthrough or plain), and [`Passthrough::status`]
 //! reports the counts with the negotiated state on mountd's ops socket
 //! (`keibictl debug passthrough`), so a user or a test can see that opens
 //! really went through the kernel rather than trusting a flag.
 //!
-//! Locks: `backing` is a leaf lock. It is held across the registration
+//! Locks: `inodes` is a leaf lock. It is held across the registration
 //! ioctl (a bounded call into the kernel that never waits on another
 //! process) so two concurrent opens of one inode cannot register two ids.
 
 use fuser::BackingId;
-use ipc_schema::PassthroughStatus;
+use ipc_schema::{ContentId, PassthroughStatus};
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -49,7 +70,40 @@ pub struct Passthrough {
     plain_opens: AtomicU64,
     /// Set once FUSE `init` has been answered (so `granted` is known).
     initialized: tokio::sync::watch::Sender<bool>,
-    backing: Mutex<HashMap<u64, Weak<BackingId>>>,
+    inodes: Mutex<HashMap<u64, InodeIo>>,
+}
+
+/// The I/O mode the kernel holds an inode in, as far as mountd's answers
+/// put it there.
+enum InodeIo {
+    /// Passthrough opens are live, with this backing id of this content
+    /// file.
+    Passthrough {
+        content: ContentId,
+        id: Weak<BackingId>,
+    },
+    /// This many plain handles are live (never 0).
+    Plain { handles: usize },
+}
+
+impl InodeIo {
+    fn live(&self) -> bool {
+        match self {
+            InodeIo::Passthrough { id, .. } => id.strong_count() > 0,
+            InodeIo::Plain { handles } => *handles > 0,
+        }
+    }
+}
+
+/// What [`Passthrough::mode_for`] needs to know of an open.
+#[derive(Clone, Copy, Debug)]
+pub struct OpenKind {
+    /// The content file syncd opened.
+    pub content: ContentId,
+    /// Its bytes are not all local: reads must reach mountd.
+    pub partial: bool,
+    /// Opened with write access.
+    pub writable: bool,
 }
 
 /// How an open is to be answered.
@@ -71,7 +125,7 @@ impl Passthrough {
             passthrough_opens: AtomicU64::new(0),
             plain_opens: AtomicU64::new(0),
             initialized: tokio::sync::watch::Sender::new(false),
-            backing: Mutex::new(HashMap::new()),
+            inodes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -115,15 +169,18 @@ impl Passthrough {
         }
     }
 
-    /// Decide how to answer an open of `ino`: reuse the inode's backing
-    /// id, or register one with `register` (which wraps the reply's
-    /// `open_backing`), or fall back to plain I/O. Counts the answer.
+    /// Decide how to answer an open of `ino` (see the module doc): reuse
+    /// the inode's backing id, or register one with `register` (which
+    /// wraps the reply's `open_backing`), or answer plain. Counts the
+    /// answer. A plain answer must be ended with
+    /// [`Passthrough::plain_released`] when its handle is released.
     pub fn mode_for(
         &self,
         ino: u64,
+        open: OpenKind,
         register: impl FnOnce() -> io::Result<BackingId>,
     ) -> Result<Mode, io::Error> {
-        let mode = self.decide(ino, register)?;
+        let mode = self.decide(ino, open, register)?;
         let counter = match mode {
             Mode::Passthrough(_) => &self.passthrough_opens,
             Mode::Plain => &self.plain_opens,
@@ -132,23 +189,68 @@ impl Passthrough {
         Ok(mode)
     }
 
+    /// A handle of `ino` answered [`Mode::Plain`] was released.
+    pub fn plain_released(&self, ino: u64) {
+        let mut inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(InodeIo::Plain { handles }) = inodes.get_mut(&ino) {
+            *handles = handles.saturating_sub(1);
+            if *handles == 0 {
+                inodes.remove(&ino);
+            }
+        }
+    }
+
     fn decide(
         &self,
         ino: u64,
+        open: OpenKind,
         register: impl FnOnce() -> io::Result<BackingId>,
     ) -> Result<Mode, io::Error> {
         if !self.active() {
             return Ok(Mode::Plain);
         }
-        let mut ids = self.backing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(id) = ids.get(&ino).and_then(Weak::upgrade) {
-            return Ok(Mode::Passthrough(id));
+        let mut inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
+        match inodes.get_mut(&ino) {
+            Some(InodeIo::Plain { handles }) if *handles > 0 => {
+                *handles += 1;
+                return Ok(Mode::Plain);
+            }
+            Some(InodeIo::Passthrough { content, id }) => {
+                if let Some(id) = id.upgrade() {
+                    if *content == open.content && !open.partial {
+                        return Ok(Mode::Passthrough(id));
+                    }
+                    if open.writable {
+                        tracing::info!(
+                            ino,
+                            "refused an open for writing: an older version of the file is open through passthrough"
+                        );
+                        return Err(io::Error::from_raw_os_error(libc::EBUSY));
+                    }
+                    tracing::info!(
+                        ino,
+                        "an older version of the file is open through passthrough; this open reads that version"
+                    );
+                    return Ok(Mode::Passthrough(id));
+                }
+            }
+            _ => {}
+        }
+        inodes.retain(|_, io| io.live());
+        if open.partial {
+            inodes.insert(ino, InodeIo::Plain { handles: 1 });
+            return Ok(Mode::Plain);
         }
         match register() {
             Ok(id) => {
                 let id = Arc::new(id);
-                ids.retain(|_, w| w.strong_count() > 0);
-                ids.insert(ino, Arc::downgrade(&id));
+                inodes.insert(
+                    ino,
+                    InodeIo::Passthrough {
+                        content: open.content,
+                        id: Arc::downgrade(&id),
+                    },
+                );
                 self.used.store(true, Ordering::SeqCst);
                 Ok(Mode::Passthrough(id))
             }
@@ -182,12 +284,12 @@ mod tests {
         let p = Passthrough::new(false);
         p.set_granted(true);
         assert!(matches!(
-            p.mode_for(2, || panic!("must not register")),
+            p.mode_for(2, open(false, false), || panic!("must not register")),
             Ok(Mode::Plain)
         ));
         let p = Passthrough::new(true);
         assert!(matches!(
-            p.mode_for(2, || panic!("must not register")),
+            p.mode_for(2, open(false, false), || panic!("must not register")),
             Ok(Mode::Plain)
         ));
     }
@@ -197,7 +299,9 @@ mod tests {
         let p = Passthrough::new(true);
         p.set_granted(true);
         assert!(p.active());
-        let r = p.mode_for(2, || Err(io::Error::from_raw_os_error(libc::EPERM)));
+        let r = p.mode_for(2, open(false, false), || {
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        });
         assert!(matches!(r, Ok(Mode::Plain)));
         assert!(!p.active());
         let st = p.status();
@@ -223,11 +327,82 @@ mod tests {
         assert!(active, "granted before the wait ended");
     }
 
+    fn open(partial: bool, writable: bool) -> OpenKind {
+        OpenKind {
+            content: ContentId {
+                dev: 1,
+                ino: 10,
+                uid: 65534,
+            },
+            partial,
+            writable,
+        }
+    }
+
+    fn active() -> Passthrough {
+        let p = Passthrough::new(true);
+        p.set_granted(true);
+        p
+    }
+
+    #[test]
+    fn a_partial_open_is_plain_and_keeps_later_opens_plain() {
+        let p = active();
+        let r = p.mode_for(7, open(true, false), || panic!("must not register"));
+        assert!(matches!(r, Ok(Mode::Plain)));
+        // The file became complete meanwhile: the kernel holds the inode in
+        // cached mode, so a passthrough open would fail; plain it is.
+        let r = p.mode_for(7, open(false, true), || panic!("must not register"));
+        assert!(matches!(r, Ok(Mode::Plain)));
+        // Another inode is not affected.
+        let mut asked = false;
+        let _ = p.mode_for(8, open(false, false), || {
+            asked = true;
+            Err(io::Error::from_raw_os_error(libc::EBADF))
+        });
+        assert!(asked, "inode 8 registers its own backing file");
+        p.plain_released(7);
+        let mut asked = false;
+        let _ = p.mode_for(7, open(false, false), || {
+            asked = true;
+            Err(io::Error::from_raw_os_error(libc::EBADF))
+        });
+        assert!(!asked, "one plain handle of inode 7 is still live");
+        // That open was plain too: release it and the one before.
+        p.plain_released(7);
+        p.plain_released(7);
+        let mut asked = false;
+        let _ = p.mode_for(7, open(false, false), || {
+            asked = true;
+            Err(io::Error::from_raw_os_error(libc::EBADF))
+        });
+        assert!(asked, "the last plain handle is gone: passthrough again");
+        let st = p.status();
+        assert_eq!((st.passthrough_opens, st.plain_opens), (0, 3));
+    }
+
+    #[test]
+    fn releasing_unknown_plain_handles_is_harmless() {
+        let p = active();
+        p.plain_released(3);
+        let _ = p.mode_for(3, open(true, false), || panic!("must not register"));
+        p.plain_released(3);
+        p.plain_released(3);
+        let mut asked = false;
+        let _ = p.mode_for(3, open(false, false), || {
+            asked = true;
+            Err(io::Error::from_raw_os_error(libc::EBADF))
+        });
+        assert!(asked);
+    }
+
     #[test]
     fn other_failures_are_errors() {
         let p = Passthrough::new(true);
         p.set_granted(true);
-        let r = p.mode_for(2, || Err(io::Error::from_raw_os_error(libc::EBADF)));
+        let r = p.mode_for(2, open(false, false), || {
+            Err(io::Error::from_raw_os_error(libc::EBADF))
+        });
         assert!(r.is_err());
         assert!(p.active());
         let st = p.status();

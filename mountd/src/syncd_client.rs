@@ -52,6 +52,11 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 /// Shortest deadline a probe gets.
 const MIN_PROBE_DEADLINE: Duration = Duration::from_millis(500);
 
+/// Calls whose deadline miss is not logged here: the health probe, and
+/// the calls of [`SyncdClient::call_untracked`], whose callers say what a
+/// miss means.
+const QUIET_OPS: [&str; 3] = ["probe", "changes", "fetch_range"];
+
 /// One live connection to syncd.
 pub struct Connection {
     /// The tarpc client of the filesystem service.
@@ -270,6 +275,26 @@ impl SyncdClient {
         r
     }
 
+    /// Call syncd like [`SyncdClient::call`] but outside the stalled
+    /// bookkeeping: the full deadline always, a miss does not mark syncd
+    /// stalled and is not logged here. For calls whose wait says nothing
+    /// about syncd's health: the invalidation long poll (it waits by
+    /// design) and `fetch_range` (it waits on a peer).
+    pub async fn call_untracked<T, F, Fut>(
+        &self,
+        op: &'static str,
+        ino: u64,
+        deadline: Instant,
+        retry: Retry,
+        f: F,
+    ) -> Result<T, CallError>
+    where
+        F: Fn(Arc<Connection>, Context) -> Fut,
+        Fut: Future<Output = Result<Result<T, FsError>, RpcError>>,
+    {
+        self.call_until(op, ino, deadline, retry, f).await
+    }
+
     /// The generation of the live connection, if there is one.
     pub fn current_generation(&self) -> Option<u64> {
         self.rx.borrow().as_ref().map(|c| c.generation)
@@ -326,7 +351,7 @@ impl SyncdClient {
         let start = Instant::now();
         let missed = || {
             let waited = start.elapsed();
-            if op != "probe" {
+            if !QUIET_OPS.contains(&op) {
                 tracing::warn!(
                     op,
                     ino,

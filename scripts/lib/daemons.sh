@@ -184,3 +184,122 @@ keibi_stop() {
     done
     KEIBI_PEER_PIDS=()
 }
+
+# Several complete nodes on this machine (demo.sh, bench/sync.sh): each
+# node NAME has its own directory $KEIBI_WORK/NAME with state/ (syncd's,
+# owned by KEIBI_SYNCD_USER), run/ (sockets), mnt/ (its mountpoint),
+# locks/ (mountd's), syncd.toml (peers on a free port of 127.0.0.1) and
+# the logs syncd.log and mountd.log.
+#
+#   keibi_node_up NAME [MOUNTD ARGS]   starts its syncd and mountd and
+#                                      waits (bounded) for the mount
+#   keibi_node_ctl NAME ARGS...        keibictl on its control socket
+#   keibi_node_dir NAME                prints its directory (mount: /mnt)
+#   keibi_node_fingerprint NAME        prints its fingerprint
+#   keibi_pair A B                     pairs A and B (A dials B's port,
+#                                      B waits to be dialed) and waits
+#                                      (bounded) until both are connected
+#   keibi_nodes_stop                   SIGTERM to every mountd (they
+#                                      unmount), then every syncd; safe
+#                                      to call twice
+declare -A KEIBI_NODE_SYNCD_PID=() KEIBI_NODE_MOUNTD_PID=() KEIBI_NODE_PORT=()
+KEIBI_NODES=()
+
+keibi_node_dir() { echo "$KEIBI_WORK/$1"; }
+
+keibi_node_ctl() {
+    local name="$1"
+    shift
+    "$KEIBI_BIN/keibictl" --socket "$KEIBI_WORK/$name/run/control.sock" "$@"
+}
+
+keibi_node_fingerprint() {
+    keibi_node_ctl "$1" id --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["fingerprint"])'
+}
+
+_keibi_node_ready() {
+    _keibi_alive "${KEIBI_NODE_SYNCD_PID[$1]}" || return 2
+    [[ -S "$KEIBI_WORK/$1/run/fs.sock" && -S "$KEIBI_WORK/$1/run/control.sock" ]]
+}
+
+_keibi_node_mounted() {
+    _keibi_alive "${KEIBI_NODE_MOUNTD_PID[$1]}" || return 2
+    [[ "$(findmnt -n -o FSTYPE --mountpoint "$KEIBI_WORK/$1/mnt" 2>/dev/null)" == "fuse.keibi" ]] &&
+        stat "$KEIBI_WORK/$1/mnt/." >/dev/null 2>&1
+}
+
+keibi_node_up() {
+    local name="$1"
+    shift
+    local dir="$KEIBI_WORK/$name"
+    mkdir -p "$dir/state" "$dir/run" "$dir/mnt"
+    chmod 0755 "$dir"
+    chown "$KEIBI_SYNCD_USER:" "$dir/state" "$dir/run"
+    chmod 0700 "$dir/state"
+    chmod 0755 "$dir/run"
+    KEIBI_NODE_PORT[$name]="$(keibi_free_port)"
+    printf 'listen = ["127.0.0.1:%s"]\npeer_timeout = "5s"\npeer_reconnect_max = "2s"\n' \
+        "${KEIBI_NODE_PORT[$name]}" >"$dir/syncd.toml"
+    chmod 0644 "$dir/syncd.toml"
+    KEIBI_NODES+=("$name")
+    setsid setpriv --reuid="$KEIBI_SYNCD_USER" --regid="$(id -g "$KEIBI_SYNCD_USER")" --clear-groups \
+        "$KEIBI_BIN/keibi-syncd" \
+        --config "$dir/syncd.toml" \
+        --state-dir "$dir/state" \
+        --fs-socket "$dir/run/fs.sock" \
+        --control-socket "$dir/run/control.sock" \
+        </dev/null >>"$dir/syncd.log" 2>&1 &
+    KEIBI_NODE_SYNCD_PID[$name]=$!
+    if ! keibi_poll 20 _keibi_node_ready "$name"; then
+        echo "$name: keibi-syncd did not create its sockets within 20 s; its log:" >&2
+        tail -n 30 "$dir/syncd.log" >&2
+        return 1
+    fi
+    setsid "$KEIBI_BIN/keibi-mountd" "$dir/mnt" \
+        --syncd-socket "$dir/run/fs.sock" \
+        --lock-dir "$dir/locks" \
+        "$@" \
+        </dev/null >>"$dir/mountd.log" 2>&1 &
+    KEIBI_NODE_MOUNTD_PID[$name]=$!
+    if ! keibi_poll 20 _keibi_node_mounted "$name"; then
+        echo "$name: the mount at $dir/mnt did not come up within 20 s; mountd's log:" >&2
+        tail -n 30 "$dir/mountd.log" >&2
+        return 1
+    fi
+}
+
+_keibi_pair_connected() {
+    local me="$1" fp="$2"
+    keibi_node_ctl "$me" peer list --json | python3 -c '
+import json, sys
+sys.exit(0 if any(p["fingerprint"] == sys.argv[1] and p["state"] == "connected" for p in json.load(sys.stdin)) else 1)' "$fp"
+}
+
+keibi_pair() {
+    local a="$1" b="$2" fp_a fp_b
+    fp_a="$(keibi_node_fingerprint "$a")"
+    fp_b="$(keibi_node_fingerprint "$b")"
+    keibi_node_ctl "$a" peer add "$fp_b" --name "$b" --addr "127.0.0.1:${KEIBI_NODE_PORT[$b]}"
+    keibi_node_ctl "$b" peer add "$fp_a" --name "$a"
+    if ! keibi_poll 30 _keibi_pair_connected "$a" "$fp_b" || ! keibi_poll 30 _keibi_pair_connected "$b" "$fp_a"; then
+        echo "$a and $b did not connect within 30 s; logs: $KEIBI_WORK/$a/syncd.log, $KEIBI_WORK/$b/syncd.log" >&2
+        return 1
+    fi
+}
+
+keibi_nodes_stop() {
+    local n mnt
+    for n in "${KEIBI_NODES[@]}"; do
+        _keibi_term "${KEIBI_NODE_MOUNTD_PID[$n]:-}" 10
+        KEIBI_NODE_MOUNTD_PID[$n]=""
+        mnt="$KEIBI_WORK/$n/mnt"
+        if [[ "$(findmnt -n -o FSTYPE --mountpoint "$mnt" 2>/dev/null)" == "fuse.keibi" ]]; then
+            echo "a keibi mount is still at $mnt; detaching it (umount -l)" >&2
+            umount -l "$mnt" || true
+        fi
+    done
+    for n in "${KEIBI_NODES[@]}"; do
+        _keibi_term "${KEIBI_NODE_SYNCD_PID[$n]:-}" 10
+        KEIBI_NODE_SYNCD_PID[$n]=""
+    done
+}

@@ -59,6 +59,19 @@ pub struct Options {
     pub syncd_env: Vec<(String, String)>,
     /// mountd's `--fsync-deadline` (mountd's default when `None`).
     pub fsync_deadline: Option<Duration>,
+    /// A configuration file for syncd: this text is written to
+    /// `syncd.toml` in the fixture's directory and passed with `--config`,
+    /// in place of the fixture's dial-only one.
+    pub syncd_config: Option<String>,
+    /// Extra arguments for syncd, after the fixture's own (a later
+    /// `--config` replaces the fixture's dial-only one).
+    pub syncd_args: Vec<String>,
+    /// Extra arguments for mountd, after the fixture's own.
+    pub mountd_args: Vec<String>,
+    /// Run syncd inside this network namespace (`ip netns exec NAME`),
+    /// see [`crate::pair`]. mountd stays in the root namespace: the Unix
+    /// sockets are paths, which every network namespace reaches.
+    pub syncd_netns: Option<String>,
 }
 
 impl Default for Options {
@@ -74,6 +87,10 @@ impl Default for Options {
             mountd_log_filter: filter("KEIBI_TEST_MOUNTD_LOG"),
             syncd_env: Vec::new(),
             fsync_deadline: None,
+            syncd_config: None,
+            syncd_args: Vec::new(),
+            mountd_args: Vec::new(),
+            syncd_netns: None,
         }
     }
 }
@@ -130,7 +147,8 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-fn append_log(path: &Path) -> File {
+/// A file opened for appending a daemon's output to.
+pub fn append_log(path: &Path) -> File {
     OpenOptions::new()
         .create(true)
         .append(true)
@@ -176,6 +194,45 @@ pub fn syncd_command(state: &Path, fs_sock: &Path, control_sock: &Path, log: &Pa
         .stderr(append_log(log));
     // std drops supplementary groups itself when root sets a uid without
     // explicit groups.
+    die_with_parent(&mut cmd);
+    cmd
+}
+
+/// [`syncd_command`], but run inside the network namespace `netns`:
+/// `ip netns exec NETNS setpriv --reuid nobody ... keibi-syncd ...`, started
+/// as root. `ip netns exec` and `setpriv` both exec (no fork), so the
+/// child's pid is syncd's own, for signals. The credential change clears
+/// the parent-death signal, so `setpriv --pdeathsig SIGKILL` sets it again
+/// for syncd itself.
+pub fn syncd_command_in_netns(
+    netns: &str,
+    state: &Path,
+    fs_sock: &Path,
+    control_sock: &Path,
+    log: &Path,
+) -> Command {
+    // Reuse syncd_command's arguments and environment, not its uid.
+    let plain = syncd_command(state, fs_sock, control_sock, log);
+    let mut cmd = Command::new("ip");
+    cmd.arg("netns")
+        .arg("exec")
+        .arg(netns)
+        .arg("setpriv")
+        .arg(format!("--reuid={SYNCD_UID}"))
+        .arg(format!("--regid={SYNCD_UID}"))
+        .arg("--clear-groups")
+        .arg("--pdeathsig=SIGKILL")
+        .arg(plain.get_program())
+        .args(plain.get_args())
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(append_log(log))
+        .stderr(append_log(log));
+    for (k, v) in plain.get_envs() {
+        if let Some(v) = v {
+            cmd.env(k, v);
+        }
+    }
     die_with_parent(&mut cmd);
     cmd
 }
@@ -396,6 +453,12 @@ impl KeibiFixture {
         &self.opts
     }
 
+    /// The options, to change before a restart (e.g. syncd's test hooks
+    /// in `syncd_env`, used by the next [`Self::start_syncd`]).
+    pub fn options_mut(&mut self) -> &mut Options {
+        &mut self.opts
+    }
+
     /// syncd's pid, while it runs.
     pub fn syncd_pid(&self) -> Option<u32> {
         self.syncd.as_ref().map(|c| c.id())
@@ -409,12 +472,29 @@ impl KeibiFixture {
     /// Start syncd and wait until its control socket accepts a handshake.
     pub fn start_syncd(&mut self) {
         assert!(self.syncd.is_none(), "syncd is already running");
-        let mut cmd = syncd_command(
-            &self.state_dir(),
-            &self.fs_socket(),
-            &self.control_socket(),
-            &self.syncd_log_path(),
-        );
+        let mut cmd = match &self.opts.syncd_netns {
+            Some(ns) => syncd_command_in_netns(
+                ns,
+                &self.state_dir(),
+                &self.fs_socket(),
+                &self.control_socket(),
+                &self.syncd_log_path(),
+            ),
+            None => syncd_command(
+                &self.state_dir(),
+                &self.fs_socket(),
+                &self.control_socket(),
+                &self.syncd_log_path(),
+            ),
+        };
+        if let Some(text) = &self.opts.syncd_config {
+            let path = self.root.join("syncd.toml");
+            std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+                .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+            cmd.arg("--config").arg(path);
+        }
+        cmd.args(&self.opts.syncd_args);
         cmd.env("RUST_LOG", &self.opts.syncd_log_filter);
         cmd.envs(self.opts.syncd_env.iter().map(|(k, v)| (k, v)));
         let child = spawn_registered(&mut cmd, "keibi-syncd");
@@ -510,6 +590,7 @@ impl KeibiFixture {
         if let Some(d) = self.opts.fsync_deadline {
             cmd.arg("--fsync-deadline").arg(duration_arg(d));
         }
+        cmd.args(&self.opts.mountd_args);
         let child = spawn_registered(&mut cmd, "keibi-mountd");
         watchdog::register_mount(self.mnt());
         self.mountd = Some(child);

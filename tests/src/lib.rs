@@ -24,20 +24,25 @@
 //! the test's own thread, never from a helper thread that ends earlier.
 
 pub mod binaries;
+pub mod ctl;
 pub mod daemons;
 pub mod data;
 pub mod extra_mountd;
 pub mod io_path;
 pub mod mounts;
+pub mod pair;
 pub mod peers;
 pub mod process;
 pub mod relay;
+pub mod sync_helpers;
 pub mod sys;
+pub mod tree;
 pub mod wait;
 pub mod watchdog;
 
 pub use daemons::{KeibiFixture, Options};
 pub use data::{Pattern, hash_bytes, hash_file, hash_reader};
+pub use pair::{LinkMode, Pair, PairOptions, Side};
 pub use process::{errno_of, run_as, run_bounded};
 pub use wait::{bounded, poll_until};
 pub use watchdog::Watchdog;

@@ -18,12 +18,14 @@ struct Live {
     pids: Vec<u32>,
     mounts: Vec<PathBuf>,
     logs: Vec<PathBuf>,
+    netns: Vec<String>,
 }
 
 static LIVE: Mutex<Live> = Mutex::new(Live {
     pids: Vec::new(),
     mounts: Vec::new(),
     logs: Vec::new(),
+    netns: Vec::new(),
 });
 
 fn live() -> std::sync::MutexGuard<'static, Live> {
@@ -60,6 +62,16 @@ pub fn unregister_log(path: &std::path::Path) {
     live().logs.retain(|p| p != path);
 }
 
+/// Remember a network namespace to delete in an emergency.
+pub fn register_netns(name: &str) {
+    live().netns.push(name.to_string());
+}
+
+/// Forget a network namespace (it was deleted).
+pub fn unregister_netns(name: &str) {
+    live().netns.retain(|n| n != name);
+}
+
 /// Print straight to the process's stderr: `eprintln!` output is captured
 /// by the test harness, and a captured message is lost when we abort.
 fn say(text: &str) {
@@ -71,9 +83,14 @@ fn say(text: &str) {
 
 /// Kill everything registered and detach its mounts.
 fn emergency_cleanup() {
-    let (pids, mounts, logs) = {
+    let (pids, mounts, logs, netns) = {
         let l = live();
-        (l.pids.clone(), l.mounts.clone(), l.logs.clone())
+        (
+            l.pids.clone(),
+            l.mounts.clone(),
+            l.logs.clone(),
+            l.netns.clone(),
+        )
     };
     for log in &logs {
         say(&crate::daemons::log_tail(log, 40));
@@ -89,6 +106,12 @@ fn emergency_cleanup() {
     // FUSE mounts that use them): detach in reverse.
     for m in mounts.iter().rev() {
         let _ = nix::mount::umount2(m.as_path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+    // Deleting a namespace also removes the veth end inside it.
+    for ns in netns {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &ns])
+            .status();
     }
 }
 

@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+# keibi sync benchmark: two complete peers on this machine, alice and bob
+# (as scripts/demo.sh starts them: own keibi-syncd, state directory, peer
+# port on 127.0.0.1, keibi-mountd and mountpoint), paired, and three
+# figures:
+#
+#   propagation   --files times (default 200): a new file of 4 KiB + i
+#                 bytes is written and closed on alice's mount; the time
+#                 until `stat` of it on bob's mount shows the final size
+#                 (polled every 0.2 ms); p50, p90, p99 and max in ms
+#                 (goal: p99 under 100 ms on loopback)
+#   cold read     a --size-mib MiB file (default 1024) written on alice,
+#                 read sequentially once on bob's mount (dd bs=1M, the
+#                 page cache dropped first, every byte fetched from alice
+#                 and verified), next to the same file read through sshfs
+#                 from an sshd on 127.0.0.1; MB/s (10^6 bytes/s) and the
+#                 keibi/sshfs ratio (goal: at least 4)
+#   one-chunk     4 KiB overwritten in the middle of that file on alice;
+#   edit          the bytes bob received from alice (keibictl peer list
+#                 --json, bytes_received) until bob reads the new bytes,
+#                 next to the file's size
+#
+# Run as root:   bash bench/sync.sh [--files N] [--size-mib N] [--no-sshfs]
+#
+# Builds the release binaries first (cargo must be installed); installs
+# fuse3, util-linux, python3, gcc, and (unless --no-sshfs) openssh-server
+# and sshfs when missing. Everything runs on this machine and stops on
+# exit; logs are kept in the work directory when something fails.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/lib/packages.sh
+. "$repo/scripts/lib/packages.sh"
+# shellcheck source=scripts/lib/daemons.sh
+. "$repo/scripts/lib/daemons.sh"
+
+files=200
+size_mib=1024
+with_sshfs=1
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --files) files="$2"; shift 2 ;;
+        --size-mib) size_mib="$2"; shift 2 ;;
+        --no-sshfs) with_sshfs=0; shift ;;
+        -h | --help)
+            sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "sync.sh: unknown option $1 (see --help)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+require_root "it mounts FUSE filesystems, drops the page cache and runs keibi-syncd as nobody"
+find_cargo
+need_command fusermount3 fuse3
+need_command findmnt util-linux
+need_command setpriv util-linux
+need_command python3 python3
+need_command cc gcc
+if [[ $with_sshfs -eq 1 ]]; then
+    need_command sshfs sshfs
+    [[ -x /usr/sbin/sshd ]] || need_package openssh-server
+fi
+install_needed
+
+echo "== building keibi (release)"
+(cd "$repo" && cargo build --release --workspace --bins)
+KEIBI_BIN="$repo/target/release"
+
+KEIBI_WORK="$(mktemp -d /var/tmp/keibi-sync-bench.XXXXXX)"
+chmod 0755 "$KEIBI_WORK"
+sshd_pid=""
+ssh_mnt="$KEIBI_WORK/sshfs-mnt"
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if mountpoint -q "$ssh_mnt" 2>/dev/null; then
+        fusermount3 -u "$ssh_mnt" 2>/dev/null || umount -l "$ssh_mnt" || true
+    fi
+    if [[ -n "$sshd_pid" ]]; then
+        kill -TERM "$sshd_pid" 2>/dev/null || true
+        wait "$sshd_pid" 2>/dev/null || true
+    fi
+    keibi_nodes_stop
+    if [[ $rc -eq 0 ]]; then
+        rm -rf "$KEIBI_WORK"
+    else
+        echo "sync.sh: failed; logs are in $KEIBI_WORK/{alice,bob}" >&2
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+for n in alice bob; do
+    keibi_node_up "$n"
+done
+keibi_pair alice bob
+alice="$KEIBI_WORK/alice/mnt"
+bob="$KEIBI_WORK/bob/mnt"
+fp_alice="$(keibi_node_fingerprint alice)"
+
+# bytes_received by bob from alice on the live connection.
+bob_received() {
+    keibi_node_ctl bob peer list --json | python3 -c '
+import json, sys
+print(next(p["bytes_received"] for p in json.load(sys.stdin) if p["fingerprint"] == sys.argv[1]))' "$fp_alice"
+}
+
+echo
+echo "== propagation: close() on alice until stat on bob shows the size ($files files)"
+mkdir "$alice/prop"
+python3 - "$alice/prop" "$bob/prop" "$files" <<'PY'
+import os, sys, time
+src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+deadline_s = 30.0
+# bob must see the directory first.
+t0 = time.monotonic()
+while not os.path.isdir(dst):
+    if time.monotonic() - t0 > deadline_s:
+        sys.exit("prop/ did not reach bob within 30 s")
+    time.sleep(0.001)
+lat = []
+for i in range(n):
+    name = f"f{i:05d}"
+    size = 4096 + i
+    data = os.urandom(size)
+    fd = os.open(os.path.join(src, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, data)
+    os.close(fd)
+    t0 = time.monotonic()
+    while True:
+        try:
+            if os.stat(os.path.join(dst, name)).st_size == size:
+                break
+        except FileNotFoundError:
+            pass
+        if time.monotonic() - t0 > deadline_s:
+            sys.exit(f"{name} did not reach bob within 30 s")
+        time.sleep(0.0002)
+    lat.append((time.monotonic() - t0) * 1000.0)
+lat.sort()
+def pct(p):
+    return lat[min(len(lat) - 1, int(round(p / 100.0 * len(lat) + 0.5)) - 1)]
+print(f"propagation ms: p50 {pct(50):.1f}  p90 {pct(90):.1f}  p99 {pct(99):.1f}  max {lat[-1]:.1f}  (n={len(lat)})")
+PY
+
+drop_caches() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+}
+# dd's MB/s (10^6 bytes/s) for reading $1 sequentially.
+read_mbps() {
+    dd if="$1" of=/dev/null bs=1M 2>&1 | python3 -c '
+import re, sys
+t = sys.stdin.read()
+m = re.search(r"(\d+) bytes .* copied, ([0-9.]+) s", t)
+if not m:
+    sys.exit("cannot parse dd: " + t)
+print(f"{int(m.group(1)) / float(m.group(2)) / 1e6:.0f}")'
+}
+
+echo
+echo "== cold sequential read of a $size_mib MiB file of alice through bob's mount"
+head -c $((size_mib * 1024 * 1024)) /dev/urandom >"$KEIBI_WORK/big.src"
+cp "$KEIBI_WORK/big.src" "$alice/big.bin"
+size_is() { [[ "$(stat -c %s "$1" 2>/dev/null)" == "$2" ]]; }
+if ! keibi_poll 60 size_is "$bob/big.bin" $((size_mib * 1024 * 1024)); then
+    echo "sync.sh: big.bin did not reach bob within 60 s" >&2
+    exit 1
+fi
+drop_caches
+keibi_mbps="$(read_mbps "$bob/big.bin")"
+if ! cmp -s "$KEIBI_WORK/big.src" "$bob/big.bin"; then
+    echo "sync.sh: big.bin read on bob differs from what alice wrote" >&2
+    exit 1
+fi
+echo "keibi (bob reads alice's file): $keibi_mbps MB/s"
+
+sshfs_mbps=""
+if [[ $with_sshfs -eq 1 ]]; then
+    echo "== the same read through sshfs from sshd on 127.0.0.1"
+    ssh_dir="$KEIBI_WORK/ssh"
+    mkdir -p "$ssh_dir" "$KEIBI_WORK/sshfs-src" "$ssh_mnt" /run/sshd
+    ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/host_key"
+    ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/client_key"
+    cp "$ssh_dir/client_key.pub" "$ssh_dir/authorized_keys"
+    port="$(keibi_free_port)"
+    cat >"$ssh_dir/sshd_config" <<CONF
+ListenAddress 127.0.0.1:$port
+HostKey $ssh_dir/host_key
+AuthorizedKeysFile $ssh_dir/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile $ssh_dir/sshd.pid
+Subsystem sftp internal-sftp
+CONF
+    /usr/sbin/sshd -D -e -f "$ssh_dir/sshd_config" 2>"$KEIBI_WORK/sshd.log" &
+    sshd_pid=$!
+    mv "$KEIBI_WORK/big.src" "$KEIBI_WORK/sshfs-src/big.bin"
+    ssh_up() {
+        kill -0 "$sshd_pid" 2>/dev/null || return 2
+        sshfs -p "$port" -o IdentityFile="$ssh_dir/client_key",StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,BatchMode=yes \
+            "root@127.0.0.1:$KEIBI_WORK/sshfs-src" "$ssh_mnt" 2>/dev/null
+    }
+    if ! keibi_poll 15 ssh_up; then
+        echo "sync.sh: sshd or sshfs did not start; see $KEIBI_WORK/sshd.log" >&2
+        exit 1
+    fi
+    drop_caches
+    sshfs_mbps="$(read_mbps "$ssh_mnt/big.bin")"
+    echo "sshfs (127.0.0.1): $sshfs_mbps MB/s"
+fi
+
+echo
+echo "== one 4 KiB edit in the middle of the $size_mib MiB file on alice"
+before="$(bob_received)"
+offset=$((size_mib * 1024 * 1024 / 2 + 1000))
+head -c 4096 /dev/urandom >"$KEIBI_WORK/patch"
+dd if="$KEIBI_WORK/patch" of="$alice/big.bin" bs=4096 count=1 seek="$offset" oflag=seek_bytes conv=notrunc status=none
+patched() {
+    cmp -s "$KEIBI_WORK/patch" <(dd if="$bob/big.bin" bs=4096 count=1 skip="$offset" iflag=skip_bytes status=none)
+}
+if ! keibi_poll 60 patched; then
+    echo "sync.sh: the edit did not reach bob within 60 s" >&2
+    exit 1
+fi
+after="$(bob_received)"
+moved=$((after - before))
+echo "bytes bob received from alice for the edit: $moved (file: $((size_mib * 1024 * 1024)) bytes, chunk: 262144)"
+
+echo
+echo "== summary"
+python3 - "$keibi_mbps" "${sshfs_mbps:-0}" "$moved" "$size_mib" <<'PY'
+import sys
+k, s, moved, mib = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+print(f"cold read through bob: {k:.0f} MB/s" + (f"; sshfs {s:.0f} MB/s; keibi/sshfs = {k / s:.2f}x" if s else ""))
+print(f"one-chunk edit of a {mib} MiB file: {moved} bytes on the wire = {moved / 262144:.2f} chunks = {moved / (mib * 1048576) * 100:.4f}% of the file")
+PY

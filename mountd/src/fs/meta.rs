@@ -1,0 +1,148 @@
+//! Attributes and names read from syncd: `lookup`, `getattr` (both with
+//! the last known answer when syncd misses the deadline), `setattr`,
+//! `readlink`, `statfs`.
+
+use super::*;
+
+impl Keibi {
+    /// `lookup`, or the last known entry when syncd misses the deadline.
+    pub async fn lookup(&self, parent: u64, name: Name) -> Result<Attr, FsError> {
+        let n = name.clone();
+        let ticket = self.cache.ticket();
+        let r = self
+            .client
+            .call(
+                "lookup",
+                parent,
+                self.deadline(),
+                Retry::Idempotent,
+                |c, ctx| {
+                    let n = n.clone();
+                    async move { c.client.lookup(ctx, Ino(parent), n).await }
+                },
+            )
+            .await;
+        match r {
+            Ok(a) => {
+                self.cache.put_entry(ticket, parent, name.as_bytes(), &a);
+                Ok(a)
+            }
+            Err(CallError::Deadline { waited }) => {
+                match self.cache.entry(parent, name.as_bytes()) {
+                    Some(a) => {
+                        tracing::info!(
+                            op = "lookup",
+                            ino = parent,
+                            waited_ms = waited.as_millis() as u64,
+                            "answered with the last known entry"
+                        );
+                        Ok(a)
+                    }
+                    None => Err(CallError::Deadline { waited }.into_fs("lookup")),
+                }
+            }
+            Err(CallError::Fs(e)) => {
+                if e.errno == libc::ENOENT {
+                    self.cache.forget_entry(parent, name.as_bytes());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// `getattr`, or the last known attributes when syncd misses the
+    /// deadline.
+    ///
+    /// An inode syncd does not know but the kernel still holds was removed
+    /// while referenced: it answers its last known attributes with
+    /// `nlink` 0 (see [`crate::attr_cache`]).
+    pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        let ticket = self.cache.ticket();
+        let r = self
+            .client
+            .call(
+                "getattr",
+                ino,
+                self.deadline(),
+                Retry::Idempotent,
+                |c, ctx| async move { c.client.getattr(ctx, Ino(ino)).await },
+            )
+            .await;
+        match r {
+            Ok(a) => {
+                self.cache.put_attr(ticket, &a);
+                Ok(a)
+            }
+            Err(CallError::Fs(e)) if e.errno == libc::ENOENT => match self.cache.removed(ino) {
+                Some(a) => {
+                    tracing::debug!(ino, "removed but still referenced: nlink 0");
+                    Ok(a)
+                }
+                None => Err(e),
+            },
+            Err(CallError::Deadline { waited }) => match self.cache.attr(ino) {
+                Some(a) => {
+                    tracing::info!(
+                        op = "getattr",
+                        ino,
+                        waited_ms = waited.as_millis() as u64,
+                        "answered with the last known attributes"
+                    );
+                    Ok(a)
+                }
+                None => Err(CallError::Deadline { waited }.into_fs("getattr")),
+            },
+            Err(CallError::Fs(e)) => Err(e),
+        }
+    }
+
+    /// `setattr`.
+    pub async fn setattr(&self, ino: u64, changes: SetAttr) -> Result<Attr, FsError> {
+        let _change = self.change();
+        let ticket = self.cache.ticket();
+        let a = self
+            .client
+            .call(
+                "setattr",
+                ino,
+                self.deadline(),
+                Retry::Once,
+                |c, ctx| async move { c.client.setattr(ctx, Ino(ino), changes).await },
+            )
+            .await
+            .map_err(|e| e.into_fs("setattr"))?;
+        self.cache.changed(ticket, ino, Some(&a));
+        if let Some(size) = changes.size {
+            self.handles.truncated(ino, size);
+        }
+        Ok(a)
+    }
+
+    /// `readlink`.
+    pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        self.client
+            .call(
+                "readlink",
+                ino,
+                self.deadline(),
+                Retry::Idempotent,
+                |c, ctx| async move { c.client.readlink(ctx, Ino(ino)).await },
+            )
+            .await
+            .map_err(|e| e.into_fs("readlink"))
+    }
+
+    /// `statfs`.
+    pub async fn statfs(&self) -> Result<StatFs, FsError> {
+        self.client
+            .call(
+                "statfs",
+                1,
+                self.deadline(),
+                Retry::Idempotent,
+                |c, ctx| async move { c.client.statfs(ctx).await },
+            )
+            .await
+            .map_err(|e| e.into_fs("statfs"))
+    }
+}

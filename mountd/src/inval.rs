@@ -1,0 +1,347 @@
+//! The invalidation stream: what a peer changed, dropped from every cache
+//! at once instead of after a TTL.
+//!
+//! When syncd applies a change that came from a peer, it queues the
+//! invalidations it implies ([`Inval`]: an entry of a directory, an
+//! inode's attributes and bytes, or everything). One task here long-polls
+//! them (`Filesystem::changes(epoch, after, 10 s)`, with a deadline a
+//! little longer than the wait) and, for each batch:
+//!
+//! - drops mountd's own caches: the attributes of the inode or the
+//!   directory (which also ends the extended-attribute shortcut for it, as
+//!   that reads the cached attributes), the cached entry, and every
+//!   directory read-ahead (the mount's change counter moves, see
+//!   [`crate::fs`]); a reply to a request sent before is not cached
+//!   afterwards ([`crate::attr_cache`]);
+//! - queues the kernel's notifications (`inval_entry`, `inval_inode` of
+//!   the whole file) for the notifier thread of [`crate::kernel_inval`],
+//!   so they are never written from a FUSE callback or under a lock a
+//!   callback takes; the queue never blocks this task.
+//!
+//! [`Inval::All`] (mountd asked for changes syncd no longer keeps, or
+//! syncd restarted: the epoch differs) drops all of mountd's caches and
+//! the kernel's attributes and pages of every inode it references; the
+//! kernel's entries then end with their TTL (`--attr-ttl`), as the kernel
+//! has no call to drop them all.
+//!
+//! syncd unreachable or slow: the poll is asked again, with a backoff from
+//! 100 ms to 5 s; it resumes where it was (`after`) on a new connection,
+//! or from everything when syncd restarted. A syncd that does not serve
+//! the call (`ENOSYS`, an older syncd) is logged once and asked again
+//! every [`UNSUPPORTED_RETRY`].
+
+use crate::attr_cache::AttrCache;
+use crate::kernel_inval::KernelInval;
+use crate::sync_data::SyncData;
+use crate::syncd_client::CallError;
+use ipc_schema::{ChangeBatch, Inval};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// How long one poll waits for a change at syncd.
+pub const POLL_WAIT: Duration = Duration::from_secs(10);
+/// Backoff after a failed poll: first and longest.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long to wait before asking a syncd that answered `ENOSYS` again.
+pub const UNSUPPORTED_RETRY: Duration = Duration::from_secs(60);
+
+/// Applies invalidations to mountd's caches and queues the kernel's.
+pub struct Invalidator {
+    cache: Arc<AttrCache>,
+    /// The mount's change counter (directory read-ahead, see
+    /// [`crate::fs`]).
+    changes: Arc<AtomicU64>,
+    kernel: KernelInval,
+}
+
+impl Invalidator {
+    /// Over these caches, notifying the kernel through `kernel`.
+    pub fn new(cache: Arc<AttrCache>, changes: Arc<AtomicU64>, kernel: KernelInval) -> Self {
+        Invalidator {
+            cache,
+            changes,
+            kernel,
+        }
+    }
+
+    /// Apply `items`, oldest first.
+    pub fn apply(&self, items: &[Inval]) {
+        if items.is_empty() {
+            return;
+        }
+        // Any read-ahead asked before this point may hold a removed or
+        // renamed name, or old attributes: none is used after it.
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        for item in items {
+            match item {
+                Inval::Entry { parent, name } => {
+                    self.cache.forget_entry(parent.0, name.as_bytes());
+                    // Its mtime, size and link count changed too.
+                    self.cache.invalidate(parent.0);
+                    self.kernel.entry(parent.0, name.as_bytes());
+                }
+                Inval::Inode { ino } => {
+                    self.cache.invalidate(ino.0);
+                    self.kernel.inode(ino.0);
+                }
+                Inval::All => {
+                    self.cache.clear();
+                    for ino in self.cache.referenced_inos() {
+                        self.kernel.inode(ino.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where the stream is: syncd's run and the last sequence number applied.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Position {
+    epoch: u64,
+    after: u64,
+}
+
+impl Position {
+    /// Take `batch` in: the items to apply (with [`Inval::All`] first when
+    /// syncd's run changed and it did not say so itself).
+    fn take(&mut self, batch: ChangeBatch) -> Vec<Inval> {
+        let mut items = batch.items;
+        if batch.epoch != self.epoch && self.epoch != 0 && items.first() != Some(&Inval::All) {
+            items.insert(0, Inval::All);
+        }
+        self.epoch = batch.epoch;
+        self.after = batch.next;
+        items
+    }
+}
+
+/// Poll syncd's invalidations for the life of the process and apply them.
+pub async fn run(source: Arc<dyn SyncData>, inval: Invalidator) {
+    let mut pos = Position::default();
+    let mut backoff = MIN_BACKOFF;
+    let mut unsupported_told = false;
+    let mut failures = 0u32;
+    loop {
+        match source.changes(pos.epoch, pos.after, POLL_WAIT).await {
+            Ok(batch) => {
+                let items = pos.take(batch);
+                tracing::trace!(n = items.len(), after = pos.after, "invalidations");
+                inval.apply(&items);
+                backoff = MIN_BACKOFF;
+                failures = 0;
+                unsupported_told = false;
+                continue;
+            }
+            Err(CallError::Fs(e)) if e.errno == libc::ENOSYS => {
+                if !unsupported_told {
+                    tracing::info!(
+                        error = %e.message,
+                        "keibi-syncd does not send invalidations; changes from peers show after the attribute TTL"
+                    );
+                    unsupported_told = true;
+                }
+                tokio::time::sleep(UNSUPPORTED_RETRY).await;
+                continue;
+            }
+            Err(e) => {
+                failures += 1;
+                let e = e.into_fs("changes");
+                if failures == 1 {
+                    tracing::debug!(errno = %e.errno_name(), error = %e.message, "invalidation poll failed; retrying");
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel_inval::{self, InvalQueue, Note};
+    use futures::future::BoxFuture;
+    use ipc_schema::{Attr, FileKind, FsError, HandleId, Ino, Name, Timestamp};
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    fn attr(ino: u64) -> Attr {
+        Attr {
+            ino: Ino(ino),
+            kind: FileKind::File,
+            size: 1,
+            blocks: 0,
+            atime: Timestamp::default(),
+            mtime: Timestamp::default(),
+            ctime: Timestamp::default(),
+            crtime: Timestamp::default(),
+            perm: 0o644,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            has_xattrs: false,
+        }
+    }
+
+    fn setup() -> (Invalidator, Arc<AttrCache>, Arc<AtomicU64>, InvalQueue) {
+        let cache = Arc::new(AttrCache::new(64));
+        let changes = Arc::new(AtomicU64::new(0));
+        let (k, q) = kernel_inval::channel();
+        (
+            Invalidator::new(cache.clone(), changes.clone(), k),
+            cache,
+            changes,
+            q,
+        )
+    }
+
+    #[test]
+    fn an_entry_drops_the_name_the_directory_and_read_aheads() {
+        let (inv, cache, changes, q) = setup();
+        let t = cache.ticket();
+        cache.put_entry(t, 1, b"f", &attr(5));
+        cache.put_attr(t, &attr(1));
+        inv.apply(&[Inval::Entry {
+            parent: Ino(1),
+            name: Name(b"f".to_vec()),
+        }]);
+        assert_eq!(cache.entry_ino(1, b"f"), None);
+        assert_eq!(cache.attr(1), None, "the directory's attributes");
+        assert!(cache.attr(5).is_some(), "the inode itself did not change");
+        assert_eq!(changes.load(Ordering::SeqCst), 1, "read-aheads are void");
+        assert_eq!(q.drain(), vec![Note::Entry(1, b"f".to_vec())]);
+    }
+
+    #[test]
+    fn an_inode_drops_its_attributes_and_the_xattr_shortcut() {
+        let (inv, cache, _, q) = setup();
+        let t = cache.ticket();
+        cache.put_attr(t, &attr(7));
+        assert!(cache.attr(7).is_some_and(|a| !a.has_xattrs));
+        inv.apply(&[Inval::Inode { ino: Ino(7) }]);
+        // The shortcut answers from these attributes: gone, so the next
+        // getxattr asks syncd.
+        assert_eq!(cache.attr(7), None);
+        assert!(!cache.put_attr(t, &attr(7)), "a reply sent before");
+        assert_eq!(q.drain(), vec![Note::Inode(7)]);
+    }
+
+    #[test]
+    fn all_drops_everything_and_every_referenced_inode() {
+        let (inv, cache, changes, q) = setup();
+        let t = cache.ticket();
+        cache.put_entry(t, 1, b"a", &attr(3));
+        cache.put_attr(t, &attr(9));
+        cache.looked_up(&attr(3));
+        inv.apply(&[Inval::All]);
+        assert_eq!(cache.len(), (0, 0));
+        assert_eq!(changes.load(Ordering::SeqCst), 1);
+        assert_eq!(q.drain(), vec![Note::Inode(3)]);
+    }
+
+    #[test]
+    fn an_empty_batch_changes_nothing() {
+        let (inv, cache, changes, q) = setup();
+        cache.put_attr(cache.ticket(), &attr(2));
+        inv.apply(&[]);
+        assert!(cache.attr(2).is_some());
+        assert_eq!(changes.load(Ordering::SeqCst), 0);
+        assert!(q.drain().is_empty());
+    }
+
+    #[test]
+    fn a_new_epoch_means_all() {
+        let mut pos = Position::default();
+        let batch = |epoch, next, items| ChangeBatch { epoch, next, items };
+        // The first answer of a run: taken as it is.
+        let items = pos.take(batch(7, 3, vec![Inval::Inode { ino: Ino(2) }]));
+        assert_eq!(items, vec![Inval::Inode { ino: Ino(2) }]);
+        assert_eq!(pos, Position { epoch: 7, after: 3 });
+        // Same run: as it is.
+        assert!(pos.take(batch(7, 3, vec![])).is_empty());
+        // syncd restarted without saying All: mountd adds it.
+        let items = pos.take(batch(8, 1, vec![Inval::Inode { ino: Ino(4) }]));
+        assert_eq!(items, vec![Inval::All, Inval::Inode { ino: Ino(4) }]);
+        // ... but not twice.
+        let items = pos.take(batch(9, 1, vec![Inval::All]));
+        assert_eq!(items, vec![Inval::All]);
+        assert_eq!(pos, Position { epoch: 9, after: 1 });
+    }
+
+    /// A syncd that answers `changes` from a script, then waits forever.
+    struct Scripted {
+        answers: Mutex<VecDeque<Result<ChangeBatch, CallError>>>,
+        asked: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl SyncData for Scripted {
+        fn fetch_range(
+            &self,
+            _: HandleId,
+            _: u64,
+            _: u64,
+            _: tokio::time::Instant,
+        ) -> BoxFuture<'static, Result<Vec<u64>, FsError>> {
+            Box::pin(async { Err(FsError::new(libc::ENOSYS, "not here")) })
+        }
+
+        fn changes(
+            &self,
+            epoch: u64,
+            after: u64,
+            _: Duration,
+        ) -> BoxFuture<'static, Result<ChangeBatch, CallError>> {
+            self.asked.lock().expect("lock").push((epoch, after));
+            let next = self.answers.lock().expect("lock").pop_front();
+            Box::pin(async move {
+                match next {
+                    Some(a) => a,
+                    None => futures::future::pending().await,
+                }
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stream_resumes_after_errors_and_backs_off_on_enosys() {
+        let (inv, cache, _, q) = setup();
+        cache.put_attr(cache.ticket(), &attr(5));
+        let src = Arc::new(Scripted {
+            answers: Mutex::new(VecDeque::from(vec![
+                Err(CallError::Fs(FsError::new(libc::ENOSYS, "stub"))),
+                Ok(ChangeBatch {
+                    epoch: 4,
+                    next: 10,
+                    items: vec![Inval::All],
+                }),
+                Err(CallError::Deadline {
+                    waited: Duration::from_secs(13),
+                }),
+                Ok(ChangeBatch {
+                    epoch: 4,
+                    next: 11,
+                    items: vec![Inval::Inode { ino: Ino(5) }],
+                }),
+            ])),
+            asked: Mutex::new(Vec::new()),
+        });
+        let task = tokio::spawn(run(src.clone(), inv));
+        // Right after ENOSYS nothing is asked again for a while.
+        tokio::time::sleep(UNSUPPORTED_RETRY / 2).await;
+        assert_eq!(src.asked.lock().expect("lock").len(), 1);
+        tokio::time::sleep(UNSUPPORTED_RETRY).await;
+        assert_eq!(
+            *src.asked.lock().expect("lock"),
+            vec![(0, 0), (0, 0), (4, 10), (4, 10), (4, 11)],
+            "asked again after ENOSYS, then resumed where it was after the missed poll"
+        );
+        assert_eq!(cache.attr(5), None);
+        assert_eq!(q.drain(), vec![Note::Inode(5)]);
+        task.abort();
+    }
+}

@@ -1,0 +1,79 @@
+//! docs/semantics.md, "Between peers": close-to-open consistency (a
+//! descriptor open on b keeps reading the version it opened while a new
+//! one arrives from a; the next open sees the new one), and what is not
+//! shared: extended attributes, fifos, and owners (files from a peer
+//! belong to the receiving syncd's `share_owner`).
+
+use harness::pair::{LinkMode, Pair, PairOptions};
+use harness::sync_helpers::{PROPAGATION, wait_content};
+use harness::{Watchdog, assert_errno, sys};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+#[test]
+fn an_open_descriptor_keeps_the_version_it_opened() {
+    let _w = Watchdog::arm("close_to_open", LIMIT);
+    let p = Pair::start_mode(LinkMode::Netns);
+    let v1 = b"version one, as b opened it\n".repeat(100);
+    let v2 = b"version two, from a\n".repeat(300);
+    std::fs::write(p.a.path("doc.txt"), &v1).expect("write v1 on a");
+    wait_content(&p.b.path("doc.txt"), &v1, PROPAGATION);
+    let held = std::fs::File::open(p.b.path("doc.txt")).expect("open on b");
+
+    std::fs::write(p.a.path("doc.txt"), &v2).expect("write v2 on a");
+    // A new open on b sees the new version...
+    wait_content(&p.b.path("doc.txt"), &v2, PROPAGATION);
+    // ...while the descriptor opened before still reads the old one.
+    let mut buf = vec![0u8; v1.len() + 100];
+    let n = held
+        .read_at(&mut buf, 0)
+        .expect("pread the held descriptor");
+    assert_eq!(&buf[..n], &v1[..], "the open descriptor kept its version");
+    drop(held);
+    assert_eq!(std::fs::read(p.b.path("doc.txt")).expect("reopen"), v2);
+}
+
+#[test]
+fn xattrs_fifos_and_owners_are_not_shared() {
+    let _w = Watchdog::arm("not_shared", LIMIT);
+    let mut o = PairOptions::new(LinkMode::Netns);
+    o.config_extra = "share_owner = \"1234:1235\"\n".into();
+    let p = Pair::start(o);
+    let f = p.a.path("owned.txt");
+    std::fs::write(&f, b"content\n").expect("write on a");
+    std::os::unix::fs::chown(&f, Some(4242), Some(4243)).expect("chown on a");
+    sys::setxattr(&f, "user.note", b"stays on a", 0).expect("setxattr on a");
+    nix::unistd::mkfifo(
+        &p.a.path("pipe"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .expect("mkfifo on a");
+    // A marker written last: once it is on b, everything before was seen.
+    std::fs::write(p.a.path("marker"), b"last\n").expect("write marker");
+    wait_content(&p.b.path("marker"), b"last\n", PROPAGATION);
+    wait_content(&p.b.path("owned.txt"), b"content\n", PROPAGATION);
+
+    let md = std::fs::metadata(p.b.path("owned.txt")).expect("stat on b");
+    assert_eq!(
+        (md.uid(), md.gid()),
+        (1234, 1235),
+        "a file from a peer belongs to b's share owner"
+    );
+    assert_errno(
+        sys::getxattr(&p.b.path("owned.txt"), "user.note"),
+        libc::ENODATA,
+        "the xattr set on a, read on b",
+    );
+    assert!(
+        std::fs::symlink_metadata(p.b.path("pipe")).is_err(),
+        "the fifo stays on a"
+    );
+    // Still there on a.
+    assert_eq!(
+        sys::getxattr(&f, "user.note").expect("getxattr on a"),
+        b"stays on a"
+    );
+    assert!(std::fs::symlink_metadata(p.a.path("pipe")).is_ok());
+}

@@ -1,0 +1,223 @@
+//! A peer that is gone never hangs a reader (docs/semantics.md, "When the
+//! peer is unreachable"):
+//! - metadata and bytes already local keep working with the link cut; a
+//!   read of bytes only the peer has fails at once with `EIO` when no peer
+//!   is connected; local writes go on and reach the peer when the link is
+//!   back;
+//! - with the peer stalled (nftables drops everything, no RST) or frozen
+//!   (SIGSTOP), the peer still counts as connected and such a read fails
+//!   with `ETIMEDOUT` at the read deadline, and works once the peer is back;
+//! - a peer killed with SIGKILL during a large read: the reader gets one of
+//!   the documented errnos within the deadline, no task is left in `D`
+//!   state, and after the peer restarts the read succeeds without fetching
+//!   the chunks that had arrived again (b's byte counter).
+
+use harness::daemons::duration_arg;
+use harness::pair::{LinkMode, Pair, PairOptions, Side};
+use harness::sync_helpers::{
+    CHUNK, PROPAGATION, not_local_entry, read_all_bounded, tasks_in_d_state, wait_content,
+    wait_size, write_pattern,
+};
+use harness::tree::blake3_file;
+use harness::{Watchdog, poll_until};
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(600);
+/// mountd's `--read-deadline` in these tests.
+const DEADLINE: Duration = Duration::from_secs(2);
+/// Slack over the deadline for a failed read to come back (scheduling on
+/// a loaded 2-core machine).
+const SLACK: Duration = Duration::from_secs(3);
+
+fn opts(peer_timeout: Duration) -> PairOptions {
+    let mut o = PairOptions::new(LinkMode::Netns);
+    o.node.mountd_args = vec!["--read-deadline".into(), duration_arg(DEADLINE)];
+    o.peer_timeout = peer_timeout;
+    o
+}
+
+/// Files of `size` bytes above syncd's eager-fetch size stay remote until
+/// read.
+const REMOTE_SIZE: u64 = 8 << 20;
+
+fn errno_name(e: i32) -> String {
+    ipc_schema::error::errno_name(e).to_string()
+}
+
+#[test]
+fn with_the_link_cut_metadata_and_local_bytes_work_and_remote_reads_fail_with_eio() {
+    let _w = Watchdog::arm("cut", LIMIT);
+    let p = Pair::start(opts(Duration::from_secs(2)));
+    std::fs::create_dir(p.a.path("dir")).expect("mkdir");
+    std::fs::write(p.a.path("dir/small.txt"), b"small and eager\n").expect("write");
+    write_pattern(&p.a.path("dir/remote.bin"), 5, REMOTE_SIZE);
+    wait_size(&p.b.path("dir/remote.bin"), REMOTE_SIZE, PROPAGATION);
+    wait_content(
+        &p.b.path("dir/small.txt"),
+        b"small and eager\n",
+        PROPAGATION,
+    );
+
+    p.cut();
+    p.wait_disconnected(Side::B, Duration::from_secs(30));
+    // Metadata: lookups, stat, listing, all from b's store.
+    let names: Vec<String> = std::fs::read_dir(p.b.path("dir"))
+        .expect("list dir on b")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(
+        std::fs::metadata(p.b.path("dir/remote.bin"))
+            .expect("stat")
+            .len(),
+        REMOTE_SIZE
+    );
+    // Local bytes.
+    assert_eq!(
+        std::fs::read(p.b.path("dir/small.txt")).expect("read a local file"),
+        b"small and eager\n"
+    );
+    // Bytes only a has: EIO, at once.
+    let (r, took) = read_all_bounded(&p.b.path("dir/remote.bin"), DEADLINE * 10);
+    match r {
+        Ok(Err(e)) => assert_eq!(
+            e,
+            libc::EIO,
+            "expected EIO with no peer connected, got {}",
+            errno_name(e)
+        ),
+        Ok(Ok(n)) => panic!("read {n} bytes that only the unreachable peer has"),
+        Err(t) => panic!("the read hung for {t:?}"),
+    }
+    assert!(took <= DEADLINE + SLACK, "EIO took {took:?}");
+    // Local writes go on, and reach a once the link is back.
+    std::fs::write(p.b.path("dir/from-b.txt"), b"written while cut\n").expect("write on b");
+    p.restore();
+    p.wait_connected(Duration::from_secs(30));
+    wait_content(
+        &p.a.path("dir/from-b.txt"),
+        b"written while cut\n",
+        PROPAGATION,
+    );
+    // And the remote file reads on b again.
+    let want = blake3_file(&p.a.path("dir/remote.bin")).expect("hash on a");
+    harness::sync_helpers::wait_hash(&p.b.path("dir/remote.bin"), &want, PROPAGATION);
+}
+
+/// With the peer unresponsive but still connected, a read of remote bytes
+/// fails with ETIMEDOUT at the deadline; after `unblock` it succeeds.
+fn unresponsive_peer_read_times_out(
+    name: &str,
+    block: impl FnOnce(&Pair),
+    unblock: impl FnOnce(&Pair),
+) {
+    let _w = Watchdog::arm(name, LIMIT);
+    // A long keepalive bound, so the connection outlives the read.
+    let p = Pair::start(opts(Duration::from_secs(30)));
+    let want = write_pattern(&p.a.path("remote.bin"), 9, REMOTE_SIZE);
+    wait_size(&p.b.path("remote.bin"), REMOTE_SIZE, PROPAGATION);
+    block(&p);
+    assert!(p.connected(Side::B), "b still counts a as connected");
+    let (r, took) = read_all_bounded(&p.b.path("remote.bin"), DEADLINE * 10);
+    match r {
+        Ok(Err(e)) => assert_eq!(
+            e,
+            libc::ETIMEDOUT,
+            "expected ETIMEDOUT from a connected but silent peer, got {}",
+            errno_name(e)
+        ),
+        Ok(Ok(n)) => panic!("read {n} bytes from a peer that cannot answer"),
+        Err(t) => panic!("the read hung for {t:?}"),
+    }
+    assert!(
+        took >= DEADLINE.mul_f64(0.9) && took <= DEADLINE + SLACK,
+        "ETIMEDOUT after {took:?}, the deadline is {DEADLINE:?}"
+    );
+    unblock(&p);
+    harness::sync_helpers::wait_hash(&p.b.path("remote.bin"), &want, PROPAGATION);
+}
+
+#[test]
+fn a_stalled_peer_makes_remote_reads_time_out_then_work_again() {
+    unresponsive_peer_read_times_out("stall", |p| p.stall(Side::A), |p| p.unstall(Side::A));
+}
+
+#[test]
+fn a_frozen_peer_makes_remote_reads_time_out_then_work_again() {
+    unresponsive_peer_read_times_out(
+        "sigstop",
+        |p| p.stop_syncd(Side::A),
+        |p| p.cont_syncd(Side::A),
+    );
+}
+
+#[test]
+fn a_peer_killed_during_a_large_read_fails_the_read_in_time_and_resumes_without_refetching() {
+    let _w = Watchdog::arm("kill_mid_read", LIMIT);
+    let mut p = Pair::start(opts(Duration::from_secs(2)));
+    const SIZE: u64 = 64 << 20;
+    let want = write_pattern(&p.a.path("large.bin"), 21, SIZE);
+    wait_size(&p.b.path("large.bin"), SIZE, PROPAGATION);
+    // About 5 MB/s: the read takes over ten seconds.
+    p.slow("40mbit");
+    let reader = {
+        let path = p.b.path("large.bin");
+        std::thread::spawn(move || read_all_bounded(&path, Duration::from_secs(300)))
+    };
+    let got = poll_until(
+        "b to receive part of large.bin",
+        Duration::from_secs(120),
+        || {
+            let n = p.bytes_received(Side::B);
+            (n >= 4 << 20).then_some(n)
+        },
+    );
+    assert!(
+        got < SIZE && !reader.is_finished(),
+        "the whole file arrived before the kill"
+    );
+    p.kill_syncd(Side::A);
+    let killed = Instant::now();
+    let (r, _) = reader.join().expect("the reader thread");
+    let took = killed.elapsed();
+    match r {
+        Ok(Err(e)) => assert!(
+            e == libc::EIO || e == libc::ETIMEDOUT,
+            "expected EIO or ETIMEDOUT, got {}",
+            errno_name(e)
+        ),
+        Ok(Ok(n)) => panic!("read {n} bytes although a was killed mid-read"),
+        Err(t) => panic!("the read hung for {t:?} after a was killed"),
+    }
+    assert!(
+        took <= DEADLINE + SLACK,
+        "the read failed {took:?} after the kill, the deadline is {DEADLINE:?}"
+    );
+    for pid in [p.b.mountd_pid(), p.b.syncd_pid(), Some(std::process::id())]
+        .into_iter()
+        .flatten()
+    {
+        let d = tasks_in_d_state(pid);
+        assert!(d.is_empty(), "tasks of pid {pid} in D state: {d:?}");
+    }
+
+    // Restart a: the rest of the file arrives, what b verified does not
+    // come again.
+    p.unslow();
+    let kept = not_local_entry(&p.b.ctl().not_local(), "large.bin")
+        .and_then(|e| e["present_bytes"].as_u64())
+        .expect("large.bin is still partial on b");
+    assert!(kept >= CHUNK, "b kept the verified chunks ({kept} bytes)");
+    p.restart_syncd(Side::A);
+    p.wait_connected(Duration::from_secs(30));
+    let (r, _) = read_all_bounded(&p.b.path("large.bin"), Duration::from_secs(300));
+    assert_eq!(r, Ok(Ok(SIZE)), "the read works once a is back");
+    assert_eq!(blake3_file(&p.b.path("large.bin")).expect("hash"), want);
+    let received = p.bytes_received(Side::B);
+    assert!(
+        received <= SIZE - kept + (2 << 20),
+        "b received {received} bytes on the new connection; {kept} of {SIZE} were already \
+         verified, so at most {} should have come",
+        SIZE - kept
+    );
+}
