@@ -267,6 +267,38 @@ mod tests {
     }
 
     #[test]
+    fn what_a_peer_changed_is_opened_plain_when_read_only() {
+        use crate::passthrough::{Mode, OpenKind};
+        use ipc_schema::ContentId;
+        let cache = Arc::new(AttrCache::new(64));
+        let (k, _q) = kernel_inval::channel();
+        let pt = Arc::new(Passthrough::new(true));
+        pt.set_granted(true);
+        let inv = Invalidator::new(cache, Arc::new(AtomicU64::new(0)), k, pt.clone());
+        let open = OpenKind {
+            content: ContentId {
+                dev: 1,
+                ino: 1,
+                uid: 1,
+            },
+            partial: false,
+            writable: false,
+        };
+        inv.apply(&[
+            Inval::Inode { ino: Ino(8) },
+            Inval::Entry {
+                parent: Ino(1),
+                name: Name(b"new".to_vec()),
+            },
+        ]);
+        let r = pt.mode_for(8, open, || panic!("must not register"));
+        assert!(matches!(r, Ok(Mode::Plain)));
+        pt.entry_seen(1, b"new", 9);
+        let r = pt.mode_for(9, open, || panic!("must not register"));
+        assert!(matches!(r, Ok(Mode::Plain)));
+    }
+
+    #[test]
     fn an_empty_batch_changes_nothing() {
         let (inv, cache, changes, q) = setup();
         cache.put_attr(cache.ticket(), &attr(2));
