@@ -442,6 +442,11 @@ fn a_remote_file_arrives_partial_fills_verified_and_serves_its_chunks() {
     assert_eq!(s.read_chunk(&gid, 0, &rec.chunks[0]).expect("read"), None);
     assert_eq!(fill_chunk(&s, ino, &content, 1), vec![0b10]);
     assert_eq!(
+        s.getattr(ino).expect("getattr").mtime,
+        rec.mtime,
+        "a fill leaves the version's mtime"
+    );
+    assert_eq!(
         s.read_chunk(&gid, 1, &rec.chunks[1])
             .expect("read")
             .as_deref(),

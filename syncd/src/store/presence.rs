@@ -110,12 +110,14 @@ impl Store {
     /// (empty: the file is complete and the record is gone).
     pub fn mark_present(&self, ino: Ino, generation: u64, index: u64) -> Result<Vec<u64>, FsError> {
         let stale = std::cell::Cell::new(false);
+        let set = std::cell::Cell::new(false);
         let after = self.update_presence(ino, |p| {
             if p.generation != generation || index >= p.chunks.len() as u64 {
                 stale.set(true);
                 return false;
             }
             set_bit(&mut p.present, index);
+            set.set(true);
             true
         })?;
         if stale.get() {
@@ -124,7 +126,47 @@ impl Store {
                 "chunk {index} of {ino} generation {generation}: the file has another version now"
             ));
         }
+        if set.get() {
+            self.restore_mtime(ino, generation)?;
+        }
         Ok(after.map(|p| p.present).unwrap_or_default())
+    }
+
+    /// Put the version's mtime back on generation `generation` of `ino`
+    /// after fetched bytes were written into it, unless the file is being
+    /// changed here (open for writing, or dirty: its mtime is local then).
+    fn restore_mtime(&self, ino: Ino, generation: u64) -> Result<(), FsError> {
+        if self.lock_opens().has_writer(ino)
+            || self
+                .idx
+                .dirty
+                .contains_key(ino_key(ino.0))
+                .map_err(|e| store_err("reading dirty", e))?
+        {
+            return Ok(());
+        }
+        // The recorded version's mtime (a local version's, once the file
+        // was changed here and versioned).
+        let mtime = match self.object(&self.gid_of(ino)?)? {
+            Some(o) if !o.deleted => o.mtime,
+            _ => return Ok(()),
+        };
+        let cs = self
+            .content
+            .stat(ino.0, generation)
+            .map_err(|e| content_err(format!("stat of {ino}"), &e))?;
+        if cs.mtime != mtime {
+            self.content
+                .update(
+                    ino.0,
+                    generation,
+                    None,
+                    None,
+                    Some(ipc_schema::TimeSet::At(mtime)),
+                )
+                .map_err(|e| content_err(format!("setting the mtime of {ino}"), &e))?;
+        }
+        Ok(())
     }
 
     /// A truncate of `ino` (generation `generation`) to `size`: chunks

@@ -241,7 +241,7 @@ fn fate_of(peer: &str, rec: &ObjRec, e: ApplyError) -> Fate {
     match e {
         ApplyError::MissingParent(gid) => Fate::Deferred(Wait::MissingParent(gid)),
         ApplyError::Collision { at, existing } => Fate::Deferred(Wait::Collision { at, existing }),
-        // BUSY-ARM
+        ApplyError::Busy => Fate::Deferred(Wait::Busy),
         ApplyError::Invalid(reason) => {
             tracing::warn!(peer, gid = ?rec.gid, %reason, "refused a record from the peer");
             Fate::Skipped

@@ -93,8 +93,8 @@ impl ChunkStore for Store {
 
     fn generation(&self, ino: Ino) -> Result<u64, FsError> {
         crate::fault::store_gate();
-        match self.local_object(ino)?.now {
-            Some(now) => Ok(now.generation),
+        match self.read_inode(ino.0)? {
+            Some(rec) => Ok(rec.generation),
             None => Err(fs_err!(ENOENT, "{ino} is gone")),
         }
     }
@@ -248,12 +248,6 @@ pub fn bit(bitmap: &[u64], index: u64) -> bool {
         .is_some_and(|w| w & (1 << (index % 64)) != 0)
 }
 
-/// The presence `limit` of a record: chunks entirely at or beyond it count
-/// present.
-fn limit_of(rec: &PresenceRec) -> u64 {
-    rec.size
-}
-
 /// A bitmap with every chunk of `[0, upto)` set (a complete file).
 fn all_present(upto: u64) -> Vec<u64> {
     vec![u64::MAX; chunk_count(upto).div_ceil(64) as usize]
@@ -315,7 +309,7 @@ impl Fetcher {
             Some(rec) => rec,
             None => return Ok(all_present(offset.saturating_add(len))),
         };
-        let limit = limit_of(&rec);
+        let limit = rec.limit;
         let end = offset.saturating_add(len).min(limit);
         let wanted = self.missing(&rec, offset, end);
         let ahead = if demanded {
@@ -387,7 +381,7 @@ impl Fetcher {
                     return;
                 }
             };
-            let limit = limit_of(&rec);
+            let limit = rec.limit;
             for index in this.missing(&rec, 0, limit) {
                 this.start(this.spec(ino, &rec, index), false);
             }
@@ -610,7 +604,7 @@ impl Fetcher {
                     key.index
                 ));
             }
-            if bit(&rec.present, key.index) {
+            if rec.has(key.index) {
                 return Ok(());
             }
             let (start, _) = chunk_range(key.index, rec.size);
@@ -622,7 +616,7 @@ impl Fetcher {
                 .metadata()
                 .map_err(|e| fs_err!(EIO, "{}: stat before writing a chunk: {e}", key.ino))?
                 .len();
-            let upto = (start + bytes.len() as u64).min(limit_of(&rec)).min(len);
+            let upto = (start + bytes.len() as u64).min(rec.limit).min(len);
             if upto > start {
                 file.write_all_at(&bytes[..(upto - start) as usize], start)
                     .map_err(|e| {

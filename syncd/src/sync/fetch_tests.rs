@@ -59,6 +59,7 @@ impl MemStore {
                 size,
                 chunks: hashes(&bytes),
                 present: vec![0; chunk_count(size).div_ceil(64) as usize],
+                limit: size,
             },
         );
         Arc::new(store)
@@ -117,7 +118,7 @@ impl ChunkStore for MemStore {
             return Err(fs_err!(ESTALE, "another version"));
         }
         rec.present[(index / 64) as usize] |= 1 << (index % 64);
-        if (0..chunk_count(rec.size)).all(|i| bit(&rec.present, i)) {
+        if rec.complete() {
             recs.remove(&ino);
             return Ok(Vec::new());
         }
@@ -507,6 +508,36 @@ async fn a_replaced_version_is_eio() {
     assert_eq!(err.errno, libc::EIO);
     assert!(err.message.contains("replaced"), "{err}");
     assert!(asked(&f.servers[0]).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_part_below_the_limit_is_written_and_chunks_beyond_it_are_not_fetched() {
+    let f = fixture(SIZE, &[Serves::Good], true, cfg(8, 0));
+    // Truncated to the middle of chunk 1 since the version arrived.
+    let limit = CHUNK_SIZE + 100;
+    {
+        let mut recs = f.store.recs.lock().expect("lock");
+        recs.get_mut(&INO).expect("partial").limit = limit;
+    }
+    File::options()
+        .write(true)
+        .open(f.store.path(INO, GENERATION))
+        .expect("open")
+        .set_len(limit)
+        .expect("truncate");
+    let bitmap = f
+        .fetcher
+        .ensure(INO, GENERATION, 0, SIZE, far(), true)
+        .await
+        .expect("fetched");
+    assert!(bit(&bitmap, 0) && bit(&bitmap, 1), "{bitmap:?}");
+    let mut asked_for = asked(&f.servers[0]);
+    asked_for.sort();
+    assert_eq!(asked_for, vec![0, 1], "chunks 2 and 3 count as present");
+    let got = f.store.bytes();
+    assert_eq!(got.len() as u64, limit, "nothing written past the limit");
+    assert!(got[..] == content(SIZE)[..limit as usize]);
+    assert!(f.store.rec().is_none(), "complete");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

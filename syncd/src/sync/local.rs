@@ -65,7 +65,7 @@ enum Step {
 
 /// Run the versioner until the runtime stops.
 pub async fn run(engine: Arc<SyncEngine>) {
-    let wake = dirty_wake(&engine);
+    let wake = engine.store.dirty_notify();
     // Inodes that failed, with when to try again and the next backoff.
     let mut later: HashMap<Ino, (Instant, Duration)> = HashMap::new();
     loop {
@@ -83,12 +83,6 @@ pub async fn run(engine: Arc<SyncEngine>) {
             .min(IDLE_POLL);
         let _ = tokio::time::timeout(wait, notified).await;
     }
-}
-
-/// What wakes the versioner when an inode is marked dirty.
-fn dirty_wake(_engine: &SyncEngine) -> Arc<tokio::sync::Notify> {
-    // Until the store signals its marks, the idle poll finds them.
-    Arc::new(tokio::sync::Notify::new())
 }
 
 /// One round: version what is dirty and due. Answers whether it
@@ -298,7 +292,7 @@ fn file_chunks(
     if let Some(p) = &now.presence
         && p.generation == now.generation
     {
-        let limit = p.size.min(now.size);
+        let limit = p.limit.min(now.size);
         for i in 0..count {
             let (start, end) = chunk_range(i, now.size);
             let here = bit(&p.present, i) || start >= limit;
@@ -320,7 +314,7 @@ fn file_chunks(
         if let Some(p) = &now.presence
             && p.generation == now.generation
             && !bit(&p.present, i)
-            && end <= p.size.min(now.size)
+            && end <= p.limit.min(now.size)
             && let Some(h) = p.chunks.get(i as usize)
         {
             out.push(*h);

@@ -20,6 +20,8 @@
 
 pub mod apply;
 pub mod engine;
+#[cfg(test)]
+mod engine_tests;
 pub mod index;
 pub mod local;
 pub mod merge;

@@ -1,0 +1,448 @@
+//! Tests of the engine without a network: two real stores on temporary
+//! directories, each with its engine, joined by two peer connections over
+//! the in-memory frame pair of `peer::conn` (the real multiplexer, the
+//! real index streams and sessions). The data path copies chunks straight
+//! from the other store (verified by `read_chunk`), so that file bytes
+//! arrive too.
+
+use super::engine::{DataPath, SyncEngine};
+use super::model::{ChunkHash, DeviceId, Gid, ObjRec, chunk_range};
+use crate::opens::ConnId;
+use crate::peer::conn::{self, ConnConfig, PeerConn, PeerLabel, memory};
+use crate::peer::msg::RemoteError;
+use crate::peer::requests::ChunkSink;
+use crate::store::Store;
+use futures::future::BoxFuture;
+use ipc_schema::{Caller, FileKind, FsError, Ino, Inval, Name, RenameFlags};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+const ME: Caller = Caller {
+    uid: 1000,
+    gid: 1000,
+    pid: 1,
+};
+const CONN: ConnId = ConnId(1);
+
+/// A data path that fills chunks from another store.
+struct CopyFrom {
+    other: OnceLock<Arc<Store>>,
+    me: OnceLock<Arc<Store>>,
+    invals: Mutex<Vec<Inval>>,
+}
+
+impl CopyFrom {
+    fn fill(&self, ino: Ino) {
+        let (Some(me), Some(other)) = (self.me.get(), self.other.get()) else {
+            return;
+        };
+        let Ok(Some(p)) = me.presence(ino) else {
+            return;
+        };
+        let Ok(f) = me.open_for_fill(ino, p.generation) else {
+            return;
+        };
+        for (i, hash) in p.chunks.iter().enumerate() {
+            let i = i as u64;
+            if let Ok(Some(bytes)) = other.read_chunk(&p.gid, i, hash) {
+                let (start, _) = chunk_range(i, p.size);
+                if f.write_all_at(&bytes, start).is_ok() {
+                    let _ = me.mark_present(ino, p.generation, i);
+                }
+            }
+        }
+    }
+}
+
+impl DataPath for CopyFrom {
+    fn prefetch(&self, ino: Ino) {
+        self.fill(ino);
+    }
+    fn push_invals(&self, invals: Vec<Inval>) {
+        self.invals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(invals);
+    }
+    fn eager_fetch_max(&self) -> u64 {
+        u64::MAX
+    }
+    fn ensure(
+        &self,
+        ino: Ino,
+        _: u64,
+        _: u64,
+        _: u64,
+        _: Duration,
+    ) -> BoxFuture<'static, Result<(), FsError>> {
+        self.fill(ino);
+        Box::pin(async { Ok(()) })
+    }
+    fn serve_chunk(
+        &self,
+        _: Gid,
+        _: u64,
+        _: ChunkHash,
+        _: ChunkSink,
+    ) -> BoxFuture<'static, Result<(), RemoteError>> {
+        Box::pin(async {
+            Err(RemoteError::new(
+                crate::peer::msg::RemoteErrorKind::NotFound,
+                "not used",
+            ))
+        })
+    }
+}
+
+struct Node {
+    _dir: tempfile::TempDir,
+    store: Arc<Store>,
+    engine: Arc<SyncEngine>,
+    data: Arc<CopyFrom>,
+    name: &'static str,
+}
+
+fn node(name: &'static str, device: u8) -> Node {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(Store::load(dir.path(), (4321, 8765)).expect("store"));
+    store.connect(CONN);
+    let engine = SyncEngine::start(store.clone(), DeviceId([device; 8])).expect("engine");
+    let data = Arc::new(CopyFrom {
+        other: OnceLock::new(),
+        me: OnceLock::new(),
+        invals: Mutex::new(Vec::new()),
+    });
+    let _ = data.me.set(store.clone());
+    engine.set_data_path(data.clone());
+    Node {
+        _dir: dir,
+        store,
+        engine,
+        data,
+        name,
+    }
+}
+
+/// Two nodes that know of each other's stores (for the chunk copies).
+fn pair() -> (Node, Node) {
+    let a = node("a", 1);
+    let b = node("b", 2);
+    let _ = a.data.other.set(b.store.clone());
+    let _ = b.data.other.set(a.store.clone());
+    (a, b)
+}
+
+/// Join `a` and `b` by a connection (each side's handler and session,
+/// as the peer manager does).
+fn connect(a: &Node, b: &Node) -> (PeerConn, PeerConn) {
+    let ((a_tx, a_rx), (b_tx, b_rx)) = memory::pair(64);
+    let label = |n: &str| PeerLabel {
+        fingerprint: format!("FP-{n}"),
+        name: Some(n.to_owned()),
+    };
+    let handler_a = a.engine.handler();
+    let handler_b = b.engine.handler();
+    let ca = conn::spawn(
+        a_tx,
+        a_rx,
+        label(b.name),
+        handler_a.clone(),
+        ConnConfig::default(),
+    );
+    let cb = conn::spawn(
+        b_tx,
+        b_rx,
+        label(a.name),
+        handler_b.clone(),
+        ConnConfig::default(),
+    );
+    handler_a.connected(ca.clone());
+    handler_b.connected(cb.clone());
+    (ca, cb)
+}
+
+fn n(s: &str) -> Name {
+    Name::from(s)
+}
+
+fn write_file(s: &Store, parent: Ino, name: &str, bytes: &[u8]) -> Ino {
+    let f = s
+        .create(
+            parent,
+            &n(name),
+            0o644,
+            libc::O_RDWR | libc::O_CREAT,
+            ME,
+            CONN,
+        )
+        .expect("create");
+    std::fs::File::from(f.fd).write_all(bytes).expect("write");
+    s.release(f.opened.handle).expect("release");
+    f.opened.attr.ino
+}
+
+fn overwrite(s: &Store, ino: Ino, bytes: &[u8]) {
+    let f = s
+        .open(ino, libc::O_RDWR | libc::O_TRUNC, CONN)
+        .expect("open");
+    std::fs::File::from(f.fd).write_all(bytes).expect("write");
+    s.release(f.opened.handle).expect("release");
+}
+
+fn read(s: &Store, ino: Ino) -> Vec<u8> {
+    let f = s.open(ino, libc::O_RDONLY, CONN).expect("open");
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut std::fs::File::from(f.fd), &mut out).expect("read");
+    s.release(f.opened.handle).expect("release");
+    out
+}
+
+/// Every name in the tree under `dir`, with kind and (for files) bytes.
+fn tree(s: &Store, dir: Ino, prefix: &str, out: &mut BTreeMap<String, (FileKind, Vec<u8>)>) {
+    let entries = s
+        .readdir(dir, ipc_schema::DirCookie(0), 10_000, false)
+        .expect("readdir");
+    for e in entries {
+        let name = String::from_utf8_lossy(&e.name.0).into_owned();
+        if name == "." || name == ".." {
+            continue;
+        }
+        let path = format!("{prefix}/{name}");
+        let attr = s.lookup(dir, &e.name).expect("lookup");
+        let content = match attr.kind {
+            FileKind::File => read(s, attr.ino),
+            FileKind::Symlink => s.readlink(attr.ino).expect("readlink"),
+            _ => Vec::new(),
+        };
+        out.insert(path.clone(), (attr.kind, content));
+        if attr.kind == FileKind::Directory {
+            tree(s, attr.ino, &path, out);
+        }
+    }
+}
+
+fn tree_of(s: &Store) -> BTreeMap<String, (FileKind, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    tree(s, Ino::ROOT, "", &mut out);
+    out
+}
+
+/// Every record of the index, by gid.
+fn records(s: &Store) -> BTreeMap<Gid, ObjRec> {
+    s.changes_since(0, usize::MAX)
+        .expect("changes")
+        .into_iter()
+        .map(|(_, r)| (r.gid, r))
+        .collect()
+}
+
+/// Poll `check` until it holds (10 s at most).
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Both trees and both indexes equal, and nothing left to version.
+async fn converged(a: &Node, b: &Node) {
+    until("the two nodes converge", || {
+        a.store.dirty_count() == 0
+            && b.store.dirty_count() == 0
+            && records(&a.store) == records(&b.store)
+            && tree_of(&a.store) == tree_of(&b.store)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_edits_renames_and_deletes_cross_both_ways() {
+    let (a, b) = pair();
+    let _link = connect(&a, &b);
+    // On a: a directory with a file, a symlink.
+    let d = a
+        .store
+        .mkdir(Ino::ROOT, &n("docs"), 0o755, ME)
+        .expect("mkdir")
+        .ino;
+    let f = write_file(&a.store, d, "note.txt", b"hello from a");
+    a.store
+        .symlink(Ino::ROOT, &n("link"), b"docs/note.txt", ME)
+        .expect("symlink");
+    converged(&a, &b).await;
+    let on_b = tree_of(&b.store);
+    assert_eq!(
+        on_b.get("/docs/note.txt"),
+        Some(&(FileKind::File, b"hello from a".to_vec()))
+    );
+    assert_eq!(
+        on_b.get("/link"),
+        Some(&(FileKind::Symlink, b"docs/note.txt".to_vec()))
+    );
+    // mountd is told what changed on b.
+    assert!(
+        !b.data.invals.lock().expect("lock").is_empty(),
+        "invalidations for mountd"
+    );
+    // On b: an edit and a rename of a's file; a new file.
+    let fb = b
+        .store
+        .lookup(
+            b.store.lookup(Ino::ROOT, &n("docs")).expect("d").ino,
+            &n("note.txt"),
+        )
+        .expect("f")
+        .ino;
+    overwrite(&b.store, fb, b"edited on b, longer than before");
+    let db = b.store.lookup(Ino::ROOT, &n("docs")).expect("docs").ino;
+    b.store
+        .rename(
+            db,
+            &n("note.txt"),
+            Ino::ROOT,
+            &n("moved.txt"),
+            RenameFlags::default(),
+        )
+        .expect("rename");
+    write_file(&b.store, db, "from-b", b"b's bytes");
+    converged(&a, &b).await;
+    let on_a = tree_of(&a.store);
+    assert_eq!(
+        on_a.get("/moved.txt"),
+        Some(&(FileKind::File, b"edited on b, longer than before".to_vec()))
+    );
+    assert_eq!(on_a.get("/docs/note.txt"), None);
+    assert_eq!(
+        on_a.get("/docs/from-b"),
+        Some(&(FileKind::File, b"b's bytes".to_vec()))
+    );
+    // The same inode on a: a rename is a rename, not a delete and create.
+    assert_eq!(
+        a.store
+            .lookup(Ino::ROOT, &n("moved.txt"))
+            .expect("moved")
+            .ino,
+        f
+    );
+    // Deletes, of a file and a whole directory, from a.
+    a.store.unlink(Ino::ROOT, &n("moved.txt")).expect("unlink");
+    a.store.unlink(d, &n("from-b")).expect("unlink");
+    a.store.rmdir(Ino::ROOT, &n("docs")).expect("rmdir");
+    converged(&a, &b).await;
+    let on_b = tree_of(&b.store);
+    assert_eq!(on_b.keys().collect::<Vec<_>>(), ["/link"]);
+    // Nothing is deferred and both peers are in sync.
+    let status = super::status::sync_status(&b.engine, Vec::new()).expect("status");
+    assert_eq!(status.conflicts, 0);
+    assert_eq!(b.engine.book.get("FP-a").expect("a").deferred, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_edits_while_apart_end_with_one_conflict_copy_on_both() {
+    let (a, b) = pair();
+    {
+        let _link = connect(&a, &b);
+        write_file(&a.store, Ino::ROOT, "shared.txt", b"base");
+        converged(&a, &b).await;
+    }
+    // The link is gone (both handles dropped); both edit the file.
+    let fa = a.store.lookup(Ino::ROOT, &n("shared.txt")).expect("a").ino;
+    let fb = b.store.lookup(Ino::ROOT, &n("shared.txt")).expect("b").ino;
+    until("the sessions end", || {
+        a.engine.book.get("FP-b").is_some_and(|p| !p.connected)
+            && b.engine.book.get("FP-a").is_some_and(|p| !p.connected)
+    })
+    .await;
+    overwrite(&a.store, fa, b"edit made on a");
+    overwrite(&b.store, fb, b"edit made on b!");
+    until("both edits versioned", || {
+        a.store.dirty_count() == 0 && b.store.dirty_count() == 0
+    })
+    .await;
+    let _link = connect(&a, &b);
+    converged(&a, &b).await;
+    let t = tree_of(&a.store);
+    assert_eq!(t.len(), 2, "the file and one conflict copy: {t:?}");
+    let contents: Vec<&Vec<u8>> = t.values().map(|(_, c)| c).collect();
+    assert!(contents.contains(&&b"edit made on a".to_vec()), "{t:?}");
+    assert!(contents.contains(&&b"edit made on b!".to_vec()), "{t:?}");
+    let copy = t
+        .keys()
+        .find(|k| k.contains(".sync-conflict-"))
+        .expect("a conflict copy");
+    assert!(
+        copy.starts_with("/shared.sync-conflict-") && copy.ends_with(".txt"),
+        "{copy}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_against_delete_keeps_the_edit_and_a_deleted_directory_keeps_new_files() {
+    let (a, b) = pair();
+    {
+        let _link = connect(&a, &b);
+        let d = a
+            .store
+            .mkdir(Ino::ROOT, &n("dir"), 0o755, ME)
+            .expect("mkdir")
+            .ino;
+        write_file(&a.store, d, "old", b"old file");
+        write_file(&a.store, Ino::ROOT, "kept.txt", b"v1");
+        converged(&a, &b).await;
+    }
+    until("the sessions end", || {
+        a.engine.book.get("FP-b").is_some_and(|p| !p.connected)
+            && b.engine.book.get("FP-a").is_some_and(|p| !p.connected)
+    })
+    .await;
+    // a deletes the directory (and its file) and edits kept.txt ...
+    let da = a.store.lookup(Ino::ROOT, &n("dir")).expect("dir").ino;
+    a.store.unlink(da, &n("old")).expect("unlink");
+    a.store.rmdir(Ino::ROOT, &n("dir")).expect("rmdir");
+    let ka = a.store.lookup(Ino::ROOT, &n("kept.txt")).expect("kept").ino;
+    overwrite(&a.store, ka, b"v2 edited on a");
+    // ... while b creates a file in the directory and deletes kept.txt.
+    let db = b.store.lookup(Ino::ROOT, &n("dir")).expect("dir").ino;
+    write_file(&b.store, db, "new", b"made on b");
+    b.store.unlink(Ino::ROOT, &n("kept.txt")).expect("unlink");
+    until("all versioned", || {
+        a.store.dirty_count() == 0 && b.store.dirty_count() == 0
+    })
+    .await;
+    let _link = connect(&a, &b);
+    converged(&a, &b).await;
+    let t = tree_of(&a.store);
+    assert_eq!(
+        t.get("/kept.txt"),
+        Some(&(FileKind::File, b"v2 edited on a".to_vec())),
+        "the edit wins over the delete: {t:?}"
+    );
+    assert_eq!(
+        t.get("/dir/new"),
+        Some(&(FileKind::File, b"made on b".to_vec())),
+        "the directory is kept with the new file: {t:?}"
+    );
+    assert_eq!(t.get("/dir/old"), None, "the delete of the old file stands");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_name_created_on_both_sides_is_a_conflict_not_a_merge() {
+    let (a, b) = pair();
+    write_file(&a.store, Ino::ROOT, "same", b"a's file");
+    write_file(&b.store, Ino::ROOT, "same", b"b's file");
+    until("both versioned", || {
+        a.store.dirty_count() == 0 && b.store.dirty_count() == 0
+    })
+    .await;
+    let _link = connect(&a, &b);
+    converged(&a, &b).await;
+    let t = tree_of(&a.store);
+    assert_eq!(t.len(), 2, "{t:?}");
+    assert!(t.contains_key("/same"), "{t:?}");
+    let contents: Vec<&Vec<u8>> = t.values().map(|(_, c)| c).collect();
+    assert!(contents.contains(&&b"a's file".to_vec()) && contents.contains(&&b"b's file".to_vec()));
+}
