@@ -345,11 +345,12 @@ async fn creates_edits_renames_and_deletes_cross_both_ways() {
 async fn concurrent_edits_while_apart_end_with_one_conflict_copy_on_both() {
     let (a, b) = pair();
     {
-        let _link = connect(&a, &b);
+        let (ca, _) = connect(&a, &b);
         write_file(&a.store, Ino::ROOT, "shared.txt", b"base");
         converged(&a, &b).await;
+        ca.close("cut");
     }
-    // The link is gone (both handles dropped); both edit the file.
+    // The link is gone; both edit the file.
     let fa = a.store.lookup(Ino::ROOT, &n("shared.txt")).expect("a").ino;
     let fb = b.store.lookup(Ino::ROOT, &n("shared.txt")).expect("b").ino;
     until("the sessions end", || {
@@ -384,7 +385,7 @@ async fn concurrent_edits_while_apart_end_with_one_conflict_copy_on_both() {
 async fn edit_against_delete_keeps_the_edit_and_a_deleted_directory_keeps_new_files() {
     let (a, b) = pair();
     {
-        let _link = connect(&a, &b);
+        let (ca, _) = connect(&a, &b);
         let d = a
             .store
             .mkdir(Ino::ROOT, &n("dir"), 0o755, ME)
@@ -393,6 +394,7 @@ async fn edit_against_delete_keeps_the_edit_and_a_deleted_directory_keeps_new_fi
         write_file(&a.store, d, "old", b"old file");
         write_file(&a.store, Ino::ROOT, "kept.txt", b"v1");
         converged(&a, &b).await;
+        ca.close("cut");
     }
     until("the sessions end", || {
         a.engine.book.get("FP-b").is_some_and(|p| !p.connected)

@@ -57,6 +57,7 @@ impl MemStore {
                 gid: gid(),
                 generation: GENERATION,
                 size,
+                limit: size,
                 chunks: hashes(&bytes),
                 present: vec![0; chunk_count(size).div_ceil(64) as usize],
                 limit: size,
