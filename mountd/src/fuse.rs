@@ -650,6 +650,7 @@ impl Filesystem for KeibiFs {
                     r.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
                 }
                 Mode::Plain => r.opened(FileHandle(fh), FopenFlags::empty()),
+                Mode::PlainDirect => r.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             });
         });
     }
@@ -961,6 +962,13 @@ impl Filesystem for KeibiFs {
                     Mode::Plain => {
                         r.created(&ttl, &a, Generation(0), FileHandle(fh), FopenFlags::empty())
                     }
+                    Mode::PlainDirect => r.created(
+                        &ttl,
+                        &a,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_DIRECT_IO,
+                    ),
                 }
             });
         });

@@ -51,6 +51,9 @@ pub struct Handle {
     pub backing: Option<Arc<BackingId>>,
     /// Opened with write access.
     pub writable: bool,
+    /// Answered plain through the page cache ([`crate::passthrough::Mode::Plain`]):
+    /// its release must be told to the passthrough registry.
+    pub cached_plain: bool,
     /// Set when the file's bytes are not all local: the chunks present
     /// ([`crate::ondemand`]).
     pub partial: Option<PartialState>,
@@ -196,6 +199,7 @@ mod tests {
             file,
             backing: None,
             partial: None,
+            cached_plain: false,
             writable: false,
         });
         let held = table.get(fh).expect("the handle just inserted");
@@ -224,6 +228,7 @@ mod tests {
                 file,
                 backing: None,
                 partial: None,
+                cached_plain: false,
                 writable: false,
             });
             assert!(seen.insert(fh), "file handle {fh} given twice");
@@ -243,6 +248,7 @@ mod tests {
             file: File::open(dir.path()).expect("open"),
             backing: None,
             partial: None,
+            cached_plain: false,
             writable: false,
         });
         table.end_opening(HandleId(8));
@@ -266,6 +272,7 @@ mod tests {
                 file: File::open(dir.path()).expect("open"),
                 backing: None,
                 partial: None,
+                cached_plain: false,
                 writable,
             })
         };

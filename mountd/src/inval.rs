@@ -18,6 +18,10 @@
 //!   so they are never written from a FUSE callback or under a lock a
 //!   callback takes; the queue never blocks this task.
 //!
+//! Each item also tells the passthrough registry what a peer changed, so
+//! that read-only opens of such files are not tied to one version's
+//! backing file ([`crate::passthrough`]).
+//!
 //! [`Inval::All`] (mountd asked for changes syncd no longer keeps, or
 //! syncd restarted: the epoch differs) drops all of mountd's caches and
 //! the kernel's attributes and pages of every inode it references; the
@@ -32,6 +36,7 @@
 
 use crate::attr_cache::AttrCache;
 use crate::kernel_inval::KernelInval;
+use crate::passthrough::Passthrough;
 use crate::sync_data::SyncData;
 use crate::syncd_client::CallError;
 use ipc_schema::{ChangeBatch, Inval};
@@ -54,15 +59,24 @@ pub struct Invalidator {
     /// [`crate::fs`]).
     changes: Arc<AtomicU64>,
     kernel: KernelInval,
+    /// Told which inodes and names a peer changed (it decides how they
+    /// are opened).
+    passthrough: Arc<Passthrough>,
 }
 
 impl Invalidator {
     /// Over these caches, notifying the kernel through `kernel`.
-    pub fn new(cache: Arc<AttrCache>, changes: Arc<AtomicU64>, kernel: KernelInval) -> Self {
+    pub fn new(
+        cache: Arc<AttrCache>,
+        changes: Arc<AtomicU64>,
+        kernel: KernelInval,
+        passthrough: Arc<Passthrough>,
+    ) -> Self {
         Invalidator {
             cache,
             changes,
             kernel,
+            passthrough,
         }
     }
 
@@ -81,10 +95,13 @@ impl Invalidator {
                     // Its mtime, size and link count changed too.
                     self.cache.invalidate(parent.0);
                     self.kernel.entry(parent.0, name.as_bytes());
+                    self.passthrough
+                        .peer_changed_entry(parent.0, name.as_bytes());
                 }
                 Inval::Inode { ino } => {
                     self.cache.invalidate(ino.0);
                     self.kernel.inode(ino.0);
+                    self.passthrough.peer_changed_inode(ino.0);
                 }
                 Inval::All => {
                     self.cache.clear();
@@ -193,7 +210,12 @@ mod tests {
         let changes = Arc::new(AtomicU64::new(0));
         let (k, q) = kernel_inval::channel();
         (
-            Invalidator::new(cache.clone(), changes.clone(), k),
+            Invalidator::new(
+                cache.clone(),
+                changes.clone(),
+                k,
+                Arc::new(Passthrough::new(true)),
+            ),
             cache,
             changes,
             q,
@@ -242,6 +264,38 @@ mod tests {
         assert_eq!(cache.len(), (0, 0));
         assert_eq!(changes.load(Ordering::SeqCst), 1);
         assert_eq!(q.drain(), vec![Note::Inode(3)]);
+    }
+
+    #[test]
+    fn what_a_peer_changed_is_opened_plain_when_read_only() {
+        use crate::passthrough::{Mode, OpenKind};
+        use ipc_schema::ContentId;
+        let cache = Arc::new(AttrCache::new(64));
+        let (k, _q) = kernel_inval::channel();
+        let pt = Arc::new(Passthrough::new(true));
+        pt.set_granted(true);
+        let inv = Invalidator::new(cache, Arc::new(AtomicU64::new(0)), k, pt.clone());
+        let open = OpenKind {
+            content: ContentId {
+                dev: 1,
+                ino: 1,
+                uid: 1,
+            },
+            partial: false,
+            writable: false,
+        };
+        inv.apply(&[
+            Inval::Inode { ino: Ino(8) },
+            Inval::Entry {
+                parent: Ino(1),
+                name: Name(b"new".to_vec()),
+            },
+        ]);
+        let r = pt.mode_for(8, open, || panic!("must not register"));
+        assert!(matches!(r, Ok(Mode::Plain)));
+        pt.entry_seen(1, b"new", 9);
+        let r = pt.mode_for(9, open, || panic!("must not register"));
+        assert!(matches!(r, Ok(Mode::Plain)));
     }
 
     #[test]

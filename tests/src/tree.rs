@@ -127,7 +127,11 @@ pub fn snapshot(root: &Path, hashes: bool) -> std::io::Result<Tree> {
             Kind::Symlink => {
                 e.target = Some(std::fs::read_link(&path)?.as_os_str().as_bytes().to_vec())
             }
-            Kind::File if hashes => e.hash = Some(blake3_file(&path)?),
+            Kind::File if hashes => {
+                e.hash = Some(blake3_file(&path).map_err(|err| {
+                    std::io::Error::new(err.kind(), format!("{}: {err}", path.display()))
+                })?)
+            }
             _ => {}
         }
         tree.insert(rel, e);

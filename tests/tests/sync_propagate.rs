@@ -69,10 +69,20 @@ fn every_change_kind(p: &Pair, src: Side, dst: Side) {
     assert_eq!(t[Path::new("f.txt")].size, 11);
     assert_eq!(t[Path::new("trunc.bin")].size, 100_000);
     assert_eq!(t[Path::new("exec.sh")].mode, 0o700);
-    harness::poll_until("f.txt's mtime on the other node", PROPAGATION, || {
+    let mut seen = None;
+    let ok = harness::wait::try_poll_until(PROPAGATION, || {
         let md = std::fs::metadata(d.path("f.txt")).ok()?;
+        seen = Some((md.mtime(), md.mtime_nsec()));
         (md.mtime() == when.0 && md.mtime_nsec() == when.1).then_some(())
     });
+    let src_md = std::fs::metadata(s.path("f.txt")).expect("stat f.txt where it was set");
+    assert!(
+        ok.is_some(),
+        "f.txt's mtime on {} stayed {seen:?}; set to {when:?} on {} (which shows {:?})",
+        d.name(),
+        s.name(),
+        (src_md.mtime(), src_md.mtime_nsec())
+    );
     // The hard link is one file there too.
     let (a, b) = (
         std::fs::metadata(d.path("f.txt")).expect("stat f.txt"),

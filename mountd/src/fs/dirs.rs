@@ -37,6 +37,7 @@ impl Keibi {
                 && e.name.as_bytes() != b".."
             {
                 self.cache.put_entry(ticket, dir, e.name.as_bytes(), a);
+                self.passthrough.entry_seen(dir, e.name.as_bytes(), a.ino.0);
             }
         }
         Ok(entries)

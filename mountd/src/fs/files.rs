@@ -69,6 +69,8 @@ impl Keibi {
         self.cache.changed(ticket, parent, None);
         self.cache
             .put_entry(ticket, parent, name.as_bytes(), &got.opened.attr);
+        self.passthrough
+            .entry_seen(parent, name.as_bytes(), got.opened.attr.ino.0);
         Ok(got)
     }
 
@@ -168,8 +170,9 @@ impl Keibi {
         };
         let backing = match &mode {
             Mode::Passthrough(id) => Some(id.clone()),
-            Mode::Plain => None,
+            Mode::Plain | Mode::PlainDirect => None,
         };
+        let cached_plain = matches!(mode, Mode::Plain);
         let writable = got.writable;
         let fh = self.handles.insert(Handle {
             ino,
@@ -178,6 +181,7 @@ impl Keibi {
             backing,
             writable,
             partial,
+            cached_plain,
         });
         if writable && let Some(inval) = &self.attr_inval {
             // From now on attributes go out with TTL 0; drop what the
@@ -198,7 +202,7 @@ impl Keibi {
     /// `release`: drop the table's reference and tell syncd.
     pub fn release(&self, fh: u64) {
         if let Some(h) = self.handles.remove(fh) {
-            if h.backing.is_none() {
+            if h.cached_plain {
                 self.passthrough.plain_released(h.ino);
             }
             if h.writable {
@@ -648,7 +652,7 @@ mod tests {
                 uid: 3,
             },
             partial: false,
-            writable: false,
+            writable: true,
         };
         let r = passthrough.mode_for(5, open, || panic!("a plain handle is live"));
         assert!(matches!(r, Ok(Mode::Plain)));
@@ -659,6 +663,9 @@ mod tests {
             asked = true;
             Err(io::Error::from_raw_os_error(libc::EBADF))
         });
-        assert!(asked, "no plain handle left: passthrough may be registered");
+        assert!(
+            asked,
+            "no plain handle left: a writer may register a backing file"
+        );
     }
 }

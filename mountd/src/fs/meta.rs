@@ -25,6 +25,8 @@ impl Keibi {
         match r {
             Ok(a) => {
                 self.cache.put_entry(ticket, parent, name.as_bytes(), &a);
+                self.passthrough
+                    .entry_seen(parent, name.as_bytes(), a.ino.0);
                 Ok(a)
             }
             Err(CallError::Deadline { waited }) => {

@@ -219,7 +219,12 @@ impl Keibi {
         let kernel = self.attr_inval.clone()?;
         Some((
             self.data.clone(),
-            Invalidator::new(self.cache.clone(), self.changes.clone(), kernel),
+            Invalidator::new(
+                self.cache.clone(),
+                self.changes.clone(),
+                kernel,
+                self.passthrough.clone(),
+            ),
         ))
     }
 

@@ -406,6 +406,7 @@ impl Store {
         file.set_len(rec.size)
             .map_err(|e| FsError::io(ctx("sizing"), &e))?;
         let mut present = Vec::new();
+        let mut copied = false;
         let n = rec.chunks.len() as u64;
         if let Some(seed) = seed
             && let Ok(src) = self.open_content(seed.ino, seed.generation)
@@ -437,9 +438,17 @@ impl Store {
                 if buf.iter().any(|b| *b != 0) {
                     file.write_all_at(&buf, start)
                         .map_err(|e| FsError::io(ctx("filling"), &e))?;
+                    copied = true;
                 }
                 set_bit(&mut present, i as u64);
             }
+        }
+        if copied {
+            // The copied bytes count as present without a check at start,
+            // and the old generation goes once this one is current: they
+            // must be on disk first.
+            file.sync_data()
+                .map_err(|e| FsError::io(ctx("syncing"), &e))?;
         }
         let mut times = std::fs::FileTimes::new();
         times = times.set_modified(system_time(rec.mtime));

@@ -7,7 +7,10 @@
 //! with the errno the kernel will see. The layout is in [`records`], names
 //! are checked by [`names`], and the operations are grouped by subject:
 //! [`entries`] (the namespace: mkdir, link, unlink, rename, ...), [`files`]
-//! (open, create, release, orphans) and [`xattrs`].
+//! (open, create, release, orphans) and [`xattrs`]. The shared index of
+//! the sync engine (global ids, versions, the change log, dirty marks) is
+//! [`objects`]; versions from peers are applied by [`apply`]; which chunks
+//! of a file are local is [`presence`]. Each tree has one owning module.
 //!
 //! Cost per operation. A sled transaction seals and writes sled's log
 //! buffer twice (on sled's own I/O threads, waking all of them), whether
@@ -28,7 +31,9 @@
 //! all or nothing, and a later one is never kept without the earlier ones.
 //! What lives outside sled is ordered around that: a content file exists
 //! before the transaction that names it, and is removed only after the
-//! transaction that stops naming it is durable ([`reclaim`]). At start,
+//! transaction that stops naming it is durable ([`reclaim`]); the same
+//! holds for each content generation (a version from a peer starts a new
+//! one, [`apply`]; the old one goes at its last release). At start,
 //! [`Store::load`] removes what a crash left behind (content files and
 //! extended attributes of inodes that have no record) and recreates, empty,
 //! the content file of a named regular file that a power cut lost (with a

@@ -110,12 +110,14 @@ impl Store {
     /// (empty: the file is complete and the record is gone).
     pub fn mark_present(&self, ino: Ino, generation: u64, index: u64) -> Result<Vec<u64>, FsError> {
         let stale = std::cell::Cell::new(false);
+        let set = std::cell::Cell::new(false);
         let after = self.update_presence(ino, |p| {
             if p.generation != generation || index >= p.chunks.len() as u64 {
                 stale.set(true);
                 return false;
             }
             set_bit(&mut p.present, index);
+            set.set(true);
             true
         })?;
         if stale.get() {
@@ -124,7 +126,94 @@ impl Store {
                 "chunk {index} of {ino} generation {generation}: the file has another version now"
             ));
         }
+        if set.get() {
+            self.restore_mtime(ino, generation)?;
+        }
         Ok(after.map(|p| p.present).unwrap_or_default())
+    }
+
+    /// Put the version's mtime back on generation `generation` of `ino`
+    /// after fetched bytes were written into it, unless the file is being
+    /// changed here (open for writing, or dirty: its mtime is local then).
+    fn restore_mtime(&self, ino: Ino, generation: u64) -> Result<(), FsError> {
+        if self.lock_opens().has_writer(ino)
+            || self
+                .idx
+                .dirty
+                .contains_key(ino_key(ino.0))
+                .map_err(|e| store_err("reading dirty", e))?
+        {
+            return Ok(());
+        }
+        // The recorded version's mtime (a local version's, once the file
+        // was changed here and versioned).
+        let mtime = match self.object(&self.gid_of(ino)?)? {
+            Some(o) if !o.deleted => o.mtime,
+            _ => return Ok(()),
+        };
+        let cs = self
+            .content
+            .stat(ino.0, generation)
+            .map_err(|e| content_err(format!("stat of {ino}"), &e))?;
+        if cs.mtime != mtime {
+            self.content
+                .update(
+                    ino.0,
+                    generation,
+                    None,
+                    None,
+                    Some(ipc_schema::TimeSet::At(mtime)),
+                )
+                .map_err(|e| content_err(format!("setting the mtime of {ino}"), &e))?;
+        }
+        Ok(())
+    }
+
+    /// Copy into `ino`'s current generation every missing chunk that the
+    /// local content `seed` has with the expected hash (verified by
+    /// hashing the bytes copied), synced, and mark them present. Answers
+    /// the bitmap after (empty: complete, or not partial).
+    ///
+    /// For the sync engine: a conflict copy that arrived from a peer before
+    /// this side resolved the conflict itself is partial here, while its
+    /// bytes are the local version that is about to be replaced; fill it
+    /// from that version first.
+    pub fn fill_from(&self, ino: Ino, seed: super::objects::Seed) -> Result<Vec<u64>, FsError> {
+        let Some(p) = self.presence(ino)? else {
+            return Ok(Vec::new());
+        };
+        let Ok(src) = self.open_content(seed.ino, seed.generation) else {
+            return Ok(p.present);
+        };
+        let dst = self.open_for_fill(ino, p.generation)?;
+        let mut copied = Vec::new();
+        let mut buf = Vec::new();
+        for (i, want) in p.chunks.iter().enumerate() {
+            let i = i as u64;
+            if p.has(i) {
+                continue;
+            }
+            let (start, end) = chunk_range(i, p.size);
+            buf.resize((end - start) as usize, 0);
+            if src.read_exact_at(&mut buf, start).is_err() || ChunkHash::of(&buf) != *want {
+                continue;
+            }
+            // Only below the limit: beyond it are local bytes.
+            let upto = (end.min(p.limit) - start) as usize;
+            dst.write_all_at(&buf[..upto], start)
+                .map_err(|e| FsError::io(format!("filling {ino}"), &e))?;
+            copied.push(i);
+        }
+        if copied.is_empty() {
+            return Ok(p.present);
+        }
+        dst.sync_data()
+            .map_err(|e| FsError::io(format!("syncing {ino}"), &e))?;
+        let mut after = p.present;
+        for i in copied {
+            after = self.mark_present(ino, p.generation, i)?;
+        }
+        Ok(after)
     }
 
     /// A truncate of `ino` (generation `generation`) to `size`: chunks

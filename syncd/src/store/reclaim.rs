@@ -243,6 +243,14 @@ fn reclaim(target: &Target, batch: &[Freed]) -> Result<(), ()> {
         );
         return Err(());
     }
+    if batch.iter().any(|f| matches!(f, Freed::Generation { .. }))
+        && let Err(e) = target.content.sync_dir()
+    {
+        // The new generation's name must be durable before the old one
+        // goes; try again later.
+        tracing::warn!(error = %e, "cannot sync the content directory; old generations stay for now");
+        return Err(());
+    }
     for &freed in batch {
         match freed {
             Freed::Inode {

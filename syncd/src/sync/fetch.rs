@@ -93,8 +93,8 @@ impl ChunkStore for Store {
 
     fn generation(&self, ino: Ino) -> Result<u64, FsError> {
         crate::fault::store_gate();
-        match self.local_object(ino)?.now {
-            Some(now) => Ok(now.generation),
+        match self.read_inode(ino.0)? {
+            Some(rec) => Ok(rec.generation),
             None => Err(fs_err!(ENOENT, "{ino} is gone")),
         }
     }
@@ -248,10 +248,17 @@ pub fn bit(bitmap: &[u64], index: u64) -> bool {
         .is_some_and(|w| w & (1 << (index % 64)) != 0)
 }
 
-/// The presence `limit` of a record: chunks entirely at or beyond it count
-/// present.
-fn limit_of(rec: &PresenceRec) -> u64 {
-    rec.size
+/// The state of file `ino` (made if new). When [`FILES_KEPT`] files are
+/// known, those no flight holds (or waits for) a slot of are forgotten
+/// first.
+fn file_state(st: &mut State, ino: Ino, parallel: usize) -> &mut FileState {
+    if st.files.len() >= FILES_KEPT && !st.files.contains_key(&ino) {
+        st.files.retain(|_, f| Arc::strong_count(&f.slots) > 1);
+    }
+    st.files.entry(ino).or_insert_with(|| FileState {
+        readahead: Readahead::default(),
+        slots: Arc::new(Semaphore::new(parallel)),
+    })
 }
 
 /// A bitmap with every chunk of `[0, upto)` set (a complete file).
@@ -315,7 +322,7 @@ impl Fetcher {
             Some(rec) => rec,
             None => return Ok(all_present(offset.saturating_add(len))),
         };
-        let limit = limit_of(&rec);
+        let limit = rec.limit;
         let end = offset.saturating_add(len).min(limit);
         let wanted = self.missing(&rec, offset, end);
         let ahead = if demanded {
@@ -387,7 +394,7 @@ impl Fetcher {
                     return;
                 }
             };
-            let limit = limit_of(&rec);
+            let limit = rec.limit;
             for index in this.missing(&rec, 0, limit) {
                 this.start(this.spec(ino, &rec, index), false);
             }
@@ -452,16 +459,7 @@ impl Fetcher {
     /// read ahead.
     fn readahead(&self, ino: Ino, offset: u64, len: u64) -> (u64, u64) {
         let mut st = self.lock();
-        let parallel = self.cfg.parallel;
-        if st.files.len() >= FILES_KEPT && !st.files.contains_key(&ino) {
-            // Forget idle files (no flight holds a slot).
-            st.files
-                .retain(|_, f| f.slots.available_permits() < parallel);
-        }
-        let file = st.files.entry(ino).or_insert_with(|| FileState {
-            readahead: Readahead::default(),
-            slots: Arc::new(Semaphore::new(parallel)),
-        });
+        let file = file_state(&mut st, ino, self.cfg.parallel);
         file.readahead.on_read(offset, len, self.cfg.readahead_max)
     }
 
@@ -481,14 +479,7 @@ impl Fetcher {
             peer: Mutex::new(String::new()),
         });
         st.flights.insert(spec.key, flight.clone());
-        let parallel = self.cfg.parallel;
-        let slots = st
-            .files
-            .entry(spec.key.ino)
-            .or_insert_with(|| FileState {
-                readahead: Readahead::default(),
-                slots: Arc::new(Semaphore::new(parallel)),
-            })
+        let slots = file_state(&mut st, spec.key.ino, self.cfg.parallel)
             .slots
             .clone();
         drop(st);
@@ -610,7 +601,7 @@ impl Fetcher {
                     key.index
                 ));
             }
-            if bit(&rec.present, key.index) {
+            if rec.has(key.index) {
                 return Ok(());
             }
             let (start, _) = chunk_range(key.index, rec.size);
@@ -622,7 +613,7 @@ impl Fetcher {
                 .metadata()
                 .map_err(|e| fs_err!(EIO, "{}: stat before writing a chunk: {e}", key.ino))?
                 .len();
-            let upto = (start + bytes.len() as u64).min(limit_of(&rec)).min(len);
+            let upto = (start + bytes.len() as u64).min(rec.limit).min(len);
             if upto > start {
                 file.write_all_at(&bytes[..(upto - start) as usize], start)
                     .map_err(|e| {

@@ -118,7 +118,7 @@ impl ChunkStore for MemStore {
             return Err(fs_err!(ESTALE, "another version"));
         }
         rec.present[(index / 64) as usize] |= 1 << (index % 64);
-        if (0..chunk_count(rec.size)).all(|i| bit(&rec.present, i)) {
+        if rec.complete() {
             recs.remove(&ino);
             return Ok(Vec::new());
         }
@@ -511,6 +511,36 @@ async fn a_replaced_version_is_eio() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_part_below_the_limit_is_written_and_chunks_beyond_it_are_not_fetched() {
+    let f = fixture(SIZE, &[Serves::Good], true, cfg(8, 0));
+    // Truncated to the middle of chunk 1 since the version arrived.
+    let limit = CHUNK_SIZE + 100;
+    {
+        let mut recs = f.store.recs.lock().expect("lock");
+        recs.get_mut(&INO).expect("partial").limit = limit;
+    }
+    File::options()
+        .write(true)
+        .open(f.store.path(INO, GENERATION))
+        .expect("open")
+        .set_len(limit)
+        .expect("truncate");
+    let bitmap = f
+        .fetcher
+        .ensure(INO, GENERATION, 0, SIZE, far(), true)
+        .await
+        .expect("fetched");
+    assert!(bit(&bitmap, 0) && bit(&bitmap, 1), "{bitmap:?}");
+    let mut asked_for = asked(&f.servers[0]);
+    asked_for.sort();
+    assert_eq!(asked_for, vec![0, 1], "chunks 2 and 3 count as present");
+    let got = f.store.bytes();
+    assert_eq!(got.len() as u64, limit, "nothing written past the limit");
+    assert!(got[..] == content(SIZE)[..limit as usize]);
+    assert!(f.store.rec().is_none(), "complete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_replaced_during_the_fetch_is_eio_and_its_chunk_is_not_written() {
     let f = fixture(SIZE, &[Serves::Good], false, cfg(8, 0));
     let reader = {
@@ -607,4 +637,24 @@ async fn prefetch_fetches_the_whole_file() {
     until("the file is complete", || f.store.rec().is_none()).await;
     assert!(f.store.bytes() == content(SIZE));
     assert_eq!(asked(&f.servers[0]).len(), 4);
+}
+
+#[test]
+fn idle_files_are_forgotten_once_enough_are_known_and_busy_ones_kept() {
+    let mut st = State::default();
+    for n in 0..FILES_KEPT as u64 {
+        file_state(&mut st, Ino(n), 4);
+    }
+    // A flight holds file 7's slots.
+    let held = file_state(&mut st, Ino(7), 4).slots.clone();
+    held.try_acquire().expect("a free slot").forget();
+    assert_eq!(st.files.len(), FILES_KEPT);
+    file_state(&mut st, Ino(FILES_KEPT as u64), 4);
+    let mut kept: Vec<u64> = st.files.keys().map(|i| i.0).collect();
+    kept.sort();
+    assert_eq!(kept, vec![7, FILES_KEPT as u64]);
+    // The busy file kept its semaphore (and so its slot count).
+    let again = file_state(&mut st, Ino(7), 4).slots.clone();
+    assert!(Arc::ptr_eq(&held, &again));
+    assert_eq!(again.available_permits(), 3);
 }
