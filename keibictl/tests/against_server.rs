@@ -84,11 +84,35 @@ impl Control for Fixed {
     }
 
     async fn sync_status(self, _: Context) -> ipc_schema::SyncStatus {
-        ipc_schema::SyncStatus::default()
+        let peer = |name: &str, connected: bool| ipc_schema::PeerSync {
+            fingerprint: "B".repeat(52),
+            name: Some(name.into()),
+            connected,
+            unreachable_since: (!connected).then_some(1_764_480_000),
+            pending_out: if connected { 0 } else { 3 },
+            pending_in: 0,
+            acked_seq: 0,
+            applied_seq: 0,
+            deferred: 0,
+        };
+        ipc_schema::SyncStatus {
+            device: "0123456789abcdef".into(),
+            local_seq: 99,
+            dirty: 0,
+            peers: vec![peer("laptop", true), peer("desk", false)],
+            partial_files: 1,
+            missing_bytes: 1 << 20,
+            conflicts: 2,
+        }
     }
 
     async fn not_local(self, _: Context, _limit: u32) -> Vec<ipc_schema::NotLocal> {
-        Vec::new()
+        vec![ipc_schema::NotLocal {
+            path: "/videos/big.mkv".into(),
+            ino: 77,
+            size: 3 << 20,
+            present_bytes: 2 << 20,
+        }]
     }
 
     async fn debug_fetches(self, _: Context) -> Vec<ipc_schema::FetchInFlight> {
@@ -230,6 +254,48 @@ fn table_shows_the_servers_answer() {
 }
 
 #[test]
+fn status_shows_a_sync_line_per_peer_and_files_lists_what_is_not_local() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("control.sock");
+    let server = serve_once(&sock, false);
+    let out = keibictl(&sock, &["status"]);
+    server.join().expect("server thread");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sync: Vec<&str> = text.lines().filter(|l| l.starts_with("sync:")).collect();
+    assert_eq!(sync.len(), 2, "{text}");
+    assert!(
+        sync[0].contains("laptop") && sync[0].ends_with("in sync"),
+        "{text}"
+    );
+    assert!(
+        sync[1].contains("desk")
+            && sync[1].contains("unreachable since 2025-11-30T05:20:00Z")
+            && sync[1].contains("3 changes pending"),
+        "{text}"
+    );
+    assert!(text.contains("conflicts    2"), "{text}");
+
+    let sock = dir.path().join("control2.sock");
+    let server = serve_once(&sock, false);
+    let out = keibictl(&sock, &["status", "--files"]);
+    server.join().expect("server thread");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("/videos/big.mkv") && text.contains("3145728"),
+        "{text}"
+    );
+
+    let sock = dir.path().join("control3.sock");
+    let server = serve_once(&sock, false);
+    let out = keibictl(&sock, &["status", "--files", "--json"]);
+    server.join().expect("server thread");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v[0]["present_bytes"], 2 << 20);
+}
+
+#[test]
 fn check_exit_status_says_whether_something_is_left() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("control.sock");
@@ -266,6 +332,9 @@ fn json_is_the_status_itself() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let got: Status = serde_json::from_slice(&out.stdout).expect("stdout is a Status");
     assert_eq!(got, sample());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["sync"]["local_seq"], 99);
+    assert_eq!(v["sync"]["peers"][1]["name"], "desk");
     server.join().expect("server thread");
 }
 

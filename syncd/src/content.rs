@@ -238,6 +238,20 @@ impl ContentDir {
         self.open_at(ino, generation, access & OFlag::O_ACCMODE)
     }
 
+    /// Open the content file of `ino` generation `generation` for syncd's
+    /// own reading (hashing, serving a chunk to a peer, copying chunks),
+    /// with `O_NOATIME`: those reads are not accesses by a program, and
+    /// must not move the file's atime (syncd owns the file, so the flag is
+    /// allowed; without it on a filesystem that refuses it).
+    pub fn open_internal(&self, ino: u64, generation: u64) -> io::Result<OwnedFd> {
+        match self.open_at(ino, generation, OFlag::O_RDONLY | OFlag::O_NOATIME) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                self.open_at(ino, generation, OFlag::O_RDONLY)
+            }
+            other => other,
+        }
+    }
+
     /// `stat` of the content file of `ino` generation `generation`.
     pub fn stat(&self, ino: u64, generation: u64) -> io::Result<ContentStat> {
         nix::sys::stat::fstatat(
@@ -445,6 +459,26 @@ mod tests {
         ] {
             assert_eq!(parse_name(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn internal_reads_leave_atime_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = ContentDir::new(dir.path()).expect("content dir");
+        let fd = c.create_gen(3, 1, OFlag::O_WRONLY).expect("create");
+        nix::unistd::write(&fd, b"abc").expect("write");
+        let old = Timestamp {
+            secs: 1_000_000_000,
+            nanos: 0,
+        };
+        // atime older than mtime: a plain read would move it (relatime).
+        c.update(3, 1, None, Some(TimeSet::At(old)), None)
+            .expect("age atime");
+        let mut buf = [0u8; 3];
+        let f = File::from(c.open_internal(3, 1).expect("open"));
+        std::io::Read::read_exact(&mut &f, &mut buf).expect("read");
+        assert_eq!(&buf, b"abc");
+        assert_eq!(c.stat(3, 1).expect("stat").atime, old);
     }
 
     #[test]

@@ -528,10 +528,10 @@ impl Store {
     }
 
     /// Open the content file of `ino` generation `generation` for reading (to
-    /// hash it).
+    /// hash it), without moving its atime.
     pub fn open_content(&self, ino: Ino, generation: u64) -> Result<std::fs::File, FsError> {
         self.content
-            .open(ino.0, generation, nix::fcntl::OFlag::O_RDONLY)
+            .open_internal(ino.0, generation)
             .map(std::fs::File::from)
             .map_err(|e| super::content_err(format!("opening {ino} generation {generation}"), &e))
     }

@@ -568,6 +568,47 @@ fn a_seed_names_other_local_content() {
 }
 
 #[test]
+fn a_partial_file_fills_from_local_content_with_the_same_chunks() {
+    let (_d, s) = fresh();
+    let body = bytes(2 * CHUNK_SIZE as usize + 3, 5);
+    let local = file_with(&s, ROOT, "mine", &body);
+    let mut other = body.clone();
+    other[5] ^= 1;
+    // A copy of another version: chunk 0 differs, 1 and 2 are the same.
+    let rec = remote_file(Gid::new(PEER, 8), Gid::ROOT, "copy", &other, 1);
+    let ino = s.apply_remote(&rec, None).expect("apply").ino.expect("ino");
+    assert_eq!(
+        s.presence(ino).expect("p").expect("partial").present,
+        Vec::<u64>::new()
+    );
+    let after = s
+        .fill_from(
+            ino,
+            Seed {
+                ino: local,
+                generation: 0,
+            },
+        )
+        .expect("fill");
+    assert_eq!(after, vec![0b110]);
+    assert_eq!(
+        s.read_chunk(&rec.gid, 2, &rec.chunks[2])
+            .expect("read")
+            .as_deref(),
+        Some(&other[2 * CHUNK_SIZE as usize..])
+    );
+    assert_eq!(
+        s.read_chunk(&rec.gid, 0, &rec.chunks[0]).expect("read"),
+        None
+    );
+    assert_eq!(
+        s.fill_from(local, Seed { ino, generation: 0 })
+            .expect("complete file"),
+        Vec::<u64>::new()
+    );
+}
+
+#[test]
 fn directories_symlinks_moves_links_and_tombstones_apply() {
     let (_d, s) = fresh();
     let dg = Gid::new(PEER, 1);

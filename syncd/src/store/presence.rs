@@ -169,6 +169,53 @@ impl Store {
         Ok(())
     }
 
+    /// Copy into `ino`'s current generation every missing chunk that the
+    /// local content `seed` has with the expected hash (verified by
+    /// hashing the bytes copied), synced, and mark them present. Answers
+    /// the bitmap after (empty: complete, or not partial).
+    ///
+    /// For the sync engine: a conflict copy that arrived from a peer before
+    /// this side resolved the conflict itself is partial here, while its
+    /// bytes are the local version that is about to be replaced; fill it
+    /// from that version first.
+    pub fn fill_from(&self, ino: Ino, seed: super::objects::Seed) -> Result<Vec<u64>, FsError> {
+        let Some(p) = self.presence(ino)? else {
+            return Ok(Vec::new());
+        };
+        let Ok(src) = self.open_content(seed.ino, seed.generation) else {
+            return Ok(p.present);
+        };
+        let dst = self.open_for_fill(ino, p.generation)?;
+        let mut copied = Vec::new();
+        let mut buf = Vec::new();
+        for (i, want) in p.chunks.iter().enumerate() {
+            let i = i as u64;
+            if p.has(i) {
+                continue;
+            }
+            let (start, end) = chunk_range(i, p.size);
+            buf.resize((end - start) as usize, 0);
+            if src.read_exact_at(&mut buf, start).is_err() || ChunkHash::of(&buf) != *want {
+                continue;
+            }
+            // Only below the limit: beyond it are local bytes.
+            let upto = (end.min(p.limit) - start) as usize;
+            dst.write_all_at(&buf[..upto], start)
+                .map_err(|e| FsError::io(format!("filling {ino}"), &e))?;
+            copied.push(i);
+        }
+        if copied.is_empty() {
+            return Ok(p.present);
+        }
+        dst.sync_data()
+            .map_err(|e| FsError::io(format!("syncing {ino}"), &e))?;
+        let mut after = p.present;
+        for i in copied {
+            after = self.mark_present(ino, p.generation, i)?;
+        }
+        Ok(after)
+    }
+
     /// A truncate of `ino` (generation `generation`) to `size`: chunks
     /// from `size` on count as present from now on.
     pub(crate) fn lower_limit(&self, ino: Ino, generation: u64, size: u64) -> Result<(), FsError> {

@@ -10,15 +10,18 @@
 //!   is fetched at once (`eager_fetch_max`);
 //! - `MissingParent`: deferred until the parent arrives (the session
 //!   retries after each batch);
-//! - `Collision`: deferred once (a rename over a file usually comes with
-//!   the replaced file's tombstone later in the batch); on the final pass
+//! - `Collision`: deferred (a rename over a file comes with the replaced
+//!   file's tombstone, later in the batch or in the next one); once it has
+//!   waited a second (`session::COLLISION_GRACE`), on the final pass
 //!   the object with the older (mtime, modified_by) moves to its conflict
 //!   name ([`merge::collision_loser`]), the same choice on every peer;
 //! - `Busy` (the local inode has changes not yet versioned, or a handle
 //!   open for writing): retried after the versioner ran, when the local
 //!   change is a version and the decision sees it;
 //! - `NotEmpty` (a directory's tombstone, but something was created in it
-//!   here that the deleter had not seen): the directory is kept and made a
+//!   here that the deleter had not seen): deferred while the session has
+//!   other tombstones waiting (the deletes of its entries, refused as
+//!   `Busy` for a moment); then the directory is kept and made a
 //!   new local version (`merged(local, tombstone)` bumped with this
 //!   device), so the deleting peer gets it back with its new children;
 //! - `Invalid`: logged with the peer and the reason, skipped (never
@@ -44,6 +47,8 @@ pub enum Wait {
     },
     /// The local object has changes not yet versioned.
     Busy,
+    /// A directory's tombstone, but the directory is not empty here.
+    NotEmpty,
     /// The store failed; retried later.
     Failed(String),
 }
@@ -59,16 +64,26 @@ pub enum Fate {
     Deferred(Wait),
 }
 
-/// Decide on and apply `rec`, a record of peer `peer`. `final_pass`:
-/// resolve a name collision now instead of deferring it.
-pub fn apply_one(engine: &SyncEngine, peer: &str, rec: &ObjRec, final_pass: bool) -> Fate {
+/// What to settle now rather than defer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settle {
+    /// A name collision: the collision rule.
+    pub collision: bool,
+    /// A directory's tombstone meeting a directory that is not empty:
+    /// keep the directory.
+    pub not_empty: bool,
+}
+
+/// Decide on and apply `rec`, a record of peer `peer`; `settle` says what
+/// to resolve now instead of deferring it.
+pub fn apply_one(engine: &SyncEngine, peer: &str, rec: &ObjRec, settle: Settle) -> Fate {
     let _index = engine.lock_index();
-    let fate = decide_and_apply(engine, peer, rec, final_pass);
+    let fate = decide_and_apply(engine, peer, rec, settle);
     engine.publish_seq();
     fate
 }
 
-fn decide_and_apply(engine: &SyncEngine, peer: &str, rec: &ObjRec, final_pass: bool) -> Fate {
+fn decide_and_apply(engine: &SyncEngine, peer: &str, rec: &ObjRec, settle: Settle) -> Fate {
     let store = &engine.store;
     let local = match store.object(&rec.gid) {
         Ok(l) => l,
@@ -97,8 +112,10 @@ fn decide_and_apply(engine: &SyncEngine, peer: &str, rec: &ObjRec, final_pass: b
             }
             Fate::Done
         }
-        Err(ApplyError::NotEmpty) => resurrect(engine, peer, local.as_ref(), &out),
-        Err(ApplyError::Collision { at, existing }) if final_pass => {
+        Err(ApplyError::NotEmpty) if settle.not_empty => {
+            resurrect(engine, peer, local.as_ref(), &out)
+        }
+        Err(ApplyError::Collision { at, existing }) if settle.collision => {
             settle_collision(engine, peer, &out, at, existing)
         }
         Err(e) => fate_of(peer, &out, e),
@@ -246,7 +263,7 @@ fn fate_of(peer: &str, rec: &ObjRec, e: ApplyError) -> Fate {
             tracing::warn!(peer, gid = ?rec.gid, %reason, "refused a record from the peer");
             Fate::Skipped
         }
-        ApplyError::NotEmpty => Fate::Deferred(Wait::Failed("directory not empty".into())),
+        ApplyError::NotEmpty => Fate::Deferred(Wait::NotEmpty),
         ApplyError::Fs(e) => {
             tracing::warn!(peer, gid = ?rec.gid, error = %e, "applying a record failed; will retry");
             Fate::Deferred(Wait::Failed(e.to_string()))

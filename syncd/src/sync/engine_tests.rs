@@ -200,8 +200,11 @@ fn read(s: &Store, ino: Ino) -> Vec<u8> {
     out
 }
 
-/// Every name in the tree under `dir`, with kind and (for files) bytes.
-fn tree(s: &Store, dir: Ino, prefix: &str, out: &mut BTreeMap<String, (FileKind, Vec<u8>)>) {
+/// Every name in the tree under `dir`, with kind and (for files) bytes;
+/// the bytes not here are copied from the other node first, as a read
+/// through the mount fetches them.
+fn tree(node: &Node, dir: Ino, prefix: &str, out: &mut BTreeMap<String, (FileKind, Vec<u8>)>) {
+    let s = &node.store;
     let entries = s
         .readdir(dir, ipc_schema::DirCookie(0), 10_000, false)
         .expect("readdir");
@@ -213,20 +216,23 @@ fn tree(s: &Store, dir: Ino, prefix: &str, out: &mut BTreeMap<String, (FileKind,
         let path = format!("{prefix}/{name}");
         let attr = s.lookup(dir, &e.name).expect("lookup");
         let content = match attr.kind {
-            FileKind::File => read(s, attr.ino),
+            FileKind::File => {
+                node.data.fill(attr.ino);
+                read(s, attr.ino)
+            }
             FileKind::Symlink => s.readlink(attr.ino).expect("readlink"),
             _ => Vec::new(),
         };
         out.insert(path.clone(), (attr.kind, content));
         if attr.kind == FileKind::Directory {
-            tree(s, attr.ino, &path, out);
+            tree(node, attr.ino, &path, out);
         }
     }
 }
 
-fn tree_of(s: &Store) -> BTreeMap<String, (FileKind, Vec<u8>)> {
+fn tree_of(node: &Node) -> BTreeMap<String, (FileKind, Vec<u8>)> {
     let mut out = BTreeMap::new();
-    tree(s, Ino::ROOT, "", &mut out);
+    tree(node, Ino::ROOT, "", &mut out);
     out
 }
 
@@ -250,13 +256,27 @@ async fn until(what: &str, mut check: impl FnMut() -> bool) {
 
 /// Both trees and both indexes equal, and nothing left to version.
 async fn converged(a: &Node, b: &Node) {
-    until("the two nodes converge", || {
-        a.store.dirty_count() == 0
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let done = a.store.dirty_count() == 0
             && b.store.dirty_count() == 0
             && records(&a.store) == records(&b.store)
-            && tree_of(&a.store) == tree_of(&b.store)
-    })
-    .await;
+            && tree_of(&a) == tree_of(&b);
+        if done {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the two nodes did not converge:\na: {:?}\n{:#?}\n{:?}\nb: {:?}\n{:#?}\n{:?}",
+            tree_of(&a),
+            records(&a.store),
+            a.engine.book.get("FP-b"),
+            tree_of(&b),
+            records(&b.store),
+            b.engine.book.get("FP-a"),
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,7 +294,7 @@ async fn creates_edits_renames_and_deletes_cross_both_ways() {
         .symlink(Ino::ROOT, &n("link"), b"docs/note.txt", ME)
         .expect("symlink");
     converged(&a, &b).await;
-    let on_b = tree_of(&b.store);
+    let on_b = tree_of(&b);
     assert_eq!(
         on_b.get("/docs/note.txt"),
         Some(&(FileKind::File, b"hello from a".to_vec()))
@@ -310,7 +330,7 @@ async fn creates_edits_renames_and_deletes_cross_both_ways() {
         .expect("rename");
     write_file(&b.store, db, "from-b", b"b's bytes");
     converged(&a, &b).await;
-    let on_a = tree_of(&a.store);
+    let on_a = tree_of(&a);
     assert_eq!(
         on_a.get("/moved.txt"),
         Some(&(FileKind::File, b"edited on b, longer than before".to_vec()))
@@ -333,7 +353,7 @@ async fn creates_edits_renames_and_deletes_cross_both_ways() {
     a.store.unlink(d, &n("from-b")).expect("unlink");
     a.store.rmdir(Ino::ROOT, &n("docs")).expect("rmdir");
     converged(&a, &b).await;
-    let on_b = tree_of(&b.store);
+    let on_b = tree_of(&b);
     assert_eq!(on_b.keys().collect::<Vec<_>>(), ["/link"]);
     // Nothing is deferred and both peers are in sync.
     let status = super::status::sync_status(&b.engine, Vec::new()).expect("status");
@@ -366,7 +386,7 @@ async fn concurrent_edits_while_apart_end_with_one_conflict_copy_on_both() {
     .await;
     let _link = connect(&a, &b);
     converged(&a, &b).await;
-    let t = tree_of(&a.store);
+    let t = tree_of(&a);
     assert_eq!(t.len(), 2, "the file and one conflict copy: {t:?}");
     let contents: Vec<&Vec<u8>> = t.values().map(|(_, c)| c).collect();
     assert!(contents.contains(&&b"edit made on a".to_vec()), "{t:?}");
@@ -417,7 +437,7 @@ async fn edit_against_delete_keeps_the_edit_and_a_deleted_directory_keeps_new_fi
     .await;
     let _link = connect(&a, &b);
     converged(&a, &b).await;
-    let t = tree_of(&a.store);
+    let t = tree_of(&a);
     assert_eq!(
         t.get("/kept.txt"),
         Some(&(FileKind::File, b"v2 edited on a".to_vec())),
@@ -442,9 +462,52 @@ async fn the_same_name_created_on_both_sides_is_a_conflict_not_a_merge() {
     .await;
     let _link = connect(&a, &b);
     converged(&a, &b).await;
-    let t = tree_of(&a.store);
+    let t = tree_of(&a);
     assert_eq!(t.len(), 2, "{t:?}");
     assert!(t.contains_key("/same"), "{t:?}");
     let contents: Vec<&Vec<u8>> = t.values().map(|(_, c)| c).collect();
     assert!(contents.contains(&&b"a's file".to_vec()) && contents.contains(&&b"b's file".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_delete_that_comes_before_its_entries_delete_does_not_keep_the_directory() {
+    let (a, b) = pair();
+    let d = a
+        .store
+        .mkdir(Ino::ROOT, &n("dir"), 0o755, ME)
+        .expect("mkdir")
+        .ino;
+    write_file(&a.store, d, "f", b"in the directory");
+    until("a versioned", || a.store.dirty_count() == 0).await;
+    let created: Vec<(u64, ObjRec)> = a.store.changes_since(0, usize::MAX).expect("changes");
+    let b2 = b.engine.clone();
+    let left = tokio::task::spawn_blocking(move || {
+        super::session::apply_batch(&b2, "FP-a", created, Vec::new())
+    })
+    .await
+    .expect("apply");
+    assert!(left.is_empty(), "{left:?}");
+    let seen = a.store.local_seq();
+    a.store.unlink(d, &n("f")).expect("unlink");
+    a.store.rmdir(Ino::ROOT, &n("dir")).expect("rmdir");
+    until("a versioned", || a.store.dirty_count() == 0).await;
+    // The directory's tombstone first, then its entry's, in one batch.
+    let mut deletes = a.store.changes_since(seen, usize::MAX).expect("changes");
+    assert_eq!(deletes.len(), 2);
+    deletes.sort_by_key(|(_, r)| r.kind != FileKind::Directory);
+    let b2 = b.engine.clone();
+    let left = tokio::task::spawn_blocking(move || {
+        super::session::apply_batch(&b2, "FP-a", deletes, Vec::new())
+    })
+    .await
+    .expect("apply");
+    assert!(left.is_empty(), "nothing waits: {left:?}");
+    assert!(tree_of(&b).is_empty(), "the directory is gone too");
+    assert_eq!(
+        b.engine
+            .conflicts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "no directory was kept"
+    );
 }

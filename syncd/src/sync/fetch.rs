@@ -248,6 +248,19 @@ pub fn bit(bitmap: &[u64], index: u64) -> bool {
         .is_some_and(|w| w & (1 << (index % 64)) != 0)
 }
 
+/// The state of file `ino` (made if new). When [`FILES_KEPT`] files are
+/// known, those no flight holds (or waits for) a slot of are forgotten
+/// first.
+fn file_state(st: &mut State, ino: Ino, parallel: usize) -> &mut FileState {
+    if st.files.len() >= FILES_KEPT && !st.files.contains_key(&ino) {
+        st.files.retain(|_, f| Arc::strong_count(&f.slots) > 1);
+    }
+    st.files.entry(ino).or_insert_with(|| FileState {
+        readahead: Readahead::default(),
+        slots: Arc::new(Semaphore::new(parallel)),
+    })
+}
+
 /// A bitmap with every chunk of `[0, upto)` set (a complete file).
 fn all_present(upto: u64) -> Vec<u64> {
     vec![u64::MAX; chunk_count(upto).div_ceil(64) as usize]
@@ -446,16 +459,7 @@ impl Fetcher {
     /// read ahead.
     fn readahead(&self, ino: Ino, offset: u64, len: u64) -> (u64, u64) {
         let mut st = self.lock();
-        let parallel = self.cfg.parallel;
-        if st.files.len() >= FILES_KEPT && !st.files.contains_key(&ino) {
-            // Forget idle files (no flight holds a slot).
-            st.files
-                .retain(|_, f| f.slots.available_permits() < parallel);
-        }
-        let file = st.files.entry(ino).or_insert_with(|| FileState {
-            readahead: Readahead::default(),
-            slots: Arc::new(Semaphore::new(parallel)),
-        });
+        let file = file_state(&mut st, ino, self.cfg.parallel);
         file.readahead.on_read(offset, len, self.cfg.readahead_max)
     }
 
@@ -475,14 +479,7 @@ impl Fetcher {
             peer: Mutex::new(String::new()),
         });
         st.flights.insert(spec.key, flight.clone());
-        let parallel = self.cfg.parallel;
-        let slots = st
-            .files
-            .entry(spec.key.ino)
-            .or_insert_with(|| FileState {
-                readahead: Readahead::default(),
-                slots: Arc::new(Semaphore::new(parallel)),
-            })
+        let slots = file_state(&mut st, spec.key.ino, self.cfg.parallel)
             .slots
             .clone();
         drop(st);

@@ -60,7 +60,6 @@ impl MemStore {
                 limit: size,
                 chunks: hashes(&bytes),
                 present: vec![0; chunk_count(size).div_ceil(64) as usize],
-                limit: size,
             },
         );
         Arc::new(store)
@@ -638,4 +637,24 @@ async fn prefetch_fetches_the_whole_file() {
     until("the file is complete", || f.store.rec().is_none()).await;
     assert!(f.store.bytes() == content(SIZE));
     assert_eq!(asked(&f.servers[0]).len(), 4);
+}
+
+#[test]
+fn idle_files_are_forgotten_once_enough_are_known_and_busy_ones_kept() {
+    let mut st = State::default();
+    for n in 0..FILES_KEPT as u64 {
+        file_state(&mut st, Ino(n), 4);
+    }
+    // A flight holds file 7's slots.
+    let held = file_state(&mut st, Ino(7), 4).slots.clone();
+    held.try_acquire().expect("a free slot").forget();
+    assert_eq!(st.files.len(), FILES_KEPT);
+    file_state(&mut st, Ino(FILES_KEPT as u64), 4);
+    let mut kept: Vec<u64> = st.files.keys().map(|i| i.0).collect();
+    kept.sort();
+    assert_eq!(kept, vec![7, FILES_KEPT as u64]);
+    // The busy file kept its semaphore (and so its slot count).
+    let again = file_state(&mut st, Ino(7), 4).slots.clone();
+    assert!(Arc::ptr_eq(&held, &again));
+    assert_eq!(again.available_permits(), 3);
 }

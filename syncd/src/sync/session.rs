@@ -14,7 +14,8 @@
 //! ([`super::apply`]). Records that cannot be applied yet are deferred:
 //! kept in memory, in seq order, and retried after each batch, after each
 //! round of the local versioner (for `Busy`), and every [`RETRY`]. A record
-//! still colliding after its batch's retries gets the collision rule.
+//! still colliding after its batch's retries and [`COLLISION_GRACE`] gets
+//! the collision rule.
 //!
 //! Progress: the peer's sequence number applied here
 //! (`Store::set_peer_applied`) moves only past records that are applied
@@ -22,20 +23,26 @@
 //! the deferred records are pulled again, and nothing is lost. Records
 //! already applied come back as equal versions and are ignored.
 
-use super::apply::{self, Fate, Wait};
+use super::apply::{self, Fate, Settle, Wait};
 use super::engine::SyncEngine;
 use super::index::{IndexItem, ItemReader};
 use super::model::ObjRec;
 use crate::peer::conn::PeerConn;
 use crate::peer::msg::Request;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The most records applied in one blocking call.
 pub const BATCH: usize = 512;
 
 /// How often deferred records are retried when nothing else happens.
 pub const RETRY: Duration = Duration::from_millis(250);
+
+/// How long a record whose name is held waits before the collision rule
+/// settles it: the replaced file's tombstone of a rename over it is
+/// committed just after the rename's record, and may come in the next
+/// burst.
+pub const COLLISION_GRACE: Duration = Duration::from_secs(1);
 
 /// The index stream's timeout: the longest the protocol carries (the
 /// stream ends with the connection; see the module doc).
@@ -50,6 +57,8 @@ pub struct Deferred {
     pub rec: ObjRec,
     /// Why it waits.
     pub wait: Wait,
+    /// When it first had to wait.
+    pub since: Instant,
 }
 
 /// Run a session on `conn` until it ends.
@@ -155,7 +164,9 @@ async fn session(engine: &Arc<SyncEngine>, conn: &PeerConn, fp: &str) -> String 
 
 /// Apply `batch` in order, then retry the deferred records (older ones
 /// and the batch's) until no more can be applied, then settle what still
-/// collides. Answers what is still deferred, in seq order.
+/// collides after [`COLLISION_GRACE`] and the directory deletes that meet
+/// entries when no other delete waits. Answers what is still deferred, in
+/// seq order.
 pub fn apply_batch(
     engine: &SyncEngine,
     peer: &str,
@@ -164,39 +175,63 @@ pub fn apply_batch(
 ) -> Vec<Deferred> {
     let mut deferred = waiting;
     for (seq, rec) in batch {
-        match apply::apply_one(engine, peer, &rec, false) {
+        match apply::apply_one(engine, peer, &rec, Settle::default()) {
             Fate::Done | Fate::Skipped => {}
-            Fate::Deferred(wait) => deferred.push(Deferred { seq, rec, wait }),
+            Fate::Deferred(wait) => deferred.push(Deferred {
+                seq,
+                rec,
+                wait,
+                since: Instant::now(),
+            }),
         }
     }
     // Retry until a round applies nothing.
     loop {
         let before = deferred.len();
-        deferred = retry(engine, peer, deferred, false);
+        deferred = retry(engine, peer, deferred, Settle::default());
         if deferred.len() == before || deferred.is_empty() {
             break;
         }
     }
-    if deferred
+    // A directory's tombstone that meets entries is settled (the
+    // directory kept) only when no other delete waits: the entries may be
+    // the ones those deletes remove.
+    let deletes_wait = deferred
         .iter()
-        .any(|d| matches!(d.wait, Wait::Collision { .. }))
-    {
-        deferred = retry(engine, peer, deferred, true);
+        .any(|d| d.rec.deleted && d.wait != Wait::NotEmpty);
+    let settle = Settle {
+        collision: true,
+        not_empty: !deletes_wait,
+    };
+    if deferred.iter().any(|d| settles(d, settle)) {
+        deferred = retry(engine, peer, deferred, settle);
     }
     deferred.sort_by_key(|d| d.seq);
     deferred
 }
 
-fn retry(engine: &SyncEngine, peer: &str, list: Vec<Deferred>, final_pass: bool) -> Vec<Deferred> {
+fn retry(engine: &SyncEngine, peer: &str, list: Vec<Deferred>, settle: Settle) -> Vec<Deferred> {
     let mut left = Vec::new();
     for d in list {
-        let settle = final_pass && matches!(d.wait, Wait::Collision { .. });
+        let settle = Settle {
+            collision: settles(&d, settle) && matches!(d.wait, Wait::Collision { .. }),
+            not_empty: settles(&d, settle) && d.wait == Wait::NotEmpty,
+        };
         match apply::apply_one(engine, peer, &d.rec, settle) {
             Fate::Done | Fate::Skipped => {}
             Fate::Deferred(wait) => left.push(Deferred { wait, ..d }),
         }
     }
     left
+}
+
+/// Whether the final pass settles `d` (see [`apply_batch`]).
+fn settles(d: &Deferred, settle: Settle) -> bool {
+    match d.wait {
+        Wait::Collision { .. } => settle.collision && d.since.elapsed() >= COLLISION_GRACE,
+        Wait::NotEmpty => settle.not_empty,
+        _ => false,
+    }
 }
 
 /// How far the session got in the peer's log.
@@ -248,6 +283,7 @@ mod tests {
             seq,
             rec: crate::sync::merge::tests::file_rec(1, &[(1, 1)], b"x"),
             wait: Wait::Busy,
+            since: Instant::now(),
         };
         assert_eq!(p.applied(&[rec(7), rec(9)]), Some(6));
         assert_eq!(p.applied(&[rec(7)]), None, "no move");
