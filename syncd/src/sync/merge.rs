@@ -235,6 +235,21 @@ pub fn conflict_name(name: &[u8], mtime: Timestamp, by: DeviceId) -> Vec<u8> {
     out
 }
 
+/// The name a conflict copy was made from: `name` without its
+/// `.sync-conflict-YYYYMMDD-HHMMSS-XXXXXXXX` part (`None` if it has none;
+/// a stem cut to fit 255 bytes is not restored).
+pub fn original_name(name: &[u8]) -> Option<Vec<u8>> {
+    const MARK: &[u8] = b".sync-conflict-";
+    const LEN: usize = 39; // MARK, 8 digits, '-', 6 digits, '-', 8 hex
+    let at = name.windows(MARK.len()).rposition(|w| w == MARK)?;
+    if name.len() < at + LEN || at == 0 {
+        return None;
+    }
+    let mut out = name[..at].to_vec();
+    out.extend_from_slice(&name[at + LEN..]);
+    Some(out)
+}
+
 /// Of two different objects that claim the same name, whether `a` is the
 /// one that moves to its conflict name (the older by (mtime,
 /// modified_by), then by id, so both peers pick the same).
