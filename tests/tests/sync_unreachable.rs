@@ -96,6 +96,25 @@ fn with_the_link_cut_metadata_and_local_bytes_work_and_remote_reads_fail_with_ei
     assert!(took <= DEADLINE + SLACK, "EIO took {took:?}");
     // Local writes go on, and reach a once the link is back.
     std::fs::write(p.b.path("dir/from-b.txt"), b"written while cut\n").expect("write on b");
+    // keibictl status: a is unreachable (since when) and b's change waits.
+    let a_fp = p.a.fingerprint().to_string();
+    let sync_of_a = |st: &serde_json::Value| -> serde_json::Value {
+        st["sync"]["peers"]
+            .as_array()
+            .and_then(|v| v.iter().find(|x| x["fingerprint"].as_str() == Some(&a_fp)))
+            .cloned()
+            .unwrap_or_else(|| panic!("status --json has no sync entry for a: {st}"))
+    };
+    let entry = poll_until(
+        "b's status to count its change as pending",
+        PROPAGATION,
+        || {
+            let e = sync_of_a(&p.b.ctl().status());
+            (e["pending_out"].as_u64()? >= 1).then_some(e)
+        },
+    );
+    assert_eq!(entry["connected"], false, "{entry}");
+    assert!(entry["unreachable_since"].as_i64().is_some(), "{entry}");
     p.restore();
     p.wait_connected(Duration::from_secs(30));
     wait_content(
@@ -103,6 +122,10 @@ fn with_the_link_cut_metadata_and_local_bytes_work_and_remote_reads_fail_with_ei
         b"written while cut\n",
         PROPAGATION,
     );
+    poll_until("b's status to show a in sync again", PROPAGATION, || {
+        let e = sync_of_a(&p.b.ctl().status());
+        (e["connected"] == true && e["pending_out"].as_u64()? == 0).then_some(())
+    });
     // And the remote file reads on b again.
     let want = blake3_file(&p.a.path("dir/remote.bin")).expect("hash on a");
     harness::sync_helpers::wait_hash(&p.b.path("dir/remote.bin"), &want, PROPAGATION);
