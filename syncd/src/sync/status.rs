@@ -24,6 +24,9 @@ pub const COUNT_PARTIAL_MAX: usize = 100_000;
 pub struct PeerProgress {
     /// A session is running on a live connection.
     pub connected: bool,
+    /// Sessions running (a replaced connection's session may end after
+    /// its successor's started).
+    pub sessions: u32,
     /// When the last session ended (seconds since the epoch), while no
     /// session runs.
     pub unreachable_since: Option<i64>,
@@ -62,6 +65,7 @@ impl PeerBook {
     /// A session with `fingerprint` started.
     pub fn session_started(&self, fingerprint: &str) {
         self.update(fingerprint, |p| {
+            p.sessions += 1;
             p.connected = true;
             p.unreachable_since = None;
         });
@@ -74,9 +78,12 @@ impl PeerBook {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         self.update(fingerprint, |p| {
-            p.connected = false;
-            p.unreachable_since = Some(now);
-            p.deferred = 0;
+            p.sessions = p.sessions.saturating_sub(1);
+            if p.sessions == 0 {
+                p.connected = false;
+                p.unreachable_since = Some(now);
+                p.deferred = 0;
+            }
         });
     }
 
@@ -196,6 +203,10 @@ mod tests {
         assert!(p.unreachable_since.is_some());
         book.session_started("p");
         assert_eq!(book.get("p").expect("known").unreachable_since, None);
+        // A replaced connection's session ends after its successor started.
+        book.session_started("p");
+        book.session_ended("p");
+        assert!(book.get("p").expect("known").connected, "still connected");
         assert_eq!(pending_out(10, 7), 3);
         assert_eq!(pending_in(4, 9), 0);
     }
