@@ -119,16 +119,28 @@ pub fn present_bytes(p: &PresenceRec) -> u64 {
         .sum()
 }
 
-/// The sync status (blocking: reads the store). `peers` is the peer
-/// manager's list (names, connection state, last seen).
-pub fn sync_status(engine: &SyncEngine, peers: Vec<PeerInfo>) -> Result<SyncStatus, FsError> {
+/// What the store says for the status: inodes not yet versioned, files
+/// not all local, bytes missing (blocking: reads the store).
+pub fn store_figures(engine: &SyncEngine) -> Result<(u64, u64, u64), FsError> {
     let store = engine.store();
-    let local_seq = store.local_seq();
     let partial = store.partial_files(COUNT_PARTIAL_MAX)?;
     let missing_bytes = partial
         .iter()
         .map(|(_, p)| p.size.saturating_sub(present_bytes(p)))
         .sum();
+    Ok((store.dirty_count(), partial.len() as u64, missing_bytes))
+}
+
+/// The sync status from the per-peer progress (never waits) and the
+/// store's figures (`None` when the store did not answer in time: shown
+/// as 0). `peers` is the peer manager's list (names, connection state,
+/// last seen).
+pub fn sync_status(
+    engine: &SyncEngine,
+    peers: Vec<PeerInfo>,
+    figures: Option<(u64, u64, u64)>,
+) -> SyncStatus {
+    let local_seq = engine.store().local_seq();
     let peers = peers
         .into_iter()
         .map(|info| {
@@ -154,15 +166,16 @@ pub fn sync_status(engine: &SyncEngine, peers: Vec<PeerInfo>) -> Result<SyncStat
             }
         })
         .collect();
-    Ok(SyncStatus {
+    let (dirty, partial_files, missing_bytes) = figures.unwrap_or_default();
+    SyncStatus {
         device: engine.device().hex(),
         local_seq,
-        dirty: store.dirty_count(),
+        dirty,
         peers,
-        partial_files: partial.len() as u64,
+        partial_files,
         missing_bytes,
         conflicts: engine.conflicts.load(Ordering::Relaxed),
-    })
+    }
 }
 
 /// Files whose bytes are not all local, up to `limit` (blocking).
