@@ -60,7 +60,6 @@ impl MemStore {
                 limit: size,
                 chunks: hashes(&bytes),
                 present: vec![0; chunk_count(size).div_ceil(64) as usize],
-                limit: size,
             },
         );
         Arc::new(store)
