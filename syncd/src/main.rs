@@ -241,8 +241,7 @@ fn main() -> ExitCode {
         store,
         identity,
         manager,
-        engine,
-        (fetcher, invals),
+        (engine, fetcher, invals),
         fs_runtime.handle(),
     ));
     // Requests still running after the flush have nobody to answer.
@@ -289,8 +288,11 @@ async fn run(
     store: Arc<Store>,
     identity: ipc_schema::PeerIdentity,
     peers: Arc<peer::manager::Manager>,
-    sync: Arc<sync::engine::SyncEngine>,
-    (fetcher, invals): (Arc<sync::fetch::Fetcher>, Arc<sync::inval::InvalQueue>),
+    (sync, fetcher, invals): (
+        Arc<sync::engine::SyncEngine>,
+        Arc<sync::fetch::Fetcher>,
+        Arc<sync::inval::InvalQueue>,
+    ),
     fs: &tokio::runtime::Handle,
 ) -> Result<(), String> {
     // Handlers first: once a socket exists, SIGTERM must mean "shut down

@@ -318,6 +318,9 @@ impl Keibi {
             libc::SEEK_SET => Ok(offset),
             libc::SEEK_DATA | libc::SEEK_HOLE | libc::SEEK_END => {
                 let h = self.handle(fh)?;
+                if h.partial.is_some() && whence != libc::SEEK_END {
+                    return seek_without_holes(&h, fh, offset, whence);
+                }
                 // SAFETY: lseek on a descriptor we own (kept open by `h`).
                 // Its file position is never used: I/O is pread/pwrite.
                 let r = unsafe { libc::lseek(h.file.as_raw_fd(), offset, whence) };
@@ -376,6 +379,28 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| fs_err!(EIO, "I/O task failed: {e}"))?
+}
+
+/// `SEEK_DATA`/`SEEK_HOLE` on a partial file: its content file has holes
+/// where chunks are not here yet, which are data of the file, so it
+/// answers as a file without holes (data up to the size, the only hole
+/// at the end). Otherwise `cp` and other sparse-aware programs would copy
+/// missing chunks as zeros.
+fn seek_without_holes(h: &Handle, fh: u64, offset: i64, whence: i32) -> Result<i64, FsError> {
+    let size = h
+        .file
+        .metadata()
+        .map_err(|e| FsError::io(format!("fstat of fh {fh}"), &e))?
+        .len();
+    let at = u64::try_from(offset).map_err(|_| fs_err!(ENXIO, "lseek: negative offset"))?;
+    if at >= size {
+        return Err(fs_err!(ENXIO, "lseek: offset {at} is at or beyond the end"));
+    }
+    if whence == libc::SEEK_DATA {
+        Ok(offset)
+    } else {
+        i64::try_from(size).map_err(|_| fs_err!(EFBIG, "lseek: size out of range"))
+    }
 }
 
 /// `pread` of `size` bytes at `offset`; short only at the end of the file.
@@ -639,6 +664,30 @@ mod tests {
             assert!(k.needs_fetch(fh, CS, 10), "still missing");
             assert_eq!(k.read(fh, 0, 4).expect("present bytes still read"), b"aaaa");
         }
+    }
+
+    #[tokio::test]
+    async fn a_partial_file_has_no_holes_for_seek_data_and_seek_hole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (k, _, fh, _) = partial_open(&dir, None);
+        // Chunks 1 and 2 are holes in the content file, but data of the
+        // file: they must not look like holes.
+        assert_eq!(
+            k.lseek(fh, CS as i64, libc::SEEK_DATA).expect("data"),
+            CS as i64
+        );
+        assert_eq!(
+            k.lseek(fh, 0, libc::SEEK_HOLE).expect("hole"),
+            3 * CS as i64,
+            "the only hole is at the end"
+        );
+        assert_eq!(
+            k.lseek(fh, 3 * CS as i64, libc::SEEK_DATA)
+                .map_err(|e| e.errno)
+                .err(),
+            Some(libc::ENXIO)
+        );
+        assert_eq!(k.lseek(fh, 0, libc::SEEK_END).expect("end"), 3 * CS as i64);
     }
 
     #[tokio::test]

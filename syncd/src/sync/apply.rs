@@ -103,7 +103,16 @@ fn decide_and_apply(engine: &SyncEngine, peer: &str, rec: &ObjRec, settle: Settl
             other => return other,
         }
     }
-    match store.apply_remote(&out, None) {
+    // A conflict copy made by a peer: its bytes are likely those of the
+    // object at the original name here (the peer resolved a conflict our
+    // version lost, and its winner, next in its log, replaces our
+    // content): seed it from there (every chunk is verified by its hash).
+    let seed = if local.is_none() {
+        copy_seed(engine, &out)
+    } else {
+        None
+    };
+    match store.apply_remote(&out, seed) {
         Ok(applied) => {
             after_apply(engine, &out, applied);
             if conflict {
@@ -134,17 +143,16 @@ fn make_copy(engine: &SyncEngine, peer: &str, of: &Gid, copy: &ConflictCopy) -> 
         Outcome::Ignore => return Fate::Done,
         Outcome::Store { rec, .. } => rec,
     };
-    let seed = if copy.from_local {
-        match local_seed(engine, of) {
-            Ok(seed) => seed,
-            Err(e) => return Fate::Deferred(Wait::Failed(e.to_string())),
-        }
-    } else {
-        None
+    // Seeded from the local version either way: all of it when the loser
+    // is ours, the chunks it shares with the winner otherwise (each chunk
+    // is verified by its hash).
+    let seed = match local_seed(engine, of) {
+        Ok(seed) => seed,
+        Err(e) => return Fate::Deferred(Wait::Failed(e.to_string())),
     };
     match store.apply_remote(&rec, seed) {
         Ok(applied) => {
-            tracing::info!(peer, copy = ?rec.gid, name = %String::from_utf8_lossy(&rec.names[0].name), "conflict copy made");
+            tracing::info!(peer, copy = ?rec.gid, name = %String::from_utf8_lossy(&rec.names[0].name), ours = copy.from_local, "conflict copy made");
             after_apply(engine, &rec, applied);
             Fate::Done
         }
@@ -164,6 +172,28 @@ fn local_seed(engine: &SyncEngine, of: &Gid) -> Result<Option<Seed>, ipc_schema:
         ino,
         generation: now.generation,
     }))
+}
+
+/// The seed of a new file named as a conflict copy
+/// ([`merge::conflict_name`]): the object at the original name in the same
+/// directory, if it is a file here.
+fn copy_seed(engine: &SyncEngine, rec: &ObjRec) -> Option<Seed> {
+    if rec.kind != ipc_schema::FileKind::File {
+        return None;
+    }
+    let first = rec.names.first()?;
+    let original = merge::original_name(&first.name)?;
+    let store = &engine.store;
+    let parent = store.ino_of(&first.parent).ok()??;
+    let attr = store.lookup(parent, &ipc_schema::Name(original)).ok()?;
+    if attr.kind != ipc_schema::FileKind::File {
+        return None;
+    }
+    let obj = store.local_object(attr.ino).ok()?;
+    obj.now.map(|now| Seed {
+        ino: attr.ino,
+        generation: now.generation,
+    })
 }
 
 /// After a successful apply: invalidations, eager fetch, and the log.

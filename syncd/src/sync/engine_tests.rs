@@ -261,17 +261,17 @@ async fn converged(a: &Node, b: &Node) {
         let done = a.store.dirty_count() == 0
             && b.store.dirty_count() == 0
             && records(&a.store) == records(&b.store)
-            && tree_of(&a) == tree_of(&b);
+            && tree_of(a) == tree_of(b);
         if done {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "the two nodes did not converge:\na: {:?}\n{:#?}\n{:?}\nb: {:?}\n{:#?}\n{:?}",
-            tree_of(&a),
+            tree_of(a),
             records(&a.store),
             a.engine.book.get("FP-b"),
-            tree_of(&b),
+            tree_of(b),
             records(&b.store),
             b.engine.book.get("FP-a"),
         );
@@ -510,4 +510,61 @@ async fn a_directory_delete_that_comes_before_its_entries_delete_does_not_keep_t
         0,
         "no directory was kept"
     );
+}
+
+/// Apply every record of `from` after its sequence `after` to `to`, as a
+/// session would; answers `from`'s last sequence number.
+async fn pull(from: &Node, to: &Node, after: u64) -> u64 {
+    let recs = from
+        .store
+        .changes_since(after, usize::MAX)
+        .expect("changes");
+    let last = recs.last().map_or(after, |(s, _)| *s);
+    let engine = to.engine.clone();
+    let peer = format!("FP-{}", from.name);
+    let left = tokio::task::spawn_blocking(move || {
+        super::session::apply_batch(&engine, &peer, recs, Vec::new())
+    })
+    .await
+    .expect("apply");
+    assert!(left.is_empty(), "nothing waits: {left:?}");
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_resolved_first_does_not_make_our_losing_edit_vanish() {
+    let (a, b) = pair();
+    let fa = write_file(&a.store, Ino::ROOT, "f.txt", b"base");
+    until("a versioned", || a.store.dirty_count() == 0).await;
+    let a_seq = pull(&a, &b, 0).await;
+    let b_seq = b.store.local_seq();
+    // b edits, then a (later, so a's edit wins).
+    let fb = b.store.lookup(Ino::ROOT, &n("f.txt")).expect("f on b").ino;
+    overwrite(&b.store, fb, b"b's edit, which loses");
+    until("b versioned", || b.store.dirty_count() == 0).await;
+    std::thread::sleep(Duration::from_millis(20));
+    overwrite(&a.store, fa, b"a's edit, which wins");
+    until("a versioned", || a.store.dirty_count() == 0).await;
+    // a sees b's edit first: it keeps its own and records a copy of b's
+    // (bytes not here: only b has them).
+    pull(&b, &a, b_seq).await;
+    // Then b gets a's log: the copy, then a's winner with the merged
+    // vector, which is newer than b's edit (b never sees a conflict).
+    pull(&a, &b, a_seq).await;
+    let t = tree_of(&b);
+    assert_eq!(
+        t.get("/f.txt"),
+        Some(&(FileKind::File, b"a's edit, which wins".to_vec()))
+    );
+    let copy = t
+        .iter()
+        .find(|(k, _)| k.contains(".sync-conflict-"))
+        .expect("a conflict copy on b");
+    assert_eq!(
+        copy.1.1,
+        b"b's edit, which loses".to_vec(),
+        "b's edit is kept in the copy, from b's own bytes"
+    );
+    // And a can get the copy's bytes from b.
+    converged(&a, &b).await;
 }

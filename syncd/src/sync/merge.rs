@@ -39,8 +39,10 @@ use super::model::{Causality, DeviceId, EntryName, Gid, ObjRec, VersionVector};
 use ipc_schema::{FileKind, Timestamp};
 use std::cmp::Ordering;
 
-/// What to do with a remote version.
+/// What to do with a remote version (lives for one decision, so the size
+/// of its records does not matter).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Outcome {
     /// We have this version or a newer one: nothing to do.
     Ignore,
@@ -233,6 +235,21 @@ pub fn conflict_name(name: &[u8], mtime: Timestamp, by: DeviceId) -> Vec<u8> {
     out.extend_from_slice(suffix.as_bytes());
     out.extend_from_slice(ext);
     out
+}
+
+/// The name a conflict copy was made from: `name` without its
+/// `.sync-conflict-YYYYMMDD-HHMMSS-XXXXXXXX` part (`None` if it has none;
+/// a stem cut to fit 255 bytes is not restored).
+pub fn original_name(name: &[u8]) -> Option<Vec<u8>> {
+    const MARK: &[u8] = b".sync-conflict-";
+    const LEN: usize = 39; // MARK, 8 digits, '-', 6 digits, '-', 8 hex
+    let at = name.windows(MARK.len()).rposition(|w| w == MARK)?;
+    if name.len() < at + LEN || at == 0 {
+        return None;
+    }
+    let mut out = name[..at].to_vec();
+    out.extend_from_slice(&name[at + LEN..]);
+    Some(out)
 }
 
 /// Of two different objects that claim the same name, whether `a` is the

@@ -308,6 +308,23 @@ fn conflict_names_keep_the_extension_and_fit_255_bytes() {
 }
 
 #[test]
+fn the_original_name_of_a_conflict_copy_is_found_again() {
+    let t = at(1_764_480_000);
+    for name in [
+        &b"report.pdf"[..],
+        b"Makefile",
+        b".bashrc",
+        b"a.tar.gz",
+        b"x.",
+    ] {
+        let copy = conflict_name(name, t, dev(7));
+        assert_eq!(original_name(&copy).as_deref(), Some(name), "{copy:?}");
+    }
+    assert_eq!(original_name(b"plain.txt"), None);
+    assert_eq!(original_name(b"x.sync-conflict-short"), None);
+}
+
+#[test]
 fn the_collision_rule_picks_one_loser_whichever_side_asks() {
     let a = ObjRec {
         gid: Gid::new(dev(1), 5),

@@ -51,7 +51,7 @@ impl DataPath for Wired {
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + timeout;
             fetcher
-                .ensure(ino, generation, offset, len, deadline.into(), false)
+                .ensure(ino, generation, offset, len, deadline, false)
                 .await
                 .map(|_| ())
         })

@@ -1,0 +1,52 @@
+//! A write into a file that is only partly on this machine (issue item 4):
+//! mountd fetches the chunk it touches first, so the written bytes land on
+//! the peer's bytes, are never overwritten by a later fetch, and nothing
+//! else of the file has to come over before the write. (With mountd's
+//! fetch before such a write switched off, b's copy lost the patch: the
+//! chunk's later fetch wrote the peer's bytes over it.)
+
+use harness::Watchdog;
+use harness::pair::{LinkMode, Pair, PairOptions};
+use harness::sync_helpers::{CHUNK, PROPAGATION, not_local_entry, wait_content, wait_size};
+use harness::wait::poll_until;
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(300);
+const SIZE: u64 = 32 * CHUNK;
+
+#[test]
+fn a_write_into_a_missing_chunk_keeps_the_peers_bytes_around_it() {
+    let _w = Watchdog::arm("sync_partial_write", LIMIT);
+    let p = Pair::start(PairOptions::new(LinkMode::Loopback));
+    let mut want: Vec<u8> = (0..SIZE).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(p.a.path("big.bin"), &want).expect("write on a");
+    wait_size(&p.b.path("big.bin"), SIZE, PROPAGATION);
+    // Larger than the eager fetch: nothing of it is on b yet.
+    let present = poll_until("b to list big.bin as not local", PROPAGATION, || {
+        not_local_entry(&p.b.ctl().not_local(), "big.bin")?["present_bytes"].as_u64()
+    });
+    assert!(
+        present < SIZE,
+        "big.bin is partial on b ({present} bytes present)"
+    );
+
+    let at = 5 * CHUNK + 100;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p.b.path("big.bin"))
+        .expect("open for writing on b");
+    f.write_all_at(b"PATCHED ON B", at).expect("pwrite on b");
+    drop(f);
+    want[at as usize..at as usize + 12].copy_from_slice(b"PATCHED ON B");
+
+    // b reads the peer's bytes around the patch, the patch, and the rest.
+    let got = std::fs::read(p.b.path("big.bin")).expect("read on b");
+    assert_eq!(got.len() as u64, SIZE);
+    assert!(
+        got == want,
+        "b's copy differs from a's bytes with the patch"
+    );
+    // And the edit travels back.
+    wait_content(&p.a.path("big.bin"), &want, PROPAGATION);
+}
