@@ -245,9 +245,10 @@ fn records(s: &Store) -> BTreeMap<Gid, ObjRec> {
         .collect()
 }
 
-/// Poll `check` until it holds (10 s at most).
+/// Poll `check` until it holds (30 s at most: the whole unit suite may
+/// run beside it on two cores).
 async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !check() {
         assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -256,7 +257,7 @@ async fn until(what: &str, mut check: impl FnMut() -> bool) {
 
 /// Both trees and both indexes equal, and nothing left to version.
 async fn converged(a: &Node, b: &Node) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let done = a.store.dirty_count() == 0
             && b.store.dirty_count() == 0
