@@ -38,6 +38,10 @@ pub const BATCH: usize = 512;
 /// How often deferred records are retried when nothing else happens.
 pub const RETRY: Duration = Duration::from_millis(250);
 
+/// The wait before an index stream that ended on a live connection is
+/// opened again.
+pub const REOPEN: Duration = Duration::from_secs(1);
+
 /// How long a record whose name is held waits before the collision rule
 /// settles it: the replaced file's tombstone of a rename over it is
 /// committed just after the rename's record, and may come in the next
@@ -61,12 +65,22 @@ pub struct Deferred {
     pub since: Instant,
 }
 
-/// Run a session on `conn` until it ends.
+/// Run a session on `conn` until the connection ends (an index stream
+/// that ends before it is opened again after [`REOPEN`]).
 pub async fn run(engine: Arc<SyncEngine>, conn: PeerConn) {
     let fp = conn.label().fingerprint.clone();
     engine.book.session_started(&fp);
-    let reason = session(&engine, &conn, &fp).await;
-    tracing::info!(peer = %conn.label(), %reason, "sync session ended");
+    loop {
+        let reason = session(&engine, &conn, &fp).await;
+        if conn.close_reason().is_some() {
+            tracing::info!(peer = %conn.label(), %reason, "sync session ended");
+            break;
+        }
+        // The stream ended (its timeout, or the peer's error) but the
+        // connection lives: pull again from the recorded progress.
+        tracing::warn!(peer = %conn.label(), %reason, "index stream ended; opening it again");
+        tokio::time::sleep(REOPEN).await;
+    }
     engine.book.session_ended(&fp);
 }
 
