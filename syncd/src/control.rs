@@ -9,9 +9,11 @@
 //! (bounded wait, then the cache), `debug_ops` reads the in-flight registry
 //! (a leaf lock), and `check` (a full scan) runs on the blocking pool.
 //!
-//! The sync commands (`sync_status`, `not_local`) read the store on the
-//! blocking pool, bounded by the request's deadline; `debug_fetches`
-//! copies the fetcher's registry.
+//! The sync commands: `sync_status` copies the per-peer progress (a leaf
+//! lock) and waits for the store's figures at most [`census::WAIT`]
+//! (then shows them as 0); `not_local` reads the store on the blocking
+//! pool, bounded by the request's deadline; `debug_fetches` copies the
+//! fetcher's registry.
 //!
 //! The peer commands talk to the peer manager ([`crate::peer::manager`]):
 //! `peer_list` and `debug_peer_ops` copy its table under a leaf lock;
@@ -151,23 +153,25 @@ impl Control for ControlServer {
         self.daemon.peers.ops()
     }
 
-    async fn sync_status(self, ctx: Context) -> SyncStatus {
+    async fn sync_status(self, _: Context) -> SyncStatus {
+        // The per-peer progress never waits; the store's figures get at
+        // most the census wait, like `status`.
         let peers = self.daemon.peers.list();
         let sync = self.daemon.sync.clone();
-        let work =
-            tokio::task::spawn_blocking(move || crate::sync::status::sync_status(&sync, peers));
-        match tokio::time::timeout_at(before_deadline(&ctx), work).await {
-            Ok(Ok(Ok(status))) => status,
+        let work = tokio::task::spawn_blocking(move || crate::sync::status::store_figures(&sync));
+        let figures = match tokio::time::timeout(census::WAIT, work).await {
+            Ok(Ok(Ok(f))) => Some(f),
             Ok(Ok(Err(e))) => {
                 tracing::warn!(error = %e, "sync status: the store failed");
-                SyncStatus::default()
+                None
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "sync status failed");
-                SyncStatus::default()
+                None
             }
-            Err(_) => SyncStatus::default(),
-        }
+            Err(_) => None,
+        };
+        crate::sync::status::sync_status(&self.daemon.sync, peers, figures)
     }
 
     async fn not_local(self, ctx: Context, limit: u32) -> Vec<NotLocal> {

@@ -161,6 +161,9 @@ pub struct OpenTable {
     retired: HashSet<(Ino, u64)>,
     /// Retired generations whose last handle went: to remove.
     unpinned: Vec<(Ino, u64)>,
+    /// Inodes of write handles dropped without a release (their
+    /// connection's mount went away): to mark dirty, as a release would.
+    dropped_writers: Vec<Ino>,
     /// Unlinked inodes a mount's kernel still references, with the
     /// connections (one per mount) that hold the references.
     refs: HashMap<Ino, Vec<ConnId>>,
@@ -285,6 +288,12 @@ impl OpenTable {
     /// Retired generations whose last handle went since the last call.
     pub fn take_unpinned(&mut self) -> Vec<(Ino, u64)> {
         std::mem::take(&mut self.unpinned)
+    }
+
+    /// Inodes of write handles dropped since the last call without a
+    /// release (see [`OpenTable::disconnect`], [`OpenTable::register`]).
+    pub fn take_dropped_writers(&mut self) -> Vec<Ino> {
+        std::mem::take(&mut self.dropped_writers)
     }
 
     /// Set the generation of a handle (re-registered after a restart).
@@ -472,10 +481,13 @@ impl OpenTable {
     fn drop_handles(&mut self, gone: &[(HandleId, Ino)]) -> Vec<Ino> {
         let mut closed = Vec::new();
         for (id, _) in gone {
-            if let Some(h) = self.handles.remove(id)
-                && self.decrement(&h) == 0
-            {
-                closed.push(h.ino);
+            if let Some(h) = self.handles.remove(id) {
+                if h.write {
+                    self.dropped_writers.push(h.ino);
+                }
+                if self.decrement(&h) == 0 {
+                    closed.push(h.ino);
+                }
             }
         }
         closed
@@ -728,10 +740,14 @@ mod tests {
         t.remove(HandleId(1));
         assert_eq!(t.take_unpinned(), vec![(Ino(5), 0)]);
         assert!(t.take_unpinned().is_empty());
-        // A disconnect without a mount drops handles the same way.
+        // A disconnect without a mount drops handles the same way, and
+        // reports the writers it dropped.
         assert!(!t.retire(Ino(5), 1));
+        assert!(t.add_open(HandleId(4), Ino(6), c, 0, true));
+        assert!(t.take_dropped_writers().is_empty(), "a release is no drop");
         t.disconnect(c);
         assert_eq!(t.take_unpinned(), vec![(Ino(5), 1)]);
+        assert_eq!(t.take_dropped_writers(), vec![Ino(6)]);
         assert_eq!(t.count(Ino(5)), 0);
     }
 

@@ -386,13 +386,24 @@ impl Store {
     /// mount registers again (see [`crate::opens`]). Returns how many
     /// handles it had.
     pub fn disconnect(&self, conn: ConnId) -> usize {
-        let (had, unpinned) = {
+        let (had, unpinned, writers) = {
             let mut opens = self.lock_opens();
             let had = opens.disconnect(conn).0;
-            (had, opens.take_unpinned())
+            (had, opens.take_unpinned(), opens.take_dropped_writers())
         };
         self.purge_unpinned(unpinned);
+        self.mark_dropped_writers(writers);
         had
+    }
+
+    /// Handles opened for writing were dropped without a release: their
+    /// writes are versioned as a release would have them.
+    fn mark_dropped_writers(&self, writers: Vec<Ino>) {
+        for ino in writers {
+            if let Err(e) = self.mark_dirty(ino.0) {
+                tracing::warn!(ino = ino.0, error = %e, "cannot mark a dropped writer's file dirty");
+            }
+        }
     }
 
     /// How many handles `conn` has open.
@@ -437,8 +448,10 @@ impl Store {
                 }
             }
             let unpinned = opens.take_unpinned();
+            let writers = opens.take_dropped_writers();
             drop(opens);
             self.purge_unpinned(unpinned);
+            self.mark_dropped_writers(writers);
             settled
         };
         let freed = self.free_orphans()?;

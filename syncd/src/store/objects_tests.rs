@@ -269,6 +269,42 @@ fn every_shared_change_marks_its_inode_and_wakes_the_engine() {
 }
 
 #[test]
+fn a_writer_dropped_without_a_release_marks_its_file() {
+    use crate::opens::MountKey;
+    let (_d, s) = fresh();
+    let key = |pid| MountKey {
+        mountpoint: "/mnt".into(),
+        pid,
+    };
+    s.register_mount(CONN, key(1), true, &[], &[])
+        .expect("register");
+    let f = s
+        .create(ROOT, &n("w"), 0o644, libc::O_RDWR | libc::O_CREAT, ME, CONN)
+        .expect("create");
+    let r = s
+        .create(ROOT, &n("r"), 0o644, libc::O_RDWR | libc::O_CREAT, ME, CONN)
+        .expect("create");
+    s.release(r.opened.handle).expect("release");
+    let reader = s
+        .open(r.opened.attr.ino, libc::O_RDONLY, CONN)
+        .expect("open");
+    clear_all(&s);
+    assert_eq!(s.disconnect(CONN), 2, "parked, not dropped");
+    assert_eq!(marks(&s), vec![]);
+    // mountd died; a fresh mount drops what it held.
+    let fresh_conn = ConnId(2);
+    s.connect(fresh_conn);
+    s.register_mount(fresh_conn, key(2), true, &[], &[])
+        .expect("fresh mount");
+    assert_eq!(
+        marks(&s),
+        vec![f.opened.attr.ino],
+        "the writer, not the reader"
+    );
+    let _ = reader;
+}
+
+#[test]
 fn take_dirty_is_oldest_first_and_a_newer_mark_survives_commit() {
     let (_d, s) = fresh();
     let a = file_with(&s, ROOT, "a", b"1");

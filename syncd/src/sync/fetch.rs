@@ -76,8 +76,9 @@ const FILES_KEPT: usize = 1024;
 pub trait ChunkStore: Send + Sync + 'static {
     /// The presence record of `ino`, if its bytes are not all local.
     fn presence(&self, ino: Ino) -> Result<Option<PresenceRec>, FsError>;
-    /// The current content generation of `ino`.
-    fn generation(&self, ino: Ino) -> Result<u64, FsError>;
+    /// The current content generation of `ino` and the size of its
+    /// content file.
+    fn generation(&self, ino: Ino) -> Result<(u64, u64), FsError>;
     /// Open generation `generation` of `ino` for writing fetched chunks.
     fn open_for_fill(&self, ino: Ino, generation: u64) -> Result<File, FsError>;
     /// Mark chunk `index` present; answers the bitmap after it (empty:
@@ -91,12 +92,17 @@ impl ChunkStore for Store {
         Store::presence(self, ino)
     }
 
-    fn generation(&self, ino: Ino) -> Result<u64, FsError> {
+    fn generation(&self, ino: Ino) -> Result<(u64, u64), FsError> {
         crate::fault::store_gate();
-        match self.read_inode(ino.0)? {
-            Some(rec) => Ok(rec.generation),
-            None => Err(fs_err!(ENOENT, "{ino} is gone")),
-        }
+        let Some(rec) = self.read_inode(ino.0)? else {
+            return Err(fs_err!(ENOENT, "{ino} is gone"));
+        };
+        let size = self
+            .open_content(ino, rec.generation)?
+            .metadata()
+            .map_err(|e| fs_err!(EIO, "{ino}: stat of the content file: {e}"))?
+            .len();
+        Ok((rec.generation, size))
     }
 
     fn open_for_fill(&self, ino: Ino, generation: u64) -> Result<File, FsError> {
@@ -248,6 +254,14 @@ pub fn bit(bitmap: &[u64], index: u64) -> bool {
         .is_some_and(|w| w & (1 << (index % 64)) != 0)
 }
 
+/// What [`Fetcher::ensure`] finds of the version it is asked about.
+enum Version {
+    /// Some chunks are missing.
+    Partial(PresenceRec),
+    /// Every chunk is here; the content's size.
+    Complete(u64),
+}
+
 /// The state of file `ino` (made if new). When [`FILES_KEPT`] files are
 /// known, those no flight holds (or waits for) a slot of are forgotten
 /// first.
@@ -319,8 +333,10 @@ impl Fetcher {
         demanded: bool,
     ) -> Result<Vec<u64>, FsError> {
         let rec = match self.version(ino, generation).await? {
-            Some(rec) => rec,
-            None => return Ok(all_present(offset.saturating_add(len))),
+            Version::Partial(rec) => rec,
+            Version::Complete(size) => {
+                return Ok(all_present(size.max(offset.saturating_add(len))));
+            }
         };
         let limit = rec.limit;
         let end = offset.saturating_add(len).min(limit);
@@ -358,23 +374,27 @@ impl Fetcher {
             return Err(e);
         }
         match self.version(ino, generation).await? {
-            Some(now) => Ok(now.present),
-            None => Ok(all_present(rec.size.max(offset.saturating_add(len)))),
+            Version::Partial(now) => Ok(now.present),
+            Version::Complete(size) => Ok(all_present(size.max(offset.saturating_add(len)))),
         }
     }
 
-    /// The presence record of `ino` if generation `generation` is partial
-    /// (`None`: it is current and complete); `EIO` when a newer version
-    /// replaced it, since peers serve only the current version.
-    async fn version(&self, ino: Ino, generation: u64) -> Result<Option<PresenceRec>, FsError> {
+    /// Whether generation `generation` of `ino` is partial (with its
+    /// presence record) or current and complete (with its size); `EIO`
+    /// when a newer version replaced it, since peers serve only the
+    /// current version.
+    async fn version(&self, ino: Ino, generation: u64) -> Result<Version, FsError> {
         let current = match self.store_call(move |s| s.presence(ino)).await? {
-            Some(rec) if rec.generation == generation => return Ok(Some(rec)),
+            Some(rec) if rec.generation == generation => return Ok(Version::Partial(rec)),
             Some(rec) => rec.generation,
-            None => self.store_call(move |s| s.generation(ino)).await?,
+            None => {
+                let (current, size) = self.store_call(move |s| s.generation(ino)).await?;
+                if current == generation {
+                    return Ok(Version::Complete(size));
+                }
+                current
+            }
         };
-        if current == generation {
-            return Ok(None);
-        }
         Err(fs_err!(
             EIO,
             "{ino}: the version open here (generation {generation}) was replaced by generation {current}; its missing bytes are no longer served"

@@ -101,8 +101,10 @@ impl ChunkStore for MemStore {
         Ok(self.recs.lock().expect("lock").get(&ino).cloned())
     }
 
-    fn generation(&self, _: Ino) -> Result<u64, FsError> {
-        Ok(self.generation.load(Ordering::SeqCst))
+    fn generation(&self, _: Ino) -> Result<(u64, u64), FsError> {
+        let generation = self.generation.load(Ordering::SeqCst);
+        let size = std::fs::metadata(self.path(INO, generation)).map_or(0, |m| m.len());
+        Ok((generation, size))
     }
 
     fn open_for_fill(&self, ino: Ino, generation: u64) -> Result<File, FsError> {
@@ -657,4 +659,19 @@ fn idle_files_are_forgotten_once_enough_are_known_and_busy_ones_kept() {
     let again = file_state(&mut st, Ino(7), 4).slots.clone();
     assert!(Arc::ptr_eq(&held, &again));
     assert_eq!(again.available_permits(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_file_answers_a_bitmap_of_all_its_chunks() {
+    // More chunks than one bitmap word holds; made complete without a
+    // fetch (sparse file, record gone).
+    let size = 70 * CHUNK_SIZE;
+    let f = fixture(size, &[], true, cfg(8, 0));
+    f.store.recs.lock().expect("lock").remove(&INO);
+    let bitmap = f
+        .fetcher
+        .ensure(INO, GENERATION, 0, 10, far(), true)
+        .await
+        .expect("complete");
+    assert!((0..70).all(|i| bit(&bitmap, i)), "{bitmap:?}");
 }

@@ -24,6 +24,9 @@ pub const COUNT_PARTIAL_MAX: usize = 100_000;
 pub struct PeerProgress {
     /// A session is running on a live connection.
     pub connected: bool,
+    /// Sessions running (a replaced connection's session may end after
+    /// its successor's started).
+    pub sessions: u32,
     /// When the last session ended (seconds since the epoch), while no
     /// session runs.
     pub unreachable_since: Option<i64>,
@@ -62,6 +65,7 @@ impl PeerBook {
     /// A session with `fingerprint` started.
     pub fn session_started(&self, fingerprint: &str) {
         self.update(fingerprint, |p| {
+            p.sessions += 1;
             p.connected = true;
             p.unreachable_since = None;
         });
@@ -74,9 +78,12 @@ impl PeerBook {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         self.update(fingerprint, |p| {
-            p.connected = false;
-            p.unreachable_since = Some(now);
-            p.deferred = 0;
+            p.sessions = p.sessions.saturating_sub(1);
+            if p.sessions == 0 {
+                p.connected = false;
+                p.unreachable_since = Some(now);
+                p.deferred = 0;
+            }
         });
     }
 
@@ -112,16 +119,28 @@ pub fn present_bytes(p: &PresenceRec) -> u64 {
         .sum()
 }
 
-/// The sync status (blocking: reads the store). `peers` is the peer
-/// manager's list (names, connection state, last seen).
-pub fn sync_status(engine: &SyncEngine, peers: Vec<PeerInfo>) -> Result<SyncStatus, FsError> {
+/// What the store says for the status: inodes not yet versioned, files
+/// not all local, bytes missing (blocking: reads the store).
+pub fn store_figures(engine: &SyncEngine) -> Result<(u64, u64, u64), FsError> {
     let store = engine.store();
-    let local_seq = store.local_seq();
     let partial = store.partial_files(COUNT_PARTIAL_MAX)?;
     let missing_bytes = partial
         .iter()
         .map(|(_, p)| p.size.saturating_sub(present_bytes(p)))
         .sum();
+    Ok((store.dirty_count(), partial.len() as u64, missing_bytes))
+}
+
+/// The sync status from the per-peer progress (never waits) and the
+/// store's figures (`None` when the store did not answer in time: shown
+/// as 0). `peers` is the peer manager's list (names, connection state,
+/// last seen).
+pub fn sync_status(
+    engine: &SyncEngine,
+    peers: Vec<PeerInfo>,
+    figures: Option<(u64, u64, u64)>,
+) -> SyncStatus {
+    let local_seq = engine.store().local_seq();
     let peers = peers
         .into_iter()
         .map(|info| {
@@ -147,15 +166,16 @@ pub fn sync_status(engine: &SyncEngine, peers: Vec<PeerInfo>) -> Result<SyncStat
             }
         })
         .collect();
-    Ok(SyncStatus {
+    let (dirty, partial_files, missing_bytes) = figures.unwrap_or_default();
+    SyncStatus {
         device: engine.device().hex(),
         local_seq,
-        dirty: store.dirty_count(),
+        dirty,
         peers,
-        partial_files: partial.len() as u64,
+        partial_files,
         missing_bytes,
         conflicts: engine.conflicts.load(Ordering::Relaxed),
-    })
+    }
 }
 
 /// Files whose bytes are not all local, up to `limit` (blocking).
@@ -196,6 +216,10 @@ mod tests {
         assert!(p.unreachable_since.is_some());
         book.session_started("p");
         assert_eq!(book.get("p").expect("known").unreachable_since, None);
+        // A replaced connection's session ends after its successor started.
+        book.session_started("p");
+        book.session_ended("p");
+        assert!(book.get("p").expect("known").connected, "still connected");
         assert_eq!(pending_out(10, 7), 3);
         assert_eq!(pending_in(4, 9), 0);
     }
