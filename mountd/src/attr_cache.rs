@@ -74,6 +74,9 @@ use std::time::{Duration, Instant};
 pub const CHANGE_MEMORY: Duration = Duration::from_secs(120);
 /// Remembered changes kept before old ones are pruned.
 const CHANGES_BEFORE_PRUNE: usize = 4096;
+/// Announced peer changes older than this are pruned (longer than any
+/// TTL [`AttrCache::peer_changed_within`] is asked about).
+const PEER_CHANGE_WINDOW_MAX: Duration = Duration::from_secs(600);
 
 /// Default number of attributes (and, separately, entries) remembered.
 pub const DEFAULT_CAPACITY: usize = 100_000;
@@ -134,6 +137,11 @@ struct Maps {
     /// Replies to requests sent before this counter value are not kept
     /// for any inode (set when everything was dropped, [`AttrCache::clear`]).
     floor: u64,
+    /// Inode → when a peer's change of it was last announced
+    /// ([`AttrCache::invalidate`]); see [`AttrCache::peer_changed_within`].
+    peer_changed: HashMap<u64, Instant>,
+    /// When everything was last dropped ([`AttrCache::clear`]).
+    cleared_at: Option<Instant>,
 }
 
 impl Maps {
@@ -171,6 +179,8 @@ impl AttrCache {
                 changed: HashMap::new(),
                 referenced: HashMap::new(),
                 floor: 0,
+                peer_changed: HashMap::new(),
+                cleared_at: None,
             }),
             counter: AtomicU64::new(0),
         }
@@ -249,6 +259,12 @@ impl AttrCache {
         self.with(|m| {
             m.attrs.remove(&ino);
             self.note_change(m, ino);
+            let now = Instant::now();
+            m.peer_changed.insert(ino, now);
+            if m.peer_changed.len() > CHANGES_BEFORE_PRUNE {
+                m.peer_changed
+                    .retain(|_, at| now.duration_since(*at) < PEER_CHANGE_WINDOW_MAX);
+            }
         });
     }
 
@@ -260,7 +276,24 @@ impl AttrCache {
             m.attrs = TwoGen::new(m.attrs.half * 2);
             m.entries = TwoGen::new(m.entries.half * 2);
             m.floor = self.counter.fetch_add(1, Ordering::SeqCst) + 1;
+            m.cleared_at = Some(Instant::now());
         });
+    }
+
+    /// Whether a peer's change of `ino` was announced less than `window`
+    /// ago (or everything was dropped then). A reply about such an inode
+    /// may carry attributes syncd read before it applied the change, and
+    /// reach the kernel after the kernel's copy was invalidated: the
+    /// kernel would then keep the old attributes for a whole TTL. So
+    /// replies about it go out with TTL 0 for that long (the kernel asks
+    /// again), and a `stat` on this machine sees a peer's change as soon
+    /// as syncd has applied it.
+    pub fn peer_changed_within(&self, ino: u64, window: Duration) -> bool {
+        self.with(|m| {
+            let recent = |at: &Instant| at.elapsed() < window;
+            m.cleared_at.as_ref().is_some_and(recent)
+                || m.peer_changed.get(&ino).is_some_and(recent)
+        })
     }
 
     /// The last known attributes of `ino`.
@@ -492,5 +525,21 @@ mod tests {
         assert!(c.referenced_inos().is_empty());
         assert_eq!(c.referenced(), 0);
         assert_eq!(c.removed(6), None, "never given to the kernel");
+    }
+
+    #[test]
+    fn a_peer_change_shortens_the_ttl_for_one_window_only() {
+        let c = AttrCache::new(16);
+        let w = Duration::from_secs(60);
+        assert!(!c.peer_changed_within(3, w));
+        c.invalidate(3);
+        assert!(c.peer_changed_within(3, w));
+        assert!(!c.peer_changed_within(4, w), "only the inode announced");
+        assert!(
+            !c.peer_changed_within(3, Duration::ZERO),
+            "the window has passed"
+        );
+        c.clear();
+        assert!(c.peer_changed_within(4, w), "after All every inode counts");
     }
 }

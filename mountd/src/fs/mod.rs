@@ -203,9 +203,11 @@ impl Keibi {
     /// The attribute TTL to give the kernel for `ino`: 0 while a handle of
     /// this mount has it open for writing (stores through a shared mapping
     /// change its times without the kernel noticing, see
-    /// [`crate::attr_inval`]), else `ttl`.
+    /// [`crate::attr_inval`]) and for `ttl` after a peer's change of it was
+    /// announced ([`AttrCache::peer_changed_within`]: a reply that raced
+    /// the announcement must not stay in the kernel), else `ttl`.
     pub fn attr_ttl(&self, ino: u64, ttl: Duration) -> Duration {
-        if self.handles.has_writer(ino) {
+        if self.handles.has_writer(ino) || self.cache.peer_changed_within(ino, ttl) {
             Duration::ZERO
         } else {
             ttl
