@@ -203,22 +203,7 @@ fn section(out: &mut String, source: &str, r: &Result<Vec<OpInFlight>, String>) 
                     op.waiting_on.clone(),
                 ]);
             }
-            let mut widths = [0usize; 6];
-            for row in &rows {
-                for (w, cell) in widths.iter_mut().zip(row) {
-                    *w = (*w).max(cell.chars().count());
-                }
-            }
-            for row in &rows {
-                let line = row
-                    .iter()
-                    .zip(widths)
-                    .map(|(cell, w)| format!("{cell:<w$}"))
-                    .collect::<Vec<_>>()
-                    .join("  ");
-                out.push_str(line.trim_end());
-                out.push('\n');
-            }
+            out.push_str(&crate::render::table(&rows));
         }
     }
     out.push('\n');
@@ -245,22 +230,7 @@ fn peer_section(out: &mut String, r: &Result<Vec<PeerOpInFlight>, String>) {
                     op.bytes.to_string(),
                 ]);
             }
-            let mut widths = [0usize; 6];
-            for row in &rows {
-                for (w, cell) in widths.iter_mut().zip(row) {
-                    *w = (*w).max(cell.chars().count());
-                }
-            }
-            for row in &rows {
-                let line = row
-                    .iter()
-                    .zip(widths)
-                    .map(|(cell, w)| format!("{cell:<w$}"))
-                    .collect::<Vec<_>>()
-                    .join("  ");
-                out.push_str(line.trim_end());
-                out.push('\n');
-            }
+            out.push_str(&crate::render::table(&rows));
         }
     }
     out.push('\n');
@@ -285,22 +255,7 @@ fn fetch_section(out: &mut String, r: &Result<Vec<FetchInFlight>, String>) {
                     if f.demanded { "read" } else { "ahead" }.into(),
                 ]);
             }
-            let mut widths = [0usize; 5];
-            for row in &rows {
-                for (w, cell) in widths.iter_mut().zip(row) {
-                    *w = (*w).max(cell.chars().count());
-                }
-            }
-            for row in &rows {
-                let line = row
-                    .iter()
-                    .zip(widths)
-                    .map(|(cell, w)| format!("{cell:<w$}"))
-                    .collect::<Vec<_>>()
-                    .join("  ");
-                out.push_str(line.trim_end());
-                out.push('\n');
-            }
+            out.push_str(&crate::render::table(&rows));
         }
     }
     out.push('\n');

@@ -187,23 +187,7 @@ pub fn table(peers: &[PeerInfo], now_unix_ms: u64) -> String {
             p.protocol_version.map_or("-".into(), |v| v.to_string()),
         ]);
     }
-    let mut widths = [0usize; 9];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let line = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
+    let mut out = crate::render::table(&rows);
     for p in peers {
         if let (Some(err), false) = (&p.last_error, p.state == "connected") {
             let who = p

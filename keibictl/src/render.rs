@@ -125,24 +125,7 @@ pub fn not_local_table(list: &[NotLocal]) -> String {
             f.present_bytes.to_string(),
         ]);
     }
-    let mut widths = [0usize; 3];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let line = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+    table(&rows)
 }
 
 /// The files not all local as a JSON array and a newline.
@@ -270,24 +253,7 @@ fn mounts_table(mounts: &[MountStatus]) -> String {
             seconds(m.connected_secs),
         ]);
     }
-    let mut widths = [0usize; 5];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let line = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+    table(&rows)
 }
 
 /// Whether the figures (counts and open handles) are this answer's own.
@@ -322,6 +288,29 @@ fn bytes(n: u64) -> String {
         unit += 1;
     }
     format!("{n} ({value:.1} {})", UNITS[unit])
+}
+
+/// Rows as a table: columns left-aligned to their widest cell, two spaces
+/// apart, trailing spaces trimmed, one line per row.
+pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let line = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
