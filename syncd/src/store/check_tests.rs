@@ -24,22 +24,6 @@ fn fresh() -> (tempfile::TempDir, Store) {
     (dir, s)
 }
 
-/// Open the store of `dir` again after the previous `Store` was dropped
-/// (sled lets go of its lock a moment after the drop; bounded poll).
-fn reopen(dir: &std::path::Path) -> Store {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match Store::load(dir, (0, 0)) {
-            Ok(s) => return s,
-            Err(e) if e.message.contains("could not acquire lock") => {
-                assert!(std::time::Instant::now() < deadline, "lock kept: {e}");
-                std::thread::yield_now();
-            }
-            Err(e) => panic!("reopen: {e}"),
-        }
-    }
-}
-
 fn n(s: &str) -> Name {
     Name::from(s)
 }
@@ -481,4 +465,8 @@ fn a_format_1_store_opens_with_every_inode_and_number() {
     drop(s);
     let s = reopen(dir.path());
     assert_eq!(s.lookup(ROOT, &n("f")).expect("f again").ino, Ino(3));
+}
+
+fn reopen(dir: &std::path::Path) -> Store {
+    super::test_support::reopen(dir, (0, 0))
 }

@@ -56,6 +56,8 @@ pub mod peers;
 pub mod presence;
 pub mod reclaim;
 pub mod records;
+#[cfg(test)]
+pub mod test_support;
 pub mod tx;
 pub mod xattrs;
 

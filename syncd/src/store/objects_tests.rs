@@ -9,7 +9,6 @@ use crate::sync::model::{
     CHUNK_SIZE, ChunkHash, DeviceId, EntryName, Gid, ObjRec, VersionVector, chunk_range,
 };
 use ipc_schema::{Caller, Inval, RenameFlags};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 
 const ROOT: Ino = Ino::ROOT;
@@ -31,39 +30,8 @@ fn fresh() -> (tempfile::TempDir, Store) {
     (dir, s)
 }
 
-fn reopen(dir: &std::path::Path) -> Store {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match Store::load(dir, OWNER) {
-            Ok(s) => return s,
-            Err(e) if e.message.contains("could not acquire lock") => {
-                assert!(std::time::Instant::now() < deadline, "lock kept: {e}");
-                std::thread::yield_now();
-            }
-            Err(e) => panic!("reopen: {e}"),
-        }
-    }
-}
-
 fn n(s: &str) -> Name {
     Name::from(s)
-}
-
-/// A file `name` in `parent` with `bytes`, closed.
-fn file_with(s: &Store, parent: Ino, name: &str, bytes: &[u8]) -> Ino {
-    let f = s
-        .create(
-            parent,
-            &n(name),
-            0o644,
-            libc::O_RDWR | libc::O_CREAT,
-            ME,
-            CONN,
-        )
-        .expect("create");
-    std::fs::File::from(f.fd).write_all(bytes).expect("write");
-    s.release(f.opened.handle).expect("release");
-    f.opened.attr.ino
 }
 
 fn marks(s: &Store) -> Vec<Ino> {
@@ -1031,4 +999,13 @@ fn a_format_2_store_migrates_with_links_and_generation_zero() {
     assert_eq!(names, vec![&b"a"[..], &b"b"[..]]);
     assert_eq!(marks(&s), vec![Ino(3)]);
     assert!(s.check(false).expect("check").findings.is_empty());
+}
+
+fn reopen(dir: &std::path::Path) -> Store {
+    super::test_support::reopen(dir, OWNER)
+}
+
+/// A file `name` in `parent` with `bytes`, closed.
+fn file_with(s: &Store, parent: Ino, name: &str, bytes: &[u8]) -> Ino {
+    super::test_support::file_with(s, parent, name, bytes, ME, CONN)
 }

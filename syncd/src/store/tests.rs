@@ -21,28 +21,6 @@ fn fresh() -> (tempfile::TempDir, Store) {
     (dir, s)
 }
 
-/// Open the store of `dir` again after the previous `Store` was dropped.
-/// sled releases its file lock only when its I/O threads have finished the
-/// last writes of the dropped database, a moment after the drop; until
-/// then opening fails with "could not acquire lock", so poll for that
-/// (bounded).
-fn reopen(dir: &std::path::Path) -> Store {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match Store::load(dir, (0, 0)) {
-            Ok(s) => return s,
-            Err(e) if e.message.contains("could not acquire lock") => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the dropped store kept its lock: {e}"
-                );
-                std::thread::yield_now();
-            }
-            Err(e) => panic!("reopen: {e}"),
-        }
-    }
-}
-
 fn n(s: &str) -> Name {
     Name::from(s)
 }
@@ -831,4 +809,8 @@ fn lookup_of_dot_names_any_inode_itself() {
     assert_eq!(s.lookup(d, &n("..")).expect("lookup ..").ino, ROOT);
     assert_eq!(errno(s.lookup(f, &n(".."))), libc::ENOTDIR);
     assert_eq!(errno(s.lookup(Ino(9999), &n("."))), libc::ENOENT);
+}
+
+fn reopen(dir: &std::path::Path) -> Store {
+    super::test_support::reopen(dir, (0, 0))
 }

@@ -168,22 +168,6 @@ fn n(s: &str) -> Name {
     Name::from(s)
 }
 
-fn write_file(s: &Store, parent: Ino, name: &str, bytes: &[u8]) -> Ino {
-    let f = s
-        .create(
-            parent,
-            &n(name),
-            0o644,
-            libc::O_RDWR | libc::O_CREAT,
-            ME,
-            CONN,
-        )
-        .expect("create");
-    std::fs::File::from(f.fd).write_all(bytes).expect("write");
-    s.release(f.opened.handle).expect("release");
-    f.opened.attr.ino
-}
-
 fn overwrite(s: &Store, ino: Ino, bytes: &[u8]) {
     let f = s
         .open(ino, libc::O_RDWR | libc::O_TRUNC, CONN)
@@ -570,4 +554,8 @@ async fn a_peer_that_resolved_first_does_not_make_our_losing_edit_vanish() {
     );
     // And a can get the copy's bytes from b.
     converged(&a, &b).await;
+}
+
+fn write_file(s: &Store, parent: Ino, name: &str, bytes: &[u8]) -> Ino {
+    crate::store::test_support::file_with(s, parent, name, bytes, ME, CONN)
 }
