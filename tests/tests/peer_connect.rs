@@ -232,11 +232,11 @@ fn version_mismatch_is_refused_naming_both_versions() {
         p["last_error"].as_str().is_some()
     });
     let err = pa["last_error"].as_str().expect("last_error");
-    assert!(err.contains("1..=1") && err.contains("7..=7"), "{err}");
+    assert!(err.contains("2..=2") && err.contains("7..=7"), "{err}");
     for node in [&a, &b] {
-        node.wait_log("a version error naming 1..=1 and 7..=7", CONNECT, |log| {
+        node.wait_log("a version error naming 2..=2 and 7..=7", CONNECT, |log| {
             log.lines()
-                .any(|l| l.contains("version") && l.contains("1..=1") && l.contains("7..=7"))
+                .any(|l| l.contains("version") && l.contains("2..=2") && l.contains("7..=7"))
         });
     }
     assert_ne!(state(&pa), "connected");
