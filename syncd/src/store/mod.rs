@@ -577,7 +577,9 @@ impl Store {
         let content_changes =
             changes.size.is_some() || changes.atime.is_some() || changes.mtime.is_some();
         // Before the change (see `objects`): a crash after it leaves a
-        // spurious mark at worst. Only atime changes are not shared.
+        // spurious mark at worst. Only atime changes are not shared. The
+        // engine may take this mark before the change lands, so the same
+        // mark is written again after it (below).
         let atime_only = changes.atime.is_some()
             && changes.size.is_none()
             && changes.mtime.is_none()
@@ -632,6 +634,12 @@ impl Store {
             }
             rec.ctime = now;
         })?;
+        // And after it: the engine may have taken the first mark and seen
+        // the state before the change (then found nothing to version and
+        // cleared it); this mark makes it look again.
+        if !atime_only && objects::shared_kind(rec.kind) {
+            self.mark_dirty(ino.0)?;
+        }
         match cs {
             Some(cs) => Ok(make_attr(ino.0, &rec, Some(&cs), self.has_xattrs(ino.0)?)),
             None => self.attr_of(ino.0, &rec),
