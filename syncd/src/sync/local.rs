@@ -48,6 +48,13 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How long a chunk fetch for versioning may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Space the versioner leaves free on the state directory's filesystem:
+/// below it, local changes wait (they stay marked dirty) instead of being
+/// written as versions. A version of a large file is a large record, and
+/// once sled fails to write its log for lack of space it cannot flush
+/// again, not even the unlink that would free the space; so on a full
+/// disk only the filesystem's own operations write to the store.
+const FREE_RESERVE: u64 = 16 << 20;
 /// When nothing wakes the versioner, it looks anyway this often (a mark
 /// whose wake-up was lost is versioned at the latest then).
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -153,6 +160,13 @@ fn backoff(later: &mut HashMap<Ino, (Instant, Duration)>, ino: Ino) {
 /// Take dirty inodes (skipping those in `skip`) and version each. Answers
 /// the step of each and whether any was taken and settled.
 fn version_dirty(engine: &SyncEngine, skip: &[Ino]) -> Result<(Vec<(Ino, Step)>, bool), FsError> {
+    if let Some(free) = nearly_full(engine.store.state_dir()) {
+        tracing::debug!(
+            free,
+            "the state directory's filesystem is nearly full; versioning waits"
+        );
+        return Ok((Vec::new(), false));
+    }
     let marks = engine.store.take_dirty(TAKE + skip.len())?;
     let mut steps = Vec::new();
     let mut any_done = false;
@@ -338,4 +352,14 @@ fn bit(words: &[u64], i: u64) -> bool {
     words
         .get((i / 64) as usize)
         .is_some_and(|w| w & (1 << (i % 64)) != 0)
+}
+
+/// `Some(available bytes)` when the filesystem holding `state_dir` has
+/// less than [`FREE_RESERVE`] available (`None` when it has more, or
+/// cannot be asked: then versioning goes on and a write error is retried
+/// like any other).
+fn nearly_full(state_dir: &std::path::Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(state_dir).ok()?;
+    let free = st.blocks_available().saturating_mul(st.fragment_size());
+    (free < FREE_RESERVE).then_some(free)
 }
