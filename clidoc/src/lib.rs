@@ -103,7 +103,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("clidoc-test-{}", std::process::id()));
         let cmd = Command::new("demo")
             .about("A demo.")
-            .arg(clap::Arg::new("verbose").long("verbose").action(clap::ArgAction::SetTrue))
+            .arg(
+                clap::Arg::new("verbose")
+                    .long("verbose")
+                    .action(clap::ArgAction::SetTrue),
+            )
             .subcommand(Command::new("status").about("Show the status."));
         write_all(cmd, "1", &dir).expect("generate");
         let page = fs::read_to_string(dir.join("man/demo.1")).expect("man page");

@@ -41,7 +41,9 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     // `keibictl --generate-docs DIR`: man page and completions.
-    if let Some(code) = clidoc::generate_if_asked(|| vec![(<cli::Args as clap::CommandFactory>::command(), "1")]) {
+    if let Some(code) =
+        clidoc::generate_if_asked(|| vec![(<cli::Args as clap::CommandFactory>::command(), "1")])
+    {
         return code;
     }
     let args = cli::Args::parse();

@@ -135,10 +135,19 @@ const IGNORED: [&str; 11] = [
 const UNSUPPORTED: [(&str, &str); 8] = [
     ("ro", "read-only mounts are not supported"),
     ("noexec", "noexec is not supported"),
-    ("noatime", "keibi keeps atime as relatime does; noatime is not supported"),
-    ("strictatime", "keibi keeps atime as relatime does; strictatime is not supported"),
+    (
+        "noatime",
+        "keibi keeps atime as relatime does; noatime is not supported",
+    ),
+    (
+        "strictatime",
+        "keibi keeps atime as relatime does; strictatime is not supported",
+    ),
     ("sync", "synchronous mounts are not supported (use fsync)"),
-    ("dirsync", "synchronous mounts are not supported (use fsync)"),
+    (
+        "dirsync",
+        "synchronous mounts are not supported (use fsync)",
+    ),
     ("suid", "keibi mounts are always nosuid"),
     ("dev", "keibi mounts are always nodev"),
 ];
@@ -148,7 +157,10 @@ const UNSUPPORTED: [(&str, &str); 8] = [
 pub fn command() -> clap::Command {
     use clap::{Arg, ArgAction, Command};
     let flag = |name: &'static str, short: char, help: &'static str| {
-        Arg::new(name).short(short).action(ArgAction::SetTrue).help(help)
+        Arg::new(name)
+            .short(short)
+            .action(ArgAction::SetTrue)
+            .help(help)
     };
     Command::new("mount.fuse.keibi")
         .about("mount(8) helper for keibi: mount -t fuse.keibi keibi MOUNTPOINT")
@@ -159,7 +171,12 @@ pub fn command() -> clap::Command {
              umount MOUNTPOINT stops that keibi-mountd.",
         )
         .version(env!("CARGO_PKG_VERSION"))
-        .arg(Arg::new("source").required(true).value_name("SOURCE").help("Ignored; write keibi"))
+        .arg(
+            Arg::new("source")
+                .required(true)
+                .value_name("SOURCE")
+                .help("Ignored; write keibi"),
+        )
         .arg(
             Arg::new("mountpoint")
                 .required(true)
@@ -186,7 +203,12 @@ pub fn command() -> clap::Command {
         .arg(flag("fake", 'f', "Check everything, mount nothing"))
         .arg(flag("verbose", 'v', "Show the keibi-mountd command"))
         .arg(flag("no_mtab", 'n', "Accepted (there is no mtab to write)"))
-        .arg(Arg::new("type").short('t').value_name("TYPE").help("Accepted (fuse.keibi)"))
+        .arg(
+            Arg::new("type")
+                .short('t')
+                .value_name("TYPE")
+                .help("Accepted (fuse.keibi)"),
+        )
         .after_help(
             "Exit status: 0 mounted; 1 a bad option or not root (nothing started); 32 the mount \
              failed (keibi-syncd not answering, a keibi mount already there, keibi-mountd \
@@ -195,10 +217,11 @@ pub fn command() -> clap::Command {
 }
 
 fn parse_args(args: &[OsString]) -> Result<Request, Failure> {
-    let matches = command()
-        .no_binary_name(true)
-        .try_get_matches_from(args)
-        .map_err(|e| usage(e.render().to_string().trim_end().to_string()))?;
+    let matches = match command().no_binary_name(true).try_get_matches_from(args) {
+        Ok(m) => m,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version: print, exit 0
+        Err(e) => return Err(usage(e.render().to_string().trim_end().to_string())),
+    };
     let mut req = Request {
         mountpoint: matches
             .get_one::<PathBuf>("mountpoint")
@@ -216,8 +239,11 @@ fn parse_args(args: &[OsString]) -> Result<Request, Failure> {
 }
 
 fn duration(key: &str, value: &str) -> Result<Duration, Failure> {
-    humantime::parse_duration(value)
-        .map_err(|e| usage(format!("option {key}={value}: not a duration ({e}); write e.g. 2s or 500ms")))
+    humantime::parse_duration(value).map_err(|e| {
+        usage(format!(
+            "option {key}={value}: not a duration ({e}); write e.g. 2s or 500ms"
+        ))
+    })
 }
 
 fn parse_options(text: &str, sloppy: bool, out: &mut MountOptions) -> Result<(), Failure> {
@@ -236,14 +262,19 @@ fn parse_options(text: &str, sloppy: bool, out: &mut MountOptions) -> Result<(),
             "deadline" | "read_deadline" | "fsync_deadline" | "attr_ttl" => {
                 let v = need(value)?;
                 duration(key, &v)?;
-                out.mountd_args.push(format!("--{}", key.replace('_', "-")).into());
+                out.mountd_args
+                    .push(format!("--{}", key.replace('_', "-")).into());
                 out.mountd_args.push(v.into());
             }
             "threads" => {
                 let v = need(value)?;
                 match v.parse::<u16>() {
                     Ok(n) if (1..=64).contains(&n) => {}
-                    _ => return Err(usage(format!("option threads={v}: write a number from 1 to 64"))),
+                    _ => {
+                        return Err(usage(format!(
+                            "option threads={v}: write a number from 1 to 64"
+                        )));
+                    }
                 }
                 out.mountd_args.push("--threads".into());
                 out.mountd_args.push(v.into());
@@ -276,7 +307,9 @@ fn parse_options(text: &str, sloppy: bool, out: &mut MountOptions) -> Result<(),
 fn run(args: &[OsString]) -> Result<(), Failure> {
     let req = parse_args(args)?;
     if !nix::unistd::geteuid().is_root() {
-        return Err(usage("must run as root (keibi-mountd mounts for every local user)"));
+        return Err(usage(
+            "must run as root (keibi-mountd mounts for every local user)",
+        ));
     }
     let opts = &req.options;
     let mountpoint = crate::mount::absolute_mountpoint(&req.mountpoint)
@@ -344,22 +377,30 @@ fn mountd_command(req: &Request, mountpoint: &Path, socket: &Path) -> Result<Com
 }
 
 /// Succeed once keibi-syncd accepts mountd's handshake on `socket`, trying
-/// again until `wait` has passed.
+/// again until `wait` has passed. The preamble carries an fd channel, as
+/// mountd's does (syncd refuses a filesystem preamble without one); both
+/// ends close right after, and syncd sees a client that went away before
+/// registering a mount.
 fn check_syncd(socket: &Path, wait: Duration) -> Result<(), Failure> {
     use ipc_schema::handshake::{self, ServiceKind};
+    use std::os::fd::AsRawFd;
     let start = Instant::now();
     loop {
+        let (_mine, theirs) = ipc_schema::fdpass::channel_pair()
+            .map_err(|e| failed(format!("cannot make an fd channel: {e}")))?;
         let why = match std::os::unix::net::UnixStream::connect(socket) {
-            Ok(mut s) => match handshake::client(&mut s, ServiceKind::Filesystem, None) {
-                Ok(()) => return Ok(()),
-                // A refusal will not change by waiting.
-                Err(e) => {
-                    return Err(failed(format!(
-                        "keibi-syncd at {} refused keibi-mountd: {e}",
-                        socket.display()
-                    )));
+            Ok(mut s) => {
+                match handshake::client(&mut s, ServiceKind::Filesystem, Some(theirs.as_raw_fd())) {
+                    Ok(()) => return Ok(()),
+                    // A refusal will not change by waiting.
+                    Err(e) => {
+                        return Err(failed(format!(
+                            "keibi-syncd at {} refused keibi-mountd: {e}",
+                            socket.display()
+                        )));
+                    }
                 }
-            },
+            }
             Err(e) => e,
         };
         if start.elapsed() >= wait {
@@ -469,10 +510,23 @@ mod tests {
         assert_eq!(req.mountpoint, PathBuf::from("/mnt/k"));
         assert_eq!(
             req.options.mountd_args,
-            args(&["--deadline", "3s", "--attr-ttl", "500ms", "--threads", "4", "--no-passthrough"])
+            args(&[
+                "--deadline",
+                "3s",
+                "--attr-ttl",
+                "500ms",
+                "--threads",
+                "4",
+                "--no-passthrough"
+            ])
         );
-        let req = parse_args(&args(&["keibi", "/m", "-osyncd_socket=/s,syncd_wait=1s", "-fv"]))
-            .expect("valid");
+        let req = parse_args(&args(&[
+            "keibi",
+            "/m",
+            "-osyncd_socket=/s,syncd_wait=1s",
+            "-fv",
+        ]))
+        .expect("valid");
         assert_eq!(req.options.syncd_socket, Some(PathBuf::from("/s")));
         assert_eq!(req.options.syncd_wait, Duration::from_secs(1));
         assert!(req.fake && req.verbose);
@@ -483,7 +537,10 @@ mod tests {
         let err = |a: &[&str]| parse_args(&args(a)).expect_err("must be refused");
         let (code, msg) = err(&["keibi", "/m", "-o", "deadline=soon"]);
         assert_eq!(code, EXIT_USAGE);
-        assert!(msg.contains("deadline=soon") && msg.contains("not a duration"), "{msg}");
+        assert!(
+            msg.contains("deadline=soon") && msg.contains("not a duration"),
+            "{msg}"
+        );
         let (_, msg) = err(&["keibi", "/m", "-o", "colour=blue"]);
         assert!(msg.contains("unknown option \"colour=blue\""), "{msg}");
         let (_, msg) = err(&["keibi", "/m", "-o", "ro"]);

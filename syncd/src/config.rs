@@ -286,9 +286,15 @@ impl Config {
             Value::Array(self.listen.iter().map(|a| text(a.to_string())).collect()),
         );
         t.insert("peer_timeout".into(), duration(self.peer_timeout));
-        t.insert("peer_reconnect_max".into(), duration(self.peer_reconnect_max));
+        t.insert(
+            "peer_reconnect_max".into(),
+            duration(self.peer_reconnect_max),
+        );
         t.insert("peer_rekey_bytes".into(), int(self.peer_rekey_bytes));
-        t.insert("peer_rekey_interval".into(), duration(self.peer_rekey_interval));
+        t.insert(
+            "peer_rekey_interval".into(),
+            duration(self.peer_rekey_interval),
+        );
         t.insert("eager_fetch_max".into(), int(self.eager_fetch_max));
         t.insert("fetch_parallel".into(), int(self.fetch_parallel as u64));
         t.insert("fetch_readahead_max".into(), int(self.fetch_readahead_max));

@@ -103,7 +103,9 @@ fn check_config(mut cli: Cli, file: std::path::PathBuf) -> ExitCode {
 
 fn main() -> ExitCode {
     // `keibi-syncd --generate-docs DIR`: man page and completions.
-    if let Some(code) = clidoc::generate_if_asked(|| vec![(<Cli as clap::CommandFactory>::command(), "8")]) {
+    if let Some(code) =
+        clidoc::generate_if_asked(|| vec![(<Cli as clap::CommandFactory>::command(), "8")])
+    {
         return code;
     }
     let cli = Cli::parse();

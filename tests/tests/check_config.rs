@@ -9,7 +9,10 @@ use std::time::Duration;
 
 fn check(file: &std::path::Path, extra: &[&str]) -> Output {
     run_bounded(
-        Command::new(syncd()).arg("--check-config").arg(file).args(extra),
+        Command::new(syncd())
+            .arg("--check-config")
+            .arg(file)
+            .args(extra),
         Duration::from_secs(30),
     )
 }
@@ -44,9 +47,15 @@ fn valid_file_prints_the_effective_settings() {
         "control_socket = \"/run/keibi/control.sock\"".to_string(),
         "listen = [\"0.0.0.0:58150\", \"[::]:58150\"]".to_string(),
     ] {
-        assert!(said.lines().any(|l| l == line), "missing {line:?} in:\n{said}");
+        assert!(
+            said.lines().any(|l| l == line),
+            "missing {line:?} in:\n{said}"
+        );
     }
-    assert!(!state.exists(), "--check-config created the state directory");
+    assert!(
+        !state.exists(),
+        "--check-config created the state directory"
+    );
 }
 
 #[test]
@@ -62,11 +71,18 @@ fn invalid_or_missing_file_exits_1_naming_the_problem() {
         let out = check(&file, &[]);
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{content}: {err}");
-        assert!(err.contains(says), "{content}: the message does not name {says:?}: {err}");
+        assert!(
+            err.contains(says),
+            "{content}: the message does not name {says:?}: {err}"
+        );
         assert!(out.stdout.is_empty(), "{content}: printed settings anyway");
     }
     let missing = dir.path().join("missing.toml");
     let out = check(&missing, &[]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("cannot read config file"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot read config file"),
+        "{}",
+        text(&out.stderr)
+    );
 }

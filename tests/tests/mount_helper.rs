@@ -75,7 +75,10 @@ fn is_test_leftover(old: &Path) -> bool {
 fn fixture(name: &str) -> (watchdog::Watchdog, KeibiFixture) {
     let (w, mut fx) = setup(name, LIMIT, Options::default());
     let (st, clean, unmounted) = fx.stop_mountd();
-    assert!(clean && st.success() && unmounted, "the fixture's mountd did not stop cleanly");
+    assert!(
+        clean && st.success() && unmounted,
+        "the fixture's mountd did not stop cleanly"
+    );
     (w, fx)
 }
 
@@ -100,7 +103,11 @@ fn text(b: &[u8]) -> String {
 fn mountd_pids(mnt: &Path) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
@@ -133,10 +140,18 @@ fn assert_mounted_and_working(fx: &KeibiFixture, how: &Output) -> u32 {
         text(&how.stderr)
     );
     // No polling: the helper returns only once the mount is up.
-    assert_eq!(keibi_mounts_at(&fx.mnt()), 1, "no fuse.keibi mount after mount returned");
+    assert_eq!(
+        keibi_mounts_at(&fx.mnt()),
+        1,
+        "no fuse.keibi mount after mount returned"
+    );
     watchdog::register_mount(fx.mnt());
     let pids = mountd_pids(&fx.mnt());
-    assert_eq!(pids.len(), 1, "expected one keibi-mountd for the mountpoint: {pids:?}");
+    assert_eq!(
+        pids.len(),
+        1,
+        "expected one keibi-mountd for the mountpoint: {pids:?}"
+    );
     watchdog::register_pid(pids[0]);
     std::fs::write(fx.path("hello.txt"), b"through the helper").expect("write on the mount");
     assert_eq!(
@@ -150,13 +165,20 @@ fn assert_mounted_and_working(fx: &KeibiFixture, how: &Output) -> u32 {
 fn assert_umount_stops_mountd(fx: &KeibiFixture, pid: u32) {
     let out = run_bounded(Command::new("umount").arg(fx.mnt()), MOUNT_LIMIT);
     assert!(out.status.success(), "umount failed: {}", text(&out.stderr));
-    assert_eq!(keibi_mounts_at(&fx.mnt()), 0, "a mount is left after umount");
-    poll_until("keibi-mountd to exit after umount", Duration::from_secs(10), || {
-        mountd_pids(&fx.mnt()).is_empty().then_some(())
-    });
+    assert_eq!(
+        keibi_mounts_at(&fx.mnt()),
+        0,
+        "a mount is left after umount"
+    );
+    poll_until(
+        "keibi-mountd to exit after umount",
+        Duration::from_secs(10),
+        || mountd_pids(&fx.mnt()).is_empty().then_some(()),
+    );
     watchdog::unregister_pid(pid);
     watchdog::unregister_mount(&fx.mnt());
-    let log = std::fs::read_to_string(helper_log(fx)).expect("read the helper-started mountd's log");
+    let log =
+        std::fs::read_to_string(helper_log(fx)).expect("read the helper-started mountd's log");
     assert!(
         log.contains("the mount went away; exiting"),
         "mountd did not log a clean exit:\n{log}"
@@ -166,7 +188,10 @@ fn assert_umount_stops_mountd(fx: &KeibiFixture, pid: u32) {
 /// Nothing mounted, no mountd started.
 fn assert_nothing_left(fx: &KeibiFixture) {
     assert_eq!(keibi_mounts_at(&fx.mnt()), 0, "a mount was left behind");
-    assert!(mountd_pids(&fx.mnt()).is_empty(), "a keibi-mountd was left running");
+    assert!(
+        mountd_pids(&fx.mnt()).is_empty(),
+        "a keibi-mountd was left running"
+    );
 }
 
 #[test]
@@ -178,10 +203,7 @@ fn mount_t_fuse_keibi_mounts_and_umount_stops_mountd() {
     let out = mount(&["-t", "fuse.keibi", "-o", &opts, "keibi", &mnt]);
     let pid = assert_mounted_and_working(&fx, &out);
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("mountd's cmdline");
-    let args: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .map(|a| text(a))
-        .collect();
+    let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| text(a)).collect();
     for pair in [["--deadline", "3s"], ["--attr-ttl", "500ms"]] {
         assert!(
             args.windows(2).any(|w| w == pair),
@@ -224,7 +246,10 @@ fn wrong_option_fails_clearly_and_mounts_nothing() {
         let out = mount(&["-t", "fuse.keibi", "-o", &opts, "keibi", &mnt]);
         let err = text(&out.stderr);
         assert!(!out.status.success(), "-o {bad} was accepted");
-        assert!(err.contains(says), "-o {bad}: the message does not say {says:?}: {err}");
+        assert!(
+            err.contains(says),
+            "-o {bad}: the message does not say {says:?}: {err}"
+        );
         assert_nothing_left(&fx);
     }
 }
@@ -241,7 +266,10 @@ fn missing_syncd_fails_clearly_and_mounts_nothing() {
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(32), "mount's status: {err}");
     assert!(
-        err.contains(&format!("keibi-syncd is not answering at {}", fx.fs_socket().display())),
+        err.contains(&format!(
+            "keibi-syncd is not answering at {}",
+            fx.fs_socket().display()
+        )),
         "the message does not name the missing syncd: {err}"
     );
     assert_nothing_left(&fx);
