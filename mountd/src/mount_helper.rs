@@ -545,6 +545,11 @@ mod tests {
         assert!(msg.contains("unknown option \"colour=blue\""), "{msg}");
         let (_, msg) = err(&["keibi", "/m", "-o", "ro"]);
         assert!(msg.contains("read-only"), "{msg}");
+        for (option, why) in UNSUPPORTED {
+            let (code, msg) = err(&["keibi", "/m", "-o", option]);
+            assert_eq!(code, EXIT_USAGE);
+            assert_eq!(msg, format!("option {option}: {why}"));
+        }
         let (_, msg) = err(&["keibi", "/m", "-o", "threads=0"]);
         assert!(msg.contains("threads=0"), "{msg}");
         let (_, msg) = err(&["keibi", "/m", "-o", "deadline"]);
