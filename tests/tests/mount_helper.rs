@@ -203,7 +203,7 @@ fn mount_t_fuse_keibi_mounts_and_umount_stops_mountd() {
     let out = mount(&["-t", "fuse.keibi", "-o", &opts, "keibi", &mnt]);
     let pid = assert_mounted_and_working(&fx, &out);
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("mountd's cmdline");
-    let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| text(a)).collect();
+    let args: Vec<String> = cmdline.split(|b| *b == 0).map(text).collect();
     for pair in [["--deadline", "3s"], ["--attr-ttl", "500ms"]] {
         assert!(
             args.windows(2).any(|w| w == pair),
