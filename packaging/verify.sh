@@ -8,7 +8,10 @@
 #   - keibi.sysusers creates the keibi user (systemd-sysusers in a temp root);
 #   - syncd.toml, with its commented keys enabled, is valid TOML and has
 #     exactly the keys keibi-syncd knows;
-#   - install.sh is valid shell.
+#   - install.sh is valid shell;
+#   - the Debian package builds from the tree and passes check-deb.sh
+#     (contents, maintainer scripts, lintian, an installation into a
+#     scratch root, remove and purge).
 #
 # `systemd-analyze verify` insists that ExecStart binaries exist. So the
 # units are copied to a temp directory with /usr/local/bin/ replaced by the
@@ -37,7 +40,7 @@ if [[ -z "$bin_dir" || ! -x "$bin_dir/keibi-syncd" || ! -x "$bin_dir/keibi-mount
 fi
 bin_dir="$(cd "$bin_dir" && pwd)"
 
-for tool in systemd-analyze systemd-sysusers python3; do
+for tool in systemd-analyze systemd-sysusers systemd-tmpfiles python3 dpkg-deb dpkg-shlibdeps lintian; do
     if ! command -v "$tool" >/dev/null; then
         echo "verify.sh: $tool is required" >&2
         exit 1
@@ -124,6 +127,11 @@ step "install.sh syntax"
 if bash -n "$here/install.sh"; then
     echo "ok"
 else
+    fail=1
+fi
+
+step "Debian package (check-deb.sh)"
+if ! bash "$here/check-deb.sh" "$bin_dir"; then
     fail=1
 fi
 

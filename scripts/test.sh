@@ -12,7 +12,8 @@
 # Installs what is missing with apt-get (one `apt-get update` only when
 # something must be installed): fuse3, sqlite3, git, tar, util-linux,
 # iproute2 (ip, tc: the two-node tests' network namespaces), nftables
-# (the stalled-link tests), systemd (systemd-analyze), python3, gcc. Rust (cargo, rustfmt,
+# (the stalled-link tests), systemd (systemd-analyze), dpkg-dev, binutils and
+# lintian (the Debian package's check), python3, gcc. Rust (cargo, rustfmt,
 # clippy; 1.95+) must already be installed (https://rustup.rs).
 #
 # Environment: KEIBI_TEST_THREADS (default 2) is passed to the test
@@ -38,6 +39,9 @@ need_command tc iproute2
 need_command nft nftables
 need_command systemd-analyze systemd
 need_command systemd-sysusers systemd
+need_command dpkg-shlibdeps dpkg-dev
+need_command lintian lintian
+need_command strip binutils
 need_command python3 python3
 need_command cc gcc
 install_needed

@@ -40,6 +40,12 @@ use std::io::Write;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // `keibictl --generate-docs DIR`: man page and completions.
+    if let Some(code) =
+        clidoc::generate_if_asked(|| vec![(<cli::Args as clap::CommandFactory>::command(), "1")])
+    {
+        return code;
+    }
     let args = cli::Args::parse();
     if let cli::Command::Peer { what } = &args.command {
         return match run_peer(&args, what) {

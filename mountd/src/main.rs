@@ -20,6 +20,10 @@
 //! Shutdown: `SIGTERM`/`SIGINT` detach the mount (`umount2(MNT_DETACH)`),
 //! wait for the session to end and exit 0. If the mount goes away by
 //! itself (someone ran `umount`), mountd exits 0 too.
+//!
+//! Started under the name `mount.fuse.keibi` (a symlink), the binary is
+//! mount(8)'s helper instead ([`mount_helper`]), and `--generate-docs DIR`
+//! writes its man page and completions (the `clidoc` crate).
 
 mod attr_cache;
 mod dir_handles;
@@ -32,6 +36,7 @@ mod kernel_inval;
 mod lock_dir;
 mod logging;
 mod mount;
+mod mount_helper;
 mod ondemand;
 mod ops_socket;
 mod passthrough;
@@ -99,6 +104,20 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Started as /usr/sbin/mount.fuse.keibi by mount(8).
+    if mount_helper::invoked_as_helper() {
+        return mount_helper::main();
+    }
+    // `keibi-mountd --generate-docs DIR`: man pages (keibi-mountd and the
+    // mount helper) and completions.
+    if let Some(code) = clidoc::generate_if_asked(|| {
+        vec![
+            (<Args as clap::CommandFactory>::command(), "8"),
+            (mount_helper::command(), "8"),
+        ]
+    }) {
+        return code;
+    }
     let args = Args::parse();
     logging::init();
     match run(args) {

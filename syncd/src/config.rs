@@ -80,6 +80,10 @@ pub struct Cli {
     /// Run even as root (not recommended: syncd needs no privilege)
     #[arg(long)]
     pub allow_root: bool,
+    /// Check this config file (with any other flags over it), print the
+    /// effective settings as TOML and exit: 0 valid, 1 invalid
+    #[arg(long, value_name = "FILE")]
+    pub check_config: Option<PathBuf>,
 }
 
 /// The keys of the config file; all optional.
@@ -246,6 +250,58 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Every setting, in the config file's own syntax (keys sorted): what
+    /// `--check-config` prints. Feeding it back as the config file gives
+    /// the same settings. The control socket's owner and group, when not
+    /// set, are left out (syncd's own user and group), as is
+    /// `allow_root`, which is a flag only.
+    pub fn effective_toml(&self) -> String {
+        use toml::Value;
+        let text = |s: String| Value::String(s);
+        let path = |p: &Path| Value::String(p.display().to_string());
+        let int = |n: u64| Value::Integer(i64::try_from(n).unwrap_or(i64::MAX));
+        let duration = |d: Duration| text(humantime::format_duration(d).to_string());
+        let mut t = toml::Table::new();
+        t.insert("state_dir".into(), path(&self.state_dir));
+        t.insert("fs_socket".into(), path(&self.fs_socket));
+        t.insert("control_socket".into(), path(&self.control_socket));
+        t.insert(
+            "control_socket_mode".into(),
+            text(format!("{:04o}", self.control_socket_mode)),
+        );
+        if let Some(uid) = self.control_socket_owner {
+            t.insert("control_socket_owner".into(), text(uid.to_string()));
+        }
+        if let Some(gid) = self.control_socket_group {
+            t.insert("control_socket_group".into(), text(gid.to_string()));
+        }
+        t.insert("mountd_uid".into(), int(u64::from(self.mountd_uid)));
+        t.insert(
+            "share_owner".into(),
+            text(format!("{}:{}", self.share_owner.0, self.share_owner.1)),
+        );
+        t.insert(
+            "listen".into(),
+            Value::Array(self.listen.iter().map(|a| text(a.to_string())).collect()),
+        );
+        t.insert("peer_timeout".into(), duration(self.peer_timeout));
+        t.insert(
+            "peer_reconnect_max".into(),
+            duration(self.peer_reconnect_max),
+        );
+        t.insert("peer_rekey_bytes".into(), int(self.peer_rekey_bytes));
+        t.insert(
+            "peer_rekey_interval".into(),
+            duration(self.peer_rekey_interval),
+        );
+        t.insert("eager_fetch_max".into(), int(self.eager_fetch_max));
+        t.insert("fetch_parallel".into(), int(self.fetch_parallel as u64));
+        t.insert("fetch_readahead_max".into(), int(self.fetch_readahead_max));
+        t.to_string()
+    }
+}
+
 fn read_file(path: &Path) -> Result<FileConfig, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
@@ -341,6 +397,35 @@ fn resolve_group(s: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn effective_toml_reads_back_as_the_same_settings() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            state_dir = "/srv/keibi"
+            control_socket_mode = "0640"
+            control_socket_group = "0"
+            share_owner = "1000:1000"
+            listen = ["127.0.0.1:4000"]
+            peer_timeout = "1500ms"
+            peer_rekey_interval = "1h 30m"
+            fetch_parallel = 3
+            "#,
+        )
+        .expect("toml");
+        for config in [
+            Config::merge(&Cli::default(), FileConfig::default()).expect("defaults"),
+            Config::merge(&Cli::default(), file).expect("config"),
+        ] {
+            let text = config.effective_toml();
+            let again: FileConfig = toml::from_str(&text).expect("the output is a valid file");
+            assert_eq!(
+                Config::merge(&Cli::default(), again).expect("the output is valid"),
+                config,
+                "{text}"
+            );
+        }
+    }
 
     #[test]
     fn defaults_without_file_or_flags() {

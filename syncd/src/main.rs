@@ -84,8 +84,34 @@ const EXIT_LOCKED: u8 = 3;
 /// version or readable by others (it is left as it is).
 const EXIT_IDENTITY: u8 = 4;
 
+/// `--check-config FILE`: print the effective settings, FILE with the
+/// other flags over it (exit 0), or why they are invalid (exit 1). FILE
+/// replaces any `--config`. Needs no privilege and touches nothing.
+fn check_config(mut cli: Cli, file: std::path::PathBuf) -> ExitCode {
+    cli.config = Some(file);
+    match Config::load(&cli) {
+        Ok(config) => {
+            print!("{}", config.effective_toml());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keibi-syncd: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    // `keibi-syncd --generate-docs DIR`: man page and completions.
+    if let Some(code) =
+        clidoc::generate_if_asked(|| vec![(<Cli as clap::CommandFactory>::command(), "8")])
+    {
+        return code;
+    }
     let cli = Cli::parse();
+    if let Some(file) = cli.check_config.clone() {
+        return check_config(cli, file);
+    }
     init_logging();
     keep_frame_buffers_in_the_heap();
     if nix::unistd::geteuid().is_root() && !cli.allow_root {
