@@ -128,7 +128,24 @@ fn kill_9_of_syncd_under_churn_never_leaves_a_broken_name() {
             fx.start_mountd();
         }
         fx.wait_writable(Duration::from_secs(20));
+        // What the walk starts from, with the wall clock, to line up with
+        // the daemons' logs if this round fails.
+        let at_walk = format!(
+            "{} µs after the epoch: mounts at the mountpoint {:?}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros())
+                .unwrap_or(0),
+            harness::mounts::fs_types_at(&fx.mnt())
+        );
         let read = verify_tree(round, &fx.mnt());
+        if read.is_empty() && fs::metadata(&log).is_ok_and(|m| m.len() > 0) {
+            panic!(
+                "round {round}: the walk of the mount read no file at all (at its start, {at_walk}; \
+                 now: {:?})",
+                harness::mounts::fs_types_at(&fx.mnt())
+            );
+        }
         verify_durable(round, &dir, &log, &read, &fx.mnt());
         verify_check(round, &fx.control_socket());
     }
