@@ -556,6 +556,99 @@ async fn a_peer_that_resolved_first_does_not_make_our_losing_edit_vanish() {
     converged(&a, &b).await;
 }
 
+/// The order that lost a losing edit's bytes: b's log is read for a
+/// (the entry of b's edit) while b resolves the conflict with a's edit (b
+/// records a copy of a's edit, then its winner again, with the merged
+/// vector). If the read sent the winner at the entry's old number, a would
+/// apply it before the copy (its vector supersedes a's edit: no conflict
+/// seen here), and the copy, coming next, could no longer be seeded from
+/// a's bytes, which no other node has. The interleaving is forced by the
+/// store's log-read hook, which lets b resolve between the read of the
+/// entry and the read of its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_winner_recorded_while_the_log_is_read_does_not_overtake_the_copy_of_our_edit() {
+    let (a, b) = pair();
+    let fa = write_file(&a.store, Ino::ROOT, "f.txt", b"base");
+    until("a versioned", || a.store.dirty_count() == 0).await;
+    let a_seq = pull(&a, &b, 0).await;
+    let b_seq = b.store.local_seq();
+    // a edits, then b: b's edit wins (a later or equal mtime, and the
+    // greater device id on a tie).
+    overwrite(&a.store, fa, b"a's edit, which loses");
+    let fb = b.store.lookup(Ino::ROOT, &n("f.txt")).expect("f on b").ino;
+    overwrite(&b.store, fb, b"b's edit, which wins");
+    until("both versioned", || {
+        a.store.dirty_count() == 0 && b.store.dirty_count() == 0
+    })
+    .await;
+    let gid = b.store.gid_of(fb).expect("gid");
+    // b gets a's edit (and resolves) between reading its log's entry of
+    // the file and reading the record.
+    let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let fired = fired.clone();
+        let engine_b = b.engine.clone();
+        let store_a = a.store.clone();
+        b.store.set_log_read_hook(Some(Box::new(move |_, g| {
+            if *g != gid || fired.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let recs = store_a.changes_since(a_seq, usize::MAX).expect("a's log");
+            let left = super::session::apply_batch(&engine_b, "FP-a", recs, Vec::new());
+            assert!(left.is_empty(), "b applies a's edit: {left:?}");
+        })));
+    }
+    let store_b = b.store.clone();
+    let read = tokio::task::spawn_blocking(move || store_b.changes_since(b_seq, usize::MAX))
+        .await
+        .expect("join")
+        .expect("b's log");
+    b.store.set_log_read_hook(None);
+    assert!(
+        fired.load(std::sync::atomic::Ordering::SeqCst),
+        "the conflict was resolved on b during the read"
+    );
+    let copies = |s: &Store| {
+        records(s)
+            .values()
+            .filter(|r| {
+                r.names
+                    .iter()
+                    .any(|n| n.name.windows(15).any(|w| w == b".sync-conflict-"))
+            })
+            .count()
+    };
+    assert_eq!(copies(&b.store), 1, "b made the copy of a's edit");
+    // a applies what that read gave, then the rest of b's log, as the
+    // live stream sends it.
+    let last = read.last().map_or(b_seq, |(s, _)| *s);
+    let engine_a = a.engine.clone();
+    let left = tokio::task::spawn_blocking(move || {
+        super::session::apply_batch(&engine_a, "FP-b", read, Vec::new())
+    })
+    .await
+    .expect("apply");
+    assert!(left.is_empty(), "nothing waits: {left:?}");
+    pull(&b, &a, last).await;
+    let t = tree_of(&a);
+    assert_eq!(
+        t.get("/f.txt"),
+        Some(&(FileKind::File, b"b's edit, which wins".to_vec())),
+        "{t:?}"
+    );
+    let copy = t
+        .iter()
+        .find(|(k, _)| k.contains(".sync-conflict-"))
+        .expect("a conflict copy on a");
+    assert_eq!(
+        copy.1.1,
+        b"a's edit, which loses".to_vec(),
+        "a's edit is kept in the copy: {t:?}"
+    );
+    let _link = connect(&a, &b);
+    converged(&a, &b).await;
+}
+
 fn write_file(s: &Store, parent: Ino, name: &str, bytes: &[u8]) -> Ino {
     crate::store::test_support::file_with(s, parent, name, bytes, ME, CONN)
 }
