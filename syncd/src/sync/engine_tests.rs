@@ -649,6 +649,132 @@ async fn a_winner_recorded_while_the_log_is_read_does_not_overtake_the_copy_of_o
     converged(&a, &b).await;
 }
 
+/// Two nodes where a's edit of `f.txt` lost to b's on b: b holds the
+/// conflict copy of a's edit (its bytes not there) and its winner. Answers
+/// b's log after the base version (the copy, then the winner) and the
+/// copy's record.
+async fn b_resolved_against_a(a: &Node, b: &Node) -> (Vec<(u64, ObjRec)>, ObjRec) {
+    let fa = write_file(&a.store, Ino::ROOT, "f.txt", b"base");
+    until("a versioned", || a.store.dirty_count() == 0).await;
+    let a_seq = pull(a, b, 0).await;
+    let b_seq = b.store.local_seq();
+    overwrite(&a.store, fa, b"a's edit, which loses");
+    let fb = b.store.lookup(Ino::ROOT, &n("f.txt")).expect("f on b").ino;
+    overwrite(&b.store, fb, b"b's edit, which wins");
+    until("both versioned", || {
+        a.store.dirty_count() == 0 && b.store.dirty_count() == 0
+    })
+    .await;
+    pull(a, b, a_seq).await;
+    let log = b.store.changes_since(b_seq, usize::MAX).expect("b's log");
+    let copy = log
+        .iter()
+        .map(|(_, r)| r.clone())
+        .find(|r| {
+            r.names
+                .iter()
+                .any(|n| n.name.starts_with(b"f.sync-conflict-"))
+        })
+        .expect("b made a copy");
+    assert_eq!(log.len(), 2, "the copy, then the winner: {log:?}");
+    (log, copy)
+}
+
+/// The content of a's copy of its own losing edit, and of `f.txt`.
+fn copy_and_file_on_a(a: &Node) -> (Vec<u8>, Vec<u8>) {
+    let t = tree_of(a);
+    let copy = t
+        .iter()
+        .find(|(k, v)| k.contains(".sync-conflict-") && v.1 != b"squatter")
+        .map(|(_, v)| v.1.clone())
+        .unwrap_or_else(|| panic!("a conflict copy on a: {t:?}"));
+    let file = t.get("/f.txt").map(|v| v.1.clone()).expect("f.txt on a");
+    (copy, file)
+}
+
+/// A copy of our version that is here but partial (here: applied without
+/// its seed) is filled from our version before a winner replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_copy_of_our_version_is_filled_before_the_winner_replaces_it() {
+    let (a, b) = pair();
+    let (log, copy) = b_resolved_against_a(&a, &b).await;
+    let store_a = a.store.clone();
+    let c = copy.clone();
+    let applied = tokio::task::spawn_blocking(move || store_a.apply_remote(&c, None))
+        .await
+        .expect("join")
+        .expect("the copy applied without a seed");
+    let ino = applied.ino.expect("the copy's inode");
+    assert!(
+        a.store.presence(ino).expect("presence").is_some(),
+        "the copy is partial on a"
+    );
+    // Then b's log: the copy (here already) and the winner.
+    pull(&b, &a, log[0].0 - 1).await;
+    assert!(
+        a.store.presence(ino).expect("presence").is_none(),
+        "the copy was completed from a's edit before it was replaced"
+    );
+    let (copy_bytes, file) = copy_and_file_on_a(&a);
+    assert_eq!(copy_bytes, b"a's edit, which loses".to_vec());
+    assert_eq!(file, b"b's edit, which wins".to_vec());
+    let _link = connect(&a, &b);
+    converged(&a, &b).await;
+}
+
+/// A copy of our version that must wait (its name is held here) keeps the
+/// winner from replacing our version until it is applied, seeded from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_winner_waits_for_a_deferred_copy_of_our_version() {
+    let (a, b) = pair();
+    let (log, copy) = b_resolved_against_a(&a, &b).await;
+    // A file made on a holds the copy's name.
+    let name = String::from_utf8(copy.names[0].name.clone()).expect("utf-8 name");
+    write_file(&a.store, Ino::ROOT, &name, b"squatter");
+    until("a versioned", || a.store.dirty_count() == 0).await;
+    let engine = a.engine.clone();
+    let left = tokio::task::spawn_blocking(move || {
+        super::session::apply_batch(&engine, "FP-b", log, Vec::new())
+    })
+    .await
+    .expect("apply");
+    let waits: Vec<&super::apply::Wait> = left.iter().map(|d| &d.wait).collect();
+    assert!(
+        matches!(
+            waits.as_slice(),
+            [
+                super::apply::Wait::Collision { .. },
+                super::apply::Wait::CopyFirst(g)
+            ] if *g == copy.gid
+        ),
+        "the copy waits for its name, the winner for the copy: {waits:?}"
+    );
+    let fa = a.store.lookup(Ino::ROOT, &n("f.txt")).expect("f").ino;
+    assert_eq!(read(&a.store, fa), b"a's edit, which loses".to_vec());
+    // Once the collision grace is over (moved back here instead of
+    // waiting for it), the copy moves to its conflict name, then the
+    // winner is applied.
+    let left: Vec<super::session::Deferred> = left
+        .into_iter()
+        .map(|d| super::session::Deferred {
+            since: std::time::Instant::now() - super::session::COLLISION_GRACE,
+            ..d
+        })
+        .collect();
+    let engine = a.engine.clone();
+    let left = tokio::task::spawn_blocking(move || {
+        super::session::apply_batch(&engine, "FP-b", Vec::new(), left)
+    })
+    .await
+    .expect("apply");
+    assert!(left.is_empty(), "nothing waits: {left:?}");
+    let (copy_bytes, file) = copy_and_file_on_a(&a);
+    assert_eq!(copy_bytes, b"a's edit, which loses".to_vec());
+    assert_eq!(file, b"b's edit, which wins".to_vec());
+    let _link = connect(&a, &b);
+    converged(&a, &b).await;
+}
+
 fn write_file(s: &Store, parent: Ino, name: &str, bytes: &[u8]) -> Ino {
     crate::store::test_support::file_with(s, parent, name, bytes, ME, CONN)
 }

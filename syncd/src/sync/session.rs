@@ -15,7 +15,9 @@
 //! kept in memory, in seq order, and retried after each batch, after each
 //! round of the local versioner (for `Busy`), and every [`RETRY`]. A record
 //! still colliding after its batch's retries and [`COLLISION_GRACE`] gets
-//! the collision rule.
+//! the collision rule. A record that would replace the content of a local
+//! version whose conflict copy is itself deferred waits for it
+//! (`Wait::CopyFirst`, the copy rule of [`super::apply`]).
 //!
 //! Progress: the peer's sequence number applied here
 //! (`Store::set_peer_applied`) moves only past records that are applied
@@ -26,7 +28,7 @@
 use super::apply::{self, Fate, Settle, Wait};
 use super::engine::SyncEngine;
 use super::index::{IndexItem, ItemReader};
-use super::model::ObjRec;
+use super::model::{Gid, ObjRec};
 use crate::peer::conn::PeerConn;
 use crate::peer::msg::Request;
 use std::sync::Arc;
@@ -188,15 +190,19 @@ pub fn apply_batch(
     waiting: Vec<Deferred>,
 ) -> Vec<Deferred> {
     let mut deferred = waiting;
+    let mut held = Held::of(&deferred);
     for (seq, rec) in batch {
-        match apply::apply_one(engine, peer, &rec, Settle::default()) {
+        match apply::apply_one(engine, peer, &rec, Settle::default(), &|g| held.has(g)) {
             Fate::Done | Fate::Skipped => {}
-            Fate::Deferred(wait) => deferred.push(Deferred {
-                seq,
-                rec,
-                wait,
-                since: Instant::now(),
-            }),
+            Fate::Deferred(wait) => {
+                held.add(rec.gid);
+                deferred.push(Deferred {
+                    seq,
+                    rec,
+                    wait,
+                    since: Instant::now(),
+                });
+            }
         }
     }
     // Retry until a round applies nothing.
@@ -226,17 +232,54 @@ pub fn apply_batch(
 
 fn retry(engine: &SyncEngine, peer: &str, list: Vec<Deferred>, settle: Settle) -> Vec<Deferred> {
     let mut left = Vec::new();
+    let mut held = Held::of(&list);
     for d in list {
         let settle = Settle {
             collision: settles(&d, settle) && matches!(d.wait, Wait::Collision { .. }),
             not_empty: settles(&d, settle) && d.wait == Wait::NotEmpty,
         };
-        match apply::apply_one(engine, peer, &d.rec, settle) {
+        held.remove(&d.rec.gid);
+        match apply::apply_one(engine, peer, &d.rec, settle, &|g| held.has(g)) {
             Fate::Done | Fate::Skipped => {}
-            Fate::Deferred(wait) => left.push(Deferred { wait, ..d }),
+            Fate::Deferred(wait) => {
+                held.add(d.rec.gid);
+                left.push(Deferred { wait, ..d });
+            }
         }
     }
     left
+}
+
+/// The gids of the records that wait (counted: one object may wait with
+/// two records), for the copy rule of [`apply`].
+#[derive(Default)]
+struct Held(std::collections::HashMap<Gid, usize>);
+
+impl Held {
+    fn of(list: &[Deferred]) -> Held {
+        let mut h = Held::default();
+        for d in list {
+            h.add(d.rec.gid);
+        }
+        h
+    }
+
+    fn add(&mut self, gid: Gid) {
+        *self.0.entry(gid).or_default() += 1;
+    }
+
+    fn remove(&mut self, gid: &Gid) {
+        if let Some(n) = self.0.get_mut(gid) {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(gid);
+            }
+        }
+    }
+
+    fn has(&self, gid: &Gid) -> bool {
+        self.0.contains_key(gid)
+    }
 }
 
 /// Whether the final pass settles `d` (see [`apply_batch`]).
