@@ -680,6 +680,19 @@ impl Store {
         Ok((now == Some(seq)).then_some(rec))
     }
 
+    /// Tests: the last number in the change log (committed; it may not
+    /// be published yet).
+    #[cfg(test)]
+    pub(crate) fn log_end(&self) -> u64 {
+        self.idx
+            .changes
+            .last()
+            .ok()
+            .flatten()
+            .and_then(|(k, _)| be_u64(&k))
+            .unwrap_or(0)
+    }
+
     /// Tests: call `hook(seq, gid)` in [`Store::changes_since`] between
     /// reading a log entry and its record (to force a commit there).
     #[cfg(test)]

@@ -239,12 +239,19 @@ async fn until(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Every local change of `s` is a version and its log is published (the
+/// dirty marks go in the commit's transaction, the sequence number moves
+/// just after it: a log read in between would miss the commit).
+fn versioned(s: &Store) -> bool {
+    s.dirty_count() == 0 && s.log_end() == s.local_seq()
+}
+
 /// Both trees and both indexes equal, and nothing left to version.
 async fn converged(a: &Node, b: &Node) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let done = a.store.dirty_count() == 0
-            && b.store.dirty_count() == 0
+        let done = versioned(&a.store)
+            && versioned(&b.store)
             && records(&a.store) == records(&b.store)
             && tree_of(a) == tree_of(b);
         if done {
@@ -368,7 +375,7 @@ async fn concurrent_edits_while_apart_end_with_one_conflict_copy_on_both() {
     overwrite(&a.store, fa, b"edit made on a");
     overwrite(&b.store, fb, b"edit made on b!");
     until("both edits versioned", || {
-        a.store.dirty_count() == 0 && b.store.dirty_count() == 0
+        versioned(&a.store) && versioned(&b.store)
     })
     .await;
     let _link = connect(&a, &b);
@@ -419,7 +426,7 @@ async fn edit_against_delete_keeps_the_edit_and_a_deleted_directory_keeps_new_fi
     write_file(&b.store, db, "new", b"made on b");
     b.store.unlink(Ino::ROOT, &n("kept.txt")).expect("unlink");
     until("all versioned", || {
-        a.store.dirty_count() == 0 && b.store.dirty_count() == 0
+        versioned(&a.store) && versioned(&b.store)
     })
     .await;
     let _link = connect(&a, &b);
@@ -444,7 +451,7 @@ async fn the_same_name_created_on_both_sides_is_a_conflict_not_a_merge() {
     write_file(&a.store, Ino::ROOT, "same", b"a's file");
     write_file(&b.store, Ino::ROOT, "same", b"b's file");
     until("both versioned", || {
-        a.store.dirty_count() == 0 && b.store.dirty_count() == 0
+        versioned(&a.store) && versioned(&b.store)
     })
     .await;
     let _link = connect(&a, &b);
@@ -465,7 +472,7 @@ async fn a_directory_delete_that_comes_before_its_entries_delete_does_not_keep_t
         .expect("mkdir")
         .ino;
     write_file(&a.store, d, "f", b"in the directory");
-    until("a versioned", || a.store.dirty_count() == 0).await;
+    until("a versioned", || versioned(&a.store)).await;
     let created: Vec<(u64, ObjRec)> = a.store.changes_since(0, usize::MAX).expect("changes");
     let b2 = b.engine.clone();
     let left = tokio::task::spawn_blocking(move || {
@@ -477,7 +484,7 @@ async fn a_directory_delete_that_comes_before_its_entries_delete_does_not_keep_t
     let seen = a.store.local_seq();
     a.store.unlink(d, &n("f")).expect("unlink");
     a.store.rmdir(Ino::ROOT, &n("dir")).expect("rmdir");
-    until("a versioned", || a.store.dirty_count() == 0).await;
+    until("a versioned", || versioned(&a.store)).await;
     // The directory's tombstone first, then its entry's, in one batch.
     let mut deletes = a.store.changes_since(seen, usize::MAX).expect("changes");
     assert_eq!(deletes.len(), 2);
@@ -522,16 +529,16 @@ async fn pull(from: &Node, to: &Node, after: u64) -> u64 {
 async fn a_peer_that_resolved_first_does_not_make_our_losing_edit_vanish() {
     let (a, b) = pair();
     let fa = write_file(&a.store, Ino::ROOT, "f.txt", b"base");
-    until("a versioned", || a.store.dirty_count() == 0).await;
+    until("a versioned", || versioned(&a.store)).await;
     let a_seq = pull(&a, &b, 0).await;
     let b_seq = b.store.local_seq();
     // b edits, then a (later, so a's edit wins).
     let fb = b.store.lookup(Ino::ROOT, &n("f.txt")).expect("f on b").ino;
     overwrite(&b.store, fb, b"b's edit, which loses");
-    until("b versioned", || b.store.dirty_count() == 0).await;
+    until("b versioned", || versioned(&b.store)).await;
     std::thread::sleep(Duration::from_millis(20));
     overwrite(&a.store, fa, b"a's edit, which wins");
-    until("a versioned", || a.store.dirty_count() == 0).await;
+    until("a versioned", || versioned(&a.store)).await;
     // a sees b's edit first: it keeps its own and records a copy of b's
     // (bytes not here: only b has them).
     pull(&b, &a, b_seq).await;
@@ -569,7 +576,7 @@ async fn a_peer_that_resolved_first_does_not_make_our_losing_edit_vanish() {
 async fn a_winner_recorded_while_the_log_is_read_does_not_overtake_the_copy_of_our_edit() {
     let (a, b) = pair();
     let fa = write_file(&a.store, Ino::ROOT, "f.txt", b"base");
-    until("a versioned", || a.store.dirty_count() == 0).await;
+    until("a versioned", || versioned(&a.store)).await;
     let a_seq = pull(&a, &b, 0).await;
     let b_seq = b.store.local_seq();
     // a edits, then b: b's edit wins (a later or equal mtime, and the
@@ -578,7 +585,7 @@ async fn a_winner_recorded_while_the_log_is_read_does_not_overtake_the_copy_of_o
     let fb = b.store.lookup(Ino::ROOT, &n("f.txt")).expect("f on b").ino;
     overwrite(&b.store, fb, b"b's edit, which wins");
     until("both versioned", || {
-        a.store.dirty_count() == 0 && b.store.dirty_count() == 0
+        versioned(&a.store) && versioned(&b.store)
     })
     .await;
     let gid = b.store.gid_of(fb).expect("gid");
@@ -655,14 +662,14 @@ async fn a_winner_recorded_while_the_log_is_read_does_not_overtake_the_copy_of_o
 /// copy's record.
 async fn b_resolved_against_a(a: &Node, b: &Node) -> (Vec<(u64, ObjRec)>, ObjRec) {
     let fa = write_file(&a.store, Ino::ROOT, "f.txt", b"base");
-    until("a versioned", || a.store.dirty_count() == 0).await;
+    until("a versioned", || versioned(&a.store)).await;
     let a_seq = pull(a, b, 0).await;
     let b_seq = b.store.local_seq();
     overwrite(&a.store, fa, b"a's edit, which loses");
     let fb = b.store.lookup(Ino::ROOT, &n("f.txt")).expect("f on b").ino;
     overwrite(&b.store, fb, b"b's edit, which wins");
     until("both versioned", || {
-        a.store.dirty_count() == 0 && b.store.dirty_count() == 0
+        versioned(&a.store) && versioned(&b.store)
     })
     .await;
     pull(a, b, a_seq).await;
@@ -731,7 +738,7 @@ async fn a_winner_waits_for_a_deferred_copy_of_our_version() {
     // A file made on a holds the copy's name.
     let name = String::from_utf8(copy.names[0].name.clone()).expect("utf-8 name");
     write_file(&a.store, Ino::ROOT, &name, b"squatter");
-    until("a versioned", || a.store.dirty_count() == 0).await;
+    until("a versioned", || versioned(&a.store)).await;
     let engine = a.engine.clone();
     let left = tokio::task::spawn_blocking(move || {
         super::session::apply_batch(&engine, "FP-b", log, Vec::new())
