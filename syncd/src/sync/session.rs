@@ -12,8 +12,13 @@
 //! Items are applied in the order they come, in batches (what arrived
 //! together, at most [`BATCH`]), each on the blocking pool
 //! ([`super::apply`]). Records that cannot be applied yet are deferred:
-//! kept in memory, in seq order, and retried after each batch, after each
-//! round of the local versioner (for `Busy`), and every [`RETRY`]. A record
+//! kept in memory, in seq order, and retried when something that could
+//! unblock them happens: after each batch (a parent's record, the
+//! tombstone that frees a name), after each round of the local versioner
+//! while one waits as `Busy` or for a name (a local change may free it),
+//! and on a timer ([`Backoff`]): [`RETRY`] after a round that changed
+//! something, doubling while nothing does, up to [`RETRY_MAX`], and
+//! never later than the end of a collision's grace. A record
 //! still colliding after its batch's retries and [`COLLISION_GRACE`] gets
 //! the collision rule. A record that would replace the content of a local
 //! version whose conflict copy is itself deferred waits for it
@@ -37,8 +42,13 @@ use std::time::{Duration, Instant};
 /// The most records applied in one blocking call.
 pub const BATCH: usize = 512;
 
-/// How often deferred records are retried when nothing else happens.
+/// The first wait before deferred records are retried when nothing else
+/// happens (see [`Backoff`]).
 pub const RETRY: Duration = Duration::from_millis(250);
+
+/// The longest wait between retries of deferred records when nothing
+/// else happens.
+pub const RETRY_MAX: Duration = Duration::from_secs(8);
 
 /// The wait before an index stream that ended on a live connection is
 /// opened again.
@@ -110,17 +120,22 @@ async fn session(engine: &Arc<SyncEngine>, conn: &PeerConn, fp: &str) -> String 
     let mut reader = ItemReader::default();
     let mut batch: Vec<(u64, ObjRec)> = Vec::new();
     let mut deferred: Vec<Deferred> = Vec::new();
+    let mut backoff = Backoff::default();
     loop {
-        let busy = deferred.iter().any(|d| d.wait == Wait::Busy);
+        let local = deferred
+            .iter()
+            .any(|d| matches!(d.wait, Wait::Busy | Wait::Collision { .. }));
+        let wait = backoff.wait(&deferred, Instant::now());
         tokio::select! {
             chunk = stream.next() => match chunk {
                 None => return "the peer ended the index stream".into(),
                 Some(Err(e)) => return e.to_string(),
                 Some(Ok(bytes)) => reader.push(&bytes),
             },
-            _ = engine.versioned.notified(), if busy => {}
-            _ = tokio::time::sleep(RETRY), if !deferred.is_empty() => {}
+            _ = engine.versioned.notified(), if local => {}
+            _ = tokio::time::sleep(wait.unwrap_or(RETRY)), if wait.is_some() => {}
         }
+        let mut changed = false;
         loop {
             // Take what arrived, a batch at a time.
             while batch.len() < BATCH {
@@ -146,6 +161,8 @@ async fn session(engine: &Arc<SyncEngine>, conn: &PeerConn, fp: &str) -> String 
             let engine2 = engine.clone();
             let fp2 = fp.to_owned();
             let waiting = std::mem::take(&mut deferred);
+            let before: Vec<u64> = waiting.iter().map(|d| d.seq).collect();
+            changed |= !taken.is_empty();
             deferred = match tokio::task::spawn_blocking(move || {
                 apply_batch(&engine2, &fp2, taken, waiting)
             })
@@ -154,6 +171,7 @@ async fn session(engine: &Arc<SyncEngine>, conn: &PeerConn, fp: &str) -> String 
                 Ok(d) => d,
                 Err(e) => return format!("applying failed: {e}"),
             };
+            changed |= deferred.iter().map(|d| d.seq).ne(before.iter().copied());
             if let Some(applied) = progress.applied(&deferred) {
                 let store = engine.store.clone();
                 let fp2 = fp.to_owned();
@@ -175,6 +193,49 @@ async fn session(engine: &Arc<SyncEngine>, conn: &PeerConn, fp: &str) -> String 
                 break;
             }
         }
+        backoff.after_round(changed);
+    }
+}
+
+/// When deferred records are retried if nothing else happens (see the
+/// module doc).
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff { next: RETRY }
+    }
+}
+
+impl Backoff {
+    /// After a round: `changed` (records arrived, or the deferred records
+    /// are not the same): back to [`RETRY`]; else the wait doubles, up to
+    /// [`RETRY_MAX`].
+    fn after_round(&mut self, changed: bool) {
+        self.next = if changed {
+            RETRY
+        } else {
+            (self.next * 2).min(RETRY_MAX)
+        };
+    }
+
+    /// How long to wait before retrying `deferred` at `now` (`None`:
+    /// nothing waits): the backoff, or less if a collision's grace ends
+    /// sooner (its final pass settles it).
+    fn wait(&self, deferred: &[Deferred], now: Instant) -> Option<Duration> {
+        if deferred.is_empty() {
+            return None;
+        }
+        let grace = deferred
+            .iter()
+            .filter(|d| matches!(d.wait, Wait::Collision { .. }))
+            .map(|d| (d.since + COLLISION_GRACE).saturating_duration_since(now))
+            .filter(|left| !left.is_zero())
+            .min();
+        Some(grace.map_or(self.next, |g| g.min(self.next)))
     }
 }
 
@@ -331,6 +392,67 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn waiting(seq: u64, wait: Wait, since: Instant) -> Deferred {
+        Deferred {
+            seq,
+            rec: crate::sync::merge::tests::file_rec(1, &[(1, 1)], b"x"),
+            wait,
+            since,
+        }
+    }
+
+    #[test]
+    fn deferred_records_are_retried_with_a_bounded_backoff() {
+        let now = Instant::now();
+        let mut b = Backoff::default();
+        assert_eq!(b.wait(&[], now), None, "nothing waits: no timer");
+        let parent = [waiting(1, Wait::MissingParent(Gid([7; 16])), now)];
+        assert_eq!(b.wait(&parent, now), Some(RETRY));
+        // Rounds that change nothing: the wait doubles, up to the bound.
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            b.after_round(false);
+            seen.push(b.wait(&parent, now).expect("a wait"));
+        }
+        assert_eq!(
+            seen,
+            [500, 1000, 2000, 4000, 8000, 8000, 8000, 8000].map(Duration::from_millis)
+        );
+        assert!(RETRY_MAX >= COLLISION_GRACE);
+        // Something arrived, or the deferred records changed: back to
+        // the first wait.
+        b.after_round(true);
+        assert_eq!(b.wait(&parent, now), Some(RETRY));
+        // A collision is retried when its grace ends, even when the
+        // backoff is longer; once the grace is over, the backoff rules.
+        for _ in 0..5 {
+            b.after_round(false);
+        }
+        let half = now - COLLISION_GRACE / 2;
+        let colliding = |since| {
+            waiting(
+                2,
+                Wait::Collision {
+                    at: crate::sync::model::EntryName {
+                        parent: Gid::ROOT,
+                        name: b"x".to_vec(),
+                    },
+                    existing: Gid([9; 16]),
+                },
+                since,
+            )
+        };
+        assert_eq!(
+            b.wait(&[parent[0].clone(), colliding(half)], now),
+            Some(COLLISION_GRACE / 2)
+        );
+        assert_eq!(
+            b.wait(&[colliding(now - COLLISION_GRACE * 2)], now),
+            Some(RETRY_MAX),
+            "a grace that is over does not make the timer spin"
+        );
+    }
 
     #[test]
     fn progress_never_passes_a_deferred_record() {
