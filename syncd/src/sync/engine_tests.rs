@@ -32,10 +32,15 @@ struct CopyFrom {
     other: OnceLock<Arc<Store>>,
     me: OnceLock<Arc<Store>>,
     invals: Mutex<Vec<Inval>>,
+    /// No peer to copy from (as when none is connected).
+    offline: std::sync::atomic::AtomicBool,
 }
 
 impl CopyFrom {
     fn fill(&self, ino: Ino) {
+        if self.offline.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let (Some(me), Some(other)) = (self.me.get(), self.other.get()) else {
             return;
         };
@@ -114,6 +119,7 @@ fn node(name: &'static str, device: u8) -> Node {
         other: OnceLock::new(),
         me: OnceLock::new(),
         invals: Mutex::new(Vec::new()),
+        offline: std::sync::atomic::AtomicBool::new(false),
     });
     let _ = data.me.set(store.clone());
     engine.set_data_path(data.clone());
@@ -780,6 +786,37 @@ async fn a_winner_waits_for_a_deferred_copy_of_our_version() {
     assert_eq!(file, b"b's edit, which wins".to_vec());
     let _link = connect(&a, &b);
     converged(&a, &b).await;
+}
+
+/// A small file whose eager fetch failed (no peer had its bytes then) is
+/// fetched when a peer connects, without a read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_eager_fetch_is_retried_when_a_peer_connects() {
+    let (a, b) = pair();
+    write_file(&a.store, Ino::ROOT, "small.txt", b"fetched eagerly");
+    until("a versioned", || versioned(&a.store)).await;
+    b.data
+        .offline
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    pull(&a, &b, 0).await;
+    let ino = b
+        .store
+        .lookup(Ino::ROOT, &n("small.txt"))
+        .expect("small.txt on b")
+        .ino;
+    assert!(
+        b.store.presence(ino).expect("presence").is_some(),
+        "the eager fetch failed: the file is not all local on b"
+    );
+    b.data
+        .offline
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let _link = connect(&a, &b);
+    until("the file is fetched once a peer is connected", || {
+        b.store.presence(ino).expect("presence").is_none()
+    })
+    .await;
+    assert_eq!(read(&b.store, ino), b"fetched eagerly".to_vec());
 }
 
 fn write_file(s: &Store, parent: Ino, name: &str, bytes: &[u8]) -> Ino {

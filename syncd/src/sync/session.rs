@@ -24,6 +24,11 @@
 //! version whose conflict copy is itself deferred waits for it
 //! (`Wait::CopyFirst`, the copy rule of [`super::apply`]).
 //!
+//! When the session's index stream is open, the small files (up to
+//! `eager_fetch_max`) that are still not all local are fetched again
+//! ([`refetch_small_files`]): their eager fetch may have failed for lack of
+//! a peer.
+//!
 //! Progress: the peer's sequence number applied here
 //! (`Store::set_peer_applied`) moves only past records that are applied
 //! or skipped, never past a deferred one; so after a restart or a cut,
@@ -116,6 +121,7 @@ async fn session(engine: &Arc<SyncEngine>, conn: &PeerConn, fp: &str) -> String 
         Err(e) => return format!("cannot open the index stream: {e}"),
     };
     tracing::info!(peer = %conn.label(), since, "sync session started");
+    refetch_small_files(engine).await;
     let mut progress = Progress::new(since);
     let mut reader = ItemReader::default();
     let mut batch: Vec<(u64, ObjRec)> = Vec::new();
@@ -236,6 +242,43 @@ impl Backoff {
             .filter(|left| !left.is_zero())
             .min();
         Some(grace.map_or(self.next, |g| g.min(self.next)))
+    }
+}
+
+/// The most partial files looked at when a session starts.
+pub const REFETCH_SCAN_MAX: usize = 100_000;
+
+/// A peer is here again: fetch the small files whose eager fetch failed
+/// (no peer had their bytes then), as their arrival would have. Files
+/// over `eager_fetch_max` stay fetched on demand.
+async fn refetch_small_files(engine: &Arc<SyncEngine>) {
+    let max = engine.data().eager_fetch_max();
+    if max == 0 {
+        return;
+    }
+    let store = engine.store.clone();
+    let partial =
+        match tokio::task::spawn_blocking(move || store.partial_files(REFETCH_SCAN_MAX)).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot list the files not all local");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the files not all local");
+                return;
+            }
+        };
+    let small: Vec<_> = partial
+        .into_iter()
+        .filter(|(_, p)| p.size <= max)
+        .map(|(ino, _)| ino)
+        .collect();
+    if !small.is_empty() {
+        tracing::debug!(files = small.len(), "fetching small files not all local");
+    }
+    for ino in small {
+        engine.data().prefetch(ino);
     }
 }
 
