@@ -240,7 +240,15 @@ pub(crate) struct Index {
     notify: Arc<tokio::sync::Notify>,
     /// The last local sequence number, for those who wait for it.
     seq_watch: tokio::sync::watch::Sender<u64>,
+    /// Tests: see [`Store::set_log_read_hook`].
+    #[cfg(test)]
+    log_read_hook: Mutex<Option<LogReadHook>>,
 }
+
+/// Tests: called by [`Store::changes_since`] between reading a log entry
+/// (its number and gid) and its record.
+#[cfg(test)]
+pub(crate) type LogReadHook = Box<dyn Fn(u64, &Gid) + Send + Sync>;
 
 impl Index {
     /// Open the index's trees of `db` and load its counters.
@@ -284,6 +292,8 @@ impl Index {
             device: Mutex::new(device),
             notify: Arc::new(tokio::sync::Notify::new()),
             seq_watch: tokio::sync::watch::Sender::new(seq),
+            #[cfg(test)]
+            log_read_hook: Mutex::new(None),
         })
     }
 
@@ -609,7 +619,16 @@ impl Store {
     }
 
     /// Records changed after local sequence `seq`, up to `limit`, in
-    /// sequence order.
+    /// sequence order: each one as it was recorded at its number.
+    ///
+    /// The log is read while commits go on, so an object may be recorded
+    /// again (at a higher number) between reading its entry and its
+    /// record. Such an entry is skipped: the newer record comes at its own
+    /// number, after the records committed before it. Sending it at the
+    /// old number would put it before them: a peer's conflict winner (its
+    /// merged vector supersedes our losing version) would arrive before
+    /// the conflict copy that keeps our version, and our bytes would be
+    /// replaced before the copy could be seeded from them.
     pub fn changes_since(&self, seq: u64, limit: usize) -> Result<Vec<(u64, ObjRec)>, FsError> {
         let mut out = Vec::new();
         let upto = self.local_seq();
@@ -625,11 +644,64 @@ impl Store {
             let (Some(s), Ok(gid)) = (be_u64(&k), gid_from(&g)) else {
                 continue;
             };
-            if let Some(rec) = self.object(&gid)? {
+            #[cfg(test)]
+            if let Some(hook) = self
+                .idx
+                .log_read_hook
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
+                hook(s, &gid);
+            }
+            if let Some(rec) = self.record_at(s, &gid)? {
                 out.push((s, rec));
             }
         }
         Ok(out)
+    }
+
+    /// The record of `gid` if it is still the one committed at local
+    /// sequence `seq` (`None` if it was recorded again since).
+    fn record_at(&self, seq: u64, gid: &Gid) -> Result<Option<ObjRec>, FsError> {
+        let Some(rec) = self.object(gid)? else {
+            return Ok(None);
+        };
+        // A commit writes `objects` and `obj_seq` in one transaction and
+        // numbers only grow: if the number is still `seq` after the record
+        // was read, the record read is the one committed at `seq`.
+        let now = self
+            .idx
+            .obj_seq
+            .get(gid.0)
+            .map_err(|e| store_err("reading obj_seq", e))?
+            .as_deref()
+            .and_then(be_u64);
+        Ok((now == Some(seq)).then_some(rec))
+    }
+
+    /// Tests: the last number in the change log (committed; it may not
+    /// be published yet).
+    #[cfg(test)]
+    pub(crate) fn log_end(&self) -> u64 {
+        self.idx
+            .changes
+            .last()
+            .ok()
+            .flatten()
+            .and_then(|(k, _)| be_u64(&k))
+            .unwrap_or(0)
+    }
+
+    /// Tests: call `hook(seq, gid)` in [`Store::changes_since`] between
+    /// reading a log entry and its record (to force a commit there).
+    #[cfg(test)]
+    pub(crate) fn set_log_read_hook(&self, hook: Option<LogReadHook>) {
+        *self
+            .idx
+            .log_read_hook
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = hook;
     }
 
     /// The recorded version of `gid`.

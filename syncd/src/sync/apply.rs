@@ -27,11 +27,36 @@
 //! - `Invalid`: logged with the peer and the reason, skipped (never
 //!   applied, never passed on);
 //! - a store failure: deferred and retried.
+//!
+//! The copy rule. A file's local version `L` may have lost a conflict on a
+//! peer: the peer then sends the conflict copy of `L` (a new object,
+//! [`merge::copy_gid`]`(L)`, with `L`'s chunks) and, later in its log, its
+//! winner, whose merged vector supersedes `L` (so no conflict is seen
+//! here). The copy's bytes may exist only here, in `L`'s content. So the
+//! content of `L` is never replaced (by a newer version or a tombstone)
+//! before the copy of `L` is complete here, if it is here:
+//! - a copy record that arrives is seeded from the file at its original
+//!   name ([`copy_seed`]), and a copy made here from `L` ([`make_copy`])
+//!   from `L`'s content;
+//! - before a record replaces `L`'s content, a copy of `L` that is here
+//!   but partial (it arrived when its seed was not at hand, or was moved
+//!   by the collision rule) is filled from `L` (`Store::fill_from`);
+//! - a record that would replace `L`'s content waits
+//!   ([`Wait::CopyFirst`]) while the copy of `L` is itself a deferred
+//!   record of the same session (`held`).
+//!
+//! This relies on the copy coming before the winner, which each peer's log
+//! guarantees (the copy is recorded first, and `Store::changes_since` sends
+//! each record at the number it was committed at). A winner and a copy
+//! that reach us from two different peers, the winner first, are not
+//! covered: the copy is then fetched from whichever peer still has its
+//! bytes.
 
 use super::engine::SyncEngine;
 use super::merge::{self, ConflictCopy, Outcome};
 use super::model::{EntryName, Gid, ObjRec};
 use crate::store::objects::{Applied, ApplyError, DirtyMark, Seed};
+use ipc_schema::FsError;
 
 /// Why a record waits.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +74,10 @@ pub enum Wait {
     Busy,
     /// A directory's tombstone, but the directory is not empty here.
     NotEmpty,
+    /// It would replace the content of a local version whose conflict
+    /// copy (this gid) is a deferred record of the session: it waits
+    /// until the copy is applied (and seeded from that content).
+    CopyFirst(Gid),
     /// The store failed; retried later.
     Failed(String),
 }
@@ -75,15 +104,29 @@ pub struct Settle {
 }
 
 /// Decide on and apply `rec`, a record of peer `peer`; `settle` says what
-/// to resolve now instead of deferring it.
-pub fn apply_one(engine: &SyncEngine, peer: &str, rec: &ObjRec, settle: Settle) -> Fate {
+/// to resolve now instead of deferring it; `held` says whether a gid is
+/// a record of the session that is deferred (see the copy rule in the
+/// module doc).
+pub fn apply_one(
+    engine: &SyncEngine,
+    peer: &str,
+    rec: &ObjRec,
+    settle: Settle,
+    held: &dyn Fn(&Gid) -> bool,
+) -> Fate {
     let _index = engine.lock_index();
-    let fate = decide_and_apply(engine, peer, rec, settle);
+    let fate = decide_and_apply(engine, peer, rec, settle, held);
     engine.publish_seq();
     fate
 }
 
-fn decide_and_apply(engine: &SyncEngine, peer: &str, rec: &ObjRec, settle: Settle) -> Fate {
+fn decide_and_apply(
+    engine: &SyncEngine,
+    peer: &str,
+    rec: &ObjRec,
+    settle: Settle,
+    held: &dyn Fn(&Gid) -> bool,
+) -> Fate {
     let store = &engine.store;
     let local = match store.object(&rec.gid) {
         Ok(l) => l,
@@ -112,6 +155,17 @@ fn decide_and_apply(engine: &SyncEngine, peer: &str, rec: &ObjRec, settle: Settl
     } else {
         None
     };
+    if let Some(l) = local.as_ref()
+        && replaces_content(l, &out)
+    {
+        let copy = merge::copy_gid(l);
+        if held(&copy) {
+            return Fate::Deferred(Wait::CopyFirst(copy));
+        }
+        if let Err(e) = complete_copy_of(engine, l, copy) {
+            return Fate::Deferred(Wait::Failed(e.to_string()));
+        }
+    }
     match store.apply_remote(&out, seed) {
         Ok(applied) => {
             after_apply(engine, &out, applied);
@@ -125,7 +179,7 @@ fn decide_and_apply(engine: &SyncEngine, peer: &str, rec: &ObjRec, settle: Settl
             resurrect(engine, peer, local.as_ref(), &out)
         }
         Err(ApplyError::Collision { at, existing }) if settle.collision => {
-            settle_collision(engine, peer, &out, at, existing)
+            settle_collision(engine, peer, &out, seed, at, existing)
         }
         Err(e) => fate_of(peer, &out, e),
     }
@@ -160,10 +214,37 @@ fn make_copy(engine: &SyncEngine, peer: &str, of: &Gid, copy: &ConflictCopy) -> 
     }
 }
 
+/// Whether storing `out` replaces the content of the local file version
+/// `local` (a newer version with other bytes, or a tombstone).
+fn replaces_content(local: &ObjRec, out: &ObjRec) -> bool {
+    local.kind == ipc_schema::FileKind::File
+        && !local.deleted
+        && (out.deleted || !out.same_content(local))
+}
+
+/// The copy rule's fill (see the module doc): if the conflict copy
+/// `copy` of the local version `local` is here but partial, copy into it
+/// every missing chunk that `local`'s content has.
+fn complete_copy_of(engine: &SyncEngine, local: &ObjRec, copy: Gid) -> Result<(), FsError> {
+    let store = &engine.store;
+    let Some(ino) = store.ino_of(&copy)? else {
+        return Ok(());
+    };
+    if store.presence(ino)?.is_none() {
+        return Ok(());
+    }
+    let Some(seed) = local_seed(engine, &local.gid)? else {
+        return Ok(());
+    };
+    let left = store.fill_from(ino, seed)?;
+    tracing::info!(copy = ?copy, complete = left.is_empty(), "conflict copy filled from the version it keeps, before that version is replaced");
+    Ok(())
+}
+
 /// The local content a conflict copy of the local version starts from:
 /// the current content generation of the object `of` (whose local version
 /// lost).
-fn local_seed(engine: &SyncEngine, of: &Gid) -> Result<Option<Seed>, ipc_schema::FsError> {
+fn local_seed(engine: &SyncEngine, of: &Gid) -> Result<Option<Seed>, FsError> {
     let Some(ino) = engine.store.ino_of(of)? else {
         return Ok(None);
     };
@@ -244,6 +325,7 @@ fn settle_collision(
     engine: &SyncEngine,
     peer: &str,
     rec: &ObjRec,
+    seed: Option<Seed>,
     at: EntryName,
     existing: Gid,
 ) -> Fate {
@@ -257,7 +339,8 @@ fn settle_collision(
     };
     if merge::collision_loser(rec, &other) {
         let moved = merge::renamed_for_collision(rec, &at);
-        match store.apply_remote(&moved, None) {
+        // (A conflict copy moved here keeps the seed of its first name.)
+        match store.apply_remote(&moved, seed) {
             Ok(applied) => {
                 engine.count_conflict();
                 after_apply(engine, &moved, applied);
@@ -274,7 +357,7 @@ fn settle_collision(
             return fate_of(peer, &moved, e);
         }
         engine.count_conflict();
-        match store.apply_remote(rec, None) {
+        match store.apply_remote(rec, seed) {
             Ok(applied) => {
                 after_apply(engine, rec, applied);
                 Fate::Done

@@ -32,10 +32,15 @@ struct CopyFrom {
     other: OnceLock<Arc<Store>>,
     me: OnceLock<Arc<Store>>,
     invals: Mutex<Vec<Inval>>,
+    /// No peer to copy from (as when none is connected).
+    offline: std::sync::atomic::AtomicBool,
 }
 
 impl CopyFrom {
     fn fill(&self, ino: Ino) {
+        if self.offline.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let (Some(me), Some(other)) = (self.me.get(), self.other.get()) else {
             return;
         };
@@ -114,6 +119,7 @@ fn node(name: &'static str, device: u8) -> Node {
         other: OnceLock::new(),
         me: OnceLock::new(),
         invals: Mutex::new(Vec::new()),
+        offline: std::sync::atomic::AtomicBool::new(false),
     });
     let _ = data.me.set(store.clone());
     engine.set_data_path(data.clone());
@@ -239,12 +245,19 @@ async fn until(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Every local change of `s` is a version and its log is published (the
+/// dirty marks go in the commit's transaction, the sequence number moves
+/// just after it: a log read in between would miss the commit).
+fn versioned(s: &Store) -> bool {
+    s.dirty_count() == 0 && s.log_end() == s.local_seq()
+}
+
 /// Both trees and both indexes equal, and nothing left to version.
 async fn converged(a: &Node, b: &Node) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let done = a.store.dirty_count() == 0
-            && b.store.dirty_count() == 0
+        let done = versioned(&a.store)
+            && versioned(&b.store)
             && records(&a.store) == records(&b.store)
             && tree_of(a) == tree_of(b);
         if done {
@@ -368,7 +381,7 @@ async fn concurrent_edits_while_apart_end_with_one_conflict_copy_on_both() {
     overwrite(&a.store, fa, b"edit made on a");
     overwrite(&b.store, fb, b"edit made on b!");
     until("both edits versioned", || {
-        a.store.dirty_count() == 0 && b.store.dirty_count() == 0
+        versioned(&a.store) && versioned(&b.store)
     })
     .await;
     let _link = connect(&a, &b);
@@ -419,7 +432,7 @@ async fn edit_against_delete_keeps_the_edit_and_a_deleted_directory_keeps_new_fi
     write_file(&b.store, db, "new", b"made on b");
     b.store.unlink(Ino::ROOT, &n("kept.txt")).expect("unlink");
     until("all versioned", || {
-        a.store.dirty_count() == 0 && b.store.dirty_count() == 0
+        versioned(&a.store) && versioned(&b.store)
     })
     .await;
     let _link = connect(&a, &b);
@@ -444,7 +457,7 @@ async fn the_same_name_created_on_both_sides_is_a_conflict_not_a_merge() {
     write_file(&a.store, Ino::ROOT, "same", b"a's file");
     write_file(&b.store, Ino::ROOT, "same", b"b's file");
     until("both versioned", || {
-        a.store.dirty_count() == 0 && b.store.dirty_count() == 0
+        versioned(&a.store) && versioned(&b.store)
     })
     .await;
     let _link = connect(&a, &b);
@@ -465,7 +478,7 @@ async fn a_directory_delete_that_comes_before_its_entries_delete_does_not_keep_t
         .expect("mkdir")
         .ino;
     write_file(&a.store, d, "f", b"in the directory");
-    until("a versioned", || a.store.dirty_count() == 0).await;
+    until("a versioned", || versioned(&a.store)).await;
     let created: Vec<(u64, ObjRec)> = a.store.changes_since(0, usize::MAX).expect("changes");
     let b2 = b.engine.clone();
     let left = tokio::task::spawn_blocking(move || {
@@ -477,7 +490,7 @@ async fn a_directory_delete_that_comes_before_its_entries_delete_does_not_keep_t
     let seen = a.store.local_seq();
     a.store.unlink(d, &n("f")).expect("unlink");
     a.store.rmdir(Ino::ROOT, &n("dir")).expect("rmdir");
-    until("a versioned", || a.store.dirty_count() == 0).await;
+    until("a versioned", || versioned(&a.store)).await;
     // The directory's tombstone first, then its entry's, in one batch.
     let mut deletes = a.store.changes_since(seen, usize::MAX).expect("changes");
     assert_eq!(deletes.len(), 2);
@@ -522,16 +535,16 @@ async fn pull(from: &Node, to: &Node, after: u64) -> u64 {
 async fn a_peer_that_resolved_first_does_not_make_our_losing_edit_vanish() {
     let (a, b) = pair();
     let fa = write_file(&a.store, Ino::ROOT, "f.txt", b"base");
-    until("a versioned", || a.store.dirty_count() == 0).await;
+    until("a versioned", || versioned(&a.store)).await;
     let a_seq = pull(&a, &b, 0).await;
     let b_seq = b.store.local_seq();
     // b edits, then a (later, so a's edit wins).
     let fb = b.store.lookup(Ino::ROOT, &n("f.txt")).expect("f on b").ino;
     overwrite(&b.store, fb, b"b's edit, which loses");
-    until("b versioned", || b.store.dirty_count() == 0).await;
+    until("b versioned", || versioned(&b.store)).await;
     std::thread::sleep(Duration::from_millis(20));
     overwrite(&a.store, fa, b"a's edit, which wins");
-    until("a versioned", || a.store.dirty_count() == 0).await;
+    until("a versioned", || versioned(&a.store)).await;
     // a sees b's edit first: it keeps its own and records a copy of b's
     // (bytes not here: only b has them).
     pull(&b, &a, b_seq).await;
@@ -554,6 +567,256 @@ async fn a_peer_that_resolved_first_does_not_make_our_losing_edit_vanish() {
     );
     // And a can get the copy's bytes from b.
     converged(&a, &b).await;
+}
+
+/// The order that lost a losing edit's bytes: b's log is read for a
+/// (the entry of b's edit) while b resolves the conflict with a's edit (b
+/// records a copy of a's edit, then its winner again, with the merged
+/// vector). If the read sent the winner at the entry's old number, a would
+/// apply it before the copy (its vector supersedes a's edit: no conflict
+/// seen here), and the copy, coming next, could no longer be seeded from
+/// a's bytes, which no other node has. The interleaving is forced by the
+/// store's log-read hook, which lets b resolve between the read of the
+/// entry and the read of its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_winner_recorded_while_the_log_is_read_does_not_overtake_the_copy_of_our_edit() {
+    let (a, b) = pair();
+    let fa = write_file(&a.store, Ino::ROOT, "f.txt", b"base");
+    until("a versioned", || versioned(&a.store)).await;
+    let a_seq = pull(&a, &b, 0).await;
+    let b_seq = b.store.local_seq();
+    // a edits, then b: b's edit wins (a later or equal mtime, and the
+    // greater device id on a tie).
+    overwrite(&a.store, fa, b"a's edit, which loses");
+    let fb = b.store.lookup(Ino::ROOT, &n("f.txt")).expect("f on b").ino;
+    overwrite(&b.store, fb, b"b's edit, which wins");
+    until("both versioned", || {
+        versioned(&a.store) && versioned(&b.store)
+    })
+    .await;
+    let gid = b.store.gid_of(fb).expect("gid");
+    // b gets a's edit (and resolves) between reading its log's entry of
+    // the file and reading the record.
+    let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let fired = fired.clone();
+        let engine_b = b.engine.clone();
+        let store_a = a.store.clone();
+        b.store.set_log_read_hook(Some(Box::new(move |_, g| {
+            if *g != gid || fired.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let recs = store_a.changes_since(a_seq, usize::MAX).expect("a's log");
+            let left = super::session::apply_batch(&engine_b, "FP-a", recs, Vec::new());
+            assert!(left.is_empty(), "b applies a's edit: {left:?}");
+        })));
+    }
+    let store_b = b.store.clone();
+    let read = tokio::task::spawn_blocking(move || store_b.changes_since(b_seq, usize::MAX))
+        .await
+        .expect("join")
+        .expect("b's log");
+    b.store.set_log_read_hook(None);
+    assert!(
+        fired.load(std::sync::atomic::Ordering::SeqCst),
+        "the conflict was resolved on b during the read"
+    );
+    let copies = |s: &Store| {
+        records(s)
+            .values()
+            .filter(|r| {
+                r.names
+                    .iter()
+                    .any(|n| n.name.windows(15).any(|w| w == b".sync-conflict-"))
+            })
+            .count()
+    };
+    assert_eq!(copies(&b.store), 1, "b made the copy of a's edit");
+    // a applies what that read gave, then the rest of b's log, as the
+    // live stream sends it.
+    let last = read.last().map_or(b_seq, |(s, _)| *s);
+    let engine_a = a.engine.clone();
+    let left = tokio::task::spawn_blocking(move || {
+        super::session::apply_batch(&engine_a, "FP-b", read, Vec::new())
+    })
+    .await
+    .expect("apply");
+    assert!(left.is_empty(), "nothing waits: {left:?}");
+    pull(&b, &a, last).await;
+    let t = tree_of(&a);
+    assert_eq!(
+        t.get("/f.txt"),
+        Some(&(FileKind::File, b"b's edit, which wins".to_vec())),
+        "{t:?}"
+    );
+    let copy = t
+        .iter()
+        .find(|(k, _)| k.contains(".sync-conflict-"))
+        .expect("a conflict copy on a");
+    assert_eq!(
+        copy.1.1,
+        b"a's edit, which loses".to_vec(),
+        "a's edit is kept in the copy: {t:?}"
+    );
+    let _link = connect(&a, &b);
+    converged(&a, &b).await;
+}
+
+/// Two nodes where a's edit of `f.txt` lost to b's on b: b holds the
+/// conflict copy of a's edit (its bytes not there) and its winner. Answers
+/// b's log after the base version (the copy, then the winner) and the
+/// copy's record.
+async fn b_resolved_against_a(a: &Node, b: &Node) -> (Vec<(u64, ObjRec)>, ObjRec) {
+    let fa = write_file(&a.store, Ino::ROOT, "f.txt", b"base");
+    until("a versioned", || versioned(&a.store)).await;
+    let a_seq = pull(a, b, 0).await;
+    let b_seq = b.store.local_seq();
+    overwrite(&a.store, fa, b"a's edit, which loses");
+    let fb = b.store.lookup(Ino::ROOT, &n("f.txt")).expect("f on b").ino;
+    overwrite(&b.store, fb, b"b's edit, which wins");
+    until("both versioned", || {
+        versioned(&a.store) && versioned(&b.store)
+    })
+    .await;
+    pull(a, b, a_seq).await;
+    let log = b.store.changes_since(b_seq, usize::MAX).expect("b's log");
+    let copy = log
+        .iter()
+        .map(|(_, r)| r.clone())
+        .find(|r| {
+            r.names
+                .iter()
+                .any(|n| n.name.starts_with(b"f.sync-conflict-"))
+        })
+        .expect("b made a copy");
+    assert_eq!(log.len(), 2, "the copy, then the winner: {log:?}");
+    (log, copy)
+}
+
+/// The content of a's copy of its own losing edit, and of `f.txt`.
+fn copy_and_file_on_a(a: &Node) -> (Vec<u8>, Vec<u8>) {
+    let t = tree_of(a);
+    let copy = t
+        .iter()
+        .find(|(k, v)| k.contains(".sync-conflict-") && v.1 != b"squatter")
+        .map(|(_, v)| v.1.clone())
+        .unwrap_or_else(|| panic!("a conflict copy on a: {t:?}"));
+    let file = t.get("/f.txt").map(|v| v.1.clone()).expect("f.txt on a");
+    (copy, file)
+}
+
+/// A copy of our version that is here but partial (here: applied without
+/// its seed) is filled from our version before a winner replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_copy_of_our_version_is_filled_before_the_winner_replaces_it() {
+    let (a, b) = pair();
+    let (log, copy) = b_resolved_against_a(&a, &b).await;
+    let store_a = a.store.clone();
+    let c = copy.clone();
+    let applied = tokio::task::spawn_blocking(move || store_a.apply_remote(&c, None))
+        .await
+        .expect("join")
+        .expect("the copy applied without a seed");
+    let ino = applied.ino.expect("the copy's inode");
+    assert!(
+        a.store.presence(ino).expect("presence").is_some(),
+        "the copy is partial on a"
+    );
+    // Then b's log: the copy (here already) and the winner.
+    pull(&b, &a, log[0].0 - 1).await;
+    assert!(
+        a.store.presence(ino).expect("presence").is_none(),
+        "the copy was completed from a's edit before it was replaced"
+    );
+    let (copy_bytes, file) = copy_and_file_on_a(&a);
+    assert_eq!(copy_bytes, b"a's edit, which loses".to_vec());
+    assert_eq!(file, b"b's edit, which wins".to_vec());
+    let _link = connect(&a, &b);
+    converged(&a, &b).await;
+}
+
+/// A copy of our version that must wait (its name is held here) keeps the
+/// winner from replacing our version until it is applied, seeded from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_winner_waits_for_a_deferred_copy_of_our_version() {
+    let (a, b) = pair();
+    let (log, copy) = b_resolved_against_a(&a, &b).await;
+    // A file made on a holds the copy's name.
+    let name = String::from_utf8(copy.names[0].name.clone()).expect("utf-8 name");
+    write_file(&a.store, Ino::ROOT, &name, b"squatter");
+    until("a versioned", || versioned(&a.store)).await;
+    let engine = a.engine.clone();
+    let left = tokio::task::spawn_blocking(move || {
+        super::session::apply_batch(&engine, "FP-b", log, Vec::new())
+    })
+    .await
+    .expect("apply");
+    let waits: Vec<&super::apply::Wait> = left.iter().map(|d| &d.wait).collect();
+    assert!(
+        matches!(
+            waits.as_slice(),
+            [
+                super::apply::Wait::Collision { .. },
+                super::apply::Wait::CopyFirst(g)
+            ] if *g == copy.gid
+        ),
+        "the copy waits for its name, the winner for the copy: {waits:?}"
+    );
+    let fa = a.store.lookup(Ino::ROOT, &n("f.txt")).expect("f").ino;
+    assert_eq!(read(&a.store, fa), b"a's edit, which loses".to_vec());
+    // Once the collision grace is over (moved back here instead of
+    // waiting for it), the copy moves to its conflict name, then the
+    // winner is applied.
+    let left: Vec<super::session::Deferred> = left
+        .into_iter()
+        .map(|d| super::session::Deferred {
+            since: std::time::Instant::now() - super::session::COLLISION_GRACE,
+            ..d
+        })
+        .collect();
+    let engine = a.engine.clone();
+    let left = tokio::task::spawn_blocking(move || {
+        super::session::apply_batch(&engine, "FP-b", Vec::new(), left)
+    })
+    .await
+    .expect("apply");
+    assert!(left.is_empty(), "nothing waits: {left:?}");
+    let (copy_bytes, file) = copy_and_file_on_a(&a);
+    assert_eq!(copy_bytes, b"a's edit, which loses".to_vec());
+    assert_eq!(file, b"b's edit, which wins".to_vec());
+    let _link = connect(&a, &b);
+    converged(&a, &b).await;
+}
+
+/// A small file whose eager fetch failed (no peer had its bytes then) is
+/// fetched when a peer connects, without a read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_eager_fetch_is_retried_when_a_peer_connects() {
+    let (a, b) = pair();
+    write_file(&a.store, Ino::ROOT, "small.txt", b"fetched eagerly");
+    until("a versioned", || versioned(&a.store)).await;
+    b.data
+        .offline
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    pull(&a, &b, 0).await;
+    let ino = b
+        .store
+        .lookup(Ino::ROOT, &n("small.txt"))
+        .expect("small.txt on b")
+        .ino;
+    assert!(
+        b.store.presence(ino).expect("presence").is_some(),
+        "the eager fetch failed: the file is not all local on b"
+    );
+    b.data
+        .offline
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let _link = connect(&a, &b);
+    until("the file is fetched once a peer is connected", || {
+        b.store.presence(ino).expect("presence").is_none()
+    })
+    .await;
+    assert_eq!(read(&b.store, ino), b"fetched eagerly".to_vec());
 }
 
 fn write_file(s: &Store, parent: Ino, name: &str, bytes: &[u8]) -> Ino {

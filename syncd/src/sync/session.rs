@@ -12,10 +12,22 @@
 //! Items are applied in the order they come, in batches (what arrived
 //! together, at most [`BATCH`]), each on the blocking pool
 //! ([`super::apply`]). Records that cannot be applied yet are deferred:
-//! kept in memory, in seq order, and retried after each batch, after each
-//! round of the local versioner (for `Busy`), and every [`RETRY`]. A record
+//! kept in memory, in seq order, and retried when something that could
+//! unblock them happens: after each batch (a parent's record, the
+//! tombstone that frees a name), after each round of the local versioner
+//! while one waits as `Busy` or for a name (a local change may free it),
+//! and on a timer ([`Backoff`]): [`RETRY`] after a round that changed
+//! something, doubling while nothing does, up to [`RETRY_MAX`], and
+//! never later than the end of a collision's grace. A record
 //! still colliding after its batch's retries and [`COLLISION_GRACE`] gets
-//! the collision rule.
+//! the collision rule. A record that would replace the content of a local
+//! version whose conflict copy is itself deferred waits for it
+//! (`Wait::CopyFirst`, the copy rule of [`super::apply`]).
+//!
+//! When the session's index stream is open, the small files (up to
+//! `eager_fetch_max`) that are still not all local are fetched again
+//! ([`refetch_small_files`]): their eager fetch may have failed for lack of
+//! a peer.
 //!
 //! Progress: the peer's sequence number applied here
 //! (`Store::set_peer_applied`) moves only past records that are applied
@@ -26,7 +38,7 @@
 use super::apply::{self, Fate, Settle, Wait};
 use super::engine::SyncEngine;
 use super::index::{IndexItem, ItemReader};
-use super::model::ObjRec;
+use super::model::{Gid, ObjRec};
 use crate::peer::conn::PeerConn;
 use crate::peer::msg::Request;
 use std::sync::Arc;
@@ -35,8 +47,13 @@ use std::time::{Duration, Instant};
 /// The most records applied in one blocking call.
 pub const BATCH: usize = 512;
 
-/// How often deferred records are retried when nothing else happens.
+/// The first wait before deferred records are retried when nothing else
+/// happens (see [`Backoff`]).
 pub const RETRY: Duration = Duration::from_millis(250);
+
+/// The longest wait between retries of deferred records when nothing
+/// else happens.
+pub const RETRY_MAX: Duration = Duration::from_secs(8);
 
 /// The wait before an index stream that ended on a live connection is
 /// opened again.
@@ -104,21 +121,27 @@ async fn session(engine: &Arc<SyncEngine>, conn: &PeerConn, fp: &str) -> String 
         Err(e) => return format!("cannot open the index stream: {e}"),
     };
     tracing::info!(peer = %conn.label(), since, "sync session started");
+    refetch_small_files(engine).await;
     let mut progress = Progress::new(since);
     let mut reader = ItemReader::default();
     let mut batch: Vec<(u64, ObjRec)> = Vec::new();
     let mut deferred: Vec<Deferred> = Vec::new();
+    let mut backoff = Backoff::default();
     loop {
-        let busy = deferred.iter().any(|d| d.wait == Wait::Busy);
+        let local = deferred
+            .iter()
+            .any(|d| matches!(d.wait, Wait::Busy | Wait::Collision { .. }));
+        let wait = backoff.wait(&deferred, Instant::now());
         tokio::select! {
             chunk = stream.next() => match chunk {
                 None => return "the peer ended the index stream".into(),
                 Some(Err(e)) => return e.to_string(),
                 Some(Ok(bytes)) => reader.push(&bytes),
             },
-            _ = engine.versioned.notified(), if busy => {}
-            _ = tokio::time::sleep(RETRY), if !deferred.is_empty() => {}
+            _ = engine.versioned.notified(), if local => {}
+            _ = tokio::time::sleep(wait.unwrap_or(RETRY)), if wait.is_some() => {}
         }
+        let mut changed = false;
         loop {
             // Take what arrived, a batch at a time.
             while batch.len() < BATCH {
@@ -144,6 +167,8 @@ async fn session(engine: &Arc<SyncEngine>, conn: &PeerConn, fp: &str) -> String 
             let engine2 = engine.clone();
             let fp2 = fp.to_owned();
             let waiting = std::mem::take(&mut deferred);
+            let before: Vec<u64> = waiting.iter().map(|d| d.seq).collect();
+            changed |= !taken.is_empty();
             deferred = match tokio::task::spawn_blocking(move || {
                 apply_batch(&engine2, &fp2, taken, waiting)
             })
@@ -152,6 +177,7 @@ async fn session(engine: &Arc<SyncEngine>, conn: &PeerConn, fp: &str) -> String 
                 Ok(d) => d,
                 Err(e) => return format!("applying failed: {e}"),
             };
+            changed |= deferred.iter().map(|d| d.seq).ne(before.iter().copied());
             if let Some(applied) = progress.applied(&deferred) {
                 let store = engine.store.clone();
                 let fp2 = fp.to_owned();
@@ -173,6 +199,86 @@ async fn session(engine: &Arc<SyncEngine>, conn: &PeerConn, fp: &str) -> String 
                 break;
             }
         }
+        backoff.after_round(changed);
+    }
+}
+
+/// When deferred records are retried if nothing else happens (see the
+/// module doc).
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff { next: RETRY }
+    }
+}
+
+impl Backoff {
+    /// After a round: `changed` (records arrived, or the deferred records
+    /// are not the same): back to [`RETRY`]; else the wait doubles, up to
+    /// [`RETRY_MAX`].
+    fn after_round(&mut self, changed: bool) {
+        self.next = if changed {
+            RETRY
+        } else {
+            (self.next * 2).min(RETRY_MAX)
+        };
+    }
+
+    /// How long to wait before retrying `deferred` at `now` (`None`:
+    /// nothing waits): the backoff, or less if a collision's grace ends
+    /// sooner (its final pass settles it).
+    fn wait(&self, deferred: &[Deferred], now: Instant) -> Option<Duration> {
+        if deferred.is_empty() {
+            return None;
+        }
+        let grace = deferred
+            .iter()
+            .filter(|d| matches!(d.wait, Wait::Collision { .. }))
+            .map(|d| (d.since + COLLISION_GRACE).saturating_duration_since(now))
+            .filter(|left| !left.is_zero())
+            .min();
+        Some(grace.map_or(self.next, |g| g.min(self.next)))
+    }
+}
+
+/// The most partial files looked at when a session starts.
+pub const REFETCH_SCAN_MAX: usize = 100_000;
+
+/// A peer is here again: fetch the small files whose eager fetch failed
+/// (no peer had their bytes then), as their arrival would have. Files
+/// over `eager_fetch_max` stay fetched on demand.
+async fn refetch_small_files(engine: &Arc<SyncEngine>) {
+    let max = engine.data().eager_fetch_max();
+    if max == 0 {
+        return;
+    }
+    let store = engine.store.clone();
+    let partial =
+        match tokio::task::spawn_blocking(move || store.partial_files(REFETCH_SCAN_MAX)).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot list the files not all local");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the files not all local");
+                return;
+            }
+        };
+    let small: Vec<_> = partial
+        .into_iter()
+        .filter(|(_, p)| p.size <= max)
+        .map(|(ino, _)| ino)
+        .collect();
+    if !small.is_empty() {
+        tracing::debug!(files = small.len(), "fetching small files not all local");
+    }
+    for ino in small {
+        engine.data().prefetch(ino);
     }
 }
 
@@ -188,15 +294,19 @@ pub fn apply_batch(
     waiting: Vec<Deferred>,
 ) -> Vec<Deferred> {
     let mut deferred = waiting;
+    let mut held = Held::of(&deferred);
     for (seq, rec) in batch {
-        match apply::apply_one(engine, peer, &rec, Settle::default()) {
+        match apply::apply_one(engine, peer, &rec, Settle::default(), &|g| held.has(g)) {
             Fate::Done | Fate::Skipped => {}
-            Fate::Deferred(wait) => deferred.push(Deferred {
-                seq,
-                rec,
-                wait,
-                since: Instant::now(),
-            }),
+            Fate::Deferred(wait) => {
+                held.add(rec.gid);
+                deferred.push(Deferred {
+                    seq,
+                    rec,
+                    wait,
+                    since: Instant::now(),
+                });
+            }
         }
     }
     // Retry until a round applies nothing.
@@ -226,17 +336,54 @@ pub fn apply_batch(
 
 fn retry(engine: &SyncEngine, peer: &str, list: Vec<Deferred>, settle: Settle) -> Vec<Deferred> {
     let mut left = Vec::new();
+    let mut held = Held::of(&list);
     for d in list {
         let settle = Settle {
             collision: settles(&d, settle) && matches!(d.wait, Wait::Collision { .. }),
             not_empty: settles(&d, settle) && d.wait == Wait::NotEmpty,
         };
-        match apply::apply_one(engine, peer, &d.rec, settle) {
+        held.remove(&d.rec.gid);
+        match apply::apply_one(engine, peer, &d.rec, settle, &|g| held.has(g)) {
             Fate::Done | Fate::Skipped => {}
-            Fate::Deferred(wait) => left.push(Deferred { wait, ..d }),
+            Fate::Deferred(wait) => {
+                held.add(d.rec.gid);
+                left.push(Deferred { wait, ..d });
+            }
         }
     }
     left
+}
+
+/// The gids of the records that wait (counted: one object may wait with
+/// two records), for the copy rule of [`apply`].
+#[derive(Default)]
+struct Held(std::collections::HashMap<Gid, usize>);
+
+impl Held {
+    fn of(list: &[Deferred]) -> Held {
+        let mut h = Held::default();
+        for d in list {
+            h.add(d.rec.gid);
+        }
+        h
+    }
+
+    fn add(&mut self, gid: Gid) {
+        *self.0.entry(gid).or_default() += 1;
+    }
+
+    fn remove(&mut self, gid: &Gid) {
+        if let Some(n) = self.0.get_mut(gid) {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(gid);
+            }
+        }
+    }
+
+    fn has(&self, gid: &Gid) -> bool {
+        self.0.contains_key(gid)
+    }
 }
 
 /// Whether the final pass settles `d` (see [`apply_batch`]).
@@ -288,6 +435,67 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn waiting(seq: u64, wait: Wait, since: Instant) -> Deferred {
+        Deferred {
+            seq,
+            rec: crate::sync::merge::tests::file_rec(1, &[(1, 1)], b"x"),
+            wait,
+            since,
+        }
+    }
+
+    #[test]
+    fn deferred_records_are_retried_with_a_bounded_backoff() {
+        let now = Instant::now();
+        let mut b = Backoff::default();
+        assert_eq!(b.wait(&[], now), None, "nothing waits: no timer");
+        let parent = [waiting(1, Wait::MissingParent(Gid([7; 16])), now)];
+        assert_eq!(b.wait(&parent, now), Some(RETRY));
+        // Rounds that change nothing: the wait doubles, up to the bound.
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            b.after_round(false);
+            seen.push(b.wait(&parent, now).expect("a wait"));
+        }
+        assert_eq!(
+            seen,
+            [500, 1000, 2000, 4000, 8000, 8000, 8000, 8000].map(Duration::from_millis)
+        );
+        assert!(RETRY_MAX >= COLLISION_GRACE);
+        // Something arrived, or the deferred records changed: back to
+        // the first wait.
+        b.after_round(true);
+        assert_eq!(b.wait(&parent, now), Some(RETRY));
+        // A collision is retried when its grace ends, even when the
+        // backoff is longer; once the grace is over, the backoff rules.
+        for _ in 0..5 {
+            b.after_round(false);
+        }
+        let half = now - COLLISION_GRACE / 2;
+        let colliding = |since| {
+            waiting(
+                2,
+                Wait::Collision {
+                    at: crate::sync::model::EntryName {
+                        parent: Gid::ROOT,
+                        name: b"x".to_vec(),
+                    },
+                    existing: Gid([9; 16]),
+                },
+                since,
+            )
+        };
+        assert_eq!(
+            b.wait(&[parent[0].clone(), colliding(half)], now),
+            Some(COLLISION_GRACE / 2)
+        );
+        assert_eq!(
+            b.wait(&[colliding(now - COLLISION_GRACE * 2)], now),
+            Some(RETRY_MAX),
+            "a grace that is over does not make the timer spin"
+        );
+    }
 
     #[test]
     fn progress_never_passes_a_deferred_record() {
