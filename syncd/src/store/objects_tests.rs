@@ -416,12 +416,17 @@ fn a_remote_file_arrives_partial_fills_verified_and_serves_its_chunks() {
     let ino = applied.ino.expect("ino");
     assert!(applied.partial);
     assert_eq!(applied.seq, before + 1);
+    // The new inode counts as changed by a peer too (see
+    // `commit_live`): its name and the inode.
     assert_eq!(
         applied.invals,
-        vec![Inval::Entry {
-            parent: ROOT,
-            name: n("remote")
-        }]
+        vec![
+            Inval::Entry {
+                parent: ROOT,
+                name: n("remote")
+            },
+            Inval::Inode { ino }
+        ]
     );
     assert_eq!(s.dirty_count(), 0, "nothing marked dirty");
     assert_eq!(s.changes_since(before, 10).expect("log")[0].1, rec);
