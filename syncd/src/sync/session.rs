@@ -13,7 +13,9 @@
 //! together, at most [`BATCH`]), each on the blocking pool
 //! ([`super::apply`]). Records that cannot be applied yet are deferred:
 //! kept in memory, in seq order, and retried after each batch, after each
-//! round of the local versioner (for `Busy`), and every [`RETRY`]. A record
+//! round of the local versioner (for `Busy`; the wake-up is registered
+//! before the batch is applied, so a round that ends meanwhile is not
+//! missed), and every [`RETRY`] as a backstop. A record
 //! still colliding after its batch's retries and [`COLLISION_GRACE`] gets
 //! the collision rule.
 //!
@@ -108,6 +110,11 @@ async fn session(engine: &Arc<SyncEngine>, conn: &PeerConn, fp: &str) -> String 
     let mut reader = ItemReader::default();
     let mut batch: Vec<(u64, ObjRec)> = Vec::new();
     let mut deferred: Vec<Deferred> = Vec::new();
+    // The versioner's "round done", registered before each apply: a round
+    // that ends while a record is refused as `Busy` still wakes the next
+    // wait (a `Notified` made only at the wait would miss it, and the
+    // record would wait for `RETRY`).
+    let mut versioned = Box::pin(engine.versioned.notified());
     loop {
         let busy = deferred.iter().any(|d| d.wait == Wait::Busy);
         tokio::select! {
@@ -116,9 +123,10 @@ async fn session(engine: &Arc<SyncEngine>, conn: &PeerConn, fp: &str) -> String 
                 Some(Err(e)) => return e.to_string(),
                 Some(Ok(bytes)) => reader.push(&bytes),
             },
-            _ = engine.versioned.notified(), if busy => {}
+            _ = versioned.as_mut(), if busy => {}
             _ = tokio::time::sleep(RETRY), if !deferred.is_empty() => {}
         }
+        versioned.set(engine.versioned.notified());
         loop {
             // Take what arrived, a batch at a time.
             while batch.len() < BATCH {
