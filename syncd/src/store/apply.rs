@@ -604,9 +604,14 @@ impl Store {
             record(ix, rec, seq)?;
             ix.gid_ino.insert(&rec.gid.0, &ino_key(ino))?;
             ix.ino_gid.insert(&ino_key(ino), &rec.gid.0)?;
-            if existing.is_some() {
-                invals.push(Inval::Inode { ino: Ino(ino) });
-            }
+            // Also for a new object: mountd then counts the inode as
+            // changed by a peer, and answers its attributes with TTL 0
+            // for a while. A lookup answered before the next version of
+            // it can reach the kernel after that version's invalidation,
+            // which the kernel drops while it does not know the inode
+            // yet; without TTL 0 the lookup's old size would stay cached
+            // for the whole attribute TTL.
+            invals.push(Inval::Inode { ino: Ino(ino) });
             Ok(invals)
         })?;
         self.idx.published(seq);

@@ -228,6 +228,8 @@ pub(crate) struct Index {
     pub presence: sled::Tree,
     /// The next dirty mark.
     pub marks: AtomicU64,
+    /// Where the next [`Store::take_dirty`] starts (an inode number).
+    dirty_cursor: AtomicU64,
     /// The last local sequence number committed.
     pub seq: AtomicU64,
     /// Held across a commit to the change log (see the module doc).
@@ -286,6 +288,7 @@ impl Index {
             peer_seq: tree("peer_seq")?,
             presence: tree("presence")?,
             marks: AtomicU64::new(marks),
+            dirty_cursor: AtomicU64::new(0),
             seq: AtomicU64::new(seq),
             seq_lock: Mutex::new(()),
             apply_lock: Mutex::new(()),
@@ -432,21 +435,35 @@ impl Store {
         Ok(())
     }
 
-    /// Up to `limit` dirty inodes, oldest mark first.
+    /// Up to `limit` dirty inodes, oldest mark first. Reads at most
+    /// `limit` marks, not the whole tree: each take goes on in inode order
+    /// from where the last one stopped, wrapping around, so every dirty
+    /// inode is taken within a few takes however many there are. When at
+    /// most `limit` inodes are dirty (the usual case) that is all of them,
+    /// oldest mark first; a larger backlog is taken in inode order, which
+    /// is roughly the order of creation.
     pub fn take_dirty(&self, limit: usize) -> Result<Vec<DirtyMark>, FsError> {
-        let mut all = Vec::new();
-        for item in self.idx.dirty.iter() {
+        let start = self.idx.dirty_cursor.load(Ordering::Relaxed);
+        let from = ino_key(start);
+        let mut taken = Vec::new();
+        let mut next = start;
+        let tree = &self.idx.dirty;
+        for item in tree.range(from..).chain(tree.range(..from)) {
+            if taken.len() >= limit {
+                break;
+            }
             let (k, v) = item.map_err(|e| store_err("reading dirty marks", e))?;
             if let (Some(ino), Some(mark)) = (be_u64(&k), be_u64(&v)) {
-                all.push(DirtyMark {
+                taken.push(DirtyMark {
                     ino: Ino(ino),
                     mark,
                 });
+                next = ino.wrapping_add(1);
             }
         }
-        all.sort_unstable_by_key(|m| m.mark);
-        all.truncate(limit);
-        Ok(all)
+        self.idx.dirty_cursor.store(next, Ordering::Relaxed);
+        taken.sort_unstable_by_key(|m| m.mark);
+        Ok(taken)
     }
 
     /// How many inodes are dirty.

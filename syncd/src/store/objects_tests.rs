@@ -296,6 +296,28 @@ fn take_dirty_is_oldest_first_and_a_newer_mark_survives_commit() {
 }
 
 #[test]
+fn take_dirty_reads_a_bounded_slice_and_goes_round_every_dirty_inode() {
+    let (_d, s) = fresh();
+    let inos: Vec<Ino> = (0..5)
+        .map(|i| file_with(&s, ROOT, &format!("f{i}"), b"x"))
+        .collect();
+    // Nothing is cleared between takes: each take of 2 goes on from where
+    // the last one stopped, so three takes see all five (a take that
+    // always started from the oldest marks would see the same two).
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        let taken = s.take_dirty(2).expect("take");
+        assert!(!taken.is_empty() && taken.len() <= 2, "{taken:?}");
+        assert!(
+            taken.windows(2).all(|w| w[0].mark < w[1].mark),
+            "oldest mark first within a take: {taken:?}"
+        );
+        seen.extend(taken.iter().map(|m| m.ino));
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), inos);
+}
+
+#[test]
 fn local_object_describes_names_content_and_deletion() {
     let (_d, s) = fresh();
     let d = s.mkdir(ROOT, &n("d"), 0o700, ME).expect("mkdir").ino;
@@ -416,12 +438,17 @@ fn a_remote_file_arrives_partial_fills_verified_and_serves_its_chunks() {
     let ino = applied.ino.expect("ino");
     assert!(applied.partial);
     assert_eq!(applied.seq, before + 1);
+    // The new inode counts as changed by a peer too (see
+    // `commit_live`): its name and the inode.
     assert_eq!(
         applied.invals,
-        vec![Inval::Entry {
-            parent: ROOT,
-            name: n("remote")
-        }]
+        vec![
+            Inval::Entry {
+                parent: ROOT,
+                name: n("remote")
+            },
+            Inval::Inode { ino }
+        ]
     );
     assert_eq!(s.dirty_count(), 0, "nothing marked dirty");
     assert_eq!(s.changes_since(before, 10).expect("log")[0].1, rec);

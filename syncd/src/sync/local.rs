@@ -2,8 +2,9 @@
 //!
 //! Store operations that change shared state mark the inodes they touch
 //! dirty (before the change), and wake this task. It takes the dirty
-//! inodes, oldest mark first, [`TAKE`] at a time, and for each one, on the
-//! blocking pool under the engine's index lock:
+//! inodes, [`TAKE`] at a time (`Store::take_dirty`: round-robin over the
+//! dirty inodes, oldest mark first within a take), and for each one, on
+//! the blocking pool under the engine's index lock:
 //!
 //! - reads what the store knows of it (`Store::local_object`);
 //! - a kind that is not shared (fifo, socket, device): the mark is cleared;
@@ -26,9 +27,17 @@
 //! path, outside the lock, and the inode stays dirty and is retried with a
 //! growing backoff if that fails.
 //!
-//! After each round the new local sequence number is published (waking the
-//! index streams that serve peers, so the change is announced at once) and
-//! the sessions are told (so records refused as `Busy` are retried).
+//! Hashing a large file takes long (a second or more per GiB here), and
+//! applies from peers wait for the index lock meanwhile. So a file of at
+//! least [`HASH_UNLOCKED_MIN`] bytes is hashed first, outside the lock
+//! ([`prehash`]); under the lock the hashes are used only if the file's
+//! content generation, size, mtime and presence are still those hashed,
+//! else it is hashed again there, as smaller files are.
+//!
+//! After each version the new local sequence number is published (waking
+//! the index streams that serve peers, so the change is announced at
+//! once), and after each round the sessions are told (so records refused
+//! as `Busy` are retried).
 
 use super::engine::SyncEngine;
 use super::model::{CHUNK_SIZE, ObjRec, VersionVector, chunk_count, chunk_range};
@@ -58,6 +67,9 @@ const FREE_RESERVE: u64 = 16 << 20;
 /// When nothing wakes the versioner, it looks anyway this often (a mark
 /// whose wake-up was lost is versioned at the latest then).
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Files at least this large are hashed before the index lock is taken
+/// ([`prehash`]); smaller ones, quick to hash, under it.
+const HASH_UNLOCKED_MIN: u64 = 4 * CHUNK_SIZE;
 
 /// What became of one dirty inode.
 #[derive(Debug)]
@@ -158,7 +170,9 @@ fn backoff(later: &mut HashMap<Ino, (Instant, Duration)>, ino: Ino) {
 }
 
 /// Take dirty inodes (skipping those in `skip`) and version each. Answers
-/// the step of each and whether any was taken and settled.
+/// the step of each and whether any was taken and settled. Each new
+/// version is published as soon as it is committed, so a large file hashed
+/// later in the round does not hold back the announcement of the others.
 fn version_dirty(engine: &SyncEngine, skip: &[Ino]) -> Result<(Vec<(Ino, Step)>, bool), FsError> {
     if let Some(free) = nearly_full(engine.store.state_dir()) {
         tracing::debug!(
@@ -171,10 +185,14 @@ fn version_dirty(engine: &SyncEngine, skip: &[Ino]) -> Result<(Vec<(Ino, Step)>,
     let mut steps = Vec::new();
     let mut any_done = false;
     for mark in marks.into_iter().filter(|m| !skip.contains(&m.ino)) {
+        // A large file is hashed first, without the index lock, so that
+        // applies from peers do not wait for it (see [`prehash`]).
+        let pre = prehash(engine, mark.ino);
         let step = {
             let _index = engine.lock_index();
-            version_one(engine, mark).unwrap_or_else(|e| Step::Failed(e.to_string()))
+            version_one(engine, mark, pre.as_ref()).unwrap_or_else(|e| Step::Failed(e.to_string()))
         };
+        engine.publish_seq();
         if matches!(step, Step::Done) {
             any_done = true;
         }
@@ -183,8 +201,60 @@ fn version_dirty(engine: &SyncEngine, skip: &[Ino]) -> Result<(Vec<(Ino, Step)>,
     Ok((steps, any_done))
 }
 
-/// Version one dirty inode (under the index lock).
-fn version_one(engine: &SyncEngine, mark: DirtyMark) -> Result<Step, FsError> {
+/// The chunk hashes of a file's content, computed before the index lock
+/// was taken, with the state they were computed from.
+#[derive(Debug)]
+struct Prehashed {
+    generation: u64,
+    size: u64,
+    mtime: Timestamp,
+    presence: Option<crate::store::objects::PresenceRec>,
+    chunks: Vec<super::model::ChunkHash>,
+}
+
+impl Prehashed {
+    /// Whether these hashes are those of `now` (same content generation,
+    /// size, mtime and presence): a write or a fetch since changes one
+    /// of them, and the file is hashed again under the lock.
+    fn fits(&self, now: &LocalState) -> bool {
+        self.generation == now.generation
+            && self.size == now.size
+            && self.mtime == now.mtime
+            && self.presence == now.presence
+    }
+}
+
+/// Hash the content of `ino` without the index lock when it is a file of
+/// at least [`HASH_UNLOCKED_MIN`] bytes whose recorded hashes cannot be
+/// reused. The lock serialises decisions and writes of the index, not
+/// reads of content files (a local writer does not take it either), so
+/// hashing needs no lock; [`version_one`] uses the hashes only if the
+/// file's state is still the one hashed ([`Prehashed::fits`]). `None`:
+/// nothing to hash here (small, unchanged, not a file, or it cannot be
+/// read now; then [`version_one`] does as it always did).
+fn prehash(engine: &SyncEngine, ino: Ino) -> Option<Prehashed> {
+    let obj = engine.store.local_object(ino).ok()?;
+    let now = obj.now.as_ref()?;
+    if now.kind != FileKind::File || now.size < HASH_UNLOCKED_MIN || reusable(&obj, now) {
+        return None;
+    }
+    let chunks = file_chunks(engine, &obj, now, None).ok()?.ok()?;
+    Some(Prehashed {
+        generation: now.generation,
+        size: now.size,
+        mtime: now.mtime,
+        presence: now.presence.clone(),
+        chunks,
+    })
+}
+
+/// Version one dirty inode (under the index lock), with the hashes of
+/// [`prehash`] if it made them.
+fn version_one(
+    engine: &SyncEngine,
+    mark: DirtyMark,
+    pre: Option<&Prehashed>,
+) -> Result<Step, FsError> {
     let store = &engine.store;
     let obj = store.local_object(mark.ino)?;
     let rec = match &obj.now {
@@ -193,7 +263,7 @@ fn version_one(engine: &SyncEngine, mark: DirtyMark) -> Result<Step, FsError> {
             _ => None,
         },
         Some(now) if !is_shared(now.kind) => None,
-        Some(now) => match state_record(engine, &obj, now)? {
+        Some(now) => match state_record(engine, &obj, now, pre)? {
             Ok(rec) => Some(rec),
             Err(fetch) => return Ok(fetch),
         },
@@ -250,9 +320,10 @@ fn state_record(
     engine: &SyncEngine,
     obj: &LocalObject,
     now: &LocalState,
+    pre: Option<&Prehashed>,
 ) -> Result<Result<ObjRec, Step>, FsError> {
     let chunks = if now.kind == FileKind::File {
-        match file_chunks(engine, obj, now)? {
+        match file_chunks(engine, obj, now, pre)? {
             Ok(c) => c,
             Err(step) => return Ok(Err(step)),
         }
@@ -286,19 +357,34 @@ fn state_record(
     }))
 }
 
-/// The chunk hashes of a file's current content.
+/// Whether the recorded hashes of `obj` are those of its content `now`
+/// (same size and mtime).
+fn reusable(obj: &LocalObject, now: &LocalState) -> bool {
+    obj.recorded.as_ref().is_some_and(|r| {
+        !r.deleted
+            && r.size == now.size
+            && r.mtime == now.mtime
+            && r.chunks.len() as u64 == chunk_count(r.size)
+    })
+}
+
+/// The chunk hashes of a file's current content (those of `pre` when
+/// they were made from this state).
 fn file_chunks(
     engine: &SyncEngine,
     obj: &LocalObject,
     now: &LocalState,
+    pre: Option<&Prehashed>,
 ) -> Result<Result<Vec<super::model::ChunkHash>, Step>, FsError> {
-    if let Some(r) = &obj.recorded
-        && !r.deleted
-        && r.size == now.size
-        && r.mtime == now.mtime
-        && r.chunks.len() as u64 == chunk_count(r.size)
+    if reusable(obj, now)
+        && let Some(r) = &obj.recorded
     {
         return Ok(Ok(r.chunks.clone()));
+    }
+    if let Some(p) = pre
+        && p.fits(now)
+    {
+        return Ok(Ok(p.chunks.clone()));
     }
     let count = chunk_count(now.size);
     // Chunks that are not here keep their expected hash; one that is
@@ -362,4 +448,90 @@ fn nearly_full(state_dir: &std::path::Path) -> Option<u64> {
     let st = nix::sys::statvfs::statvfs(state_dir).ok()?;
     let free = st.blocks_available().saturating_mul(st.fragment_size());
     (free < FREE_RESERVE).then_some(free)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::opens::ConnId;
+    use crate::store::Store;
+    use crate::store::test_support::file_with;
+    use crate::sync::model::{ChunkHash, DeviceId};
+    use ipc_schema::Caller;
+    use std::io::Write;
+
+    const CONN: ConnId = ConnId(1);
+    const ME: Caller = Caller {
+        uid: 1000,
+        gid: 1000,
+        pid: 1,
+    };
+
+    fn hashes(bytes: &[u8]) -> Vec<ChunkHash> {
+        bytes
+            .chunks(CHUNK_SIZE as usize)
+            .map(ChunkHash::of)
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_file_is_hashed_without_the_index_lock_and_a_stale_hash_is_not_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::load(dir.path(), (4321, 8765)).expect("store"));
+        store.connect(CONN);
+        let engine = SyncEngine::start(store.clone(), DeviceId([1; 8])).expect("engine");
+        let v1: Vec<u8> = (0..HASH_UNLOCKED_MIN + 1000)
+            .map(|i| (i % 251) as u8)
+            .collect();
+
+        // The index lock is held (as an apply from a peer holds it) while
+        // the file is hashed: the hashing must not need it. (Held from
+        // before the file is made, so the running versioner cannot record
+        // it first.)
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ino, pre) = {
+            let _index = engine.lock_index();
+            let ino = file_with(&store, Ino::ROOT, "big", &v1, ME, CONN);
+            let e = engine.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(prehash(&e, ino));
+            });
+            let pre = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("prehash finished while the index lock was held")
+                .expect("a large file is prehashed");
+            (ino, pre)
+        };
+        assert_eq!(pre.chunks, hashes(&v1));
+
+        // The file changes after it was hashed: the hashes do not fit its
+        // state any more, and versioning hashes it again.
+        let v2: Vec<u8> = v1.iter().map(|b| b ^ 0xff).collect();
+        let f = store
+            .open(ino, libc::O_RDWR | libc::O_TRUNC, CONN)
+            .expect("open");
+        std::fs::File::from(f.fd).write_all(&v2).expect("write");
+        store.release(f.opened.handle).expect("release");
+        let obj = store.local_object(ino).expect("local");
+        let now = obj.now.as_ref().expect("live");
+        assert!(!pre.fits(now), "a write since the hash changes mtime");
+        let chunks = file_chunks(&engine, &obj, now, Some(&pre))
+            .expect("hash")
+            .expect("no fetch");
+        assert_eq!(chunks, hashes(&v2));
+
+        // Hashes made from the current state are used as they are.
+        let fresh = prehash(&engine, ino);
+        if let Some(fresh) = fresh {
+            assert!(fresh.fits(now));
+            assert_eq!(fresh.chunks, hashes(&v2));
+        } else {
+            // The versioner recorded v2 meanwhile: its hashes are reused.
+            assert!(reusable(&obj_now(&store, ino), now));
+        }
+    }
+
+    fn obj_now(store: &Store, ino: Ino) -> LocalObject {
+        store.local_object(ino).expect("local")
+    }
 }

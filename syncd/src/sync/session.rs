@@ -15,10 +15,12 @@
 //! kept in memory, in seq order, and retried when something that could
 //! unblock them happens: after each batch (a parent's record, the
 //! tombstone that frees a name), after each round of the local versioner
-//! while one waits as `Busy` or for a name (a local change may free it),
-//! and on a timer ([`Backoff`]): [`RETRY`] after a round that changed
-//! something, doubling while nothing does, up to [`RETRY_MAX`], and
-//! never later than the end of a collision's grace. A record
+//! while one waits as `Busy` or for a name (a local change may free it;
+//! the wake-up is registered before the batch is applied, so a round that
+//! ends meanwhile is not missed), and on a timer ([`Backoff`]): [`RETRY`]
+//! after a round that changed something, doubling while nothing does, up
+//! to [`RETRY_MAX`], and never later than the end of a collision's grace.
+//! A record
 //! still colliding after its batch's retries and [`COLLISION_GRACE`] gets
 //! the collision rule. A record that would replace the content of a local
 //! version whose conflict copy is itself deferred waits for it
@@ -127,6 +129,11 @@ async fn session(engine: &Arc<SyncEngine>, conn: &PeerConn, fp: &str) -> String 
     let mut batch: Vec<(u64, ObjRec)> = Vec::new();
     let mut deferred: Vec<Deferred> = Vec::new();
     let mut backoff = Backoff::default();
+    // The versioner's "round done", registered before each apply: a round
+    // that ends while a record is refused as `Busy` still wakes the next
+    // wait (a `Notified` made only at the wait would miss it, and the
+    // record would wait for the timer).
+    let mut versioned = Box::pin(engine.versioned.notified());
     loop {
         let local = deferred
             .iter()
@@ -138,9 +145,10 @@ async fn session(engine: &Arc<SyncEngine>, conn: &PeerConn, fp: &str) -> String 
                 Some(Err(e)) => return e.to_string(),
                 Some(Ok(bytes)) => reader.push(&bytes),
             },
-            _ = engine.versioned.notified(), if local => {}
+            _ = versioned.as_mut(), if local => {}
             _ = tokio::time::sleep(wait.unwrap_or(RETRY)), if wait.is_some() => {}
         }
+        versioned.set(engine.versioned.notified());
         let mut changed = false;
         loop {
             // Take what arrived, a batch at a time.
