@@ -16,9 +16,9 @@
 #            configuration are not used)
 #   rclone   `rclone mount --vfs-cache-mode full` of an sftp remote on that
 #            sshd (the remote is defined by environment variables, no rclone
-#            configuration file is read or written); after its workloads of
-#            a run, run.sh waits until rclone has uploaded everything, so
-#            its background uploads do not slow the next system down
+#            configuration file is read or written); after each of its
+#            workloads run.sh waits (untimed) until rclone has uploaded what
+#            was written: its figures leave out these background uploads
 #
 # Workloads (bench/workloads.py; seconds unless said):
 #   create    --files files of 100 bytes (python: open, write, close)
@@ -67,8 +67,13 @@
 #                     chart is written beside it with the extension .svg);
 #                     --no-doc writes neither
 #   --note TEXT       a sentence about the conditions, put in the report
+#   --bin DIR         use the keibi binaries in DIR instead of building the
+#                     release binaries (to compare two builds)
 #   --dir DIR         work directory (default: a new /var/tmp/keibi-bench.*;
 #                     its filesystem is the native column)
+#
+# Each workload is bounded (15 minutes; a scale step 30 minutes) and a
+# failed or timed-out one is reported as failed, not dropped.
 #
 # Installs what is missing with apt-get (fuse3, util-linux, python3, gcc,
 # git, tar, bindfs, sshfs, openssh-server, openssh-client, rclone, fio);
@@ -98,6 +103,7 @@ doc_out="$repo/docs/benchmarks.md"
 write_doc=1
 note=""
 work_dir=""
+bin_dir=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --runs) runs="$2"; shift ;;
@@ -113,6 +119,7 @@ while [[ $# -gt 0 ]]; do
         --no-doc) write_doc=0 ;;
         --note) note="$2"; shift ;;
         --dir) work_dir="$2"; shift ;;
+        --bin) bin_dir="$2"; shift ;;
         -h | --help)
             sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
             exit 0
@@ -195,9 +202,21 @@ if [[ ! -c /dev/fuse ]]; then
 fi
 
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
-echo "== building keibi (release)"
-(cd "$repo" && cargo build --release --workspace --bins)
-KEIBI_BIN="$repo/target/release"
+if [[ -z "$bin_dir" ]]; then
+    echo "== building keibi (release)"
+    (cd "$repo" && cargo build --release --workspace --bins)
+    KEIBI_BIN="$repo/target/release"
+else
+    KEIBI_BIN="$(cd "$bin_dir" && pwd)"
+fi
+if has keibi; then
+    for b in keibi-syncd keibi-mountd keibictl; do
+        if [[ ! -x "$KEIBI_BIN/$b" ]]; then
+            echo "run.sh: $KEIBI_BIN/$b is missing" >&2
+            exit 1
+        fi
+    done
+fi
 if [[ $write_doc -eq 1 ]]; then
     echo "== building the chart program (bench/chart)"
     cargo build --release --manifest-path "$repo/bench/chart/Cargo.toml" --target-dir "$repo/target/bench-chart"
@@ -333,13 +352,17 @@ if has rclone; then
     rc_port="$(keibi_free_port)"
     # The remote "kbsftp" exists only in these variables; --config names a
     # file of the work directory, so no rclone.conf is read or written.
+    # No hash check (it runs md5sum over ssh for every uploaded file) and 8
+    # uploads at once: otherwise uploading 10,000 small files takes most of
+    # an hour on a 2-CPU machine.
     export RCLONE_CONFIG_KBSFTP_TYPE=sftp RCLONE_CONFIG_KBSFTP_HOST=127.0.0.1 \
         RCLONE_CONFIG_KBSFTP_PORT="$ssh_port" RCLONE_CONFIG_KBSFTP_USER=root \
-        RCLONE_CONFIG_KBSFTP_KEY_FILE="$ssh_dir/client_key" RCLONE_CONFIG_KBSFTP_SHELL_TYPE=unix
+        RCLONE_CONFIG_KBSFTP_KEY_FILE="$ssh_dir/client_key" RCLONE_CONFIG_KBSFTP_SHELL_TYPE=unix \
+        RCLONE_CONFIG_KBSFTP_DISABLE_HASHCHECK=true
     rclone_common=(--config "$W/rclone.conf")
     fuse_mounts+=("$W/rclone-mnt")
     setsid rclone mount "${rclone_common[@]}" "kbsftp:$W/rclone-src" "$W/rclone-mnt" \
-        --vfs-cache-mode full --cache-dir "$W/rclone-cache" \
+        --vfs-cache-mode full --cache-dir "$W/rclone-cache" --transfers 8 \
         --rc --rc-addr "127.0.0.1:$rc_port" --rc-no-auth \
         --log-file "$W/rclone.log" --log-level NOTICE </dev/null &
     rclone_pid=$!
@@ -369,7 +392,7 @@ workloads=(create ls stat read rm extract git seqwrite seqread fio)
 one() {
     local run="$1" sys="$2" wl="$3" out err
     err="$W/last-error"
-    if out="$(timeout -k 10 900 python3 "$repo/bench/workloads.py" "$wl" "${dir_of[$sys]}" \
+    if out="$(timeout --foreground -k 10 900 python3 "$repo/bench/workloads.py" "$wl" "${dir_of[$sys]}" \
         --files "$files" --tarball "$tarball" --size-mib "$size_mib" \
         --fio-size-mib "$fio_size_mib" --fio-seconds "$fio_seconds" 2>"$err")"; then
         python3 -c 'import json, sys; d = json.loads(sys.argv[4]); d.update(run=int(sys.argv[1]), system=sys.argv[2]); print(json.dumps(d))' \
@@ -384,17 +407,29 @@ one() {
     fi
 }
 
+# Untimed, between two workloads: rclone uploads what was written after
+# close (write-back); the next workload is timed once it is done, so that
+# neither rclone's own next workload nor another system's runs beside its
+# uploads (with uploads queued, `rm -rf` of 1,000 files took minutes).
+settle() {
+    if [[ "$1" == rclone ]] && ! keibi_poll 600 rclone_idle; then
+        echo "run.sh: rclone still uploading after 600 s; see $W/rclone.log" >&2
+        exit 1
+    fi
+}
+
 for ((run = 1; run <= runs; run++)); do
     for sys in "${systems[@]}"; do
         printf '== run %d/%d, %s:' "$run" "$runs" "$sys"
         for wl in "${workloads[@]}"; do
             one "$run" "$sys" "$wl"
+            settle "$sys"
+            if [[ "$wl" == extract || "$wl" == git ]]; then
+                timeout --foreground -k 10 900 python3 "$repo/bench/workloads.py" clean "${dir_of[$sys]}" >/dev/null
+                settle "$sys"
+            fi
         done
         echo
-        if [[ "$sys" == rclone ]] && ! keibi_poll 300 rclone_idle; then
-            echo "run.sh: rclone still uploading after 300 s; see $W/rclone.log" >&2
-            exit 1
-        fi
     done
 done
 
@@ -408,7 +443,7 @@ if [[ $scale -eq 1 ]]; then
             mkdir -p "$d"
             printf '== scale %d files, %s:' "$n" "$sys"
             for wl in create ls rm; do
-                if out="$(timeout -k 10 1800 python3 "$repo/bench/workloads.py" "$wl" "$d" --files "$n" 2>"$W/last-error")"; then
+                if out="$(timeout --foreground -k 10 1800 python3 "$repo/bench/workloads.py" "$wl" "$d" --files "$n" 2>"$W/last-error")"; then
                     python3 -c 'import json, sys; d = json.loads(sys.argv[3]); d.update(system=sys.argv[1], workload=f"scale_{d[\"workload\"]}", entries=int(sys.argv[2])); print(json.dumps(d))' \
                         "$sys" "$n" "$out" >>"$samples"
                     printf ' %s' "$wl"
