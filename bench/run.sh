@@ -34,7 +34,7 @@
 #   seq write --size-mib MiB (default 1024) written and fsynced; MB/s
 #   seq read  the same file, read after dropping the kernel's caches; MB/s
 #   fio       random 4 KiB reads (fio, psync, one job) of a 256 MiB file
-#             for 10 s; IOPS
+#             for 10 s, starting with the kernel's caches dropped; IOPS
 #
 # Two-machine workloads: bench/sync.sh (two keibi peers on this machine:
 # propagation p50/p90/p99 and the cold read of a remote file against

@@ -97,7 +97,9 @@ fn draw(results: &Results, out: &str) -> Result<(), Box<dyn Error>> {
         .configure_mesh()
         .disable_y_mesh()
         .y_labels(0)
-        .x_desc(format!("system / {native} (time ratio; for MB/s and IOPS the inverse)"))
+        .x_desc(format!(
+            "system / {native} (time ratio; for MB/s and IOPS the inverse)"
+        ))
         .x_label_formatter(&|v| {
             if *v >= 1.0 {
                 format!("{v:.0}x")
@@ -139,19 +141,23 @@ fn draw(results: &Results, out: &str) -> Result<(), Box<dyn Error>> {
             )
         }))?;
         // A failed or missing measurement is said, not left blank.
-        chart.draw_series(ratios.iter().enumerate().filter(|(_, row)| row[i].is_none()).map(
-            |(r, _)| {
-                let (y0, y1) = slot(r, i);
-                Text::new(
-                    format!(" {system}: no result"),
-                    (x_lo, (y0 + y1) / 2.0),
-                    ("sans-serif", 11)
-                        .into_font()
-                        .color(&RED)
-                        .pos(Pos::new(HPos::Left, VPos::Center)),
-                )
-            },
-        ))?;
+        chart.draw_series(
+            ratios
+                .iter()
+                .enumerate()
+                .filter(|(_, row)| row[i].is_none())
+                .map(|(r, _)| {
+                    let (y0, y1) = slot(r, i);
+                    Text::new(
+                        format!(" {system}: no result"),
+                        (x_lo, (y0 + y1) / 2.0),
+                        ("sans-serif", 11)
+                            .into_font()
+                            .color(&RED)
+                            .pos(Pos::new(HPos::Left, VPos::Center)),
+                    )
+                }),
+        )?;
     }
     chart.draw_series(std::iter::once(PathElement::new(
         vec![(1.0, 0.0), (1.0, rows as f64)],
@@ -194,8 +200,7 @@ fn run() -> Result<(), Box<dyn Error>> {
     let [_, input, output] = args.as_slice() else {
         return Err("usage: keibi-bench-chart RESULTS.json OUT.svg".into());
     };
-    let text =
-        std::fs::read_to_string(input).map_err(|e| format!("cannot read {input}: {e}"))?;
+    let text = std::fs::read_to_string(input).map_err(|e| format!("cannot read {input}: {e}"))?;
     let results: Results =
         serde_json::from_str(&text).map_err(|e| format!("{input} is not run.sh's JSON: {e}"))?;
     draw(&results, output).map_err(|e| format!("cannot draw {output}: {e}").into())
