@@ -444,7 +444,7 @@ if [[ $scale -eq 1 ]]; then
             printf '== scale %d files, %s:' "$n" "$sys"
             for wl in create ls rm; do
                 if out="$(timeout --foreground -k 10 1800 python3 "$repo/bench/workloads.py" "$wl" "$d" --files "$n" 2>"$W/last-error")"; then
-                    python3 -c 'import json, sys; d = json.loads(sys.argv[3]); d.update(system=sys.argv[1], workload=f"scale_{d[\"workload\"]}", entries=int(sys.argv[2])); print(json.dumps(d))' \
+                    python3 -c 'import json, sys; d = json.loads(sys.argv[3]); d.update(system=sys.argv[1], workload="scale_" + d["workload"], entries=int(sys.argv[2])); print(json.dumps(d))' \
                         "$sys" "$n" "$out" >>"$samples"
                     printf ' %s' "$wl"
                 else
