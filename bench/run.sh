@@ -482,7 +482,7 @@ state_fs="$(findmnt -n -o SOURCE,FSTYPE,OPTIONS -T "$KEIBI_STATE" | tr -s ' ')"
 versions="$(
     {
         echo "bindfs: $(bindfs --version 2>/dev/null | head -n 1)"
-        echo "sshfs: $(sshfs --version 2>&1 | head -n 1)"
+        echo "sshfs: $(sshfs --version 2>&1 | grep -i '^sshfs version' | head -n 1)"
         echo "OpenSSH: $(ssh -V 2>&1)"
         echo "rclone: $(rclone version 2>/dev/null | head -n 1)"
         echo "fio: $(fio --version 2>/dev/null)"
