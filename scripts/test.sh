@@ -81,6 +81,18 @@ step() {
     fi
 }
 
+# The shell scripts parse, and the benchmark's help and Python parts load
+# (no benchmark runs here).
+check_scripts() {
+    local f
+    for f in scripts/*.sh scripts/lib/*.sh bench/*.sh packaging/*.sh; do
+        bash -n "$f" || return 1
+    done
+    bash bench/run.sh --help >/dev/null &&
+        python3 bench/workloads.py --help >/dev/null &&
+        python3 bench/report.py --help >/dev/null
+}
+step "scripts: bash -n, bench/run.sh --help" check_scripts
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 step "cargo build" cargo build --workspace --bins
