@@ -37,7 +37,8 @@ const DEFAULT_PEER_REKEY_INTERVAL: Duration = Duration::from_secs(600);
 const DEFAULT_EAGER_FETCH_MAX: u64 = 1 << 20;
 /// `fetch_parallel` when not set.
 const DEFAULT_FETCH_PARALLEL: usize = 8;
-/// The largest `fetch_parallel` accepted (a connection carries at most
+/// The largest `fetch_parallel` accepted (a file has this many read-ahead
+/// and as many demanded requests in flight; a connection carries at most
 /// 128 requests at once, shared by every file).
 const MAX_FETCH_PARALLEL: usize = 64;
 /// `fetch_readahead_max` when not set: 8 MiB.
@@ -146,8 +147,8 @@ pub struct Config {
     /// Files from a peer up to this size are fetched whole as soon as
     /// their version arrives (`eager_fetch_max`); larger ones on demand.
     pub eager_fetch_max: u64,
-    /// At most this many chunk requests of one file in flight
-    /// (`fetch_parallel`).
+    /// At most this many read-ahead chunk requests of one file in flight,
+    /// and as many demanded ones (`fetch_parallel`).
     pub fetch_parallel: usize,
     /// The largest read-ahead window of a sequential reader, in bytes
     /// (`fetch_readahead_max`; 0: no read-ahead).

@@ -12,7 +12,11 @@
 //! | `links`     | ino ++ parent ino ++ name        | empty                     |
 //! | `peer_seq`  | peer fingerprint                 | their seq applied (u64 BE)|
 //! | `presence`  | ino (u64 BE)                     | [`PresenceRec`] (postcard)|
+//! | `present_bits` | ino (u64 BE)                  | [`PresentBits`] (postcard)|
 //!
+//! `present_bits` holds the bits of a partial file that change while its
+//! chunks arrive, so that marking a chunk present rewrites a few hundred
+//! bytes, not the file's list of hashes (see [`super::presence`]).
 //!
 //! # Global ids
 //!
@@ -94,6 +98,22 @@ pub struct LocalState {
     pub generation: u64,
     /// Files: set when the bytes are not all local.
     pub presence: Option<PresenceRec>,
+}
+
+/// The fields of an [`ObjRec`] that come before its chunk hashes, in the
+/// same order, so that postcard decodes them from the front of an encoded
+/// `ObjRec` ([`Store::object_head`]).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct ObjHead {
+    pub gid: Gid,
+    pub vv: crate::sync::model::VersionVector,
+    pub modified_by: DeviceId,
+    pub deleted: bool,
+    pub kind: FileKind,
+    pub names: Vec<EntryName>,
+    pub perm: u16,
+    pub mtime: Timestamp,
+    pub size: u64,
 }
 
 /// Which chunks of a file's current content generation are present and
@@ -226,6 +246,8 @@ pub(crate) struct Index {
     pub dirty: sled::Tree,
     pub peer_seq: sled::Tree,
     pub presence: sled::Tree,
+    /// The bits of `presence` that change as chunks arrive.
+    pub present_bits: sled::Tree,
     /// The next dirty mark.
     pub marks: AtomicU64,
     /// Where the next [`Store::take_dirty`] starts (an inode number).
@@ -287,6 +309,7 @@ impl Index {
             dirty,
             peer_seq: tree("peer_seq")?,
             presence: tree("presence")?,
+            present_bits: tree("present_bits")?,
             marks: AtomicU64::new(marks),
             dirty_cursor: AtomicU64::new(0),
             seq: AtomicU64::new(seq),
@@ -730,6 +753,23 @@ impl Store {
             .map_err(|e| store_err("reading objects", e))?
         {
             Some(v) => dec(&v, "object").map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The head of `gid`'s record (everything before its chunk hashes),
+    /// decoded without the hashes: what a caller that needs only the size
+    /// or the mtime reads (a 1 GiB file's record holds 128 KiB of hashes).
+    pub fn object_head(&self, gid: &Gid) -> Result<Option<ObjHead>, FsError> {
+        match self
+            .idx
+            .objects
+            .get(gid.0)
+            .map_err(|e| store_err("reading objects", e))?
+        {
+            Some(v) => postcard::take_from_bytes::<ObjHead>(&v)
+                .map(|(head, _)| Some(head))
+                .map_err(|e| fs_err!(EIO, "corrupt object in the index: {e}")),
             None => Ok(None),
         }
     }

@@ -1036,3 +1036,184 @@ fn reopen(dir: &std::path::Path) -> Store {
 fn file_with(s: &Store, parent: Ino, name: &str, bytes: &[u8]) -> Ino {
     super::test_support::file_with(s, parent, name, bytes, ME, CONN)
 }
+
+/// The raw value of `ino` in tree `tree`.
+fn raw(tree: &sled::Tree, ino: Ino) -> Option<sled::IVec> {
+    tree.get(super::records::ino_key(ino.0)).expect("read tree")
+}
+
+#[test]
+fn marking_a_chunk_present_rewrites_the_small_bits_not_the_record_of_hashes() {
+    let (_d, s) = fresh();
+    let content = bytes(3 * CHUNK_SIZE as usize, 11);
+    let rec = remote_file(Gid::new(PEER, 9), Gid::ROOT, "f", &content, 1);
+    let ino = s.apply_remote(&rec, None).expect("apply").ino.expect("ino");
+    let record = raw(&s.idx.presence, ino).expect("a presence record");
+    assert!(raw(&s.idx.present_bits, ino).is_none(), "no bits yet");
+    assert_eq!(fill_chunk(&s, ino, &content, 1), vec![0b10]);
+    assert_eq!(
+        raw(&s.idx.presence, ino).expect("record kept"),
+        record,
+        "the record of hashes is not rewritten"
+    );
+    let bits = raw(&s.idx.present_bits, ino).expect("bits written");
+    assert!(bits.len() < record.len(), "{} bytes", bits.len());
+    let p = s.presence(ino).expect("presence").expect("partial");
+    assert_eq!(
+        (p.present.clone(), p.chunks),
+        (vec![0b10], rec.chunks.clone())
+    );
+    // Complete: the record and the bits go together.
+    fill_chunk(&s, ino, &content, 0);
+    assert_eq!(fill_chunk(&s, ino, &content, 2), Vec::<u64>::new());
+    assert!(raw(&s.idx.presence, ino).is_none());
+    assert!(raw(&s.idx.present_bits, ino).is_none());
+    assert_eq!(read_all(&s, ino), content);
+}
+
+#[test]
+fn presence_survives_a_restart_and_a_store_with_bits_only_in_its_records_reads_as_before() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let content = bytes(4 * CHUNK_SIZE as usize, 12);
+    let (a, b) = {
+        let s = Store::load(dir.path(), OWNER).expect("store");
+        s.attach_device(DEV).expect("attach");
+        s.connect(CONN);
+        let rec_a = remote_file(Gid::new(PEER, 1), Gid::ROOT, "a", &content, 1);
+        let a = s
+            .apply_remote(&rec_a, None)
+            .expect("apply")
+            .ino
+            .expect("ino");
+        fill_chunk(&s, a, &content, 0);
+        fill_chunk(&s, a, &content, 2);
+        // `b` as a store written before `present_bits` existed leaves it:
+        // chunk 3's bit in the record, no bits value.
+        let rec_b = remote_file(Gid::new(PEER, 2), Gid::ROOT, "b", &content, 1);
+        let b = s
+            .apply_remote(&rec_b, None)
+            .expect("apply")
+            .ino
+            .expect("ino");
+        fill_chunk(&s, b, &content, 3);
+        let mut old = s.presence(b).expect("p").expect("partial");
+        assert_eq!(old.present, vec![0b1000]);
+        old.present = vec![0b1000];
+        s.idx
+            .presence
+            .insert(super::records::ino_key(b.0), super::objects::enc(&old))
+            .expect("old record");
+        s.idx
+            .present_bits
+            .remove(super::records::ino_key(b.0))
+            .expect("no bits");
+        s.flush().expect("flush");
+        (a, b)
+    };
+    let s = reopen(dir.path());
+    assert_eq!(
+        s.presence(a).expect("p").expect("partial").present,
+        vec![0b101]
+    );
+    assert_eq!(
+        s.presence(b).expect("p").expect("partial").present,
+        vec![0b1000],
+        "a record without bits reads as it was"
+    );
+    // The old record goes on: the next marks make its bits from it.
+    for i in 0..3 {
+        fill_chunk(&s, b, &content, i);
+    }
+    assert!(s.presence(b).expect("p").is_none(), "complete");
+    assert!(raw(&s.idx.present_bits, b).is_none());
+    assert_eq!(read_all(&s, b), content);
+}
+
+#[test]
+fn bits_of_an_older_version_of_the_file_never_count_for_the_new_one() {
+    let (_d, s) = fresh();
+    let v1 = bytes(3 * CHUNK_SIZE as usize, 21);
+    let v2 = bytes(3 * CHUNK_SIZE as usize, 22);
+    let gid = Gid::new(PEER, 4);
+    let ino = s
+        .apply_remote(&remote_file(gid, Gid::ROOT, "f", &v1, 1), None)
+        .expect("apply")
+        .ino
+        .expect("ino");
+    fill_chunk(&s, ino, &v1, 0);
+    assert!(raw(&s.idx.present_bits, ino).is_some());
+    s.apply_remote(&remote_file(gid, Gid::ROOT, "f", &v2, 2), None)
+        .expect("apply v2");
+    let p = s.presence(ino).expect("p").expect("partial");
+    assert_eq!(p.generation, 1);
+    assert!(p.present.iter().all(|w| *w == 0), "{:?}", p.present);
+    let bits = s.presence_bits(ino).expect("bits").expect("partial");
+    assert!(bits.present.iter().all(|w| *w == 0));
+    assert_eq!(fill_chunk(&s, ino, &v2, 2), vec![0b100]);
+}
+
+#[test]
+fn start_up_hashes_again_only_the_chunks_marked_since_the_last_sync() {
+    use super::presence::SYNC_BATCH;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let chunks = u64::from(SYNC_BATCH) + 2;
+    let content = bytes((chunks * CHUNK_SIZE) as usize, 31);
+    let ino = {
+        let s = Store::load(dir.path(), OWNER).expect("store");
+        s.attach_device(DEV).expect("attach");
+        s.connect(CONN);
+        let rec = remote_file(Gid::new(PEER, 3), Gid::ROOT, "f", &content, 1);
+        let ino = s.apply_remote(&rec, None).expect("apply").ino.expect("ino");
+        for i in 0..=u64::from(SYNC_BATCH) {
+            fill_chunk(&s, ino, &content, i);
+        }
+        let b = s.presence_bits(ino).expect("bits").expect("partial");
+        assert_eq!(b.unsynced(), 1, "the first batch was synced");
+        // Damage one synced chunk and the unsynced one: only the latter
+        // is hashed at start (the former's bytes were on disk before its
+        // bit said so; damage after that is not a crash's doing).
+        let f = s.open_for_fill(ino, 0).expect("open");
+        f.write_all_at(&[0u8; 10], 3 * CHUNK_SIZE + 5)
+            .expect("damage");
+        f.write_all_at(&[0u8; 10], u64::from(SYNC_BATCH) * CHUNK_SIZE + 5)
+            .expect("damage");
+        s.flush().expect("flush");
+        ino
+    };
+    let s = reopen(dir.path());
+    let b = s.presence_bits(ino).expect("bits").expect("partial");
+    let last = u64::from(SYNC_BATCH);
+    assert!(
+        !super::objects::bit(&b.present, last),
+        "re-hashed and cleared"
+    );
+    assert!(
+        (0..last).all(|i| super::objects::bit(&b.present, i)),
+        "synced chunks are not hashed again"
+    );
+    assert_eq!(b.unsynced(), 0, "what was checked is synced now");
+}
+
+#[test]
+fn an_object_head_is_the_front_of_its_record() {
+    let (_d, s) = fresh();
+    let content = bytes(2 * CHUNK_SIZE as usize + 3, 41);
+    let rec = remote_file(Gid::new(PEER, 8), Gid::ROOT, "h", &content, 3);
+    s.apply_remote(&rec, None).expect("apply");
+    let head = s.object_head(&rec.gid).expect("head").expect("present");
+    assert_eq!(
+        (head.gid, head.vv, head.modified_by, head.deleted, head.kind),
+        (
+            rec.gid,
+            rec.vv.clone(),
+            rec.modified_by,
+            rec.deleted,
+            rec.kind
+        )
+    );
+    assert_eq!(
+        (head.names, head.perm, head.mtime, head.size),
+        (rec.names.clone(), rec.perm, rec.mtime, rec.size)
+    );
+    assert!(s.object_head(&Gid::new(PEER, 99)).expect("head").is_none());
+}

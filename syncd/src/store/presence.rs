@@ -7,14 +7,44 @@
 //! hash of every chunk and a bitmap of the ones present and verified. The
 //! record goes when the file is complete.
 //!
-//! Order. A fetched chunk's bytes are written into the generation file,
-//! and only then is its bit set ([`Store::mark_present`]). sled keeps a
-//! prefix of its log, but the content file's bytes are in the page cache
-//! until the kernel writes them: after a power cut a bit may be set for
-//! bytes that never reached the disk. So at every start the present chunks
-//! of every partial file are hashed again and the bits of those that do
-//! not verify are cleared ([`Store::verify_presence`]); they are fetched
-//! again when read.
+//! Layout. The record in `presence` (the hashes, one per chunk: 128 KiB
+//! for a 1 GiB file) is written when the version is applied and hardly
+//! ever again. What changes while chunks arrive is a small
+//! [`PresentBits`] in `present_bits` (the bitmaps, the size and the
+//! limit: about 1 KiB for a 1 GiB file), so marking a chunk present
+//! rewrites that, not the hashes. A `PresentBits` counts only while its
+//! gid, generation and size are the record's (a generation is never used
+//! twice for an inode, so bits of an older version are never mistaken for
+//! the current one's); the bits of a file are then the `PresentBits`,
+//! else the record's own. A store written before the tree existed has
+//! records and no bits: they read as before, and the first chunk marked
+//! makes the bits from the record. A record that completes goes with its
+//! bits, in one transaction. An older keibi-syncd reading this store sees
+//! only the record's bits and fetches again what the tree says is present
+//! (slower, never less safe: truncates rewrite the record's limit too).
+//!
+//! Order and crash safety. A fetched chunk's bytes are written into the
+//! generation file, and only then is its bit set ([`Store::mark_present`]).
+//! sled keeps a prefix of its log, but the content file's bytes are in
+//! the page cache until the kernel writes them: after a power cut a bit
+//! may be set for bytes that never reached the disk. Two things make that
+//! harmless:
+//! - every [`SYNC_BATCH`] chunks marked since the last sync, and before
+//!   the mark that completes a file, the content file is synced
+//!   (`fdatasync`); after a periodic sync the bits that were set *before*
+//!   it started are recorded in `synced`: their bytes were written before
+//!   their bit was set, so before the sync, so they are on disk;
+//! - at every start the present chunks that are not `synced` (at most
+//!   about [`SYNC_BATCH`] per file in flight, plus every present chunk of
+//!   a record written before `present_bits` existed) are hashed again and
+//!   the bits of those that do not verify are cleared
+//!   ([`Store::verify_presence`]); they are fetched again when read. The
+//!   file is then synced and every bit left is recorded as synced.
+//!
+//! So after any crash a chunk whose bit is set is either synced (on disk
+//! since before the bit said so) or checked at start, and a complete file
+//! was synced before its record went. The start-up check costs at most
+//! about `SYNC_BATCH` chunk hashes per partial file, not the whole file.
 //!
 //! Truncation. A truncate (setattr size, `O_TRUNC`) of a partial file
 //! needs no fetch: chunks that start at or beyond the record's `limit`
@@ -24,32 +54,190 @@
 //! overwritten by a fetch (a fetch writes only the part of a chunk below
 //! `limit`).
 
-use super::objects::{PresenceRec, dec, enc, set_bit};
+use super::objects::{PresenceRec, bit, dec, enc, set_bit};
 use super::records::{InodeRec, be_u64, decode, ino_key};
 use super::{Store, content_err, store_err};
-use crate::sync::model::{CHUNK_SIZE, ChunkHash, Gid, chunk_range};
+use crate::sync::model::{CHUNK_SIZE, ChunkHash, Gid, chunk_count, chunk_range};
 use ipc_schema::{FileKind, FsError, HandleId, Ino, Partial, fs_err};
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
 use std::os::unix::fs::FileExt;
 
+/// After this many chunks marked present and not yet synced, the content
+/// file is synced and they are recorded as synced (see the module doc):
+/// at most this many chunks of a file are hashed again at start.
+pub const SYNC_BATCH: u32 = 64;
+
+/// The part of a partial file's presence that changes while its chunks
+/// arrive (tree `present_bits`; see the module doc).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresentBits {
+    /// The object (as in the record).
+    pub gid: Gid,
+    /// The content generation (as in the record).
+    pub generation: u64,
+    /// The version's size (as in the record).
+    pub size: u64,
+    /// The record's limit, lowered by truncates.
+    pub limit: u64,
+    /// Bitmap of the chunks present and verified (the record's and those
+    /// marked since).
+    pub present: Vec<u64>,
+    /// Bitmap of the present chunks whose bytes were synced to disk before
+    /// their bit here was written (a subset of `present`).
+    pub synced: Vec<u64>,
+}
+
+impl PresentBits {
+    /// The bits of a record as it is (nothing synced yet).
+    pub fn of(p: &PresenceRec) -> PresentBits {
+        PresentBits {
+            gid: p.gid,
+            generation: p.generation,
+            size: p.size,
+            limit: p.limit,
+            present: p.present.clone(),
+            synced: Vec::new(),
+        }
+    }
+
+    /// How many chunks the version has.
+    pub fn chunks(&self) -> u64 {
+        chunk_count(self.size)
+    }
+
+    /// Whether chunk `index` counts as present.
+    pub fn has(&self, index: u64) -> bool {
+        let (start, _) = chunk_range(index, self.size);
+        start >= self.limit || bit(&self.present, index)
+    }
+
+    /// Whether every chunk counts as present.
+    pub fn complete(&self) -> bool {
+        (0..self.chunks()).all(|i| self.has(i))
+    }
+
+    /// How many chunks are present but not synced.
+    pub fn unsynced(&self) -> u32 {
+        self.present
+            .iter()
+            .enumerate()
+            .map(|(w, p)| (p & !self.synced.get(w).copied().unwrap_or(0)).count_ones())
+            .sum()
+    }
+
+    /// Whether these bits are about the version of `head`.
+    fn matches(&self, head: &RecHead) -> bool {
+        self.gid == head.gid && self.generation == head.generation && self.size == head.size
+    }
+}
+
+/// The fields of a [`PresenceRec`] before its hashes, in the same order, so
+/// that postcard decodes them from the front of an encoded record without
+/// reading the hashes.
+#[derive(Deserialize)]
+struct RecHead {
+    gid: Gid,
+    generation: u64,
+    size: u64,
+}
+
+fn rec_head(bytes: &[u8]) -> Result<RecHead, FsError> {
+    postcard::take_from_bytes::<RecHead>(bytes)
+        .map(|(h, _)| h)
+        .map_err(|e| fs_err!(EIO, "corrupt presence record in the index: {e}"))
+}
+
+/// The bits of a record (`head`, encoded as `rec`) given the `present_bits`
+/// value `stored`: that value when it is about the same version, else the
+/// record's own.
+fn bits_of(rec: &[u8], stored: Option<&[u8]>) -> Result<PresentBits, FsError> {
+    let head = rec_head(rec)?;
+    if let Some(v) = stored
+        && let Ok(b) = postcard::from_bytes::<PresentBits>(v)
+        && b.matches(&head)
+    {
+        return Ok(b);
+    }
+    Ok(PresentBits::of(&dec(rec, "presence record")?))
+}
+
+/// What a change of [`PresentBits`] asks [`Store::update_bits`] to do.
+enum Change {
+    /// Leave them as they are.
+    Keep,
+    /// Write them.
+    Write,
+}
+
+/// Why [`Store::update_bits`] did not write.
+enum Refused {
+    /// The change would complete the file, which needs a sync first.
+    NeedsSync,
+    /// A store error.
+    Failed(FsError),
+}
+
 impl Store {
-    /// The presence record of `ino`, if its bytes are not all local.
+    /// The presence record of `ino`, if its bytes are not all local, with
+    /// the bits of `present_bits` merged in.
     pub fn presence(&self, ino: Ino) -> Result<Option<PresenceRec>, FsError> {
-        match self
+        let key = ino_key(ino.0);
+        let Some(rec) = self
             .idx
             .presence
-            .get(ino_key(ino.0))
+            .get(key)
             .map_err(|e| store_err("reading presence", e))?
+        else {
+            return Ok(None);
+        };
+        let mut p: PresenceRec = dec(&rec, "presence record")?;
+        if let Some(v) = self
+            .idx
+            .present_bits
+            .get(key)
+            .map_err(|e| store_err("reading presence bits", e))?
+            && let Ok(b) = postcard::from_bytes::<PresentBits>(&v)
+            && b.gid == p.gid
+            && b.generation == p.generation
+            && b.size == p.size
         {
-            Some(v) => dec(&v, "presence record").map(Some),
-            None => Ok(None),
+            p.limit = p.limit.min(b.limit);
+            if p.present.len() < b.present.len() {
+                p.present.resize(b.present.len(), 0);
+            }
+            for (w, bits) in p.present.iter_mut().zip(&b.present) {
+                *w |= bits;
+            }
         }
+        Ok(Some(p))
+    }
+
+    /// The presence bits of `ino` without its hashes (the cheap question
+    /// of the fetcher), if its bytes are not all local.
+    pub fn presence_bits(&self, ino: Ino) -> Result<Option<PresentBits>, FsError> {
+        let key = ino_key(ino.0);
+        let Some(rec) = self
+            .idx
+            .presence
+            .get(key)
+            .map_err(|e| store_err("reading presence", e))?
+        else {
+            return Ok(None);
+        };
+        let stored = self
+            .idx
+            .present_bits
+            .get(key)
+            .map_err(|e| store_err("reading presence bits", e))?;
+        bits_of(&rec, stored.as_deref()).map(Some)
     }
 
     /// What an open of `ino` generation `generation` tells mountd about
     /// missing bytes (`None`: all local).
     pub(crate) fn partial_of(&self, ino: Ino, generation: u64) -> Result<Option<Partial>, FsError> {
         Ok(self
-            .presence(ino)?
+            .presence_bits(ino)?
             .filter(|p| p.generation == generation)
             .map(|p| Partial {
                 chunk_size: CHUNK_SIZE,
@@ -71,65 +259,145 @@ impl Store {
             .map_err(|e| content_err(format!("opening {ino} generation {generation}"), &e))
     }
 
-    /// Change the presence record of `ino` with `change` (which answers
-    /// false to leave it as it is), atomically; a record that is complete
-    /// afterwards is removed. Answers the record after the change.
-    fn update_presence(
+    /// Change the presence bits of `ino` with `change`, atomically (one
+    /// sled transaction over `presence` and `present_bits`). Bits that are
+    /// complete afterwards remove the record and the bits, unless
+    /// `may_complete` is false: then nothing is written and the answer is
+    /// [`Refused::NeedsSync`]. `with_record` also rewrites the record's
+    /// limit and bitmap from the bits (for the rare changes an older
+    /// keibi-syncd must see too). Answers the bits after the change
+    /// (`None`: no record, or complete now).
+    fn update_bits(
         &self,
         ino: Ino,
-        change: impl Fn(&mut PresenceRec) -> bool,
-    ) -> Result<Option<PresenceRec>, FsError> {
+        may_complete: bool,
+        with_record: bool,
+        change: impl Fn(&mut PresentBits) -> Change,
+    ) -> Result<Option<PresentBits>, Refused> {
+        use sled::Transactional;
         let key = ino_key(ino.0);
-        loop {
-            let Some(old) = self
-                .idx
-                .presence
-                .get(key)
-                .map_err(|e| store_err("reading presence", e))?
-            else {
+        let ix = &self.idx;
+        let r = (&ix.presence, &ix.present_bits).transaction(|(presence, bits)| {
+            let abort = |e: FsError| ConflictableTransactionError::Abort(Refused::Failed(e));
+            let Some(rec) = presence.get(key)? else {
                 return Ok(None);
             };
-            let mut p: PresenceRec = dec(&old, "presence record")?;
-            if !change(&mut p) {
-                return Ok(Some(p));
+            let stored = bits.get(key)?;
+            let mut b = bits_of(&rec, stored.as_deref()).map_err(abort)?;
+            if let Change::Keep = change(&mut b) {
+                return Ok((!b.complete()).then_some(b));
             }
-            let new = if p.complete() { None } else { Some(enc(&p)) };
-            let swapped = self
-                .idx
-                .presence
-                .compare_and_swap(key, Some(&old), new)
-                .map_err(|e| store_err("writing presence", e))?;
-            if swapped.is_ok() {
-                return Ok((!p.complete()).then_some(p));
+            if b.complete() {
+                if !may_complete {
+                    return Err(ConflictableTransactionError::Abort(Refused::NeedsSync));
+                }
+                presence.remove(&key[..])?;
+                bits.remove(&key[..])?;
+                return Ok(None);
             }
-        }
+            if with_record {
+                let mut p: PresenceRec = dec(&rec, "presence record").map_err(abort)?;
+                p.limit = b.limit;
+                p.present = b.present.clone();
+                presence.insert(&key[..], enc(&p))?;
+            }
+            bits.insert(&key[..], enc(&b))?;
+            Ok(Some(b))
+        });
+        r.map_err(|e| match e {
+            TransactionError::Abort(r) => r,
+            TransactionError::Storage(e) => Refused::Failed(store_err("writing presence", e)),
+        })
     }
 
     /// Mark chunk `index` of `ino` generation `generation` present (its bytes are
     /// written and verified). Answers the presence bitmap after it
-    /// (empty: the file is complete and the record is gone).
+    /// (empty: the file is complete and the record is gone). Syncs the
+    /// content file before the mark that completes it, and every
+    /// [`SYNC_BATCH`] unsynced chunks (see the module doc).
     pub fn mark_present(&self, ino: Ino, generation: u64, index: u64) -> Result<Vec<u64>, FsError> {
         let stale = std::cell::Cell::new(false);
         let set = std::cell::Cell::new(false);
-        let after = self.update_presence(ino, |p| {
-            if p.generation != generation || index >= p.chunks.len() as u64 {
+        let change = |b: &mut PresentBits| {
+            stale.set(false);
+            set.set(false);
+            if b.generation != generation || index >= b.chunks() {
                 stale.set(true);
-                return false;
+                return Change::Keep;
             }
-            set_bit(&mut p.present, index);
+            if bit(&b.present, index) {
+                return Change::Keep;
+            }
+            set_bit(&mut b.present, index);
             set.set(true);
-            true
-        })?;
+            Change::Write
+        };
+        let after = match self.update_bits(ino, false, false, change) {
+            Ok(after) => after,
+            Err(Refused::Failed(e)) => return Err(e),
+            Err(Refused::NeedsSync) => {
+                // The last chunk: every byte of the file is written;
+                // make them durable before the record goes.
+                self.sync_content(ino, generation)?;
+                match self.update_bits(ino, true, false, change) {
+                    Ok(after) => after,
+                    Err(Refused::Failed(e)) => return Err(e),
+                    Err(Refused::NeedsSync) => {
+                        return Err(fs_err!(EIO, "{ino}: presence refused to complete"));
+                    }
+                }
+            }
+        };
         if stale.get() {
             return Err(fs_err!(
                 ESTALE,
                 "chunk {index} of {ino} generation {generation}: the file has another version now"
             ));
         }
+        if let Some(b) = &after
+            && b.unsynced() >= SYNC_BATCH
+        {
+            self.sync_present(ino, generation, b.present.clone())?;
+        }
         if set.get() {
             self.restore_mtime(ino, generation)?;
         }
         Ok(after.map(|p| p.present).unwrap_or_default())
+    }
+
+    /// `fdatasync` of `ino` generation `generation`'s content.
+    fn sync_content(&self, ino: Ino, generation: u64) -> Result<(), FsError> {
+        self.open_content(ino, generation)?
+            .sync_data()
+            .map_err(|e| FsError::io(format!("syncing {ino} generation {generation}"), &e))
+    }
+
+    /// Sync `ino`'s content and then record the chunks of `written` (bits
+    /// set before the sync started) as synced.
+    fn sync_present(&self, ino: Ino, generation: u64, written: Vec<u64>) -> Result<(), FsError> {
+        self.sync_content(ino, generation)?;
+        let r = self.update_bits(ino, true, false, |b| {
+            if b.generation != generation {
+                return Change::Keep;
+            }
+            let mut changed = false;
+            if b.synced.len() < written.len() {
+                b.synced.resize(written.len(), 0);
+            }
+            for (w, s) in b.synced.iter_mut().enumerate() {
+                let add = written.get(w).copied().unwrap_or(0)
+                    & b.present.get(w).copied().unwrap_or(0)
+                    & !*s;
+                changed |= add != 0;
+                *s |= add;
+            }
+            if changed { Change::Write } else { Change::Keep }
+        });
+        match r {
+            Ok(_) => Ok(()),
+            Err(Refused::Failed(e)) => Err(e),
+            Err(Refused::NeedsSync) => Err(fs_err!(EIO, "{ino}: presence refused to complete")),
+        }
     }
 
     /// Put the version's mtime back on generation `generation` of `ino`
@@ -146,8 +414,8 @@ impl Store {
             return Ok(());
         }
         // The recorded version's mtime (a local version's, once the file
-        // was changed here and versioned).
-        let mtime = match self.object(&self.gid_of(ino)?)? {
+        // was changed here and versioned), read without its hashes.
+        let mtime = match self.object_head(&self.gid_of(ino)?)? {
             Some(o) if !o.deleted => o.mtime,
             _ => return Ok(()),
         };
@@ -217,16 +485,34 @@ impl Store {
     }
 
     /// A truncate of `ino` (generation `generation`) to `size`: chunks
-    /// from `size` on count as present from now on.
+    /// from `size` on count as present from now on. Rewrites the record
+    /// too, so that an older keibi-syncd never fetches into the truncated
+    /// range.
     pub(crate) fn lower_limit(&self, ino: Ino, generation: u64, size: u64) -> Result<(), FsError> {
-        self.update_presence(ino, |p| {
-            if p.generation != generation || p.limit <= size {
-                return false;
+        let change = |b: &mut PresentBits| {
+            if b.generation != generation || b.limit <= size {
+                return Change::Keep;
             }
-            p.limit = size;
-            true
-        })
-        .map(drop)
+            b.limit = size;
+            Change::Write
+        };
+        match self.update_bits(ino, false, true, change) {
+            Ok(_) => Ok(()),
+            Err(Refused::Failed(e)) => Err(e),
+            Err(Refused::NeedsSync) => {
+                // Complete by the truncate: the chunks below `size` were
+                // all marked (each synced or checked at start as usual);
+                // sync anyway, as for any completing mark.
+                self.sync_content(ino, generation)?;
+                match self.update_bits(ino, true, true, change) {
+                    Ok(_) => Ok(()),
+                    Err(Refused::Failed(e)) => Err(e),
+                    Err(Refused::NeedsSync) => {
+                        Err(fs_err!(EIO, "{ino}: presence refused to complete"))
+                    }
+                }
+            }
+        }
     }
 
     /// The bytes of chunk `index` of `gid`'s current version, if they are
@@ -246,7 +532,7 @@ impl Store {
         if rec.kind != FileKind::File {
             return Ok(None);
         }
-        if let Some(p) = self.presence(ino)?
+        if let Some(p) = self.presence_bits(ino)?
             && p.generation == rec.generation
             && !p.has(index)
         {
@@ -254,7 +540,7 @@ impl Store {
         }
         // The range of the chunk in the recorded version (the one peers
         // know); the local file may be longer or shorter if it changed.
-        let size = match self.object(gid)? {
+        let size = match self.object_head(gid)? {
             Some(o) if !o.deleted => o.size,
             _ => return Ok(None),
         };
@@ -279,24 +565,66 @@ impl Store {
             if out.len() >= limit {
                 break;
             }
-            let (k, v) = item.map_err(|e| store_err("reading presence", e))?;
-            if let Some(ino) = be_u64(&k) {
-                out.push((Ino(ino), dec(&v, "presence record")?));
+            let (k, _) = item.map_err(|e| store_err("reading presence", e))?;
+            if let Some(ino) = be_u64(&k)
+                && let Some(p) = self.presence(Ino(ino))?
+            {
+                out.push((Ino(ino), p));
             }
         }
         Ok(out)
     }
 
-    /// At start: hash the present chunks of every partial file again and
-    /// clear the bits of those that do not verify (a power cut can keep a
-    /// bit whose bytes were lost); drop records of generations that are
-    /// not current, and lower `limit` to the file's size (a crash between
-    /// a truncate and its record). Returns what it repaired.
+    /// At start: hash the present chunks of every partial file that are
+    /// not recorded as synced again and clear the bits of those that do
+    /// not verify (a power cut can keep a bit whose bytes were lost), then
+    /// sync the file and record every bit left as synced; drop records of
+    /// generations that are not current, and bits without their record,
+    /// and lower `limit` to the file's size (a crash between a truncate
+    /// and its record). Returns what it repaired.
     pub(crate) fn verify_presence(&self) -> Result<Vec<super::check::Finding>, FsError> {
         use ipc_schema::{CheckFinding, CheckKind};
+        use sled::Transactional;
         let mut found = Vec::new();
-        for (ino, p) in self.partial_files(usize::MAX)? {
+        // Bits whose record is gone (completed or replaced meanwhile).
+        for item in self.idx.present_bits.iter() {
+            let (k, _) = item.map_err(|e| store_err("reading presence bits", e))?;
+            if !self
+                .idx
+                .presence
+                .contains_key(&k)
+                .map_err(|e| store_err("reading presence", e))?
+            {
+                self.idx
+                    .present_bits
+                    .remove(&k)
+                    .map_err(|e| store_err("writing presence bits", e))?;
+            }
+        }
+        let keys: Vec<u64> = self
+            .idx
+            .presence
+            .iter()
+            .keys()
+            .filter_map(|k| k.ok().and_then(|k| be_u64(&k)))
+            .collect();
+        for ino in keys.into_iter().map(Ino) {
             let key = ino_key(ino.0);
+            let Some(rec_bytes) = self
+                .idx
+                .presence
+                .get(key)
+                .map_err(|e| store_err("reading presence", e))?
+            else {
+                continue;
+            };
+            let stored = self
+                .idx
+                .present_bits
+                .get(key)
+                .map_err(|e| store_err("reading presence bits", e))?;
+            let p: PresenceRec = dec(&rec_bytes, "presence record")?;
+            let b = bits_of(&rec_bytes, stored.as_deref())?;
             let rec = self
                 .inodes
                 .get(key)
@@ -306,10 +634,13 @@ impl Store {
                 .as_ref()
                 .is_some_and(|r| r.kind == FileKind::File && r.generation == p.generation);
             if !current {
-                self.idx
-                    .presence
-                    .remove(key)
-                    .map_err(|e| store_err("writing presence", e))?;
+                (&self.idx.presence, &self.idx.present_bits)
+                    .transaction(|(presence, bits)| {
+                        presence.remove(&key[..])?;
+                        bits.remove(&key[..])?;
+                        Ok::<_, ConflictableTransactionError<()>>(())
+                    })
+                    .map_err(|e| fs_err!(EIO, "writing presence: {e:?}"))?;
                 continue;
             }
             let file = self.open_content(ino, p.generation)?;
@@ -317,14 +648,14 @@ impl Store {
                 .metadata()
                 .map_err(|e| FsError::io(format!("stat of {ino}"), &e))?
                 .len();
-            let mut fixed = p.clone();
+            let mut fixed = b.clone();
             fixed.limit = fixed.limit.min(len);
             let mut cleared = 0u64;
             let mut buf = Vec::new();
             for (i, hash) in p.chunks.iter().enumerate() {
                 let i = i as u64;
                 let (start, end) = chunk_range(i, p.size);
-                if start >= fixed.limit || !super::objects::bit(&p.present, i) {
+                if start >= fixed.limit || !bit(&b.present, i) || bit(&b.synced, i) {
                     continue;
                 }
                 buf.resize((end - start) as usize, 0);
@@ -335,19 +666,32 @@ impl Store {
                     cleared += 1;
                 }
             }
-            if fixed == p {
-                continue;
+            // Every bit left is verified content now: make it durable and
+            // say so, so that the next start need not hash it again.
+            if fixed.unsynced() > 0 {
+                file.sync_data()
+                    .map_err(|e| FsError::io(format!("syncing {ino}"), &e))?;
+                fixed.synced = fixed.present.clone();
             }
-            let new = if fixed.complete() {
-                None
-            } else {
-                Some(enc(&fixed))
-            };
-            let _ = self
-                .idx
-                .presence
-                .compare_and_swap(key, Some(enc(&p)), new)
-                .map_err(|e| store_err("writing presence", e))?;
+            if fixed != b {
+                let mut new_rec = p.clone();
+                new_rec.limit = fixed.limit;
+                new_rec.present = fixed.present.clone();
+                let complete = fixed.complete();
+                let (rec_v, bits_v) = (enc(&new_rec), enc(&fixed));
+                (&self.idx.presence, &self.idx.present_bits)
+                    .transaction(|(presence, bits)| {
+                        if complete {
+                            presence.remove(&key[..])?;
+                            bits.remove(&key[..])?;
+                        } else {
+                            presence.insert(&key[..], rec_v.as_slice())?;
+                            bits.insert(&key[..], bits_v.as_slice())?;
+                        }
+                        Ok::<_, ConflictableTransactionError<()>>(())
+                    })
+                    .map_err(|e| fs_err!(EIO, "writing presence: {e:?}"))?;
+            }
             if cleared > 0 {
                 tracing::warn!(
                     ino = ino.0,

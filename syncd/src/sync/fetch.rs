@@ -26,9 +26,14 @@
 //! locally into a fetched chunk are never overwritten by a later fetch.
 //!
 //! Dedup: flights are keyed by (inode, generation, chunk); a second reader
-//! of a chunk already in flight waits for the same flight. Parallelism: at
-//! most `fetch_parallel` flights of one file ask peers at once (a
-//! semaphore per file; the others queue in order). Deadlines: the waiting
+//! of a chunk already in flight waits for the same flight. Parallelism and
+//! priority: each file has two sets of `fetch_parallel` request slots
+//! (semaphores), one for read-ahead and one for demanded chunks, so at
+//! most `fetch_parallel` read-ahead flights and `fetch_parallel` demanded
+//! flights of one file ask peers at once, each kind queueing in order. A
+//! demanded chunk never waits behind read-ahead: a read-ahead flight
+//! still waiting for a slot when a reader comes to need its chunk is
+//! promoted (woken, it waits for a demanded slot instead). Deadlines: the waiting
 //! reader gives up at its deadline with `ETIMEDOUT`, but the flight goes on
 //! in the background (bounded by [`CHUNK_TIMEOUT`] per peer), so the next
 //! read finds the chunk present.
@@ -39,6 +44,11 @@
 //! and the missing chunks of the window after the read are started as
 //! background flights. A read elsewhere resets the window to nothing. The
 //! window is kept per inode ([`Readahead`]).
+//!
+//! What the fetcher reads of the store per chunk is small: the presence
+//! bits ([`PresentBits`], not the record with every chunk's hash), and
+//! the hashes of a version once per file (kept with the file's state
+//! while it is fetched).
 //!
 //! Locks: one `Mutex<State>` (the flights and the per-file state), and one
 //! small mutex per flight (the peer being asked, for `debug_fetches`).
@@ -52,6 +62,7 @@ use crate::peer::msg::{RemoteErrorKind, Request};
 use crate::peer::requests::RequestError;
 use crate::store::Store;
 use crate::store::objects::PresenceRec;
+use crate::store::presence::PresentBits;
 use crate::sync::model::{CHUNK_SIZE, ChunkHash, Gid, chunk_count, chunk_range};
 use ipc_schema::{FetchInFlight, FsError, Ino, fs_err};
 use std::collections::HashMap;
@@ -61,7 +72,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::runtime::Handle;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 
 /// How long one peer may take to send one chunk before the next is asked.
@@ -76,6 +87,10 @@ const FILES_KEPT: usize = 1024;
 pub trait ChunkStore: Send + Sync + 'static {
     /// The presence record of `ino`, if its bytes are not all local.
     fn presence(&self, ino: Ino) -> Result<Option<PresenceRec>, FsError>;
+    /// The presence bits of `ino` (the record without its hashes).
+    fn presence_bits(&self, ino: Ino) -> Result<Option<PresentBits>, FsError> {
+        Ok(self.presence(ino)?.map(|p| PresentBits::of(&p)))
+    }
     /// The current content generation of `ino` and the size of its
     /// content file.
     fn generation(&self, ino: Ino) -> Result<(u64, u64), FsError>;
@@ -90,6 +105,11 @@ impl ChunkStore for Store {
     fn presence(&self, ino: Ino) -> Result<Option<PresenceRec>, FsError> {
         crate::fault::store_gate();
         Store::presence(self, ino)
+    }
+
+    fn presence_bits(&self, ino: Ino) -> Result<Option<PresentBits>, FsError> {
+        crate::fault::store_gate();
+        Store::presence_bits(self, ino)
     }
 
     fn generation(&self, ino: Ino) -> Result<(u64, u64), FsError> {
@@ -214,6 +234,8 @@ struct Flight {
     done: watch::Sender<Option<Result<(), FsError>>>,
     started: Instant,
     demanded: AtomicBool,
+    /// Woken when a waiting read-ahead flight becomes demanded.
+    promoted: Notify,
     /// The peer being asked ("" while waiting for a slot).
     peer: Mutex<String>,
 }
@@ -225,10 +247,16 @@ impl Flight {
     }
 }
 
-/// Per file: read-ahead and the request slots.
+/// Per file: read-ahead, the request slots, and the hashes of the
+/// version being fetched.
 struct FileState {
     readahead: Readahead,
+    /// Slots of read-ahead flights.
     slots: Arc<Semaphore>,
+    /// Slots of demanded flights.
+    demand_slots: Arc<Semaphore>,
+    /// The generation the hashes are of, and each chunk's hash.
+    hashes: Option<(u64, Gid, Arc<Vec<ChunkHash>>)>,
 }
 
 #[derive(Default)]
@@ -257,7 +285,7 @@ pub fn bit(bitmap: &[u64], index: u64) -> bool {
 /// What [`Fetcher::ensure`] finds of the version it is asked about.
 enum Version {
     /// Some chunks are missing.
-    Partial(PresenceRec),
+    Partial(PresentBits),
     /// Every chunk is here; the content's size.
     Complete(u64),
 }
@@ -267,11 +295,15 @@ enum Version {
 /// first.
 fn file_state(st: &mut State, ino: Ino, parallel: usize) -> &mut FileState {
     if st.files.len() >= FILES_KEPT && !st.files.contains_key(&ino) {
-        st.files.retain(|_, f| Arc::strong_count(&f.slots) > 1);
+        st.files.retain(|_, f| {
+            Arc::strong_count(&f.slots) > 1 || Arc::strong_count(&f.demand_slots) > 1
+        });
     }
     st.files.entry(ino).or_insert_with(|| FileState {
         readahead: Readahead::default(),
         slots: Arc::new(Semaphore::new(parallel)),
+        demand_slots: Arc::new(Semaphore::new(parallel)),
+        hashes: None,
     })
 }
 
@@ -347,13 +379,20 @@ impl Fetcher {
         } else {
             Vec::new()
         };
+        let hashes = if wanted.is_empty() && ahead.is_empty() {
+            None
+        } else {
+            Some(self.hashes(ino, &rec).await?)
+        };
         let mut waits = Vec::with_capacity(wanted.len());
-        for index in wanted {
-            let flight = self.start(self.spec(ino, &rec, index), demanded);
-            waits.push(flight.done.subscribe());
-        }
-        for index in ahead {
-            self.start(self.spec(ino, &rec, index), false);
+        if let Some(hashes) = &hashes {
+            for index in wanted {
+                let flight = self.start(self.spec(ino, &rec, hashes, index), demanded);
+                waits.push(flight.done.subscribe());
+            }
+            for index in ahead {
+                self.start(self.spec(ino, &rec, hashes, index), false);
+            }
         }
         let all = futures::future::join_all(waits.into_iter().map(|mut rx| async move {
             match rx.wait_for(Option::is_some).await {
@@ -384,7 +423,7 @@ impl Fetcher {
     /// when a newer version replaced it, since peers serve only the
     /// current version.
     async fn version(&self, ino: Ino, generation: u64) -> Result<Version, FsError> {
-        let current = match self.store_call(move |s| s.presence(ino)).await? {
+        let current = match self.store_call(move |s| s.presence_bits(ino)).await? {
             Some(rec) if rec.generation == generation => return Ok(Version::Partial(rec)),
             Some(rec) => rec.generation,
             None => {
@@ -406,7 +445,7 @@ impl Fetcher {
     pub fn prefetch(self: &Arc<Self>, ino: Ino) {
         let this = self.clone();
         self.rt.spawn(async move {
-            let rec = match this.store_call(move |s| s.presence(ino)).await {
+            let rec = match this.store_call(move |s| s.presence_bits(ino)).await {
                 Ok(Some(rec)) => rec,
                 Ok(None) => return,
                 Err(e) => {
@@ -414,9 +453,19 @@ impl Fetcher {
                     return;
                 }
             };
-            let limit = rec.limit;
-            for index in this.missing(&rec, 0, limit) {
-                this.start(this.spec(ino, &rec, index), false);
+            let missing = this.missing(&rec, 0, rec.limit);
+            if missing.is_empty() {
+                return;
+            }
+            let hashes = match this.hashes(ino, &rec).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::debug!(%ino, error = %e, "prefetch: no presence record");
+                    return;
+                }
+            };
+            for index in missing {
+                this.start(this.spec(ino, &rec, &hashes, index), false);
             }
         });
     }
@@ -446,7 +495,7 @@ impl Fetcher {
 
     /// The missing chunks that overlap `[from, to)` (chunks entirely at or
     /// beyond the limit count present: the caller clips `to`).
-    fn missing(&self, rec: &PresenceRec, from: u64, to: u64) -> Vec<u64> {
+    fn missing(&self, rec: &PresentBits, from: u64, to: u64) -> Vec<u64> {
         if from >= to {
             return Vec::new();
         }
@@ -457,7 +506,36 @@ impl Fetcher {
             .collect()
     }
 
-    fn spec(&self, ino: Ino, rec: &PresenceRec, index: u64) -> ChunkSpec {
+    /// The hash of every chunk of the version `rec` is about: kept with the
+    /// file's state, read from the store (the whole record) once per
+    /// version.
+    async fn hashes(&self, ino: Ino, rec: &PresentBits) -> Result<Arc<Vec<ChunkHash>>, FsError> {
+        let (generation, gid) = (rec.generation, rec.gid);
+        {
+            let mut st = self.lock();
+            let file = file_state(&mut st, ino, self.cfg.parallel);
+            if let Some((g, id, h)) = &file.hashes
+                && *g == generation
+                && *id == gid
+            {
+                return Ok(h.clone());
+            }
+        }
+        let full = self.store_call(move |s| s.presence(ino)).await?;
+        let Some(full) = full.filter(|p| p.generation == generation && p.gid == gid) else {
+            return Err(fs_err!(
+                EIO,
+                "{ino}: the version open here (generation {generation}) was replaced meanwhile"
+            ));
+        };
+        let hashes = Arc::new(full.chunks);
+        let mut st = self.lock();
+        let file = file_state(&mut st, ino, self.cfg.parallel);
+        file.hashes = Some((generation, gid, hashes.clone()));
+        Ok(hashes)
+    }
+
+    fn spec(&self, ino: Ino, rec: &PresentBits, hashes: &[ChunkHash], index: u64) -> ChunkSpec {
         let (start, end) = chunk_range(index, rec.size);
         ChunkSpec {
             key: ChunkKey {
@@ -466,8 +544,7 @@ impl Fetcher {
                 index,
             },
             gid: rec.gid,
-            hash: rec
-                .chunks
+            hash: hashes
                 .get(index as usize)
                 .copied()
                 .unwrap_or(ChunkHash([0; 32])),
@@ -487,8 +564,10 @@ impl Fetcher {
     fn start(self: &Arc<Self>, spec: ChunkSpec, demanded: bool) -> Arc<Flight> {
         let mut st = self.lock();
         if let Some(flight) = st.flights.get(&spec.key) {
-            if demanded {
-                flight.demanded.store(true, Ordering::Relaxed);
+            if demanded && !flight.demanded.swap(true, Ordering::SeqCst) {
+                // Still waiting for a read-ahead slot, perhaps: wake it
+                // to wait for a demanded one instead.
+                flight.promoted.notify_one();
             }
             return flight.clone();
         }
@@ -496,17 +575,26 @@ impl Fetcher {
             done: watch::channel(None).0,
             started: Instant::now(),
             demanded: AtomicBool::new(demanded),
+            promoted: Notify::new(),
             peer: Mutex::new(String::new()),
         });
         st.flights.insert(spec.key, flight.clone());
-        let slots = file_state(&mut st, spec.key.ino, self.cfg.parallel)
-            .slots
-            .clone();
+        let file = file_state(&mut st, spec.key.ino, self.cfg.parallel);
+        let (slots, demand_slots) = (file.slots.clone(), file.demand_slots.clone());
         drop(st);
         let this = self.clone();
         let task_flight = flight.clone();
         self.rt.spawn(async move {
-            let result = match slots.acquire_owned().await {
+            let slot = loop {
+                if task_flight.demanded.load(Ordering::SeqCst) {
+                    break demand_slots.clone().acquire_owned().await;
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => break slot,
+                    () = task_flight.promoted.notified() => {}
+                }
+            };
+            let result = match slot {
                 Ok(_slot) => this.fly(&spec, &task_flight).await,
                 Err(_) => Err(fs_err!(EIO, "the fetcher is shutting down")),
             };
@@ -608,7 +696,7 @@ impl Fetcher {
         self.store_call(move |s| {
             // Complete meanwhile (truncated with O_TRUNC, or replaced):
             // the caller looks at the version again.
-            let Some(rec) = s.presence(key.ino)? else {
+            let Some(rec) = s.presence_bits(key.ino)? else {
                 return Ok(());
             };
             if rec.generation != key.generation {

@@ -675,3 +675,50 @@ async fn a_complete_file_answers_a_bitmap_of_all_its_chunks() {
         .expect("complete");
     assert!((0..70).all(|i| bit(&bitmap, i)), "{bitmap:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demanded_chunk_overtakes_the_read_ahead_queued_before_it() {
+    let size = 10 * CHUNK_SIZE;
+    // One slot of each kind; the peer holds every request until the gate
+    // opens.
+    let f = fixture(size, &[Serves::Good], false, cfg(1, 0));
+    f.fetcher.prefetch(INO);
+    until("every chunk is queued for read-ahead", || {
+        f.fetcher.debug_fetches().len() == 10
+    })
+    .await;
+    until("one read-ahead chunk is asked", || {
+        asked(&f.servers[0]).len() == 1
+    })
+    .await;
+    // It holds the only read-ahead slot; the other nine wait for it.
+    let first = asked(&f.servers[0])[0];
+    let wanted = if first == 9 { 8 } else { 9 };
+    // A reader needs a chunk queued for read-ahead.
+    let reader = {
+        let fetcher = f.fetcher.clone();
+        tokio::spawn(async move {
+            fetcher
+                .ensure(INO, GENERATION, wanted * CHUNK_SIZE, 4096, far(), true)
+                .await
+        })
+    };
+    until(
+        "the demanded chunk is asked while read-ahead still waits",
+        || asked(&f.servers[0]) == vec![first, wanted],
+    )
+    .await;
+    assert!(
+        f.fetcher
+            .debug_fetches()
+            .iter()
+            .any(|x| x.chunk == wanted && x.demanded)
+    );
+    f.gate.send_replace(true);
+    reader.await.expect("no panic").expect("fetched");
+    until("the file is complete", || f.store.rec().is_none()).await;
+    assert!(f.store.bytes() == content(size));
+    let mut all = asked(&f.servers[0]);
+    all.sort();
+    assert_eq!(all, (0..10).collect::<Vec<u64>>(), "each chunk asked once");
+}
