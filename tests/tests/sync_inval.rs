@@ -4,8 +4,9 @@
 //! under it, can only pass because mountd's invalidation stream told the
 //! kernel (`inval_inode`, `inval_entry`) and dropped its own caches: the
 //! cached attributes and pages of a file a rewrote, the positive entry of
-//! a file a removed. (With the invalidation task switched off, the check
-//! of the rewrite timed out after 15 s.)
+//! a file a removed, the negative entry of a name a created. (With the
+//! invalidation task switched off, the check of the rewrite timed out
+//! after 15 s.)
 
 use harness::daemons::Options;
 use harness::pair::{LinkMode, Pair, PairOptions};
@@ -29,8 +30,9 @@ fn a_peers_changes_show_before_the_cache_ttl_ends() {
     });
     let (a, b) = (p.a.path("f.txt"), p.b.path("f.txt"));
 
-    // b looks the name up before it exists (mountd answers ENOENT, which
-    // the kernel does not cache).
+    // b looks the name up before it exists: mountd answers a negative
+    // entry, which the kernel caches for the 60 s TTL, so b sees the name
+    // below only because a's create was announced.
     assert_errno(
         std::fs::metadata(&b),
         libc::ENOENT,
