@@ -104,6 +104,9 @@ impl Invalidator {
                     self.passthrough.peer_changed_inode(ino.0);
                 }
                 Inval::All => {
+                    tracing::info!(
+                        "invalidation stream: items were lost (syncd restarted, or this mount fell behind); dropping every cache"
+                    );
                     self.cache.clear();
                     // Entries (and absences) the kernel cached before.
                     self.kernel.all_entries();

@@ -2,7 +2,7 @@
 //! mountd and a mount (a [`KeibiFixture`] each), paired with each other,
 //! and the link between them under the test's control.
 //!
-//! Two modes ([`LinkMode`]):
+//! Two modes ([`LinkMode`]), and a relayed variant of loopback:
 //! - **loopback**: both syncd listen on free ports of 127.0.0.1. Quick;
 //!   the link can only be broken by stopping or killing a syncd.
 //! - **netns**: each syncd runs in a network namespace of its own
@@ -14,6 +14,12 @@
 //!   do: [`Pair::cut`] (`ip link set down`), [`Pair::stall`] (an nftables
 //!   table that silently drops every packet of one namespace: no RST, no
 //!   ICMP), [`Pair::slow`] (a `tc tbf` qdisc on both ends).
+//!
+//! - **relayed** ([`Pair::start_relayed`]): loopback, and `a` dials a
+//!   [`Relay`] in the test process instead of `b`: every frame is held for
+//!   a set delay, and the relay can be armed with a fault such as a
+//!   mid-stream reset ([`crate::relay::Fault::Reset`]). This kernel has no
+//!   `netem`, so delay and resets come from the relay.
 //!
 //! In both modes [`Pair::stop_syncd`]/[`Pair::cont_syncd`] freeze and thaw
 //! a syncd (SIGSTOP/SIGCONT) and [`Pair::kill_syncd`] +
@@ -37,6 +43,7 @@ use crate::ctl::Ctl;
 use crate::daemons::{KeibiFixture, Options, duration_arg};
 use crate::peers::free_port;
 use crate::process::run_bounded;
+use crate::relay::Relay;
 use crate::wait::poll_until;
 use crate::watchdog;
 use serde_json::Value;
@@ -299,6 +306,8 @@ pub struct Pair {
     pub b: Node,
     // Declared after the nodes: dropped after their daemons stopped.
     net: Option<Net>,
+    /// The relay a dials instead of b ([`Pair::start_relayed`]).
+    relay: Option<Relay>,
     opts: PairOptions,
 }
 
@@ -346,16 +355,43 @@ fn start_node(name: &str, opts: &PairOptions, net: Option<&Net>, side: Side) -> 
 impl Pair {
     /// Start both nodes, pair them and wait until they are connected.
     pub fn start(opts: PairOptions) -> Pair {
+        Pair::start_with(opts, None)
+    }
+
+    /// Start both nodes on loopback with a [`Relay`] between them: a dials
+    /// the relay, which holds every frame for `delay` and forwards it to
+    /// b (and can be armed with a fault: [`Pair::relay`]). b never dials
+    /// a, so every connection goes through the relay.
+    pub fn start_relayed(mut opts: PairOptions, delay: Duration) -> Pair {
+        opts.mode = LinkMode::Loopback;
+        Pair::start_with(opts, Some(delay))
+    }
+
+    fn start_with(opts: PairOptions, relay_delay: Option<Duration>) -> Pair {
         let net = (opts.mode == LinkMode::Netns).then(Net::create);
         let a = start_node("a", &opts, net.as_ref(), Side::A);
         let b = start_node("b", &opts, net.as_ref(), Side::B);
-        let pair = Pair { a, b, net, opts };
+        let relay = relay_delay.map(|d| {
+            let upstream = b
+                .addr
+                .parse()
+                .unwrap_or_else(|e| panic!("b's address {}: {e}", b.addr));
+            Relay::start_delayed(upstream, None, b"", d)
+        });
+        let dial = relay.as_ref().map_or_else(|| b.addr.clone(), Relay::addr);
+        let pair = Pair {
+            a,
+            b,
+            net,
+            relay,
+            opts,
+        };
         pair.a.ctl.json(&[
             "peer",
             "add",
             &pair.b.fingerprint,
             "--addr",
-            &pair.b.addr,
+            &dial,
             "--name",
             "b",
             "--json",
@@ -370,6 +406,14 @@ impl Pair {
     /// [`Pair::start`] with the defaults of `mode`.
     pub fn start_mode(mode: LinkMode) -> Pair {
         Pair::start(PairOptions::new(mode))
+    }
+
+    /// The relay between the nodes of [`Pair::start_relayed`].
+    #[track_caller]
+    pub fn relay(&self) -> &Relay {
+        self.relay
+            .as_ref()
+            .unwrap_or_else(|| panic!("relay() needs a pair from Pair::start_relayed"))
     }
 
     /// The options the pair was started with.

@@ -81,6 +81,10 @@ pub enum Fault {
     /// From this frame on, forward nothing more in either direction of
     /// this connection, and keep its sockets open.
     Stall { dir: Dir, frame: u64 },
+    /// Forward the first half of the frame, then reset the connection:
+    /// both of its sockets send a TCP RST (a mid-stream reset, as a
+    /// middlebox or a peer's crash makes; the receiver has a torn frame).
+    Reset { dir: Dir, frame: u64 },
 }
 
 impl Fault {
@@ -91,7 +95,8 @@ impl Fault {
             | Fault::Reflect { dir, frame }
             | Fault::Swap { dir, frame }
             | Fault::Oversize { dir, frame }
-            | Fault::Stall { dir, frame } => (dir, frame),
+            | Fault::Stall { dir, frame }
+            | Fault::Reset { dir, frame } => (dir, frame),
         }
     }
 }
@@ -149,7 +154,10 @@ impl ConnRecord {
 /// State shared by the acceptor and the pumps.
 struct Shared {
     upstream: SocketAddr,
-    fault: Option<Fault>,
+    /// The fault to apply (settable later: [`Relay::arm`]).
+    fault: Mutex<Option<Fault>>,
+    /// How long each transport frame is held before it is forwarded.
+    delay: std::time::Duration,
     /// Set by the pump that applies the fault (once per relay).
     fired: AtomicBool,
     /// When it was applied.
@@ -181,11 +189,24 @@ impl Relay {
     /// `upstream`, applying `fault` once and counting `needle` (empty: no
     /// search).
     pub fn start(upstream: SocketAddr, fault: Option<Fault>, needle: &[u8]) -> Relay {
+        Relay::start_delayed(upstream, fault, needle, std::time::Duration::ZERO)
+    }
+
+    /// [`Relay::start`], and each transport frame is held for `delay`
+    /// before it is forwarded (in order, per direction: a slow hop that
+    /// adds `delay` to every frame).
+    pub fn start_delayed(
+        upstream: SocketAddr,
+        fault: Option<Fault>,
+        needle: &[u8],
+        delay: std::time::Duration,
+    ) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").expect("relay: bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("relay: local address");
         let shared = Arc::new(Shared {
             upstream,
-            fault,
+            fault: Mutex::new(fault),
+            delay,
             fired: AtomicBool::new(false),
             fired_at: Mutex::new(None),
             needle: needle.to_vec(),
@@ -220,6 +241,13 @@ impl Relay {
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
         lock(&self.shared.conns).len()
+    }
+
+    /// Set the fault to apply (if none was applied yet): frames are
+    /// numbered per connection, so a test can aim at a frame after what
+    /// [`Relay::records`] shows has passed.
+    pub fn arm(&self, fault: Fault) {
+        *lock(&self.shared.fault) = Some(fault);
     }
 
     /// Whether the fault has been applied.
@@ -276,6 +304,9 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let (Ok(client_r), Ok(client_keep), Ok(server_r), Ok(server_keep)) = clones else {
             continue;
         };
+        let (Ok(client_reset), Ok(server_reset)) = (client.try_clone(), server.try_clone()) else {
+            continue;
+        };
         let index = {
             let mut conns = lock(&shared.conns);
             conns.push(ConnRecord::default());
@@ -291,9 +322,21 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         lock(&shared.stalls).push(stall.clone());
         let to_client = Arc::new(Mutex::new(client));
         let to_server = Arc::new(Mutex::new(server));
-        for (dir, reader, dst, src) in [
-            (Dir::Out, client_r, to_server.clone(), to_client.clone()),
-            (Dir::Back, server_r, to_client.clone(), to_server.clone()),
+        for (dir, reader, dst, src, dst_raw) in [
+            (
+                Dir::Out,
+                client_r,
+                to_server.clone(),
+                to_client.clone(),
+                server_reset,
+            ),
+            (
+                Dir::Back,
+                server_r,
+                to_client.clone(),
+                to_server.clone(),
+                client_reset,
+            ),
         ] {
             let pump = Pump {
                 shared: shared.clone(),
@@ -302,6 +345,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 reader,
                 dst,
                 src,
+                dst_raw,
                 stall: stall.clone(),
                 tail: Vec::new(),
             };
@@ -324,6 +368,9 @@ struct Pump {
     dst: Arc<Mutex<TcpStream>>,
     /// Where they came from (for reflection).
     src: Arc<Mutex<TcpStream>>,
+    /// The socket of `dst`, outside its lock (the other pump may hold that
+    /// lock in a blocked write): for [`Fault::Reset`].
+    dst_raw: TcpStream,
     stall: Arc<AtomicBool>,
     /// The last `needle.len() - 1` bytes seen, for matches across writes.
     tail: Vec<u8>,
@@ -390,7 +437,7 @@ impl Pump {
 
     /// Claim the fault if it is for this direction and frame.
     fn claim(&self, frame: u64) -> Option<Fault> {
-        let fault = self.shared.fault?;
+        let fault = (*lock(&self.shared.fault))?;
         if fault.place() != (self.dir, frame) {
             return None;
         }
@@ -431,6 +478,9 @@ impl Pump {
             self.reader.read_exact(&mut frame[4..])?;
             let this = frame_no;
             frame_no += 1;
+            if !self.shared.delay.is_zero() {
+                std::thread::sleep(self.shared.delay);
+            }
             self.record(|r| {
                 r.frames += 1;
                 if r.heads.len() < MAX_HEADS {
@@ -477,6 +527,12 @@ impl Pump {
                     self.wait_if_stalled();
                     return Ok(());
                 }
+                Some(Fault::Reset { .. }) => {
+                    self.forward(&frame[..frame.len() / 2])?;
+                    reset(&self.dst_raw);
+                    reset(&self.reader);
+                    return Ok(());
+                }
             }
         }
     }
@@ -491,4 +547,26 @@ impl Pump {
             self.forward(&buf[..n])?;
         }
     }
+}
+
+/// Reset a connected TCP socket: `connect` with an `AF_UNSPEC` address
+/// disconnects it, and Linux answers the peer with an RST (unlike
+/// `shutdown`, which sends a FIN, and unlike `close`, which only resets
+/// once every duplicate of the descriptor is closed).
+fn reset(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed sockaddr with only the family set is a valid
+    // AF_UNSPEC address; the descriptor is open for the call's duration.
+    let rc = unsafe {
+        let mut addr: libc::sockaddr = std::mem::zeroed();
+        addr.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        libc::connect(
+            s.as_raw_fd(),
+            &addr,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    // A socket the other side already closed may refuse; the test sees
+    // the connection end either way.
+    let _ = rc;
 }

@@ -129,7 +129,7 @@ fn kill_9_of_syncd_under_churn_never_leaves_a_broken_name() {
         }
         fx.wait_writable(Duration::from_secs(20));
         let read = verify_tree(round, &fx.mnt());
-        verify_durable(round, &dir, &log, &read);
+        verify_durable(round, &dir, &log, &read, &fx.mnt());
         verify_check(round, &fx.control_socket());
     }
     let recorded = fs::read_to_string(&log).unwrap_or_default().lines().count();
@@ -209,7 +209,13 @@ fn read_fully(round: u64, p: &Path) -> Vec<u8> {
 
 /// Every file the log says was fsynced is in the tree (as `verify_tree`
 /// read it) with exactly its bytes.
-fn verify_durable(round: u64, dir: &Path, log: &Path, read: &HashMap<PathBuf, Vec<u8>>) {
+fn verify_durable(
+    round: u64,
+    dir: &Path,
+    log: &Path,
+    read: &HashMap<PathBuf, Vec<u8>>,
+    mnt: &Path,
+) {
     let text = match fs::read_to_string(log) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
@@ -228,7 +234,7 @@ fn verify_durable(round: u64, dir: &Path, log: &Path, read: &HashMap<PathBuf, Ve
         let p: PathBuf = dir.join(rel);
         let got = read
             .get(&p)
-            .unwrap_or_else(|| panic!("round {round}: fsynced file {} is missing", p.display()));
+            .unwrap_or_else(|| panic!("{}", missing(round, &p, read, mnt)));
         assert!(
             *got == Pattern::new(seed).bytes(0, len),
             "round {round}: fsynced file {} is torn: {} bytes, expected {len}",
@@ -236,6 +242,50 @@ fn verify_durable(round: u64, dir: &Path, log: &Path, read: &HashMap<PathBuf, Ve
             got.len()
         );
     }
+}
+
+/// The failure message for an fsynced file `p` that the tree walk did not
+/// read: what the walk saw in its directory, and what a second listing and
+/// a direct `lstat` of the path say now (a name left out of a listing, a
+/// wrong file type, or a name really gone tell different bugs apart).
+fn missing(round: u64, p: &Path, read: &HashMap<PathBuf, Vec<u8>>, mnt: &Path) -> String {
+    let dir = p.parent().unwrap_or(p);
+    let walked = read.keys().filter(|k| k.parent() == Some(dir)).count();
+    let listed: Result<Vec<String>, std::io::Error> = fs::read_dir(dir).and_then(|it| {
+        it.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect()
+    });
+    let listing = match &listed {
+        Ok(names) => format!(
+            "{} names now, {} it",
+            names.len(),
+            if names
+                .iter()
+                .any(|n| Some(n.as_str()) == p.file_name().and_then(|f| f.to_str()))
+            {
+                "including"
+            } else {
+                "not including"
+            }
+        ),
+        Err(e) => format!("listing fails now: {e}"),
+    };
+    let lstat = match fs::symlink_metadata(p) {
+        Ok(md) => format!(
+            "lstat now: {:?}, {} bytes, inode {}",
+            md.file_type(),
+            md.len(),
+            md.ino()
+        ),
+        Err(e) => format!("lstat now: {e}"),
+    };
+    format!(
+        "round {round}: fsynced file {} is missing from the tree walk ({walked} files read in its \
+         directory, {} in all); {listing}; {lstat}; file systems at the mountpoint now: {:?}",
+        p.display(),
+        read.len(),
+        harness::mounts::fs_types_at(mnt)
+    )
 }
 
 /// `keibictl check` finds nothing.

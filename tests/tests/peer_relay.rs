@@ -332,6 +332,43 @@ fn stall_forwards_nothing_more_and_keeps_the_connection_open() {
 }
 
 #[test]
+fn reset_tears_frame_n_and_resets_both_ends() {
+    let _w = Watchdog::arm("relay-reset", Duration::from_secs(60));
+    let (relay, server, mut c) = run_fault(
+        Fault::Reset {
+            dir: Dir::Out,
+            frame: 2,
+        },
+        2,
+    );
+    let seen = server.conn(0);
+    assert_eq!(wait_bodies(&seen, 2), vec![body(0), body(1)]);
+    for _ in 0..2 {
+        read_frame(&mut c).expect("echo");
+    }
+    c.write_all(&frame(&body(2))).expect("send");
+    harness::poll_until("the reset to take effect", Duration::from_secs(10), || {
+        relay.fault_applied().then_some(())
+    });
+    // The dialer's side is reset: ECONNRESET, not a clean end.
+    let mut b = [0u8; 1];
+    let e = c
+        .read(&mut b)
+        .expect_err("a reset connection reads an error");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    // The server got half of frame 2 and then lost the connection.
+    harness::poll_until("the server to see the end", Duration::from_secs(10), || {
+        seen.lock().expect("lock").eof.then_some(())
+    });
+    assert_eq!(
+        seen.lock().expect("lock").bodies.len(),
+        2,
+        "the torn frame never reached the server whole"
+    );
+    assert_eq!(relay.records()[0].out.frames, 3);
+}
+
+#[test]
 fn the_fault_is_applied_once_then_connections_pass_through() {
     let _w = Watchdog::arm("relay-once", Duration::from_secs(60));
     let (relay, server, _c) = run_fault(
