@@ -90,8 +90,8 @@ struct Args {
     /// How long the kernel may cache attributes and entries, including
     /// the absence of a name (attributes of a file open for writing on this
     /// mount are not cached). Changes from peers are invalidated at once;
-    /// kept at most 1 s on kernels before 6.16 (see `kernel_inval`).
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    /// longer TTLs are capped at 1 s on kernels before 6.16 (see `kernel_inval`).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     attr_ttl: Duration,
     /// FUSE dispatch threads.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
