@@ -409,12 +409,17 @@ impl Filesystem for KeibiFs {
         match name(n) {
             Err(e) => self.inline(l, reply, Err::<Attr, _>(e), |_, _| ()),
             Ok(n) => {
-                let k = self.keibi.clone();
+                let (k, ttl, entry) = (self.keibi.clone(), self.ttl, self.entry());
                 self.spawn(
                     l,
                     reply,
-                    async move { k.lookup(parent.0, n).await },
-                    self.entry(),
+                    async move { k.lookup_entry(parent.0, n).await },
+                    move |r, found| match found {
+                        Some(a) => entry(r, a),
+                        // Node id 0: a negative entry the kernel keeps for
+                        // `ttl` ([`Keibi::lookup_entry`]).
+                        None => r.entry(&ttl, &placeholder_attr(0, FileKind::File), Generation(0)),
+                    },
                 );
             }
         }

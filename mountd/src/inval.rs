@@ -108,6 +108,8 @@ impl Invalidator {
                         "invalidation stream: items were lost (syncd restarted, or this mount fell behind); dropping every cache"
                     );
                     self.cache.clear();
+                    // Entries (and absences) the kernel cached before.
+                    self.kernel.all_entries();
                     for ino in self.cache.referenced_inos() {
                         self.kernel.inode(ino.0);
                     }
@@ -266,7 +268,9 @@ mod tests {
         inv.apply(&[Inval::All]);
         assert_eq!(cache.len(), (0, 0));
         assert_eq!(changes.load(Ordering::SeqCst), 1);
-        assert_eq!(q.drain(), vec![Note::Inode(3)]);
+        // Every cached entry and absence goes too (a long entry TTL is
+        // only correct with this).
+        assert_eq!(q.drain(), vec![Note::Epoch, Note::Inode(3)]);
     }
 
     #[test]
@@ -398,7 +402,8 @@ mod tests {
             "asked again after ENOSYS, then resumed where it was after the missed poll"
         );
         assert_eq!(cache.attr(5), None);
-        assert_eq!(q.drain(), vec![Note::Inode(5)]);
+        // The first batch's `All` dropped every kernel entry.
+        assert_eq!(q.drain(), vec![Note::Epoch, Note::Inode(5)]);
         task.abort();
     }
 }

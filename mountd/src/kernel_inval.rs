@@ -14,7 +14,14 @@
 //!   handle is opened it asks the kernel here to forget the attributes it
 //!   cached before (at `lookup`, with the normal TTL).
 //! - Changes a peer made ([`crate::inval`]): the inode's attributes and
-//!   pages, and entries of a directory.
+//!   pages, and entries of a directory. When mountd may have missed some
+//!   (`Inval::All`), every entry the kernel caches, positive and negative,
+//!   is dropped at once with `FUSE_NOTIFY_INC_EPOCH` (Linux 6.16, FUSE
+//!   7.44): the kernel then looks every name up again. fuser 0.18 has no
+//!   call for it, so [`Note::Epoch`] is written to `/dev/fuse` by hand (a
+//!   `fuse_out_header` with `unique` 0 and the notification code in
+//!   `error`, no body). This is what makes long entry TTLs and cached
+//!   negative entries correct (see [`entry_ttl_cap`]).
 //!
 //! Notifications are written to `/dev/fuse` by one thread that only does
 //! that, never from a FUSE callback or while holding a lock a callback can
@@ -38,6 +45,48 @@ pub enum Note {
     /// Drop the entry `name` of directory `parent` (and the directory's
     /// attributes).
     Entry(u64, Vec<u8>),
+    /// Drop every entry the kernel caches (`FUSE_NOTIFY_INC_EPOCH`).
+    Epoch,
+}
+
+/// `FUSE_NOTIFY_INC_EPOCH` (not in fuser 0.18's ABI list).
+const FUSE_NOTIFY_INC_EPOCH: i32 = 8;
+
+/// The first Linux release with `FUSE_NOTIFY_INC_EPOCH`.
+const EPOCH_SINCE: (u32, u32) = (6, 16);
+
+/// The longest entry and attribute TTL that stays correct on the kernel
+/// `release` (`uname -r`): `ttl` where the kernel can drop every entry at
+/// once ([`Note::Epoch`]), else at most `fallback`. Without that, entries
+/// cached before an `Inval::All` (a restart of syncd, or a mountd that fell
+/// behind the invalidation stream) could stay in the kernel for a whole
+/// TTL, so the TTL is kept short there.
+pub fn entry_ttl_cap(
+    release: &str,
+    ttl: std::time::Duration,
+    fallback: std::time::Duration,
+) -> std::time::Duration {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let num = |p: Option<&str>| p.and_then(|p| p.parse::<u32>().ok());
+    match (num(parts.next()), num(parts.next())) {
+        (Some(major), Some(minor)) if (major, minor) >= EPOCH_SINCE => ttl,
+        _ => ttl.min(fallback),
+    }
+}
+
+/// Write `FUSE_NOTIFY_INC_EPOCH` to the session's `/dev/fuse` descriptor.
+fn inc_epoch(dev: &std::fs::File) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut msg = [0u8; 16];
+    msg[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    msg[4..8].copy_from_slice(&FUSE_NOTIFY_INC_EPOCH.to_ne_bytes());
+    // unique (bytes 8..16) stays 0: a notification.
+    let mut dev = dev;
+    let n = dev.write(&msg)?;
+    if n != msg.len() {
+        return Err(std::io::Error::other(format!("short write of {n} bytes")));
+    }
+    Ok(())
 }
 
 /// The sending side, held by the filesystem; cheap to clone.
@@ -77,6 +126,11 @@ impl KernelInval {
         self.send(Note::Entry(parent, name.to_vec()));
     }
 
+    /// Ask for every entry the kernel caches to be dropped. Never blocks.
+    pub fn all_entries(&self) {
+        self.send(Note::Epoch);
+    }
+
     fn send(&self, note: Note) {
         // A closed queue means the session is over: nothing to invalidate.
         let _ = self.tx.send(note);
@@ -85,8 +139,9 @@ impl KernelInval {
 
 impl InvalQueue {
     /// Start the thread that sends the notifications; it ends when every
-    /// [`KernelInval`] is dropped.
-    pub fn start(self, notifier: Notifier) -> std::io::Result<()> {
+    /// [`KernelInval`] is dropped. `dev` is a descriptor of the session's
+    /// `/dev/fuse` (for [`Note::Epoch`]).
+    pub fn start(self, notifier: Notifier, dev: std::fs::File) -> std::io::Result<()> {
         std::thread::Builder::new()
             .name("keibi-inval".into())
             .spawn(move || {
@@ -99,10 +154,14 @@ impl InvalQueue {
                         Note::Entry(parent, name) => {
                             notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
                         }
+                        Note::Epoch => inc_epoch(&dev),
                     };
                     match r {
                         Ok(()) => tracing::trace!(?note, "kernel cache invalidated"),
                         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                        Err(e) if note == Note::Epoch => {
+                            tracing::warn!(error = %e, "the kernel cannot drop all its cached entries; names a peer changed may show late, for up to --attr-ttl")
+                        }
                         Err(e) => {
                             tracing::debug!(?note, error = %e, "cannot invalidate the kernel's cache")
                         }
@@ -116,5 +175,25 @@ impl InvalQueue {
     #[cfg(test)]
     pub fn drain(&self) -> Vec<Note> {
         self.rx.try_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::entry_ttl_cap;
+    use std::time::Duration;
+
+    #[test]
+    fn long_ttls_only_where_the_kernel_can_drop_every_entry() {
+        let (long, short) = (Duration::from_secs(60), Duration::from_secs(1));
+        assert_eq!(entry_ttl_cap("6.18.44-fc-v595", long, short), long);
+        assert_eq!(entry_ttl_cap("6.16.0", long, short), long);
+        assert_eq!(entry_ttl_cap("7.0.1-arch1", long, short), long);
+        assert_eq!(entry_ttl_cap("6.15.9", long, short), short);
+        assert_eq!(entry_ttl_cap("6.1.0-28-amd64", long, short), short);
+        assert_eq!(entry_ttl_cap("unknown", long, short), short);
+        // A TTL already below the cap is kept.
+        let tiny = Duration::from_millis(200);
+        assert_eq!(entry_ttl_cap("6.1.0", tiny, short), tiny);
     }
 }

@@ -47,11 +47,16 @@ mod syncd_config;
 
 use clap::Parser;
 use ipc_schema::lockfile::{InstanceLock, LockError};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The `--attr-ttl` cap on kernels that cannot drop every cached entry
+/// at once (see `kernel_inval::entry_ttl_cap`): the TTL keibi used before
+/// it cached entries for long.
+const SHORT_TTL: Duration = Duration::from_secs(1);
 /// How long shutdown waits for the FUSE session to end after detaching.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 /// How often the lock file is checked and put back if it was tampered with.
@@ -87,8 +92,10 @@ struct Args {
     /// file and syncd's store), never shortened while syncd is slow.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     fsync_deadline: Duration,
-    /// How long the kernel may cache attributes and entries (attributes of
-    /// a file open for writing on this mount are not cached).
+    /// How long the kernel may cache attributes and entries, including
+    /// the absence of a name (attributes of a file open for writing on this
+    /// mount are not cached). Changes from peers are invalidated at once;
+    /// longer TTLs are capped at 1 s on kernels before 6.16 (see `kernel_inval`).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     attr_ttl: Duration,
     /// FUSE dispatch threads.
@@ -234,7 +241,18 @@ fn run(args: Args) -> Result<(), Failure> {
         .with_attr_inval(attr_inval),
     );
     let invalidation = keibi.invalidation();
-    let adapter = fuse::KeibiFs::new(keibi, args.attr_ttl, rt.handle().clone(), inflight);
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let attr_ttl = kernel_inval::entry_ttl_cap(&release, args.attr_ttl, SHORT_TTL);
+    if attr_ttl < args.attr_ttl {
+        tracing::warn!(
+            kernel = %release,
+            attr_ttl_ms = attr_ttl.as_millis() as u64,
+            "this kernel cannot drop all cached entries at once (FUSE_NOTIFY_INC_EPOCH, Linux 6.16); --attr-ttl is capped"
+        );
+    }
+    let adapter = fuse::KeibiFs::new(keibi, attr_ttl, rt.handle().clone(), inflight);
 
     let mut config = fuser::Config::default();
     config.n_threads = Some(usize::from(args.threads));
@@ -252,8 +270,12 @@ fn run(args: Args) -> Result<(), Failure> {
     ];
     let session = fuser::Session::new(adapter, &mountpoint, &config)
         .map_err(|e| fail(1, format!("cannot mount {}: {e}", mountpoint.display())))?;
+    let dev = session
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| fail(1, format!("cannot duplicate the /dev/fuse descriptor: {e}")))?;
     inval_queue
-        .start(session.notifier())
+        .start(session.notifier(), std::fs::File::from(dev))
         .map_err(|e| fail(1, format!("cannot start a thread: {e}")))?;
     // Changes from peers: polled from syncd, notified to the kernel by
     // the thread just started.

@@ -4,8 +4,9 @@
 //! under it, can only pass because mountd's invalidation stream told the
 //! kernel (`inval_inode`, `inval_entry`) and dropped its own caches: the
 //! cached attributes and pages of a file a rewrote, the positive entry of
-//! a file a removed. (With the invalidation task switched off, the check
-//! of the rewrite timed out after 15 s.)
+//! a file a removed, the negative entry of a name a created. (With the
+//! invalidation task switched off, the check of the rewrite timed out
+//! after 15 s.)
 
 use harness::daemons::Options;
 use harness::pair::{LinkMode, Pair, PairOptions};
@@ -32,8 +33,9 @@ fn a_peers_changes_show_before_the_cache_ttl_ends() {
     });
     let (a, b) = (p.a.path("f.txt"), p.b.path("f.txt"));
 
-    // b looks the name up before it exists (mountd answers ENOENT, which
-    // the kernel does not cache).
+    // b looks the name up before it exists: mountd answers a negative
+    // entry, which the kernel caches for the 60 s TTL, so b sees the name
+    // below only because a's create was announced.
     assert_errno(
         std::fs::metadata(&b),
         libc::ENOENT,
@@ -81,10 +83,12 @@ fn applied_on_b(p: &Pair, name: &str) {
 
 #[test]
 fn a_mount_that_fell_behind_the_stream_drops_every_cache() {
+    // A TTL far longer than the test (whose 4,400 creates can take most
+    // of a minute on a busy machine), so no entry can end by itself.
     let _w = Watchdog::arm("sync_inval all", LIMIT);
     let p = Pair::start(PairOptions {
         node: Options {
-            mountd_args: vec!["--attr-ttl".into(), "60s".into()],
+            mountd_args: vec!["--attr-ttl".into(), "3600s".into()],
             ..Options::default()
         },
         ..PairOptions::new(LinkMode::Loopback)
@@ -95,6 +99,18 @@ fn a_mount_that_fell_behind_the_stream_drops_every_cache() {
         (std::fs::read(&b).ok()? == b"one\n").then_some(())
     });
     assert_eq!(std::fs::metadata(&b).expect("stat on b").len(), 4);
+    // b's kernel caches an absence (a negative entry) and a name.
+    let (late_a, late_b) = (p.a.path("late.txt"), p.b.path("late.txt"));
+    assert_errno(
+        std::fs::metadata(&late_b),
+        libc::ENOENT,
+        "late.txt before a creates it",
+    );
+    std::fs::write(p.a.path("gone.txt"), b"gone\n").expect("create gone.txt on a");
+    let gone_b = p.b.path("gone.txt");
+    poll_until("b to see gone.txt", PROPAGATION, || {
+        std::fs::metadata(&gone_b).ok().map(drop)
+    });
 
     // b's mountd stops reading the stream. Whatever poll it had waiting
     // is answered by the first change (first.bin), before x.txt changes.
@@ -104,6 +120,8 @@ fn a_mount_that_fell_behind_the_stream_drops_every_cache() {
     applied_on_b(&p, "first.bin");
     let v2 = b"two, and longer than one\n";
     std::fs::write(&a, v2).expect("rewrite on a");
+    std::fs::write(&late_a, b"late\n").expect("create late.txt on a");
+    std::fs::remove_file(p.a.path("gone.txt")).expect("unlink gone.txt on a");
     std::fs::create_dir(p.a.path("many")).expect("mkdir on a");
     for i in 0..OVERFLOW {
         std::fs::write(p.a.path(format!("many/{i}")), b"").expect("create on a");
@@ -119,6 +137,21 @@ fn a_mount_that_fell_behind_the_stream_drops_every_cache() {
         let len = std::fs::metadata(&b).ok()?.len();
         (len == v2.len() as u64 && std::fs::read(&b).ok()? == v2).then_some(())
     });
+    // The kernel's entries go too (FUSE_NOTIFY_INC_EPOCH): the cached
+    // absence of late.txt and the cached name gone.txt (whose inode the
+    // kernel still references; without the epoch its stale entry would
+    // stat as a removed file with link count 0).
+    poll_until("b to see late.txt", SOON, || {
+        (std::fs::read(&late_b).ok()? == b"late\n").then_some(())
+    });
+    poll_until("b to see gone.txt gone", SOON, || {
+        std::fs::metadata(&gone_b).is_err().then_some(())
+    });
+    assert_errno(
+        std::fs::metadata(&gone_b),
+        libc::ENOENT,
+        "gone.txt after a removed it",
+    );
     let log = std::fs::read_to_string(p.b.mountd_log_path()).expect("b's mountd log");
     assert!(
         log.contains("dropping every cache"),

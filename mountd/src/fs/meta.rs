@@ -52,6 +52,24 @@ impl Keibi {
         }
     }
 
+    /// `lookup` for the kernel's entry cache: `Ok(None)` when the name does
+    /// not exist and nothing changed through this mount or was announced by
+    /// syncd's invalidation stream while syncd was asked, so the kernel may
+    /// cache the absence (a negative entry) for the entry TTL. A peer that
+    /// creates the name later has it dropped by the invalidation stream
+    /// (`Inval::Entry`, or every entry at once after `Inval::All`); a name
+    /// made through this mount replaces the negative entry in the kernel
+    /// itself. An absence seen while a change was under way answers
+    /// `ENOENT`, which the kernel does not cache: that change's
+    /// notification may have reached the kernel before this answer.
+    pub async fn lookup_entry(&self, parent: u64, name: Name) -> Result<Option<Attr>, FsError> {
+        let before = self.changes();
+        match self.lookup(parent, name).await {
+            Err(e) if e.errno == libc::ENOENT && self.changes() == before => Ok(None),
+            r => r.map(Some),
+        }
+    }
+
     /// `getattr`, or the last known attributes when syncd misses the
     /// deadline.
     ///
