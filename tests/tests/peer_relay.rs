@@ -150,14 +150,16 @@ fn passes_frames_through_and_counts_and_finds_a_needle() {
         want.extend_from_slice(b);
         assert_eq!(read_frame(&mut c).expect("echo"), want);
     }
+    let sent: u64 = 2 * (2 + 4) + bodies.iter().map(|b| 4 + b.len() as u64).sum::<u64>();
+    // A pump counts a frame's bytes once it has written them on, which can
+    // be after the echo came back: wait for the byte count too.
     let rec = harness::poll_until("the relay's counts", Duration::from_secs(10), || {
         let r = relay.records();
-        (r.len() == 1 && r[0].back.frames == 3).then(|| r[0].clone())
+        (r.len() == 1 && r[0].back.frames == 3 && r[0].out.bytes >= sent).then(|| r[0].clone())
     });
     assert_eq!(rec.out.frames, 3);
     assert_eq!(rec.out.handshake.len(), 2);
     assert_eq!(rec.back.handshake.len(), 1);
-    let sent: u64 = 2 * (2 + 4) + bodies.iter().map(|b| 4 + b.len() as u64).sum::<u64>();
     assert_eq!(rec.out.bytes, sent);
     assert_eq!(rec.out.heads[0], frame(&body(0)));
     assert_eq!(rec.out.needle_hits, 1, "{rec:?}");
