@@ -192,7 +192,9 @@ keibi_stop() {
 # the logs syncd.log and mountd.log.
 #
 #   keibi_node_up NAME [MOUNTD ARGS]   starts its syncd and mountd and
-#                                      waits (bounded) for the mount
+#                                      waits (bounded) for the mount;
+#                                      KEIBI_NODE_SYNCD_EXTRA: more lines
+#                                      for its syncd.toml (bench tuning)
 #   keibi_node_ctl NAME ARGS...        keibictl on its control socket
 #   keibi_node_dir NAME                prints its directory (mount: /mnt)
 #   keibi_node_fingerprint NAME        prints its fingerprint
@@ -238,8 +240,8 @@ keibi_node_up() {
     chmod 0700 "$dir/state"
     chmod 0755 "$dir/run"
     KEIBI_NODE_PORT[$name]="$(keibi_free_port)"
-    printf 'listen = ["127.0.0.1:%s"]\npeer_timeout = "5s"\npeer_reconnect_max = "2s"\n' \
-        "${KEIBI_NODE_PORT[$name]}" >"$dir/syncd.toml"
+    printf 'listen = ["127.0.0.1:%s"]\npeer_timeout = "5s"\npeer_reconnect_max = "2s"\n%s\n' \
+        "${KEIBI_NODE_PORT[$name]}" "${KEIBI_NODE_SYNCD_EXTRA:-}" >"$dir/syncd.toml"
     chmod 0644 "$dir/syncd.toml"
     KEIBI_NODES+=("$name")
     setsid setpriv --reuid="$KEIBI_SYNCD_USER" --regid="$(id -g "$KEIBI_SYNCD_USER")" --clear-groups \
