@@ -182,25 +182,18 @@ impl Store {
     /// The presence record of `ino`, if its bytes are not all local, with
     /// the bits of `present_bits` merged in.
     pub fn presence(&self, ino: Ino) -> Result<Option<PresenceRec>, FsError> {
-        let key = ino_key(ino.0);
-        let Some(rec) = self
-            .idx
-            .presence
-            .get(key)
-            .map_err(|e| store_err("reading presence", e))?
-        else {
+        let Some((rec, stored)) = self.presence_raw(ino)? else {
             return Ok(None);
         };
         let mut p: PresenceRec = dec(&rec, "presence record")?;
-        if let Some(v) = self
-            .idx
-            .present_bits
-            .get(key)
-            .map_err(|e| store_err("reading presence bits", e))?
+        let head = RecHead {
+            gid: p.gid,
+            generation: p.generation,
+            size: p.size,
+        };
+        if let Some(v) = stored
             && let Ok(b) = postcard::from_bytes::<PresentBits>(&v)
-            && b.gid == p.gid
-            && b.generation == p.generation
-            && b.size == p.size
+            && b.matches(&head)
         {
             p.limit = p.limit.min(b.limit);
             if p.present.len() < b.present.len() {
@@ -216,6 +209,15 @@ impl Store {
     /// The presence bits of `ino` without its hashes (the cheap question
     /// of the fetcher), if its bytes are not all local.
     pub fn presence_bits(&self, ino: Ino) -> Result<Option<PresentBits>, FsError> {
+        let Some((rec, stored)) = self.presence_raw(ino)? else {
+            return Ok(None);
+        };
+        bits_of(&rec, stored.as_deref()).map(Some)
+    }
+
+    /// The encoded presence record of `ino` and its `present_bits` value,
+    /// as stored (`None`: the file is all local).
+    fn presence_raw(&self, ino: Ino) -> Result<Option<(sled::IVec, Option<sled::IVec>)>, FsError> {
         let key = ino_key(ino.0);
         let Some(rec) = self
             .idx
@@ -230,7 +232,7 @@ impl Store {
             .present_bits
             .get(key)
             .map_err(|e| store_err("reading presence bits", e))?;
-        bits_of(&rec, stored.as_deref()).map(Some)
+        Ok(Some((rec, stored)))
     }
 
     /// What an open of `ino` generation `generation` tells mountd about
