@@ -53,7 +53,8 @@ pub struct Options {
     pub defer_syncd: bool,
     /// `RUST_LOG` for syncd.
     pub syncd_log_filter: String,
-    /// `RUST_LOG` for mountd.
+    /// `RUST_LOG` for mountd. It must keep `keibi_mountd` at `info` or
+    /// more: [`KeibiFixture::start_mountd`] waits for its "mounted" line.
     pub mountd_log_filter: String,
     /// Extra environment for syncd (test-only fault points).
     pub syncd_env: Vec<(String, String)>,
@@ -145,6 +146,17 @@ fn die_with_parent(cmd: &mut Command) {
             Ok(())
         });
     }
+}
+
+/// How many times mountd's log at `path` says it mounted.
+fn mounted_lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| {
+            t.lines()
+                .filter(|l| l.contains("keibi_mountd: mounted"))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// A file opened for appending a daemon's output to.
@@ -591,11 +603,15 @@ impl KeibiFixture {
             cmd.arg("--fsync-deadline").arg(duration_arg(d));
         }
         cmd.args(&self.opts.mountd_args);
+        // The new mountd says "mounted" in its log once its mount is on top;
+        // until then a mount that answers may be an earlier one it has yet to
+        // clear away (the crash loop once walked the bare directory between).
+        let log = self.mountd_log_path();
+        let mounted_before = mounted_lines(&log);
         let child = spawn_registered(&mut cmd, "keibi-mountd");
         watchdog::register_mount(self.mnt());
         self.mountd = Some(child);
         let mnt = self.mnt();
-        let log = self.mountd_log_path();
         // Without a syncd nothing can answer stat: only the mount table
         // says the mount is up.
         let served = self.syncd.is_some() || self.opts.external_syncd_socket.is_some();
@@ -610,7 +626,8 @@ impl KeibiFixture {
                 // A directory listing always reaches the daemon, so a dead
                 // mount whose root attributes the kernel still caches does
                 // not pass for a live one.
-                (mounts::keibi_mounts_at(&mnt) > 0
+                (mounted_lines(&log) > mounted_before
+                    && mounts::keibi_mounts_at(&mnt) > 0
                     && (!served
                         || (std::fs::metadata(&mnt).is_ok() && std::fs::read_dir(&mnt).is_ok())))
                 .then_some(None)

@@ -529,8 +529,11 @@ impl Pump {
                 }
                 Some(Fault::Reset { .. }) => {
                     self.forward(&frame[..frame.len() / 2])?;
-                    reset(&self.dst_raw);
+                    // The sender's side first: resetting the other side
+                    // first lets the opposite pump see its end and send the
+                    // sender a FIN before the RST.
                     reset(&self.reader);
+                    reset(&self.dst_raw);
                     return Ok(());
                 }
             }
