@@ -16,6 +16,11 @@
 //! no place in any binary's own arguments and is not in `--help`.
 //! `packaging/deb.sh` calls it for the package; nothing is generated at
 //! build time, so a build costs nothing extra but these two small crates.
+//!
+//! [`env`] parses a command line whose flags may also come from `KEIBI_*`
+//! environment variables.
+
+pub mod env;
 
 use clap::Command;
 use clap_complete::Shell;

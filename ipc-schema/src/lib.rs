@@ -25,6 +25,7 @@
 //!   handshake.
 //! - [`inflight`]: the registry of operations in flight that
 //!   `keibictl debug ops` reads from each daemon ([`OpInFlight`]).
+//! - [`logging`]: both daemons' logging, to stderr or the systemd journal.
 //! - [`paths`]: where a mount's lock and debug socket live.
 //! - [`lockfile`]: the single-instance lock both daemons take (open, `flock`,
 //!   verify the inode, retry), see `docs/architecture.md`.
@@ -37,6 +38,7 @@ pub mod handshake;
 pub mod inflight;
 pub mod local_socket;
 pub mod lockfile;
+pub mod logging;
 pub mod paths;
 pub mod service;
 pub mod transport;

@@ -34,7 +34,6 @@ mod handles;
 mod inval;
 mod kernel_inval;
 mod lock_dir;
-mod logging;
 mod mount;
 mod mount_helper;
 mod ondemand;
@@ -75,28 +74,28 @@ struct Args {
     mountpoint: PathBuf,
     /// keibi-syncd's filesystem socket [default: `fs_socket` of
     /// keibi-syncd's configuration file, else /run/keibi/fs.sock].
-    #[arg(long)]
+    #[arg(long, env = "KEIBI_SYNCD_SOCKET")]
     syncd_socket: Option<PathBuf>,
     /// keibi-syncd's configuration file, read for its `fs_socket` only
     /// [default: /etc/keibi/syncd.toml, if it exists].
-    #[arg(long)]
+    #[arg(long, env = "KEIBI_SYNCD_CONFIG")]
     syncd_config: Option<PathBuf>,
     /// Longest wait for keibi-syncd on any operation but fsync (e.g. 2s, 500ms).
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "KEIBI_DEADLINE", default_value = "2s", value_parser = humantime::parse_duration)]
     deadline: Duration,
     /// Longest wait of a read (or write) for bytes of a file that are not
     /// on this machine yet, fetched from a peer; then it fails (ETIMEDOUT).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "KEIBI_READ_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
     read_deadline: Duration,
     /// Longest wait of fsync/fsyncdir for local durability (the content
     /// file and syncd's store), never shortened while syncd is slow.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "KEIBI_FSYNC_DEADLINE", default_value = "30s", value_parser = humantime::parse_duration)]
     fsync_deadline: Duration,
     /// How long the kernel may cache attributes and entries, including
     /// the absence of a name (attributes of a file open for writing on this
     /// mount are not cached). Changes from peers are invalidated at once;
     /// longer TTLs are capped at 1 s on kernels before 6.16 (see `kernel_inval`).
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "KEIBI_ATTR_TTL", default_value = "1s", value_parser = humantime::parse_duration)]
     attr_ttl: Duration,
     /// FUSE dispatch threads.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -108,6 +107,11 @@ struct Args {
     /// refused unless only root can change it and every directory above it.
     #[arg(long, default_value = ipc_schema::paths::DEFAULT_LOCK_DIR)]
     lock_dir: PathBuf,
+    /// Where log records go: auto (the systemd journal when stderr is
+    /// connected to it, else stderr), journal, or stderr. `RUST_LOG`
+    /// filters them.
+    #[arg(long, env = "KEIBI_LOG_TARGET", default_value = "auto", value_name = "auto|journal|stderr")]
+    log_target: ipc_schema::logging::LogTarget,
 }
 
 fn main() -> ExitCode {
@@ -125,8 +129,9 @@ fn main() -> ExitCode {
     }) {
         return code;
     }
-    let args = Args::parse();
-    logging::init();
+    // Flags, else their KEIBI_* environment variables, else defaults.
+    let (args, _) = clidoc::env::parse::<Args>();
+    ipc_schema::logging::init(args.log_target, "keibi-mountd");
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure { code, message }) => {

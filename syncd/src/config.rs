@@ -1,12 +1,17 @@
-//! Configuration: a TOML file, then command-line flags over it.
+//! Configuration: a TOML file, environment variables over it, then
+//! command-line flags over both.
 //!
 //! The file is `/etc/keibi/syncd.toml` when it exists (the system
-//! service's), or the one named by `--config`, which must then exist. Any
-//! flag given overrides the file's key of the same name; what neither sets
-//! takes the default. Names of users and groups are resolved here, so a
-//! typo stops syncd before it binds anything.
+//! service's), or the one named by `--config` (or `KEIBI_CONFIG`), which
+//! must then exist. Precedence, highest first: a flag on the command line,
+//! its `KEIBI_*` environment variable, the file's key of the same name,
+//! the default. Only the settings people change most have a variable (see
+//! [`Cli`]; `docs/configuration.md` has the table of every key). Names of
+//! users and groups are resolved here, so a typo stops syncd before it
+//! binds anything.
 
 use clap::Parser;
+use ipc_schema::logging::LogTarget;
 use nix::unistd::{Group, User};
 use serde::Deserialize;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -52,16 +57,16 @@ const DEFAULT_FETCH_READAHEAD_MAX: u64 = 8 << 20;
 #[command(name = "keibi-syncd", version, args_override_self = true)]
 pub struct Cli {
     /// TOML config file [default: /etc/keibi/syncd.toml, if it exists]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "KEIBI_CONFIG")]
     pub config: Option<PathBuf>,
     /// State directory: store, content files, lock [default: /var/lib/keibi]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "KEIBI_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Filesystem socket, for keibi-mountd [default: /run/keibi/fs.sock]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "KEIBI_FS_SOCKET")]
     pub fs_socket: Option<PathBuf>,
     /// Control socket, for keibictl [default: /run/keibi/control.sock]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "KEIBI_CONTROL_SOCKET")]
     pub control_socket: Option<PathBuf>,
     /// File mode of the control socket, in octal [default: 0660]
     #[arg(long, value_name = "OCTAL")]
@@ -78,6 +83,14 @@ pub struct Cli {
     /// Owner of the share's root directory when it is first created [default: 0:0]
     #[arg(long, value_name = "UID:GID")]
     pub share_owner: Option<String>,
+    /// Where peers connect: IP:PORT addresses separated by commas, or
+    /// `none` to only dial [default: 0.0.0.0:58150,[::]:58150]
+    #[arg(long, value_name = "ADDRS", env = "KEIBI_LISTEN")]
+    pub listen: Option<String>,
+    /// Where log records go: auto (the systemd journal when stderr is
+    /// connected to it, else stderr), journal, or stderr [default: auto]
+    #[arg(long, value_name = "auto|journal|stderr", env = "KEIBI_LOG_TARGET")]
+    pub log_target: Option<LogTarget>,
     /// Run even as root (not recommended: syncd needs no privilege)
     #[arg(long)]
     pub allow_root: bool,
@@ -85,6 +98,39 @@ pub struct Cli {
     /// effective settings as TOML and exit: 0 valid, 1 invalid
     #[arg(long, value_name = "FILE")]
     pub check_config: Option<PathBuf>,
+    /// The settings whose value came from their environment variable (not
+    /// the command line): (key, variable), filled by [`Cli::parse_env`].
+    #[arg(skip)]
+    pub from_env: Vec<(String, String)>,
+}
+
+impl Cli {
+    /// Parse the command line and the `KEIBI_*` variables (exit 2 on an
+    /// invalid value, naming the flag or the variable), noting which
+    /// settings the environment gave.
+    pub fn parse_env() -> Cli {
+        let (mut cli, matches) = clidoc::env::parse::<Cli>();
+        let command = <Cli as clap::CommandFactory>::command();
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if let Some(var) = arg.get_env()
+                && matches.value_source(id) == Some(clap::parser::ValueSource::EnvVariable)
+            {
+                cli.from_env
+                    .push((id.to_string(), var.to_string_lossy().into_owned()));
+            }
+        }
+        cli
+    }
+
+    /// Where the flag of `key` was given, for error messages: its
+    /// environment variable, or the flag itself.
+    fn origin(&self, key: &str) -> String {
+        match self.from_env.iter().find(|(k, _)| k == key) {
+            Some((_, var)) => format!("environment variable {var}"),
+            None => format!("--{}", key.replace('_', "-")),
+        }
+    }
 }
 
 /// The keys of the config file; all optional.
@@ -107,6 +153,7 @@ struct FileConfig {
     eager_fetch_max: Option<u64>,
     fetch_parallel: Option<usize>,
     fetch_readahead_max: Option<u64>,
+    log_target: Option<String>,
 }
 
 /// The settings syncd runs with.
@@ -153,6 +200,8 @@ pub struct Config {
     /// The largest read-ahead window of a sequential reader, in bytes
     /// (`fetch_readahead_max`; 0: no read-ahead).
     pub fetch_readahead_max: u64,
+    /// Where log records go (`log_target`).
+    pub log_target: LogTarget,
 }
 
 impl Config {
@@ -187,9 +236,17 @@ impl Config {
             Some(s) => parse_owner(&s)?,
             None => (0, 0),
         };
-        let listen = match file.listen {
-            Some(addrs) => parse_listen(&addrs)?,
-            None => default_listen(),
+        let listen = match (&cli.listen, file.listen) {
+            (Some(list), _) => {
+                parse_listen_list(list).map_err(|e| format!("{}: {e}", cli.origin("listen")))?
+            }
+            (None, Some(addrs)) => parse_listen(&addrs)?,
+            (None, None) => default_listen(),
+        };
+        let log_target = match (cli.log_target, file.log_target) {
+            (Some(t), _) => t,
+            (None, Some(t)) => t.parse().map_err(|e| format!("log_target = {e}"))?,
+            (None, None) => LogTarget::default(),
         };
         let duration = |key: &str, value: Option<String>, default: Duration| match value {
             Some(v) => parse_positive_duration(key, &v),
@@ -247,6 +304,7 @@ impl Config {
             mountd_uid: cli.mountd_uid.or(file.mountd_uid).unwrap_or(0),
             share_owner,
             allow_root: cli.allow_root,
+            log_target,
         })
     }
 }
@@ -299,8 +357,26 @@ impl Config {
         t.insert("eager_fetch_max".into(), int(self.eager_fetch_max));
         t.insert("fetch_parallel".into(), int(self.fetch_parallel as u64));
         t.insert("fetch_readahead_max".into(), int(self.fetch_readahead_max));
+        t.insert("log_target".into(), text(self.log_target.to_string()));
         t.to_string()
     }
+}
+
+/// `text` (from [`Config::effective_toml`]) with a comment on the line of
+/// each key whose value came from an environment variable:
+/// `state_dir = "/srv/k"  # from KEIBI_STATE_DIR`. Still valid TOML.
+pub fn mark_env_sources(text: &str, from_env: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        out.push_str(line);
+        let key = line.split(" = ").next().unwrap_or_default();
+        if let Some((_, var)) = from_env.iter().find(|(k, _)| k == key) {
+            out.push_str("  # from ");
+            out.push_str(var);
+        }
+        out.push('\n');
+    }
+    out
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, String> {
@@ -326,6 +402,17 @@ fn default_listen() -> Vec<SocketAddr> {
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PEER_PORT)),
         SocketAddr::from((Ipv6Addr::UNSPECIFIED, DEFAULT_PEER_PORT)),
     ]
+}
+
+/// Parse `--listen`/`KEIBI_LISTEN`: addresses separated by commas (as
+/// [`parse_listen`]), or `none` (or nothing) for none.
+fn parse_listen_list(list: &str) -> Result<Vec<SocketAddr>, String> {
+    let list = list.trim();
+    if list.is_empty() || list == "none" {
+        return Ok(Vec::new());
+    }
+    let addrs: Vec<String> = list.split(',').map(|a| a.trim().to_string()).collect();
+    parse_listen(&addrs)
 }
 
 /// Parse the `listen` addresses: each `IP:PORT` (IPv6 in brackets), port

@@ -5,8 +5,9 @@
 //! keibi-mountd (which alone talks to the kernel) and the control socket for
 //! keibictl. See `docs/architecture.md`.
 //!
-//! Startup, in order: flags and config file; refuse root unless
-//! `--allow-root` (exit 2); take the single-instance lock on the state
+//! Startup, in order: flags, their `KEIBI_*` environment variables and
+//! the config file ([`config`]); refuse root unless `--allow-root` (exit
+//! 2); logging, to stderr or the journal ([`ipc_schema::logging`]); take the single-instance lock on the state
 //! directory (exit 3 when another syncd holds it, naming its pid); load the
 //! peer identity, or make it at the first start (exit 4 when the file is
 //! there but corrupt, unreadable, of another version or readable by
@@ -50,7 +51,6 @@ mod spares;
 mod store;
 mod sync;
 
-use clap::Parser;
 use config::{Cli, Config};
 use daemon::Daemon;
 use ipc_schema::lockfile::{InstanceLock, LockError};
@@ -85,13 +85,18 @@ const EXIT_LOCKED: u8 = 3;
 const EXIT_IDENTITY: u8 = 4;
 
 /// `--check-config FILE`: print the effective settings, FILE with the
-/// other flags over it (exit 0), or why they are invalid (exit 1). FILE
-/// replaces any `--config`. Needs no privilege and touches nothing.
+/// environment and the other flags over it (exit 0; a value from an
+/// environment variable is marked with a comment naming it), or why they
+/// are invalid (exit 1). FILE replaces any `--config`. Needs no privilege
+/// and touches nothing.
 fn check_config(mut cli: Cli, file: std::path::PathBuf) -> ExitCode {
     cli.config = Some(file);
     match Config::load(&cli) {
         Ok(config) => {
-            print!("{}", config.effective_toml());
+            print!(
+                "{}",
+                config::mark_env_sources(&config.effective_toml(), &cli.from_env)
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -108,12 +113,10 @@ fn main() -> ExitCode {
     {
         return code;
     }
-    let cli = Cli::parse();
+    let cli = Cli::parse_env();
     if let Some(file) = cli.check_config.clone() {
         return check_config(cli, file);
     }
-    init_logging();
-    keep_frame_buffers_in_the_heap();
     if nix::unistd::geteuid().is_root() && !cli.allow_root {
         eprintln!(
             "keibi-syncd: refusing to run as root: syncd needs no privilege; run it as an unprivileged user (the packaged service uses `keibi`), or pass --allow-root to insist"
@@ -124,6 +127,8 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(EXIT_FAILURE, &e),
     };
+    ipc_schema::logging::init(config.log_target, "keibi-syncd");
+    keep_frame_buffers_in_the_heap();
     if let Err(e) = std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -409,24 +414,4 @@ async fn keep_lock_file(lock: Arc<Mutex<InstanceLock>>) {
             Err(e) => tracing::warn!(error = %e, "lock file check failed"),
         }
     }
-}
-
-/// Log to stderr with UTC millisecond timestamps; `RUST_LOG` filters
-/// (default `info,tarpc=off`: tarpc logs every expired deadline at error
-/// level, and mountd already reports those).
-fn init_logging() {
-    use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
-    use tracing_subscriber::fmt::time::UtcTime;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,tarpc=off"));
-    let timer = UtcTime::new(time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    ));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_timer(timer)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
 }
