@@ -22,8 +22,10 @@ pub fn parse<P: FromArgMatches + clap::CommandFactory>() -> (P, ArgMatches) {
     let matches = match cmd.clone().try_get_matches_from(&args) {
         Ok(m) => m,
         Err(e) => {
-            if matches!(e.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation)
-                && let Some(why) = bad_env_value(&cmd, &args, |v| std::env::var_os(v))
+            if matches!(
+                e.kind(),
+                ErrorKind::InvalidValue | ErrorKind::ValueValidation
+            ) && let Some(why) = bad_env_value(&cmd, &args, |v| std::env::var_os(v))
             {
                 eprintln!("{}: {why}", cmd.get_name());
                 std::process::exit(2);

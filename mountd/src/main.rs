@@ -110,7 +110,12 @@ struct Args {
     /// Where log records go: auto (the systemd journal when stderr is
     /// connected to it, else stderr), journal, or stderr. `RUST_LOG`
     /// filters them.
-    #[arg(long, env = "KEIBI_LOG_TARGET", default_value = "auto", value_name = "auto|journal|stderr")]
+    #[arg(
+        long,
+        env = "KEIBI_LOG_TARGET",
+        default_value = "auto",
+        value_name = "auto|journal|stderr"
+    )]
     log_target: ipc_schema::logging::LogTarget,
 }
 
