@@ -405,11 +405,16 @@ fn default_listen() -> Vec<SocketAddr> {
 }
 
 /// Parse `--listen`/`KEIBI_LISTEN`: addresses separated by commas (as
-/// [`parse_listen`]), or `none` (or nothing) for none.
+/// [`parse_listen`]), or `none` for none.
 fn parse_listen_list(list: &str) -> Result<Vec<SocketAddr>, String> {
     let list = list.trim();
-    if list.is_empty() || list == "none" {
+    if list == "none" {
         return Ok(Vec::new());
+    }
+    if list.is_empty() {
+        return Err(
+            "empty: give IP:PORT addresses separated by commas, or none to only dial".into(),
+        );
     }
     let addrs: Vec<String> = list.split(',').map(|a| a.trim().to_string()).collect();
     parse_listen(&addrs)
@@ -734,6 +739,207 @@ mod tests {
         .expect("a repeated flag is accepted");
         assert_eq!(cli.config, Some(PathBuf::from("/second.toml")));
         assert_eq!(cli.state_dir, Some(PathBuf::from("/a")));
+    }
+
+    #[test]
+    fn the_listen_flag_or_variable_overrides_the_file() {
+        let file = || toml::from_str::<FileConfig>(r#"listen = ["127.0.0.1:4000"]"#).expect("toml");
+        let cli = Cli {
+            listen: Some("127.0.0.1:5000, [::1]:5001".into()),
+            ..Cli::default()
+        };
+        let c = Config::merge(&cli, file()).expect("config");
+        assert_eq!(
+            c.listen,
+            [
+                "127.0.0.1:5000".parse::<SocketAddr>().expect("v4"),
+                "[::1]:5001".parse().expect("v6")
+            ]
+        );
+        let cli = Cli {
+            listen: Some("none".into()),
+            ..Cli::default()
+        };
+        assert!(
+            Config::merge(&cli, file())
+                .expect("config")
+                .listen
+                .is_empty()
+        );
+        let c = Config::merge(&Cli::default(), file()).expect("config");
+        assert_eq!(
+            c.listen,
+            ["127.0.0.1:4000".parse::<SocketAddr>().expect("v4")]
+        );
+    }
+
+    #[test]
+    fn a_bad_value_names_the_variable_or_the_flag_it_came_from() {
+        for (value, says) in [("nowhere", "\"nowhere\" is not IP:PORT"), ("", "empty")] {
+            let from_env = Cli {
+                listen: Some(value.into()),
+                from_env: vec![("listen".into(), "KEIBI_LISTEN".into())],
+                ..Cli::default()
+            };
+            let err = Config::merge(&from_env, FileConfig::default()).expect_err(value);
+            assert!(
+                err.starts_with("environment variable KEIBI_LISTEN: ") && err.contains(says),
+                "{err}"
+            );
+            let from_flag = Cli {
+                listen: Some(value.into()),
+                ..Cli::default()
+            };
+            let err = Config::merge(&from_flag, FileConfig::default()).expect_err(value);
+            assert!(err.starts_with("--listen: ") && err.contains(says), "{err}");
+        }
+    }
+
+    #[test]
+    fn log_target_comes_from_the_flag_then_the_file_then_auto() {
+        let file = || toml::from_str::<FileConfig>(r#"log_target = "journal""#).expect("toml");
+        let c = Config::merge(&Cli::default(), FileConfig::default()).expect("config");
+        assert_eq!(c.log_target, LogTarget::Auto);
+        let c = Config::merge(&Cli::default(), file()).expect("config");
+        assert_eq!(c.log_target, LogTarget::Journal);
+        let cli = Cli::try_parse_from(["keibi-syncd", "--log-target", "stderr"]).expect("cli");
+        assert_eq!(
+            Config::merge(&cli, file()).expect("config").log_target,
+            LogTarget::Stderr
+        );
+        let bad = toml::from_str::<FileConfig>(r#"log_target = "syslog""#).expect("toml");
+        let err = Config::merge(&Cli::default(), bad).expect_err("syslog");
+        assert!(
+            err.contains("log_target") && err.contains("syslog"),
+            "{err}"
+        );
+        assert!(Cli::try_parse_from(["keibi-syncd", "--log-target", "syslog"]).is_err());
+    }
+
+    #[test]
+    fn values_from_the_environment_are_marked_and_the_output_still_parses() {
+        let c = Config::merge(&Cli::default(), FileConfig::default()).expect("config");
+        let from_env = vec![
+            ("state_dir".to_string(), "KEIBI_STATE_DIR".to_string()),
+            ("listen".to_string(), "KEIBI_LISTEN".to_string()),
+        ];
+        let text = mark_env_sources(&c.effective_toml(), &from_env);
+        assert!(
+            text.lines()
+                .any(|l| l == "state_dir = \"/var/lib/keibi\"  # from KEIBI_STATE_DIR"),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("listen = [") && l.ends_with("  # from KEIBI_LISTEN")),
+            "{text}"
+        );
+        assert_eq!(text.matches("# from").count(), 2, "{text}");
+        let again: FileConfig = toml::from_str(&text).expect("still a valid file");
+        assert_eq!(Config::merge(&Cli::default(), again).expect("valid"), c);
+    }
+
+    #[test]
+    fn every_variable_is_named_after_its_key() {
+        let command = <Cli as clap::CommandFactory>::command();
+        let mut vars = Vec::new();
+        for arg in command.get_arguments() {
+            if let Some(var) = arg.get_env() {
+                let want = format!("KEIBI_{}", arg.get_id().as_str().to_uppercase());
+                assert_eq!(var.to_string_lossy(), want);
+                vars.push(want);
+            }
+        }
+        assert_eq!(vars.len(), 6, "{vars:?}");
+    }
+
+    /// The keys of [`FileConfig`], as serde knows them: the list its
+    /// "unknown field" error gives.
+    fn file_keys() -> Vec<String> {
+        let err = toml::from_str::<FileConfig>("not_a_key_of_keibi = 1")
+            .expect_err("unknown key")
+            .to_string();
+        let list = err
+            .split("expected one of ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("serde's message changed: {err}"));
+        let keys: Vec<String> = list
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect();
+        assert!(keys.len() >= 17, "{err}");
+        keys
+    }
+
+    #[test]
+    fn every_key_is_in_the_configuration_table_and_only_those() {
+        let doc = include_str!("../../docs/configuration.md");
+        let section = doc
+            .split("## keibi-syncd")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("docs/configuration.md has a keibi-syncd section");
+        let rows: Vec<&str> = section.lines().filter(|l| l.starts_with("| `")).collect();
+        let documented: Vec<String> = rows
+            .iter()
+            .filter_map(|r| r.split('`').nth(1))
+            .map(str::to_string)
+            .collect();
+        let keys = file_keys();
+        for key in &keys {
+            assert!(
+                documented.contains(key),
+                "key {key} is missing from the table in docs/configuration.md"
+            );
+        }
+        for key in &documented {
+            assert!(
+                keys.contains(key),
+                "docs/configuration.md lists {key}, which is no key of the config file"
+            );
+        }
+        // Each row names the key's flag and variable, if it has them.
+        let command = <Cli as clap::CommandFactory>::command();
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            let Some(row) = rows.iter().find(|r| r.starts_with(&format!("| `{id}` |"))) else {
+                continue;
+            };
+            if let Some(long) = arg.get_long() {
+                assert!(row.contains(&format!("`--{long}`")), "{row}");
+            }
+            if let Some(var) = arg.get_env() {
+                assert!(
+                    row.contains(&format!("`{}`", var.to_string_lossy())),
+                    "{row}"
+                );
+            }
+        }
+        // And the default of each, as --check-config prints it.
+        let defaults: toml::Table = Config::merge(&Cli::default(), FileConfig::default())
+            .expect("defaults")
+            .effective_toml()
+            .parse()
+            .expect("toml");
+        for (key, value) in defaults {
+            let row = rows
+                .iter()
+                .find(|r| r.starts_with(&format!("| `{key}` |")))
+                .expect("documented");
+            let shown = match value {
+                toml::Value::String(s) if !key.ends_with("dir") && !key.ends_with("socket") => {
+                    format!("`\"{s}\"`")
+                }
+                toml::Value::String(s) => format!("`{s}`"),
+                other => format!("`{other}`"),
+            };
+            assert!(
+                row.contains(&shown),
+                "the default of {key} is {shown}: {row}"
+            );
+        }
     }
 
     #[test]
