@@ -403,3 +403,38 @@ async fn serve_until_stopped(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Args;
+    use clap::CommandFactory;
+
+    /// docs/configuration.md's table of mountd's flags names every flag
+    /// and, where it has one, its environment variable.
+    #[test]
+    fn every_flag_and_variable_is_in_the_configuration_table() {
+        let doc = include_str!("../../docs/configuration.md");
+        let section = doc
+            .split("## keibi-mountd")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("docs/configuration.md has a keibi-mountd section");
+        for arg in Args::command().get_arguments() {
+            let Some(long) = arg.get_long() else {
+                continue;
+            };
+            if long == "help" || long == "version" {
+                continue;
+            }
+            let row = section
+                .lines()
+                .find(|l| l.starts_with(&format!("| `--{long}` |")))
+                .unwrap_or_else(|| panic!("--{long} is missing from docs/configuration.md"));
+            if let Some(var) = arg.get_env() {
+                let var = var.to_string_lossy();
+                assert!(var.starts_with("KEIBI_"), "{var}");
+                assert!(row.contains(&format!("`{var}`")), "{row}");
+            }
+        }
+    }
+}

@@ -1,6 +1,8 @@
 //! `keibi-syncd --check-config FILE`: a valid file prints every effective
-//! setting (the file, flags over it, defaults for the rest) and exits 0,
-//! touching nothing; an invalid or missing one exits 1 naming the problem.
+//! setting (the file, `KEIBI_*` variables over it, flags over both,
+//! defaults for the rest; values from a variable marked) and exits 0,
+//! touching nothing; an invalid or missing one exits 1 naming the problem,
+//! a bad variable names the variable. Also mountd's variables.
 
 use harness::binaries::syncd;
 use harness::run_bounded;
@@ -85,4 +87,131 @@ fn invalid_or_missing_file_exits_1_naming_the_problem() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// `--check-config FILE` with these environment variables (and no other
+/// `KEIBI_*` of the test's own environment).
+fn check_env(file: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(syncd());
+    cmd.arg("--check-config").arg(file).args(extra);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("KEIBI_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    run_bounded(&mut cmd, Duration::from_secs(30))
+}
+
+#[test]
+fn environment_variables_override_the_file_and_flags_override_both() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("syncd.toml");
+    std::fs::write(
+        &file,
+        "state_dir = \"/from/file\"\nfs_socket = \"/file/fs.sock\"\ncontrol_socket = \"/file/control.sock\"\nlisten = [\"127.0.0.1:4000\"]\nlog_target = \"stderr\"\n",
+    )
+    .expect("write the file");
+    let out = check_env(
+        &file,
+        &["--control-socket", "/flag/control.sock"],
+        &[
+            ("KEIBI_STATE_DIR", "/from/env"),
+            ("KEIBI_LISTEN", "127.0.0.1:5000,[::1]:5001"),
+            ("KEIBI_LOG_TARGET", "journal"),
+            // The flag wins over its variable.
+            ("KEIBI_CONTROL_SOCKET", "/env/control.sock"),
+        ],
+    );
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{said}{}", text(&out.stderr));
+    for line in [
+        "state_dir = \"/from/env\"  # from KEIBI_STATE_DIR",
+        "listen = [\"127.0.0.1:5000\", \"[::1]:5001\"]  # from KEIBI_LISTEN",
+        "log_target = \"journal\"  # from KEIBI_LOG_TARGET",
+        "control_socket = \"/flag/control.sock\"",
+        // No variable set: the file's value.
+        "fs_socket = \"/file/fs.sock\"",
+    ] {
+        assert!(
+            said.lines().any(|l| l == line),
+            "missing {line:?} in:\n{said}"
+        );
+    }
+    assert_eq!(said.matches("# from").count(), 3, "{said}");
+    // `--listen none` (a flag) over the variable: dial only.
+    let out = check_env(
+        &file,
+        &["--listen", "none"],
+        &[("KEIBI_LISTEN", "127.0.0.1:5000")],
+    );
+    let said = text(&out.stdout);
+    assert!(said.lines().any(|l| l == "listen = []"), "{said}");
+}
+
+#[test]
+fn a_bad_environment_value_is_refused_naming_the_variable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("syncd.toml");
+    std::fs::write(&file, "").expect("write the file");
+    for (var, value, code, says) in [
+        (
+            "KEIBI_LISTEN",
+            "somewhere:1",
+            1,
+            "environment variable KEIBI_LISTEN: listen address \"somewhere:1\" is not IP:PORT",
+        ),
+        (
+            "KEIBI_LISTEN",
+            "",
+            1,
+            "environment variable KEIBI_LISTEN: empty",
+        ),
+        (
+            "KEIBI_LOG_TARGET",
+            "syslog",
+            2,
+            "environment variable KEIBI_LOG_TARGET = \"syslog\"",
+        ),
+        (
+            "KEIBI_STATE_DIR",
+            "",
+            2,
+            "environment variable KEIBI_STATE_DIR = \"\"",
+        ),
+    ] {
+        let out = check_env(&file, &[], &[(var, value)]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{var}={value:?}: {err}");
+        assert!(err.contains(says), "{var}={value:?}: {err}");
+        assert!(
+            out.stdout.is_empty(),
+            "{var}={value:?}: printed settings anyway"
+        );
+    }
+}
+
+#[test]
+fn mountd_refuses_a_bad_environment_value_naming_the_variable() {
+    let mut cmd = Command::new(harness::binaries::mountd());
+    cmd.arg("/nonexistent-mountpoint")
+        .env("KEIBI_DEADLINE", "soon");
+    let out = run_bounded(&mut cmd, Duration::from_secs(30));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("keibi-mountd: environment variable KEIBI_DEADLINE = \"soon\": invalid value 'soon' for '--deadline"),
+        "{err}"
+    );
+    // With --deadline given, the bad variable is not read: the error is
+    // the flag's own (a bad --threads), not the variable's.
+    let mut cmd = Command::new(harness::binaries::mountd());
+    cmd.arg("/nonexistent-mountpoint")
+        .args(["--deadline", "1s", "--threads", "0"])
+        .env("KEIBI_DEADLINE", "soon");
+    let out = run_bounded(&mut cmd, Duration::from_secs(30));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--threads"), "{err}");
+    assert!(!err.contains("KEIBI_DEADLINE"), "{err}");
 }
