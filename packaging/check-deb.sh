@@ -101,6 +101,7 @@ dpkg-deb -c "$deb" | awk '{ p = $6; for (i = 7; i <= NF; i++) p = p " " $i; prin
     for p in /etc/keibi/syncd.toml /lib/systemd/system/keibi-syncd.service \
         /lib/systemd/system/keibi-mountd@.service /usr/lib/sysusers.d/keibi.conf \
         /usr/lib/tmpfiles.d/keibi.conf /usr/share/doc/keibi/README.md \
+        /usr/share/doc/keibi/configuration.md \
         /usr/share/doc/keibi/copyright /usr/share/doc/keibi/changelog.gz \
         /usr/share/man/man1/keibictl.1.gz /usr/share/man/man8/keibi-syncd.8.gz \
         /usr/share/man/man8/keibi-mountd.8.gz /usr/share/man/man8/mount.fuse.keibi.8.gz /usr/share/lintian /usr/share/lintian/overrides \

@@ -15,7 +15,7 @@
 #   /usr/lib/tmpfiles.d/keibi.conf       (/run/keibi, /run/keibi-mountd,
 #                                         /var/lib/keibi with their owners)
 #   /etc/keibi/syncd.toml                (conffile: the example config)
-#   /usr/share/doc/keibi/                (README.md, copyright, changelog.gz)
+#   /usr/share/doc/keibi/                (README.md, configuration.md, copyright, changelog.gz)
 #   /usr/share/man/man1, man8            (man pages of the three binaries
 #                                         and of mount.fuse.keibi)
 #   /usr/share/bash-completion, zsh, fish completions
@@ -114,6 +114,7 @@ install -D -m 0644 "$here/syncd.toml" "$root/etc/keibi/syncd.toml"
 # Documentation.
 doc="$root/usr/share/doc/keibi"
 install -D -m 0644 "$repo/README.md" "$doc/README.md"
+install -m 0644 "$repo/docs/configuration.md" "$doc/configuration.md"
 install -m 0644 "$here/deb/copyright" "$doc/copyright"
 {
     printf 'keibi (%s) unstable; urgency=medium\n\n' "$version"

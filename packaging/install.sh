@@ -125,6 +125,7 @@ else
     install -m 0644 "$here/syncd.toml" "$destdir/etc/keibi/syncd.toml"
 fi
 install -D -m 0644 "$repo/README.md" "$destdir/usr/local/share/doc/keibi/README.md"
+install -m 0644 "$repo/docs/configuration.md" "$destdir/usr/local/share/doc/keibi/configuration.md"
 
 if [[ -n "$destdir" ]]; then
     cat <<MSG

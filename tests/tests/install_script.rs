@@ -87,6 +87,7 @@ fn staged_install_with_a_minimal_path() {
         "usr/lib/sysusers.d/keibi.conf",
         "etc/keibi/syncd.toml",
         "usr/local/share/doc/keibi/README.md",
+        "usr/local/share/doc/keibi/configuration.md",
     ] {
         assert_eq!(mode(&dest.path().join(f)), 0o644, "{f}");
     }
