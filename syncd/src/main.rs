@@ -5,9 +5,10 @@
 //! keibi-mountd (which alone talks to the kernel) and the control socket for
 //! keibictl. See `docs/architecture.md`.
 //!
-//! Startup, in order: flags, their `KEIBI_*` environment variables and
-//! the config file ([`config`]); refuse root unless `--allow-root` (exit
-//! 2); logging, to stderr or the journal ([`ipc_schema::logging`]); take the single-instance lock on the state
+//! Startup, in order: flags and their `KEIBI_*` environment variables;
+//! refuse root unless `--allow-root` (exit 2); the config file under them
+//! ([`config`]); logging, to stderr or the journal
+//! ([`ipc_schema::logging`]); take the single-instance lock on the state
 //! directory (exit 3 when another syncd holds it, naming its pid); load the
 //! peer identity, or make it at the first start (exit 4 when the file is
 //! there but corrupt, unreadable, of another version or readable by
