@@ -660,6 +660,10 @@ mod tests {
         assert_eq!(file.eager_fetch_max, Some(defaults.eager_fetch_max));
         assert_eq!(file.fetch_parallel, Some(defaults.fetch_parallel));
         assert_eq!(file.fetch_readahead_max, Some(defaults.fetch_readahead_max));
+        assert_eq!(
+            file.log_target.as_deref(),
+            Some(defaults.log_target.as_str())
+        );
     }
 
     #[test]
