@@ -854,7 +854,7 @@ mod tests {
                 vars.push(want);
             }
         }
-        assert_eq!(vars.len(), 6, "{vars:?}");
+        assert!(vars.len() >= 6, "{vars:?}");
     }
 
     /// The keys of [`FileConfig`], as serde knows them: the list its
