@@ -5,9 +5,9 @@
 //!
 //! Recording is off until [`enable`] is called at start-up (only when an
 //! endpoint is configured): the hooks on the hot paths ([`fuse_op`],
-//! [`syncd_call`], [`handle_opened`], [`handle_closed`]) then find the
-//! process-wide [`MountMetrics`] and update it; otherwise they return at
-//! once. An update is an atomic add, or for a histogram a short leaf lock
+//! [`syncd_call`], [`partial_io`], [`handle_opened`], [`handle_closed`])
+//! then find the process-wide [`MountMetrics`] and update it; otherwise
+//! they return at once. An update is an atomic add, or for a histogram a short leaf lock
 //! inside `prometheus-client` (one observation); a family's map is locked
 //! for a lookup (or, the first time a label value is seen, an insert). No
 //! hook waits on syncd, the network or the kernel, and a scrape takes the
@@ -16,7 +16,8 @@
 //!
 //! Labels are bounded: `op` is one of the fixed names of the FUSE
 //! operations ([`crate::fuse`]) or of the calls to syncd
-//! ([`crate::syncd_client`]), `result` is `ok` or `error`. No path, inode
+//! ([`crate::syncd_client`]), `result` is `ok` or `error` (`hit` or
+//! `miss` for partial files). No path, inode
 //! or handle ever becomes a label.
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -68,6 +69,13 @@ pub struct MountMetrics {
     deadline_misses: Family<Op, Counter>,
     open_handles: Gauge,
     syncd_connected: Gauge,
+    partial_io: Family<Outcome, Counter>,
+}
+
+/// How an I/O on a partial file was served.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    result: &'static str,
 }
 
 impl MountMetrics {
@@ -116,7 +124,14 @@ impl MountMetrics {
             "1 while mountd has a live connection to keibi-syncd, else 0",
             syncd_connected.clone(),
         );
+        let partial_io = Family::<Outcome, Counter>::default();
+        registry.register(
+            "partial_io",
+            "Reads, writes and fallocates on a file whose bytes are not all on this machine, by result (hit: every chunk touched was present; miss: keibi-syncd had to fetch some first)",
+            partial_io.clone(),
+        );
         MountMetrics {
+            partial_io,
             registry,
             fuse_ops,
             fuse_duration,
@@ -203,6 +218,15 @@ pub fn syncd_call(op: &'static str, took: Duration, outcome: CallOutcome) {
     }
 }
 
+/// An I/O on a partial file found every chunk it touches present
+/// (`missing` false) or had to have some fetched.
+pub fn partial_io(missing: bool) {
+    if let Some(m) = METRICS.get() {
+        let result = if missing { "miss" } else { "hit" };
+        m.partial_io.get_or_create(&Outcome { result }).inc();
+    }
+}
+
 /// A file handle was added to the handle table.
 pub fn handle_opened() {
     if let Some(m) = METRICS.get() {
@@ -229,6 +253,7 @@ mod tests {
         m.syncd_call("getattr", Duration::from_millis(2), CallOutcome::Answered);
         m.syncd_call("getattr", Duration::from_secs(2), CallOutcome::DeadlineMissed);
         m.open_handles.inc();
+        m.partial_io.get_or_create(&Outcome { result: "miss" }).inc();
         let text = m.render(true);
         for line in [
             "keibi_mountd_fuse_operations_total{op=\"lookup\",result=\"ok\"} 1",
@@ -241,6 +266,7 @@ mod tests {
             "keibi_mountd_syncd_deadline_misses_total{op=\"getattr\"} 1",
             "keibi_mountd_open_handles 1",
             "keibi_mountd_syncd_connected 1",
+            "keibi_mountd_partial_io_total{result=\"miss\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
