@@ -165,9 +165,8 @@ pub fn bind(endpoint: &Endpoint, mode: u32) -> io::Result<(Bound, SocketFile)> {
             Ok((Bound::Unix(listener), SocketFile(Some(path.clone()))))
         }
         Endpoint::Tcp(addr) => {
-            let std_listener = std::net::TcpListener::bind(addr).map_err(|e| {
-                io::Error::new(e.kind(), format!("metrics address {addr}: {e}"))
-            })?;
+            let std_listener = std::net::TcpListener::bind(addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("metrics address {addr}: {e}")))?;
             std_listener.set_nonblocking(true)?;
             Ok((
                 Bound::Tcp(TcpListener::from_std(std_listener)?),
@@ -379,7 +378,11 @@ mod tests {
 
     /// Serve `render` on a Unix socket in a runtime of its own; returns the
     /// socket's path (in `dir`) and the runtime.
-    fn served(dir: &Path, body: &'static str, limits: Limits) -> (PathBuf, tokio::runtime::Runtime) {
+    fn served(
+        dir: &Path,
+        body: &'static str,
+        limits: Limits,
+    ) -> (PathBuf, tokio::runtime::Runtime) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -415,13 +418,22 @@ mod tests {
         );
         let ok = exchange(&path, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
-        assert!(ok.contains(&format!("Content-Type: {CONTENT_TYPE}\r\n")), "{ok}");
+        assert!(
+            ok.contains(&format!("Content-Type: {CONTENT_TYPE}\r\n")),
+            "{ok}"
+        );
         assert!(ok.contains("Content-Length: 16\r\n"), "{ok}");
         assert!(ok.ends_with("\r\n\r\na_total 1\n# EOF\n"), "{ok}");
         let head = exchange(&path, b"HEAD / HTTP/1.0\r\n\r\n");
-        assert!(head.starts_with("HTTP/1.1 200 OK\r\n") && head.ends_with("\r\n\r\n"), "{head}");
+        assert!(
+            head.starts_with("HTTP/1.1 200 OK\r\n") && head.ends_with("\r\n\r\n"),
+            "{head}"
+        );
         let post = exchange(&path, b"POST /metrics HTTP/1.1\r\n\r\n");
-        assert!(post.starts_with("HTTP/1.1 405 ") && post.contains("Allow: GET, HEAD"), "{post}");
+        assert!(
+            post.starts_with("HTTP/1.1 405 ") && post.contains("Allow: GET, HEAD"),
+            "{post}"
+        );
         let huge = vec![b'a'; MAX_REQUEST];
         let big = exchange(&path, &huge);
         assert!(big.starts_with("HTTP/1.1 431 "), "{big}");

@@ -33,8 +33,8 @@ use std::time::Duration;
 /// from mountd's cache takes microseconds; a call to syncd ends at its
 /// deadline, 2 s by default, a read of remote bytes at 10 s).
 pub const LATENCY_BUCKETS: [f64; 17] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5, 5.0, 10.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
 ];
 
 /// The process-wide metrics, once [`enable`]d.
@@ -130,6 +130,12 @@ impl MountMetrics {
             "Reads, writes and fallocates on a file whose bytes are not all on this machine, by result (hit: every chunk touched was present; miss: keibi-syncd had to fetch some first)",
             partial_io.clone(),
         );
+        // Fixed labels exist from the start (at 0), so a scraper sees the
+        // family on a fresh mount; those labelled by operation appear at
+        // its first use.
+        for result in ["hit", "miss"] {
+            drop(partial_io.get_or_create(&Outcome { result }));
+        }
         MountMetrics {
             partial_io,
             registry,
@@ -251,9 +257,15 @@ mod tests {
         m.fuse_op("lookup", Duration::from_micros(300), true);
         m.fuse_op("lookup", Duration::from_micros(300), false);
         m.syncd_call("getattr", Duration::from_millis(2), CallOutcome::Answered);
-        m.syncd_call("getattr", Duration::from_secs(2), CallOutcome::DeadlineMissed);
+        m.syncd_call(
+            "getattr",
+            Duration::from_secs(2),
+            CallOutcome::DeadlineMissed,
+        );
         m.open_handles.inc();
-        m.partial_io.get_or_create(&Outcome { result: "miss" }).inc();
+        m.partial_io
+            .get_or_create(&Outcome { result: "miss" })
+            .inc();
         let text = m.render(true);
         for line in [
             "keibi_mountd_fuse_operations_total{op=\"lookup\",result=\"ok\"} 1",

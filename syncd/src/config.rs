@@ -222,8 +222,12 @@ impl Config {
             ));
         }
         let metrics = Endpoint::from_options(
-            cli.metrics_socket.as_deref().or(file.metrics_socket.as_deref()),
-            cli.metrics_listen.as_deref().or(file.metrics_listen.as_deref()),
+            cli.metrics_socket
+                .as_deref()
+                .or(file.metrics_socket.as_deref()),
+            cli.metrics_listen
+                .as_deref()
+                .or(file.metrics_listen.as_deref()),
             "metrics_socket and metrics_listen",
         )?;
         Ok(Config {
@@ -637,14 +641,18 @@ mod tests {
             c.metrics,
             Some(Endpoint::Unix("/run/keibi/metrics.sock".into()))
         );
-        let file: FileConfig = toml::from_str(r#"metrics_listen = "127.0.0.1:9810""#).expect("toml");
+        let file: FileConfig =
+            toml::from_str(r#"metrics_listen = "127.0.0.1:9810""#).expect("toml");
         let c = Config::merge(&Cli::default(), file).expect("config");
         assert_eq!(
             c.metrics,
             Some(Endpoint::Tcp("127.0.0.1:9810".parse().expect("addr")))
         );
         for (text, says) in [
-            (r#"metrics_listen = "0.0.0.0:9810""#, "not a loopback address"),
+            (
+                r#"metrics_listen = "0.0.0.0:9810""#,
+                "not a loopback address",
+            ),
             (r#"metrics_listen = "localhost:9810""#, "not IP:PORT"),
             (
                 "metrics_socket = \"/m\"\nmetrics_listen = \"127.0.0.1:9810\"",
@@ -657,8 +665,8 @@ mod tests {
         }
         // A flag replaces the file's key of the same name.
         let file: FileConfig = toml::from_str(r#"metrics_listen = "[::1]:1""#).expect("toml");
-        let cli = Cli::try_parse_from(["keibi-syncd", "--metrics-listen", "127.0.0.1:2"])
-            .expect("cli");
+        let cli =
+            Cli::try_parse_from(["keibi-syncd", "--metrics-listen", "127.0.0.1:2"]).expect("cli");
         let c = Config::merge(&cli, file).expect("config");
         assert_eq!(
             c.metrics,

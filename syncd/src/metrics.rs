@@ -45,8 +45,8 @@ use std::time::Duration;
 /// lookup answered from sled's cache) to 10 s (a `fetch_range` waiting on
 /// a peer).
 pub const LATENCY_BUCKETS: [f64; 17] = [
-    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
 /// How many characters of a fingerprint name a peer in labels.
@@ -221,6 +221,15 @@ impl SyncdMetrics {
             "keibi-mountd instances connected to the filesystem socket",
             mounts_connected.clone(),
         );
+        // Series with fixed labels exist from the start (at 0), so a
+        // scraper sees every family of a fresh syncd; those labelled by
+        // method or peer appear at their first use.
+        for result in ["ok", "failed"] {
+            drop(chunk_fetches.get_or_create(&Outcome { result }));
+        }
+        for result in ["hit", "miss"] {
+            drop(read_chunks.get_or_create(&Outcome { result }));
+        }
         SyncdMetrics {
             registry: r,
             ipc_requests,
@@ -250,7 +259,12 @@ impl SyncdMetrics {
             .observe(took.as_secs_f64());
     }
 
-    fn peer_counter(&self, family: &Family<PeerDirection, Counter>, fp: &str, d: Direction) -> Counter {
+    fn peer_counter(
+        &self,
+        family: &Family<PeerDirection, Counter>,
+        fp: &str,
+        d: Direction,
+    ) -> Counter {
         family.get_or_create_owned(&PeerDirection {
             peer: peer_label(fp),
             direction: d.label(),
@@ -311,6 +325,10 @@ impl PeerCounters {
     /// are off.
     pub fn of(fingerprint: &str) -> Option<PeerCounters> {
         let m = METRICS.get()?;
+        // The peer's chunk series too, at 0 until its first chunk.
+        for d in [Direction::Sent, Direction::Received] {
+            m.peer_counter(&m.peer_chunks, fingerprint, d);
+        }
         Some(PeerCounters {
             sent: m.peer_counter(&m.peer_bytes, fingerprint, Direction::Sent),
             received: m.peer_counter(&m.peer_bytes, fingerprint, Direction::Received),
@@ -423,6 +441,9 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
         let none = m.render(&Scraped::default());
-        assert!(none.contains("keibi_syncd_store_census_age_seconds -1.0\n"), "{none}");
+        assert!(
+            none.contains("keibi_syncd_store_census_age_seconds -1.0\n"),
+            "{none}"
+        );
     }
 }
