@@ -464,4 +464,50 @@ mod tests {
         idle.read_to_end(&mut out).expect("closed, not timed out");
         assert!(out.is_empty(), "{out:?}");
     }
+
+    #[test]
+    fn connections_past_the_limit_are_closed_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A timeout far beyond the test's: a close comes from the limit.
+        let limits = Limits {
+            timeout: Duration::from_secs(600),
+            connections: 2,
+        };
+        let (path, _rt) = served(dir.path(), "x 1\n", limits);
+        let idle: Vec<_> = (0..2)
+            .map(|_| std::os::unix::net::UnixStream::connect(&path).expect("connect"))
+            .collect();
+        let mut third = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        third
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let _ = third.write_all(b"GET /metrics HTTP/1.1\r\n\r\n");
+        let mut out = Vec::new();
+        match third.read_to_end(&mut out) {
+            Ok(_) => assert!(out.is_empty(), "the third connection was answered: {out:?}"),
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
+        }
+        drop(idle);
+        // The slots come back: a later scrape is served.
+        let ok = poll_served(&path);
+        assert!(ok.ends_with("x 1\n"), "{ok}");
+    }
+
+    /// Scrape until served (the closed idle connections give their slots
+    /// back asynchronously), within 60 s.
+    fn poll_served(path: &Path) -> String {
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n");
+            let mut out = String::new();
+            if s.read_to_string(&mut out).is_ok() && !out.is_empty() {
+                return out;
+            }
+            assert!(std::time::Instant::now() < until, "never served again");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }

@@ -226,6 +226,12 @@ fn both_endpoints_parse_and_their_counters_move_with_work_on_the_mount() {
             (value(&m, "keibi_mountd_open_handles", &[]) == 0.0).then_some(())
         },
     );
+    // Both remove their socket files when they stop.
+    let mut fx = fx;
+    fx.stop_mountd();
+    fx.stop_syncd();
+    assert!(!m_sock.exists(), "keibi-mountd left {}", m_sock.display());
+    assert!(!s_sock.exists(), "keibi-syncd left {}", s_sock.display());
 }
 
 #[test]
