@@ -390,6 +390,20 @@ fn a_non_loopback_metrics_address_is_refused_at_start_with_a_clear_error() {
         !dir.path().join("locks").exists(),
         "refused before anything"
     );
+    // A socket that cannot be bound stops mountd before it mounts.
+    let out = run_bounded(
+        Command::new(mountd())
+            .arg(&mnt)
+            .args(["--syncd-socket", "/nonexistent/fs.sock", "--lock-dir"])
+            .arg(dir.path().join("locks"))
+            .arg("--metrics-socket")
+            .arg(dir.path().join("no-such-dir/metrics.sock")),
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot serve metrics on unix:"), "{err}");
+    assert_eq!(keibi_mounts_at(&mnt), 0, "a failed start left a mount");
 
     let state: PathBuf = dir.path().join("state");
     let out = run_bounded(
