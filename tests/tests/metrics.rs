@@ -106,12 +106,15 @@ fn value(exp: &Exposition, family: &str, labels: &[(&str, &str)]) -> f64 {
     0.0
 }
 
-/// One line per family: its name, type and first sample, for the log.
+/// Each family's `# TYPE` line and its first sample, for the test's log.
 fn summary(body: &str) -> String {
     let mut seen = BTreeSet::new();
     body.lines()
-        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with("# TYPE") || !l.starts_with('#'))
         .filter(|l| {
+            if l.starts_with('#') {
+                return true;
+            }
             let name = l.split(['{', ' ']).next().unwrap_or("");
             let family = name
                 .trim_end_matches("_total")
