@@ -26,6 +26,8 @@
 //! - [`inflight`]: the registry of operations in flight that
 //!   `keibictl debug ops` reads from each daemon ([`OpInFlight`]).
 //! - [`logging`]: both daemons' logging, to stderr or the systemd journal.
+//! - [`metrics_endpoint`]: the opt-in metrics endpoint both daemons serve
+//!   (OpenMetrics text over a minimal HTTP GET responder).
 //! - [`paths`]: where a mount's lock and debug socket live.
 //! - [`lockfile`]: the single-instance lock both daemons take (open, `flock`,
 //!   verify the inode, retry), see `docs/architecture.md`.
@@ -39,6 +41,7 @@ pub mod inflight;
 pub mod local_socket;
 pub mod lockfile;
 pub mod logging;
+pub mod metrics_endpoint;
 pub mod paths;
 pub mod service;
 pub mod transport;

@@ -17,8 +17,9 @@
 //! ([`InFlight`]) until it answers, with what it waits on, so that
 //! `keibictl debug ops` can show a stuck mount (see [`crate::ops_socket`]).
 //!
-//! Both paths end in [`finish`], which sends the reply and logs the
-//! operation at debug: op, inode, handle, duration in ms, result.
+//! Both paths end in [`finish`], which sends the reply, logs the
+//! operation at debug (op, inode, handle, duration in ms, result) and
+//! counts it in the metrics ([`crate::metrics::fuse_op`]).
 //!
 //! Unsupported: `copy_file_range` answers `ENOSYS` (the kernel then copies
 //! with reads and writes, or passthrough does it), POSIX locks are left to
@@ -214,7 +215,9 @@ fn log(op: &'static str, ino: INodeNo, fh: Option<FileHandle>) -> OpLog {
 
 /// Send the reply (or its errno) and log the operation.
 fn finish<R: Answer, T>(log: OpLog, reply: R, result: Result<T, FsError>, ok: impl FnOnce(R, T)) {
-    let ms = log.start.elapsed().as_secs_f64() * 1000.0;
+    let took = log.start.elapsed();
+    crate::metrics::fuse_op(log.op, took, result.is_ok());
+    let ms = took.as_secs_f64() * 1000.0;
     match result {
         Ok(v) => {
             ok(reply, v);

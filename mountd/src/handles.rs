@@ -95,6 +95,7 @@ impl HandleTable {
             *m.writers.entry(handle.ino).or_default() += 1;
         }
         m.by_fh.insert(fh, Arc::new(handle));
+        crate::metrics::handle_opened();
         fh
     }
 
@@ -154,6 +155,7 @@ impl HandleTable {
     pub fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
         let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
         let h = m.by_fh.remove(&fh)?;
+        crate::metrics::handle_closed();
         if h.writable
             && let Some(n) = m.writers.get_mut(&h.ino)
         {

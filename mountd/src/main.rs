@@ -15,7 +15,9 @@
 //! and `init`); the connector to syncd, which keeps reconnecting in the
 //! background (the mount serves at once, operations that need syncd fail
 //! with `ETIMEDOUT` until it is up); the ops socket
-//! (`<lock dir>/<anchor>/ops.sock`) for `keibictl debug ops`.
+//! (`<lock dir>/<anchor>/ops.sock`) for `keibictl debug ops`; the
+//! metrics endpoint, when `--metrics-socket` or `--metrics-listen` asks
+//! for one ([`metrics`]).
 //!
 //! Shutdown: `SIGTERM`/`SIGINT` detach the mount (`umount2(MNT_DETACH)`),
 //! wait for the session to end and exit 0. If the mount goes away by
@@ -34,6 +36,7 @@ mod handles;
 mod inval;
 mod kernel_inval;
 mod lock_dir;
+mod metrics;
 mod mount;
 mod mount_helper;
 mod ondemand;
@@ -117,6 +120,14 @@ struct Args {
         value_name = "auto|journal|stderr"
     )]
     log_target: ipc_schema::logging::LogTarget,
+    /// Serve metrics (OpenMetrics text, answered to an HTTP GET) on this
+    /// Unix socket, created mode 0660 (root's); off unless given.
+    #[arg(long, value_name = "PATH")]
+    metrics_socket: Option<PathBuf>,
+    /// Serve metrics on this loopback TCP address instead (IP:PORT, e.g.
+    /// 127.0.0.1:9811; any other address is refused).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -169,6 +180,12 @@ fn run(args: Args) -> Result<(), Failure> {
         args.syncd_socket.as_deref(),
         args.syncd_config.as_deref(),
         Path::new(syncd_config::DEFAULT_SYNCD_CONFIG),
+    )
+    .map_err(|e| fail(EXIT_USAGE, e))?;
+    let metrics_endpoint = ipc_schema::metrics_endpoint::Endpoint::from_options(
+        args.metrics_socket.as_deref(),
+        args.metrics_listen.as_deref(),
+        "--metrics-socket and --metrics-listen",
     )
     .map_err(|e| fail(EXIT_USAGE, e))?;
     let mountpoint = mount::absolute_mountpoint(&args.mountpoint)
@@ -236,6 +253,11 @@ fn run(args: Args) -> Result<(), Failure> {
         mountpoint: mountpoint.display().to_string(),
         passthrough: passthrough.clone(),
     });
+    // Bound before the mount exists, so a bad endpoint leaves no mount.
+    let _metrics_file = match &metrics_endpoint {
+        Some(endpoint) => Some(start_metrics(&rt, endpoint, client.clone())?),
+        None => None,
+    };
     let (attr_inval, inval_queue) = kernel_inval::channel();
     let keibi = Arc::new(
         fs::Keibi::new(
@@ -327,6 +349,27 @@ fn run(args: Args) -> Result<(), Failure> {
     // there is nothing to wait for.
     rt.shutdown_background();
     outcome
+}
+
+/// Start recording metrics and serve them on `endpoint` (on `rt`); the
+/// socket file's guard, which removes it at exit.
+fn start_metrics(
+    rt: &tokio::runtime::Runtime,
+    endpoint: &ipc_schema::metrics_endpoint::Endpoint,
+    client: syncd_client::SyncdClient,
+) -> Result<ipc_schema::metrics_endpoint::SocketFile, Failure> {
+    use ipc_schema::metrics_endpoint as me;
+    let (bound, file) = rt
+        .block_on(async { me::bind(endpoint, 0o660) })
+        .map_err(|e| fail(1, format!("cannot serve metrics on {endpoint}: {e}")))?;
+    let metrics = metrics::enable();
+    let render: me::Render = Arc::new(move || {
+        let text = metrics.render(client.current_generation().is_some());
+        Box::pin(async move { text })
+    });
+    rt.spawn(me::serve(bound, render, me::Limits::default()));
+    tracing::info!(%endpoint, "serving metrics");
+    Ok(file)
 }
 
 fn take_lock(anchor: &Path, mountpoint: &Path) -> Result<InstanceLock, Failure> {

@@ -193,7 +193,7 @@ pub fn command() -> clap::Command {
                     "Comma-separated: deadline=, read_deadline=, fsync_deadline=, attr_ttl= \
                      (durations: keibi-mountd's flags of the same name), threads=N, \
                      no_passthrough, syncd_socket=PATH, syncd_config=FILE, lock_dir=DIR, \
-                     syncd_wait=DURATION (default 5s), mount_timeout=DURATION (default 10s); \
+                     metrics_socket=PATH, metrics_listen=ADDR, syncd_wait=DURATION (default 5s), mount_timeout=DURATION (default 10s); \
                      rw, defaults, auto, noauto, nouser, _netdev, nofail, nosuid, nodev, exec, \
                      relatime, x-* and comment= are accepted and change nothing; ro, noexec, \
                      noatime, strictatime, sync, dirsync, suid and dev are refused",
@@ -280,6 +280,18 @@ fn parse_options(text: &str, sloppy: bool, out: &mut MountOptions) -> Result<(),
                 out.mountd_args.push(v.into());
             }
             "no_passthrough" if value.is_none() => out.mountd_args.push("--no-passthrough".into()),
+            "metrics_socket" => {
+                let v = need(value)?;
+                out.mountd_args.push("--metrics-socket".into());
+                out.mountd_args.push(v.into());
+            }
+            "metrics_listen" => {
+                let v = need(value)?;
+                ipc_schema::metrics_endpoint::parse_listen(&v)
+                    .map_err(|e| usage(format!("option metrics_listen={v}: {e}")))?;
+                out.mountd_args.push("--metrics-listen".into());
+                out.mountd_args.push(v.into());
+            }
             "syncd_socket" => out.syncd_socket = Some(PathBuf::from(need(value)?)),
             "syncd_config" => out.syncd_config = Some(PathBuf::from(need(value)?)),
             "lock_dir" => out.lock_dir = PathBuf::from(need(value)?),
@@ -295,7 +307,7 @@ fn parse_options(text: &str, sloppy: bool, out: &mut MountOptions) -> Result<(),
                     return Err(usage(format!(
                         "unknown option {item:?} (known: deadline=, read_deadline=, fsync_deadline=, \
                          attr_ttl=, threads=, no_passthrough, syncd_socket=, syncd_config=, \
-                         lock_dir=, mount_timeout=, syncd_wait=)"
+                         lock_dir=, metrics_socket=, metrics_listen=, mount_timeout=, syncd_wait=)"
                     )));
                 }
             }
@@ -530,6 +542,24 @@ mod tests {
         assert_eq!(req.options.syncd_socket, Some(PathBuf::from("/s")));
         assert_eq!(req.options.syncd_wait, Duration::from_secs(1));
         assert!(req.fake && req.verbose);
+        let req = parse_args(&args(&[
+            "keibi",
+            "/m",
+            "-o",
+            "metrics_socket=/run/k/m.sock",
+            "-o",
+            "metrics_listen=[::1]:9811",
+        ]))
+        .expect("valid");
+        assert_eq!(
+            req.options.mountd_args,
+            args(&[
+                "--metrics-socket",
+                "/run/k/m.sock",
+                "--metrics-listen",
+                "[::1]:9811"
+            ])
+        );
     }
 
     #[test]
@@ -553,6 +583,11 @@ mod tests {
         let (_, msg) = err(&["keibi", "/m", "-o", "threads=0"]);
         assert!(msg.contains("threads=0"), "{msg}");
         let (_, msg) = err(&["keibi", "/m", "-o", "deadline"]);
+        assert!(msg.contains("needs a value"), "{msg}");
+        let (code, msg) = err(&["keibi", "/m", "-o", "metrics_listen=0.0.0.0:9811"]);
+        assert_eq!(code, EXIT_USAGE);
+        assert!(msg.contains("not a loopback address"), "{msg}");
+        let (_, msg) = err(&["keibi", "/m", "-o", "metrics_socket"]);
         assert!(msg.contains("needs a value"), "{msg}");
         let (_, msg) = err(&["/m"]);
         assert!(msg.contains("MOUNTPOINT"), "{msg}");

@@ -19,7 +19,8 @@
 //! syncd drops the request when it passes. mountd starts serving before
 //! syncd is up; calls made then wait for a connection until their deadline
 //! and fail with `ETIMEDOUT`. A deadline miss is logged at warn with the
-//! operation, the inode and the time waited.
+//! operation, the inode and the time waited, and every call is counted in
+//! the metrics with its time and outcome ([`crate::metrics::syncd_call`]).
 //!
 //! No lock is involved: the watch channel's guard is dropped before any
 //! await.
@@ -198,6 +199,17 @@ pub fn new(config: ConnectConfig) -> (SyncdClient, Connector) {
     )
 }
 
+/// Count a finished call in the metrics ([`crate::metrics::syncd_call`]).
+fn record<T>(op: &'static str, start: Instant, r: &Result<T, CallError>) {
+    use crate::metrics::CallOutcome;
+    let outcome = match r {
+        Ok(_) => CallOutcome::Answered,
+        Err(CallError::Fs(_)) => CallOutcome::Failed,
+        Err(CallError::Deadline { .. }) => CallOutcome::DeadlineMissed,
+    };
+    crate::metrics::syncd_call(op, start.elapsed(), outcome);
+}
+
 impl SyncdClient {
     /// Call syncd: `f` makes the tarpc call on a connection with the given
     /// context. Waiting for a connection and the call itself both end at
@@ -260,7 +272,9 @@ impl SyncdClient {
         Fut: Future<Output = Result<Result<T, FsError>, RpcError>>,
     {
         let full = deadline.saturating_duration_since(Instant::now());
+        let start = Instant::now();
         let r = self.call_until(op, ino, wait_until, retry, f).await;
+        record(op, start, &r);
         match &r {
             Err(CallError::Deadline { .. }) => {
                 if self.health.set_stalled(true) {
@@ -292,7 +306,10 @@ impl SyncdClient {
         F: Fn(Arc<Connection>, Context) -> Fut,
         Fut: Future<Output = Result<Result<T, FsError>, RpcError>>,
     {
-        self.call_until(op, ino, deadline, retry, f).await
+        let start = Instant::now();
+        let r = self.call_until(op, ino, deadline, retry, f).await;
+        record(op, start, &r);
+        r
     }
 
     /// The generation of the live connection, if there is one.

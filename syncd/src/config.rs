@@ -12,6 +12,7 @@
 
 use clap::Parser;
 use ipc_schema::logging::LogTarget;
+use ipc_schema::metrics_endpoint::Endpoint;
 use nix::unistd::{Group, User};
 use serde::Deserialize;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -94,6 +95,14 @@ pub struct Cli {
     /// Run even as root (not recommended: syncd needs no privilege)
     #[arg(long)]
     pub allow_root: bool,
+    /// Serve metrics (OpenMetrics text, answered to an HTTP GET) on this
+    /// Unix socket, created mode 0660 [default: off]
+    #[arg(long, value_name = "PATH")]
+    pub metrics_socket: Option<PathBuf>,
+    /// Serve metrics on this loopback TCP address instead (IP:PORT, e.g.
+    /// 127.0.0.1:9810; any other address is refused) [default: off]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     /// Check this config file (with any other flags over it), print the
     /// effective settings as TOML and exit: 0 valid, 1 invalid
     #[arg(long, value_name = "FILE")]
@@ -154,6 +163,8 @@ struct FileConfig {
     fetch_parallel: Option<usize>,
     fetch_readahead_max: Option<u64>,
     log_target: Option<String>,
+    metrics_socket: Option<PathBuf>,
+    metrics_listen: Option<String>,
 }
 
 /// The settings syncd runs with.
@@ -202,6 +213,9 @@ pub struct Config {
     pub fetch_readahead_max: u64,
     /// Where log records go (`log_target`).
     pub log_target: LogTarget,
+    /// Where the metrics endpoint listens (`metrics_socket` or
+    /// `metrics_listen`); `None`: no endpoint.
+    pub metrics: Option<Endpoint>,
 }
 
 impl Config {
@@ -264,7 +278,17 @@ impl Config {
                 "fetch_parallel = {fetch_parallel} is not between 1 and {MAX_FETCH_PARALLEL}"
             ));
         }
+        let metrics = Endpoint::from_options(
+            cli.metrics_socket
+                .as_deref()
+                .or(file.metrics_socket.as_deref()),
+            cli.metrics_listen
+                .as_deref()
+                .or(file.metrics_listen.as_deref()),
+            "metrics_socket and metrics_listen",
+        )?;
         Ok(Config {
+            metrics,
             eager_fetch_max: file.eager_fetch_max.unwrap_or(DEFAULT_EAGER_FETCH_MAX),
             fetch_parallel,
             fetch_readahead_max: file
@@ -313,8 +337,9 @@ impl Config {
     /// Every setting, in the config file's own syntax (keys sorted): what
     /// `--check-config` prints. Feeding it back as the config file gives
     /// the same settings. The control socket's owner and group, when not
-    /// set, are left out (syncd's own user and group), as is
-    /// `allow_root`, which is a flag only.
+    /// set, are left out (syncd's own user and group), as are the metrics
+    /// keys when the endpoint is off, and `allow_root`, which is a flag
+    /// only.
     pub fn effective_toml(&self) -> String {
         use toml::Value;
         let text = |s: String| Value::String(s);
@@ -358,6 +383,15 @@ impl Config {
         t.insert("fetch_parallel".into(), int(self.fetch_parallel as u64));
         t.insert("fetch_readahead_max".into(), int(self.fetch_readahead_max));
         t.insert("log_target".into(), text(self.log_target.to_string()));
+        match &self.metrics {
+            Some(Endpoint::Unix(p)) => {
+                t.insert("metrics_socket".into(), path(p));
+            }
+            Some(Endpoint::Tcp(a)) => {
+                t.insert("metrics_listen".into(), text(a.to_string()));
+            }
+            None => {}
+        }
         t.to_string()
     }
 }
@@ -503,10 +537,13 @@ mod tests {
             peer_timeout = "1500ms"
             peer_rekey_interval = "1h 30m"
             fetch_parallel = 3
+            metrics_socket = "/run/keibi/metrics.sock"
             "#,
         )
         .expect("toml");
+        let tcp: FileConfig = toml::from_str(r#"metrics_listen = "[::1]:9810""#).expect("toml");
         for config in [
+            Config::merge(&Cli::default(), tcp).expect("metrics on a port"),
             Config::merge(&Cli::default(), FileConfig::default()).expect("defaults"),
             Config::merge(&Cli::default(), file).expect("config"),
         ] {
@@ -686,6 +723,51 @@ mod tests {
         // Not a list of strings: a TOML error, naming the key.
         let err = toml::from_str::<FileConfig>("listen = \"0.0.0.0:1\"").expect_err("string");
         assert!(err.to_string().contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_listen_only_on_loopback() {
+        let c = Config::merge(&Cli::default(), FileConfig::default()).expect("config");
+        assert_eq!(c.metrics, None);
+        assert!(!c.effective_toml().contains("metrics"));
+        let file: FileConfig =
+            toml::from_str(r#"metrics_socket = "/run/keibi/metrics.sock""#).expect("toml");
+        let c = Config::merge(&Cli::default(), file).expect("config");
+        assert_eq!(
+            c.metrics,
+            Some(Endpoint::Unix("/run/keibi/metrics.sock".into()))
+        );
+        let file: FileConfig =
+            toml::from_str(r#"metrics_listen = "127.0.0.1:9810""#).expect("toml");
+        let c = Config::merge(&Cli::default(), file).expect("config");
+        assert_eq!(
+            c.metrics,
+            Some(Endpoint::Tcp("127.0.0.1:9810".parse().expect("addr")))
+        );
+        for (text, says) in [
+            (
+                r#"metrics_listen = "0.0.0.0:9810""#,
+                "not a loopback address",
+            ),
+            (r#"metrics_listen = "localhost:9810""#, "not IP:PORT"),
+            (
+                "metrics_socket = \"/m\"\nmetrics_listen = \"127.0.0.1:9810\"",
+                "not both",
+            ),
+        ] {
+            let file: FileConfig = toml::from_str(text).expect("toml");
+            let err = Config::merge(&Cli::default(), file).expect_err(text);
+            assert!(err.contains(says), "{text}: {err}");
+        }
+        // A flag replaces the file's key of the same name.
+        let file: FileConfig = toml::from_str(r#"metrics_listen = "[::1]:1""#).expect("toml");
+        let cli =
+            Cli::try_parse_from(["keibi-syncd", "--metrics-listen", "127.0.0.1:2"]).expect("cli");
+        let c = Config::merge(&cli, file).expect("config");
+        assert_eq!(
+            c.metrics,
+            Some(Endpoint::Tcp("127.0.0.1:2".parse().expect("addr")))
+        );
     }
 
     #[test]

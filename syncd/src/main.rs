@@ -18,7 +18,9 @@
 //! when one cannot be, see [`peer::listen`]); load the paired peers and
 //! start dialing them ([`peer::manager`]), the sync engine first (it ties
 //! the store to this device and serves the peers' requests, see
-//! [`sync::engine`]); bind both sockets; serve. SIGTERM or SIGINT removes the unused spares, reclaims the
+//! [`sync::engine`]); bind both sockets (and the metrics endpoint when
+//! one is configured, served on the control runtime, see [`metrics`]);
+//! serve. SIGTERM or SIGINT removes the unused spares, reclaims the
 //! freed inodes, flushes the store, removes the socket files and exits 0. Other startup failures exit
 //! 1.
 //!
@@ -45,6 +47,7 @@ mod daemon;
 mod fault;
 mod identity;
 mod listener;
+mod metrics;
 mod opens;
 mod peer;
 mod service;
@@ -71,6 +74,9 @@ const FS_SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 /// How long the network runtime gets at exit to send the peers' CLOSE
 /// frames.
 const NET_SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
+
+/// File mode of the metrics socket: syncd's user and group.
+const METRICS_SOCKET_MODE: u32 = 0o660;
 
 /// Worker threads of the network runtime.
 const NET_WORKERS: usize = 2;
@@ -130,6 +136,11 @@ fn main() -> ExitCode {
     };
     ipc_schema::logging::init(config.log_target, "keibi-syncd");
     keep_frame_buffers_in_the_heap();
+    // Before any peer connection or conflict can happen, so none goes
+    // uncounted; served once the sockets are bound (`run`).
+    if config.metrics.is_some() {
+        metrics::enable();
+    }
     if let Err(e) = std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -364,6 +375,16 @@ async fn run(
         config.mountd_uid,
     ));
     tokio::spawn(listener::serve_control(control_listener, daemon.clone()));
+    let _metrics_file = match &config.metrics {
+        Some(endpoint) => match serve_metrics(endpoint, daemon.clone()) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                listener::remove_sockets(&sockets);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     tokio::spawn(keep_lock_file(Arc::new(Mutex::new(lock))));
     tracing::info!(
         version = ipc_schema::KEIBI_VERSION,
@@ -393,6 +414,35 @@ async fn run(
         Ok(Err(e)) => Err(format!("flushing the store at shutdown: {e}")),
         Err(e) => Err(format!("flushing the store at shutdown: {e}")),
     }
+}
+
+/// Serve the metrics on `endpoint` from the control runtime (see
+/// [`metrics`]); the socket file's guard, which removes it at exit.
+fn serve_metrics(
+    endpoint: &ipc_schema::metrics_endpoint::Endpoint,
+    daemon: Arc<Daemon>,
+) -> Result<ipc_schema::metrics_endpoint::SocketFile, String> {
+    use ipc_schema::metrics_endpoint as me;
+    let (bound, file) = me::bind(endpoint, METRICS_SOCKET_MODE)
+        .map_err(|e| format!("cannot serve metrics on {endpoint}: {e}"))?;
+    let m = metrics::enable();
+    let render: me::Render = Arc::new(move || {
+        let daemon = daemon.clone();
+        Box::pin(async move {
+            let census = census::Census::report(&daemon, census::WAIT).await;
+            let peers = daemon.peers.list();
+            let scraped = metrics::Scraped {
+                census,
+                peers_paired: peers.len() as u64,
+                peers_connected: peers.iter().filter(|p| p.state == "connected").count() as u64,
+                mounts_connected: daemon.mounts.list().len() as u64,
+            };
+            m.render(&scraped)
+        })
+    });
+    tokio::spawn(me::serve(bound, render, me::Limits::default()));
+    tracing::info!(%endpoint, "serving metrics");
+    Ok(file)
 }
 
 /// Every [`LOCK_REPAIR_EVERY`], put the lock file back if someone removed

@@ -116,7 +116,9 @@ impl FsServer {
     }
 
     fn log<T>(&self, op: &'static str, detail: &str, start: Instant, result: &Result<T, FsError>) {
-        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        let took = start.elapsed();
+        crate::metrics::ipc_request(op, took, result.is_ok());
+        let ms = took.as_secs_f64() * 1000.0;
         match result {
             Ok(_) => tracing::debug!(op, conn = self.conn.0, %detail, ms, "ok"),
             Err(e) if matches!(e.errno, libc::EIO | libc::ENOSPC) => {

@@ -244,10 +244,14 @@ impl Keibi {
     /// `*_fetching` form of the operation runs on a task. Bounded local
     /// work, for the dispatch thread.
     pub fn needs_fetch(&self, fh: u64, offset: u64, len: u64) -> bool {
-        self.handles
+        let missing = self
+            .handles
             .get(fh)
-            .and_then(|h| h.partial.as_ref().map(|p| p.missing(offset, len)))
-            .unwrap_or(false)
+            .and_then(|h| h.partial.as_ref().map(|p| p.missing(offset, len)));
+        if let Some(missing) = missing {
+            crate::metrics::partial_io(missing);
+        }
+        missing.unwrap_or(false)
     }
 
     /// Have syncd make the chunks of `[offset, offset + len)` of `h`'s

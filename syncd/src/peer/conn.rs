@@ -501,6 +501,8 @@ pub(super) struct Shared {
     pub(super) label: PeerLabel,
     pub(super) cfg: ConnConfig,
     opened: Instant,
+    /// This peer's byte counters in the metrics (`None` while they are off).
+    metrics: Option<crate::metrics::PeerCounters>,
     /// The connection's only lock (see the module doc for what may be done
     /// while holding it).
     state: Mutex<State>,
@@ -672,7 +674,9 @@ pub fn spawn<T: FrameTx, R: FrameRx>(
     cfg: ConnConfig,
 ) -> PeerConn {
     let now = Instant::now();
+    let metrics = crate::metrics::PeerCounters::of(&label.fingerprint);
     let shared = Arc::new(Shared {
+        metrics,
         label,
         cfg: cfg.normalized(),
         opened: now,
@@ -733,6 +737,9 @@ async fn write_loop<T: FrameTx>(shared: Arc<Shared>, mut tx: T) {
             let popped = st.outbox.pop();
             if let Popped::Frame(frame, source) = &popped {
                 st.bytes_sent += frame.len() as u64;
+                if let Some(m) = &shared.metrics {
+                    m.add(crate::metrics::Direction::Sent, frame.len() as u64);
+                }
                 match source {
                     Source::Ping(seq) => {
                         if st.pings_out.len() == PINGS_TRACKED {
@@ -779,6 +786,9 @@ async fn read_loop<R: FrameRx>(shared: Arc<Shared>, mut rx: R, handler: Arc<dyn 
             let mut st = shared.lock();
             st.last_received = Instant::now();
             st.bytes_received += frame.len() as u64;
+            if let Some(m) = &shared.metrics {
+                m.add(crate::metrics::Direction::Received, frame.len() as u64);
+            }
             match msg {
                 Ok(msg) => dispatch(&shared, &mut st, msg, &handler),
                 Err(e) => Err(format!("undecodable message: {e}")),

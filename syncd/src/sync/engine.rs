@@ -159,6 +159,7 @@ impl SyncEngine {
     /// A conflict was resolved.
     pub(super) fn count_conflict(&self) {
         self.conflicts.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::conflict();
     }
 }
 

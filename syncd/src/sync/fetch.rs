@@ -373,6 +373,11 @@ impl Fetcher {
         let limit = rec.limit;
         let end = offset.saturating_add(len).min(limit);
         let wanted = self.missing(&rec, offset, end);
+        if demanded && end > offset {
+            let needed = (end - 1) / CHUNK_SIZE - offset / CHUNK_SIZE + 1;
+            let misses = wanted.len() as u64;
+            crate::metrics::read_chunks(needed.saturating_sub(misses), misses);
+        }
         let ahead = if demanded {
             let (from, to) = self.readahead(ino, offset, len);
             self.missing(&rec, from, to.min(limit))
@@ -601,6 +606,7 @@ impl Fetcher {
             if let Err(e) = &result {
                 tracing::debug!(ino = %spec.key.ino, chunk = spec.key.index, error = %e, "chunk fetch failed");
             }
+            crate::metrics::chunk_fetch(result.is_ok());
             this.lock().flights.remove(&spec.key);
             task_flight.done.send_replace(Some(result));
         });
@@ -626,7 +632,10 @@ impl Fetcher {
         for (fingerprint, conn) in peers {
             flight.set_peer(&fingerprint);
             match self.ask(&conn, spec).await {
-                Ok(bytes) => return self.write(spec, bytes).await,
+                Ok(bytes) => {
+                    crate::metrics::peer_chunk(&fingerprint, crate::metrics::Direction::Received);
+                    return self.write(spec, bytes).await;
+                }
                 Err(why) => {
                     tracing::debug!(%ino, chunk = index, peer = %fingerprint, %why, "peer did not give the chunk");
                     refusals.push(format!("{fingerprint}: {why}"));

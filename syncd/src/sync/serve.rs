@@ -59,7 +59,10 @@ pub async fn serve_chunk(
             ));
         }
     };
-    send_chunk(bytes, sink).await
+    let fingerprint = sink.peer().fingerprint.clone();
+    send_chunk(bytes, sink).await?;
+    crate::metrics::peer_chunk(&fingerprint, crate::metrics::Direction::Sent);
+    Ok(())
 }
 
 /// Send a chunk's verified bytes (the test hook may spoil them first).
