@@ -216,7 +216,8 @@ fn run(args: &cli::Args) -> Result<(), String> {
                 sockets: mountd_sockets.clone(),
                 lock_dir: lock_dir.clone(),
             };
-            let report = runtime.block_on(debug_ops::gather(&args.socket, &targets, args.timeout()));
+            let report =
+                runtime.block_on(debug_ops::gather(&args.socket, &targets, args.timeout()));
             runtime.shutdown_background();
             print_debug_ops(&report, *json)
         }
@@ -429,7 +430,9 @@ fn run_prefetch(args: &cli::Args, paths: &[std::path::PathBuf], json: bool) -> E
         .filter(|f| f.error.is_none())
         .map(|f| f.size.saturating_sub(f.present_bytes))
         .sum();
-    if !r.done && missing > 0 || !r.done && errors == 0 {
+    // Not done: files still missing, or no answer at all before the
+    // deadline, is the timeout; done but for refused paths is 1.
+    if !r.done && (missing > 0 || errors == 0) {
         fail(
             EXIT_TIMEOUT,
             &format!(

@@ -14,8 +14,8 @@
 //! every command's real output against them.
 
 use ipc_schema::{
-    BenchReport, CheckReport, FetchInFlight, NotLocal, OpInFlight, PassthroughStatus,
-    PeerIdentity, PeerInfo, PeerOpInFlight, PrefetchFile, Status, SyncStatus,
+    BenchReport, CheckReport, FetchInFlight, NotLocal, OpInFlight, PassthroughStatus, PeerIdentity,
+    PeerInfo, PeerOpInFlight, PrefetchFile, Status, SyncStatus,
 };
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

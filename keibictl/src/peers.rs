@@ -380,7 +380,8 @@ mod tests {
     #[test]
     fn json_is_the_protocol_type_field_for_field() {
         let p = peer("connected");
-        let v: serde_json::Value = serde_json::from_str(&crate::output::to_json(&p).expect("json")).expect("parse");
+        let v: serde_json::Value =
+            serde_json::from_str(&crate::output::to_json(&p).expect("json")).expect("parse");
         assert_eq!(v["fingerprint"], "A".repeat(52));
         assert_eq!(v["state"], "connected");
         assert_eq!(v["rtt_us"], 1234);

@@ -72,7 +72,11 @@ pub struct Outcome {
 pub async fn run(socket: &Path, timeout: Duration, paths: &[PathBuf], mode: Mode) -> Outcome {
     let started = Instant::now();
     let deadline = started + timeout;
-    let call = |now: Instant| deadline.saturating_duration_since(now).min(crate::wait::CALL_MAX);
+    let call = |now: Instant| {
+        deadline
+            .saturating_duration_since(now)
+            .min(crate::wait::CALL_MAX)
+    };
     let mut outcome = Outcome {
         report: PrefetchOutput {
             done: false,
@@ -127,7 +131,7 @@ pub async fn run(socket: &Path, timeout: Duration, paths: &[PathBuf], mode: Mode
         }
         let wanted: Vec<String> = files
             .iter()
-            .filter(|f| f.error.is_none() && !(seen && f.present_bytes >= f.size))
+            .filter(|f| retried(f) && !(seen && f.present_bytes >= f.size))
             .map(|f| f.path.clone())
             .collect();
         if seen && wanted.is_empty() {
@@ -159,7 +163,7 @@ pub async fn run(socket: &Path, timeout: Duration, paths: &[PathBuf], mode: Mode
                     progress.set_bytes(done, total);
                     if files
                         .iter()
-                        .all(|f| f.error.is_some() || f.present_bytes >= f.size)
+                        .all(|f| !retried(f) || f.present_bytes >= f.size)
                     {
                         outcome.report.done = true;
                         break;
@@ -179,6 +183,12 @@ pub async fn run(socket: &Path, timeout: Duration, paths: &[PathBuf], mode: Mode
     outcome.report.waited_ms = started.elapsed().as_millis() as u64;
     outcome.report.files = files;
     outcome
+}
+
+/// Whether `f` is still asked for: no error, or only a store that was
+/// slow to answer (`ETIMEDOUT`), which the next step may not be.
+fn retried(f: &PrefetchFile) -> bool {
+    f.error.as_ref().is_none_or(|e| e.ends_with("(ETIMEDOUT)"))
 }
 
 async fn step(
@@ -227,6 +237,20 @@ mod tests {
             connected_secs: 0,
             open_handles: 0,
         }
+    }
+
+    #[test]
+    fn only_a_slow_store_is_asked_again() {
+        let file = |error: Option<&str>| PrefetchFile {
+            path: "/f".into(),
+            ino: None,
+            size: 1,
+            present_bytes: 0,
+            error: error.map(String::from),
+        };
+        assert!(retried(&file(None)));
+        assert!(retried(&file(Some("slow (ETIMEDOUT)"))));
+        assert!(!retried(&file(Some("/f: no such entry (ENOENT)"))));
     }
 
     #[test]

@@ -138,14 +138,14 @@ pub async fn run(socket: &Path, timeout: Duration, synced: bool, mode: Mode) -> 
                         .collect();
                     for p in sync.peers.iter().filter(|p| !p.connected) {
                         if told.insert(p.fingerprint.clone()) {
-                            progress.note(&format!(
-                                "not waiting for peer {}: not connected",
-                                who(p)
-                            ));
+                            progress
+                                .note(&format!("not waiting for peer {}: not connected", who(p)));
                         }
                     }
                     if sync.peers.is_empty() && told.insert(String::new()) {
-                        progress.note("no paired peers: waiting only for local changes to be versioned");
+                        progress.note(
+                            "no paired peers: waiting only for local changes to be versioned",
+                        );
                     }
                     let left = pending(&sync);
                     last = Some(sync);
@@ -243,10 +243,7 @@ mod tests {
             dirty: 2,
             ..sync(vec![])
         };
-        assert_eq!(
-            pending(&s),
-            Some(("2 local changes unversioned".into(), 2))
-        );
+        assert_eq!(pending(&s), Some(("2 local changes unversioned".into(), 2)));
         let busy = PeerSync {
             pending_out: 1,
             pending_in: 2,

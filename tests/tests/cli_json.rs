@@ -32,8 +32,7 @@ fn schema_dir() -> PathBuf {
 #[track_caller]
 fn valid(name: &str, out: &Output) -> Value {
     let path = schema_dir().join(format!("{name}.json"));
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let schema: Value = serde_json::from_str(&text).expect("the schema is JSON");
     let validator = jsonschema::validator_for(&schema)
         .unwrap_or_else(|e| panic!("{}: not a usable schema: {e}", path.display()));
@@ -95,7 +94,10 @@ fn every_json_output_of_a_pair_matches_its_schema_and_wait_and_prefetch_work() {
     let out = keibictl(&["json-schema", "status"]);
     exit(&out, 0, "json-schema status");
     let on_disk = std::fs::read(schema_dir().join("status.json")).expect("status.json");
-    assert!(out.stdout == on_disk, "json-schema status differs from the file");
+    assert!(
+        out.stdout == on_disk,
+        "json-schema status differs from the file"
+    );
     exit(&keibictl(&["json-schema", "nope"]), 2, "json-schema nope");
 
     // Read-only commands.
@@ -111,24 +113,47 @@ fn every_json_output_of_a_pair_matches_its_schema_and_wait_and_prefetch_work() {
     let v = valid(
         "debug-ops",
         &a.ctl().run(&[
-            "debug", "ops", "--mount", s(&mnt), "--lock-dir", s(&lock_dir), "--json",
+            "debug",
+            "ops",
+            "--mount",
+            s(&mnt),
+            "--lock-dir",
+            s(&lock_dir),
+            "--json",
         ]),
     );
-    assert!(v["syncd"].is_array() && v["mounts"][s(&mnt)].is_array(), "{v}");
+    assert!(
+        v["syncd"].is_array() && v["mounts"][s(&mnt)].is_array(),
+        "{v}"
+    );
     let v = valid(
         "debug-passthrough",
         &a.ctl().run(&[
-            "debug", "passthrough", "--mount", s(&mnt), "--lock-dir", s(&lock_dir), "--json",
+            "debug",
+            "passthrough",
+            "--mount",
+            s(&mnt),
+            "--lock-dir",
+            s(&lock_dir),
+            "--json",
         ]),
     );
     assert!(v["in_use"].is_boolean(), "{v}");
     let v = valid("wait", &a.ctl().run(&["wait", "--json"]));
-    assert_eq!((v["until"].as_str(), v["done"].as_bool()), (Some("answer"), Some(true)));
+    assert_eq!(
+        (v["until"].as_str(), v["done"].as_bool()),
+        (Some("answer"), Some(true))
+    );
 
     // A bench of 1 MiB.
-    let out = a
-        .ctl()
-        .run(&["peer", "bench", b.fingerprint(), "--bytes", "1MiB", "--json"]);
+    let out = a.ctl().run(&[
+        "peer",
+        "bench",
+        b.fingerprint(),
+        "--bytes",
+        "1MiB",
+        "--json",
+    ]);
     exit(&out, 0, "peer bench");
     let v = valid("peer-bench", &out);
     assert_eq!(v["bytes"], 1 << 20, "{v}");
@@ -137,14 +162,18 @@ fn every_json_output_of_a_pair_matches_its_schema_and_wait_and_prefetch_work() {
     // them.
     let big: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
     std::fs::write(a.path("big.bin"), &big).expect("write big.bin on a");
-    let files = poll_until("b to list big.bin as not local", Duration::from_secs(60), || {
-        let out = b.ctl().run(&["status", "--files", "--json"]);
-        exit(&out, 0, "status --files");
-        let v = valid("status-files", &out);
-        v.as_array()
-            .is_some_and(|l| l.iter().any(|f| f["path"] == "/big.bin"))
-            .then_some(v)
-    });
+    let files = poll_until(
+        "b to list big.bin as not local",
+        Duration::from_secs(60),
+        || {
+            let out = b.ctl().run(&["status", "--files", "--json"]);
+            exit(&out, 0, "status --files");
+            let v = valid("status-files", &out);
+            v.as_array()
+                .is_some_and(|l| l.iter().any(|f| f["path"] == "/big.bin"))
+                .then_some(v)
+        },
+    );
     assert_eq!(files[0]["size"], 3 << 20, "{files}");
     let big_on_b = b.path("big.bin");
     let out = b.ctl().run(&["prefetch", s(&big_on_b), "--json"]);
@@ -153,19 +182,27 @@ fn every_json_output_of_a_pair_matches_its_schema_and_wait_and_prefetch_work() {
     assert_eq!(v["done"], true, "{v}");
     assert_eq!(v["files"][0]["path"], "/big.bin", "{v}");
     assert_eq!(v["files"][0]["present_bytes"], 3 << 20, "{v}");
-    let v = valid("status-files", &b.ctl().run(&["status", "--files", "--json"]));
+    let v = valid(
+        "status-files",
+        &b.ctl().run(&["status", "--files", "--json"]),
+    );
     assert_eq!(v, serde_json::json!([]), "every file is local now");
     // Local means local: b's syncd reads it without asking a (stopped).
     p.stop_syncd(harness::pair::Side::A);
     let read = std::fs::read(&big_on_b);
     p.cont_syncd(harness::pair::Side::A);
-    assert!(read.expect("read big.bin on b") == big, "b's big.bin is a's");
+    assert!(
+        read.expect("read big.bin on b") == big,
+        "b's big.bin is a's"
+    );
     // A path that is no file of the share: exit 1, the error in the JSON.
     let out = b.ctl().run(&["prefetch", "/no/such/file", "--json"]);
     exit(&out, 1, "prefetch of a missing path");
     let v = valid("prefetch", &out);
     assert!(
-        v["files"][0]["error"].as_str().is_some_and(|e| e.contains("ENOENT")),
+        v["files"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("ENOENT")),
         "{v}"
     );
 
@@ -219,7 +256,8 @@ fn every_json_output_of_a_pair_matches_its_schema_and_wait_and_prefetch_work() {
     // Peer commands and their exit statuses.
     let v = valid(
         "peer-add",
-        &a.ctl().run(&["peer", "add", b.fingerprint(), "--name", "bee", "--json"]),
+        &a.ctl()
+            .run(&["peer", "add", b.fingerprint(), "--name", "bee", "--json"]),
     );
     assert_eq!(v["name"], "bee", "{v}");
     let unknown = "A".repeat(52);
@@ -237,7 +275,14 @@ fn every_json_output_of_a_pair_matches_its_schema_and_wait_and_prefetch_work() {
     );
     assert_eq!(v["fingerprint"].as_str(), Some(a.fingerprint()));
     exit(
-        &b.ctl().run(&["peer", "bench", a.fingerprint(), "--bytes", "1MiB", "--json"]),
+        &b.ctl().run(&[
+            "peer",
+            "bench",
+            a.fingerprint(),
+            "--bytes",
+            "1MiB",
+            "--json",
+        ]),
         3,
         "bench of a removed peer",
     );
@@ -251,7 +296,11 @@ fn every_json_output_of_a_pair_matches_its_schema_and_wait_and_prefetch_work() {
 
 #[test]
 fn exit_statuses_of_the_table_without_peers() {
-    let (_w, fx) = setup("cli-json-exit", Duration::from_secs(300), Options::default());
+    let (_w, fx) = setup(
+        "cli-json-exit",
+        Duration::from_secs(300),
+        Options::default(),
+    );
     let ctl = Ctl::new("solo", fx.control_socket());
     // 2: a bad command line.
     let out = keibictl(&["status", "--no-such-flag"]);
@@ -269,7 +318,14 @@ fn exit_statuses_of_the_table_without_peers() {
         "prefetch without syncd",
     );
     // 4: wait at its timeout, with the JSON still printed.
-    let out = keibictl(&["--socket", s(&absent), "wait", "--timeout", "500ms", "--json"]);
+    let out = keibictl(&[
+        "--socket",
+        s(&absent),
+        "wait",
+        "--timeout",
+        "500ms",
+        "--json",
+    ]);
     exit(&out, 4, "wait without syncd");
     let v = valid("wait", &out);
     assert_eq!(v["done"], false);
@@ -295,7 +351,9 @@ fn exit_statuses_of_the_table_without_peers() {
     exit(&out, 1, "prefetch of a directory");
     let v = valid("prefetch", &out);
     assert!(
-        v["files"][0]["error"].as_str().is_some_and(|e| e.contains("EINVAL")),
+        v["files"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("EINVAL")),
         "{v}"
     );
     // wait --synced with no peers at all: done, and said on stderr.

@@ -741,14 +741,25 @@ async fn a_prefetch_step_keeps_at_most_its_window_in_flight_and_steps_complete_t
     f.gate.send_replace(true);
     let give_up = Instant::now() + Duration::from_secs(20);
     loop {
-        if f.fetcher.prefetch_step(INO, 2).await.expect("step").is_none() {
+        if f.fetcher
+            .prefetch_step(INO, 2)
+            .await
+            .expect("step")
+            .is_none()
+        {
             break;
         }
-        assert!(Instant::now() < give_up, "the steps never completed the file");
+        assert!(
+            Instant::now() < give_up,
+            "the steps never completed the file"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(f.store.rec().is_none(), "complete");
-    assert!(f.store.bytes() == content(size), "the peer's bytes, every chunk");
+    assert!(
+        f.store.bytes() == content(size),
+        "the peer's bytes, every chunk"
+    );
     let mut all = asked(&f.servers[0]);
     all.sort();
     assert_eq!(all, (0..10).collect::<Vec<_>>(), "each chunk asked once");

@@ -79,7 +79,13 @@ pub async fn step(store: Arc<Store>, fetcher: &Arc<Fetcher>, path: String) -> Pr
     file.size = attr.size;
     if attr.kind != FileKind::File {
         file.error = Some(
-            fs_err!(EINVAL, "{} is not a regular file ({:?})", file.path, attr.kind).to_string(),
+            fs_err!(
+                EINVAL,
+                "{} is not a regular file ({:?})",
+                file.path,
+                attr.kind
+            )
+            .to_string(),
         );
         return file;
     }
