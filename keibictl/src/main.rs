@@ -349,8 +349,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
-/// `wait`: 0 when done, 4 at the timeout (the JSON, with `--json`, in
-/// both cases).
+/// `wait`: 0 when done, 1 when syncd refused the connection, 4 at the
+/// timeout (the JSON, with `--json`, in every case).
 fn run_wait(args: &cli::Args, synced: bool, json: bool) -> ExitCode {
     let runtime = match runtime() {
         Ok(r) => r,
@@ -381,6 +381,8 @@ fn run_wait(args: &cli::Args, synced: bool, json: bool) -> ExitCode {
     }
     if r.done {
         ExitCode::SUCCESS
+    } else if outcome.refused {
+        fail(1, r.pending.as_deref().unwrap_or("refused"))
     } else {
         fail(
             EXIT_TIMEOUT,

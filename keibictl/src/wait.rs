@@ -12,6 +12,9 @@
 //! waited for. Files whose bytes are not local do not count: fetching
 //! them is on demand (`keibictl prefetch` makes them local).
 //!
+//! A refused connection (another protocol version, no permission) ends
+//! the wait at once: waiting does not change it.
+//!
 //! Bounds: the whole wait ends at `--timeout`; every connect and call is
 //! bounded by the rest of it and by [`CALL_MAX`]; between looks it sleeps
 //! [`POLL_MIN`] doubling to [`POLL_MAX`]. One connection is kept while it
@@ -19,8 +22,9 @@
 
 use crate::output::WaitOutput;
 use crate::progress::{Mode, Progress};
+use ipc_schema::handshake::HandshakeError;
 use ipc_schema::service::ControlClient;
-use ipc_schema::transport::{connect_control, context_with_timeout};
+use ipc_schema::transport::{ConnectError, connect_control, context_with_timeout};
 use ipc_schema::{PeerSync, SyncStatus};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -81,6 +85,9 @@ fn who(p: &PeerSync) -> String {
 pub struct Outcome {
     /// The JSON (and the facts for the text).
     pub report: WaitOutput,
+    /// syncd refused the connection (protocol version, permission): the
+    /// wait stopped at once (`report.pending` says why).
+    pub refused: bool,
 }
 
 /// Wait as the module doc says, showing progress in `mode`.
@@ -95,6 +102,7 @@ pub async fn run(socket: &Path, timeout: Duration, synced: bool, mode: Mode) -> 
     let mut told: BTreeSet<String> = BTreeSet::new();
     let mut not_waited_for = Vec::new();
     let mut done = false;
+    let mut refused = false;
     loop {
         let now = Instant::now();
         if now >= deadline {
@@ -104,6 +112,18 @@ pub async fn run(socket: &Path, timeout: Duration, synced: bool, mode: Mode) -> 
         if client.is_none() {
             match tokio::time::timeout(call, connect_control(socket)).await {
                 Ok(Ok(c)) => client = Some(c),
+                Ok(Err(
+                    e @ ConnectError::Handshake {
+                        source: HandshakeError::Refused { .. },
+                        ..
+                    },
+                )) => {
+                    // A version mismatch or a permission refused does not
+                    // pass by waiting.
+                    pending_now = format!("keibi-syncd refused the connection: {e}");
+                    refused = true;
+                    break;
+                }
                 Ok(Err(e)) => pending_now = format!("keibi-syncd does not answer: {e}"),
                 Err(_) => {
                     pending_now = format!(
@@ -184,6 +204,7 @@ pub async fn run(socket: &Path, timeout: Duration, synced: bool, mode: Mode) -> 
     }
     progress.finish();
     Outcome {
+        refused,
         report: WaitOutput {
             until: if synced { "synced" } else { "answer" }.into(),
             done,

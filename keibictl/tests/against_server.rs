@@ -541,3 +541,24 @@ fn prefetch_reports_a_missing_path_and_times_out_on_a_file_that_stays_partial() 
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("1.0 MiB still missing"), "{err}");
 }
+
+#[test]
+fn wait_stops_at_once_when_syncd_refuses_the_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("control.sock");
+    let server = serve_once(&sock, true);
+    let started = std::time::Instant::now();
+    let out = keibictl(&sock, &["wait", "--timeout", "30s"]);
+    server.join().expect("server thread");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refused the connection") && err.contains("protocol version mismatch"),
+        "{err}"
+    );
+}
