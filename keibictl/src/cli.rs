@@ -104,7 +104,8 @@ pub enum Command {
     /// socket (after a start), or with `--synced` until this machine is in
     /// sync with every connected peer. Peers that are not connected are
     /// not waited for (named on stderr). Exit status 0 when done, 4 when
-    /// `--timeout` (default 1m) passed first, saying what is pending.
+    /// `--timeout` (default 1m) passed first, saying what is pending, 1
+    /// when syncd refuses the connection (protocol version, permission).
     Wait {
         /// Also wait until no local change is unversioned and, with every
         /// connected peer, nothing is left to send, to apply or waiting
