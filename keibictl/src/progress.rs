@@ -67,8 +67,8 @@ impl Progress {
         Progress::with(mode, what, bar)
     }
 
-    /// Progress of `what` counted in changes, falling to 0: a bar whose
-    /// length is the most seen, with the elapsed time.
+    /// Progress of `what` in words ([`Self::say`]: the changes pending,
+    /// falling to 0): a spinner with the elapsed time and the message.
     pub fn changes(mode: Mode, what: &'static str) -> Progress {
         let bar = (mode == Mode::Bar).then(|| {
             let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
