@@ -10,7 +10,9 @@
 //! that b defers while b holds the file open for writing keeps b's wait
 //! from ending (exit 4, the pending change named), and once the file is
 //! closed the wait ends with exit 0. `prefetch` makes a file that b has
-//! only fetched on demand local, byte for byte.
+//! only fetched on demand local, byte for byte. Plain `wait` started
+//! while syncd is down ends once syncd is started; against a frozen syncd
+//! `wait` ends at its timeout.
 
 use harness::ctl::Ctl;
 use harness::pair::{LinkMode, Pair, PairOptions};
@@ -296,7 +298,7 @@ fn every_json_output_of_a_pair_matches_its_schema_and_wait_and_prefetch_work() {
 
 #[test]
 fn exit_statuses_of_the_table_without_peers() {
-    let (_w, fx) = setup(
+    let (_w, mut fx) = setup(
         "cli-json-exit",
         Duration::from_secs(300),
         Options::default(),
@@ -360,4 +362,45 @@ fn exit_statuses_of_the_table_without_peers() {
     let out = ctl.run(&["wait", "--synced"]);
     exit(&out, 0, "wait --synced without peers");
     assert!(stderr(&out).contains("no paired peers"), "{}", stderr(&out));
+
+    // A frozen syncd: wait ends at its timeout, not later.
+    fx.freeze_syncd();
+    let started = std::time::Instant::now();
+    let out = ctl.run_within(Duration::from_millis(1500), &["wait", "--synced"]);
+    let took = started.elapsed();
+    fx.thaw_syncd();
+    exit(&out, 4, "wait --synced on a frozen syncd");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(stderr(&out).contains("did not answer"), "{}", stderr(&out));
+
+    // wait without --synced is what a script runs after starting syncd:
+    // started while syncd is down, it ends once syncd answers.
+    let (st, clean) = fx.stop_syncd();
+    assert!(clean && st.success(), "syncd stopped cleanly: {st}");
+    let mut waiter = harness::daemons::spawn_registered(
+        Command::new(binaries::binary("keibictl"))
+            .arg("--socket")
+            .arg(fx.control_socket())
+            .args(["wait", "--timeout", "60s"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+        "keibictl wait",
+    );
+    // It is still waiting a moment later (syncd is down).
+    let early = harness::wait::try_poll_until(Duration::from_millis(700), || {
+        waiter.try_wait().expect("try_wait").map(|_| ())
+    });
+    assert!(early.is_none(), "keibictl wait ended while syncd was down");
+    fx.start_syncd();
+    let status = poll_until("keibictl wait to end", Duration::from_secs(60), || {
+        waiter.try_wait().expect("try_wait")
+    });
+    let pid = waiter.id();
+    let out = waiter.wait_with_output().expect("wait output");
+    harness::watchdog::unregister_pid(pid);
+    assert_eq!(status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "keibi-syncd answers\n"
+    );
 }
