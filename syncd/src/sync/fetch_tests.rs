@@ -356,7 +356,12 @@ async fn a_chunk_in_flight_is_fetched_once_for_every_reader() {
             })
         })
         .collect();
-    until("the peer was asked", || !asked(&f.servers[0]).is_empty()).await;
+    // Reader 0 reads ahead; the flight turns demanded when reader 1 or 2
+    // joins it, which may come after the peer was asked.
+    until("the peer was asked and a demanding reader joined", || {
+        !asked(&f.servers[0]).is_empty() && f.fetcher.debug_fetches().iter().any(|x| x.demanded)
+    })
+    .await;
     let fetches = f.fetcher.debug_fetches();
     assert_eq!(fetches.len(), 1, "{fetches:?}");
     assert_eq!((fetches[0].ino, fetches[0].chunk), (INO.0, 0));
