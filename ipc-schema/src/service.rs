@@ -165,6 +165,13 @@ pub trait Control {
     async fn not_local(limit: u32) -> Vec<NotLocal>;
     /// Chunk fetches in flight, oldest first (protocol version 6).
     async fn debug_fetches() -> Vec<FetchInFlight>;
+    /// Make the files at `paths` (in the share, from its root) local:
+    /// start fetching every missing chunk of each from the connected
+    /// peers, in the background, and answer each file's state now.
+    /// Chunks already in flight are not asked twice; calling it again
+    /// retries chunks whose fetch failed. Progress is read by calling it
+    /// again (protocol version 7).
+    async fn prefetch(paths: Vec<String>) -> Vec<PrefetchFile>;
 }
 
 /// The debug service: keibictl → keibi-mountd, on the mount's ops socket

@@ -10,6 +10,7 @@ use std::fmt;
 /// An inode number. Assigned by syncd, never reused, stable across restarts.
 /// [`Ino::ROOT`] is the shared folder's root directory.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub struct Ino(pub u64);
 
 impl Ino {
@@ -284,6 +285,7 @@ pub struct StatFs {
 
 /// What mountd tells syncd about itself when it connects.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub struct MountInfo {
     /// Absolute path of the mountpoint.
     pub mountpoint: String,
@@ -308,6 +310,7 @@ pub struct HeldHandle {
 
 /// A mount connected to syncd, as `keibictl status` shows it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub struct MountStatus {
     /// What the mount said about itself.
     pub info: MountInfo,
@@ -319,6 +322,7 @@ pub struct MountStatus {
 
 /// syncd's state, for `keibictl status`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub struct Status {
     /// syncd's release version.
     pub version: String,
@@ -353,6 +357,7 @@ pub struct Status {
 /// A mount's FUSE passthrough state, for `keibictl debug passthrough`:
 /// what was asked for and granted, and how each open was answered.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub struct PassthroughStatus {
     /// mountd asked for passthrough (it was not started with
     /// `--no-passthrough`).
@@ -372,6 +377,7 @@ pub struct PassthroughStatus {
 
 /// One operation a daemon is serving now, for `keibictl debug ops`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub struct OpInFlight {
     /// The operation: a FUSE op name (mountd) or a filesystem service
     /// method name (syncd).
@@ -389,6 +395,7 @@ pub struct OpInFlight {
 
 /// What `keibictl check` found wrong in the store (`Control::check`).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub enum CheckKind {
     /// A named regular file whose content file is missing (repair:
     /// recreate it empty).
@@ -430,6 +437,7 @@ pub enum CheckKind {
 
 /// One inconsistency `check` found.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub struct CheckFinding {
     /// What kind.
     pub kind: CheckKind,
@@ -443,6 +451,7 @@ pub struct CheckFinding {
 
 /// The answer of `Control::check`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub struct CheckReport {
     /// Inode records scanned.
     pub inodes: u64,
@@ -466,6 +475,7 @@ impl CheckReport {
 
 /// syncd's peer identity, for `keibictl id` (`Control::identity`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub struct PeerIdentity {
     /// The fingerprint: base32 (RFC 4648, upper case, no padding) of
     /// SHA-256 over a domain-separation label and the public key; 52
@@ -481,6 +491,7 @@ pub struct PeerIdentity {
 /// One paired peer and its connection, for `keibictl peer list`
 /// (`Control::peer_list`, `peer_add`, `peer_remove`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub struct PeerInfo {
     /// The peer's fingerprint, 52 characters, not grouped.
     pub fingerprint: String,
@@ -553,6 +564,7 @@ impl std::error::Error for PeerCtlError {}
 
 /// The answer of `Control::peer_bench`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub struct BenchReport {
     /// Payload bytes received.
     pub bytes: u64,
@@ -569,6 +581,7 @@ pub struct BenchReport {
 /// A peer request in flight, for `keibictl debug ops`
 /// (`Control::debug_peer_ops`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub struct PeerOpInFlight {
     /// The peer's fingerprint.
     pub peer: String,
@@ -640,6 +653,7 @@ pub struct ChangeBatch {
 
 /// Sync state of one peer, for `keibictl status` (protocol version 6).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub struct PeerSync {
     /// The peer's fingerprint.
     pub fingerprint: String,
@@ -663,10 +677,15 @@ pub struct PeerSync {
     /// Changes from the peer that are waiting (their parent directory has
     /// not arrived yet, or they could not be applied; see the log).
     pub deferred: u64,
+    /// Whether the peer told this connection how far its change log goes
+    /// (its first `CaughtUp` arrived): until then `pending_in` is from an
+    /// earlier connection (protocol version 7).
+    pub caught_up: bool,
 }
 
 /// What `keibictl status` shows of sync (protocol version 6).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub struct SyncStatus {
     /// This machine's device id (16 hex digits).
     pub device: String,
@@ -683,10 +702,35 @@ pub struct SyncStatus {
     /// Conflicts resolved since syncd started (a conflict copy made or
     /// a delete undone).
     pub conflicts: u64,
+    /// Whether `dirty`, `partial_files` and `missing_bytes` were read
+    /// from the store for this answer; false when the store did not
+    /// answer in time (they are then 0; protocol version 7).
+    pub figures_fresh: bool,
+}
+
+/// One file of `Control::prefetch` (`keibictl prefetch`; protocol
+/// version 7).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
+pub struct PrefetchFile {
+    /// The path asked for, in the share, from its root (`/a/b`).
+    pub path: String,
+    /// The local inode, when the path names one.
+    pub ino: Option<u64>,
+    /// Its size.
+    pub size: u64,
+    /// Bytes present and verified (`size` when the file is all local).
+    pub present_bytes: u64,
+    /// Why the file cannot be fetched (no such file, not a regular
+    /// file, a store error), the errno name in parentheses at the end;
+    /// `None` when it is all local or its missing chunks are being
+    /// fetched.
+    pub error: Option<String>,
 }
 
 /// A file whose bytes are not all local (`keibictl status --files`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub struct NotLocal {
     /// Its path in the share, from the root (`/a/b`), lossy UTF-8.
     pub path: String,
@@ -700,6 +744,7 @@ pub struct NotLocal {
 
 /// A chunk fetch in flight (`keibictl debug ops`, key `fetches`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "json-schema", derive(schemars::JsonSchema))]
 pub struct FetchInFlight {
     /// The local inode.
     pub ino: u64,

@@ -14,9 +14,15 @@
 //!          [--mountd-socket PATH ...] [--lock-dir DIR] [--json]
 //! keibictl [--timeout DURATION] debug passthrough (--mount MOUNTPOINT | --mountd-socket PATH)
 //!          [--lock-dir DIR] [--json]
+//! keibictl [--socket PATH] [--timeout DURATION] wait [--synced] [--json]
+//! keibictl [--socket PATH] [--timeout DURATION] prefetch PATH... [--json]
+//! keibictl json-schema [NAME]
 //! ```
 //!
-//! Durations use humantime's syntax (`5s`, `500ms`, `1m`).
+//! Durations use humantime's syntax (`5s`, `500ms`, `1m`). `--timeout`
+//! bounds each command as a whole: 5 s by default, 1 min for `wait` and
+//! `prefetch` (whose every call to syncd is bounded by the rest of it, and
+//! by 5 s).
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -30,13 +36,31 @@ pub struct Args {
     #[arg(long, global = true, default_value = "/run/keibi/control.sock")]
     pub socket: PathBuf,
 
-    /// How long to wait for syncd, connect and answer together (e.g. `5s`, `500ms`).
-    #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
-    pub timeout: Duration,
+    /// How long to wait for syncd, connect and answer together (e.g. `5s`,
+    /// `500ms`); for `wait` and `prefetch`, the bound on the whole wait.
+    /// Default: 5s; 1m for `wait` and `prefetch`.
+    #[arg(long, global = true, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
 
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The default `--timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The default `--timeout` of `wait` and `prefetch`.
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Args {
+    /// `--timeout`, or the command's default.
+    pub fn timeout(&self) -> Duration {
+        let default = match self.command {
+            Command::Wait { .. } | Command::Prefetch { .. } => DEFAULT_WAIT_TIMEOUT,
+            _ => DEFAULT_TIMEOUT,
+        };
+        self.timeout.unwrap_or(default)
+    }
 }
 
 /// The subcommands.
@@ -75,6 +99,45 @@ pub enum Command {
         /// Print the identity as JSON (one object) instead of lines.
         #[arg(long)]
         json: bool,
+    },
+    /// Wait for keibi-syncd, for scripts: until it answers on its control
+    /// socket (after a start), or with `--synced` until this machine is in
+    /// sync with every connected peer. Peers that are not connected are
+    /// not waited for (named on stderr). Exit status 0 when done, 4 when
+    /// `--timeout` (default 1m) passed first, saying what is pending, 1
+    /// when syncd refuses the connection (protocol version, permission).
+    Wait {
+        /// Also wait until no local change is unversioned and, with every
+        /// connected peer, nothing is left to send, to apply or waiting
+        /// here (the peer has told this connection how far its log goes).
+        #[arg(long)]
+        synced: bool,
+        /// Print the outcome as JSON (one object), also at the timeout;
+        /// no progress on stderr.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make files local: fetch every missing chunk of each named file from
+    /// the connected peers, showing bytes, rate and ETA. Exit status 0 when
+    /// every file is local, 1 when a path is not a file of the share, 4 when
+    /// `--timeout` (default 1m) passed first (the fetches go on).
+    Prefetch {
+        /// Files to fetch: paths under a mountpoint of this keibi-syncd,
+        /// or paths in the share from its root (`/dir/file`, as
+        /// `status --files` lists them).
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// Print the outcome as JSON (one object); no progress on stderr.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the JSON Schema of a command's `--json` output (the files
+    /// under docs/json-schema/); without a name, list the names.
+    JsonSchema {
+        /// The output: status, status-files, check, id, peer-add,
+        /// peer-list, peer-remove, peer-bench, debug-ops,
+        /// debug-passthrough, wait, prefetch.
+        name: Option<String>,
     },
     /// Pair with other machines, list them and their connections, unpair.
     Peer {
@@ -345,7 +408,7 @@ mod tests {
     fn defaults() {
         let a = Args::try_parse_from(["keibictl", "status"]).expect("parse");
         assert_eq!(a.socket, PathBuf::from("/run/keibi/control.sock"));
-        assert_eq!(a.timeout, Duration::from_secs(5));
+        assert_eq!(a.timeout(), Duration::from_secs(5));
         assert!(matches!(
             a.command,
             Command::Status {
@@ -368,7 +431,7 @@ mod tests {
         ])
         .expect("parse");
         assert_eq!(a.socket, PathBuf::from("/tmp/c.sock"));
-        assert_eq!(a.timeout, Duration::from_millis(250));
+        assert_eq!(a.timeout(), Duration::from_millis(250));
         assert!(matches!(
             a.command,
             Command::Status {
@@ -459,6 +522,39 @@ mod tests {
         assert!(matches!(a.command, Command::Id { json: false }));
         let a = Args::try_parse_from(["keibictl", "id", "--json"]).expect("parse");
         assert!(matches!(a.command, Command::Id { json: true }));
+    }
+
+    #[test]
+    fn wait_and_prefetch_default_to_a_minute_and_take_timeout() {
+        let a = Args::try_parse_from(["keibictl", "wait"]).expect("parse");
+        assert!(matches!(
+            a.command,
+            Command::Wait {
+                synced: false,
+                json: false
+            }
+        ));
+        assert_eq!(a.timeout(), Duration::from_secs(60));
+        let a = Args::try_parse_from(["keibictl", "wait", "--synced", "--timeout", "3s", "--json"])
+            .expect("parse");
+        assert!(matches!(
+            a.command,
+            Command::Wait {
+                synced: true,
+                json: true
+            }
+        ));
+        assert_eq!(a.timeout(), Duration::from_secs(3));
+        assert!(Args::try_parse_from(["keibictl", "prefetch"]).is_err());
+        let a = Args::try_parse_from(["keibictl", "prefetch", "/a", "b/c"]).expect("parse");
+        match &a.command {
+            Command::Prefetch { paths, json } => {
+                assert_eq!(paths, &[PathBuf::from("/a"), PathBuf::from("b/c")]);
+                assert!(!json);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert_eq!(a.timeout(), Duration::from_secs(60));
     }
 
     #[test]

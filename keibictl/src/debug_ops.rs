@@ -265,34 +265,16 @@ fn fetch_section(out: &mut String, r: &Result<Vec<FetchInFlight>, String>) {
 /// | null, "fetches": [...] | null, "mounts": {"<mountpoint>": [...] |
 /// null}}` (null: the source did not answer).
 pub fn json(report: &Report) -> Result<String, String> {
-    let mounts: serde_json::Map<String, serde_json::Value> = report
-        .mounts
-        .iter()
-        .map(|(label, r)| Ok((label.clone(), ops_json(r)?)))
-        .collect::<Result<_, String>>()?;
-    let v = serde_json::json!({
-        "syncd": ops_json(&report.syncd)?,
-        "peers": match &report.peers {
-            Ok(ops) => serde_json::to_value(ops).map_err(|e| format!("cannot encode as JSON: {e}"))?,
-            Err(_) => serde_json::Value::Null,
-        },
-        "fetches": match &report.fetches {
-            Ok(f) => serde_json::to_value(f).map_err(|e| format!("cannot encode as JSON: {e}"))?,
-            Err(_) => serde_json::Value::Null,
-        },
-        "mounts": mounts,
-    });
-    let mut s = serde_json::to_string_pretty(&v)
-        .map_err(|e| format!("cannot encode the answer as JSON: {e}"))?;
-    s.push('\n');
-    Ok(s)
-}
-
-fn ops_json(r: &Result<Vec<OpInFlight>, String>) -> Result<serde_json::Value, String> {
-    match r {
-        Ok(ops) => serde_json::to_value(ops).map_err(|e| format!("cannot encode as JSON: {e}")),
-        Err(_) => Ok(serde_json::Value::Null),
-    }
+    crate::output::to_json(&crate::output::DebugOpsOutput {
+        syncd: report.syncd.as_ref().ok().cloned(),
+        peers: report.peers.as_ref().ok().cloned(),
+        fetches: report.fetches.as_ref().ok().cloned(),
+        mounts: report
+            .mounts
+            .iter()
+            .map(|(label, r)| (label.clone(), r.as_ref().ok().cloned()))
+            .collect(),
+    })
 }
 
 /// The reasons of the sources that did not answer, one line each.

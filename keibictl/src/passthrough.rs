@@ -82,12 +82,10 @@ pub fn table(s: &PassthroughStatus) -> String {
 /// The answer as one JSON object: the fields of [`PassthroughStatus`] and
 /// `in_use`.
 pub fn json(s: &PassthroughStatus) -> Result<String, String> {
-    let mut v = serde_json::to_value(s).map_err(|e| format!("cannot encode as JSON: {e}"))?;
-    v["in_use"] = serde_json::Value::Bool(in_use(s));
-    let mut out = serde_json::to_string_pretty(&v)
-        .map_err(|e| format!("cannot encode the answer as JSON: {e}"))?;
-    out.push('\n');
-    Ok(out)
+    crate::output::to_json(&crate::output::PassthroughOutput {
+        status: *s,
+        in_use: in_use(s),
+    })
 }
 
 #[cfg(test)]

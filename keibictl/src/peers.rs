@@ -117,6 +117,84 @@ pub async fn bench(
     ))??)
 }
 
+/// `peer bench` with progress in `mode`: while the bench runs, the peer's
+/// `bytes_received` is read from `peer_list` (on its own connection, every
+/// 250 ms, each call bounded by 1 s) and shown against `bytes` with rate
+/// and ETA. The bytes counted are all the connection received, the test
+/// data and any sync traffic alongside; the report's own figures are the
+/// bench's.
+pub async fn bench_watched(
+    socket: &Path,
+    timeout: Duration,
+    fingerprint: String,
+    bytes: u64,
+    streams: u32,
+    mode: crate::progress::Mode,
+) -> Result<BenchReport, Failure> {
+    if mode == crate::progress::Mode::Quiet {
+        return bench(socket, timeout, fingerprint, bytes, streams).await;
+    }
+    let mut progress = crate::progress::Progress::bytes(mode, "bench", bytes);
+    // The watcher connects only once the bench's own connection is up, so
+    // that it never takes the place of the bench's (a control socket with
+    // a short backlog, or a server that accepts once, would refuse the
+    // bench instead).
+    let bench_connected = tokio::sync::Notify::new();
+    let watch = async {
+        bench_connected.notified().await;
+        let tick = Duration::from_millis(250);
+        let call = Duration::from_secs(1);
+        let mut start: Option<u64> = None;
+        let mut client = None;
+        loop {
+            if client.is_none() {
+                client = tokio::time::timeout(call, connect_control(socket))
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+            }
+            if let Some(c) = &client {
+                match tokio::time::timeout(call, c.peer_list(context_with_timeout(call))).await {
+                    Ok(Ok(list)) => {
+                        let norm = |f: &str| f.to_ascii_uppercase().replace([' ', '-'], "");
+                        if let Some(p) = list
+                            .iter()
+                            .find(|p| norm(&p.fingerprint) == norm(&fingerprint))
+                        {
+                            let from = *start.get_or_insert(p.bytes_received);
+                            progress.set_bytes(p.bytes_received.saturating_sub(from), bytes);
+                        }
+                    }
+                    _ => client = None,
+                }
+            }
+            tokio::time::sleep(tick).await;
+        }
+    };
+    let exchange = async {
+        let c = connect_control(socket)
+            .await
+            .map_err(|e| Failure::failed(e.to_string()))?;
+        bench_connected.notify_one();
+        let ctx = context_with_timeout(timeout);
+        c.peer_bench(ctx, fingerprint.clone(), bytes, streams)
+            .await
+            .map_err(|e| Failure::failed(rpc_reason(socket, timeout, &e)))
+    };
+    let bounded = async {
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(answer) => Ok(answer??),
+            Err(_) => Err(Failure::failed(no_answer(socket, timeout))),
+        }
+    };
+    let answer = tokio::select! {
+        answer = bounded => answer,
+        _ = watch => Err(Failure::failed("internal: the progress watcher ended".into())),
+    };
+    progress.finish();
+    answer
+}
+
 fn no_answer(socket: &Path, timeout: Duration) -> String {
     format!(
         "keibi-syncd did not answer on {} within {} (ETIMEDOUT)",
@@ -137,14 +215,6 @@ fn rpc_reason(socket: &Path, timeout: Duration, e: &RpcError) -> String {
             socket.display()
         ),
     }
-}
-
-/// Any serde value as pretty JSON and a newline.
-pub fn json<T: serde::Serialize>(value: &T) -> Result<String, String> {
-    let mut s = serde_json::to_string_pretty(value)
-        .map_err(|e| format!("cannot encode the answer as JSON: {e}"))?;
-    s.push('\n');
-    Ok(s)
 }
 
 /// One peer for people (after `add` or `remove`): `what` and a table.
@@ -332,7 +402,8 @@ mod tests {
     #[test]
     fn json_is_the_protocol_type_field_for_field() {
         let p = peer("connected");
-        let v: serde_json::Value = serde_json::from_str(&json(&p).expect("json")).expect("parse");
+        let v: serde_json::Value =
+            serde_json::from_str(&crate::output::to_json(&p).expect("json")).expect("parse");
         assert_eq!(v["fingerprint"], "A".repeat(52));
         assert_eq!(v["state"], "connected");
         assert_eq!(v["rtt_us"], 1234);

@@ -11,19 +11,12 @@ use std::fmt::Write;
 use std::time::Duration;
 
 /// The status as one pretty-printed JSON object and a newline, with the
-/// sync state under `sync`.
+/// sync state under `sync` ([`crate::output::StatusOutput`]).
 pub fn status_json(status: &Status, sync: &SyncStatus) -> Result<String, String> {
-    let mut v = serde_json::to_value(status)
-        .map_err(|e| format!("cannot encode the status as JSON: {e}"))?;
-    let sync =
-        serde_json::to_value(sync).map_err(|e| format!("cannot encode the status as JSON: {e}"))?;
-    if let Some(obj) = v.as_object_mut() {
-        obj.insert("sync".into(), sync);
-    }
-    let mut s = serde_json::to_string_pretty(&v)
-        .map_err(|e| format!("cannot encode the status as JSON: {e}"))?;
-    s.push('\n');
-    Ok(s)
+    crate::output::to_json(&crate::output::StatusOutput {
+        status: status.clone(),
+        sync: sync.clone(),
+    })
 }
 
 /// The sync part of `status` for people: this device, the local change
@@ -77,7 +70,9 @@ pub fn peer_state(p: &PeerSync, now: i64) -> String {
         };
     }
     let pending = p.pending_out + p.pending_in + p.deferred;
-    if pending == 0 {
+    if pending == 0 && !p.caught_up {
+        "catching up (the peer has not yet said how far its log goes)".into()
+    } else if pending == 0 {
         "in sync".into()
     } else {
         format!(
@@ -443,6 +438,7 @@ mod tests {
             acked_seq: 0,
             applied_seq: 0,
             deferred: 0,
+            caught_up: connected,
         }
     }
 
@@ -461,6 +457,11 @@ mod tests {
             ..peer(false)
         };
         assert_eq!(peer_state(&in_sync, 0), "in sync");
+        let fresh = PeerSync {
+            caught_up: false,
+            ..peer(true)
+        };
+        assert!(peer_state(&fresh, 0).starts_with("catching up"));
         assert_eq!(
             peer_state(&pending, 0),
             "6 changes pending (2 to send, 3 to apply, 1 waiting)"

@@ -94,6 +94,7 @@ impl Control for Fixed {
             acked_seq: 0,
             applied_seq: 0,
             deferred: 0,
+            caught_up: connected,
         };
         ipc_schema::SyncStatus {
             device: "0123456789abcdef".into(),
@@ -103,6 +104,7 @@ impl Control for Fixed {
             partial_files: 1,
             missing_bytes: 1 << 20,
             conflicts: 2,
+            figures_fresh: true,
         }
     }
 
@@ -117,6 +119,20 @@ impl Control for Fixed {
 
     async fn debug_fetches(self, _: Context) -> Vec<ipc_schema::FetchInFlight> {
         Vec::new()
+    }
+
+    /// `/big` is half local; anything else does not exist.
+    async fn prefetch(self, _: Context, paths: Vec<String>) -> Vec<ipc_schema::PrefetchFile> {
+        paths
+            .into_iter()
+            .map(|path| ipc_schema::PrefetchFile {
+                ino: (path == "/big").then_some(7),
+                size: if path == "/big" { 2 << 20 } else { 0 },
+                present_bytes: if path == "/big" { 1 << 20 } else { 0 },
+                error: (path != "/big").then(|| format!("{path}: no such entry (ENOENT)")),
+                path,
+            })
+            .collect()
     }
 
     /// One name without content; `repair` repairs it.
@@ -457,4 +473,92 @@ fn peer_errors_have_their_exit_statuses() {
             assert!(err.contains(says), "{args:?}: {err}");
         }
     }
+}
+
+#[test]
+fn wait_synced_skips_the_unreachable_peer_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("control.sock");
+    let server = serve_once(&sock, false);
+    let out = keibictl(&sock, &["wait", "--synced", "--json", "--timeout", "10s"]);
+    server.join().expect("server thread");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["done"], true);
+    assert_eq!(v["until"], "synced");
+    assert_eq!(v["not_waited_for"][0], "B".repeat(52));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not waiting for peer desk") && err.contains("not connected"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wait_without_syncd_times_out_with_its_own_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("absent.sock");
+    let started = std::time::Instant::now();
+    let out = keibictl(&sock, &["wait", "--timeout", "400ms"]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("keibictl: timed out after 400ms") && last.contains("absent.sock"),
+        "{err}"
+    );
+}
+
+#[test]
+fn prefetch_reports_a_missing_path_and_times_out_on_a_file_that_stays_partial() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("control.sock");
+    let server = serve_once(&sock, false);
+    let out = keibictl(&sock, &["prefetch", "/nope", "--json"]);
+    server.join().expect("server thread");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["done"], false);
+    assert!(
+        v["files"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("ENOENT")),
+        "{v}"
+    );
+
+    let sock = dir.path().join("control2.sock");
+    let server = serve_once(&sock, false);
+    let out = keibictl(&sock, &["prefetch", "/big", "--timeout", "700ms"]);
+    server.join().expect("server thread");
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("/big") && text.contains("fetching"), "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1.0 MiB still missing"), "{err}");
+}
+
+#[test]
+fn wait_stops_at_once_when_syncd_refuses_the_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("control.sock");
+    let server = serve_once(&sock, true);
+    let started = std::time::Instant::now();
+    let out = keibictl(&sock, &["wait", "--timeout", "30s"]);
+    server.join().expect("server thread");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refused the connection") && err.contains("protocol version mismatch"),
+        "{err}"
+    );
 }

@@ -13,7 +13,8 @@
 //! lock) and waits for the store's figures at most [`census::WAIT`]
 //! (then shows them as 0); `not_local` reads the store on the blocking
 //! pool, bounded by the request's deadline; `debug_fetches` copies the
-//! fetcher's registry.
+//! fetcher's registry; `prefetch` resolves paths on the blocking pool and
+//! starts chunk fetches without waiting for them ([`crate::sync::prefetch`]).
 //!
 //! The peer commands talk to the peer manager ([`crate::peer::manager`]):
 //! `peer_list` and `debug_peer_ops` copy its table under a leaf lock;
@@ -26,8 +27,8 @@ use crate::daemon::Daemon;
 use ipc_schema::service::Control;
 use ipc_schema::{
     BenchReport, CheckReport, FetchInFlight, FsError, KEIBI_VERSION, MountStatus, NotLocal,
-    OpInFlight, PROTOCOL_VERSION, PeerCtlError, PeerIdentity, PeerInfo, PeerOpInFlight, Status,
-    SyncStatus, fs_err,
+    OpInFlight, PROTOCOL_VERSION, PeerCtlError, PeerIdentity, PeerInfo, PeerOpInFlight,
+    PrefetchFile, Status, SyncStatus, fs_err,
 };
 use std::sync::Arc;
 use tarpc::context::Context;
@@ -195,5 +196,31 @@ impl Control for ControlServer {
 
     async fn debug_fetches(self, _: Context) -> Vec<FetchInFlight> {
         self.daemon.fetcher.debug_fetches()
+    }
+
+    async fn prefetch(self, ctx: Context, paths: Vec<String>) -> Vec<PrefetchFile> {
+        // Each file's step starts fetches and answers; it never waits for
+        // a chunk (see `sync::prefetch`), only for the store, and that
+        // not past the caller's deadline.
+        let deadline = before_deadline(&ctx);
+        let steps = paths.into_iter().map(|path| {
+            let step = crate::sync::prefetch::step(
+                self.daemon.store.clone(),
+                &self.daemon.fetcher,
+                path.clone(),
+            );
+            async move {
+                match tokio::time::timeout_at(deadline, step).await {
+                    Ok(file) => file,
+                    Err(_) => PrefetchFile {
+                        error: Some(
+                            fs_err!(ETIMEDOUT, "the store did not answer in time").to_string(),
+                        ),
+                        ..crate::sync::prefetch::unknown(path)
+                    },
+                }
+            }
+        });
+        futures::future::join_all(steps).await
     }
 }

@@ -822,3 +822,35 @@ async fn a_failed_eager_fetch_is_retried_when_a_peer_connects() {
 fn write_file(s: &Store, parent: Ino, name: &str, bytes: &[u8]) -> Ino {
     crate::store::test_support::file_with(s, parent, name, bytes, ME, CONN)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_counts_as_caught_up_once_the_peers_caught_up_arrives_and_a_new_one_starts_over()
+{
+    let (a, b) = pair();
+    let caught_up = |n: &Node, fp: &str| n.engine.book.get(fp).is_some_and(|p| p.caught_up);
+    {
+        let (ca, _) = connect(&a, &b);
+        until("both sessions caught up", || {
+            caught_up(&a, "FP-b") && caught_up(&b, "FP-a")
+        })
+        .await;
+        ca.close("cut");
+    }
+    until("the sessions end", || {
+        a.engine.book.get("FP-b").is_some_and(|p| !p.connected)
+            && b.engine.book.get("FP-a").is_some_and(|p| !p.connected)
+    })
+    .await;
+    // `keibictl wait --synced` reads it through `sync_status`: a peer
+    // that is not connected is never caught up there.
+    assert!(caught_up(&a, "FP-b"), "the book keeps the last session's");
+    // A new session starts over, and catches up again.
+    a.engine.book.session_started("FP-b");
+    assert!(!caught_up(&a, "FP-b"), "a new session has not caught up");
+    a.engine.book.session_ended("FP-b");
+    let _link = connect(&a, &b);
+    until("caught up again", || {
+        caught_up(&a, "FP-b") && caught_up(&b, "FP-a")
+    })
+    .await;
+}

@@ -475,6 +475,46 @@ impl Fetcher {
         });
     }
 
+    /// One step of making `ino` local (`Control::prefetch`, called again
+    /// until the file is complete): start fetches of its missing chunks,
+    /// in order, as read-ahead, until `window` of the file's chunks are in
+    /// flight. Chunks already in flight are not asked again; a chunk whose
+    /// fetch failed is asked again by the next step. Answers the presence
+    /// bits as read before the step (`None`: the file is complete).
+    pub async fn prefetch_step(
+        self: &Arc<Self>,
+        ino: Ino,
+        window: usize,
+    ) -> Result<Option<PresentBits>, FsError> {
+        // The flights before the bits: a flight that ends meanwhile marks
+        // its chunk present before it leaves the table, so a chunk missing
+        // from the bits and absent here is not being fetched.
+        let in_air: std::collections::HashSet<u64> = self
+            .lock()
+            .flights
+            .keys()
+            .filter(|k| k.ino == ino)
+            .map(|k| k.index)
+            .collect();
+        let Some(rec) = self.store_call(move |s| s.presence_bits(ino)).await? else {
+            return Ok(None);
+        };
+        let new: Vec<u64> = self
+            .missing(&rec, 0, rec.limit)
+            .into_iter()
+            .filter(|i| !in_air.contains(i))
+            .take(window.saturating_sub(in_air.len()))
+            .collect();
+        if new.is_empty() {
+            return Ok(Some(rec));
+        }
+        let hashes = self.hashes(ino, &rec).await?;
+        for index in new {
+            self.start(self.spec(ino, &rec, &hashes, index), false);
+        }
+        Ok(Some(rec))
+    }
+
     /// The chunk fetches in flight, oldest first.
     pub fn debug_fetches(&self) -> Vec<FetchInFlight> {
         let flights: Vec<(ChunkKey, Arc<Flight>)> = self

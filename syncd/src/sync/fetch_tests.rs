@@ -356,7 +356,12 @@ async fn a_chunk_in_flight_is_fetched_once_for_every_reader() {
             })
         })
         .collect();
-    until("the peer was asked", || !asked(&f.servers[0]).is_empty()).await;
+    // Reader 0 reads ahead; the flight turns demanded when reader 1 or 2
+    // joins it, which may come after the peer was asked.
+    until("the peer was asked and a demanding reader joined", || {
+        !asked(&f.servers[0]).is_empty() && f.fetcher.debug_fetches().iter().any(|x| x.demanded)
+    })
+    .await;
     let fetches = f.fetcher.debug_fetches();
     assert_eq!(fetches.len(), 1, "{fetches:?}");
     assert_eq!((fetches[0].ino, fetches[0].chunk), (INO.0, 0));
@@ -721,4 +726,46 @@ async fn a_demanded_chunk_overtakes_the_read_ahead_queued_before_it() {
     let mut all = asked(&f.servers[0]);
     all.sort();
     assert_eq!(all, (0..10).collect::<Vec<u64>>(), "each chunk asked once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetch_step_keeps_at_most_its_window_in_flight_and_steps_complete_the_file() {
+    // Ten chunks, the server's gate shut: the first step starts two.
+    let size = 10 * CHUNK_SIZE;
+    let f = fixture(size, &[Serves::Good], false, cfg(8, 0));
+    let bits = f.fetcher.prefetch_step(INO, 2).await.expect("step");
+    assert!(bits.is_some_and(|b| !b.complete()), "partial before");
+    until("two chunks are asked", || asked(&f.servers[0]).len() == 2).await;
+    // A second step while both are in the air starts nothing new.
+    f.fetcher.prefetch_step(INO, 2).await.expect("step");
+    assert_eq!(f.fetcher.debug_fetches().len(), 2);
+    let mut first = asked(&f.servers[0]);
+    first.sort();
+    assert_eq!(first, vec![0, 1], "the first chunks, in order");
+    // Open the gate and step until the file is complete.
+    f.gate.send_replace(true);
+    let give_up = Instant::now() + Duration::from_secs(20);
+    loop {
+        if f.fetcher
+            .prefetch_step(INO, 2)
+            .await
+            .expect("step")
+            .is_none()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "the steps never completed the file"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(f.store.rec().is_none(), "complete");
+    assert!(
+        f.store.bytes() == content(size),
+        "the peer's bytes, every chunk"
+    );
+    let mut all = asked(&f.servers[0]);
+    all.sort();
+    assert_eq!(all, (0..10).collect::<Vec<_>>(), "each chunk asked once");
 }

@@ -27,6 +27,7 @@ pub mod local;
 pub mod merge;
 #[allow(dead_code)]
 pub mod model;
+pub mod prefetch;
 pub mod session;
 pub mod status;
 pub mod wired;

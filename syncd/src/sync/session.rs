@@ -160,7 +160,10 @@ async fn session(engine: &Arc<SyncEngine>, conn: &PeerConn, fp: &str) -> String 
                     }
                     Ok(Some(IndexItem::CaughtUp { seq })) => {
                         progress.seen(seq);
-                        engine.book.update(fp, |p| p.peer_seq = p.peer_seq.max(seq));
+                        engine.book.update(fp, |p| {
+                            p.peer_seq = p.peer_seq.max(seq);
+                            p.caught_up = true;
+                        });
                     }
                     Ok(None) => break,
                     Err(e) => {

@@ -38,6 +38,9 @@ pub struct PeerProgress {
     pub applied_seq: u64,
     /// Records of the peer waiting here (parent missing, busy, ...).
     pub deferred: u64,
+    /// The peer's first `CaughtUp` of the running session arrived, so
+    /// `peer_seq` is this session's (cleared when a session starts).
+    pub caught_up: bool,
 }
 
 /// The per-peer progress, by fingerprint (see the module doc).
@@ -68,6 +71,7 @@ impl PeerBook {
             p.sessions += 1;
             p.connected = true;
             p.unreachable_since = None;
+            p.caught_up = false;
         });
     }
 
@@ -163,9 +167,11 @@ pub fn sync_status(
                 acked_seq: progress.sent_seq,
                 applied_seq: progress.applied_seq,
                 deferred: progress.deferred,
+                caught_up: connected && progress.caught_up,
             }
         })
         .collect();
+    let figures_fresh = figures.is_some();
     let (dirty, partial_files, missing_bytes) = figures.unwrap_or_default();
     SyncStatus {
         device: engine.device().hex(),
@@ -175,6 +181,7 @@ pub fn sync_status(
         partial_files,
         missing_bytes,
         conflicts: engine.conflicts.load(Ordering::Relaxed),
+        figures_fresh,
     }
 }
 
@@ -214,8 +221,11 @@ mod tests {
         let p = book.get("p").expect("known");
         assert!(!p.connected);
         assert!(p.unreachable_since.is_some());
+        book.update("p", |p| p.caught_up = true);
         book.session_started("p");
-        assert_eq!(book.get("p").expect("known").unreachable_since, None);
+        let p = book.get("p").expect("known");
+        assert_eq!(p.unreachable_since, None);
+        assert!(!p.caught_up, "a new session has not caught up yet");
         // A replaced connection's session ends after its successor started.
         book.session_started("p");
         book.session_ended("p");
