@@ -325,8 +325,7 @@ impl Store {
         inos: &[Ino],
         until: std::time::Instant,
     ) -> Result<usize, FsError> {
-        let mut freed = Vec::new();
-        {
+        let freed = {
             let mut opens = self.lock_opens();
             if std::time::Instant::now() >= until {
                 return Err(fs_err!(
@@ -335,14 +334,13 @@ impl Store {
                     inos.len()
                 ));
             }
-            for &ino in inos {
-                if opens.forget(ino, conn)
-                    && let Some((kind, generation)) = self.free_if_orphan(ino.0)?
-                {
-                    freed.push((ino.0, kind, generation));
-                }
-            }
-        }
+            let settled: Vec<u64> = inos
+                .iter()
+                .filter(|&&ino| opens.forget(ino, conn))
+                .map(|ino| ino.0)
+                .collect();
+            self.free_orphans_of(&settled)?
+        };
         for &(ino, kind, generation) in &freed {
             self.purge(ino, kind, generation);
         }
@@ -374,6 +372,41 @@ impl Store {
                 Ok(Some((rec.kind, rec.generation)))
             }
             _ => Ok(None),
+        })
+    }
+
+    /// [`Store::free_if_orphan`] of each of `inos` (neither open nor
+    /// referenced), in one transaction: a `forget` batch after `rm` of
+    /// many files frees them all with one store transaction, not one
+    /// each. Answers what was freed (purge it after unlocking). If the
+    /// transaction fails nothing is freed; the orphans stay marked, and
+    /// the next start frees them ([`Store::free_orphans`]).
+    fn free_orphans_of(&self, inos: &[u64]) -> Result<Vec<(u64, FileKind, u64)>, FsError> {
+        let mut candidates = Vec::new();
+        for &ino in inos {
+            if let Some(rec) = self.read_inode(ino)?
+                && rec.nlink == 0
+                && !rec.is_dir()
+            {
+                candidates.push(ino);
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.tx(|t| {
+            let mut freed = Vec::new();
+            for &ino in &candidates {
+                if let Some(rec) = t.inode(ino)?
+                    && rec.nlink == 0
+                    && !rec.is_dir()
+                {
+                    t.drop_inode(ino)?;
+                    t.mark_dirty(ino)?;
+                    freed.push((ino, rec.kind, rec.generation));
+                }
+            }
+            Ok(freed)
         })
     }
 
