@@ -785,6 +785,47 @@ mod tests {
         assert!(!content_exists(&d, ino));
     }
 
+    /// A forget of many orphans (what mountd sends after `rm *`) frees
+    /// them all in one store transaction, and leaves the linked and the
+    /// open ones alone.
+    #[test]
+    fn forget_frees_its_orphans_in_one_transaction() {
+        let (d, s, conn, linked) = mounted_file("linked");
+        let mut orphans = Vec::new();
+        for i in 0..5 {
+            let name = Name::from(format!("f{i}").as_str());
+            let f = s
+                .create(
+                    Ino::ROOT,
+                    &name,
+                    0o644,
+                    libc::O_RDWR | libc::O_CREAT,
+                    ME,
+                    conn,
+                )
+                .expect("create");
+            s.release(f.opened.handle).expect("release");
+            s.unlink_by(Some(conn), Ino::ROOT, &name).expect("unlink");
+            orphans.push(f.opened.attr.ino);
+        }
+        let open = orphans[4];
+        let h = s.open(open, libc::O_RDONLY, conn).expect("open");
+        let mut inos = orphans.clone();
+        inos.push(linked);
+        let before = s.transactions();
+        assert_eq!(s.forget(conn, &inos, far()).expect("forget"), 4);
+        assert_eq!(s.transactions() - before, 1, "one transaction for all");
+        s.settle();
+        for &ino in &orphans[..4] {
+            assert_eq!(s.getattr(ino).map_err(|e| e.errno), Err(libc::ENOENT));
+            assert!(!content_exists(&d, ino), "space returned");
+        }
+        assert!(s.getattr(linked).is_ok(), "a linked file stays");
+        assert_eq!(s.getattr(open).expect("open orphan").nlink, 0);
+        s.release(h.opened.handle).expect("release");
+        assert_eq!(s.getattr(open).map_err(|e| e.errno), Err(libc::ENOENT));
+    }
+
     /// A forget that syncd gets after its deadline is not applied (mountd
     /// sends it again; see `Store::forget`).
     #[test]

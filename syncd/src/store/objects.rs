@@ -267,6 +267,9 @@ pub(crate) struct Index {
     /// Tests: see [`Store::set_log_read_hook`].
     #[cfg(test)]
     log_read_hook: Mutex<Option<LogReadHook>>,
+    /// Tests: sled transactions run by the store ([`Store::transactions`]).
+    #[cfg(test)]
+    pub(crate) transactions: AtomicU64,
 }
 
 /// Tests: called by [`Store::changes_since`] between reading a log entry
@@ -320,6 +323,8 @@ impl Index {
             seq_watch: tokio::sync::watch::Sender::new(seq),
             #[cfg(test)]
             log_read_hook: Mutex::new(None),
+            #[cfg(test)]
+            transactions: AtomicU64::new(0),
         })
     }
 
@@ -608,6 +613,8 @@ impl Store {
         if batch.is_empty() {
             return Ok(first - 1);
         }
+        #[cfg(test)]
+        ix.transactions.fetch_add(1, Ordering::Relaxed);
         let items: Vec<(u64, [u8; 8], Vec<u8>, &DirtyMark, &ObjRec)> = batch
             .iter()
             .zip(first..)
@@ -751,6 +758,13 @@ impl Store {
             .flatten()
             .and_then(|(k, _)| be_u64(&k))
             .unwrap_or(0)
+    }
+
+    /// Tests: how many sled transactions the store has run (filesystem
+    /// operations' and the versioner's commits).
+    #[cfg(test)]
+    pub(crate) fn transactions(&self) -> u64 {
+        self.idx.transactions.load(Ordering::Relaxed)
     }
 
     /// Tests: call `hook(seq, gid)` in [`Store::changes_since`] between

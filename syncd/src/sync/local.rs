@@ -34,7 +34,12 @@
 //! content generation, size, mtime and presence are still those hashed,
 //! else it is hashed again there, as smaller files are.
 //!
-//! After each version the new local sequence number is published (waking
+//! The inodes of a round are decided in groups under one hold of the
+//! index lock, and each group's new versions are committed in one store
+//! transaction ([`version_dirty`]); while changes keep coming, rounds start
+//! at most every [`COALESCE`], so a burst is versioned in few rounds.
+//!
+//! After each group the new local sequence number is published (waking
 //! the index streams that serve peers, so the change is announced at
 //! once), and after each round the sessions are told (so records refused
 //! as `Busy` are retried).
@@ -623,6 +628,46 @@ mod tests {
             // The versioner recorded v2 meanwhile: its hashes are reused.
             assert!(reusable(&obj_now(&store, ino), now));
         }
+    }
+
+    /// A burst of changes is versioned in a few store transactions, not
+    /// one per change: the versioner commits what a round decided
+    /// together. (The files are made while the index lock is held, so no
+    /// round versions any of them before all are there.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_changes_is_versioned_in_a_few_transactions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::load(dir.path(), (4321, 8765)).expect("store"));
+        store.connect(CONN);
+        let engine = SyncEngine::start(store.clone(), DeviceId([1; 8])).expect("engine");
+        let (inos, before) = {
+            let _index = engine.lock_index();
+            let inos: Vec<Ino> = (0..40)
+                .map(|i| file_with(&store, Ino::ROOT, &format!("f{i}"), b"x", ME, CONN))
+                .collect();
+            (inos, store.transactions())
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let all_versioned = || {
+            store.dirty_count() == 0
+                && inos.iter().all(|&ino| {
+                    let gid = store.gid_of(ino).expect("gid");
+                    store
+                        .object(&gid)
+                        .expect("object")
+                        .is_some_and(|r| !r.deleted && r.size == 1)
+                })
+        };
+        while !all_versioned() {
+            assert!(Instant::now() < deadline, "timed out: every file versioned");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let used = store.transactions() - before;
+        assert!(
+            used <= 3,
+            "40 new files versioned with {used} store transactions"
+        );
+        assert_eq!(store.local_seq(), 40, "one version each");
     }
 
     fn obj_now(store: &Store, ino: Ino) -> LocalObject {
