@@ -233,6 +233,10 @@ impl From<FsError> for ApplyError {
     }
 }
 
+/// A version to commit in [`Store::commit_local_batch`]: its sequence
+/// number, its inode's key, its encoded record, its dirty mark, the record.
+type Numbered<'a> = (u64, [u8; 8], Vec<u8>, &'a DirtyMark, &'a ObjRec);
+
 /// Key of `meta` holding the device this store is tied to.
 const META_DEVICE: &[u8] = b"device";
 
@@ -615,7 +619,8 @@ impl Store {
         }
         #[cfg(test)]
         ix.transactions.fetch_add(1, Ordering::Relaxed);
-        let items: Vec<(u64, [u8; 8], Vec<u8>, &DirtyMark, &ObjRec)> = batch
+        // Each version with its number, its inode's key and its encoding.
+        let items: Vec<Numbered<'_>> = batch
             .iter()
             .zip(first..)
             .map(|((mark, rec), seq)| (seq, ino_key(mark.ino.0), enc(rec), mark, rec))
