@@ -14,7 +14,9 @@
 #                 page cache dropped first, every byte fetched from alice
 #                 and verified), next to the same file read through sshfs
 #                 from an sshd on 127.0.0.1; MB/s (10^6 bytes/s) and the
-#                 keibi/sshfs ratio (goal: at least 4)
+#                 keibi/sshfs ratio (goal: at least 4), and the CPU
+#                 seconds per GiB of alice's syncd, bob's syncd and bob's
+#                 mountd during the read (user + system, /proc/PID/stat)
 #   one-chunk     4 KiB overwritten in the middle of that file on alice;
 #   edit          the bytes bob received from alice (keibictl peer list
 #                 --json, bytes_received) until bob reads the new bytes,
@@ -174,7 +176,24 @@ if ! keibi_poll 60 size_is "$bob/big.bin" $((size_mib * 1024 * 1024)); then
     exit 1
 fi
 drop_caches
+# CPU seconds (user + system) each daemon spends on the read: the cost per
+# GiB, which unlike MB/s does not depend on what else the machine runs.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+cpu_pids=("${KEIBI_NODE_SYNCD_PID[alice]}" "${KEIBI_NODE_SYNCD_PID[bob]}" "${KEIBI_NODE_MOUNTD_PID[bob]}")
+cpu_before=()
+for p in "${cpu_pids[@]}"; do cpu_before+=("$(cpu_ticks "$p")"); done
 keibi_mbps="$(read_mbps "$bob/big.bin")"
+cpu_after=()
+for p in "${cpu_pids[@]}"; do cpu_after+=("$(cpu_ticks "$p")"); done
+cpu_line="$(python3 - "$(getconf CLK_TCK)" "$size_mib" "${cpu_before[@]}" "${cpu_after[@]}" <<'PY'
+import sys
+hz, mib = int(sys.argv[1]), int(sys.argv[2])
+b, a = list(map(int, sys.argv[3:6])), list(map(int, sys.argv[6:9]))
+per = [(y - x) / hz / (mib / 1024) for x, y in zip(b, a)]
+print(f"CPU s per GiB read: alice's syncd {per[0]:.2f}, bob's syncd {per[1]:.2f}, bob's mountd {per[2]:.2f}, total {sum(per):.2f}")
+PY
+)"
+echo "$cpu_line"
 if ! cmp -s "$KEIBI_WORK/big.src" "$bob/big.bin"; then
     echo "sync.sh: big.bin read on bob differs from what alice wrote" >&2
     exit 1
@@ -238,6 +257,7 @@ echo "bytes bob received from alice for the edit: $moved (file: $((size_mib * 10
 
 echo
 echo "== summary"
+echo "$cpu_line"
 python3 - "$keibi_mbps" "${sshfs_mbps:-0}" "$moved" "$size_mib" <<'PY'
 import sys
 k, s, moved, mib = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

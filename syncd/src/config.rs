@@ -10,6 +10,7 @@
 //! users and groups are resolved here, so a typo stops syncd before it
 //! binds anything.
 
+use crate::channel::AeadKind;
 use clap::Parser;
 use ipc_schema::logging::LogTarget;
 use ipc_schema::metrics_endpoint::Endpoint;
@@ -159,6 +160,7 @@ struct FileConfig {
     peer_reconnect_max: Option<String>,
     peer_rekey_bytes: Option<u64>,
     peer_rekey_interval: Option<String>,
+    peer_aead: Option<String>,
     eager_fetch_max: Option<u64>,
     fetch_parallel: Option<usize>,
     fetch_readahead_max: Option<u64>,
@@ -202,6 +204,10 @@ pub struct Config {
     /// Time after which a direction changes its key
     /// (`peer_rekey_interval`).
     pub peer_rekey_interval: Duration,
+    /// The transport AEAD this machine offers peers (`peer_aead`): `None`
+    /// for `auto` (AES-256-GCM first when the CPU has it in hardware,
+    /// then ChaCha20-Poly1305), or the only one it offers.
+    pub peer_aead: Option<AeadKind>,
     /// Files from a peer up to this size are fetched whole as soon as
     /// their version arrives (`eager_fetch_max`); larger ones on demand.
     pub eager_fetch_max: u64,
@@ -272,6 +278,16 @@ impl Config {
                 "peer_rekey_bytes = {peer_rekey_bytes} is below the minimum, {MIN_PEER_REKEY_BYTES}"
             ));
         }
+        let peer_aead = match file.peer_aead.as_deref() {
+            None | Some("auto") => None,
+            Some(name) => Some(AeadKind::from_name(name).ok_or_else(|| {
+                format!(
+                    "peer_aead = {name:?} is not one of \"auto\", \"{}\", \"{}\"",
+                    AeadKind::ChaCha20Poly1305,
+                    AeadKind::Aes256Gcm
+                )
+            })?),
+        };
         let fetch_parallel = file.fetch_parallel.unwrap_or(DEFAULT_FETCH_PARALLEL);
         if !(1..=MAX_FETCH_PARALLEL).contains(&fetch_parallel) {
             return Err(format!(
@@ -307,6 +323,7 @@ impl Config {
                 file.peer_rekey_interval,
                 DEFAULT_PEER_REKEY_INTERVAL,
             )?,
+            peer_aead,
             state_dir: cli
                 .state_dir
                 .clone()
@@ -378,6 +395,10 @@ impl Config {
         t.insert(
             "peer_rekey_interval".into(),
             duration(self.peer_rekey_interval),
+        );
+        t.insert(
+            "peer_aead".into(),
+            text(self.peer_aead.map_or("auto", |k| k.name()).to_string()),
         );
         t.insert("eager_fetch_max".into(), int(self.eager_fetch_max));
         t.insert("fetch_parallel".into(), int(self.fetch_parallel as u64));
@@ -615,6 +636,31 @@ mod tests {
         // A negative count is no u64: refused by the TOML layer, naming the key.
         let err = toml::from_str::<FileConfig>("peer_rekey_bytes = -1").expect_err("negative");
         assert!(err.to_string().contains("peer_rekey_bytes"), "{err}");
+    }
+
+    #[test]
+    fn peer_aead_is_auto_by_default_and_names_one_kind() {
+        let c = Config::merge(&Cli::default(), FileConfig::default()).expect("config");
+        assert_eq!(c.peer_aead, None);
+        for (line, want) in [
+            ("peer_aead = \"auto\"", None),
+            (
+                "peer_aead = \"chacha20-poly1305\"",
+                Some(AeadKind::ChaCha20Poly1305),
+            ),
+            ("peer_aead = \"aes-256-gcm\"", Some(AeadKind::Aes256Gcm)),
+        ] {
+            let file: FileConfig = toml::from_str(line).expect("toml");
+            let c = Config::merge(&Cli::default(), file).expect(line);
+            assert_eq!(c.peer_aead, want, "{line}");
+            assert!(c.effective_toml().contains(line), "{line}");
+        }
+        let file: FileConfig = toml::from_str("peer_aead = \"aes\"").expect("toml");
+        let err = Config::merge(&Cli::default(), file).expect_err("unknown kind");
+        assert!(
+            err.contains("peer_aead = \"aes\"") && err.contains("chacha20-poly1305"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -228,6 +228,7 @@ fn main() -> ExitCode {
                 handshake_timeout: config.peer_timeout,
                 rekey_bytes: config.peer_rekey_bytes,
                 rekey_interval: config.peer_rekey_interval,
+                aeads: channel::aead_offer(config.peer_aead),
             },
             conn: peer::conn::ConnConfig {
                 keepalive_timeout: config.peer_timeout,

@@ -59,6 +59,8 @@ pub struct NodeConfig {
     pub port: Option<u16>,
     /// Extra environment for syncd (test hooks).
     pub env: Vec<(String, String)>,
+    /// `peer_aead` (syncd's default, `auto`, when `None`).
+    pub aead: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -71,6 +73,7 @@ impl Default for NodeConfig {
             listen: true,
             port: None,
             env: Vec::new(),
+            aead: None,
         }
     }
 }
@@ -164,6 +167,9 @@ impl PeerNode {
         }
         if let Some(d) = self.cfg.rekey_interval {
             text.push_str(&format!("peer_rekey_interval = \"{}\"\n", duration_arg(d)));
+        }
+        if let Some(a) = &self.cfg.aead {
+            text.push_str(&format!("peer_aead = \"{a}\"\n"));
         }
         std::fs::write(self.config_path(), text).expect("write syncd.toml");
         std::fs::set_permissions(self.config_path(), std::fs::Permissions::from_mode(0o644))

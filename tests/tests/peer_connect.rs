@@ -6,7 +6,9 @@
 //! version mismatch is refused naming both versions; rekeying under load
 //! loses and duplicates nothing (the bench checks every byte of the `Bulk`
 //! pattern); `keibictl debug ops` shows a running bench on both sides, and
-//! a small request is not starved by it.
+//! a small request is not starved by it; the cipher is AES-256-GCM only
+//! when both machines prefer it, and two machines without a cipher in
+//! common are refused.
 //!
 //! Bounds on detection are generous multiples of `peer_timeout` (never a
 //! tight timing assertion); where "at once" must be told apart from the
@@ -361,4 +363,84 @@ fn debug_ops_shows_a_bench_in_flight_a_small_request_passes_it_and_remove_ends_i
         serde_json::json!([]),
         "nothing left in flight"
     );
+}
+
+/// This CPU's AES instructions, read from /proc/cpuinfo independently of
+/// syncd's own detection: what `peer_aead = "auto"` must prefer here.
+fn cpu_has_aes() -> bool {
+    let info = std::fs::read_to_string("/proc/cpuinfo").expect("read /proc/cpuinfo");
+    let flags = info
+        .lines()
+        .find(|l| l.starts_with("flags") || l.starts_with("Features"))
+        .unwrap_or("");
+    let has = |f: &str| flags.split_whitespace().any(|w| w == f);
+    if cfg!(target_arch = "x86_64") {
+        has("aes") && has("pclmulqdq")
+    } else {
+        has("aes")
+    }
+}
+
+/// The `aead=` of `node`'s "peer connected" line for `other`.
+fn connected_aead(node: &PeerNode, other: &PeerNode) -> String {
+    let log = node.wait_log("a 'peer connected' line", CONNECT, |log| {
+        log.lines()
+            .any(|l| l.contains("peer connected") && l.contains(other.fingerprint()))
+    });
+    let line = log
+        .lines()
+        .find(|l| l.contains("peer connected") && l.contains(other.fingerprint()))
+        .expect("found above");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("aead="))
+        .unwrap_or_else(|| panic!("no aead= in {line}"))
+        .trim_matches('"')
+        .to_string()
+}
+
+#[test]
+fn the_cipher_is_aes_gcm_only_when_both_machines_prefer_it() {
+    let _w = Watchdog::arm("peer-aead", Duration::from_secs(180));
+    let auto = if cpu_has_aes() {
+        "aes-256-gcm"
+    } else {
+        "chacha20-poly1305"
+    };
+    let with = |aead: Option<&str>| NodeConfig {
+        aead: aead.map(str::to_string),
+        ..NodeConfig::default()
+    };
+    for (a_cfg, b_cfg, want) in [
+        (None, None, auto),
+        (None, Some("chacha20-poly1305"), "chacha20-poly1305"),
+        (Some("aes-256-gcm"), None, "aes-256-gcm"),
+    ] {
+        let a = PeerNode::start("alice", with(a_cfg));
+        let b = PeerNode::start("bob", with(b_cfg));
+        pair(&a, &b);
+        a.wait_connected(&b, CONNECT);
+        b.wait_connected(&a, CONNECT);
+        assert_eq!(connected_aead(&a, &b), want, "{a_cfg:?} / {b_cfg:?}");
+        assert_eq!(connected_aead(&b, &a), want, "{a_cfg:?} / {b_cfg:?}");
+        // Data crosses under it: the bench checks every byte it gets.
+        let r = a.bench(b.fingerprint(), 4 << 20, 2);
+        assert_eq!(u64_field(&r, "bytes"), 4 << 20, "{r}");
+    }
+    // Nothing in common: refused on both sides, naming both offers.
+    let a = PeerNode::start("alice", with(Some("aes-256-gcm")));
+    let b = PeerNode::start("bob", with(Some("chacha20-poly1305")));
+    pair(&a, &b);
+    for (node, other) in [(&a, &b), (&b, &a)] {
+        node.wait_log("the refusal for want of a common AEAD", CONNECT, |log| {
+            log.lines().any(|l| l.contains("no common AEAD"))
+        });
+        assert!(
+            !node
+                .log()
+                .lines()
+                .any(|l| l.contains("peer connected") && l.contains(other.fingerprint())),
+            "{}: connected without a common AEAD",
+            node.name()
+        );
+    }
 }

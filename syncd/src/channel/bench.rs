@@ -6,19 +6,17 @@
 //! ```
 //!
 //! `bench_seal_open_in_memory` seals and opens 256 KiB DATA frames on one
-//! thread (the CPU cost of a frame at both ends); `bench_channel_over_tcp`
+//! thread, with each AEAD (the CPU cost of a frame at both ends); `bench_channel_over_tcp`
 //! sends them through a real channel on 127.0.0.1 with the sender and the
 //! receiver on separate tokio worker threads (what one peer connection
 //! can carry when crypto is the limit). Each prints wall-clock MB/s and
 //! MB per CPU second (thread or process CPU time), the second being the
 //! meaningful one on a machine shared with other work.
 
+use super::aead::{Aead, AeadKind};
 use super::frame::{self, FrameType};
-use super::resolver::nonce;
 use super::transport;
 use super::{ChannelConfig, MAX_PAYLOAD};
-use chacha20poly1305::ChaCha20Poly1305;
-use chacha20poly1305::aead::{AeadInOut, KeyInit};
 use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
@@ -61,10 +59,16 @@ fn report(what: &str, bytes: usize, took: Duration) {
 #[test]
 #[ignore = "benchmark: run with --release --ignored --nocapture"]
 fn bench_seal_open_in_memory() {
+    for kind in AeadKind::ALL {
+        seal_open_in_memory(kind);
+    }
+}
+
+fn seal_open_in_memory(kind: AeadKind) {
     let cfg = ChannelConfig::default();
     let key = Zeroizing::new([7u8; 32]);
-    let (mut sealer, _) = transport::pair(key.clone(), Zeroizing::new([0; 32]), &cfg);
-    let (_, mut opener) = transport::pair(Zeroizing::new([1; 32]), key, &cfg);
+    let (mut sealer, _) = transport::pair(kind, key.clone(), Zeroizing::new([0; 32]), &cfg);
+    let (_, mut opener) = transport::pair(kind, Zeroizing::new([1; 32]), key, &cfg);
     let payload = vec![0x5au8; MAX_PAYLOAD];
     let mut wire = Vec::with_capacity(super::MAX_FRAME + 64);
     let mut body = Vec::with_capacity(super::MAX_FRAME);
@@ -90,25 +94,22 @@ fn bench_seal_open_in_memory() {
     let cpu = cpu_time(libc::CLOCK_THREAD_CPUTIME_ID) - cpu0;
     // The ceiling in the same run: the bare AEAD in place on 256 KiB
     // buffers (encrypt, then decrypt), no framing, no copies.
-    let aead = ChaCha20Poly1305::new(&[7u8; 32].into());
+    let aead = Aead::new(kind, &[7u8; 32]);
     let mut buf = vec![0x5au8; MAX_PAYLOAD];
     let bare = Instant::now();
     let bare_cpu0 = cpu_time(libc::CLOCK_THREAD_CPUTIME_ID);
     for n in 0..frames as u64 {
-        let tag = aead
-            .encrypt_inout_detached(&nonce(n), b"", buf.as_mut_slice().into())
-            .expect("encrypt");
-        aead.decrypt_inout_detached(&nonce(n), b"", buf.as_mut_slice().into(), &tag)
-            .expect("decrypt");
+        let tag = aead.seal(n, b"", &mut buf).expect("encrypt");
+        aead.open(n, b"", &mut buf, &tag).expect("decrypt");
     }
     let bare_took = bare.elapsed();
     let bare_cpu = cpu_time(libc::CLOCK_THREAD_CPUTIME_ID) - bare_cpu0;
-    let what = "bare ChaCha20-Poly1305 encrypt+decrypt in place, 1 thread";
-    report(what, frames * MAX_PAYLOAD, bare_took);
-    report_cpu(what, frames * MAX_PAYLOAD, bare_cpu);
-    let what = "seal+open in memory, 1 thread";
-    report(what, frames * MAX_PAYLOAD, took);
-    report_cpu(what, frames * MAX_PAYLOAD, cpu);
+    let what = format!("bare {kind} encrypt+decrypt in place, 1 thread");
+    report(&what, frames * MAX_PAYLOAD, bare_took);
+    report_cpu(&what, frames * MAX_PAYLOAD, bare_cpu);
+    let what = format!("{kind} seal+open in memory, 1 thread");
+    report(&what, frames * MAX_PAYLOAD, took);
+    report_cpu(&what, frames * MAX_PAYLOAD, cpu);
 }
 
 #[test]
@@ -120,7 +121,9 @@ fn bench_channel_over_tcp() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let (mut i, mut r) = super::tests::established(&ChannelConfig::default()).await;
+        let cfg = ChannelConfig::default();
+        let (mut i, mut r) = super::tests::established(&cfg).await;
+        eprintln!("AEAD: {} (offered: {:?})", i.aead, cfg.aeads);
         let frames = TOTAL / MAX_PAYLOAD;
         let start = Instant::now();
         let cpu0 = cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID);

@@ -15,6 +15,7 @@
 //! ordinary test run stays short); `scripts/fuzz.sh` runs a long one.
 //! The tests are named `fuzz_` so that script can select them.
 
+use super::aead::AeadKind;
 use super::frame::{self, FrameType};
 use super::transport::{self, Opener};
 use super::{ChannelConfig, MAX_FRAME};
@@ -148,15 +149,24 @@ fn test_cfg() -> ChannelConfig {
         // Small, so that streams carry REKEY frames too.
         rekey_bytes: 3000,
         rekey_interval: Duration::from_secs(3600),
+        aeads: vec![AeadKind::ChaCha20Poly1305],
+    }
+}
+
+fn kind(aes: bool) -> AeadKind {
+    if aes {
+        AeadKind::Aes256Gcm
+    } else {
+        AeadKind::ChaCha20Poly1305
     }
 }
 
 /// A sealed stream of `bodies` as DATA frames (REKEY frames slip in on
 /// their own), and an opener for it.
-fn sealed(bodies: &[Vec<u8>], key: [u8; 32]) -> (Vec<u8>, Opener) {
+fn sealed(bodies: &[Vec<u8>], key: [u8; 32], kind: AeadKind) -> (Vec<u8>, Opener) {
     let cfg = test_cfg();
-    let (mut sealer, _) = transport::pair(Zeroizing::new(key), Zeroizing::new([0; 32]), &cfg);
-    let (_, opener) = transport::pair(Zeroizing::new([1; 32]), Zeroizing::new(key), &cfg);
+    let (mut sealer, _) = transport::pair(kind, Zeroizing::new(key), Zeroizing::new([0; 32]), &cfg);
+    let (_, opener) = transport::pair(kind, Zeroizing::new([1; 32]), Zeroizing::new(key), &cfg);
     let mut stream = Vec::new();
     for b in bodies {
         sealer.seal(FrameType::Data, b, &mut stream).expect("seal");
@@ -180,10 +190,11 @@ fn fuzz_frame_decoder_mutated_frames() {
         bodies(),
         any::<[u8; 32]>(),
         prop::collection::vec(mutation(), 0..4),
+        any::<bool>(),
     );
     let mut runner = runner();
-    let result = runner.run(&strategy, |(bodies, key, mutations)| {
-        let (mut stream, mut opener) = sealed(&bodies, key);
+    let result = runner.run(&strategy, |(bodies, key, mutations, aes)| {
+        let (mut stream, mut opener) = sealed(&bodies, key, kind(aes));
         // Unmutated, everything opens, in order, REKEYs included.
         let expected = decode_all(&stream, &mut opener.clone_for_test())?;
         let data: Vec<&[u8]> = expected
@@ -218,16 +229,21 @@ fn fuzz_frame_decoder_random_bytes() {
         prop::collection::vec(any::<u8>(), 0..4096),
         any::<[u8; 32]>(),
         any::<bool>(),
+        any::<bool>(),
     );
     let mut runner = runner();
-    let result = runner.run(&strategy, |(mut bytes, key, plausible)| {
+    let result = runner.run(&strategy, |(mut bytes, key, plausible, aes)| {
         if plausible && bytes.len() >= 4 {
             // A believable length prefix, so the body reaches the opener.
             let len = (bytes.len() - 4).max(frame::MIN_FRAME) as u32;
             bytes[..4].copy_from_slice(&len.to_be_bytes());
         }
-        let (_, mut opener) =
-            transport::pair(Zeroizing::new([1; 32]), Zeroizing::new(key), &test_cfg());
+        let (_, mut opener) = transport::pair(
+            kind(aes),
+            Zeroizing::new([1; 32]),
+            Zeroizing::new(key),
+            &test_cfg(),
+        );
         let opened = decode_all(&bytes, &mut opener)?;
         prop_assert!(opened.is_empty(), "random bytes opened");
         Ok(())

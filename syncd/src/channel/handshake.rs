@@ -4,11 +4,13 @@
 //! initiator (dials)                                   responder (listens)
 //! 1  -> e                    payload Msg1 { mlkem_ek }          (clear, hashed)
 //! 2  <- e, ee, s, es         payload Hello { min, max, software, mlkem_ct }
-//!                                                               (encrypted)
+//!                                    || Offer { aeads }         (encrypted)
 //!    initiator: fingerprint(rs) == the peer it dialed? else WrongPeer
-//! 3  -> s, se                payload Hello { min, max, software } (encrypted)
+//! 3  -> s, se                payload Hello { min, max, software }
+//!                                    || Offer { aeads }         (encrypted)
 //!    responder: is_paired(fingerprint(rs))? else NotPaired
 //!    both: version = min(max_a, max_b) if the ranges meet, else Version
+//!    both: aead = aead::choose(offer_a, offer_b), else Aead
 //!    both: k = HKDF-SHA256(salt = h, ikm = k_i2r || k_r2i || ss)
 //!          -> "keibi v1 i2r", "keibi v1 r2i"
 //! 4  <-> READY frame each way, sealed with the new keys (key confirmation)
@@ -24,9 +26,15 @@
 //! forge Noise's encryption) leaves the two sides with different keys,
 //! and the READY frame fails to open.
 //!
+//! `Offer` follows the Hello in the same payload. A keibi without it
+//! (before the AEAD choice existed) stops decoding at the Hello's end and
+//! never reads it; a Hello without it is an offer of ChaCha20-Poly1305
+//! alone. Either way the two sides agree on ChaCha20-Poly1305.
+//!
 //! The whole exchange, READY frames included, runs under
 //! `ChannelConfig::handshake_timeout`.
 
+use super::aead::{self, AeadKind};
 use super::frame::{self, FrameType, MAX_HANDSHAKE_MSG};
 use super::resolver::KeibiResolver;
 use super::transport::{self, SecureReceiver, SecureSender};
@@ -74,6 +82,44 @@ struct Hello {
     mlkem_ct: Vec<u8>,
 }
 
+/// Follows the [`Hello`] in messages 2 and 3: the transport AEADs the
+/// sender accepts, as [`aead::AeadKind::id`] bytes, in its order of
+/// preference.
+#[derive(Serialize, Deserialize)]
+struct Offer {
+    aeads: Vec<u8>,
+}
+
+/// Decode a Hello and the Offer after it, if any (an older peer's Hello
+/// has none: it offers ChaCha20-Poly1305 alone).
+fn decode_hello(what: &str, bytes: &[u8]) -> Result<(Hello, Vec<AeadKind>), ChannelError> {
+    let (hello, rest): (Hello, &[u8]) = postcard::take_from_bytes(bytes)
+        .map_err(|e| ChannelError::Handshake(format!("{what}: {e}")))?;
+    if rest.is_empty() {
+        return Ok((hello, vec![AeadKind::ChaCha20Poly1305]));
+    }
+    let offer: Offer = decode(what, rest)?;
+    Ok((hello, aead::decode_offer(&offer.aeads)))
+}
+
+/// A Hello followed by our Offer.
+fn encode_hello(
+    hello: &Hello,
+    aeads: &[AeadKind],
+    params: &Params,
+) -> Result<Vec<u8>, ChannelError> {
+    let mut out = encode(hello)?;
+    #[cfg(test)]
+    if params.omit_offer {
+        return Ok(out);
+    }
+    let _ = params;
+    out.extend(encode(&Offer {
+        aeads: aead::encode_offer(aeads),
+    })?);
+    Ok(out)
+}
+
 /// What one side claims; tests vary it.
 #[derive(Debug, Clone)]
 pub(super) struct Params {
@@ -85,6 +131,10 @@ pub(super) struct Params {
     /// encryption would otherwise have caught).
     #[cfg(test)]
     pub(super) corrupt_ct: bool,
+    /// Test hook: send the Hello without the Offer after it, as a keibi
+    /// from before the AEAD choice does.
+    #[cfg(test)]
+    pub(super) omit_offer: bool,
 }
 
 impl Params {
@@ -97,6 +147,8 @@ impl Params {
             software: format!("keibi-syncd {}", env!("CARGO_PKG_VERSION")),
             #[cfg(test)]
             corrupt_ct: false,
+            #[cfg(test)]
+            omit_offer: false,
         }
     }
 }
@@ -277,7 +329,7 @@ async fn run(
     let mut buf = Vec::with_capacity(MAX_HANDSHAKE_MSG);
     let ours = (params.min, params.max);
     let b = builder(me)?;
-    let (mut hs, remote_public, theirs, software, ss, initiator) = match role {
+    let (mut hs, remote_public, theirs, software, ss, initiator, their_aeads) = match role {
         Role::Initiator(expected) => {
             let mut hs = b.build_initiator().map_err(noise_err("setup"))?;
             let (dk, ek) = MlKem768::generate_keypair();
@@ -298,7 +350,7 @@ async fn run(
                     got,
                 });
             }
-            let hello: Hello = decode("message 2 payload", &payload)?;
+            let (hello, their_aeads) = decode_hello("message 2 payload", &payload)?;
             let ct = <[u8; MLKEM_CT_LEN]>::try_from(hello.mlkem_ct.as_slice()).map_err(|_| {
                 ChannelError::Handshake(format!(
                     "ML-KEM ciphertext of {} bytes, expected {MLKEM_CT_LEN}",
@@ -313,12 +365,16 @@ async fn run(
             ss.zeroize();
             // Message 3 goes out even on a version mismatch, so that the
             // responder can log both versions too.
-            let msg3 = encode(&Hello {
-                min: params.min,
-                max: params.max,
-                software: params.software.clone(),
-                mlkem_ct: Vec::new(),
-            })?;
+            let msg3 = encode_hello(
+                &Hello {
+                    min: params.min,
+                    max: params.max,
+                    software: params.software.clone(),
+                    mlkem_ct: Vec::new(),
+                },
+                &cfg.aeads,
+                params,
+            )?;
             send_msg(&mut w, &mut hs, &msg3, &mut buf, "message 3").await?;
             (
                 hs,
@@ -327,6 +383,7 @@ async fn run(
                 hello.software,
                 ss_bytes,
                 true,
+                their_aeads,
             )
         }
         Role::Responder(is_paired) => {
@@ -352,12 +409,16 @@ async fn run(
             if params.corrupt_ct {
                 mlkem_ct[0] ^= 1;
             }
-            let msg2 = encode(&Hello {
-                min: params.min,
-                max: params.max,
-                software: params.software.clone(),
-                mlkem_ct,
-            })?;
+            let msg2 = encode_hello(
+                &Hello {
+                    min: params.min,
+                    max: params.max,
+                    software: params.software.clone(),
+                    mlkem_ct,
+                },
+                &cfg.aeads,
+                params,
+            )?;
             send_msg(&mut w, &mut hs, &msg2, &mut buf, "message 2").await?;
             let payload = recv_msg(&mut r, &mut hs, &mut buf, "message 3").await?;
             let remote = remote_static(&hs)?;
@@ -369,7 +430,7 @@ async fn run(
                 );
                 return Err(ChannelError::NotPaired { fingerprint });
             }
-            let hello: Hello = decode("message 3 payload", &payload)?;
+            let (hello, their_aeads) = decode_hello("message 3 payload", &payload)?;
             (
                 hs,
                 remote,
@@ -377,6 +438,7 @@ async fn run(
                 hello.software,
                 ss_bytes,
                 false,
+                their_aeads,
             )
         }
     };
@@ -389,11 +451,31 @@ async fn run(
         );
         return Err(ChannelError::Version { ours, theirs });
     };
+    let Some(aead) = aead::choose(&cfg.aeads, &their_aeads) else {
+        tracing::warn!(
+            peer = %remote_fingerprint,
+            ours = ?cfg.aeads, theirs = ?their_aeads,
+            "peer channel: no common AEAD; closing"
+        );
+        return Err(ChannelError::Aead {
+            ours: cfg
+                .aeads
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+            theirs: their_aeads
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
     let software: String = software.chars().take(MAX_SOFTWARE).collect();
     let (i2r, r2i) = derive(&mut hs, &ss);
     drop(hs);
     let (send_key, recv_key) = if initiator { (i2r, r2i) } else { (r2i, i2r) };
-    let (sealer, opener) = transport::pair(send_key, recv_key, cfg);
+    let (sealer, opener) = transport::pair(aead, send_key, recv_key, cfg);
     let mut tx = SecureSender::new(w, sealer, 0);
     let mut rx = SecureReceiver::new(r, opener, 0);
     tx.send_frame(FrameType::Ready, &[]).await?;
@@ -434,6 +516,7 @@ async fn run(
         remote_public,
         remote_fingerprint,
         version,
+        aead,
         remote_software: software,
         handshake_time: started.elapsed(),
         tx,
@@ -444,6 +527,32 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A keibi from before the AEAD choice decodes a Hello with
+    /// `postcard::from_bytes`, which stops at the Hello's end: our Offer
+    /// after it does not disturb it.
+    #[test]
+    fn an_old_decoder_reads_a_hello_followed_by_an_offer() {
+        let hello = Hello {
+            min: 2,
+            max: 2,
+            software: "keibi-syncd x".into(),
+            mlkem_ct: vec![9; MLKEM_CT_LEN],
+        };
+        let params = Params::ours();
+        let bytes = encode_hello(&hello, &[AeadKind::Aes256Gcm], &params).expect("encode");
+        let old: Hello = decode("old", &bytes).expect("an old decoder reads it");
+        assert_eq!(
+            (old.min, old.max, old.software.as_str()),
+            (2, 2, "keibi-syncd x")
+        );
+        assert_eq!(old.mlkem_ct, hello.mlkem_ct);
+        let (_, offer) = decode_hello("new", &bytes).expect("new decoder");
+        assert_eq!(offer, vec![AeadKind::Aes256Gcm]);
+        let bare = encode(&hello).expect("encode");
+        let (_, offer) = decode_hello("new", &bare).expect("no offer");
+        assert_eq!(offer, vec![AeadKind::ChaCha20Poly1305]);
+    }
 
     #[test]
     fn negotiation_picks_the_highest_common_version() {

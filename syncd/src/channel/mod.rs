@@ -7,12 +7,15 @@
 //!
 //! - [`handshake`]: `Noise_XX_25519_ChaChaPoly_SHA256` run by snow with
 //!   keibi's own primitives ([`resolver`]), an ephemeral ML-KEM-768
-//!   encapsulation carried in messages 1 and 2, version negotiation in
-//!   the encrypted payloads of messages 2 and 3, the fingerprint checks
+//!   encapsulation carried in messages 1 and 2, version negotiation and
+//!   the transport AEAD's choice in the encrypted payloads of messages 2
+//!   and 3, the fingerprint checks
 //!   (the dialer checks it reached the peer it meant; the listener checks
 //!   the peer is paired), then transport keys from HKDF-SHA256 over
 //!   snow's split keys and the ML-KEM shared secret (so an attacker must
 //!   break both X25519 and ML-KEM), confirmed by a READY frame each way.
+//! - [`aead`]: ChaCha20-Poly1305 or AES-256-GCM for the frames,
+//!   AES-256-GCM only when both machines have it in hardware.
 //! - [`frame`]: the `u32` length prefix, checked against [`MAX_FRAME`]
 //!   before anything of the body is read or allocated.
 //! - [`transport`]: one key per direction, counter nonces, rekeying by
@@ -23,6 +26,7 @@
 //! Every failure is a [`ChannelError`] whose message names the values
 //! involved; the connection is then unusable and is dropped.
 
+mod aead;
 mod frame;
 mod handshake;
 mod resolver;
@@ -41,6 +45,7 @@ use std::io;
 use std::time::Duration;
 use zeroize::Zeroizing;
 
+pub use aead::{AeadKind, offer as aead_offer};
 #[allow(unused_imports)] // used by the peer manager (peer/)
 pub use handshake::{initiate, respond};
 pub use transport::{SecureReceiver, SecureSender};
@@ -68,6 +73,9 @@ pub struct ChannelConfig {
     pub rekey_bytes: u64,
     /// ... or when this much time has passed since its last key change.
     pub rekey_interval: Duration,
+    /// The transport AEADs this side offers, in its order of preference
+    /// (see [`aead`]); the default is [`aead::offer`]`(None)`.
+    pub aeads: Vec<AeadKind>,
 }
 
 impl Default for ChannelConfig {
@@ -76,6 +84,7 @@ impl Default for ChannelConfig {
             handshake_timeout: Duration::from_secs(5),
             rekey_bytes: 1 << 30,
             rekey_interval: Duration::from_secs(600),
+            aeads: aead::offer(None),
         }
     }
 }
@@ -132,6 +141,8 @@ pub struct Established {
     pub remote_fingerprint: String,
     /// The negotiated peer protocol version.
     pub version: u32,
+    /// The transport AEAD both sides chose (see [`aead::choose`]).
+    pub aead: AeadKind,
     /// The software the peer says it runs (from its Hello; informative).
     pub remote_software: String,
     /// How long the handshake took, from the first byte sent or read to
@@ -180,6 +191,15 @@ pub enum ChannelError {
         ours: (u32, u32),
         /// The peer's (min, max).
         theirs: (u32, u32),
+    },
+    /// The two sides offer no AEAD in common (possible only when one is
+    /// configured to offer a single one, `peer_aead` in syncd.toml).
+    #[error("peer channel: no common AEAD: we offer {ours}, the peer offers {theirs}")]
+    Aead {
+        /// What we offer, by name.
+        ours: String,
+        /// What the peer offers, by name.
+        theirs: String,
     },
     /// A length prefix above the cap (nothing of the body was read).
     #[error("peer channel: frame length {len} is over the limit of {cap} bytes")]

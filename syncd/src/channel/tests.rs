@@ -18,6 +18,7 @@ fn params(min: u32, max: u32) -> Params {
         max,
         software: format!("test {min}..{max}"),
         corrupt_ct: false,
+        omit_offer: false,
     }
 }
 
@@ -313,23 +314,27 @@ async fn relay_editing_handshake(
 }
 
 async fn handshake_over(a: TcpStream, b: TcpStream, pr: Params) -> Both {
+    handshake_over_with(a, b, pr, &cfg()).await
+}
+
+async fn handshake_over_with(a: TcpStream, b: TcpStream, pr: Params, c: &ChannelConfig) -> Both {
     let (ka, kb) = (keys(1), keys(2));
     let fp_a = fingerprint_of(&ka.public());
     let fp_b = fingerprint_of(&kb.public());
     let paired = move |fp: &str| fp == fp_a;
-    let (c, pi) = (cfg(), params(1, 1));
+    let pi = params(1, 1);
     tokio::join!(
-        handshake::initiate_with(a, &ka, &fp_b, &c, &pi),
-        handshake::respond_with(b, &kb, &paired, &c, &pr),
+        handshake::initiate_with(a, &ka, &fp_b, c, &pi),
+        handshake::respond_with(b, &kb, &paired, c, &pr),
     )
 }
 
 #[tokio::test]
 async fn tampered_mlkem_ciphertext_in_message_2_fails_the_handshake() {
     // Message 2: e (32) || encrypted static (32 + 16) || encrypted payload.
-    // The payload is Hello { min, max, software, mlkem_ct }: the last
-    // 1088 + 16 bytes are the ciphertext and the tag; flip one in the
-    // middle of the ciphertext.
+    // The payload is Hello { min, max, software, mlkem_ct } and a short
+    // Offer (a few bytes), then Noise's 16-byte tag: 500 bytes before the
+    // tag is in the middle of the 1088-byte ciphertext; flip one there.
     let (a, b) = relay_editing_handshake(1, |m| {
         let at = m.len() - 16 - 500;
         m[at] ^= 0x40;
@@ -490,10 +495,22 @@ async fn frame_relay(attack: Attack) -> (TcpStream, TcpStream) {
 }
 
 /// A channel through `frame_relay(attack)`: (initiator's, responder's).
+/// ChaCha20-Poly1305, whose failed opens keep the frame, so that the
+/// receiver can name the attack.
 async fn attacked(attack: Attack) -> (Established, Established) {
+    attacked_with(attack, AeadKind::ChaCha20Poly1305).await
+}
+
+async fn attacked_with(attack: Attack, kind: AeadKind) -> (Established, Established) {
     let (a, b) = frame_relay(attack).await;
-    let (i, r) = handshake_over(a, b, params(1, 1)).await;
-    (i.expect("initiator"), r.expect("responder"))
+    let c = ChannelConfig {
+        aeads: vec![kind],
+        ..cfg()
+    };
+    let (i, r) = handshake_over_with(a, b, params(1, 1), &c).await;
+    let (i, r) = (i.expect("initiator"), r.expect("responder"));
+    assert_eq!((i.aead, r.aead), (kind, kind));
+    (i, r)
 }
 
 /// Send DATA frames 1..=4 (frame 0 was READY) and return what the
@@ -526,6 +543,26 @@ async fn tampered_frame_fails_authentication() {
         matches!(&err, ChannelError::BadFrame(m) if m.contains("frame 2") && m.contains("failed authentication")),
         "{err}"
     );
+}
+
+/// Under AES-256-GCM a frame that fails is wiped by ring, so the cause
+/// cannot be named; every attack still closes the channel, and no frame
+/// after the attacked one is delivered.
+#[tokio::test]
+async fn under_aes_gcm_every_attack_fails_authentication_unnamed() {
+    for (attack, delivered) in [
+        (Attack::Flip(2), vec![1]),
+        (Attack::Replay(2), vec![1, 2]),
+        (Attack::Swap(2), vec![1]),
+    ] {
+        let (mut i, mut r) = attacked_with(attack, AeadKind::Aes256Gcm).await;
+        let (got, err) = deliver(&mut i, &mut r).await;
+        assert_eq!(first_byte(&got), delivered);
+        assert!(
+            matches!(&err, ChannelError::BadFrame(m) if m.contains("failed authentication") && m.contains("aes-256-gcm")),
+            "{err}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -608,6 +645,7 @@ async fn rekey_by_bytes_loses_and_duplicates_nothing() {
         handshake_timeout: Duration::from_secs(10),
         rekey_bytes: 16_384,
         rekey_interval: Duration::from_secs(3600),
+        ..ChannelConfig::default()
     };
     let (mut i, mut r) = established(&cfg).await;
     let first_key = *i.tx.sealer.dir.key;
@@ -651,6 +689,7 @@ async fn rekey_by_time() {
         handshake_timeout: Duration::from_secs(10),
         rekey_bytes: 1 << 30,
         rekey_interval: Duration::ZERO,
+        ..ChannelConfig::default()
     };
     let (mut i, mut r) = established(&cfg).await;
     let mut buf = Vec::new();
@@ -823,4 +862,103 @@ async fn cancelled_sends_never_break_the_stream() {
         "only cancelled sends may be missing"
     );
     assert!(cancelled > 0, "some sends were really cancelled");
+}
+
+/// Both sides' offers and the AEAD the handshake must settle on (or
+/// `None`: the handshake fails with [`ChannelError::Aead`]).
+#[tokio::test]
+async fn the_handshake_chooses_aes_gcm_only_when_both_prefer_it() {
+    use AeadKind::{Aes256Gcm as Aes, ChaCha20Poly1305 as ChaCha};
+    let cases: [(Vec<AeadKind>, Vec<AeadKind>, Option<AeadKind>); 5] = [
+        (vec![Aes, ChaCha], vec![Aes, ChaCha], Some(Aes)),
+        (vec![Aes, ChaCha], vec![ChaCha, Aes], Some(ChaCha)),
+        (vec![ChaCha], vec![Aes, ChaCha], Some(ChaCha)),
+        (vec![Aes], vec![ChaCha, Aes], Some(Aes)),
+        (vec![Aes], vec![ChaCha], None),
+    ];
+    for (ours, theirs, want) in cases {
+        let (a, b) = tcp_pair().await;
+        let (ka, kb) = (keys(1), keys(2));
+        let fp_a = fingerprint_of(&ka.public());
+        let fp_b = fingerprint_of(&kb.public());
+        let paired = move |fp: &str| fp == fp_a;
+        let ci = ChannelConfig {
+            aeads: ours.clone(),
+            ..cfg()
+        };
+        let cr = ChannelConfig {
+            aeads: theirs.clone(),
+            ..cfg()
+        };
+        let (pi, pr) = (params(1, 1), params(1, 1));
+        let (i, r) = tokio::join!(
+            handshake::initiate_with(a, &ka, &fp_b, &ci, &pi),
+            handshake::respond_with(b, &kb, &paired, &cr, &pr),
+        );
+        match want {
+            Some(kind) => {
+                let (mut i, mut r) = (i.expect("initiator"), r.expect("responder"));
+                assert_eq!((i.aead, r.aead), (kind, kind), "{ours:?} / {theirs:?}");
+                // The frames really are sealed with it: data crosses both ways.
+                i.tx.send(b"ping").await.expect("send");
+                let mut buf = Vec::new();
+                r.rx.recv(&mut buf).await.expect("recv");
+                assert_eq!(buf, b"ping");
+                r.tx.send(b"pong").await.expect("send");
+                i.rx.recv(&mut buf).await.expect("recv");
+                assert_eq!(buf, b"pong");
+            }
+            None => {
+                let ei = i.expect_err("initiator");
+                assert!(
+                    matches!(&ei, ChannelError::Aead { ours: o, theirs: t } if o == "aes-256-gcm" && t == "chacha20-poly1305"),
+                    "{ei}"
+                );
+                assert!(matches!(r, Err(ChannelError::Aead { .. })), "{r:?}");
+            }
+        }
+    }
+}
+
+/// A peer from before the AEAD choice sends a Hello without an Offer and
+/// seals with ChaCha20-Poly1305: a new peer that prefers AES-256-GCM
+/// reads the missing Offer as ChaCha20-Poly1305 alone and agrees, from
+/// either side. (That the old peer skips our Offer is tested in
+/// `handshake::tests`.)
+#[tokio::test]
+async fn a_hello_without_an_offer_means_chacha20_poly1305() {
+    let new = ChannelConfig {
+        aeads: vec![AeadKind::Aes256Gcm, AeadKind::ChaCha20Poly1305],
+        ..cfg()
+    };
+    let old = ChannelConfig {
+        aeads: vec![AeadKind::ChaCha20Poly1305],
+        ..cfg()
+    };
+    let old_params = Params {
+        omit_offer: true,
+        ..params(1, 1)
+    };
+    for old_side_is_initiator in [false, true] {
+        let (a, b) = tcp_pair().await;
+        let (ka, kb) = (keys(1), keys(2));
+        let fp_a = fingerprint_of(&ka.public());
+        let fp_b = fingerprint_of(&kb.public());
+        let paired = move |fp: &str| fp == fp_a;
+        let ((ci, pi), (cr, pr)) = if old_side_is_initiator {
+            ((&old, old_params.clone()), (&new, params(1, 1)))
+        } else {
+            ((&new, params(1, 1)), (&old, old_params.clone()))
+        };
+        let (i, r) = tokio::join!(
+            handshake::initiate_with(a, &ka, &fp_b, ci, &pi),
+            handshake::respond_with(b, &kb, &paired, cr, &pr),
+        );
+        let (i, r) = (i.expect("initiator"), r.expect("responder"));
+        assert_eq!(
+            (i.aead, r.aead),
+            (AeadKind::ChaCha20Poly1305, AeadKind::ChaCha20Poly1305),
+            "old side initiator: {old_side_is_initiator}"
+        );
+    }
 }

@@ -2,14 +2,16 @@
 //!
 //! Each direction has its own 32-byte key and a 64-bit frame counter
 //! that starts at 0 for every key. A frame is
-//! `len: u32 BE || ChaCha20-Poly1305(key, nonce = 0u32 || counter LE,
-//! aad = len, type || body)`. Because the receiver opens frame `n` only
+//! `len: u32 BE || AEAD(key, nonce = 0u32 || counter LE, aad = len,
+//! type || body)`, the AEAD being the connection's (ChaCha20-Poly1305 or
+//! AES-256-GCM, chosen in the handshake: see [`super::aead`]). Because the receiver opens frame `n` only
 //! with counter `n` of its own direction's key, a replayed, reordered or
 //! dropped frame fails to authenticate, and so does a frame reflected
 //! back to its sender (the other direction's key differs). When that
 //! happens [`Opener`] tries, once and only to name the cause in the
-//! error, nearby counters of both keys (see [`Opener::diagnose`]); the
-//! connection is closed either way.
+//! error, nearby counters of both keys (see [`Opener::diagnose`]; only
+//! under ChaCha20-Poly1305, since ring's AES-256-GCM wipes the bytes of
+//! a frame that fails); the connection is closed either way.
 //!
 //! Rekeying (REKEY frame, empty body): the sender seals a REKEY frame
 //! with the old key, then replaces its key with
@@ -26,11 +28,9 @@
 //! [`SecureSender::send`] and [`SecureReceiver::recv`]), which the
 //! connection's `select!` loops rely on.
 
+use super::aead::{Aead, AeadKind};
 use super::frame::{self, FrameType, HEADER_LEN, TAG_LEN};
-use super::resolver::nonce;
 use super::{ChannelConfig, ChannelError, MAX_PAYLOAD};
-use chacha20poly1305::aead::{AeadInOut, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Tag};
 use hkdf::Hkdf;
 use sha2::Sha256;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,13 +54,13 @@ const READ_BUFFER: usize = 16 * 1024;
 /// One direction's key and counter.
 pub(super) struct DirKey {
     pub(super) key: Zeroizing<[u8; 32]>,
-    aead: ChaCha20Poly1305,
+    aead: Aead,
     pub(super) counter: u64,
 }
 
 impl DirKey {
-    pub(super) fn new(key: Zeroizing<[u8; 32]>) -> DirKey {
-        let aead = ChaCha20Poly1305::new(&(*key).into());
+    pub(super) fn new(kind: AeadKind, key: Zeroizing<[u8; 32]>) -> DirKey {
+        let aead = Aead::new(kind, &key);
         DirKey {
             key,
             aead,
@@ -69,9 +69,15 @@ impl DirKey {
     }
 
     /// Replace the key by its successor and restart the counter; the old
-    /// key is zeroized (its `Zeroizing` buffer and the AEAD state drop).
+    /// key is zeroized (its `Zeroizing` buffer drops, and so does the
+    /// AEAD state: see [`super::aead`] for what each kind wipes).
     fn rekey(&mut self) {
-        *self = DirKey::new(next_key(&self.key));
+        *self = DirKey::new(self.aead.kind(), next_key(&self.key));
+    }
+
+    /// The AEAD this direction uses.
+    pub(super) fn kind(&self) -> AeadKind {
+        self.aead.kind()
     }
 }
 
@@ -104,12 +110,17 @@ pub(super) struct Sealer {
 }
 
 impl Sealer {
-    pub(super) fn new(key: Zeroizing<[u8; 32]>, cfg: &ChannelConfig, own: Arc<OwnTx>) -> Sealer {
+    pub(super) fn new(
+        kind: AeadKind,
+        key: Zeroizing<[u8; 32]>,
+        cfg: &ChannelConfig,
+        own: Arc<OwnTx>,
+    ) -> Sealer {
         if let Ok(mut k) = own.key.lock() {
             **k = *key;
         }
         Sealer {
-            dir: DirKey::new(key),
+            dir: DirKey::new(kind, key),
             under_key: 0,
             key_since: Instant::now(),
             rekey_bytes: cfg.rekey_bytes,
@@ -169,7 +180,7 @@ impl Sealer {
         let tag = self
             .dir
             .aead
-            .encrypt_inout_detached(&nonce(n), &header, (&mut out[start + HEADER_LEN..]).into())
+            .seal(n, &header, &mut out[start + HEADER_LEN..])
             .map_err(|_| ChannelError::BadFrame("frame too long to seal".into()))?;
         out.extend_from_slice(&tag);
         self.dir.counter += 1;
@@ -187,9 +198,9 @@ pub(super) struct Opener {
 }
 
 impl Opener {
-    pub(super) fn new(key: Zeroizing<[u8; 32]>, own: Arc<OwnTx>) -> Opener {
+    pub(super) fn new(kind: AeadKind, key: Zeroizing<[u8; 32]>, own: Arc<OwnTx>) -> Opener {
         Opener {
-            dir: DirKey::new(key),
+            dir: DirKey::new(kind, key),
             rekeys: 0,
             own,
         }
@@ -198,7 +209,7 @@ impl Opener {
     /// An opener in the same state with the same key (tests).
     #[cfg(test)]
     pub(super) fn clone_for_test(&self) -> Opener {
-        let mut o = Opener::new(self.dir.key.clone(), Arc::clone(&self.own));
+        let mut o = Opener::new(self.dir.kind(), self.dir.key.clone(), Arc::clone(&self.own));
         o.dir.counter = self.dir.counter;
         o
     }
@@ -224,16 +235,10 @@ impl Opener {
             ));
         }
         let (sealed, tag) = buf.split_at_mut(len - TAG_LEN);
-        let tag = Tag::try_from(&*tag)
+        let tag = <[u8; TAG_LEN]>::try_from(&*tag)
             .map_err(|_| ChannelError::BadFrame("frame shorter than a tag".into()))?;
         let n = self.dir.counter;
-        if self
-            .dir
-            .aead
-            .decrypt_inout_detached(&nonce(n), &header, sealed.into(), &tag)
-            .is_err()
-        {
-            // `sealed` is untouched when the tag does not verify.
+        if self.dir.aead.open(n, &header, sealed, &tag).is_err() {
             return Err(ChannelError::BadFrame(self.diagnose(header, sealed, &tag)));
         }
         self.dir.counter += 1;
@@ -261,13 +266,16 @@ impl Opener {
     /// most `3 * DIAGNOSE_WINDOW` tag checks of this frame. A check that
     /// fails leaves `sealed` as it was; the first that succeeds decrypts
     /// it, and the search stops there.
-    fn diagnose(&self, header: [u8; HEADER_LEN], sealed: &mut [u8], tag: &Tag) -> String {
+    fn diagnose(&self, header: [u8; HEADER_LEN], sealed: &mut [u8], tag: &[u8; TAG_LEN]) -> String {
         let n = self.dir.counter;
         let len = sealed.len() + TAG_LEN;
-        let mut opens = |aead: &ChaCha20Poly1305, c: u64| {
-            aead.decrypt_inout_detached(&nonce(c), &header, (&mut *sealed).into(), tag)
-                .is_ok()
-        };
+        if !self.dir.aead.keeps_bytes_on_failure() {
+            return format!(
+                "frame {n} of {len} bytes failed authentication (tampered, forged, replayed, reordered or reflected: {} wiped the frame, so which cannot be told): closing",
+                self.dir.kind()
+            );
+        }
+        let mut opens = |aead: &Aead, c: u64| aead.open(c, &header, sealed, tag).is_ok();
         for c in n.saturating_sub(DIAGNOSE_WINDOW)..n {
             if opens(&self.dir.aead, c) {
                 return format!(
@@ -284,7 +292,7 @@ impl Opener {
         }
         let own_key = self.own.key.lock().map(|k| **k).ok().map(Zeroizing::new);
         if let Some(own_key) = own_key {
-            let aead = ChaCha20Poly1305::new(&(*own_key).into());
+            let aead = Aead::new(self.dir.kind(), &own_key);
             let sent = self.own.counter.load(Ordering::Relaxed);
             for c in (sent.saturating_sub(DIAGNOSE_WINDOW)..sent).rev() {
                 if opens(&aead, c) {
@@ -511,13 +519,14 @@ impl SecureReceiver {
 /// A sealer and opener pair for one side: `send_key` seals, `recv_key`
 /// opens (tests and the handshake).
 pub(super) fn pair(
+    kind: AeadKind,
     send_key: Zeroizing<[u8; 32]>,
     recv_key: Zeroizing<[u8; 32]>,
     cfg: &ChannelConfig,
 ) -> (Sealer, Opener) {
     let own = Arc::new(OwnTx::default());
     (
-        Sealer::new(send_key, cfg, Arc::clone(&own)),
-        Opener::new(recv_key, own),
+        Sealer::new(kind, send_key, cfg, Arc::clone(&own)),
+        Opener::new(kind, recv_key, own),
     )
 }

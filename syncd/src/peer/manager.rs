@@ -372,6 +372,7 @@ impl Manager {
             remote_public,
             remote_fingerprint: fingerprint,
             version,
+            aead,
             remote_software,
             handshake_time,
             tx,
@@ -443,6 +444,7 @@ impl Manager {
             %remote,
             direction = direction.as_str(),
             version,
+            aead = aead.name(),
             software = %remote_software,
             handshake_ms = handshake_time.as_secs_f64() * 1000.0,
             "peer connected"
