@@ -338,6 +338,13 @@ fn exit_statuses_of_the_table_without_peers() {
     let ino = std::fs::metadata(fx.path("victim"))
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
         .expect("stat victim");
+    // wait --synced with no peers at all: done once the new file is
+    // versioned, and said on stderr. (Before the content file is removed
+    // below: a file whose content is gone cannot be versioned, and stays
+    // pending.)
+    let out = ctl.run(&["wait", "--synced"]);
+    exit(&out, 0, "wait --synced without peers");
+    assert!(stderr(&out).contains("no paired peers"), "{}", stderr(&out));
     let out = ctl.run(&["check", "--json"]);
     exit(&out, 0, "check of a clean store");
     valid("check", &out);
@@ -358,10 +365,6 @@ fn exit_statuses_of_the_table_without_peers() {
             .is_some_and(|e| e.contains("EINVAL")),
         "{v}"
     );
-    // wait --synced with no peers at all: done, and said on stderr.
-    let out = ctl.run(&["wait", "--synced"]);
-    exit(&out, 0, "wait --synced without peers");
-    assert!(stderr(&out).contains("no paired peers"), "{}", stderr(&out));
 
     // A frozen syncd: wait ends at its timeout, not later.
     fx.freeze_syncd();
