@@ -7,6 +7,7 @@
 //! fingerprint or address (as for a bad command line), 3 for a peer that
 //! was never added, or one that is not connected (`bench`).
 
+use crate::progress::size;
 use ipc_schema::transport::{connect_control, context_with_timeout};
 use ipc_schema::{BenchReport, PeerCtlError, PeerInfo};
 use std::fmt::Write;
@@ -306,20 +307,6 @@ fn rtt(us: u64) -> String {
     } else {
         format!("{:.1}ms", us as f64 / 1000.0)
     }
-}
-
-fn size(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// A bench report for people.
