@@ -325,7 +325,8 @@ impl Store {
         inos: &[Ino],
         until: std::time::Instant,
     ) -> Result<usize, FsError> {
-        let freed = {
+        let mut freed = Vec::new();
+        {
             let mut opens = self.lock_opens();
             if std::time::Instant::now() >= until {
                 return Err(fs_err!(
@@ -334,13 +335,14 @@ impl Store {
                     inos.len()
                 ));
             }
-            let settled: Vec<u64> = inos
-                .iter()
-                .filter(|&&ino| opens.forget(ino, conn))
-                .map(|ino| ino.0)
-                .collect();
-            self.free_orphans_of(&settled)?
-        };
+            for &ino in inos {
+                if opens.forget(ino, conn)
+                    && let Some((kind, generation)) = self.free_if_orphan(ino.0)?
+                {
+                    freed.push((ino.0, kind, generation));
+                }
+            }
+        }
         for &(ino, kind, generation) in &freed {
             self.purge(ino, kind, generation);
         }
@@ -372,41 +374,6 @@ impl Store {
                 Ok(Some((rec.kind, rec.generation)))
             }
             _ => Ok(None),
-        })
-    }
-
-    /// [`Store::free_if_orphan`] of each of `inos` (neither open nor
-    /// referenced), in one transaction: a `forget` batch after `rm` of
-    /// many files frees them all with one store transaction, not one
-    /// each. Answers what was freed (purge it after unlocking). If the
-    /// transaction fails nothing is freed; the orphans stay marked, and
-    /// the next start frees them ([`Store::free_orphans`]).
-    fn free_orphans_of(&self, inos: &[u64]) -> Result<Vec<(u64, FileKind, u64)>, FsError> {
-        let mut candidates = Vec::new();
-        for &ino in inos {
-            if let Some(rec) = self.read_inode(ino)?
-                && rec.nlink == 0
-                && !rec.is_dir()
-            {
-                candidates.push(ino);
-            }
-        }
-        if candidates.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.tx(|t| {
-            let mut freed = Vec::new();
-            for &ino in &candidates {
-                if let Some(rec) = t.inode(ino)?
-                    && rec.nlink == 0
-                    && !rec.is_dir()
-                {
-                    t.drop_inode(ino)?;
-                    t.mark_dirty(ino)?;
-                    freed.push((ino, rec.kind, rec.generation));
-                }
-            }
-            Ok(freed)
         })
     }
 
@@ -783,47 +750,6 @@ mod tests {
         assert_eq!(s.getattr(ino).map_err(|e| e.errno), Err(libc::ENOENT));
         s.settle();
         assert!(!content_exists(&d, ino));
-    }
-
-    /// A forget of many orphans (what mountd sends after `rm *`) frees
-    /// them all in one store transaction, and leaves the linked and the
-    /// open ones alone.
-    #[test]
-    fn forget_frees_its_orphans_in_one_transaction() {
-        let (d, s, conn, linked) = mounted_file("linked");
-        let mut orphans = Vec::new();
-        for i in 0..5 {
-            let name = Name::from(format!("f{i}").as_str());
-            let f = s
-                .create(
-                    Ino::ROOT,
-                    &name,
-                    0o644,
-                    libc::O_RDWR | libc::O_CREAT,
-                    ME,
-                    conn,
-                )
-                .expect("create");
-            s.release(f.opened.handle).expect("release");
-            s.unlink_by(Some(conn), Ino::ROOT, &name).expect("unlink");
-            orphans.push(f.opened.attr.ino);
-        }
-        let open = orphans[4];
-        let h = s.open(open, libc::O_RDONLY, conn).expect("open");
-        let mut inos = orphans.clone();
-        inos.push(linked);
-        let before = s.transactions();
-        assert_eq!(s.forget(conn, &inos, far()).expect("forget"), 4);
-        assert_eq!(s.transactions() - before, 1, "one transaction for all");
-        s.settle();
-        for &ino in &orphans[..4] {
-            assert_eq!(s.getattr(ino).map_err(|e| e.errno), Err(libc::ENOENT));
-            assert!(!content_exists(&d, ino), "space returned");
-        }
-        assert!(s.getattr(linked).is_ok(), "a linked file stays");
-        assert_eq!(s.getattr(open).expect("open orphan").nlink, 0);
-        s.release(h.opened.handle).expect("release");
-        assert_eq!(s.getattr(open).map_err(|e| e.errno), Err(libc::ENOENT));
     }
 
     /// A forget that syncd gets after its deadline is not applied (mountd

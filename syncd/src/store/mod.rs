@@ -312,10 +312,6 @@ impl Store {
 
     /// Run `f` as one transaction over all trees.
     pub(crate) fn tx<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, FsError> {
-        #[cfg(test)]
-        self.idx
-            .transactions
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         (
             &self.inodes,
             &self.dirents,

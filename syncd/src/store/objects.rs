@@ -233,10 +233,6 @@ impl From<FsError> for ApplyError {
     }
 }
 
-/// A version to commit in [`Store::commit_local_batch`]: its sequence
-/// number, its inode's key, its encoded record, its dirty mark, the record.
-type Numbered<'a> = (u64, [u8; 8], Vec<u8>, &'a DirtyMark, &'a ObjRec);
-
 /// Key of `meta` holding the device this store is tied to.
 const META_DEVICE: &[u8] = b"device";
 
@@ -271,9 +267,6 @@ pub(crate) struct Index {
     /// Tests: see [`Store::set_log_read_hook`].
     #[cfg(test)]
     log_read_hook: Mutex<Option<LogReadHook>>,
-    /// Tests: sled transactions run by the store ([`Store::transactions`]).
-    #[cfg(test)]
-    pub(crate) transactions: AtomicU64,
 }
 
 /// Tests: called by [`Store::changes_since`] between reading a log entry
@@ -327,8 +320,6 @@ impl Index {
             seq_watch: tokio::sync::watch::Sender::new(seq),
             #[cfg(test)]
             log_read_hook: Mutex::new(None),
-            #[cfg(test)]
-            transactions: AtomicU64::new(0),
         })
     }
 
@@ -599,32 +590,12 @@ impl Store {
     /// to the change log; clear the dirty mark if it is still `mark`.
     /// Answers the new local sequence number.
     pub fn commit_local(&self, mark: DirtyMark, rec: &ObjRec) -> Result<u64, FsError> {
-        self.commit_local_batch(&[(mark, rec.clone())])
-    }
-
-    /// [`Store::commit_local`] of several versions (of different inodes)
-    /// in one transaction: they get consecutive sequence numbers, in the
-    /// order given, and are kept or lost together in a crash. One sled
-    /// transaction costs about as much as a store operation, whatever it
-    /// holds, so the versioner commits what one round versioned at once.
-    /// Answers the last sequence number (the current one for an empty
-    /// batch).
-    pub fn commit_local_batch(&self, batch: &[(DirtyMark, ObjRec)]) -> Result<u64, FsError> {
         use sled::Transactional;
         let ix = &self.idx;
         let _seq = ix.lock_seq();
-        let first = ix.next_seq();
-        if batch.is_empty() {
-            return Ok(first - 1);
-        }
-        #[cfg(test)]
-        ix.transactions.fetch_add(1, Ordering::Relaxed);
-        // Each version with its number, its inode's key and its encoding.
-        let items: Vec<Numbered<'_>> = batch
-            .iter()
-            .zip(first..)
-            .map(|((mark, rec), seq)| (seq, ino_key(mark.ino.0), enc(rec), mark, rec))
-            .collect();
+        let seq = ix.next_seq();
+        let value = enc(rec);
+        let ino = ino_key(mark.ino.0);
         (
             &ix.objects,
             &ix.obj_seq,
@@ -636,39 +607,36 @@ impl Store {
         )
             .transaction(
                 |(objects, obj_seq, changes, gid_ino, ino_gid, dirty, presence)| {
-                    for (seq, ino, value, mark, rec) in &items {
-                        let (ino, g) = (&ino[..], &rec.gid.0[..]);
-                        objects.insert(g, value.as_slice())?;
-                        if let Some(old) = obj_seq.insert(g, &seq.to_be_bytes())? {
-                            changes.remove(old)?;
-                        }
-                        changes.insert(&seq.to_be_bytes(), g)?;
-                        if rec.deleted {
-                            ino_gid.remove(ino)?;
-                            gid_ino.remove(g)?;
-                            presence.remove(ino)?;
-                        } else {
-                            ino_gid.insert(ino, g)?;
-                            gid_ino.insert(g, ino)?;
-                        }
-                        if dirty.get(ino)?.as_deref().and_then(be_u64) == Some(mark.mark) {
-                            dirty.remove(ino)?;
-                        }
+                    let g = &rec.gid.0[..];
+                    objects.insert(g, value.as_slice())?;
+                    if let Some(old) = obj_seq.insert(g, &seq.to_be_bytes())? {
+                        changes.remove(old)?;
+                    }
+                    changes.insert(&seq.to_be_bytes(), g)?;
+                    if rec.deleted {
+                        ino_gid.remove(&ino)?;
+                        gid_ino.remove(g)?;
+                        presence.remove(&ino)?;
+                    } else {
+                        ino_gid.insert(&ino, g)?;
+                        gid_ino.insert(g, &ino)?;
+                    }
+                    if dirty.get(ino)?.as_deref().and_then(be_u64) == Some(mark.mark) {
+                        dirty.remove(&ino)?;
                     }
                     Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
                 },
             )
             .map_err(|e| match e {
                 sled::transaction::TransactionError::Storage(e) => {
-                    store_err("committing local versions", e)
+                    store_err("committing a local version", e)
                 }
                 sled::transaction::TransactionError::Abort(()) => {
-                    fs_err!(EIO, "committing local versions aborted")
+                    fs_err!(EIO, "committing a local version aborted")
                 }
             })?;
-        let last = first + batch.len() as u64 - 1;
-        ix.published(last);
-        Ok(last)
+        ix.published(seq);
+        Ok(seq)
     }
 
     /// Clear a dirty mark without a new version (nothing shared changed).
@@ -763,13 +731,6 @@ impl Store {
             .flatten()
             .and_then(|(k, _)| be_u64(&k))
             .unwrap_or(0)
-    }
-
-    /// Tests: how many sled transactions the store has run (filesystem
-    /// operations' and the versioner's commits).
-    #[cfg(test)]
-    pub(crate) fn transactions(&self) -> u64 {
-        self.idx.transactions.load(Ordering::Relaxed)
     }
 
     /// Tests: call `hook(seq, gid)` in [`Store::changes_since`] between

@@ -295,54 +295,6 @@ fn take_dirty_is_oldest_first_and_a_newer_mark_survives_commit() {
     assert_eq!(marks(&s), vec![a]);
 }
 
-/// Several local versions committed together: one transaction,
-/// consecutive numbers in the order given, each in the change log, and
-/// each mark cleared only if it is still the one taken.
-#[test]
-fn a_batch_of_local_versions_is_one_transaction_with_consecutive_numbers() {
-    let (_d, s) = fresh();
-    let inos: Vec<Ino> = (0..3)
-        .map(|i| file_with(&s, ROOT, &format!("f{i}"), b"x"))
-        .collect();
-    let mut taken = s.take_dirty(10).expect("take");
-    taken.sort_by_key(|m| m.ino);
-    assert_eq!(taken.iter().map(|m| m.ino).collect::<Vec<_>>(), inos);
-    // The second file changes after its mark was taken.
-    s.fsync(inos[1], false).expect("changed meanwhile");
-    let batch: Vec<(DirtyMark, ObjRec)> = taken
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let gid = s.gid_of(m.ino).expect("gid");
-            let mut rec = remote_file(gid, Gid::ROOT, &format!("f{i}"), b"x", 1);
-            rec.modified_by = DEV;
-            (*m, rec)
-        })
-        .collect();
-    let seqs = s.seq_watch();
-    let before = s.transactions();
-    assert_eq!(s.commit_local_batch(&batch).expect("commit"), 3);
-    assert_eq!(s.transactions() - before, 1, "one transaction");
-    assert_eq!((s.local_seq(), *seqs.borrow()), (3, 3), "published");
-    let log = s.changes_since(0, 10).expect("log");
-    assert_eq!(
-        log.iter().map(|(q, r)| (*q, r.gid)).collect::<Vec<_>>(),
-        batch
-            .iter()
-            .zip(1..)
-            .map(|((_, r), q)| (q, r.gid))
-            .collect::<Vec<_>>()
-    );
-    for (m, _) in &batch {
-        assert_eq!(
-            s.ino_of(&s.gid_of(m.ino).expect("gid")).expect("ino"),
-            Some(m.ino)
-        );
-    }
-    assert_eq!(marks(&s), vec![inos[1]], "only the newer mark stays");
-    assert_eq!(s.commit_local_batch(&[]).expect("empty"), 3);
-}
-
 #[test]
 fn take_dirty_reads_a_bounded_slice_and_goes_round_every_dirty_inode() {
     let (_d, s) = fresh();

@@ -34,12 +34,7 @@
 //! content generation, size, mtime and presence are still those hashed,
 //! else it is hashed again there, as smaller files are.
 //!
-//! The inodes of a round are decided in groups under one hold of the
-//! index lock, and each group's new versions are committed in one store
-//! transaction ([`version_dirty`]); while changes keep coming, rounds start
-//! at most every [`COALESCE`], so a burst is versioned in few rounds.
-//!
-//! After each group the new local sequence number is published (waking
+//! After each version the new local sequence number is published (waking
 //! the index streams that serve peers, so the change is announced at
 //! once), and after each round the sessions are told (so records refused
 //! as `Busy` are retried).
@@ -55,17 +50,6 @@ use std::time::{Duration, Instant};
 
 /// Dirty inodes taken per round.
 pub const TAKE: usize = 256;
-/// While local changes keep coming, a round starts at most this often
-/// (see [`run`]): the changes of a burst are versioned in few rounds,
-/// each with one store transaction, at the price of this much more delay
-/// before a change of the burst is announced.
-const COALESCE: Duration = Duration::from_millis(25);
-/// Most new versions committed in one store transaction.
-const GROUP_MAX: usize = TAKE;
-/// Bytes hashed under one hold of the index lock, at most (about: the
-/// file that crosses it is hashed whole), so applies from peers wait
-/// little.
-const GROUP_HASH_MAX: u64 = 8 << 20;
 
 /// The first wait before retrying an inode that could not be versioned.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -103,28 +87,13 @@ pub async fn run(engine: Arc<SyncEngine>) {
     let wake = engine.store.dirty_notify();
     // Inodes that failed, with when to try again and the next backoff.
     let mut later: HashMap<Ino, (Instant, Duration)> = HashMap::new();
-    // When the last round that versioned something started (`None` after
-    // a round that found nothing).
-    let mut busy_since: Option<Instant> = None;
     loop {
-        // While changes keep coming, let them gather for [`COALESCE`], so
-        // that one round (one store transaction) versions many; the first
-        // change after a quiet spell goes at once.
-        if let Some(at) = busy_since {
-            let wait = (at + COALESCE).saturating_duration_since(Instant::now());
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
-        }
         let notified = wake.notified();
-        let started = Instant::now();
         let worked = round(&engine, &mut later).await;
         engine.versioned.notify_waiters();
         if worked {
-            busy_since = Some(started);
             continue;
         }
-        busy_since = None;
         let wait = later
             .values()
             .map(|(at, _)| at.saturating_duration_since(Instant::now()))
@@ -201,20 +170,9 @@ fn backoff(later: &mut HashMap<Ino, (Instant, Duration)>, ino: Ino) {
 }
 
 /// Take dirty inodes (skipping those in `skip`) and version each. Answers
-/// the step of each and whether any was taken and settled.
-///
-/// The inodes are decided in groups, each under one hold of the index
-/// lock, and a group's new versions are committed together, in one store
-/// transaction ([`Store::commit_local_batch`]): a transaction costs about
-/// as much as a filesystem operation, so one per version made the
-/// versioner as expensive as the operations it versions. A group ends at
-/// [`GROUP_MAX`] versions, after [`GROUP_HASH_MAX`] bytes hashed under the
-/// lock, or before a file that is hashed without the lock ([`prehash`]),
-/// which starts the next group. Each group's versions are published as
-/// soon as they are committed, so a large file hashed later in the round
-/// does not hold back the announcement of the others.
-///
-/// [`Store::commit_local_batch`]: crate::store::Store::commit_local_batch
+/// the step of each and whether any was taken and settled. Each new
+/// version is published as soon as it is committed, so a large file hashed
+/// later in the round does not hold back the announcement of the others.
 fn version_dirty(engine: &SyncEngine, skip: &[Ino]) -> Result<(Vec<(Ino, Step)>, bool), FsError> {
     if let Some(free) = nearly_full(engine.store.state_dir()) {
         tracing::debug!(
@@ -223,70 +181,23 @@ fn version_dirty(engine: &SyncEngine, skip: &[Ino]) -> Result<(Vec<(Ino, Step)>,
         );
         return Ok((Vec::new(), false));
     }
-    let marks: Vec<DirtyMark> = engine
-        .store
-        .take_dirty(TAKE + skip.len())?
-        .into_iter()
-        .filter(|m| !skip.contains(&m.ino))
-        .collect();
+    let marks = engine.store.take_dirty(TAKE + skip.len())?;
     let mut steps = Vec::new();
-    let mut next = 0;
-    while next < marks.len() {
+    let mut any_done = false;
+    for mark in marks.into_iter().filter(|m| !skip.contains(&m.ino)) {
         // A large file is hashed first, without the index lock, so that
         // applies from peers do not wait for it (see [`prehash`]).
-        let pre = prehash(engine, marks[next].ino);
-        let index = engine.lock_index();
-        let mut group: Vec<(DirtyMark, ObjRec)> = Vec::new();
-        let mut hashed = 0u64;
-        let mut first = true;
-        while next < marks.len() && group.len() < GROUP_MAX && hashed < GROUP_HASH_MAX {
-            let mark = marks[next];
-            let obj = match engine.store.local_object(mark.ino) {
-                Ok(obj) => obj,
-                Err(e) => {
-                    steps.push((mark.ino, Step::Failed(e.to_string())));
-                    next += 1;
-                    continue;
-                }
-            };
-            if !first && hashes_unlocked(&obj) {
-                break;
-            }
-            next += 1;
-            if let Some(now) = &obj.now
-                && now.kind == FileKind::File
-                && !reusable(&obj, now)
-            {
-                hashed += now.size;
-            }
-            let pre = if first { pre.as_ref() } else { None };
-            first = false;
-            match version_one(engine, mark, &obj, pre) {
-                Ok(Ok(Some(rec))) => group.push((mark, rec)),
-                Ok(Ok(None)) => steps.push((mark.ino, Step::Done)),
-                Ok(Err(step)) => steps.push((mark.ino, step)),
-                Err(e) => steps.push((mark.ino, Step::Failed(e.to_string()))),
-            }
-        }
-        let committed = engine.store.commit_local_batch(&group);
-        drop(index);
+        let pre = prehash(engine, mark.ino);
+        let step = {
+            let _index = engine.lock_index();
+            version_one(engine, mark, pre.as_ref()).unwrap_or_else(|e| Step::Failed(e.to_string()))
+        };
         engine.publish_seq();
-        match committed {
-            Ok(last) => {
-                let first_seq = last + 1 - group.len() as u64;
-                for ((mark, rec), seq) in group.iter().zip(first_seq..) {
-                    tracing::debug!(ino = mark.ino.0, gid = ?rec.gid, seq, deleted = rec.deleted, "local version");
-                    steps.push((mark.ino, Step::Done));
-                }
-            }
-            Err(e) => {
-                for (mark, _) in &group {
-                    steps.push((mark.ino, Step::Failed(e.to_string())));
-                }
-            }
+        if matches!(step, Step::Done) {
+            any_done = true;
         }
+        steps.push((mark.ino, step));
     }
-    let any_done = steps.iter().any(|(_, s)| matches!(s, Step::Done));
     Ok((steps, any_done))
 }
 
@@ -323,10 +234,10 @@ impl Prehashed {
 /// read now; then [`version_one`] does as it always did).
 fn prehash(engine: &SyncEngine, ino: Ino) -> Option<Prehashed> {
     let obj = engine.store.local_object(ino).ok()?;
-    if !hashes_unlocked(&obj) {
+    let now = obj.now.as_ref()?;
+    if now.kind != FileKind::File || now.size < HASH_UNLOCKED_MIN || reusable(&obj, now) {
         return None;
     }
-    let now = obj.now.as_ref()?;
     let chunks = file_chunks(engine, &obj, now, None).ok()?.ok()?;
     Some(Prehashed {
         generation: now.generation,
@@ -337,54 +248,44 @@ fn prehash(engine: &SyncEngine, ino: Ino) -> Option<Prehashed> {
     })
 }
 
-/// Whether `obj` is a file that [`prehash`] hashes without the index lock:
-/// at least [`HASH_UNLOCKED_MIN`] bytes whose recorded hashes cannot be
-/// reused.
-fn hashes_unlocked(obj: &LocalObject) -> bool {
-    obj.now.as_ref().is_some_and(|now| {
-        now.kind == FileKind::File && now.size >= HASH_UNLOCKED_MIN && !reusable(obj, now)
-    })
-}
-
-/// Decide one dirty inode (under the index lock) from `obj`, what the
-/// store knows of it, read under the lock, with the hashes of [`prehash`]
-/// if it made them: `Ok(Some(rec))` is a new version to commit (the
-/// caller commits it with the mark); `Ok(None)`, nothing to version (the
-/// mark is cleared here); `Err(step)`, a chunk to fetch first.
+/// Version one dirty inode (under the index lock), with the hashes of
+/// [`prehash`] if it made them.
 fn version_one(
     engine: &SyncEngine,
     mark: DirtyMark,
-    obj: &LocalObject,
     pre: Option<&Prehashed>,
-) -> Result<Result<Option<ObjRec>, Step>, FsError> {
+) -> Result<Step, FsError> {
     let store = &engine.store;
+    let obj = store.local_object(mark.ino)?;
     let rec = match &obj.now {
         None => match &obj.recorded {
             Some(r) if !r.deleted => Some(tombstone(r)),
             _ => None,
         },
         Some(now) if !is_shared(now.kind) => None,
-        Some(now) => match state_record(engine, obj, now, pre)? {
+        Some(now) => match state_record(engine, &obj, now, pre)? {
             Ok(rec) => Some(rec),
-            Err(fetch) => return Ok(Err(fetch)),
+            Err(fetch) => return Ok(fetch),
         },
     };
     let Some(mut rec) = rec else {
         store.clear_dirty(mark)?;
-        return Ok(Ok(None));
+        return Ok(Step::Done);
     };
     if let Some(recorded) = &obj.recorded
         && recorded.same_state(&rec)
     {
         store.clear_dirty(mark)?;
-        return Ok(Ok(None));
+        return Ok(Step::Done);
     }
     rec.vv = match &obj.recorded {
         Some(r) => r.vv.bumped(engine.device),
         None => VersionVector::default().bumped(engine.device),
     };
     rec.modified_by = engine.device;
-    Ok(Ok(Some(rec)))
+    let seq = store.commit_local(mark, &rec)?;
+    tracing::debug!(ino = mark.ino.0, gid = ?rec.gid, seq, deleted = rec.deleted, "local version");
+    Ok(Step::Done)
 }
 
 /// Whether objects of `kind` are shared.
@@ -628,46 +529,6 @@ mod tests {
             // The versioner recorded v2 meanwhile: its hashes are reused.
             assert!(reusable(&obj_now(&store, ino), now));
         }
-    }
-
-    /// A burst of changes is versioned in a few store transactions, not
-    /// one per change: the versioner commits what a round decided
-    /// together. (The files are made while the index lock is held, so no
-    /// round versions any of them before all are there.)
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_burst_of_changes_is_versioned_in_a_few_transactions() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Arc::new(Store::load(dir.path(), (4321, 8765)).expect("store"));
-        store.connect(CONN);
-        let engine = SyncEngine::start(store.clone(), DeviceId([1; 8])).expect("engine");
-        let (inos, before) = {
-            let _index = engine.lock_index();
-            let inos: Vec<Ino> = (0..40)
-                .map(|i| file_with(&store, Ino::ROOT, &format!("f{i}"), b"x", ME, CONN))
-                .collect();
-            (inos, store.transactions())
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let all_versioned = || {
-            store.dirty_count() == 0
-                && inos.iter().all(|&ino| {
-                    let gid = store.gid_of(ino).expect("gid");
-                    store
-                        .object(&gid)
-                        .expect("object")
-                        .is_some_and(|r| !r.deleted && r.size == 1)
-                })
-        };
-        while !all_versioned() {
-            assert!(Instant::now() < deadline, "timed out: every file versioned");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let used = store.transactions() - before;
-        assert!(
-            used <= 3,
-            "40 new files versioned with {used} store transactions"
-        );
-        assert_eq!(store.local_seq(), 40, "one version each");
     }
 
     fn obj_now(store: &Store, ino: Ino) -> LocalObject {
