@@ -309,7 +309,7 @@ pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ipc_schema::MountInfo;
 
@@ -427,7 +427,9 @@ mod tests {
         assert_eq!(bytes(1536), "1536 (1.5 KiB)");
     }
 
-    fn peer(connected: bool) -> PeerSync {
+    /// A peer "bob", connected (and caught up) or not, with nothing
+    /// pending (also used by `wait`'s tests).
+    pub(crate) fn peer(connected: bool) -> PeerSync {
         PeerSync {
             fingerprint: "ABCDEFGHIJKL".into(),
             name: Some("bob".into()),

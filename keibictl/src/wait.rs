@@ -219,21 +219,7 @@ pub async fn run(socket: &Path, timeout: Duration, synced: bool, mode: Mode) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn peer(connected: bool) -> PeerSync {
-        PeerSync {
-            fingerprint: "ABCDEFGHIJKL".into(),
-            name: Some("bob".into()),
-            connected,
-            unreachable_since: None,
-            pending_out: 0,
-            pending_in: 0,
-            acked_seq: 0,
-            applied_seq: 0,
-            deferred: 0,
-            caught_up: connected,
-        }
-    }
+    use crate::render::tests::peer;
 
     fn sync(peers: Vec<PeerSync>) -> SyncStatus {
         SyncStatus {

@@ -16,7 +16,7 @@
 
 use harness::ctl::Ctl;
 use harness::pair::{LinkMode, Pair, PairOptions};
-use harness::process::run_bounded;
+use harness::process::{assert_exit as exit, run_bounded};
 use harness::{Options, Watchdog, binaries, poll_until, setup};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -55,18 +55,6 @@ fn valid(name: &str, out: &Output) -> Value {
         path.display()
     );
     v
-}
-
-#[track_caller]
-fn exit(out: &Output, code: i32, what: &str) {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "{what}: expected exit status {code}: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn stderr(out: &Output) -> String {

@@ -5,24 +5,13 @@
 
 use harness::Watchdog;
 use harness::peers::{NodeConfig, PeerNode, state};
+use harness::process::assert_exit;
 use serde_json::Value;
 use std::process::Output;
 use std::time::Duration;
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-#[track_caller]
-fn assert_exit(out: &Output, code: i32, what: &str) {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "{what}: expected exit status {code}: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        stderr(out)
-    );
 }
 
 /// Every field of the PeerInfo JSON, as docs/protocol.md lists them.
