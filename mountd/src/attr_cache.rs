@@ -62,6 +62,7 @@
 //!
 //! One `Mutex` guards everything; it is held only for map operations.
 
+use crate::known_dirs::KnownDirs;
 use ipc_schema::{Attr, Ino};
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -74,9 +75,10 @@ use std::time::{Duration, Instant};
 pub const CHANGE_MEMORY: Duration = Duration::from_secs(120);
 /// Remembered changes kept before old ones are pruned.
 const CHANGES_BEFORE_PRUNE: usize = 4096;
-/// Announced peer changes older than this are pruned (longer than any
-/// TTL [`AttrCache::peer_changed_within`] is asked about).
-const PEER_CHANGE_WINDOW_MAX: Duration = Duration::from_secs(600);
+/// Announced peer changes are remembered this long: longer than any
+/// request can wait for its answer, so no ticket older than a forgotten
+/// announcement is still in use ([`AttrCache::peer_changed_since`]).
+const PEER_CHANGE_MEMORY: Duration = CHANGE_MEMORY;
 
 /// Default number of attributes (and, separately, entries) remembered.
 pub const DEFAULT_CAPACITY: usize = 100_000;
@@ -137,11 +139,10 @@ struct Maps {
     /// Replies to requests sent before this counter value are not kept
     /// for any inode (set when everything was dropped, [`AttrCache::clear`]).
     floor: u64,
-    /// Inode → when a peer's change of it was last announced
-    /// ([`AttrCache::invalidate`]); see [`AttrCache::peer_changed_within`].
-    peer_changed: HashMap<u64, Instant>,
-    /// When everything was last dropped ([`AttrCache::clear`]).
-    cleared_at: Option<Instant>,
+    /// Inode → the counter value and time of the last announcement of a
+    /// peer's change of it ([`AttrCache::invalidate`]); see
+    /// [`AttrCache::peer_changed_since`].
+    peer_changed: HashMap<u64, (u64, Instant)>,
 }
 
 impl Maps {
@@ -160,13 +161,18 @@ impl Maps {
 
 /// The cache's change counter when a request was sent (see the module
 /// doc): take it before sending.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `Ticket::default()` is the oldest (before every change).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Ticket(u64);
 
 /// Last known attributes per inode and `(parent, name) → inode` entries.
 pub struct AttrCache {
     maps: Mutex<Maps>,
     counter: AtomicU64,
+    /// Directories whose every name is known; announcements drop them
+    /// here too ([`AttrCache::invalidate`], [`AttrCache::clear`]). Its
+    /// lock is never taken while `maps` is held.
+    pub known: KnownDirs,
 }
 
 impl AttrCache {
@@ -180,9 +186,9 @@ impl AttrCache {
                 referenced: HashMap::new(),
                 floor: 0,
                 peer_changed: HashMap::new(),
-                cleared_at: None,
             }),
             counter: AtomicU64::new(0),
+            known: KnownDirs::default(),
         }
     }
 
@@ -256,14 +262,16 @@ impl AttrCache {
     /// `ino` changed elsewhere (a peer's change syncd applied): forget its
     /// attributes, and keep no reply to a request sent before now.
     pub fn invalidate(&self, ino: u64) {
+        self.known.unsure(ino);
         self.with(|m| {
             m.attrs.remove(&ino);
             self.note_change(m, ino);
             let now = Instant::now();
-            m.peer_changed.insert(ino, now);
+            let c = m.changed.get(&ino).map_or(0, |(c, _)| *c);
+            m.peer_changed.insert(ino, (c, now));
             if m.peer_changed.len() > CHANGES_BEFORE_PRUNE {
                 m.peer_changed
-                    .retain(|_, at| now.duration_since(*at) < PEER_CHANGE_WINDOW_MAX);
+                    .retain(|_, (_, at)| now.duration_since(*at) < PEER_CHANGE_MEMORY);
             }
         });
     }
@@ -272,27 +280,27 @@ impl AttrCache {
     /// entry, and keep no reply to a request sent before now. The kernel's
     /// lookup counts stay (they are the kernel's, not a cache).
     pub fn clear(&self) {
+        self.known.clear();
         self.with(|m| {
             m.attrs = TwoGen::new(m.attrs.half * 2);
             m.entries = TwoGen::new(m.entries.half * 2);
             m.floor = self.counter.fetch_add(1, Ordering::SeqCst) + 1;
-            m.cleared_at = Some(Instant::now());
         });
     }
 
-    /// Whether a peer's change of `ino` was announced less than `window`
-    /// ago (or everything was dropped then). A reply about such an inode
-    /// may carry attributes syncd read before it applied the change, and
-    /// reach the kernel after the kernel's copy was invalidated: the
-    /// kernel would then keep the old attributes for a whole TTL. So
-    /// replies about it go out with TTL 0 for that long (the kernel asks
-    /// again), and a `stat` on this machine sees a peer's change as soon
-    /// as syncd has applied it.
-    pub fn peer_changed_within(&self, ino: u64, window: Duration) -> bool {
+    /// Whether a peer's change of `ino` was announced (or everything was
+    /// dropped) after the request answered at ticket `since` was sent.
+    /// Such a reply may carry attributes syncd read before it applied the
+    /// change, and reach the kernel after the announcement invalidated the
+    /// kernel's copy (or before the kernel knew the inode, which makes
+    /// the notification a no-op): the kernel would then keep the old
+    /// attributes for a whole TTL. So such a reply goes out with TTL 0
+    /// (the kernel asks again), and a `stat` on this machine sees a peer's
+    /// change as soon as syncd has applied it. Replies to requests sent
+    /// after the announcement keep the full TTL: they saw the change.
+    pub fn peer_changed_since(&self, since: Ticket, ino: u64) -> bool {
         self.with(|m| {
-            let recent = |at: &Instant| at.elapsed() < window;
-            m.cleared_at.as_ref().is_some_and(recent)
-                || m.peer_changed.get(&ino).is_some_and(recent)
+            m.floor > since.0 || m.peer_changed.get(&ino).is_some_and(|(c, _)| *c > since.0)
         })
     }
 
@@ -528,18 +536,34 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_change_shortens_the_ttl_for_one_window_only() {
+    fn a_peer_change_shortens_the_ttl_only_of_replies_to_requests_sent_before_it() {
         let c = AttrCache::new(16);
-        let w = Duration::from_secs(60);
-        assert!(!c.peer_changed_within(3, w));
+        let before = c.ticket();
+        assert!(!c.peer_changed_since(before, 3));
         c.invalidate(3);
-        assert!(c.peer_changed_within(3, w));
-        assert!(!c.peer_changed_within(4, w), "only the inode announced");
         assert!(
-            !c.peer_changed_within(3, Duration::ZERO),
-            "the window has passed"
+            c.peer_changed_since(before, 3),
+            "the reply may predate the change"
         );
+        assert!(!c.peer_changed_since(before, 4), "only the inode announced");
+        assert!(
+            !c.peer_changed_since(c.ticket(), 3),
+            "a request sent after the announcement saw the change"
+        );
+        // A change made through this mount is not a peer's: the kernel
+        // orders those itself (its attribute version).
+        let t = c.ticket();
+        c.changed(t, 3, None);
+        assert!(!c.peer_changed_since(t, 3));
+        let in_flight = c.ticket();
         c.clear();
-        assert!(c.peer_changed_within(4, w), "after All every inode counts");
+        assert!(
+            c.peer_changed_since(in_flight, 4),
+            "after All every inode counts"
+        );
+        assert!(
+            !c.peer_changed_since(c.ticket(), 4),
+            "but only for requests sent before it"
+        );
     }
 }

@@ -56,6 +56,7 @@
 //! operations and moving a read-ahead in or out (never across an await or
 //! an IPC call); entries are handed to the kernel after it is released.
 
+use crate::attr_cache::Ticket;
 use ipc_schema::DirEntry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -93,6 +94,9 @@ pub struct ReadAhead {
     complete: bool,
     /// The mount's change counter when syncd was asked.
     changes: u64,
+    /// The attribute cache's ticket when syncd was asked (the oldest, for
+    /// entries joined from several requests): see [`ReadAhead::since`].
+    since: Ticket,
 }
 
 impl ReadAhead {
@@ -112,7 +116,21 @@ impl ReadAhead {
             entries: entries.into_iter().map(|e| (e, asked_at)).collect(),
             plus,
             changes,
+            since: Ticket::default(),
         }
+    }
+
+    /// The same, asked at attribute-cache ticket `since` (taken before
+    /// syncd was asked).
+    pub fn with_ticket(mut self, since: Ticket) -> Self {
+        self.since = since;
+        self
+    }
+
+    /// The ticket of the request that listed these entries, for the TTL
+    /// of their attributes (`Keibi::attr_ttl`).
+    pub fn since(&self) -> Ticket {
+        self.since
     }
 
     /// The cookie of the last entry (where a following batch starts).
@@ -133,6 +151,7 @@ impl ReadAhead {
         }
         self.entries.extend(next.entries);
         self.complete = next.complete;
+        self.since = self.since.min(next.since);
         Ok(())
     }
 

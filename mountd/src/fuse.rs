@@ -153,21 +153,30 @@ impl KeibiFs {
 
     /// An entry reply closure. Each entry given to the kernel counts one
     /// lookup of its inode (until `forget`; see `crate::attr_cache`). The
-    /// attributes' TTL is 0 for an inode open for writing here
-    /// ([`Keibi::attr_ttl`]); the entry keeps the normal TTL.
+    /// attributes' TTL is [`Keibi::attr_ttl`] for a request sent now (the
+    /// closure is made before the request is sent); the entry keeps the
+    /// normal TTL.
     fn entry(&self) -> impl FnOnce(ReplyEntry, Attr) + Send + 'static {
         let (ttl, k) = (self.ttl, self.keibi.clone());
+        let since = k.ticket();
         move |r, a| {
             k.entry_given(&a);
-            let attr_ttl = k.attr_ttl(a.ino.0, ttl);
-            r.entry_with_ttls(&attr_ttl, &ttl, &file_attr(&a), Generation(0))
+            let attr_ttl = k.attr_ttl(a.ino.0, ttl, since);
+            r.entry_with_ttls(&attr_ttl, &ttl, &file_attr(&a), Generation(0));
+            k.settle(a.ino.0, since, attr_ttl);
         }
     }
 
-    /// An attribute reply closure, with the TTL of [`Keibi::attr_ttl`].
+    /// An attribute reply closure, with the TTL of [`Keibi::attr_ttl`] for
+    /// a request sent now.
     fn attr(&self) -> impl FnOnce(ReplyAttr, Attr) + Send + 'static {
         let (ttl, k) = (self.ttl, self.keibi.clone());
-        move |r, a| r.attr(&k.attr_ttl(a.ino.0, ttl), &file_attr(&a))
+        let since = k.ticket();
+        move |r, a| {
+            let attr_ttl = k.attr_ttl(a.ino.0, ttl, since);
+            r.attr(&attr_ttl, &file_attr(&a));
+            k.settle(a.ino.0, since, attr_ttl);
+        }
     }
 }
 
@@ -380,10 +389,15 @@ impl Filesystem for KeibiFs {
         // file handles (name_to_handle_at, NFS) outlive its inode cache.
         // keibi's inode numbers are stable and never reused, so the
         // generation is always 0.
+        // PARALLEL_DIROPS: lookups and readdir of one directory run
+        // concurrently (the kernel otherwise serialises them per
+        // directory); every one is an independent call to syncd, and the
+        // VFS still excludes them against changes of that directory.
         let wanted = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_ATOMIC_O_TRUNC
-            | InitFlags::FUSE_EXPORT_SUPPORT;
+            | InitFlags::FUSE_EXPORT_SUPPORT
+            | InitFlags::FUSE_PARALLEL_DIROPS;
         if let Err(missing) = config.add_capabilities(wanted) {
             tracing::info!(?missing, "the kernel lacks some optional FUSE capabilities");
             let _ = config.add_capabilities(wanted & !missing);
@@ -945,6 +959,7 @@ impl Filesystem for KeibiFs {
             self.ttl,
         );
         let guard = self.track(&l);
+        let since = k.ticket();
         self.rt.spawn(async move {
             let _guard = guard;
             let got = k.create_fd(parent.0, n, perm, flags, c).await;
@@ -956,8 +971,12 @@ impl Filesystem for KeibiFs {
             finish(l, reply, result, |r, (fh, attr, mode)| {
                 k.entry_given(&attr);
                 let a = file_attr(&attr);
-                // Opened for writing: TTL 0 ([`Keibi::attr_ttl`]).
-                let ttl = k.attr_ttl(attr.ino.0, ttl);
+                // One TTL for the entry and the attributes (fuser has no
+                // create reply with two): the entry's, so the new name is
+                // not looked up again; the attributes of a file open for
+                // writing are dropped right after ([`Keibi::after_create`]).
+                let ttl = k.create_ttl(attr.ino.0, ttl, since);
+                let ino = attr.ino.0;
                 match mode {
                     Mode::Passthrough(id) => r.created_passthrough(
                         &ttl,
@@ -978,6 +997,7 @@ impl Filesystem for KeibiFs {
                         FopenFlags::FOPEN_DIRECT_IO,
                     ),
                 }
+                k.after_create(ino, since, ttl);
             });
         });
     }
@@ -1154,10 +1174,11 @@ fn fill<R: DirReply>(
     fresh: bool,
 ) -> usize {
     let now = Instant::now();
+    let since = ahead.since();
     ahead.serve(
         |e| fresh || k.usable_ahead(e, R::PLUS),
         |e, asked_at| {
-            let full = reply.put(e, k.attr_ttl(e.ino.0, ttl_left(ttl, asked_at, now)));
+            let full = reply.put(e, k.attr_ttl(e.ino.0, ttl_left(ttl, asked_at, now), since));
             // A readdirplus entry counts a lookup, except `.` and `..`.
             if !full
                 && R::PLUS

@@ -35,6 +35,7 @@ mod fuse;
 mod handles;
 mod inval;
 mod kernel_inval;
+mod known_dirs;
 mod lock_dir;
 mod metrics;
 mod mount;
@@ -59,6 +60,8 @@ use std::time::Duration;
 /// at once (see `kernel_inval::entry_ttl_cap`): the TTL keibi used before
 /// it cached entries for long.
 const SHORT_TTL: Duration = Duration::from_secs(1);
+/// `--attr-ttl`'s default (its clap default says the same).
+const DEFAULT_ATTR_TTL: Duration = Duration::from_secs(60);
 /// How long shutdown waits for the FUSE session to end after detaching.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 /// How often the lock file is checked and put back if it was tampered with.
@@ -97,8 +100,8 @@ struct Args {
     /// How long the kernel may cache attributes and entries, including
     /// the absence of a name (attributes of a file open for writing on this
     /// mount are not cached). Changes from peers are invalidated at once;
-    /// longer TTLs are capped at 1 s on kernels before 6.16 (see `kernel_inval`).
-    #[arg(long, env = "KEIBI_ATTR_TTL", default_value = "1s", value_parser = humantime::parse_duration)]
+    /// TTLs above 1 s are capped at 1 s on kernels before 6.16 (see `kernel_inval`).
+    #[arg(long, env = "KEIBI_ATTR_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
     attr_ttl: Duration,
     /// FUSE dispatch threads.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -277,7 +280,13 @@ fn run(args: Args) -> Result<(), Failure> {
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
     let attr_ttl = kernel_inval::entry_ttl_cap(&release, args.attr_ttl, SHORT_TTL);
-    if attr_ttl < args.attr_ttl {
+    if attr_ttl < args.attr_ttl && args.attr_ttl == DEFAULT_ATTR_TTL {
+        tracing::info!(
+            kernel = %release,
+            attr_ttl_ms = attr_ttl.as_millis() as u64,
+            "this kernel cannot drop all cached entries at once (FUSE_NOTIFY_INC_EPOCH, Linux 6.16); the attribute TTL is 1 s"
+        );
+    } else if attr_ttl < args.attr_ttl {
         tracing::warn!(
             kernel = %release,
             attr_ttl_ms = attr_ttl.as_millis() as u64,

@@ -70,6 +70,7 @@ pub struct MountMetrics {
     open_handles: Gauge,
     syncd_connected: Gauge,
     partial_io: Family<Outcome, Counter>,
+    known_absent: Counter,
 }
 
 /// How an I/O on a partial file was served.
@@ -136,7 +137,14 @@ impl MountMetrics {
         for result in ["hit", "miss"] {
             drop(partial_io.get_or_create(&Outcome { result }));
         }
+        let known_absent = Counter::default();
+        registry.register(
+            "lookups_answered_absent",
+            "Lookups of a name answered as absent by mountd itself, without keibi-syncd: the directory was made through this mount and mountd knows every name in it",
+            known_absent.clone(),
+        );
         MountMetrics {
+            known_absent,
             partial_io,
             registry,
             fuse_ops,
@@ -230,6 +238,14 @@ pub fn partial_io(missing: bool) {
     if let Some(m) = METRICS.get() {
         let result = if missing { "miss" } else { "hit" };
         m.partial_io.get_or_create(&Outcome { result }).inc();
+    }
+}
+
+/// A lookup was answered as absent from mountd's own list of the
+/// directory's names ([`crate::known_dirs`]).
+pub fn known_absent() {
+    if let Some(m) = METRICS.get() {
+        m.known_absent.inc();
     }
 }
 

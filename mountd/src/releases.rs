@@ -63,6 +63,13 @@ const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How often the inbox is checked for unclaimed descriptors.
 const REAP_INTERVAL: Duration = Duration::from_millis(500);
+/// How long forgets gather before they are sent, so that a removal of
+/// many files (`rm -r`, whose every unlink makes the kernel forget an
+/// inode) costs a few `forget` calls rather than one per file. Nothing
+/// waits for a forget: it only lets syncd free an unlinked inode's
+/// content a little later. An inode given to the kernel again meanwhile
+/// just leaves the queue ([`Releases::referenced_again`]).
+const FORGET_GATHER: Duration = Duration::from_millis(50);
 
 #[derive(Default)]
 struct Pending {
@@ -72,6 +79,8 @@ struct Pending {
     forgets: BTreeSet<Ino>,
     /// The inodes of the `forget` call on its way, if one is.
     in_flight: BTreeSet<Ino>,
+    /// When the oldest queued forget was queued (see [`FORGET_GATHER`]).
+    forgets_since: Option<Instant>,
     /// Inodes of that call given to the kernel again meanwhile.
     crossed: BTreeSet<Ino>,
     /// Until when removals wait after a crossed call missed its deadline.
@@ -103,8 +112,22 @@ impl Releases {
     /// Queue a forget of `ino` (the kernel references it no more); returns
     /// at once.
     pub fn queue_forget(&self, ino: Ino) {
-        self.lock().forgets.insert(ino);
+        let mut p = self.lock();
+        p.forgets.insert(ino);
+        p.forgets_since.get_or_insert_with(Instant::now);
+        drop(p);
         self.wake.notify_one();
+    }
+
+    /// Until when queued forgets still gather before they are sent
+    /// ([`FORGET_GATHER`]); `None` when they are due (or there are none).
+    fn gathering_until(&self) -> Option<Instant> {
+        let mut p = self.lock();
+        if p.forgets.is_empty() {
+            p.forgets_since = None;
+        }
+        let until = p.forgets_since? + FORGET_GATHER;
+        (p.forgets.len() < FORGET_BATCH && until > Instant::now()).then_some(until)
     }
 
     /// The kernel was given `ino` again (its lookup count left zero): its
@@ -163,6 +186,10 @@ impl Releases {
         for i in &batch {
             p.forgets.remove(i);
         }
+        // What is left was due already: its time stays.
+        if p.forgets.is_empty() {
+            p.forgets_since = None;
+        }
         p.in_flight = batch.iter().copied().collect();
         batch
     }
@@ -180,6 +207,7 @@ impl Releases {
         if !delivered {
             p.forgets
                 .extend(batch.into_iter().filter(|i| !crossed.contains(i)));
+            p.forgets_since.get_or_insert_with(Instant::now);
         }
         p.in_flight.clear();
         drop(p);
@@ -271,6 +299,11 @@ impl Releases {
                 self.lock().releases.remove(&h);
             }
             if !stalled {
+                if let Some(until) = self.gathering_until() {
+                    // A release queued meanwhile is sent at once.
+                    let _ = tokio::time::timeout_at(until, self.wake.notified()).await;
+                    continue;
+                }
                 stalled = !self.deliver_forgets(&client, deadline).await;
             }
             if stalled {
@@ -336,5 +369,30 @@ mod tests {
         let held = Instant::now();
         waiter.await.expect("waiter");
         assert!(held.elapsed() >= CROSSING_GRACE - Duration::from_millis(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forgets_gather_for_a_moment_and_a_batch_never_waits() {
+        let r = Releases::default();
+        assert_eq!(r.gathering_until(), None, "nothing queued");
+        r.queue_forget(Ino(5));
+        let until = r.gathering_until().expect("the first forget gathers");
+        tokio::time::sleep(FORGET_GATHER / 2).await;
+        r.queue_forget(Ino(6));
+        assert_eq!(r.gathering_until(), Some(until), "timed from the oldest");
+        tokio::time::sleep(FORGET_GATHER / 2).await;
+        assert_eq!(r.gathering_until(), None, "due");
+        assert_eq!(r.take_forgets(), vec![Ino(5), Ino(6)]);
+        r.forgets_done(vec![Ino(5), Ino(6)], true, true);
+        // A full batch goes at once.
+        for i in 0..FORGET_BATCH as u64 {
+            r.queue_forget(Ino(100 + i));
+        }
+        assert_eq!(r.gathering_until(), None, "a full batch is due");
+        // A forget referenced again empties the queue: nothing gathers.
+        let _ = r.take_forgets();
+        r.queue_forget(Ino(7));
+        r.referenced_again(Ino(7));
+        assert_eq!(r.gathering_until(), None);
     }
 }

@@ -569,12 +569,14 @@ impl KeibiFixture {
         watchdog::unregister_pid(child.id());
     }
 
-    /// Freeze syncd (SIGSTOP).
+    /// Freeze syncd (SIGSTOP), and wait until every thread of it is
+    /// stopped: SIGSTOP takes effect asynchronously (a thread waiting for
+    /// a CPU stops only when it runs), and a request answered after this
+    /// returned would make a test's "syncd is frozen" claim false.
     pub fn freeze_syncd(&self) {
-        signal(
-            self.syncd_pid().expect("syncd is not running"),
-            Signal::SIGSTOP,
-        );
+        let pid = self.syncd_pid().expect("syncd is not running");
+        signal(pid, Signal::SIGSTOP);
+        wait_stopped(pid);
     }
 
     /// Thaw syncd (SIGCONT).
@@ -735,4 +737,24 @@ impl Drop for KeibiFixture {
             );
         }
     }
+}
+
+/// Wait until every thread of `pid` is stopped (state `T` or `t` in
+/// `/proc/PID/task/*/stat`).
+pub fn wait_stopped(pid: u32) {
+    crate::wait::poll_until(
+        "every thread of the process to stop",
+        Duration::from_secs(10),
+        || {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+            let all = tasks.filter_map(Result::ok).all(|t| {
+                std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                    // "pid (comm) S ...": the state follows the last ')'.
+                    s.rsplit_once(')')
+                        .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+                })
+            });
+            all.then_some(())
+        },
+    );
 }

@@ -45,31 +45,10 @@ fn in_flight_age_ms(fx: &harness::KeibiFixture, op: &str) -> Option<u64> {
 /// seen, which waits for the metadata deadline and fails with ETIMEDOUT.
 fn miss_a_deadline(fx: &harness::KeibiFixture, name: &str) {
     fx.freeze_syncd();
-    wait_stopped(fx.syncd_pid().expect("syncd runs"));
     assert_errno(
         fs::metadata(fx.path(name)),
         libc::ETIMEDOUT,
         "stat of a new name while syncd is frozen",
-    );
-}
-
-/// SIGSTOP takes effect asynchronously: wait until every thread of `pid`
-/// is stopped, so that no request is still answered after it.
-fn wait_stopped(pid: u32) {
-    poll_until(
-        "every thread of syncd to stop",
-        Duration::from_secs(10),
-        || {
-            let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-            let all = tasks.filter_map(Result::ok).all(|t| {
-                fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
-                    // "pid (comm) S ...": the state follows the last ')'.
-                    s.rsplit_once(')')
-                        .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
-                })
-            });
-            all.then_some(())
-        },
     );
 }
 

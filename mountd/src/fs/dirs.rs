@@ -77,12 +77,11 @@ impl Keibi {
         plus: bool,
     ) -> Result<ReadAhead, FsError> {
         let changes = self.changes();
+        let since = self.ticket();
         let asked_at = std::time::Instant::now();
         let batch = dir_handles::batch(plus);
         let entries = self.readdir(dir, offset, batch, plus).await?;
-        Ok(ReadAhead::new(
-            offset, entries, batch, plus, asked_at, changes,
-        ))
+        Ok(ReadAhead::new(offset, entries, batch, plus, asked_at, changes).with_ticket(since))
     }
 
     /// The entries after `offset` for a request the read-ahead of `fh`

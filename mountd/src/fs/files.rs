@@ -63,9 +63,18 @@ impl Keibi {
                 }
             })
             .await;
-        let got = self
+        let got = match self
             .receive_fd("create", parent, flags, deadline, ticket, r)
-            .await?;
+            .await
+        {
+            Ok(got) => got,
+            Err(e) => {
+                // Made or not: unknown.
+                self.cache.known.unsure(parent);
+                return Err(e);
+            }
+        };
+        self.cache.known.added(parent, name.as_bytes());
         self.cache.changed(ticket, parent, None);
         self.cache
             .put_entry(ticket, parent, name.as_bytes(), &got.opened.attr);

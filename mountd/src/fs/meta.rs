@@ -46,6 +46,10 @@ impl Keibi {
             Err(CallError::Fs(e)) => {
                 if e.errno == libc::ENOENT {
                     self.cache.forget_entry(parent, name.as_bytes());
+                    if self.cache.known.listed(parent, name.as_bytes()) {
+                        // Removed without mountd hearing of it.
+                        self.cache.known.unsure(parent);
+                    }
                 }
                 Err(e)
             }
@@ -62,7 +66,14 @@ impl Keibi {
     /// itself. An absence seen while a change was under way answers
     /// `ENOENT`, which the kernel does not cache: that change's
     /// notification may have reached the kernel before this answer.
+    ///
+    /// A name of a directory whose every name mountd knows is answered
+    /// without syncd ([`crate::known_dirs`]).
     pub async fn lookup_entry(&self, parent: u64, name: Name) -> Result<Option<Attr>, FsError> {
+        if self.cache.known.absent(parent, name.as_bytes()) {
+            crate::metrics::known_absent();
+            return Ok(None);
+        }
         let before = self.changes();
         match self.lookup(parent, name).await {
             Err(e) if e.errno == libc::ENOENT && self.changes() == before => Ok(None),

@@ -200,17 +200,69 @@ impl Keibi {
         self
     }
 
-    /// The attribute TTL to give the kernel for `ino`: 0 while a handle of
-    /// this mount has it open for writing (stores through a shared mapping
-    /// change its times without the kernel noticing, see
-    /// [`crate::attr_inval`]) and for `ttl` after a peer's change of it was
-    /// announced ([`AttrCache::peer_changed_within`]: a reply that raced
-    /// the announcement must not stay in the kernel), else `ttl`.
-    pub fn attr_ttl(&self, ino: u64, ttl: Duration) -> Duration {
-        if self.handles.has_writer(ino) || self.cache.peer_changed_within(ino, ttl) {
+    /// The attribute TTL to give the kernel for `ino` in the answer to a
+    /// request sent at ticket `since` ([`Keibi::ticket`]): 0 while a
+    /// handle of this mount has it open for writing (stores through a
+    /// shared mapping change its times without the kernel noticing, see
+    /// [`crate::attr_inval`]) and when a peer's change of it was announced
+    /// after the request was sent ([`AttrCache::peer_changed_since`]: the
+    /// reply may be older than the announcement), else `ttl`.
+    pub fn attr_ttl(&self, ino: u64, ttl: Duration, since: Ticket) -> Duration {
+        if self.handles.has_writer(ino) || self.cache.peer_changed_since(since, ino) {
             Duration::ZERO
         } else {
             ttl
+        }
+    }
+
+    /// The TTL of a `create` reply, which has one for the entry and the
+    /// attributes: the full `ttl` (the name exists now, and its attributes
+    /// are the ones just made), 0 when a peer's change of the inode was
+    /// announced after the request was sent.
+    pub fn create_ttl(&self, ino: u64, ttl: Duration, since: Ticket) -> Duration {
+        if self.cache.peer_changed_since(since, ino) {
+            Duration::ZERO
+        } else {
+            ttl
+        }
+    }
+
+    /// After a `create` reply with `ttl_given` ([`Keibi::create_ttl`]):
+    /// the new file is open for writing, so its attributes must not stay
+    /// cached ([`Keibi::attr_ttl`]): ask the kernel to drop them, keeping
+    /// the entry (the notification is written after the reply, which the
+    /// kernel has taken in already).
+    pub fn after_create(&self, ino: u64, since: Ticket, ttl_given: Duration) {
+        if ttl_given > Duration::ZERO
+            && let Some(k) = &self.attr_inval
+        {
+            if self.handles.has_writer(ino) {
+                k.attrs_of(ino);
+            } else {
+                self.settle(ino, since, ttl_given);
+            }
+        }
+    }
+
+    /// The ticket of a request about to be sent, for [`Keibi::attr_ttl`]
+    /// and [`Keibi::settle`]: take it before the request.
+    pub fn ticket(&self) -> Ticket {
+        self.cache.ticket()
+    }
+
+    /// After attributes of `ino` (answering a request sent at `since`)
+    /// went to the kernel with a TTL above 0: if a peer's change of it was
+    /// announced since the TTL was chosen, the announcement's own
+    /// notification may have reached the kernel before the reply did, so
+    /// ask again for the kernel's copy to be dropped. The notification
+    /// thread writes it after this reply, which the kernel has taken in
+    /// already (a reply is processed in the write that sends it).
+    pub fn settle(&self, ino: u64, since: Ticket, ttl_given: Duration) {
+        if ttl_given > Duration::ZERO
+            && self.cache.peer_changed_since(since, ino)
+            && let Some(k) = &self.attr_inval
+        {
+            k.attrs_of(ino);
         }
     }
 

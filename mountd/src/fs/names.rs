@@ -15,7 +15,14 @@ impl Keibi {
         r: Result<Attr, CallError>,
         op: &str,
     ) -> Result<Attr, FsError> {
-        let a = r.map_err(|e| e.into_fs(op))?;
+        let a = match r {
+            Ok(a) => a,
+            Err(e) => {
+                self.cache.known.unsure(parent);
+                return Err(e.into_fs(op));
+            }
+        };
+        self.cache.known.added(parent, name.as_bytes());
         self.cache.changed(ticket, a.ino.0, Some(&a));
         self.cache.changed(ticket, parent, None);
         self.cache.put_entry(ticket, parent, name.as_bytes(), &a);
@@ -30,6 +37,16 @@ impl Keibi {
         }
         self.cache.changed(ticket, parent, None);
         self.cache.forget_entry(parent, name);
+    }
+
+    /// A removal of `parent/name` through this mount ended, `done` if
+    /// syncd answered that it was done ([`crate::known_dirs`]).
+    fn known_removed(&self, parent: u64, name: &[u8], done: bool) {
+        if done {
+            self.cache.known.removed(parent, name);
+        } else {
+            self.cache.known.unsure(parent);
+        }
     }
 
     /// `mkdir` (`perm` already masked by the umask).
@@ -50,7 +67,9 @@ impl Keibi {
                 async move { c.client.mkdir(ctx, Ino(parent), n, perm, caller).await }
             })
             .await;
-        self.created(ticket, parent, &name, r, "mkdir")
+        let a = self.created(ticket, parent, &name, r, "mkdir")?;
+        self.cache.known.made(a.ino.0);
+        Ok(a)
     }
 
     /// `mknod` of a fifo, socket or device node (stored as metadata with
@@ -152,6 +171,7 @@ impl Keibi {
             })
             .await;
         self.removed_entry(ticket, parent, name.as_bytes(), ino);
+        self.known_removed(parent, name.as_bytes(), r.is_ok());
         r.map_err(|e| e.into_fs("unlink"))
     }
 
@@ -170,6 +190,11 @@ impl Keibi {
             })
             .await;
         self.removed_entry(ticket, parent, name.as_bytes(), ino);
+        self.known_removed(parent, name.as_bytes(), r.is_ok());
+        if let Some(dir) = ino {
+            // Gone (or, after an error, no longer known): no list.
+            self.cache.known.unsure(dir);
+        }
         r.map_err(|e| e.into_fs("rmdir"))
     }
 
@@ -203,6 +228,18 @@ impl Keibi {
             .await;
         self.removed_entry(ticket, parent, name.as_bytes(), src);
         self.removed_entry(ticket, new_parent, new_name.as_bytes(), dst);
+        match (&r, flags.exchange) {
+            // Both names still exist, each naming the other's inode.
+            (Ok(()), true) => {}
+            (Ok(()), false) => {
+                self.cache.known.removed(parent, name.as_bytes());
+                self.cache.known.added(new_parent, new_name.as_bytes());
+            }
+            (Err(_), _) => {
+                self.cache.known.unsure(parent);
+                self.cache.known.unsure(new_parent);
+            }
+        }
         r.map_err(|e| e.into_fs("rename"))
     }
 }
