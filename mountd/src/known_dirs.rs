@@ -118,8 +118,13 @@ impl KnownDirs {
         self.with(|l| *l = Lists::default());
     }
 
-    /// Whether `parent/name` is known not to exist.
+    /// Whether `parent/name` is known not to exist. Never for `.` and
+    /// `..`, which every directory has (the kernel looks them up by inode
+    /// number to open a file handle, `FUSE_EXPORT_SUPPORT`).
     pub fn absent(&self, parent: u64, name: &[u8]) -> bool {
+        if name == b"." || name == b".." {
+            return false;
+        }
         self.with(|l| l.dirs.get(&parent).is_some_and(|s| !s.contains(name)))
     }
 
@@ -159,6 +164,8 @@ mod tests {
             !k.absent(1, b"y"),
             "adding to an unknown directory knows nothing"
         );
+        assert!(!k.absent(2, b"."), "every directory has .");
+        assert!(!k.absent(2, b".."), "and ..");
     }
 
     #[test]

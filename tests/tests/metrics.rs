@@ -167,8 +167,23 @@ fn both_endpoints_parse_and_their_counters_move_with_work_on_the_mount() {
         std::fs::read(fx.path("d/a.txt")).expect("read"),
         b"hello metrics"
     );
+    // A name the kernel no longer caches is looked up in syncd (the
+    // kernel drops unused entries on `drop_caches`); a missing name in d,
+    // a directory made through this mount, is answered by mountd itself.
+    std::fs::write(fx.path("d/b.txt"), b"b").expect("write b");
+    std::fs::write("/proc/sys/vm/drop_caches", b"2").expect("echo 2 > drop_caches");
+    assert_eq!(
+        std::fs::metadata(fx.path("d/b.txt")).expect("stat b").len(),
+        1
+    );
+    assert!(std::fs::metadata(fx.path("d/not-there")).is_err());
 
     let (after, _) = scrape(&m_sock);
+    let absent = "keibi_mountd_lookups_answered_absent";
+    assert!(
+        value(&after, absent, &[]) > value(&fresh, absent, &[]),
+        "{absent} did not move"
+    );
     for op in ["mkdir", "create", "open", "lookup"] {
         let ok = [("op", op), ("result", "ok")];
         let (b, a) = (
