@@ -145,6 +145,9 @@ struct Handle {
     generation: u64,
     /// Opened for writing.
     write: bool,
+    /// Reported by mountd after a syncd restart: how it was opened is not
+    /// known, so it may write (see [`OpenTable::may_write`]).
+    restored: bool,
 }
 
 /// Open handles by id, open counts by inode, kernel references of
@@ -231,6 +234,7 @@ impl OpenTable {
                 conn,
                 generation,
                 write,
+                restored: false,
             },
         );
         true
@@ -266,6 +270,14 @@ impl OpenTable {
     /// The inode and generation `handle` reads.
     pub fn version_of(&self, handle: HandleId) -> Option<(Ino, u64)> {
         self.handles.get(&handle).map(|h| (h.ino, h.generation))
+    }
+
+    /// Whether `handle` may write: opened for writing, or kept by mountd
+    /// across a syncd restart (its access mode is not known here).
+    pub fn may_write(&self, handle: HandleId) -> bool {
+        self.handles
+            .get(&handle)
+            .is_some_and(|h| h.write || h.restored)
     }
 
     /// Whether a handle of `ino` may write.
@@ -372,6 +384,7 @@ impl OpenTable {
                             conn,
                             generation: 0,
                             write: false,
+                            restored: true,
                         },
                     ),
                 }

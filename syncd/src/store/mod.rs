@@ -143,6 +143,10 @@ pub struct Store {
     /// since): then [`Store::has_xattrs`] answers without a scan. Set
     /// before the first attribute is written, never cleared.
     xattrs_seen: AtomicBool,
+    /// Per-inode size locks: a truncate against a fetched chunk's write
+    /// ([`presence::SizeLocks`]; taken before `opens` and any sled
+    /// transaction).
+    size_locks: presence::SizeLocks,
 }
 
 impl std::fmt::Debug for Store {
@@ -221,6 +225,7 @@ impl Store {
             recovered: Mutex::new(Vec::new()),
             state_dir: state_dir.to_path_buf(),
             opens: Mutex::new(OpenTable::default()),
+            size_locks: presence::SizeLocks::new(),
         };
         let mut recovered = store.recover()?;
         recovered.extend(store.verify_presence()?);
@@ -590,6 +595,9 @@ impl Store {
             self.mark_dirty(ino.0)?;
         }
         let cs = if is_file && content_changes {
+            // A size change and a fetched chunk's write exclude each other
+            // (see `presence`, "Truncation").
+            let _size = changes.size.map(|_| self.size_locks.lock(ino));
             let cs = self
                 .content
                 .update(
