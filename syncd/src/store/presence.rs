@@ -500,7 +500,9 @@ impl Store {
             let upto = (start + bytes.len() as u64).min(rec.limit).min(len);
             if upto > start {
                 file.write_all_at(&bytes[..(upto - start) as usize], start)
-                    .map_err(|e| FsError::io(format!("{ino}: writing fetched chunk {index}"), &e))?;
+                    .map_err(|e| {
+                        FsError::io(format!("{ino}: writing fetched chunk {index}"), &e)
+                    })?;
             }
         }
         self.mark_present(ino, generation, index)?;

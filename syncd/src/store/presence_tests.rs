@@ -63,7 +63,10 @@ fn partial_file(dir: &std::path::Path, content: &[u8]) -> (Store, Ino) {
 }
 
 fn generation(s: &Store, ino: Ino) -> u64 {
-    s.presence_bits(ino).expect("bits").expect("partial").generation
+    s.presence_bits(ino)
+        .expect("bits")
+        .expect("partial")
+        .generation
 }
 
 fn present(s: &Store, ino: Ino, i: u64) -> bool {
@@ -167,7 +170,10 @@ fn a_truncate_during_a_fetched_write_never_lets_fetched_bytes_past_its_size() {
         // write) or waits for the size lock (it does).
         let until = Instant::now() + Duration::from_secs(10);
         while !done2.load(Ordering::SeqCst) && s2.size_locks.waiting.load(Ordering::SeqCst) == 0 {
-            assert!(Instant::now() < until, "the truncate neither ran nor waited");
+            assert!(
+                Instant::now() < until,
+                "the truncate neither ran nor waited"
+            );
             std::thread::yield_now();
         }
     };
