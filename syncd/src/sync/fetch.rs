@@ -672,6 +672,16 @@ impl Fetcher {
     async fn fly(&self, spec: &ChunkSpec, flight: &Flight) -> Result<(), FsError> {
         let ino = spec.key.ino;
         let index = spec.key.index;
+        // A reader reads the bits before it looks for a flight: one that
+        // ended in between marked the chunk and left the table, and this
+        // flight was started for a chunk that is here now. This flight
+        // entered the table after that one left, so these bits show it.
+        let generation = spec.key.generation;
+        match self.store_call(move |s| s.presence_bits(ino)).await? {
+            None => return Ok(()),
+            Some(b) if b.generation == generation && b.has(index) => return Ok(()),
+            Some(_) => {}
+        }
         let mut peers = self.peers.connected();
         if peers.is_empty() {
             return Err(fs_err!(
