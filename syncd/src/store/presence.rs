@@ -110,7 +110,7 @@ pub(crate) struct SizeLocks {
     /// Tests: run between the read of the limit and the `pwrite` of
     /// [`Store::write_chunk`].
     #[cfg(test)]
-    pub(crate) between: Mutex<Option<Box<dyn Fn() + Send>>>,
+    pub(crate) between: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// Tests: how many callers wait for a size lock.
     #[cfg(test)]
     pub(crate) waiting: std::sync::atomic::AtomicUsize,

@@ -138,6 +138,52 @@ fn a_chunk_written_after_its_fetch_survives_a_restart_and_a_torn_fetch_is_still_
     );
 }
 
+/// Write fetched chunk `index` of `content` into `ino` with `truncate`
+/// run on another thread from between the write's read of the limit and
+/// its `pwrite`: the write goes on once the truncate finished (it did not
+/// wait for the write) or waits for the size lock (it does). Returns
+/// when both are done.
+fn write_chunk_racing(
+    s: &Arc<Store>,
+    ino: Ino,
+    content: &[u8],
+    index: u64,
+    truncate: impl FnOnce(&Store) + Send + 'static,
+) {
+    let g = generation(s, ino);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s2, done2) = (s.clone(), done.clone());
+    let truncator: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::new(Mutex::new(None));
+    let t2 = truncator.clone();
+    let hook = move || {
+        let (s3, done3) = (s2.clone(), done2.clone());
+        let t = std::thread::spawn(move || {
+            truncate(&s3);
+            done3.store(true, Ordering::SeqCst);
+        });
+        *t2.lock().expect("lock") = Some(t);
+        let until = Instant::now() + Duration::from_secs(10);
+        while !done2.load(Ordering::SeqCst) && s2.size_locks.waiting.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < until,
+                "the truncate neither ran nor waited"
+            );
+            std::thread::yield_now();
+        }
+    };
+    *s.size_locks.between.lock().expect("lock") = Some(Box::new(hook));
+    s.write_chunk(ino, g, index, chunk(content, index))
+        .expect("the fetched chunk");
+    truncator
+        .lock()
+        .expect("lock")
+        .take()
+        .expect("the hook ran")
+        .join()
+        .expect("the truncate");
+    assert!(done.load(Ordering::SeqCst));
+}
+
 #[test]
 fn a_truncate_during_a_fetched_write_never_lets_fetched_bytes_past_its_size() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -149,45 +195,15 @@ fn a_truncate_during_a_fetched_write_never_lets_fetched_bytes_past_its_size() {
     let size = content.len() as u64;
     // Truncate to CUT and extend again while chunk 1's write is between
     // its read of the limit and its pwrite.
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (s2, done2) = (s.clone(), done.clone());
-    let truncator: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::new(Mutex::new(None));
-    let t2 = truncator.clone();
-    let hook = move || {
-        let (s3, done3) = (s2.clone(), done2.clone());
-        let t = std::thread::spawn(move || {
-            for size in [CUT, size] {
-                let change = SetAttr {
-                    size: Some(size),
-                    ..SetAttr::default()
-                };
-                s3.setattr(ino, &change).expect("truncate");
-            }
-            done3.store(true, Ordering::SeqCst);
-        });
-        *t2.lock().expect("lock") = Some(t);
-        // Go on once the truncate is done (it did not wait for the
-        // write) or waits for the size lock (it does).
-        let until = Instant::now() + Duration::from_secs(10);
-        while !done2.load(Ordering::SeqCst) && s2.size_locks.waiting.load(Ordering::SeqCst) == 0 {
-            assert!(
-                Instant::now() < until,
-                "the truncate neither ran nor waited"
-            );
-            std::thread::yield_now();
+    write_chunk_racing(&s, ino, &content, 1, move |s| {
+        for size in [CUT, size] {
+            let change = SetAttr {
+                size: Some(size),
+                ..SetAttr::default()
+            };
+            s.setattr(ino, &change).expect("truncate");
         }
-    };
-    *s.size_locks.between.lock().expect("lock") = Some(Box::new(hook));
-    s.write_chunk(ino, g, 1, chunk(&content, 1))
-        .expect("fetched chunk 1");
-    truncator
-        .lock()
-        .expect("lock")
-        .take()
-        .expect("the hook ran")
-        .join()
-        .expect("the truncate");
-    assert!(done.load(Ordering::SeqCst));
+    });
     let got = read_content(&s, ino);
     assert_eq!(got.len() as u64, size, "the size the truncates set");
     assert!(
@@ -201,4 +217,30 @@ fn a_truncate_during_a_fetched_write_never_lets_fetched_bytes_past_its_size() {
     let got = read_content(&s, ino);
     assert!(got[..CUT as usize] == content[..CUT as usize]);
     assert!(got[CUT as usize..].iter().all(|b| *b == 0));
+}
+
+#[test]
+fn an_o_trunc_open_and_write_during_a_fetched_write_are_not_overwritten() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let content = version_bytes();
+    let (s, ino) = partial_file(dir.path(), &content);
+    let s = Arc::new(s);
+    let local = vec![0x5Au8; (2 * CHUNK_SIZE) as usize];
+    let written = local.clone();
+    // O_TRUNC, then new bytes over chunks 0 and 1, while chunk 1's
+    // fetched write is between its read of the limit and its pwrite.
+    write_chunk_racing(&s, ino, &content, 1, move |s| {
+        let f = s
+            .open(ino, libc::O_RDWR | libc::O_TRUNC, CONN)
+            .expect("open with O_TRUNC");
+        std::fs::File::from(f.fd)
+            .write_all_at(&written, 0)
+            .expect("the new bytes");
+        s.release(f.opened.handle).expect("release");
+    });
+    assert!(s.presence(ino).expect("presence").is_none(), "complete");
+    assert!(
+        read_content(&s, ino) == local,
+        "the bytes written after the O_TRUNC, none of the fetched chunk"
+    );
 }
