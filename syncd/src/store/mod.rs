@@ -130,7 +130,8 @@ pub struct Store {
     /// Open handles. The only lock in the store besides leaf locks (the
     /// spares' queue, see [`crate::spares`]; the reclaimer's queue,
     /// [`reclaim`]; the inode allocator, [`inos`], held across the flush
-    /// of a new reservation; the start-up findings). Lock order: taken before a
+    /// of a new reservation; the start-up findings) and the size locks
+    /// (`size_locks`, taken before this one). Lock order: taken before a
     /// sled transaction starts and released after it commits, never the
     /// other way round; no other lock is taken while it is held, and it is
     /// never held across an IPC call or a wait on another process. It is
