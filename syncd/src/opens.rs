@@ -30,7 +30,11 @@
 //! - a reconnect (same mountpoint and pid) lists every handle mountd still
 //!   holds; those are moved to the new connection (or added, after a
 //!   syncd restart), and every other handle of that mount's earlier
-//!   connections is dropped. The counts then match mountd's exactly.
+//!   connections is dropped. The counts then match mountd's exactly. A
+//!   handle added after a restart counts as one that may write
+//!   ([`OpenTable::may_write`]: its access mode is not known here), so
+//!   the chunks it is told are present are made durable first, as for a
+//!   writer (see `store/presence.rs`).
 //! - a fresh mount of the mountpoint (a new mountd: the old one is gone,
 //!   since one mountpoint has one mountd) drops every handle of earlier
 //!   connections of that mountpoint.
@@ -145,6 +149,9 @@ struct Handle {
     generation: u64,
     /// Opened for writing.
     write: bool,
+    /// Reported by mountd after a syncd restart: how it was opened is not
+    /// known, so it may write (see [`OpenTable::may_write`]).
+    restored: bool,
 }
 
 /// Open handles by id, open counts by inode, kernel references of
@@ -231,6 +238,7 @@ impl OpenTable {
                 conn,
                 generation,
                 write,
+                restored: false,
             },
         );
         true
@@ -266,6 +274,14 @@ impl OpenTable {
     /// The inode and generation `handle` reads.
     pub fn version_of(&self, handle: HandleId) -> Option<(Ino, u64)> {
         self.handles.get(&handle).map(|h| (h.ino, h.generation))
+    }
+
+    /// Whether `handle` may write: opened for writing, or kept by mountd
+    /// across a syncd restart (its access mode is not known here).
+    pub fn may_write(&self, handle: HandleId) -> bool {
+        self.handles
+            .get(&handle)
+            .is_some_and(|h| h.write || h.restored)
     }
 
     /// Whether a handle of `ino` may write.
@@ -372,6 +388,7 @@ impl OpenTable {
                             conn,
                             generation: 0,
                             write: false,
+                            restored: true,
                         },
                     ),
                 }
@@ -749,6 +766,25 @@ mod tests {
         assert_eq!(t.take_unpinned(), vec![(Ino(5), 1)]);
         assert_eq!(t.take_dropped_writers(), vec![Ino(6)]);
         assert_eq!(t.count(Ino(5)), 0);
+    }
+
+    #[test]
+    fn a_handle_may_write_if_opened_for_writing_or_kept_across_a_restart() {
+        let mut t = OpenTable::default();
+        let c = ConnId(1);
+        t.connect(c);
+        assert!(t.add_open(HandleId(1), Ino(5), c, 0, false));
+        assert!(t.add_open(HandleId(2), Ino(5), c, 0, true));
+        assert!(!t.may_write(HandleId(1)), "opened for reading");
+        assert!(t.may_write(HandleId(2)), "opened for writing");
+        assert!(!t.may_write(HandleId(9)), "unknown");
+        // After a syncd restart mountd reports a handle whose access mode
+        // this table never saw: it may write.
+        let mut fresh = OpenTable::default();
+        fresh.connect(c);
+        fresh.register(c, key(7), false, &[(HandleId(3), Ino(5))], &[]);
+        assert_eq!(fresh.version_of(HandleId(3)), Some((Ino(5), 0)));
+        assert!(fresh.may_write(HandleId(3)), "kept across a restart");
     }
 
     #[test]

@@ -471,10 +471,23 @@ impl Filesystem for FsServer {
                     Some(handle.0),
                     "peers",
                 );
-                self.daemon
+                let fetched = self
+                    .daemon
                     .fetcher
                     .ensure(ino, generation, offset, len, answer_by(ctx.deadline), true)
-                    .await
+                    .await;
+                match fetched {
+                    // A handle that may write writes into what it is told
+                    // is present: make that durable first (`presence`).
+                    Ok(bits) if self.daemon.store.handle_may_write(handle) => {
+                        let store = self.daemon.store.clone();
+                        tokio::task::spawn_blocking(move || store.settle_for_writer(ino))
+                            .await
+                            .unwrap_or_else(|e| Err(fs_err!(EIO, "fetch_range: {e}")))
+                            .map(|()| bits)
+                    }
+                    other => other,
+                }
             }
         };
         self.log("fetch_range", &d, start, &result);

@@ -214,6 +214,8 @@ impl Store {
                 .open(ino, rec.generation, access)
                 .map_err(|e| content_err(format!("opening {}", Ino(ino)), &e))?;
             if flags & libc::O_TRUNC != 0 && access != OFlag::O_RDONLY {
+                // Against a fetched chunk's write (see `presence`).
+                let _size = self.size_locks.lock(Ino(ino));
                 nix::unistd::ftruncate(&fd, 0).map_err(|e| {
                     FsError::io(format!("truncating {}", Ino(ino)), &io::Error::from(e))
                 })?;
@@ -223,13 +225,23 @@ impl Store {
             }
             Ok(fd)
         })();
-        match opened {
-            Ok(fd) => self.describe_open(ino, &rec, handle, fd),
+        let described = match opened {
+            Ok(fd) => self.describe_open(ino, &rec, handle, fd)?,
             Err(e) => {
                 let _ = self.release(handle);
-                Err(e)
+                return Err(e);
             }
+        };
+        // A writer of a partial file may write into every chunk the answer
+        // calls present: make them durable first (see `presence`).
+        if writes(flags)
+            && described.opened.partial.is_some()
+            && let Err(e) = self.settle_for_writer(Ino(ino))
+        {
+            let _ = self.release(handle);
+            return Err(e);
         }
+        Ok(described)
     }
 
     /// The answer to an open of `ino` (record `rec`) whose content file is

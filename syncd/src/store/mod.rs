@@ -130,7 +130,8 @@ pub struct Store {
     /// Open handles. The only lock in the store besides leaf locks (the
     /// spares' queue, see [`crate::spares`]; the reclaimer's queue,
     /// [`reclaim`]; the inode allocator, [`inos`], held across the flush
-    /// of a new reservation; the start-up findings). Lock order: taken before a
+    /// of a new reservation; the start-up findings) and the size locks
+    /// (`size_locks`, taken before this one). Lock order: taken before a
     /// sled transaction starts and released after it commits, never the
     /// other way round; no other lock is taken while it is held, and it is
     /// never held across an IPC call or a wait on another process. It is
@@ -143,6 +144,10 @@ pub struct Store {
     /// since): then [`Store::has_xattrs`] answers without a scan. Set
     /// before the first attribute is written, never cleared.
     xattrs_seen: AtomicBool,
+    /// Per-inode size locks: a truncate against a fetched chunk's write
+    /// ([`presence::SizeLocks`]; taken before `opens` and any sled
+    /// transaction).
+    size_locks: presence::SizeLocks,
 }
 
 impl std::fmt::Debug for Store {
@@ -221,6 +226,7 @@ impl Store {
             recovered: Mutex::new(Vec::new()),
             state_dir: state_dir.to_path_buf(),
             opens: Mutex::new(OpenTable::default()),
+            size_locks: presence::SizeLocks::new(),
         };
         let mut recovered = store.recover()?;
         recovered.extend(store.verify_presence()?);
@@ -590,6 +596,9 @@ impl Store {
             self.mark_dirty(ino.0)?;
         }
         let cs = if is_file && content_changes {
+            // A size change and a fetched chunk's write exclude each other
+            // (see `presence`, "Truncation").
+            let _size = changes.size.map(|_| self.size_locks.lock(ino));
             let cs = self
                 .content
                 .update(

@@ -52,7 +52,35 @@
 //! truncate only lowers `limit`; a file whose every chunk counts as
 //! present is complete. A later write beyond `limit` is local data, never
 //! overwritten by a fetch (a fetch writes only the part of a chunk below
-//! `limit`).
+//! `limit`). The limit is a promise about bytes the next write may put
+//! there, so a truncate that lowers it flushes the store before it
+//! answers.
+//!
+//! The inode's size lock ([`SizeLocks`]) makes a truncate and a fetched
+//! chunk's write exclude each other: a truncate holds it from its
+//! `ftruncate` until its limit is recorded, and [`Store::write_chunk`]
+//! from reading the limit until its `pwrite` returned. So a truncate
+//! lands wholly before a fetched write (which then writes only below the
+//! new limit) or wholly after it (and cuts what it wrote); fetched bytes
+//! never land beyond a size a truncate set, never bring back bytes it
+//! cut, and never overwrite bytes written after it. The lock is never
+//! held across an `.await` or a peer call: the fetcher takes it on the
+//! blocking pool, with the chunk's bytes already verified in memory.
+//!
+//! Local writes into fetched chunks. mountd fetches a missing chunk
+//! before a write into it, and writes into chunks only once syncd said
+//! they are present (in the answer of the open or of a `fetch_range`
+//! through that handle). Such a chunk's bytes then differ from its
+//! version's hash, so the start-up check must never look at it: before
+//! syncd tells a handle that may write (opened for writing, or kept by
+//! mountd across a restart of syncd) which chunks are present, it syncs
+//! the content file if some present chunk is not synced yet, records every
+//! present chunk as synced, and flushes the store
+//! ([`Store::settle_for_writer`]). A chunk a writer may touch is thus
+//! synced, durably, before the writer can touch it, and is never hashed
+//! again at start nor fetched again; a chunk whose bytes a crash tore
+//! during a fetch was never told to a writer, so it is unsynced and still
+//! checked at start.
 
 use super::objects::{PresenceRec, bit, dec, enc, set_bit};
 use super::records::{InodeRec, be_u64, decode, ino_key};
@@ -62,11 +90,68 @@ use ipc_schema::{FileKind, FsError, HandleId, Ino, Partial, fs_err};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use std::os::unix::fs::FileExt;
+use std::sync::{Mutex, MutexGuard};
 
 /// After this many chunks marked present and not yet synced, the content
 /// file is synced and they are recorded as synced (see the module doc):
 /// at most this many chunks of a file are hashed again at start.
 pub const SYNC_BATCH: u32 = 64;
+
+/// How many size locks there are (inodes share them by number).
+const SIZE_LOCKS: usize = 64;
+
+/// The per-inode size locks (see the module doc, "Truncation"): striped,
+/// an inode takes the one of its number. Lock order: taken before the
+/// open-table lock and before any sled transaction; no size lock is taken
+/// while another is held; never held across an `.await`, an IPC call or
+/// a peer call.
+pub(crate) struct SizeLocks {
+    locks: Vec<Mutex<()>>,
+    /// Tests: run between the read of the limit and the `pwrite` of
+    /// [`Store::write_chunk`].
+    #[cfg(test)]
+    pub(crate) between: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Tests: how many callers wait for a size lock.
+    #[cfg(test)]
+    pub(crate) waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl SizeLocks {
+    pub(crate) fn new() -> SizeLocks {
+        SizeLocks {
+            locks: (0..SIZE_LOCKS).map(|_| Mutex::new(())).collect(),
+            #[cfg(test)]
+            between: Mutex::new(None),
+            #[cfg(test)]
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The size lock of `ino`.
+    pub(crate) fn lock(&self, ino: Ino) -> MutexGuard<'_, ()> {
+        let m = &self.locks[(ino.0 % SIZE_LOCKS as u64) as usize];
+        #[cfg(test)]
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let g = m.lock().unwrap_or_else(|p| p.into_inner());
+        #[cfg(test)]
+        self.waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        g
+    }
+
+    #[cfg(test)]
+    fn run_between(&self) {
+        if let Some(f) = self
+            .between
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            f();
+        }
+    }
+}
 
 /// The part of a partial file's presence that changes while its chunks
 /// arrive (tree `present_bits`; see the module doc).
@@ -253,6 +338,11 @@ impl Store {
         self.lock_opens().version_of(handle)
     }
 
+    /// Whether `handle` may write (see [`crate::opens::OpenTable::may_write`]).
+    pub fn handle_may_write(&self, handle: HandleId) -> bool {
+        self.lock_opens().may_write(handle)
+    }
+
     /// Open `ino`'s content generation `generation` for writing fetched chunks.
     pub fn open_for_fill(&self, ino: Ino, generation: u64) -> Result<std::fs::File, FsError> {
         self.content
@@ -367,6 +457,74 @@ impl Store {
         Ok(after.map(|p| p.present).unwrap_or_default())
     }
 
+    /// Write the verified bytes of fetched chunk `index` of `ino`
+    /// generation `generation` (the whole chunk, as the version has it)
+    /// into the content file, the part below the presence `limit` only and
+    /// never past the file's end, then mark the chunk present. Nothing is
+    /// written when the chunk counts as present already (fetched meanwhile,
+    /// or at or beyond the limit) or the file is complete; `EIO` when
+    /// another version replaced this one.
+    ///
+    /// The limit is read and the bytes written under the inode's size lock
+    /// (see the module doc, "Truncation").
+    pub fn write_chunk(
+        &self,
+        ino: Ino,
+        generation: u64,
+        index: u64,
+        bytes: &[u8],
+    ) -> Result<(), FsError> {
+        {
+            let _size = self.size_locks.lock(ino);
+            let Some(rec) = self.presence_bits(ino)? else {
+                return Ok(());
+            };
+            if rec.generation != generation {
+                return Err(fs_err!(
+                    EIO,
+                    "{ino}: generation {generation} was replaced by {} while chunk {index} was fetched",
+                    rec.generation
+                ));
+            }
+            if rec.has(index) {
+                return Ok(());
+            }
+            #[cfg(test)]
+            self.size_locks.run_between();
+            let (start, _) = chunk_range(index, rec.size);
+            let file = self.open_for_fill(ino, generation)?;
+            let len = file
+                .metadata()
+                .map_err(|e| FsError::io(format!("{ino}: stat before writing a chunk"), &e))?
+                .len();
+            let upto = (start + bytes.len() as u64).min(rec.limit).min(len);
+            if upto > start {
+                file.write_all_at(&bytes[..(upto - start) as usize], start)
+                    .map_err(|e| {
+                        FsError::io(format!("{ino}: writing fetched chunk {index}"), &e)
+                    })?;
+            }
+        }
+        self.mark_present(ino, generation, index)?;
+        Ok(())
+    }
+
+    /// Before a handle that may write learns which chunks of `ino` are
+    /// present: make every present chunk durable and recorded as synced,
+    /// and flush the store, so that no chunk a writer may write into is
+    /// hashed again at start, or fetched again, after a crash (see the
+    /// module doc, "Local writes into fetched chunks"). The caller reads
+    /// the bits it answers before calling this: bits are only ever added
+    /// while syncd runs, so those are among the ones made durable here.
+    pub fn settle_for_writer(&self, ino: Ino) -> Result<(), FsError> {
+        if let Some(b) = self.presence_bits(ino)?
+            && b.unsynced() > 0
+        {
+            self.sync_present(ino, b.generation, b.present.clone())?;
+        }
+        self.flush_store()
+    }
+
     /// `fdatasync` of `ino` generation `generation`'s content.
     fn sync_content(&self, ino: Ino, generation: u64) -> Result<(), FsError> {
         self.open_content(ino, generation)?
@@ -468,8 +626,17 @@ impl Store {
             if src.read_exact_at(&mut buf, start).is_err() || ChunkHash::of(&buf) != *want {
                 continue;
             }
-            // Only below the limit: beyond it are local bytes.
-            let upto = (end.min(p.limit) - start) as usize;
+            // Only below the limit, read under the size lock: beyond it
+            // are local bytes (see the module doc, "Truncation").
+            let _size = self.size_locks.lock(ino);
+            let limit = match self.presence_bits(ino)? {
+                Some(b) if b.generation == p.generation => b.limit,
+                _ => break,
+            };
+            if start >= limit {
+                continue;
+            }
+            let upto = (end.min(limit) - start) as usize;
             dst.write_all_at(&buf[..upto], start)
                 .map_err(|e| FsError::io(format!("filling {ino}"), &e))?;
             copied.push(i);
@@ -489,16 +656,34 @@ impl Store {
     /// A truncate of `ino` (generation `generation`) to `size`: chunks
     /// from `size` on count as present from now on. Rewrites the record
     /// too, so that an older keibi-syncd never fetches into the truncated
-    /// range.
+    /// range. A lowered limit is flushed before this returns (the next
+    /// write may put local bytes beyond it). Call with the inode's size
+    /// lock held, from before the `ftruncate` (see the module doc).
     pub(crate) fn lower_limit(&self, ino: Ino, generation: u64, size: u64) -> Result<(), FsError> {
+        let lowered = std::cell::Cell::new(false);
         let change = |b: &mut PresentBits| {
+            lowered.set(false);
             if b.generation != generation || b.limit <= size {
                 return Change::Keep;
             }
             b.limit = size;
+            lowered.set(true);
             Change::Write
         };
-        match self.update_bits(ino, false, true, change) {
+        self.lower_limit_with(ino, generation, change)?;
+        if lowered.get() {
+            self.flush_store()?;
+        }
+        Ok(())
+    }
+
+    fn lower_limit_with(
+        &self,
+        ino: Ino,
+        generation: u64,
+        change: impl Fn(&mut PresentBits) -> Change,
+    ) -> Result<(), FsError> {
+        match self.update_bits(ino, false, true, &change) {
             Ok(_) => Ok(()),
             Err(Refused::Failed(e)) => Err(e),
             Err(Refused::NeedsSync) => {
@@ -713,3 +898,7 @@ impl Store {
         Ok(found)
     }
 }
+
+#[cfg(test)]
+#[path = "presence_tests.rs"]
+mod tests;

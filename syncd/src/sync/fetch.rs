@@ -20,10 +20,17 @@
 //! peer that is not there. The bytes below the presence `limit` (a file
 //! truncated since the version arrived keeps only those) are `pwrite`n into
 //! the generation's file, then the chunk is marked present (the bit is
-//! written after the bytes; at start the store re-hashes present chunks, so
-//! a power cut between the two cannot leave a wrong chunk marked present).
-//! A chunk already marked present is never written again, so bytes written
-//! locally into a fetched chunk are never overwritten by a later fetch.
+//! written after the bytes; at start the store re-hashes present chunks
+//! not yet synced, so a power cut between the two cannot leave a wrong
+//! chunk marked present). The limit is read and the bytes written under
+//! the inode's size lock, which a truncate holds from its `ftruncate`
+//! until its limit is recorded (`Store::write_chunk`), so fetched bytes
+//! never land beyond a size a truncate set. A chunk already marked
+//! present is never written again, and mountd writes into a chunk only
+//! once a present bit said so, which syncd makes durable and synced
+//! before a handle that may write learns it (`Store::settle_for_writer`):
+//! bytes written locally into a fetched chunk are never overwritten by a
+//! later fetch, nor taken for a torn fetch at start, also after a crash.
 //!
 //! Dedup: flights are keyed by (inode, generation, chunk); a second reader
 //! of a chunk already in flight waits for the same flight. Parallelism and
@@ -66,8 +73,6 @@ use crate::store::presence::PresentBits;
 use crate::sync::model::{CHUNK_SIZE, ChunkHash, Gid, chunk_count, chunk_range};
 use ipc_schema::{FetchInFlight, FsError, Ino, fs_err};
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -94,11 +99,19 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// The current content generation of `ino` and the size of its
     /// content file.
     fn generation(&self, ino: Ino) -> Result<(u64, u64), FsError>;
-    /// Open generation `generation` of `ino` for writing fetched chunks.
-    fn open_for_fill(&self, ino: Ino, generation: u64) -> Result<File, FsError>;
-    /// Mark chunk `index` present; answers the bitmap after it (empty:
-    /// the file is complete).
-    fn mark_present(&self, ino: Ino, generation: u64, index: u64) -> Result<Vec<u64>, FsError>;
+    /// Write the verified bytes of chunk `index` of generation
+    /// `generation` below the presence limit and mark it present, unless
+    /// it counts as present already or the file is complete; `EIO` when
+    /// another generation replaced it (`Store::write_chunk`: the limit is
+    /// read and the bytes written under the inode's size lock, which
+    /// truncates take too).
+    fn write_chunk(
+        &self,
+        ino: Ino,
+        generation: u64,
+        index: u64,
+        bytes: &[u8],
+    ) -> Result<(), FsError>;
 }
 
 impl ChunkStore for Store {
@@ -125,14 +138,15 @@ impl ChunkStore for Store {
         Ok((rec.generation, size))
     }
 
-    fn open_for_fill(&self, ino: Ino, generation: u64) -> Result<File, FsError> {
+    fn write_chunk(
+        &self,
+        ino: Ino,
+        generation: u64,
+        index: u64,
+        bytes: &[u8],
+    ) -> Result<(), FsError> {
         crate::fault::store_gate();
-        Store::open_for_fill(self, ino, generation)
-    }
-
-    fn mark_present(&self, ino: Ino, generation: u64, index: u64) -> Result<Vec<u64>, FsError> {
-        crate::fault::store_gate();
-        Store::mark_present(self, ino, generation, index)
+        Store::write_chunk(self, ino, generation, index, bytes)
     }
 }
 
@@ -658,6 +672,16 @@ impl Fetcher {
     async fn fly(&self, spec: &ChunkSpec, flight: &Flight) -> Result<(), FsError> {
         let ino = spec.key.ino;
         let index = spec.key.index;
+        // A reader reads the bits before it looks for a flight: one that
+        // ended in between marked the chunk and left the table, and this
+        // flight was started for a chunk that is here now. This flight
+        // entered the table after that one left, so these bits show it.
+        let generation = spec.key.generation;
+        match self.store_call(move |s| s.presence_bits(ino)).await? {
+            None => return Ok(()),
+            Some(b) if b.generation == generation && b.has(index) => return Ok(()),
+            Some(_) => {}
+        }
         let mut peers = self.peers.connected();
         if peers.is_empty() {
             return Err(fs_err!(
@@ -742,45 +766,8 @@ impl Fetcher {
     /// its presence record is gone).
     async fn write(&self, spec: &ChunkSpec, bytes: Vec<u8>) -> Result<(), FsError> {
         let key = spec.key;
-        self.store_call(move |s| {
-            // Complete meanwhile (truncated with O_TRUNC, or replaced):
-            // the caller looks at the version again.
-            let Some(rec) = s.presence_bits(key.ino)? else {
-                return Ok(());
-            };
-            if rec.generation != key.generation {
-                return Err(fs_err!(
-                    EIO,
-                    "{}: generation {} was replaced by {} while chunk {} was fetched",
-                    key.ino,
-                    key.generation,
-                    rec.generation,
-                    key.index
-                ));
-            }
-            if rec.has(key.index) {
-                return Ok(());
-            }
-            let (start, _) = chunk_range(key.index, rec.size);
-            let file = s.open_for_fill(key.ino, key.generation)?;
-            // Below the limit, and never past the file's end: a truncate
-            // that lowered the limit after the record was read has cut
-            // the file already.
-            let len = file
-                .metadata()
-                .map_err(|e| fs_err!(EIO, "{}: stat before writing a chunk: {e}", key.ino))?
-                .len();
-            let upto = (start + bytes.len() as u64).min(rec.limit).min(len);
-            if upto > start {
-                file.write_all_at(&bytes[..(upto - start) as usize], start)
-                    .map_err(|e| {
-                        fs_err!(EIO, "{}: writing fetched chunk {}: {e}", key.ino, key.index)
-                    })?;
-            }
-            s.mark_present(key.ino, key.generation, key.index)?;
-            Ok(())
-        })
-        .await
+        self.store_call(move |s| s.write_chunk(key.ino, key.generation, key.index, &bytes))
+            .await
     }
 }
 
