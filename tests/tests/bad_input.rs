@@ -233,3 +233,147 @@ fn full_state_dir_gives_enospc_and_loses_nothing_fsynced_passthrough() {
 fn full_state_dir_gives_enospc_and_loses_nothing_fsynced_plain() {
     full_state_dir(false);
 }
+
+/// The outcome of one metadata operation on a full state directory: done,
+/// or refused with ENOSPC. Anything else (EIO from a store that gave up)
+/// fails the test.
+#[track_caller]
+fn done_or_enospc<T>(r: std::io::Result<T>, what: &str, enospc: &mut u64) -> bool {
+    match r {
+        Ok(_) => true,
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+            *enospc += 1;
+            false
+        }
+        Err(e) => panic!("{what} on a full state directory: expected success or ENOSPC, got {e}"),
+    }
+}
+
+/// Fill the state directory through the mount, then make the metadata
+/// store write a lot (thousands of creates, renames, chmods, truncates
+/// and unlinks with long names) while it stays full: every operation must
+/// succeed or give ENOSPC, the unlink that frees space must work, writes
+/// must work again once it is freed, and nothing fsynced may be lost.
+fn metadata_on_full_state_dir(passthrough: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    let (_w, mut fx) = setup(
+        "metadata on a full state directory",
+        Duration::from_secs(300),
+        Options {
+            passthrough,
+            state_tmpfs_bytes: Some(64 << 20),
+            ..Options::default()
+        },
+    );
+    const KEPT: u64 = 1 << 20;
+    let kept = fx.path("kept");
+    let want = hash_reader(Pattern::new(6).reader(KEPT)).expect("hash");
+    {
+        let mut f = File::create(&kept).expect("create kept");
+        std::io::copy(&mut Pattern::new(6).reader(KEPT), &mut f).expect("write kept");
+        f.sync_all().expect("fsync kept");
+    }
+    fs::create_dir(fx.path("many")).expect("mkdir many");
+    let filler = fx.path("filler");
+    let mut f = File::create(&filler).expect("create filler");
+    let chunk = Pattern::new(7).bytes(0, 1 << 20);
+    let mut failed = None;
+    for i in 0..128 {
+        if let Err(e) = f.write_all(&chunk) {
+            failed = Some((i, e));
+            break;
+        }
+    }
+    let (at, e) = failed.expect("writing 128 MiB into a 64 MiB state directory must fail");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "after {at} MiB: {e}");
+    drop(f);
+    let log = fx.state_dir().join("db").join("db");
+    let log_before = fs::metadata(&log).expect("sled's log file").len();
+    // Names of 200 bytes make every record big, so the store's log must
+    // grow while the filesystem is full.
+    let name = |i: usize| fx.path(format!("many/{i:06}-{}", "n".repeat(192)));
+    let renamed = |i: usize| fx.path(format!("many/{i:06}-{}", "r".repeat(192)));
+    let mut enospc = 0;
+    let mut made = Vec::new();
+    for round in 0..3 {
+        for i in 0..1500 {
+            let i = round * 1500 + i;
+            if done_or_enospc(File::create(name(i)), "create", &mut enospc) {
+                made.push(i);
+            }
+        }
+        for &i in &made {
+            done_or_enospc(fs::rename(name(i), renamed(i)), "rename", &mut enospc);
+            done_or_enospc(fs::rename(renamed(i), name(i)), "rename back", &mut enospc);
+            done_or_enospc(
+                fs::set_permissions(name(i), fs::Permissions::from_mode(0o600 + (i as u32 % 64))),
+                "chmod",
+                &mut enospc,
+            );
+            done_or_enospc(
+                File::options().write(true).open(name(i)).and_then(|f| f.set_len(0)),
+                "truncate",
+                &mut enospc,
+            );
+        }
+        // Unlink half, so the next round's creates reuse nothing.
+        let (gone, stay): (Vec<usize>, Vec<usize>) = made.iter().partition(|&&i| i % 2 == 0);
+        for &i in &gone {
+            done_or_enospc(fs::remove_file(name(i)), "unlink", &mut enospc);
+        }
+        made = stay;
+    }
+    let log_after = fs::metadata(&log).expect("sled's log file").len();
+    eprintln!(
+        "sled's log grew from {log_before} to {log_after} bytes on the full state directory; \
+         {enospc} operations got ENOSPC"
+    );
+    assert!(
+        log_after > log_before,
+        "the test must make the store write new log space on the full disk \
+         ({log_before} -> {log_after} bytes)"
+    );
+    assert_eq!(
+        hash_file(&kept).expect("hash kept"),
+        (KEPT, want.1),
+        "fsynced file intact"
+    );
+    fs::remove_file(&filler).expect("unlink the filler on a full state directory");
+    // Once the filler's space is back (its content file goes after the
+    // free is durable), writes work again.
+    let after = fx.path("after");
+    let data = Pattern::new(8).bytes(0, 1 << 20);
+    poll_until("a write to work after freeing space", Duration::from_secs(30), || {
+        let r = File::create(&after).and_then(|mut f| {
+            f.write_all(&data)?;
+            f.sync_all()
+        });
+        match r {
+            Ok(()) => Some(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => None,
+            Err(e) => panic!("writing after freeing space: expected success or ENOSPC, got {e}"),
+        }
+    });
+    for &i in &made {
+        fs::remove_file(name(i)).expect("unlink after freeing space");
+    }
+    File::create(fx.path("new")).expect("create after freeing space");
+    fx.restart_both();
+    assert_eq!(
+        hash_file(&kept).expect("hash kept after restart"),
+        (KEPT, want.1),
+        "fsynced file intact after restarting both daemons"
+    );
+    assert_eq!(fs::read(&after).expect("read after"), data, "fsynced after restart");
+    fx.assert_io_path();
+}
+
+#[test]
+fn metadata_on_a_full_state_dir_never_breaks_the_store_passthrough() {
+    metadata_on_full_state_dir(true);
+}
+
+#[test]
+fn metadata_on_a_full_state_dir_never_breaks_the_store_plain() {
+    metadata_on_full_state_dir(false);
+}

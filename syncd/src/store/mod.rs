@@ -63,6 +63,7 @@ pub mod xattrs;
 
 use crate::content::{ContentDir, ContentStat};
 use crate::opens::OpenTable;
+use crate::space::{Change, Space};
 use crate::spares::Spares;
 use inos::InoAlloc;
 use ipc_schema::{
@@ -119,6 +120,8 @@ pub struct Store {
     content: Arc<ContentDir>,
     /// Content files made ahead of time for new regular files.
     spares: Spares,
+    /// Room kept for sled's log on a full disk ([`crate::space`]).
+    space: Space,
     /// Inode numbers.
     inos: Arc<InoAlloc>,
     /// Freed inodes whose content files and xattrs wait for a flush.
@@ -181,6 +184,8 @@ impl Store {
             FsError::io(format!("content directory in {}", state_dir.display()), &e)
         })?;
         let db_path = state_dir.join("db");
+        // Free the reserve so sled can open its store on a full disk.
+        crate::space::release_reserve(state_dir);
         let db = sled::Config::new()
             .path(&db_path)
             .cache_capacity(64 * 1024 * 1024)
@@ -217,6 +222,7 @@ impl Store {
             db,
             content,
             spares: Spares::default(),
+            space: Space::start(state_dir, &db_path.join("db")),
             reclaim,
             recovered: Mutex::new(Vec::new()),
             state_dir: state_dir.to_path_buf(),
@@ -226,6 +232,13 @@ impl Store {
         recovered.extend(store.verify_presence()?);
         *store.recovered.lock().unwrap_or_else(|p| p.into_inner()) = recovered;
         Ok(store)
+    }
+
+    /// Admit a change requested through the mount or from a peer, or
+    /// refuse it with `ENOSPC` while the state directory is too full for
+    /// the store to stay safe ([`crate::space`]). One atomic load.
+    pub fn admit(&self, change: Change) -> Result<(), FsError> {
+        self.space.admit(change)
     }
 
     /// What the start-up scan repaired, in this run.
