@@ -348,7 +348,7 @@ impl Filesystem for FsServer {
         let d = detail!("{parent} {name:?}");
         let conn = self.conn;
         self.run("unlink", d, move |s| {
-            s.admit(Change::Frees)?;
+            s.admit_unlink(parent, &name)?;
             s.unlink_by(Some(conn), parent, &name)
         })
             .await

@@ -43,9 +43,11 @@
 //!   rename, setattr, truncate, removexattr) still run, so space can be
 //!   freed.
 //! - *critical*: less than a quarter of a target: every change requested
-//!   gets `ENOSPC`. What keeps running is what frees (`release`, `forget`,
-//!   the reclaim of freed inodes) and what writes nothing new (`fsync`),
-//!   which the last quarter covers.
+//!   gets `ENOSPC` but the unlink of a regular file that frees content (it
+//!   has allocated blocks and no other link; `Store::admit_unlink`), so
+//!   space can always be freed through the mount. What else keeps running
+//!   is what frees (`release`, `forget`, the reclaim of freed inodes) and
+//!   what writes nothing new (`fsync`), which the last quarter covers.
 //!
 //! Content that is freed returns blocks to the filesystem, the thread
 //! allocates them to the headroom and the reserve, and the level comes
@@ -89,7 +91,7 @@ pub enum Change {
     /// peer): refused from *tight* on.
     Adds,
     /// Changes or removes records (unlink, rename, setattr): refused only
-    /// when *critical*.
+    /// when *critical* (see `Store::admit_unlink` for the exception).
     Frees,
 }
 

@@ -234,15 +234,25 @@ fn full_state_dir_gives_enospc_and_loses_nothing_fsynced_plain() {
     full_state_dir(false);
 }
 
+/// Operations done and refused with ENOSPC, by name.
+#[derive(Debug, Default)]
+struct Counts {
+    done: std::collections::BTreeMap<String, u64>,
+    refused: std::collections::BTreeMap<String, u64>,
+}
+
 /// The outcome of one metadata operation on a full state directory: done,
 /// or refused with ENOSPC. Anything else (EIO from a store that gave up)
 /// fails the test.
 #[track_caller]
-fn done_or_enospc<T>(r: std::io::Result<T>, what: &str, enospc: &mut u64) -> bool {
+fn done_or_enospc<T>(r: std::io::Result<T>, what: &str, enospc: &mut Counts) -> bool {
     match r {
-        Ok(_) => true,
+        Ok(_) => {
+            *enospc.done.entry(what.to_string()).or_default() += 1;
+            true
+        }
         Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-            *enospc += 1;
+            *enospc.refused.entry(what.to_string()).or_default() += 1;
             false
         }
         Err(e) => panic!("{what} on a full state directory: expected success or ENOSPC, got {e}"),
@@ -261,7 +271,7 @@ fn metadata_on_full_state_dir(passthrough: bool) {
         Duration::from_secs(300),
         Options {
             passthrough,
-            state_tmpfs_bytes: Some(64 << 20),
+            state_tmpfs_bytes: Some(32 << 20),
             ..Options::default()
         },
     );
@@ -284,49 +294,78 @@ fn metadata_on_full_state_dir(passthrough: bool) {
             break;
         }
     }
-    let (at, e) = failed.expect("writing 128 MiB into a 64 MiB state directory must fail");
+    let (at, e) = failed.expect("writing 128 MiB into a 32 MiB state directory must fail");
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "after {at} MiB: {e}");
     drop(f);
     let log = fx.state_dir().join("db").join("db");
     let log_before = fs::metadata(&log).expect("sled's log file").len();
-    // Names of 200 bytes make every record big, so the store's log must
-    // grow while the filesystem is full.
-    let name = |i: usize| fx.path(format!("many/{i:06}-{}", "n".repeat(192)));
-    let renamed = |i: usize| fx.path(format!("many/{i:06}-{}", "r".repeat(192)));
-    let mut enospc = 0;
-    let mut made = Vec::new();
-    for round in 0..3 {
-        for i in 0..1500 {
-            let i = round * 1500 + i;
+    // Names of 240 bytes make every record big, so the store's log must
+    // grow while the filesystem is full. Rounds go on until the store has
+    // refused something for lack of room, and one more round after that.
+    let name = |i: usize| fx.path(format!("many/{i:06}-{}", "n".repeat(233)));
+    let renamed = |i: usize| fx.path(format!("many/{i:06}-{}", "r".repeat(233)));
+    let mut enospc = Counts::default();
+    // (number, where the file is now) of every file made and not unlinked.
+    let mut left: Vec<(usize, std::path::PathBuf)> = Vec::new();
+    let mut refused_in = None;
+    let mut frees_after_refusal = 0;
+    for round in 0..12 {
+        for i in round * 400..(round + 1) * 400 {
             if done_or_enospc(File::create(name(i)), "create", &mut enospc) {
-                made.push(i);
+                left.push((i, name(i)));
             }
         }
-        for &i in &made {
-            done_or_enospc(fs::rename(name(i), renamed(i)), "rename", &mut enospc);
-            done_or_enospc(fs::rename(renamed(i), name(i)), "rename back", &mut enospc);
+        if refused_in.is_none() && !enospc.refused.is_empty() {
+            refused_in = Some(round);
+        }
+        let before = enospc.done.values().sum::<u64>();
+        let mut still = Vec::new();
+        for (i, mut at) in left.drain(..) {
+            // A rename refused leaves the file where it was.
+            let other = if at == name(i) { renamed(i) } else { name(i) };
+            if done_or_enospc(fs::rename(&at, &other), "rename", &mut enospc) {
+                at = other;
+            }
             done_or_enospc(
-                fs::set_permissions(name(i), fs::Permissions::from_mode(0o600 + (i as u32 % 64))),
+                fs::set_permissions(&at, fs::Permissions::from_mode(0o600 + (i as u32 % 64))),
                 "chmod",
                 &mut enospc,
             );
             done_or_enospc(
-                File::options().write(true).open(name(i)).and_then(|f| f.set_len(0)),
+                File::options()
+                    .write(true)
+                    .open(&at)
+                    .and_then(|f| f.set_len(0)),
                 "truncate",
                 &mut enospc,
             );
+            // Unlink some, so the next round's creates reuse nothing.
+            if (i + round) % 3 == 0 && done_or_enospc(fs::remove_file(&at), "unlink", &mut enospc)
+            {
+                continue;
+            }
+            still.push((i, at));
         }
-        // Unlink half, so the next round's creates reuse nothing.
-        let (gone, stay): (Vec<usize>, Vec<usize>) = made.iter().partition(|&&i| i % 2 == 0);
-        for &i in &gone {
-            done_or_enospc(fs::remove_file(name(i)), "unlink", &mut enospc);
+        left = still;
+        if let Some(r) = refused_in {
+            frees_after_refusal += enospc.done.values().sum::<u64>() - before;
+            if round > r {
+                break;
+            }
         }
-        made = stay;
     }
+    assert!(
+        refused_in.is_some(),
+        "the test must use up the room kept for the store (no operation got ENOSPC)"
+    );
+    assert!(
+        frees_after_refusal > 0,
+        "renames, chmods, truncates and unlinks go on once creates are refused: {enospc:?}"
+    );
     let log_after = fs::metadata(&log).expect("sled's log file").len();
     eprintln!(
         "sled's log grew from {log_before} to {log_after} bytes on the full state directory; \
-         {enospc} operations got ENOSPC"
+         {enospc:?}"
     );
     assert!(
         log_after > log_before,
@@ -354,8 +393,8 @@ fn metadata_on_full_state_dir(passthrough: bool) {
             Err(e) => panic!("writing after freeing space: expected success or ENOSPC, got {e}"),
         }
     });
-    for &i in &made {
-        fs::remove_file(name(i)).expect("unlink after freeing space");
+    for (_, at) in &left {
+        fs::remove_file(at).expect("unlink after freeing space");
     }
     File::create(fx.path("new")).expect("create after freeing space");
     fx.restart_both();

@@ -241,6 +241,19 @@ impl Store {
         self.space.admit(change)
     }
 
+    /// [`Store::admit`] for the unlink of `name` in `parent`: when no
+    /// other change is admitted, an unlink that frees content (a regular
+    /// file with allocated blocks and no other link) still is, so space
+    /// can always be freed through the mount. The lookup runs only then.
+    pub fn admit_unlink(&self, parent: Ino, name: &Name) -> Result<(), FsError> {
+        self.space.admit(Change::Frees).or_else(|refused| {
+            match self.lookup(parent, name) {
+                Ok(a) if a.kind == FileKind::File && a.blocks > 0 && a.nlink == 1 => Ok(()),
+                _ => Err(refused),
+            }
+        })
+    }
+
     /// What the start-up scan repaired, in this run.
     pub(crate) fn recovered_at_start(&self) -> Vec<check::Finding> {
         self.recovered
