@@ -259,7 +259,7 @@ impl Filesystem for FsServer {
             s.admit(Change::Frees)?;
             s.setattr(ino, &changes)
         })
-            .await
+        .await
     }
 
     async fn readdir(
@@ -288,7 +288,7 @@ impl Filesystem for FsServer {
             s.admit(Change::Adds)?;
             s.mkdir(parent, &name, perm, caller)
         })
-            .await
+        .await
     }
 
     async fn mknod(
@@ -341,7 +341,7 @@ impl Filesystem for FsServer {
             s.admit(Change::Adds)?;
             s.link(ino, new_parent, &new_name)
         })
-            .await
+        .await
     }
 
     async fn unlink(self, _: Context, parent: Ino, name: Name) -> Result<(), FsError> {
@@ -351,7 +351,7 @@ impl Filesystem for FsServer {
             s.admit_unlink(parent, &name)?;
             s.unlink_by(Some(conn), parent, &name)
         })
-            .await
+        .await
     }
 
     async fn rmdir(self, _: Context, parent: Ino, name: Name) -> Result<(), FsError> {
@@ -359,7 +359,8 @@ impl Filesystem for FsServer {
         self.run("rmdir", d, move |s| {
             s.admit(Change::Frees)?;
             s.rmdir(parent, &name)
-        }).await
+        })
+        .await
     }
 
     async fn rename(
@@ -450,7 +451,7 @@ impl Filesystem for FsServer {
             s.admit(Change::Adds)?;
             s.setxattr(ino, &name, &value, mode)
         })
-            .await
+        .await
     }
 
     async fn getxattr(self, _: Context, ino: Ino, name: Name) -> Result<Vec<u8>, FsError> {
@@ -468,7 +469,7 @@ impl Filesystem for FsServer {
             s.admit(Change::Frees)?;
             s.removexattr(ino, &name)
         })
-            .await
+        .await
     }
 
     async fn fetch_range(

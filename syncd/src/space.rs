@@ -19,9 +19,11 @@
 //! - **The reserve**, a file of its own (`<state>/space-reserve`), also
 //!   allocated with `fallocate`. When the filesystem has no free block left
 //!   for the headroom, the reserve is shrunk by what the headroom needs and
-//!   the freed blocks are allocated to the log at once. At every start the
-//!   reserve is removed before sled opens its store (sled writes a snapshot
-//!   while it opens, which a full disk would refuse) and made again after.
+//!   the freed blocks are allocated to the log at once.
+//!
+//! At every start both are given back before sled opens its store (sled
+//! writes a snapshot while it opens, which a full disk would refuse:
+//! [`release_room`]) and allocated again after.
 //!
 //! A thread (`keibi-space`) tends both: it reads the log file's size and
 //! allocated blocks (one `fstat`), allocates headroom back to the target
@@ -129,14 +131,35 @@ fn level_of(left: u64, room: u64) -> Level {
     }
 }
 
-/// Remove the reserve left by the last run, so that sled finds free space
-/// to open its store even on a full disk. Before opening the store.
-pub fn release_reserve(state_dir: &Path) {
+/// Give back the room the last run kept, so that sled finds free space to
+/// open its store (it writes a snapshot while it opens) even on a full
+/// disk: remove the reserve file, and truncate sled's log `log_path` to
+/// its own size, which frees the blocks allocated past its end (ext4 and
+/// tmpfs drop them on a truncate to the same size) without changing a
+/// byte. Before opening the store; [`Space::start`] allocates both again.
+pub fn release_room(state_dir: &Path, log_path: &Path) {
     let path = state_dir.join(RESERVE_FILE);
     match std::fs::remove_file(&path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove the space reserve"),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove the space reserve")
+        }
+    }
+    let trimmed = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(log_path)
+        .and_then(|f| {
+            let len = f.metadata()?.len();
+            f.set_len(len)
+        });
+    match trimmed {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %log_path.display(), error = %e, "cannot free the headroom of the store's log")
+        }
     }
 }
 
@@ -262,6 +285,14 @@ impl Space {
                     "almost used up"
                 }
             )),
+        }
+    }
+
+    /// Set the level, as the thread would (tests of what is admitted).
+    #[cfg(test)]
+    pub fn force_level(&self, level: Level) {
+        if let Some(sh) = &self.shared {
+            sh.level.store(level as u8, Ordering::Relaxed);
         }
     }
 
@@ -406,7 +437,11 @@ impl Shared {
         let was = Level::from_u8(self.level.swap(now.level as u8, Ordering::Relaxed));
         if was != now.level {
             if now.level == Level::Ok {
-                tracing::info!(headroom = now.headroom, reserve = now.reserve, "the store has room again: every change is admitted");
+                tracing::info!(
+                    headroom = now.headroom,
+                    reserve = now.reserve,
+                    "the store has room again: every change is admitted"
+                );
             } else {
                 tracing::warn!(
                     headroom = now.headroom,
@@ -504,9 +539,20 @@ mod tests {
         let r = space.tend_now().expect("started");
         assert!(r.headroom >= room, "topped up after a truncate: {r:?}");
         assert_eq!(std::fs::read(&log).expect("read").len(), 50_000);
-        // The reserve file goes before the store opens.
-        release_reserve(dir.path());
+        // Both go before the store opens; the log keeps its bytes.
+        drop(space);
+        release_room(dir.path(), &log);
         assert!(!dir.path().join(RESERVE_FILE).exists());
-        release_reserve(dir.path());
+        let (size, alloc) = allocated(&File::open(&log).expect("log")).expect("stat");
+        assert_eq!(size, 50_000);
+        assert!(
+            alloc < 50_000 + 4096,
+            "headroom freed: {alloc} bytes allocated"
+        );
+        assert_eq!(
+            std::fs::read(&log).expect("read")[..],
+            vec![1u8; 50_000][..]
+        );
+        release_room(dir.path(), &log);
     }
 }

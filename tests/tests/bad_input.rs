@@ -202,8 +202,7 @@ fn full_state_dir(passthrough: bool) {
     fs::remove_file(&filler).expect("unlink the filler on a full state directory");
     // The filler's space comes back once the kernel forgets the unlinked
     // inode and syncd has made the free durable (the content file goes
-    // only then). A restart before that would find the disk still full,
-    // and sled cannot open its store on a full disk.
+    // only then).
     let free = |fx: &harness::KeibiFixture| {
         nix::sys::statvfs::statvfs(&fx.state_dir())
             .map(|s| s.blocks_available() * s.fragment_size())
@@ -284,6 +283,9 @@ fn metadata_on_full_state_dir(passthrough: bool) {
         f.sync_all().expect("fsync kept");
     }
     fs::create_dir(fx.path("many")).expect("mkdir many");
+    // A file with content, unlinked when the store refuses the most.
+    let victim = fx.path("victim");
+    fs::write(&victim, Pattern::new(9).bytes(0, 256 << 10)).expect("write victim");
     let filler = fx.path("filler");
     let mut f = File::create(&filler).expect("create filler");
     let chunk = Pattern::new(7).bytes(0, 1 << 20);
@@ -302,8 +304,9 @@ fn metadata_on_full_state_dir(passthrough: bool) {
     // Names of 240 bytes make every record big, so the store's log must
     // grow while the filesystem is full. Rounds go on until the store has
     // refused something for lack of room, and one more round after that.
-    let name = |i: usize| fx.path(format!("many/{i:06}-{}", "n".repeat(233)));
-    let renamed = |i: usize| fx.path(format!("many/{i:06}-{}", "r".repeat(233)));
+    let many = fx.path("many");
+    let name = |i: usize| many.join(format!("{i:06}-{}", "n".repeat(233)));
+    let renamed = |i: usize| many.join(format!("{i:06}-{}", "r".repeat(233)));
     let mut enospc = Counts::default();
     // (number, where the file is now) of every file made and not unlinked.
     let mut left: Vec<(usize, std::path::PathBuf)> = Vec::new();
@@ -339,8 +342,11 @@ fn metadata_on_full_state_dir(passthrough: bool) {
                 "truncate",
                 &mut enospc,
             );
-            // Unlink some, so the next round's creates reuse nothing.
-            if (i + round) % 3 == 0 && done_or_enospc(fs::remove_file(&at), "unlink", &mut enospc)
+            // Unlink half of this round's, so the next round's creates
+            // reuse nothing.
+            if i / 400 == round
+                && i % 2 == 0
+                && done_or_enospc(fs::remove_file(&at), "unlink", &mut enospc)
             {
                 continue;
             }
@@ -349,7 +355,8 @@ fn metadata_on_full_state_dir(passthrough: bool) {
         left = still;
         if let Some(r) = refused_in {
             frees_after_refusal += enospc.done.values().sum::<u64>() - before;
-            if round > r {
+            // Until the store refuses even renames, for a few rounds.
+            if enospc.refused.contains_key("rename") || round >= r + 2 {
                 break;
             }
         }
@@ -377,25 +384,73 @@ fn metadata_on_full_state_dir(passthrough: bool) {
         (KEPT, want.1),
         "fsynced file intact"
     );
+    let reserve = fx.state_dir().join("space-reserve");
+    let reserve_blocks = || {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(&reserve)
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0)
+    };
+    // The state directory is 32 MiB: 2 MiB of headroom and of reserve.
+    assert!(
+        reserve_blocks() < 2 << 20,
+        "the reserve went to the store's log: {} bytes left",
+        reserve_blocks()
+    );
+    // syncd starts on the full disk: make the store durable (fsync is
+    // always admitted), SIGKILL syncd and start it again.
+    File::open(&kept)
+        .and_then(|f| f.sync_all())
+        .expect("fsync on a full state directory");
+    fx.kill9_syncd();
+    fx.start_syncd();
+    poll_until(
+        "the mount to list a directory after syncd's restart",
+        Duration::from_secs(30),
+        || fs::read_dir(fx.path("many")).ok().map(|d| d.count()),
+    );
+    for (i, at) in left.iter_mut().take(20) {
+        let other = if *at == name(*i) {
+            renamed(*i)
+        } else {
+            name(*i)
+        };
+        if done_or_enospc(fs::rename(&at, &other), "rename after restart", &mut enospc) {
+            *at = other;
+        }
+    }
+    // An unlink that frees content is admitted whatever the level.
+    fs::remove_file(&victim).expect("unlink a file with content on a full state directory");
     fs::remove_file(&filler).expect("unlink the filler on a full state directory");
     // Once the filler's space is back (its content file goes after the
     // free is durable), writes work again.
     let after = fx.path("after");
     let data = Pattern::new(8).bytes(0, 1 << 20);
-    poll_until("a write to work after freeing space", Duration::from_secs(30), || {
-        let r = File::create(&after).and_then(|mut f| {
-            f.write_all(&data)?;
-            f.sync_all()
-        });
-        match r {
-            Ok(()) => Some(()),
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => None,
-            Err(e) => panic!("writing after freeing space: expected success or ENOSPC, got {e}"),
-        }
-    });
+    poll_until(
+        "a write to work after freeing space",
+        Duration::from_secs(30),
+        || {
+            let r = File::create(&after).and_then(|mut f| {
+                f.write_all(&data)?;
+                f.sync_all()
+            });
+            match r {
+                Ok(()) => Some(()),
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => None,
+                Err(e) => {
+                    panic!("writing after freeing space: expected success or ENOSPC, got {e}")
+                }
+            }
+        },
+    );
     for (_, at) in &left {
         fs::remove_file(at).expect("unlink after freeing space");
     }
+    poll_until(
+        "the reserve to be made again",
+        Duration::from_secs(10),
+        || (reserve_blocks() >= 2 << 20).then_some(()),
+    );
     File::create(fx.path("new")).expect("create after freeing space");
     fx.restart_both();
     assert_eq!(
@@ -403,7 +458,11 @@ fn metadata_on_full_state_dir(passthrough: bool) {
         (KEPT, want.1),
         "fsynced file intact after restarting both daemons"
     );
-    assert_eq!(fs::read(&after).expect("read after"), data, "fsynced after restart");
+    assert_eq!(
+        fs::read(&after).expect("read after"),
+        data,
+        "fsynced after restart"
+    );
     fx.assert_io_path();
 }
 

@@ -184,8 +184,8 @@ impl Store {
             FsError::io(format!("content directory in {}", state_dir.display()), &e)
         })?;
         let db_path = state_dir.join("db");
-        // Free the reserve so sled can open its store on a full disk.
-        crate::space::release_reserve(state_dir);
+        // Free the room kept last time so sled can open on a full disk.
+        crate::space::release_room(state_dir, &db_path.join("db"));
         let db = sled::Config::new()
             .path(&db_path)
             .cache_capacity(64 * 1024 * 1024)
@@ -246,12 +246,12 @@ impl Store {
     /// file with allocated blocks and no other link) still is, so space
     /// can always be freed through the mount. The lookup runs only then.
     pub fn admit_unlink(&self, parent: Ino, name: &Name) -> Result<(), FsError> {
-        self.space.admit(Change::Frees).or_else(|refused| {
-            match self.lookup(parent, name) {
+        self.space
+            .admit(Change::Frees)
+            .or_else(|refused| match self.lookup(parent, name) {
                 Ok(a) if a.kind == FileKind::File && a.blocks > 0 && a.nlink == 1 => Ok(()),
                 _ => Err(refused),
-            }
-        })
+            })
     }
 
     /// What the start-up scan repaired, in this run.
