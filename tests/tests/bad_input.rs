@@ -261,8 +261,12 @@ fn done_or_enospc<T>(r: std::io::Result<T>, what: &str, enospc: &mut Counts) -> 
 /// Fill the state directory through the mount, then make the metadata
 /// store write a lot (thousands of creates, renames, chmods, truncates
 /// and unlinks with long names) while it stays full: every operation must
-/// succeed or give ENOSPC, the unlink that frees space must work, writes
-/// must work again once it is freed, and nothing fsynced may be lost.
+/// succeed or give ENOSPC, and renames, chmods, truncates and unlinks must
+/// go on once creates are refused. syncd, killed with SIGKILL, must start
+/// again on the full disk (the last free page taken by another file); the
+/// unlinks that free space must work, the reserve must be made again,
+/// writes must work again once space is freed, and nothing fsynced may be
+/// lost.
 fn metadata_on_full_state_dir(passthrough: bool) {
     use std::os::unix::fs::PermissionsExt;
     let (_w, mut fx) = setup(
@@ -403,6 +407,18 @@ fn metadata_on_full_state_dir(passthrough: bool) {
         .and_then(|f| f.sync_all())
         .expect("fsync on a full state directory");
     fx.kill9_syncd();
+    // Whatever space is left on the filesystem, another program takes.
+    let other = fx.state_dir().join("other-program");
+    {
+        let mut f = File::create(&other).expect("create other-program");
+        let page = [0u8; 4096];
+        let e = loop {
+            if let Err(e) = f.write_all(&page) {
+                break e;
+            }
+        };
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "filling up: {e}");
+    }
     fx.start_syncd();
     poll_until(
         "the mount to list a directory after syncd's restart",
@@ -420,6 +436,7 @@ fn metadata_on_full_state_dir(passthrough: bool) {
         }
     }
     // An unlink that frees content is admitted whatever the level.
+    fs::remove_file(&other).expect("remove other-program");
     fs::remove_file(&victim).expect("unlink a file with content on a full state directory");
     fs::remove_file(&filler).expect("unlink the filler on a full state directory");
     // Once the filler's space is back (its content file goes after the
