@@ -77,6 +77,8 @@ const MIN_ROOM: u64 = 2 << 20;
 const MAX_ROOM: u64 = 16 << 20;
 /// How often the thread looks when nothing wakes it.
 const EVERY: Duration = Duration::from_millis(200);
+/// What the reserve gives the headroom beyond what it misses.
+const SLACK: u64 = 64 << 10;
 /// Admitted changes between two looks of the thread.
 const CHECK_AFTER: u32 = 32;
 
@@ -245,7 +247,8 @@ impl Space {
             stop: Mutex::new(false),
             wake: Condvar::new(),
         });
-        let first = shared.tend();
+        // A filesystem without fallocate ends here: run without the room.
+        let first = shared.tend()?;
         tracing::info!(
             room = shared.room,
             headroom = first.headroom,
@@ -300,7 +303,7 @@ impl Space {
     /// what is left.
     #[cfg(test)]
     pub fn tend_now(&self) -> Option<Room> {
-        self.shared.as_ref().map(|s| s.tend())
+        self.shared.as_ref().map(|s| s.tend().expect("look"))
     }
 }
 
@@ -344,10 +347,20 @@ fn allocate(f: &File, keep: bool, offset: u64, len: u64) -> io::Result<()> {
 
 impl Shared {
     fn run(&self) {
+        let mut failing = false;
         let mut stop = self.stop.lock().unwrap_or_else(|p| p.into_inner());
         while !*stop {
             drop(stop);
-            self.tend();
+            match self.tend() {
+                Ok(_) => failing = false,
+                Err(e) => {
+                    // The level stays as it was; the next look tries again.
+                    if !failing {
+                        tracing::warn!(error = %e, "cannot look after the room kept for the store");
+                    }
+                    failing = true;
+                }
+            }
             stop = self.stop.lock().unwrap_or_else(|p| p.into_inner());
             if *stop {
                 break;
@@ -369,71 +382,8 @@ impl Shared {
 
     /// Top up the headroom (from the reserve if the filesystem has no
     /// free block), then the reserve, and set the level.
-    fn tend(&self) -> Room {
-        let room = self.room;
-        let look = || -> io::Result<Room> {
-            let (size, headroom) = self.headroom()?;
-            if headroom < room - room / 4 {
-                let whole = |size: u64, headroom: u64| {
-                    if headroom == 0 {
-                        // Fill any hole sled left past the old headroom.
-                        allocate(&self.log, true, 0, size + room)
-                    } else {
-                        allocate(&self.log, true, size, room)
-                    }
-                };
-                if let Err(e) = whole(size, headroom) {
-                    if e.raw_os_error() != Some(libc::ENOSPC) {
-                        return Err(e);
-                    }
-                    // The disk is full: hand blocks of the reserve over.
-                    let (_, reserve) = allocated(&self.reserve)?;
-                    let give = (room - headroom).min(reserve);
-                    if give > 0 {
-                        self.reserve.set_len(reserve - give)?;
-                        let (size, headroom) = self.headroom()?;
-                        // May fail again if content took the blocks first.
-                        let _ = whole(size, headroom);
-                    }
-                }
-            } else {
-                let (len, reserve) = allocated(&self.reserve)?;
-                if reserve < room {
-                    // A full disk refuses some or all of it; the rest
-                    // comes at a later look.
-                    match allocate(&self.reserve, false, 0, room) {
-                        Ok(()) => {}
-                        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                            if len > reserve {
-                                // Drop the part past what is allocated.
-                                self.reserve.set_len(reserve)?;
-                            }
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
-            let (_, headroom) = self.headroom()?;
-            let (_, reserve) = allocated(&self.reserve)?;
-            let level = level_of(headroom + reserve, room);
-            Ok(Room {
-                headroom,
-                reserve,
-                level,
-            })
-        };
-        let now = match look() {
-            Ok(r) => r,
-            Err(e) => {
-                // The level stays as it was; the next look tries again.
-                tracing::warn!(error = %e, "cannot look after the room kept for the store");
-                return Room {
-                    headroom: 0,
-                    reserve: 0,
-                    level: Level::from_u8(self.level.load(Ordering::Relaxed)),
-                };
-            }
-        };
+    fn tend(&self) -> io::Result<Room> {
+        let now = self.look()?;
         let was = Level::from_u8(self.level.swap(now.level as u8, Ordering::Relaxed));
         if was != now.level {
             if now.level == Level::Ok {
@@ -451,7 +401,63 @@ impl Shared {
                 );
             }
         }
-        now
+        Ok(now)
+    }
+
+    /// The work of [`Shared::tend`] but the level.
+    fn look(&self) -> io::Result<Room> {
+        let room = self.room;
+        let (size, headroom) = self.headroom()?;
+        if headroom < room - room / 4 {
+            let whole = |size: u64, headroom: u64| {
+                if headroom == 0 {
+                    // Fill any hole sled left past the old headroom.
+                    allocate(&self.log, true, 0, size + room)
+                } else {
+                    allocate(&self.log, true, size, room)
+                }
+            };
+            if let Err(e) = whole(size, headroom) {
+                if e.raw_os_error() != Some(libc::ENOSPC) {
+                    return Err(e);
+                }
+                // The disk is full: hand blocks of the reserve over.
+                let (_, reserve) = allocated(&self.reserve)?;
+                // A little more than missing: tmpfs allocates all
+                // of a range or nothing.
+                let give = (room - headroom + SLACK).min(reserve);
+                if give > 0 {
+                    self.reserve.set_len(reserve - give)?;
+                    let (size, headroom) = self.headroom()?;
+                    // May fail again if content took the blocks first.
+                    let _ = whole(size, headroom);
+                }
+            }
+        } else {
+            let (len, reserve) = allocated(&self.reserve)?;
+            if reserve < room {
+                // A full disk refuses some or all of it; the rest
+                // comes at a later look.
+                match allocate(&self.reserve, false, 0, room) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                        if len > reserve {
+                            // Drop the part past what is allocated.
+                            self.reserve.set_len(reserve)?;
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let (_, headroom) = self.headroom()?;
+        let (_, reserve) = allocated(&self.reserve)?;
+        let level = level_of(headroom + reserve, room);
+        Ok(Room {
+            headroom,
+            reserve,
+            level,
+        })
     }
 }
 
