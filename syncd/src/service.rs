@@ -28,6 +28,12 @@
 //! Both paths list the request in the daemon's in-flight registry while it
 //! runs, for `keibictl debug ops` (`Control::debug_ops`).
 //!
+//! Every change asks the store first whether there is room for it
+//! ([`Store::admit`], one atomic load; see [`crate::space`]): on a full
+//! state directory changes that add records get `ENOSPC` before those that
+//! change or remove them, and an unlink that frees content is always let
+//! through ([`Store::admit_unlink`]).
+//!
 //! tarpc drops a request whose deadline passed at its next `.await`; the
 //! blocking operation itself still completes, so the store never sees half
 //! an operation. An `open` or `create` that completes after its deadline
