@@ -59,7 +59,7 @@
 //! headroom guarantees nothing.
 
 use ipc_schema::{FsError, fs_err};
-use nix::fcntl::{FallocateFlags, fallocate};
+use nix::fcntl::{FallocateFlags, Flock, FlockArg, fallocate};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -138,7 +138,11 @@ fn level_of(left: u64, room: u64) -> Level {
 /// disk: remove the reserve file, and truncate sled's log `log_path` to
 /// its own size, which frees the blocks allocated past its end (ext4 and
 /// tmpfs drop them on a truncate to the same size) without changing a
-/// byte. Before opening the store; [`Space::start`] allocates both again.
+/// byte. The truncate happens under sled's own lock (an exclusive `flock`
+/// of the log file, which sled takes when it opens the store and holds
+/// until its last write), so it never races a sled that still writes; if
+/// the lock is taken the log is left alone. Before opening the store;
+/// [`Space::start`] allocates both again.
 pub fn release_room(state_dir: &Path, log_path: &Path) {
     let path = state_dir.join(RESERVE_FILE);
     match std::fs::remove_file(&path) {
@@ -153,12 +157,18 @@ pub fn release_room(state_dir: &Path, log_path: &Path) {
         .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(log_path)
         .and_then(|f| {
-            let len = f.metadata()?.len();
-            f.set_len(len)
+            let locked = Flock::lock(f, FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, e)| io::Error::from(e))?;
+            let len = locked.metadata()?.len();
+            locked.set_len(len)
+            // The lock goes with the descriptor, before sled opens.
         });
     match trimmed {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+            tracing::debug!(path = %log_path.display(), "the store's log is locked; its headroom stays");
+        }
         Err(e) => {
             tracing::warn!(path = %log_path.display(), error = %e, "cannot free the headroom of the store's log")
         }
@@ -560,5 +570,32 @@ mod tests {
             vec![1u8; 50_000][..]
         );
         release_room(dir.path(), &log);
+    }
+
+    #[test]
+    fn a_log_that_sled_holds_is_left_alone() {
+        let (dir, log, space) = setup();
+        let room = room(&space);
+        drop(space);
+        let held = Flock::lock(
+            File::open(&log).expect("open"),
+            FlockArg::LockExclusiveNonblock,
+        )
+        .map_err(|(_, e)| e)
+        .expect("lock as sled does");
+        release_room(dir.path(), &log);
+        let (size, alloc) = allocated(&File::open(&log).expect("log")).expect("stat");
+        assert_eq!(size, 100_000);
+        assert!(
+            alloc >= size + room,
+            "headroom kept: {alloc} bytes allocated"
+        );
+        drop(held);
+        release_room(dir.path(), &log);
+        let (_, alloc) = allocated(&File::open(&log).expect("log")).expect("stat");
+        assert!(
+            alloc < 100_000 + 4096,
+            "headroom freed once unlocked: {alloc}"
+        );
     }
 }
