@@ -31,7 +31,8 @@
 //! segments are free, which drops the headroom with them), and regrows the
 //! reserve once the headroom is whole. It runs every [`EVERY`] and after
 //! every [`CHECK_AFTER`] admitted changes, so the answer of [`Space::admit`]
-//! is never more than that many changes old.
+//! lags sled's log by about that many changes at most (the thread may be
+//! slower to run on a busy machine; the last quarter of room covers it).
 //!
 //! From the headroom and reserve left (both targets are [`room_for`] the
 //! filesystem's size) it sets a level that every change requested through
