@@ -51,6 +51,7 @@ mod metrics;
 mod opens;
 mod peer;
 mod service;
+mod space;
 mod spares;
 mod store;
 mod sync;

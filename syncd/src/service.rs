@@ -28,6 +28,12 @@
 //! Both paths list the request in the daemon's in-flight registry while it
 //! runs, for `keibictl debug ops` (`Control::debug_ops`).
 //!
+//! Every change asks the store first whether there is room for it
+//! ([`Store::admit`], one atomic load; see [`crate::space`]): on a full
+//! state directory changes that add records get `ENOSPC` before those that
+//! change or remove them, and an unlink that frees content is always let
+//! through ([`Store::admit_unlink`]).
+//!
 //! tarpc drops a request whose deadline passed at its next `.await`; the
 //! blocking operation itself still completes, so the store never sees half
 //! an operation. An `open` or `create` that completes after its deadline
@@ -35,6 +41,7 @@
 
 use crate::daemon::Daemon;
 use crate::opens::{ConnId, MountKey};
+use crate::space::Change;
 use crate::store::Store;
 use crate::store::files::OpenFile;
 use ipc_schema::fdpass::FdSender;
@@ -254,8 +261,11 @@ impl Filesystem for FsServer {
 
     async fn setattr(self, _: Context, ino: Ino, changes: SetAttr) -> Result<Attr, FsError> {
         let d = detail!("{ino} {changes:?}");
-        self.run("setattr", d, move |s| s.setattr(ino, &changes))
-            .await
+        self.run("setattr", d, move |s| {
+            s.admit(Change::Frees)?;
+            s.setattr(ino, &changes)
+        })
+        .await
     }
 
     async fn readdir(
@@ -280,8 +290,11 @@ impl Filesystem for FsServer {
         caller: Caller,
     ) -> Result<Attr, FsError> {
         let d = detail!("{parent} {name:?} {perm:o}");
-        self.run("mkdir", d, move |s| s.mkdir(parent, &name, perm, caller))
-            .await
+        self.run("mkdir", d, move |s| {
+            s.admit(Change::Adds)?;
+            s.mkdir(parent, &name, perm, caller)
+        })
+        .await
     }
 
     async fn mknod(
@@ -296,6 +309,7 @@ impl Filesystem for FsServer {
     ) -> Result<Attr, FsError> {
         let d = detail!("{parent} {name:?} {kind:?} {perm:o} rdev {rdev:#x}");
         self.run("mknod", d, move |s| {
+            s.admit(Change::Adds)?;
             s.mknod(parent, &name, kind, perm, rdev, caller)
         })
         .await
@@ -311,6 +325,7 @@ impl Filesystem for FsServer {
     ) -> Result<Attr, FsError> {
         let d = detail!("{parent} {name:?}");
         self.run("symlink", d, move |s| {
+            s.admit(Change::Adds)?;
             s.symlink(parent, &name, &target, caller)
         })
         .await
@@ -328,20 +343,30 @@ impl Filesystem for FsServer {
         new_name: Name,
     ) -> Result<Attr, FsError> {
         let d = detail!("{ino} to {new_parent} {new_name:?}");
-        self.run("link", d, move |s| s.link(ino, new_parent, &new_name))
-            .await
+        self.run("link", d, move |s| {
+            s.admit(Change::Adds)?;
+            s.link(ino, new_parent, &new_name)
+        })
+        .await
     }
 
     async fn unlink(self, _: Context, parent: Ino, name: Name) -> Result<(), FsError> {
         let d = detail!("{parent} {name:?}");
         let conn = self.conn;
-        self.run("unlink", d, move |s| s.unlink_by(Some(conn), parent, &name))
-            .await
+        self.run("unlink", d, move |s| {
+            s.admit_unlink(parent, &name)?;
+            s.unlink_by(Some(conn), parent, &name)
+        })
+        .await
     }
 
     async fn rmdir(self, _: Context, parent: Ino, name: Name) -> Result<(), FsError> {
         let d = detail!("{parent} {name:?}");
-        self.run("rmdir", d, move |s| s.rmdir(parent, &name)).await
+        self.run("rmdir", d, move |s| {
+            s.admit(Change::Frees)?;
+            s.rmdir(parent, &name)
+        })
+        .await
     }
 
     async fn rename(
@@ -356,6 +381,7 @@ impl Filesystem for FsServer {
         let d = detail!("{parent} {name:?} to {new_parent} {new_name:?} {flags:?}");
         let conn = self.conn;
         self.run("rename", d, move |s| {
+            s.admit(Change::Frees)?;
             s.rename_by(Some(conn), parent, &name, new_parent, &new_name, flags)
         })
         .await
@@ -373,6 +399,7 @@ impl Filesystem for FsServer {
         let d = detail!("{parent} {name:?} {perm:o} flags {flags:#o}");
         let (conn, fds, deadline) = (self.conn, self.fds.clone(), ctx.deadline);
         self.run("create", d, move |s| {
+            s.admit(Change::Adds)?;
             let f = s.create(parent, &name, perm, flags, caller, conn)?;
             durable_if_sync(s, flags, &f)?;
             send_fd(s, &fds, f, deadline)
@@ -426,8 +453,11 @@ impl Filesystem for FsServer {
         mode: XattrSet,
     ) -> Result<(), FsError> {
         let d = detail!("{ino} {name:?} {} bytes {mode:?}", value.len());
-        self.run("setxattr", d, move |s| s.setxattr(ino, &name, &value, mode))
-            .await
+        self.run("setxattr", d, move |s| {
+            s.admit(Change::Adds)?;
+            s.setxattr(ino, &name, &value, mode)
+        })
+        .await
     }
 
     async fn getxattr(self, _: Context, ino: Ino, name: Name) -> Result<Vec<u8>, FsError> {
@@ -441,8 +471,11 @@ impl Filesystem for FsServer {
 
     async fn removexattr(self, _: Context, ino: Ino, name: Name) -> Result<(), FsError> {
         let d = detail!("{ino} {name:?}");
-        self.run("removexattr", d, move |s| s.removexattr(ino, &name))
-            .await
+        self.run("removexattr", d, move |s| {
+            s.admit(Change::Frees)?;
+            s.removexattr(ino, &name)
+        })
+        .await
     }
 
     async fn fetch_range(

@@ -202,8 +202,7 @@ fn full_state_dir(passthrough: bool) {
     fs::remove_file(&filler).expect("unlink the filler on a full state directory");
     // The filler's space comes back once the kernel forgets the unlinked
     // inode and syncd has made the free durable (the content file goes
-    // only then). A restart before that would find the disk still full,
-    // and sled cannot open its store on a full disk.
+    // only then).
     let free = |fx: &harness::KeibiFixture| {
         nix::sys::statvfs::statvfs(&fx.state_dir())
             .map(|s| s.blocks_available() * s.fragment_size())
@@ -232,4 +231,264 @@ fn full_state_dir_gives_enospc_and_loses_nothing_fsynced_passthrough() {
 #[test]
 fn full_state_dir_gives_enospc_and_loses_nothing_fsynced_plain() {
     full_state_dir(false);
+}
+
+/// Operations done and refused with ENOSPC, by name.
+#[derive(Debug, Default)]
+struct Counts {
+    done: std::collections::BTreeMap<String, u64>,
+    refused: std::collections::BTreeMap<String, u64>,
+}
+
+/// The outcome of one metadata operation on a full state directory: done,
+/// or refused with ENOSPC. Anything else (EIO from a store that gave up)
+/// fails the test.
+#[track_caller]
+fn done_or_enospc<T>(r: std::io::Result<T>, what: &str, enospc: &mut Counts) -> bool {
+    match r {
+        Ok(_) => {
+            *enospc.done.entry(what.to_string()).or_default() += 1;
+            true
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+            *enospc.refused.entry(what.to_string()).or_default() += 1;
+            false
+        }
+        Err(e) => panic!("{what} on a full state directory: expected success or ENOSPC, got {e}"),
+    }
+}
+
+/// Fill the state directory through the mount, then make the metadata
+/// store write a lot (thousands of creates, renames, chmods, truncates
+/// and unlinks with long names) while it stays full: every operation must
+/// succeed or give ENOSPC, and renames, chmods, truncates and unlinks must
+/// go on once creates are refused. syncd, killed with SIGKILL, must start
+/// again on the full disk (the last free page taken by another file); the
+/// unlinks that free space must work, the reserve must be made again,
+/// writes must work again once space is freed, and nothing fsynced may be
+/// lost.
+fn metadata_on_full_state_dir(passthrough: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    let (_w, mut fx) = setup(
+        "metadata on a full state directory",
+        Duration::from_secs(300),
+        Options {
+            passthrough,
+            state_tmpfs_bytes: Some(32 << 20),
+            ..Options::default()
+        },
+    );
+    const KEPT: u64 = 1 << 20;
+    let kept = fx.path("kept");
+    let want = hash_reader(Pattern::new(6).reader(KEPT)).expect("hash");
+    {
+        let mut f = File::create(&kept).expect("create kept");
+        std::io::copy(&mut Pattern::new(6).reader(KEPT), &mut f).expect("write kept");
+        f.sync_all().expect("fsync kept");
+    }
+    fs::create_dir(fx.path("many")).expect("mkdir many");
+    // A file with content, unlinked when the store refuses the most.
+    let victim = fx.path("victim");
+    fs::write(&victim, Pattern::new(9).bytes(0, 256 << 10)).expect("write victim");
+    let filler = fx.path("filler");
+    let mut f = File::create(&filler).expect("create filler");
+    let chunk = Pattern::new(7).bytes(0, 1 << 20);
+    let mut failed = None;
+    for i in 0..128 {
+        if let Err(e) = f.write_all(&chunk) {
+            failed = Some((i, e));
+            break;
+        }
+    }
+    let (at, e) = failed.expect("writing 128 MiB into a 32 MiB state directory must fail");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "after {at} MiB: {e}");
+    drop(f);
+    let log = fx.state_dir().join("db").join("db");
+    let log_before = fs::metadata(&log).expect("sled's log file").len();
+    // Names of 240 bytes make every record big, so the store's log must
+    // grow while the filesystem is full. Rounds go on until the store has
+    // refused something for lack of room, and one more round after that.
+    let many = fx.path("many");
+    let name = |i: usize| many.join(format!("{i:06}-{}", "n".repeat(233)));
+    let renamed = |i: usize| many.join(format!("{i:06}-{}", "r".repeat(233)));
+    let mut enospc = Counts::default();
+    // (number, where the file is now) of every file made and not unlinked.
+    let mut left: Vec<(usize, std::path::PathBuf)> = Vec::new();
+    let mut refused_in = None;
+    let mut frees_after_refusal = 0;
+    for round in 0..12 {
+        for i in round * 400..(round + 1) * 400 {
+            if done_or_enospc(File::create(name(i)), "create", &mut enospc) {
+                left.push((i, name(i)));
+            }
+        }
+        if refused_in.is_none() && !enospc.refused.is_empty() {
+            refused_in = Some(round);
+        }
+        let before = enospc.done.values().sum::<u64>();
+        let mut still = Vec::new();
+        for (i, mut at) in left.drain(..) {
+            // A rename refused leaves the file where it was.
+            let other = if at == name(i) { renamed(i) } else { name(i) };
+            if done_or_enospc(fs::rename(&at, &other), "rename", &mut enospc) {
+                at = other;
+            }
+            done_or_enospc(
+                fs::set_permissions(&at, fs::Permissions::from_mode(0o600 + (i as u32 % 64))),
+                "chmod",
+                &mut enospc,
+            );
+            done_or_enospc(
+                File::options()
+                    .write(true)
+                    .open(&at)
+                    .and_then(|f| f.set_len(0)),
+                "truncate",
+                &mut enospc,
+            );
+            // Unlink half of this round's, so the next round's creates
+            // reuse nothing.
+            if i / 400 == round
+                && i % 2 == 0
+                && done_or_enospc(fs::remove_file(&at), "unlink", &mut enospc)
+            {
+                continue;
+            }
+            still.push((i, at));
+        }
+        left = still;
+        if let Some(r) = refused_in {
+            frees_after_refusal += enospc.done.values().sum::<u64>() - before;
+            // Until the store refuses even renames, for a few rounds.
+            if enospc.refused.contains_key("rename") || round >= r + 2 {
+                break;
+            }
+        }
+    }
+    assert!(
+        refused_in.is_some(),
+        "the test must use up the room kept for the store (no operation got ENOSPC)"
+    );
+    assert!(
+        frees_after_refusal > 0,
+        "renames, chmods, truncates and unlinks go on once creates are refused: {enospc:?}"
+    );
+    let log_after = fs::metadata(&log).expect("sled's log file").len();
+    eprintln!(
+        "sled's log grew from {log_before} to {log_after} bytes on the full state directory; \
+         {enospc:?}"
+    );
+    assert!(
+        log_after > log_before,
+        "the test must make the store write new log space on the full disk \
+         ({log_before} -> {log_after} bytes)"
+    );
+    assert_eq!(
+        hash_file(&kept).expect("hash kept"),
+        (KEPT, want.1),
+        "fsynced file intact"
+    );
+    let reserve = fx.state_dir().join("space-reserve");
+    let reserve_blocks = || {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(&reserve)
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0)
+    };
+    // The state directory is 32 MiB: 2 MiB of headroom and of reserve.
+    assert!(
+        reserve_blocks() < 2 << 20,
+        "the reserve went to the store's log: {} bytes left",
+        reserve_blocks()
+    );
+    // syncd starts on the full disk: make the store durable (fsync is
+    // always admitted), SIGKILL syncd and start it again.
+    File::open(&kept)
+        .and_then(|f| f.sync_all())
+        .expect("fsync on a full state directory");
+    fx.kill9_syncd();
+    // Whatever space is left on the filesystem, another program takes.
+    let other = fx.state_dir().join("other-program");
+    {
+        let mut f = File::create(&other).expect("create other-program");
+        let page = [0u8; 4096];
+        let e = loop {
+            if let Err(e) = f.write_all(&page) {
+                break e;
+            }
+        };
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "filling up: {e}");
+    }
+    fx.start_syncd();
+    poll_until(
+        "the mount to list a directory after syncd's restart",
+        Duration::from_secs(30),
+        || fs::read_dir(fx.path("many")).ok().map(|d| d.count()),
+    );
+    for (i, at) in left.iter_mut().take(20) {
+        let other = if *at == name(*i) {
+            renamed(*i)
+        } else {
+            name(*i)
+        };
+        if done_or_enospc(fs::rename(&at, &other), "rename after restart", &mut enospc) {
+            *at = other;
+        }
+    }
+    // An unlink that frees content is admitted whatever the level.
+    fs::remove_file(&other).expect("remove other-program");
+    fs::remove_file(&victim).expect("unlink a file with content on a full state directory");
+    fs::remove_file(&filler).expect("unlink the filler on a full state directory");
+    // Once the filler's space is back (its content file goes after the
+    // free is durable), writes work again.
+    let after = fx.path("after");
+    let data = Pattern::new(8).bytes(0, 1 << 20);
+    poll_until(
+        "a write to work after freeing space",
+        Duration::from_secs(30),
+        || {
+            let r = File::create(&after).and_then(|mut f| {
+                f.write_all(&data)?;
+                f.sync_all()
+            });
+            match r {
+                Ok(()) => Some(()),
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => None,
+                Err(e) => {
+                    panic!("writing after freeing space: expected success or ENOSPC, got {e}")
+                }
+            }
+        },
+    );
+    for (_, at) in &left {
+        fs::remove_file(at).expect("unlink after freeing space");
+    }
+    poll_until(
+        "the reserve to be made again",
+        Duration::from_secs(10),
+        || (reserve_blocks() >= 2 << 20).then_some(()),
+    );
+    File::create(fx.path("new")).expect("create after freeing space");
+    fx.restart_both();
+    assert_eq!(
+        hash_file(&kept).expect("hash kept after restart"),
+        (KEPT, want.1),
+        "fsynced file intact after restarting both daemons"
+    );
+    assert_eq!(
+        fs::read(&after).expect("read after"),
+        data,
+        "fsynced after restart"
+    );
+    fx.assert_io_path();
+}
+
+#[test]
+fn metadata_on_a_full_state_dir_never_breaks_the_store_passthrough() {
+    metadata_on_full_state_dir(true);
+}
+
+#[test]
+fn metadata_on_a_full_state_dir_never_breaks_the_store_plain() {
+    metadata_on_full_state_dir(false);
 }

@@ -167,6 +167,7 @@ impl Store {
     /// belong to the share owner.
     pub fn apply_remote(&self, rec: &ObjRec, seed: Option<Seed>) -> Result<Applied, ApplyError> {
         validate(rec)?;
+        self.admit(crate::space::Change::Adds)?;
         let _apply = self
             .idx
             .apply_lock

@@ -63,6 +63,7 @@ pub mod xattrs;
 
 use crate::content::{ContentDir, ContentStat};
 use crate::opens::OpenTable;
+use crate::space::{Change, Space};
 use crate::spares::Spares;
 use inos::InoAlloc;
 use ipc_schema::{
@@ -119,6 +120,8 @@ pub struct Store {
     content: Arc<ContentDir>,
     /// Content files made ahead of time for new regular files.
     spares: Spares,
+    /// Room kept for sled's log on a full disk ([`crate::space`]).
+    space: Space,
     /// Inode numbers.
     inos: Arc<InoAlloc>,
     /// Freed inodes whose content files and xattrs wait for a flush.
@@ -186,6 +189,8 @@ impl Store {
             FsError::io(format!("content directory in {}", state_dir.display()), &e)
         })?;
         let db_path = state_dir.join("db");
+        // Free the room kept last time so sled can open on a full disk.
+        crate::space::release_room(state_dir, &db_path.join("db"));
         let db = sled::Config::new()
             .path(&db_path)
             .cache_capacity(64 * 1024 * 1024)
@@ -222,6 +227,7 @@ impl Store {
             db,
             content,
             spares: Spares::default(),
+            space: Space::start(state_dir, &db_path.join("db")),
             reclaim,
             recovered: Mutex::new(Vec::new()),
             state_dir: state_dir.to_path_buf(),
@@ -232,6 +238,26 @@ impl Store {
         recovered.extend(store.verify_presence()?);
         *store.recovered.lock().unwrap_or_else(|p| p.into_inner()) = recovered;
         Ok(store)
+    }
+
+    /// Admit a change requested through the mount or from a peer, or
+    /// refuse it with `ENOSPC` while the state directory is too full for
+    /// the store to stay safe ([`crate::space`]). One atomic load.
+    pub fn admit(&self, change: Change) -> Result<(), FsError> {
+        self.space.admit(change)
+    }
+
+    /// [`Store::admit`] for the unlink of `name` in `parent`: when no
+    /// other change is admitted, an unlink that frees content (a regular
+    /// file with allocated blocks and no other link) still is, so space
+    /// can always be freed through the mount. The lookup runs only then.
+    pub fn admit_unlink(&self, parent: Ino, name: &Name) -> Result<(), FsError> {
+        self.space
+            .admit(Change::Frees)
+            .or_else(|refused| match self.lookup(parent, name) {
+                Ok(a) if a.kind == FileKind::File && a.blocks > 0 && a.nlink == 1 => Ok(()),
+                _ => Err(refused),
+            })
     }
 
     /// What the start-up scan repaired, in this run.

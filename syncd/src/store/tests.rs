@@ -814,3 +814,27 @@ fn lookup_of_dot_names_any_inode_itself() {
 fn reopen(dir: &std::path::Path) -> Store {
     super::test_support::reopen(dir, (0, 0))
 }
+
+#[test]
+fn a_store_short_of_room_admits_only_what_frees() {
+    use crate::space::{Change, Level};
+    let (_d, s) = fresh();
+    let empty = file(&s, ROOT, "empty");
+    let full = super::test_support::file_with(&s, ROOT, "full", &[7u8; 8192], ME, CONN);
+    assert!(s.getattr(full).expect("getattr").blocks > 0);
+    assert!(s.admit(Change::Adds).is_ok());
+    s.space.force_level(Level::Tight);
+    assert_eq!(errno(s.admit(Change::Adds)), libc::ENOSPC);
+    assert!(s.admit(Change::Frees).is_ok());
+    assert!(s.admit_unlink(ROOT, &n("empty")).is_ok());
+    s.space.force_level(Level::Critical);
+    assert_eq!(errno(s.admit(Change::Frees)), libc::ENOSPC);
+    assert_eq!(errno(s.admit_unlink(ROOT, &n("empty"))), libc::ENOSPC);
+    assert_eq!(errno(s.admit_unlink(ROOT, &n("missing"))), libc::ENOSPC);
+    // A second link: unlinking one frees nothing.
+    s.link(full, ROOT, &n("again")).expect("link");
+    assert_eq!(errno(s.admit_unlink(ROOT, &n("full"))), libc::ENOSPC);
+    s.unlink(ROOT, &n("again")).expect("unlink");
+    assert!(s.admit_unlink(ROOT, &n("full")).is_ok(), "frees content");
+    assert!(s.getattr(empty).is_ok());
+}
