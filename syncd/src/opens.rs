@@ -262,13 +262,15 @@ impl OpenTable {
         self.remove_open(handle).map(|(ino, left, _)| (ino, left))
     }
 
-    /// [`OpenTable::remove`], also answering whether the handle was
-    /// opened for writing.
+    /// [`OpenTable::remove`], also answering whether the handle may have
+    /// written ([`OpenTable::may_write`]: opened for writing, or kept by
+    /// mountd across a syncd restart, whose access mode is not known
+    /// here; its release must version the file like a writer's).
     pub fn remove_open(&mut self, handle: HandleId) -> Option<(Ino, u32, bool)> {
         let h = self.handles.remove(&handle)?;
         let left = self.decrement(&h);
         self.forget_conn_if_done(h.conn);
-        Some((h.ino, left, h.write))
+        Some((h.ino, left, h.write || h.restored))
     }
 
     /// The inode and generation `handle` reads.
@@ -785,6 +787,9 @@ mod tests {
         fresh.register(c, key(7), false, &[(HandleId(3), Ino(5))], &[]);
         assert_eq!(fresh.version_of(HandleId(3)), Some((Ino(5), 0)));
         assert!(fresh.may_write(HandleId(3)), "kept across a restart");
+        // Its release versions the file like a writer's.
+        assert_eq!(fresh.remove_open(HandleId(3)), Some((Ino(5), 0, true)));
+        assert_eq!(t.remove_open(HandleId(1)), Some((Ino(5), 1, false)));
     }
 
     #[test]

@@ -11,10 +11,11 @@
 //! released and a new batch is tried, a bounded number of times.
 
 use harness::Watchdog;
-use harness::pair::{LinkMode, Pair, Side};
-use harness::sync_helpers::{PROPAGATION, not_local_entry, write_pattern};
+use harness::pair::{LinkMode, Pair, PairOptions, Side};
+use harness::sync_helpers::{PROPAGATION, not_local_entry, wait_content, write_pattern};
 use harness::tree::{Kind, conflict_copies, wait_converged};
 use harness::wait::try_poll_until;
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -138,4 +139,29 @@ fn syncd_killed_mid_sync_on_either_side_converges_without_loss_or_duplicates() {
             );
         }
     }
+}
+
+/// A file held open for writing across a SIGKILL and restart of its
+/// syncd: mountd keeps the handle, and syncd, which cannot know a kept
+/// handle's access mode, counts its release as a writer's, so what was
+/// written through it after the restart is versioned and reaches the
+/// peer. (Before, a kept handle counted as a reader's at its release and
+/// the write stayed on this machine until the file changed again.)
+#[test]
+fn writes_through_a_handle_kept_across_a_syncd_restart_reach_the_peer() {
+    let _w = Watchdog::arm("sync_restart::kept_handle", Duration::from_secs(300));
+    let mut p = Pair::start(PairOptions::new(LinkMode::Loopback));
+    let (a, b) = (p.a.path("kept.txt"), p.b.path("kept.txt"));
+    std::fs::write(&a, b"before\n").expect("create on a");
+    wait_content(&b, b"before\n", PROPAGATION);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&a)
+        .expect("open for writing on a");
+    p.kill_syncd(Side::A);
+    p.restart_syncd(Side::A);
+    f.write_all(b"after, and longer\n")
+        .expect("write through the kept handle");
+    drop(f);
+    wait_content(&b, b"after, and longer\n", PROPAGATION);
 }
