@@ -294,6 +294,10 @@ impl Passthrough {
                     *handles += 1;
                     return Ok(Mode::Plain);
                 }
+                tracing::info!(
+                    ino,
+                    "another version of the file is open; this open reads its own version with direct I/O"
+                );
                 return Ok(Mode::PlainDirect);
             }
             Some(InodeIo::Passthrough { content, id }) => {
