@@ -122,6 +122,15 @@ impl FsServer {
         result
     }
 
+    /// Tell every other mount of this syncd what a change made through
+    /// this one did ([`crate::sync::inval::InvalQueue::push_from`]): their
+    /// kernels may cache the names and attributes it changed for the whole
+    /// attribute TTL, and their own lists of names (mountd's
+    /// `known_dirs`) must not miss it. This mount is not told.
+    fn announce(&self, items: Vec<Inval>) {
+        self.daemon.invals.push_from(self.conn.0, items);
+    }
+
     fn log<T>(&self, op: &'static str, detail: &str, start: Instant, result: &Result<T, FsError>) {
         let took = start.elapsed();
         crate::metrics::ipc_request(op, took, result.is_ok());
@@ -261,11 +270,16 @@ impl Filesystem for FsServer {
 
     async fn setattr(self, _: Context, ino: Ino, changes: SetAttr) -> Result<Attr, FsError> {
         let d = detail!("{ino} {changes:?}");
-        self.run("setattr", d, move |s| {
-            s.admit(Change::Frees)?;
-            s.setattr(ino, &changes)
-        })
-        .await
+        let r = self
+            .run("setattr", d, move |s| {
+                s.admit(Change::Frees)?;
+                s.setattr(ino, &changes)
+            })
+            .await;
+        if r.is_ok() {
+            self.announce(vec![Inval::Inode { ino }]);
+        }
+        r
     }
 
     async fn readdir(
@@ -290,11 +304,17 @@ impl Filesystem for FsServer {
         caller: Caller,
     ) -> Result<Attr, FsError> {
         let d = detail!("{parent} {name:?} {perm:o}");
-        self.run("mkdir", d, move |s| {
-            s.admit(Change::Adds)?;
-            s.mkdir(parent, &name, perm, caller)
-        })
-        .await
+        let n = name.clone();
+        let r = self
+            .run("mkdir", d, move |s| {
+                s.admit(Change::Adds)?;
+                s.mkdir(parent, &name, perm, caller)
+            })
+            .await;
+        if r.is_ok() {
+            self.announce(vec![Inval::Entry { parent, name: n }]);
+        }
+        r
     }
 
     async fn mknod(
@@ -308,11 +328,17 @@ impl Filesystem for FsServer {
         caller: Caller,
     ) -> Result<Attr, FsError> {
         let d = detail!("{parent} {name:?} {kind:?} {perm:o} rdev {rdev:#x}");
-        self.run("mknod", d, move |s| {
-            s.admit(Change::Adds)?;
-            s.mknod(parent, &name, kind, perm, rdev, caller)
-        })
-        .await
+        let n = name.clone();
+        let r = self
+            .run("mknod", d, move |s| {
+                s.admit(Change::Adds)?;
+                s.mknod(parent, &name, kind, perm, rdev, caller)
+            })
+            .await;
+        if r.is_ok() {
+            self.announce(vec![Inval::Entry { parent, name: n }]);
+        }
+        r
     }
 
     async fn symlink(
@@ -324,11 +350,17 @@ impl Filesystem for FsServer {
         caller: Caller,
     ) -> Result<Attr, FsError> {
         let d = detail!("{parent} {name:?}");
-        self.run("symlink", d, move |s| {
-            s.admit(Change::Adds)?;
-            s.symlink(parent, &name, &target, caller)
-        })
-        .await
+        let n = name.clone();
+        let r = self
+            .run("symlink", d, move |s| {
+                s.admit(Change::Adds)?;
+                s.symlink(parent, &name, &target, caller)
+            })
+            .await;
+        if r.is_ok() {
+            self.announce(vec![Inval::Entry { parent, name: n }]);
+        }
+        r
     }
 
     async fn readlink(self, _: Context, ino: Ino) -> Result<Vec<u8>, FsError> {
@@ -343,30 +375,54 @@ impl Filesystem for FsServer {
         new_name: Name,
     ) -> Result<Attr, FsError> {
         let d = detail!("{ino} to {new_parent} {new_name:?}");
-        self.run("link", d, move |s| {
-            s.admit(Change::Adds)?;
-            s.link(ino, new_parent, &new_name)
-        })
-        .await
+        let n = new_name.clone();
+        let r = self
+            .run("link", d, move |s| {
+                s.admit(Change::Adds)?;
+                s.link(ino, new_parent, &new_name)
+            })
+            .await;
+        if r.is_ok() {
+            self.announce(vec![
+                Inval::Entry {
+                    parent: new_parent,
+                    name: n,
+                },
+                Inval::Inode { ino },
+            ]);
+        }
+        r
     }
 
     async fn unlink(self, _: Context, parent: Ino, name: Name) -> Result<(), FsError> {
         let d = detail!("{parent} {name:?}");
         let conn = self.conn;
-        self.run("unlink", d, move |s| {
-            s.admit_unlink(parent, &name)?;
-            s.unlink_by(Some(conn), parent, &name)
-        })
-        .await
+        let n = name.clone();
+        let r = self
+            .run("unlink", d, move |s| {
+                s.admit_unlink(parent, &name)?;
+                s.unlink_by(Some(conn), parent, &name)
+            })
+            .await;
+        if r.is_ok() {
+            self.announce(vec![Inval::Entry { parent, name: n }]);
+        }
+        r
     }
 
     async fn rmdir(self, _: Context, parent: Ino, name: Name) -> Result<(), FsError> {
         let d = detail!("{parent} {name:?}");
-        self.run("rmdir", d, move |s| {
-            s.admit(Change::Frees)?;
-            s.rmdir(parent, &name)
-        })
-        .await
+        let n = name.clone();
+        let r = self
+            .run("rmdir", d, move |s| {
+                s.admit(Change::Frees)?;
+                s.rmdir(parent, &name)
+            })
+            .await;
+        if r.is_ok() {
+            self.announce(vec![Inval::Entry { parent, name: n }]);
+        }
+        r
     }
 
     async fn rename(
@@ -380,11 +436,23 @@ impl Filesystem for FsServer {
     ) -> Result<(), FsError> {
         let d = detail!("{parent} {name:?} to {new_parent} {new_name:?} {flags:?}");
         let conn = self.conn;
-        self.run("rename", d, move |s| {
-            s.admit(Change::Frees)?;
-            s.rename_by(Some(conn), parent, &name, new_parent, &new_name, flags)
-        })
-        .await
+        let (n, nn) = (name.clone(), new_name.clone());
+        let r = self
+            .run("rename", d, move |s| {
+                s.admit(Change::Frees)?;
+                s.rename_by(Some(conn), parent, &name, new_parent, &new_name, flags)
+            })
+            .await;
+        if r.is_ok() {
+            self.announce(vec![
+                Inval::Entry { parent, name: n },
+                Inval::Entry {
+                    parent: new_parent,
+                    name: nn,
+                },
+            ]);
+        }
+        r
     }
 
     async fn create(
@@ -398,13 +466,19 @@ impl Filesystem for FsServer {
     ) -> Result<Opened, FsError> {
         let d = detail!("{parent} {name:?} {perm:o} flags {flags:#o}");
         let (conn, fds, deadline) = (self.conn, self.fds.clone(), ctx.deadline);
-        self.run("create", d, move |s| {
-            s.admit(Change::Adds)?;
-            let f = s.create(parent, &name, perm, flags, caller, conn)?;
-            durable_if_sync(s, flags, &f)?;
-            send_fd(s, &fds, f, deadline)
-        })
-        .await
+        let n = name.clone();
+        let r = self
+            .run("create", d, move |s| {
+                s.admit(Change::Adds)?;
+                let f = s.create(parent, &name, perm, flags, caller, conn)?;
+                durable_if_sync(s, flags, &f)?;
+                send_fd(s, &fds, f, deadline)
+            })
+            .await;
+        if r.is_ok() {
+            self.announce(vec![Inval::Entry { parent, name: n }]);
+        }
+        r
     }
 
     async fn open(self, ctx: Context, ino: Ino, flags: i32) -> Result<Opened, FsError> {
@@ -419,8 +493,15 @@ impl Filesystem for FsServer {
     }
 
     async fn release(self, _: Context, handle: HandleId) -> Result<(), FsError> {
-        self.run("release", detail!("{handle}"), move |s| s.release(handle))
-            .await
+        let written = self
+            .run("release", detail!("{handle}"), move |s| {
+                s.release_written(handle)
+            })
+            .await?;
+        if let Some(ino) = written {
+            self.announce(vec![Inval::Inode { ino }]);
+        }
+        Ok(())
     }
 
     async fn forget(self, ctx: Context, inos: Vec<Ino>) -> Result<(), FsError> {
@@ -453,11 +534,16 @@ impl Filesystem for FsServer {
         mode: XattrSet,
     ) -> Result<(), FsError> {
         let d = detail!("{ino} {name:?} {} bytes {mode:?}", value.len());
-        self.run("setxattr", d, move |s| {
-            s.admit(Change::Adds)?;
-            s.setxattr(ino, &name, &value, mode)
-        })
-        .await
+        let r = self
+            .run("setxattr", d, move |s| {
+                s.admit(Change::Adds)?;
+                s.setxattr(ino, &name, &value, mode)
+            })
+            .await;
+        if r.is_ok() {
+            self.announce(vec![Inval::Inode { ino }]);
+        }
+        r
     }
 
     async fn getxattr(self, _: Context, ino: Ino, name: Name) -> Result<Vec<u8>, FsError> {
@@ -471,11 +557,16 @@ impl Filesystem for FsServer {
 
     async fn removexattr(self, _: Context, ino: Ino, name: Name) -> Result<(), FsError> {
         let d = detail!("{ino} {name:?}");
-        self.run("removexattr", d, move |s| {
-            s.admit(Change::Frees)?;
-            s.removexattr(ino, &name)
-        })
-        .await
+        let r = self
+            .run("removexattr", d, move |s| {
+                s.admit(Change::Frees)?;
+                s.removexattr(ino, &name)
+            })
+            .await;
+        if r.is_ok() {
+            self.announce(vec![Inval::Inode { ino }]);
+        }
+        r
     }
 
     async fn fetch_range(
@@ -538,7 +629,11 @@ impl Filesystem for FsServer {
         let wait = std::time::Duration::from_millis(u64::from(wait_ms))
             .min(MAX_CHANGES_WAIT)
             .min(left);
-        let batch = self.daemon.invals.wait(epoch, after, wait).await;
+        let batch = self
+            .daemon
+            .invals
+            .wait_for(epoch, after, wait, self.conn.0)
+            .await;
         tracing::debug!(
             op = "changes",
             conn = self.conn.0,

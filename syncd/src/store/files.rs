@@ -290,9 +290,16 @@ impl Store {
     /// last release of a content generation that is no longer current
     /// removes it.
     pub fn release(&self, handle: HandleId) -> Result<(), FsError> {
+        self.release_written(handle).map(drop)
+    }
+
+    /// [`Store::release`], answering the inode when the handle may have
+    /// written to it (it was marked dirty): other mounts of this syncd
+    /// are told its attributes changed.
+    pub fn release_written(&self, handle: HandleId) -> Result<Option<Ino>, FsError> {
         let mut opens = self.lock_opens();
         let Some((ino, left, write)) = opens.remove_open(handle) else {
-            return Ok(());
+            return Ok(None);
         };
         let unpinned = opens.take_unpinned();
         let freed = if left > 0 || opens.held(ino) {
@@ -309,8 +316,9 @@ impl Store {
             self.wake_engine();
         } else if write {
             self.mark_dirty(ino.0)?;
+            return Ok(Some(ino));
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Remove the retired generations whose last handle went.

@@ -1,5 +1,6 @@
 //! The invalidation queue: what mountd must drop from the kernel's caches
-//! and its own after syncd applied a change that came from a peer.
+//! and its own after syncd applied a change that came from a peer, or
+//! after another mount of this syncd changed something.
 //!
 //! The sync engine [`InvalQueue::push`]es the [`Inval`]s of each record it
 //! applies; mountd long-polls them with `Filesystem::changes(epoch, after,
@@ -14,6 +15,12 @@
 //! random number per syncd start, never 0): syncd restarted, and what
 //! mountd knew of the old run's sequence means nothing now. So mountd
 //! never misses an invalidation; at worst it drops more than it needed.
+//!
+//! Several mounts of one syncd: a change made through one mount is pushed
+//! with that mount's connection as its origin ([`InvalQueue::push_from`],
+//! from the filesystem service), and every other mount is told of it
+//! like a peer's change; the mount that made it is not (its kernel and
+//! caches already have it), and is not even woken for it.
 //!
 //! Waiting never holds the lock: a waiter registers for the wake-up
 //! ([`Notify`]) first, then looks at the queue under the lock, releases it
@@ -42,8 +49,10 @@ pub struct InvalQueue {
 /// The kept items and the last sequence number given out.
 #[derive(Default)]
 struct Ring {
-    /// `(seq, item)`, oldest first, consecutive seqs.
-    items: VecDeque<(u64, Inval)>,
+    /// `(seq, item, origin)`, oldest first, consecutive seqs; `origin` is
+    /// the connection of the mount whose change it announces (0: a peer's
+    /// change), which is not told of its own changes.
+    items: VecDeque<(u64, Inval, u64)>,
     /// The sequence number of the newest item (0: none yet).
     last: u64,
 }
@@ -86,6 +95,13 @@ impl InvalQueue {
     /// Append `items` (each gets the next sequence number) and wake the
     /// waiters. Items beyond [`KEEP`] push the oldest out.
     pub fn push(&self, items: Vec<Inval>) {
+        self.push_from(0, items);
+    }
+
+    /// [`InvalQueue::push`] of a change made through the mount on
+    /// connection `origin` (not 0): every other mount of this syncd is
+    /// told, that one is not ([`InvalQueue::wait_for`]).
+    pub fn push_from(&self, origin: u64, items: Vec<Inval>) {
         if items.is_empty() {
             return;
         }
@@ -94,7 +110,7 @@ impl InvalQueue {
             for item in items {
                 ring.last += 1;
                 let seq = ring.last;
-                ring.items.push_back((seq, item));
+                ring.items.push_back((seq, item, origin));
             }
             let excess = ring.items.len().saturating_sub(KEEP);
             ring.items.drain(..excess);
@@ -102,9 +118,13 @@ impl InvalQueue {
         self.wake.notify_waiters();
     }
 
-    /// The batch after `after` of run `epoch`, if one is ready without
-    /// waiting (`None`: nothing new).
-    fn ready(&self, epoch: u64, after: u64) -> Option<ChangeBatch> {
+    /// The batch after `after` of run `epoch` for the mount on connection
+    /// `reader` (0: everything), if one is ready without waiting (`None`:
+    /// nothing new for it). Items of `reader`'s own changes are left out;
+    /// when only those came, the position moves on only once they fill
+    /// half the queue, so that a mount is not woken for its own changes
+    /// and still never falls behind the kept items because of them.
+    fn ready(&self, epoch: u64, after: u64, reader: u64) -> Option<ChangeBatch> {
         let ring = self.lock();
         let all = || ChangeBatch {
             epoch: self.epoch,
@@ -117,24 +137,26 @@ impl InvalQueue {
         if after == ring.last {
             return None;
         }
-        let oldest = ring.items.front().map_or(ring.last + 1, |(seq, _)| *seq);
+        let oldest = ring.items.front().map_or(ring.last + 1, |(seq, _, _)| *seq);
         if after + 1 < oldest {
             // Items after `after` were pushed out.
             return Some(all());
         }
         let skip = (after + 1 - oldest) as usize;
-        let items: Vec<(u64, Inval)> = ring
-            .items
+        let taken: Vec<&(u64, Inval, u64)> = ring.items.iter().skip(skip).take(MAX_BATCH).collect();
+        let next = taken.last().map_or(after, |(seq, _, _)| *seq);
+        let items: Vec<Inval> = taken
             .iter()
-            .skip(skip)
-            .take(MAX_BATCH)
-            .cloned()
+            .filter(|(_, _, origin)| reader == 0 || *origin != reader)
+            .map(|(_, item, _)| item.clone())
             .collect();
-        let next = items.last().map_or(after, |(seq, _)| *seq);
+        if items.is_empty() && ((ring.last - after) as usize) < KEEP / 2 {
+            return None;
+        }
         Some(ChangeBatch {
             epoch: self.epoch,
             next,
-            items: items.into_iter().map(|(_, item)| item).collect(),
+            items,
         })
     }
 
@@ -142,14 +164,27 @@ impl InvalQueue {
     /// at once if there are any (or [`Inval::All`] when `epoch` is not
     /// this run's or items after `after` were dropped), else the first to
     /// come within `max_wait`, else an empty batch with `next == after`.
+    #[cfg(test)]
     pub async fn wait(&self, epoch: u64, after: u64, max_wait: Duration) -> ChangeBatch {
+        self.wait_for(epoch, after, max_wait, 0).await
+    }
+
+    /// [`InvalQueue::wait`] for the mount on connection `reader`, which is
+    /// not told of its own changes ([`InvalQueue::push_from`]).
+    pub async fn wait_for(
+        &self,
+        epoch: u64,
+        after: u64,
+        max_wait: Duration,
+        reader: u64,
+    ) -> ChangeBatch {
         let deadline = tokio::time::Instant::now() + max_wait;
         loop {
             let woken = self.wake.notified();
             tokio::pin!(woken);
             // Registered before looking, so a push in between wakes us.
             woken.as_mut().enable();
-            if let Some(batch) = self.ready(epoch, after) {
+            if let Some(batch) = self.ready(epoch, after, reader) {
                 return batch;
             }
             if tokio::time::timeout_at(deadline, woken).await.is_err() {
@@ -251,5 +286,30 @@ mod tests {
         let b = InvalQueue::new();
         assert_ne!(a.epoch(), 0);
         assert_ne!(a.epoch(), b.epoch());
+    }
+
+    #[tokio::test]
+    async fn a_mount_is_not_told_of_its_own_changes() {
+        let q = InvalQueue::with_epoch(7);
+        q.push_from(3, vec![inode(1)]);
+        q.push(vec![inode(2)]);
+        q.push_from(4, vec![inode(5)]);
+        let b = q.wait_for(7, 0, Duration::ZERO, 3).await;
+        assert_eq!((b.next, b.items), (3, vec![inode(2), inode(5)]));
+        let b = q.wait_for(7, 0, Duration::ZERO, 4).await;
+        assert_eq!((b.next, b.items), (3, vec![inode(1), inode(2)]));
+        // Only its own changes since: nothing to answer, the position
+        // stays where it was.
+        q.push_from(3, vec![inode(6)]);
+        let b = q.wait_for(7, 3, Duration::from_millis(20), 3).await;
+        assert_eq!((b.next, b.items.len()), (3, 0));
+        // Once its own fill half the kept items, the position moves on
+        // (it would otherwise fall behind the kept items).
+        for i in 0..KEEP as u64 / 2 {
+            q.push_from(3, vec![inode(100 + i)]);
+        }
+        let b = q.wait_for(7, 3, Duration::ZERO, 3).await;
+        assert!(b.items.is_empty());
+        assert!(b.next > 3, "moved on to {}", b.next);
     }
 }
