@@ -28,7 +28,7 @@
 //! is a leaf: nothing else is locked while it is held.
 
 use ipc_schema::{ChangeBatch, Inval};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -53,6 +53,10 @@ struct Ring {
     /// the connection of the mount whose change it announces (0: a peer's
     /// change), which is not told of its own changes.
     items: VecDeque<(u64, Inval, u64)>,
+    /// Origin → the sequence number of its newest item, so that a mount
+    /// woken by its own changes finds out without reading them (one entry
+    /// per connection that ever changed something, and one for peers).
+    newest: HashMap<u64, u64>,
     /// The sequence number of the newest item (0: none yet).
     last: u64,
 }
@@ -112,6 +116,8 @@ impl InvalQueue {
                 let seq = ring.last;
                 ring.items.push_back((seq, item, origin));
             }
+            let last = ring.last;
+            ring.newest.insert(origin, last);
             let excess = ring.items.len().saturating_sub(KEEP);
             ring.items.drain(..excess);
         }
@@ -143,6 +149,13 @@ impl InvalQueue {
             return Some(all());
         }
         let skip = (after + 1 - oldest) as usize;
+        let own_only = !ring
+            .newest
+            .iter()
+            .any(|(origin, seq)| (reader == 0 || *origin != reader) && *seq > after);
+        if own_only && ((ring.last - after) as usize) < KEEP / 2 {
+            return None;
+        }
         let taken: Vec<&(u64, Inval, u64)> = ring.items.iter().skip(skip).take(MAX_BATCH).collect();
         let next = taken.last().map_or(after, |(seq, _, _)| *seq);
         let items: Vec<Inval> = taken
