@@ -39,6 +39,36 @@ pub const KEEP: usize = 4096;
 /// The most items one batch answers (the rest come with the next call).
 pub const MAX_BATCH: usize = 1024;
 
+/// A mount's own items wake it once per this many items pushed, so that
+/// its position moves on (at half of [`KEEP`] behind) long before its own
+/// items could push what it has not read out of the queue.
+const WAKE_EVERY: usize = KEEP / 4;
+
+/// Counts a long poll of `reader` in the ring while it waits.
+struct Waiting<'a> {
+    queue: &'a InvalQueue,
+    reader: u64,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(queue: &'a InvalQueue, reader: u64) -> Self {
+        *queue.lock().waiting.entry(reader).or_default() += 1;
+        Waiting { queue, reader }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut ring = self.queue.lock();
+        if let Some(n) = ring.waiting.get_mut(&self.reader) {
+            *n -= 1;
+            if *n == 0 {
+                ring.waiting.remove(&self.reader);
+            }
+        }
+    }
+}
+
 /// The queue (see the module doc). Shared as `Arc<InvalQueue>`.
 pub struct InvalQueue {
     epoch: u64,
@@ -57,6 +87,8 @@ struct Ring {
     /// woken by its own changes finds out without reading them (one entry
     /// per connection that ever changed something, and one for peers).
     newest: HashMap<u64, u64>,
+    /// Reader → how many of its long polls wait now ([`InvalQueue::wait_for`]).
+    waiting: HashMap<u64, usize>,
     /// The sequence number of the newest item (0: none yet).
     last: u64,
 }
@@ -109,8 +141,9 @@ impl InvalQueue {
         if items.is_empty() {
             return;
         }
-        {
+        let wake = {
             let mut ring = self.lock();
+            let before = ring.last;
             for item in items {
                 ring.last += 1;
                 let seq = ring.last;
@@ -120,8 +153,20 @@ impl InvalQueue {
             ring.newest.insert(origin, last);
             let excess = ring.items.len().saturating_sub(KEEP);
             ring.items.drain(..excess);
+            // Wake only readers that are told of these items; every
+            // `WAKE_EVERY` items, every reader (its position may have to
+            // move on past its own items, see `ready`).
+            let step = WAKE_EVERY as u64;
+            origin == 0
+                || before / step != last / step
+                || ring
+                    .waiting
+                    .iter()
+                    .any(|(reader, n)| *n > 0 && (*reader == 0 || *reader != origin))
+        };
+        if wake {
+            self.wake.notify_waiters();
         }
-        self.wake.notify_waiters();
     }
 
     /// The batch after `after` of run `epoch` for the mount on connection
@@ -192,6 +237,7 @@ impl InvalQueue {
         reader: u64,
     ) -> ChangeBatch {
         let deadline = tokio::time::Instant::now() + max_wait;
+        let _waiting = Waiting::new(self, reader);
         loop {
             let woken = self.wake.notified();
             tokio::pin!(woken);
@@ -324,5 +370,29 @@ mod tests {
         let b = q.wait_for(7, 3, Duration::ZERO, 3).await;
         assert!(b.items.is_empty());
         assert!(b.next > 3, "moved on to {}", b.next);
+    }
+
+    #[tokio::test]
+    async fn a_mounts_own_changes_do_not_wake_it_but_anothers_do() {
+        let q = Arc::new(InvalQueue::with_epoch(7));
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.wait_for(7, 0, Duration::from_secs(600), 3).await }
+        });
+        while q.lock().waiting.get(&3).copied().unwrap_or(0) == 0 {
+            tokio::task::yield_now().await;
+        }
+        q.push_from(3, vec![inode(1)]);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "woken by its own change");
+        q.push_from(4, vec![inode(2)]);
+        let b = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("woken by another mount's change")
+            .expect("waiter");
+        assert_eq!((b.next, b.items), (2, vec![inode(2)]));
+        assert!(q.lock().waiting.is_empty(), "the count went with the poll");
     }
 }
