@@ -82,6 +82,18 @@ impl Invalidator {
 
     /// Apply `items`, oldest first.
     pub fn apply(&self, items: &[Inval]) {
+        self.apply_items(items, true);
+    }
+
+    /// Apply the first batch of this mountd's stream: its `Inval::All` (a
+    /// new reader always gets one) drops what was cached before the stream
+    /// started, which is no loss worth a note.
+    fn apply_first(&self, items: &[Inval]) {
+        tracing::info!("invalidation stream started");
+        self.apply_items(items, false);
+    }
+
+    fn apply_items(&self, items: &[Inval], note_loss: bool) {
         if items.is_empty() {
             return;
         }
@@ -104,9 +116,11 @@ impl Invalidator {
                     self.passthrough.peer_changed_inode(ino.0);
                 }
                 Inval::All => {
-                    tracing::info!(
-                        "invalidation stream: items were lost (syncd restarted, or this mount fell behind); dropping every cache"
-                    );
+                    if note_loss {
+                        tracing::info!(
+                            "invalidation stream: items were lost (syncd restarted, or this mount fell behind); dropping every cache"
+                        );
+                    }
                     self.cache.clear();
                     // Entries (and absences) the kernel cached before.
                     self.kernel.all_entries();
@@ -149,9 +163,14 @@ pub async fn run(source: Arc<dyn SyncData>, inval: Invalidator) {
     loop {
         match source.changes(pos.epoch, pos.after, POLL_WAIT).await {
             Ok(batch) => {
+                let first = pos.epoch == 0;
                 let items = pos.take(batch);
                 tracing::trace!(n = items.len(), after = pos.after, "invalidations");
-                inval.apply(&items);
+                if first {
+                    inval.apply_first(&items);
+                } else {
+                    inval.apply(&items);
+                }
                 backoff = MIN_BACKOFF;
                 failures = 0;
                 unsupported_told = false;

@@ -83,6 +83,16 @@ fn frozen_syncd_ops_are_listed_by_mountd() {
         idle.json
     );
 
+    // The root's attributes are cached again after mountd's first poll of
+    // the invalidation stream dropped every cache (a reply that crossed it
+    // went out with TTL 0): the `stat`s below then wait on their lookups,
+    // not on a getattr of the root, which would fail with nothing cached.
+    poll_until("mountd's invalidation stream to start", LIMIT / 4, || {
+        fx.mountd_log()
+            .contains("invalidation stream started")
+            .then_some(())
+    });
+    std::fs::metadata(&mnt).expect("stat the mount's root");
     fx.freeze_syncd();
     // Keep a lookup in flight for as long as syncd is frozen: each `stat`
     // of a new name waits on syncd until the deadline, then the next one
