@@ -208,9 +208,8 @@ impl InvalQueue {
             .filter(|(_, _, origin)| reader == 0 || *origin != reader)
             .map(|(_, item, _)| item.clone())
             .collect();
-        if items.is_empty() && ((ring.last - after) as usize) < KEEP / 2 {
-            return None;
-        }
+        // Items for `reader` exist (perhaps beyond this batch): even an
+        // empty batch moves its position on, so it asks again from there.
         Some(ChangeBatch {
             epoch: self.epoch,
             next,
@@ -394,5 +393,18 @@ mod tests {
             .expect("waiter");
         assert_eq!((b.next, b.items), (2, vec![inode(2)]));
         assert!(q.lock().waiting.is_empty(), "the count went with the poll");
+    }
+
+    #[tokio::test]
+    async fn another_mounts_change_behind_a_batch_of_own_ones_still_comes() {
+        let q = InvalQueue::with_epoch(7);
+        for i in 0..MAX_BATCH as u64 + 10 {
+            q.push_from(3, vec![inode(100 + i)]);
+        }
+        q.push_from(4, vec![inode(2)]);
+        let b = q.wait_for(7, 0, Duration::ZERO, 3).await;
+        assert_eq!((b.next, b.items.len()), (MAX_BATCH as u64, 0));
+        let b = q.wait_for(7, b.next, Duration::ZERO, 3).await;
+        assert_eq!(b.items, vec![inode(2)]);
     }
 }
