@@ -427,15 +427,22 @@ impl Filesystem for KeibiFs {
             Err(e) => self.inline(l, reply, Err::<Attr, _>(e), |_, _| ()),
             Ok(n) => {
                 let (k, ttl, entry) = (self.keibi.clone(), self.ttl, self.entry());
+                let (since, asked) = (k.ticket(), n.clone());
+                let after = k.clone();
                 self.spawn(
                     l,
                     reply,
                     async move { k.lookup_entry(parent.0, n).await },
-                    move |r, found| match found {
-                        Some(a) => entry(r, a),
-                        // Node id 0: a negative entry the kernel keeps for
-                        // `ttl` ([`Keibi::lookup_entry`]).
-                        None => r.entry(&ttl, &placeholder_attr(0, FileKind::File), Generation(0)),
+                    move |r, found| {
+                        match found {
+                            Some(a) => entry(r, a),
+                            // Node id 0: a negative entry the kernel keeps
+                            // for `ttl` ([`Keibi::lookup_entry`]).
+                            None => {
+                                r.entry(&ttl, &placeholder_attr(0, FileKind::File), Generation(0))
+                            }
+                        }
+                        after.settle_name(parent.0, asked.as_bytes(), since);
                     },
                 );
             }

@@ -215,6 +215,23 @@ impl Keibi {
         }
     }
 
+    /// After an entry for `parent/name` (positive or negative) went to the
+    /// kernel in answer to a lookup sent at `since`: if a peer's change of
+    /// `parent` (any of its names) or an `All` was announced since, that
+    /// announcement's `inval_entry` may have reached the kernel before the
+    /// reply (the kernel then had nothing to drop, and keeps the reply's
+    /// entry, perhaps an absence, for the whole TTL), so ask again for the
+    /// entry to be dropped; the notification thread writes it after this
+    /// reply. An announcement applied after this check queues its own
+    /// notification after this reply too.
+    pub fn settle_name(&self, parent: u64, name: &[u8], since: Ticket) {
+        if self.cache.peer_changed_since(since, parent)
+            && let Some(k) = &self.attr_inval
+        {
+            k.entry(parent, name);
+        }
+    }
+
     /// The TTL of a `create` reply, which has one for the entry and the
     /// attributes: the full `ttl` (the name exists now, and its attributes
     /// are the ones just made), 0 when a peer's change of the inode was
@@ -315,5 +332,56 @@ impl Keibi {
         if self.cache.forget(ino, n) {
             self.releases.queue_forget(Ino(ino));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel_inval::{self, Note};
+    use crate::syncd_client::{self, ConnectConfig};
+
+    fn keibi(dir: &std::path::Path) -> (Keibi, kernel_inval::InvalQueue) {
+        let passthrough = Arc::new(Passthrough::new(true));
+        let (client, _connector) = syncd_client::new(ConnectConfig {
+            socket: dir.join("no-syncd.sock"),
+            mountpoint: "/nowhere".into(),
+            passthrough: passthrough.clone(),
+        });
+        let (k, q) = kernel_inval::channel();
+        let keibi = Keibi::new(
+            client,
+            passthrough,
+            Duration::from_secs(1),
+            AttrCache::new(16),
+            Duration::from_secs(60),
+            tokio::runtime::Handle::current(),
+        )
+        .with_attr_inval(k);
+        (keibi, q)
+    }
+
+    #[tokio::test]
+    async fn a_lookup_answer_that_crossed_an_announcement_of_its_directory_is_dropped_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (k, q) = keibi(dir.path());
+        let since = k.ticket();
+        k.settle_name(1, b"x", since);
+        assert!(q.drain().is_empty(), "nothing announced: the entry stays");
+        // A peer's change of a name in directory 1 is announced while the
+        // lookup is out.
+        k.cache.invalidate(1);
+        k.settle_name(1, b"x", since);
+        assert_eq!(q.drain(), vec![Note::Entry(1, b"x".to_vec())]);
+        k.settle_name(1, b"x", k.ticket());
+        assert!(
+            q.drain().is_empty(),
+            "a lookup sent after it saw the change"
+        );
+        k.settle_name(2, b"x", since);
+        assert!(q.drain().is_empty(), "another directory");
+        k.cache.clear();
+        k.settle_name(2, b"x", since);
+        assert_eq!(q.drain(), vec![Note::Entry(2, b"x".to_vec())], "after All");
     }
 }
