@@ -15,14 +15,13 @@ use std::time::Duration;
 const LIMIT: Duration = Duration::from_secs(300);
 const SIZE: u64 = 32 * CHUNK;
 
-#[test]
-fn a_write_into_a_missing_chunk_keeps_the_peers_bytes_around_it() {
-    let _w = Watchdog::arm("sync_partial_write", LIMIT);
-    let p = Pair::start(PairOptions::new(LinkMode::Loopback));
-    let mut want: Vec<u8> = (0..SIZE).map(|i| (i * 31 % 251) as u8).collect();
+/// a writes big.bin (`SIZE` bytes, byte `i` is `i * mul % modulus`);
+/// once b shows its size, b still lists it as not all local (it is
+/// larger than the eager fetch). Answers the bytes.
+fn big_and_partial_on_b(p: &Pair, mul: u64, modulus: u64) -> Vec<u8> {
+    let want: Vec<u8> = (0..SIZE).map(|i| (i * mul % modulus) as u8).collect();
     std::fs::write(p.a.path("big.bin"), &want).expect("write on a");
     wait_size(&p.b.path("big.bin"), SIZE, PROPAGATION);
-    // Larger than the eager fetch: nothing of it is on b yet.
     let present = poll_until("b to list big.bin as not local", PROPAGATION, || {
         not_local_entry(&p.b.ctl().not_local(), "big.bin")?["present_bytes"].as_u64()
     });
@@ -30,6 +29,14 @@ fn a_write_into_a_missing_chunk_keeps_the_peers_bytes_around_it() {
         present < SIZE,
         "big.bin is partial on b ({present} bytes present)"
     );
+    want
+}
+
+#[test]
+fn a_write_into_a_missing_chunk_keeps_the_peers_bytes_around_it() {
+    let _w = Watchdog::arm("sync_partial_write", LIMIT);
+    let p = Pair::start(PairOptions::new(LinkMode::Loopback));
+    let mut want = big_and_partial_on_b(&p, 31, 251);
 
     let at = 5 * CHUNK + 100;
     let f = std::fs::OpenOptions::new()
@@ -62,16 +69,7 @@ fn a_write_into_a_fetched_chunk_survives_a_sigkill_of_syncd() {
     use harness::pair::Side;
     let _w = Watchdog::arm("sync_partial_write_kill", LIMIT);
     let mut p = Pair::start(PairOptions::new(LinkMode::Loopback));
-    let mut want: Vec<u8> = (0..SIZE).map(|i| (i * 17 % 253) as u8).collect();
-    std::fs::write(p.a.path("big.bin"), &want).expect("write on a");
-    wait_size(&p.b.path("big.bin"), SIZE, PROPAGATION);
-    let present = poll_until("b to list big.bin as not local", PROPAGATION, || {
-        not_local_entry(&p.b.ctl().not_local(), "big.bin")?["present_bytes"].as_u64()
-    });
-    assert!(
-        present < SIZE,
-        "big.bin is partial on b ({present} bytes present)"
-    );
+    let mut want = big_and_partial_on_b(&p, 17, 253);
 
     let at = 7 * CHUNK + 4000;
     let patch = b"WRITTEN ON B BEFORE THE KILL";

@@ -208,10 +208,10 @@ impl Keibi {
     /// after the request was sent ([`AttrCache::peer_changed_since`]: the
     /// reply may be older than the announcement), else `ttl`.
     pub fn attr_ttl(&self, ino: u64, ttl: Duration, since: Ticket) -> Duration {
-        if self.handles.has_writer(ino) || self.cache.peer_changed_since(since, ino) {
+        if self.handles.has_writer(ino) {
             Duration::ZERO
         } else {
-            ttl
+            self.create_ttl(ino, ttl, since)
         }
     }
 
