@@ -85,9 +85,9 @@ impl Invalidator {
         self.apply_items(items, true);
     }
 
-    /// Apply the first batch of this mountd's stream: its `Inval::All` (a
-    /// new reader always gets one) drops what was cached before the stream
-    /// started, which is no loss worth a note.
+    /// Apply the first batch of a stream that starts from everything: its
+    /// `Inval::All` (a new reader always gets one) drops what was cached
+    /// before the stream started, which is no loss worth a note.
     fn apply_first(&self, items: &[Inval]) {
         tracing::info!("invalidation stream started");
         self.apply_items(items, false);
@@ -154,9 +154,28 @@ impl Position {
     }
 }
 
+/// How long the stream waits for this process's first connection to
+/// learn where syncd's stream stood; after that it starts from everything.
+const FIRST_CONNECTION_WAIT: Duration = Duration::from_secs(60);
+
 /// Poll syncd's invalidations for the life of the process and apply them.
+///
+/// The stream starts where syncd's stood when this process first
+/// registered its mount, when syncd said (nothing cached can predate it);
+/// else from everything, with an [`Inval::All`] first.
 pub async fn run(source: Arc<dyn SyncData>, inval: Invalidator) {
     let mut pos = Position::default();
+    if let Some(start) = source.stream_start(FIRST_CONNECTION_WAIT).await {
+        pos = Position {
+            epoch: start.epoch,
+            after: start.after,
+        };
+        tracing::info!(
+            epoch = pos.epoch,
+            after = pos.after,
+            "invalidation stream started"
+        );
+    }
     let mut backoff = MIN_BACKOFF;
     let mut unsupported_told = false;
     let mut failures = 0u32;
@@ -204,6 +223,7 @@ pub async fn run(source: Arc<dyn SyncData>, inval: Invalidator) {
 mod tests {
     use super::*;
     use crate::kernel_inval::{self, InvalQueue, Note};
+    use crate::syncd_client::StreamPosition;
     use futures::future::BoxFuture;
     use ipc_schema::{Attr, FileKind, FsError, HandleId, Ino, Name, Timestamp};
     use std::collections::VecDeque;
@@ -357,6 +377,7 @@ mod tests {
     struct Scripted {
         answers: Mutex<VecDeque<Result<ChangeBatch, CallError>>>,
         asked: Mutex<Vec<(u64, u64)>>,
+        start: Option<StreamPosition>,
     }
 
     impl SyncData for Scripted {
@@ -385,6 +406,11 @@ mod tests {
                 }
             })
         }
+
+        fn stream_start(&self, _: Duration) -> BoxFuture<'static, Option<StreamPosition>> {
+            let start = self.start;
+            Box::pin(async move { start })
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -409,6 +435,7 @@ mod tests {
                 }),
             ])),
             asked: Mutex::new(Vec::new()),
+            start: None,
         });
         let task = tokio::spawn(run(src.clone(), inv));
         // Right after ENOSYS nothing is asked again for a while.
@@ -423,6 +450,37 @@ mod tests {
         assert_eq!(cache.attr(5), None);
         // The first batch's `All` dropped every kernel entry.
         assert_eq!(q.drain(), vec![Note::Epoch, Note::Inode(5)]);
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_that_starts_where_syncd_stood_drops_nothing_cached_since() {
+        let (inv, cache, _, q) = setup();
+        let t = cache.ticket();
+        cache.put_attr(t, &attr(1));
+        cache.put_attr(t, &attr(6));
+        let src = Arc::new(Scripted {
+            answers: Mutex::new(VecDeque::from(vec![Ok(ChangeBatch {
+                epoch: 4,
+                next: 12,
+                items: vec![Inval::Inode { ino: Ino(6) }],
+            })])),
+            asked: Mutex::new(Vec::new()),
+            start: Some(StreamPosition {
+                epoch: 4,
+                after: 11,
+            }),
+        });
+        let task = tokio::spawn(run(src.clone(), inv));
+        tokio::time::sleep(POLL_WAIT).await;
+        assert_eq!(
+            *src.asked.lock().expect("lock"),
+            vec![(4, 11), (4, 12)],
+            "asked from the start position on"
+        );
+        assert!(cache.attr(1).is_some(), "no All: the root stays cached");
+        assert_eq!(cache.attr(6), None, "the change after the start applies");
+        assert_eq!(q.drain(), vec![Note::Inode(6)]);
         task.abort();
     }
 }

@@ -7,7 +7,7 @@
 //! long poll waits by design, and `fetch_range` waits on a peer, so
 //! neither says anything about whether syncd itself keeps up.
 
-use crate::syncd_client::{CallError, Retry, SyncdClient};
+use crate::syncd_client::{CallError, Retry, StreamPosition, SyncdClient};
 use futures::future::BoxFuture;
 use ipc_schema::{ChangeBatch, FsError, HandleId};
 use std::time::Duration;
@@ -39,6 +39,15 @@ pub trait SyncData: Send + Sync + 'static {
         after: u64,
         wait: Duration,
     ) -> BoxFuture<'static, Result<ChangeBatch, CallError>>;
+
+    /// Where the invalidation stream stood before syncd answered this
+    /// process anything, if syncd said so (waits up to `wait` for the
+    /// first connection). `None`: start from the beginning, with
+    /// [`ipc_schema::Inval::All`].
+    fn stream_start(&self, wait: Duration) -> BoxFuture<'static, Option<StreamPosition>> {
+        let _ = wait;
+        Box::pin(async { None })
+    }
 }
 
 impl SyncData for SyncdClient {
@@ -82,5 +91,10 @@ impl SyncData for SyncdClient {
             )
             .await
         })
+    }
+
+    fn stream_start(&self, wait: Duration) -> BoxFuture<'static, Option<StreamPosition>> {
+        let c = self.clone();
+        Box::pin(async move { c.first_stream_position(wait).await })
     }
 }

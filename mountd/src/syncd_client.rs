@@ -66,8 +66,23 @@ pub struct Connection {
     pub inbox: FdInbox,
     /// syncd's uid, from `SO_PEERCRED` of the filesystem socket.
     pub syncd_uid: u32,
+    /// Where syncd's invalidation stream stood when this process first
+    /// registered its mount, before syncd answered it anything: see
+    /// [`crate::inval`]. `None` on later connections, and when syncd
+    /// did not say.
+    pub stream_start: Option<StreamPosition>,
     generation: u64,
     broken: Notify,
+}
+
+/// A place in syncd's invalidation stream: its run and the sequence number
+/// to ask from (`Filesystem::changes(epoch, after, ..)`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StreamPosition {
+    /// syncd's run.
+    pub epoch: u64,
+    /// The last sequence number already accounted for.
+    pub after: u64,
 }
 
 impl Connection {
@@ -317,6 +332,20 @@ impl SyncdClient {
         self.rx.borrow().as_ref().map(|c| c.generation)
     }
 
+    /// Where syncd's invalidation stream stood when this process first
+    /// connected, if the first connection is the live one: waits up to
+    /// `wait` for a connection.
+    pub async fn first_stream_position(&self, wait: Duration) -> Option<StreamPosition> {
+        let conn = tokio::time::timeout(wait, self.connection(1))
+            .await
+            .ok()??;
+        if conn.generation == 1 {
+            conn.stream_start
+        } else {
+            None
+        }
+    }
+
     /// The live connection, if there is one.
     pub fn current_connection(&self) -> Option<Arc<Connection>> {
         self.rx.borrow().clone()
@@ -530,10 +559,36 @@ async fn connect_once(
         .await
         .map_err(|e| format!("register_mount: {e}"))?
         .map_err(|e| format!("register_mount refused: {e}"))?;
+    // The first connection of this process: syncd has answered it nothing
+    // yet (no connection is published), so the kernel and mountd cache
+    // nothing of syncd's, and every change from here on is in the stream
+    // after this position. Starting there spares the `Inval::All` a reader
+    // new to syncd gets, which would drop what the mount cached in its
+    // first moments. A syncd that cannot say (an error, an older syncd)
+    // leaves the stream to start with that `All`.
+    let stream_start = if reconnect {
+        None
+    } else {
+        match client
+            .changes(transport::context_with_timeout(CONNECT_TIMEOUT), 0, 0, 0)
+            .await
+        {
+            Ok(Ok(batch)) => Some(StreamPosition {
+                epoch: batch.epoch,
+                after: batch.next,
+            }),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "no invalidation stream position; the stream starts with everything");
+                None
+            }
+            Err(e) => return Err(format!("changes: {e}")),
+        }
+    };
     Ok(Connection {
         client,
         inbox,
         syncd_uid,
+        stream_start,
         generation,
         broken: Notify::new(),
     })

@@ -272,6 +272,43 @@ fn mountd_counts_deadline_misses_and_answers_scrapes_while_syncd_is_frozen() {
             })
     };
     assert_eq!(misses(&before), 0.0);
+    // The fixture stat'ed the root when the mount came up. The stream of
+    // invalidations started where syncd's stood before it answered this
+    // mount anything, so no `All` dropped that: a `stat` of the root now
+    // reaches nothing, and the one below waits on its lookup alone.
+    let started = poll_until("mountd's invalidation stream to start", WAIT, || {
+        fx.mountd_log()
+            .lines()
+            .find(|l| l.contains("invalidation stream started"))
+            .map(str::to_owned)
+    });
+    assert!(
+        started.contains("epoch=") && !started.contains("epoch=0 "),
+        "the stream started from everything, not where syncd stood: {started}"
+    );
+    let calls = |e: &Exposition| {
+        e.families.get("keibi_mountd_syncd_calls").map_or(0.0, |f| {
+            f.iter_samples()
+                .filter(|s| {
+                    !s.get_labelset()
+                        .is_ok_and(|l| l.get_label_value("op") == Some("changes"))
+                })
+                .map(|s| match &s.value {
+                    OpenMetricsValue::Counter(c) => c.value.as_f64(),
+                    _ => 0.0,
+                })
+                .sum::<f64>()
+        })
+    };
+    let (settled, _) = scrape(&m_sock);
+    std::fs::metadata(fx.mnt()).expect("stat the mount's root");
+    let (after_stat, _) = scrape(&m_sock);
+    assert_eq!(
+        calls(&after_stat),
+        calls(&settled),
+        "the root's attributes were not cached when the stream started: {:?}",
+        after_stat.families.get("keibi_mountd_syncd_calls")
+    );
     fx.freeze_syncd();
     // A name never looked up: mountd must ask syncd, which cannot answer.
     let r = std::fs::metadata(fx.path("never-seen"));
