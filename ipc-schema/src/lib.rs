@@ -52,7 +52,7 @@ pub use types::*;
 
 /// Version of the IPC protocol. Bumped on any change of a service method or
 /// of a type that crosses the socket; checked by [`handshake`] on connect.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Version of the keibi release these binaries belong to.
 pub const KEIBI_VERSION: &str = env!("CARGO_PKG_VERSION");

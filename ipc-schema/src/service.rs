@@ -48,7 +48,7 @@ pub trait Filesystem {
         plus: bool,
     ) -> Result<Vec<DirEntry>, FsError>;
     /// Make a directory (`perm` already masked by the caller's umask).
-    async fn mkdir(parent: Ino, name: Name, perm: u16, caller: Caller) -> Result<Attr, FsError>;
+    async fn mkdir(parent: Ino, name: Name, perm: u16, caller: Caller) -> Result<Made, FsError>;
     /// Make a fifo, socket or device node (`rdev`: the device number of a
     /// device node, the kernel's encoding; ignored for other kinds).
     async fn mknod(
@@ -58,22 +58,22 @@ pub trait Filesystem {
         perm: u16,
         rdev: u32,
         caller: Caller,
-    ) -> Result<Attr, FsError>;
+    ) -> Result<Made, FsError>;
     /// Make a symbolic link to `target`.
     async fn symlink(
         parent: Ino,
         name: Name,
         target: Vec<u8>,
         caller: Caller,
-    ) -> Result<Attr, FsError>;
+    ) -> Result<Made, FsError>;
     /// Read a symbolic link's target.
     async fn readlink(ino: Ino) -> Result<Vec<u8>, FsError>;
     /// Add a hard link to `ino` as `new_parent/new_name`.
-    async fn link(ino: Ino, new_parent: Ino, new_name: Name) -> Result<Attr, FsError>;
+    async fn link(ino: Ino, new_parent: Ino, new_name: Name) -> Result<Made, FsError>;
     /// Remove a non-directory entry.
-    async fn unlink(parent: Ino, name: Name) -> Result<(), FsError>;
+    async fn unlink(parent: Ino, name: Name) -> Result<DirsAfter, FsError>;
     /// Remove an empty directory.
-    async fn rmdir(parent: Ino, name: Name) -> Result<(), FsError>;
+    async fn rmdir(parent: Ino, name: Name) -> Result<DirsAfter, FsError>;
     /// Rename (`renameat2` semantics, with its flags).
     async fn rename(
         parent: Ino,
@@ -81,7 +81,7 @@ pub trait Filesystem {
         new_parent: Ino,
         new_name: Name,
         flags: RenameFlags,
-    ) -> Result<(), FsError>;
+    ) -> Result<DirsAfter, FsError>;
     /// Create and open a regular file; `flags` are the `open(2)` flags.
     async fn create(
         parent: Ino,

@@ -238,6 +238,32 @@ pub struct Opened {
     pub content: ContentId,
     /// Set when the file's bytes are not all local (protocol version 6).
     pub partial: Option<Partial>,
+    /// For `create`: the directory's attributes after the new name was
+    /// added (protocol version 8); `None` for `open`, and when syncd could
+    /// not read them.
+    pub parent: Option<Attr>,
+}
+
+/// The answer to a call that adds a name (`mkdir`, `mknod`, `symlink`,
+/// `link`; protocol version 8).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Made {
+    /// The attributes of the inode the new name refers to.
+    pub attr: Attr,
+    /// The directory's attributes after the change; `None` when syncd
+    /// could not read them (the change was made all the same).
+    pub parent: Option<Attr>,
+}
+
+/// The attributes of the directories whose names a call changed (`unlink`,
+/// `rmdir`, `rename`; protocol version 8), read after the change; `None`
+/// when syncd could not read them (the change was made all the same).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct DirsAfter {
+    /// The directory of the (old) name.
+    pub parent: Option<Attr>,
+    /// `rename` into another directory: that directory.
+    pub new_parent: Option<Attr>,
 }
 
 /// `rename` flags (`renameat2`).

@@ -80,6 +80,10 @@ const CHANGES_BEFORE_PRUNE: usize = 4096;
 /// announcement is still in use ([`AttrCache::peer_changed_since`]).
 const PEER_CHANGE_MEMORY: Duration = CHANGE_MEMORY;
 
+/// Directories' attributes from change answers kept for a `getattr`
+/// before they are all dropped (only one of them is usually waited for).
+const FRESH_KEPT: usize = 1024;
+
 /// Default number of attributes (and, separately, entries) remembered.
 pub const DEFAULT_CAPACITY: usize = 100_000;
 
@@ -143,6 +147,10 @@ struct Maps {
     /// peer's change of it ([`AttrCache::invalidate`]); see
     /// [`AttrCache::peer_changed_since`].
     peer_changed: HashMap<u64, (u64, Instant)>,
+    /// Directories whose attributes came in the answer of a change of
+    /// their names made through this mount, and may answer the kernel's
+    /// next `getattr` of them ([`AttrCache::take_fresh`]).
+    fresh: HashMap<u64, Attr>,
 }
 
 impl Maps {
@@ -186,6 +194,7 @@ impl AttrCache {
                 referenced: HashMap::new(),
                 floor: 0,
                 peer_changed: HashMap::new(),
+                fresh: HashMap::new(),
             }),
             counter: AtomicU64::new(0),
             known: KnownDirs::default(),
@@ -233,6 +242,47 @@ impl AttrCache {
         });
     }
 
+    /// A change of the names of directory `dir`, sent at `since`,
+    /// completed; `reply` is the directory's attributes its answer carried
+    /// (read by syncd right after the change). As [`AttrCache::changed`];
+    /// besides, when they are kept, they answer the next `getattr` of
+    /// `dir` once ([`AttrCache::take_fresh`]).
+    ///
+    /// The kernel drops a directory's attributes after every change of
+    /// its names and asks for them again before the next lookup in it
+    /// (its permission check needs them), so each `create`, `unlink`,
+    /// `mkdir`, ... would cost a second call to syncd. Answering from the
+    /// reply is as current as asking: nothing changed `dir` since, or the
+    /// entry would be gone (every change of it through this mount, every
+    /// announcement of another mount's or a peer's, and everything
+    /// dropped at once remove it), and crossing replies of concurrent
+    /// changes keep nothing ([`Maps::current`]). Once only, so that the
+    /// shortcut never answers twice what it answered once.
+    pub fn dir_changed(&self, since: Ticket, dir: u64, reply: Option<&Attr>) {
+        self.with(|m| {
+            let ok = m.current(since, dir);
+            match reply {
+                Some(a) if ok => m.store(a),
+                Some(_) => m.attrs.remove(&dir),
+                None => {}
+            }
+            self.note_change(m, dir);
+            if let Some(a) = reply.filter(|a| ok && a.ino.0 == dir) {
+                if m.fresh.len() >= FRESH_KEPT {
+                    m.fresh.clear();
+                }
+                m.fresh.insert(dir, *a);
+            }
+        });
+    }
+
+    /// The attributes of `ino` a change of its names answered, if nothing
+    /// changed it since and no `getattr` took them yet
+    /// ([`AttrCache::dir_changed`]).
+    pub fn take_fresh(&self, ino: u64) -> Option<Attr> {
+        self.with(|m| m.fresh.remove(&ino))
+    }
+
     /// A `setxattr` of `ino` completed: the inode has an extended
     /// attribute now (kept even if replies cross: the mark only makes
     /// mountd ask syncd).
@@ -250,6 +300,7 @@ impl AttrCache {
     }
 
     fn note_change(&self, m: &mut Maps, ino: u64) {
+        m.fresh.remove(&ino);
         let now = Instant::now();
         let c = self.counter.fetch_add(1, Ordering::SeqCst) + 1;
         m.changed.insert(ino, (c, now));
@@ -285,6 +336,7 @@ impl AttrCache {
             m.attrs = TwoGen::new(m.attrs.half * 2);
             m.entries = TwoGen::new(m.entries.half * 2);
             m.floor = self.counter.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fresh.clear();
         });
     }
 
@@ -448,6 +500,50 @@ mod tests {
             rdev: 0,
             has_xattrs: false,
         }
+    }
+
+    #[test]
+    fn a_change_answers_its_directorys_next_getattr_once_unless_it_changed_since() {
+        let c = AttrCache::new(16);
+        // Answered once, and kept as the last known attributes.
+        c.dir_changed(c.ticket(), 1, Some(&attr(1)));
+        assert_eq!(c.take_fresh(1), Some(attr(1)));
+        assert_eq!(c.take_fresh(1), None, "once only");
+        assert_eq!(c.attr(1), Some(attr(1)));
+        // Two changes crossed: the answer of the one sent first came last
+        // and may lack the other's effect; neither answers.
+        let (t1, t2) = (c.ticket(), c.ticket());
+        let mut after_both = attr(1);
+        after_both.size = 2;
+        c.dir_changed(t2, 1, Some(&after_both));
+        c.dir_changed(t1, 1, Some(&attr(1)));
+        assert_eq!(c.take_fresh(1), None, "a crossed answer");
+        assert_eq!(c.attr(1), None);
+        // Dropped by any later change of the directory: through this
+        // mount, announced, or everything at once.
+        for drop in [
+            &(|c: &AttrCache| c.changed(c.ticket(), 1, None)) as &dyn Fn(&AttrCache),
+            &|c: &AttrCache| c.set_xattr_done(1),
+            &|c: &AttrCache| c.invalidate(1),
+            &|c: &AttrCache| c.clear(),
+            &|c: &AttrCache| c.dir_changed(c.ticket(), 1, None),
+        ] {
+            c.dir_changed(c.ticket(), 1, Some(&attr(1)));
+            drop(&c);
+            assert_eq!(c.take_fresh(1), None);
+        }
+        // Others are not affected; an answer about another inode is
+        // never taken for the directory's.
+        c.dir_changed(c.ticket(), 1, Some(&attr(1)));
+        c.invalidate(2);
+        c.dir_changed(c.ticket(), 3, Some(&attr(4)));
+        assert_eq!(c.take_fresh(1), Some(attr(1)));
+        assert_eq!(c.take_fresh(3), None);
+        // Bounded.
+        for d in 0..(FRESH_KEPT as u64 * 3) {
+            c.dir_changed(c.ticket(), d, Some(&attr(d)));
+        }
+        assert!(c.with(|m| m.fresh.len()) <= FRESH_KEPT);
     }
 
     #[test]

@@ -71,6 +71,7 @@ pub struct MountMetrics {
     syncd_connected: Gauge,
     partial_io: Family<Outcome, Counter>,
     known_absent: Counter,
+    getattr_from_change: Counter,
 }
 
 /// How an I/O on a partial file was served.
@@ -143,8 +144,15 @@ impl MountMetrics {
             "Lookups of a name answered as absent by mountd itself, without keibi-syncd: the directory was made through this mount and mountd knows every name in it",
             known_absent.clone(),
         );
+        let getattr_from_change = Counter::default();
+        registry.register(
+            "getattrs_answered_from_changes",
+            "Getattrs of a directory answered by mountd itself with the attributes the answer of a change of its names through this mount carried, without keibi-syncd",
+            getattr_from_change.clone(),
+        );
         MountMetrics {
             known_absent,
+            getattr_from_change,
             partial_io,
             registry,
             fuse_ops,
@@ -246,6 +254,14 @@ pub fn partial_io(missing: bool) {
 pub fn known_absent() {
     if let Some(m) = METRICS.get() {
         m.known_absent.inc();
+    }
+}
+
+/// A `getattr` of a directory was answered with the attributes a change
+/// of its names carried ([`crate::attr_cache::AttrCache::dir_changed`]).
+pub fn getattr_from_change() {
+    if let Some(m) = METRICS.get() {
+        m.getattr_from_change.inc();
     }
 }
 

@@ -194,6 +194,36 @@ fn send_fd(
     Ok(f.opened)
 }
 
+/// The attributes of directory `dir` after a change of its names, for the
+/// answer (mountd answers the kernel's next `getattr` of it with them);
+/// `None`, logged, when they cannot be read: the change is made, and its
+/// answer must say so.
+fn dir_attr(store: &Store, dir: Ino) -> Option<Attr> {
+    store
+        .getattr(dir)
+        .inspect_err(
+            |e| tracing::debug!(%dir, error = %e, "no attributes of the directory after a change"),
+        )
+        .ok()
+}
+
+/// The answer of a call that added a name in `parent` for `attr`.
+fn made(store: &Store, attr: Attr, parent: Ino) -> Made {
+    Made {
+        attr,
+        parent: dir_attr(store, parent),
+    }
+}
+
+/// The answer of a call that removed or moved names of `parent` (and of
+/// `new_parent`, a rename into another directory).
+fn dirs_after(store: &Store, parent: Ino, new_parent: Option<Ino>) -> DirsAfter {
+    DirsAfter {
+        parent: dir_attr(store, parent),
+        new_parent: new_parent.and_then(|d| dir_attr(store, d)),
+    }
+}
+
 /// For an open or create with `O_SYNC` or `O_DSYNC`, make the store
 /// durable before answering: with passthrough the kernel syncs only the
 /// content file after each write and never asks keibi, so a new file's
@@ -302,13 +332,14 @@ impl Filesystem for FsServer {
         name: Name,
         perm: u16,
         caller: Caller,
-    ) -> Result<Attr, FsError> {
+    ) -> Result<Made, FsError> {
         let d = detail!("{parent} {name:?} {perm:o}");
         let n = name.clone();
         let r = self
             .run("mkdir", d, move |s| {
                 s.admit(Change::Adds)?;
-                s.mkdir(parent, &name, perm, caller)
+                let attr = s.mkdir(parent, &name, perm, caller)?;
+                Ok(made(s, attr, parent))
             })
             .await;
         if r.is_ok() {
@@ -326,13 +357,14 @@ impl Filesystem for FsServer {
         perm: u16,
         rdev: u32,
         caller: Caller,
-    ) -> Result<Attr, FsError> {
+    ) -> Result<Made, FsError> {
         let d = detail!("{parent} {name:?} {kind:?} {perm:o} rdev {rdev:#x}");
         let n = name.clone();
         let r = self
             .run("mknod", d, move |s| {
                 s.admit(Change::Adds)?;
-                s.mknod(parent, &name, kind, perm, rdev, caller)
+                let attr = s.mknod(parent, &name, kind, perm, rdev, caller)?;
+                Ok(made(s, attr, parent))
             })
             .await;
         if r.is_ok() {
@@ -348,13 +380,14 @@ impl Filesystem for FsServer {
         name: Name,
         target: Vec<u8>,
         caller: Caller,
-    ) -> Result<Attr, FsError> {
+    ) -> Result<Made, FsError> {
         let d = detail!("{parent} {name:?}");
         let n = name.clone();
         let r = self
             .run("symlink", d, move |s| {
                 s.admit(Change::Adds)?;
-                s.symlink(parent, &name, &target, caller)
+                let attr = s.symlink(parent, &name, &target, caller)?;
+                Ok(made(s, attr, parent))
             })
             .await;
         if r.is_ok() {
@@ -373,13 +406,14 @@ impl Filesystem for FsServer {
         ino: Ino,
         new_parent: Ino,
         new_name: Name,
-    ) -> Result<Attr, FsError> {
+    ) -> Result<Made, FsError> {
         let d = detail!("{ino} to {new_parent} {new_name:?}");
         let n = new_name.clone();
         let r = self
             .run("link", d, move |s| {
                 s.admit(Change::Adds)?;
-                s.link(ino, new_parent, &new_name)
+                let attr = s.link(ino, new_parent, &new_name)?;
+                Ok(made(s, attr, new_parent))
             })
             .await;
         if r.is_ok() {
@@ -394,14 +428,15 @@ impl Filesystem for FsServer {
         r
     }
 
-    async fn unlink(self, _: Context, parent: Ino, name: Name) -> Result<(), FsError> {
+    async fn unlink(self, _: Context, parent: Ino, name: Name) -> Result<DirsAfter, FsError> {
         let d = detail!("{parent} {name:?}");
         let conn = self.conn;
         let n = name.clone();
         let r = self
             .run("unlink", d, move |s| {
                 s.admit_unlink(parent, &name)?;
-                s.unlink_by(Some(conn), parent, &name)
+                s.unlink_by(Some(conn), parent, &name)?;
+                Ok(dirs_after(s, parent, None))
             })
             .await;
         if r.is_ok() {
@@ -410,13 +445,14 @@ impl Filesystem for FsServer {
         r
     }
 
-    async fn rmdir(self, _: Context, parent: Ino, name: Name) -> Result<(), FsError> {
+    async fn rmdir(self, _: Context, parent: Ino, name: Name) -> Result<DirsAfter, FsError> {
         let d = detail!("{parent} {name:?}");
         let n = name.clone();
         let r = self
             .run("rmdir", d, move |s| {
                 s.admit(Change::Frees)?;
-                s.rmdir(parent, &name)
+                s.rmdir(parent, &name)?;
+                Ok(dirs_after(s, parent, None))
             })
             .await;
         if r.is_ok() {
@@ -433,14 +469,19 @@ impl Filesystem for FsServer {
         new_parent: Ino,
         new_name: Name,
         flags: RenameFlags,
-    ) -> Result<(), FsError> {
+    ) -> Result<DirsAfter, FsError> {
         let d = detail!("{parent} {name:?} to {new_parent} {new_name:?} {flags:?}");
         let conn = self.conn;
         let (n, nn) = (name.clone(), new_name.clone());
         let r = self
             .run("rename", d, move |s| {
                 s.admit(Change::Frees)?;
-                s.rename_by(Some(conn), parent, &name, new_parent, &new_name, flags)
+                s.rename_by(Some(conn), parent, &name, new_parent, &new_name, flags)?;
+                Ok(dirs_after(
+                    s,
+                    parent,
+                    (new_parent != parent).then_some(new_parent),
+                ))
             })
             .await;
         if r.is_ok() {
@@ -472,7 +513,9 @@ impl Filesystem for FsServer {
                 s.admit(Change::Adds)?;
                 let f = s.create(parent, &name, perm, flags, caller, conn)?;
                 durable_if_sync(s, flags, &f)?;
-                send_fd(s, &fds, f, deadline)
+                let mut opened = send_fd(s, &fds, f, deadline)?;
+                opened.parent = dir_attr(s, parent);
+                Ok(opened)
             })
             .await;
         if r.is_ok() {

@@ -204,7 +204,7 @@ impl Filesystem for FakeSyncd {
         _n: Name,
         _m: u16,
         _c: Caller,
-    ) -> Result<Attr, FsError> {
+    ) -> Result<Made, FsError> {
         rofs()
     }
     async fn mknod(
@@ -216,7 +216,7 @@ impl Filesystem for FakeSyncd {
         _m: u16,
         _r: u32,
         _c: Caller,
-    ) -> Result<Attr, FsError> {
+    ) -> Result<Made, FsError> {
         rofs()
     }
     async fn symlink(
@@ -226,19 +226,19 @@ impl Filesystem for FakeSyncd {
         _n: Name,
         _t: Vec<u8>,
         _c: Caller,
-    ) -> Result<Attr, FsError> {
+    ) -> Result<Made, FsError> {
         rofs()
     }
     async fn readlink(self, _: Context, _ino: Ino) -> Result<Vec<u8>, FsError> {
         Err(fs_err!(EINVAL, "not a symlink"))
     }
-    async fn link(self, _: Context, _i: Ino, _p: Ino, _n: Name) -> Result<Attr, FsError> {
+    async fn link(self, _: Context, _i: Ino, _p: Ino, _n: Name) -> Result<Made, FsError> {
         rofs()
     }
-    async fn unlink(self, _: Context, _p: Ino, _n: Name) -> Result<(), FsError> {
+    async fn unlink(self, _: Context, _p: Ino, _n: Name) -> Result<DirsAfter, FsError> {
         rofs()
     }
-    async fn rmdir(self, _: Context, _p: Ino, _n: Name) -> Result<(), FsError> {
+    async fn rmdir(self, _: Context, _p: Ino, _n: Name) -> Result<DirsAfter, FsError> {
         rofs()
     }
     async fn rename(
@@ -249,7 +249,7 @@ impl Filesystem for FakeSyncd {
         _np: Ino,
         _nn: Name,
         _f: RenameFlags,
-    ) -> Result<(), FsError> {
+    ) -> Result<DirsAfter, FsError> {
         rofs()
     }
     async fn create(
@@ -288,6 +288,7 @@ impl Filesystem for FakeSyncd {
                 uid: f.announced_uid,
             },
             partial: None,
+            parent: None,
         })
     }
     async fn release(self, _: Context, _h: HandleId) -> Result<(), FsError> {

@@ -127,6 +127,23 @@ fn summary(body: &str) -> String {
         .join("\n")
 }
 
+/// mountd's calls to syncd (`keibi_mountd_syncd_calls`, either result)
+/// whose op `keep` accepts.
+fn mountd_calls(e: &Exposition, keep: impl Fn(&str) -> bool) -> f64 {
+    e.families.get("keibi_mountd_syncd_calls").map_or(0.0, |f| {
+        f.iter_samples()
+            .filter(|s| {
+                s.get_labelset()
+                    .is_ok_and(|l| l.get_label_value("op").is_some_and(&keep))
+            })
+            .map(|s| match &s.value {
+                OpenMetricsValue::Counter(c) => c.value.as_f64(),
+                _ => 0.0,
+            })
+            .sum()
+    })
+}
+
 fn with_metrics(dir: &Path) -> Options {
     Options {
         syncd_args: vec![
@@ -253,6 +270,79 @@ fn both_endpoints_parse_and_their_counters_move_with_work_on_the_mount() {
 }
 
 #[test]
+fn a_directory_changed_through_the_mount_is_stat_without_asking_syncd() {
+    let _w = Watchdog::arm("metrics_dir_changes", LIMIT);
+    let dir = socket_dir();
+    let m_sock = dir.path().join("mountd.sock");
+    let fx = KeibiFixture::start(with_metrics(dir.path()));
+    let d = fx.path("d");
+    std::fs::create_dir(&d).expect("mkdir d");
+    std::fs::metadata(&d).expect("stat d");
+    const N: usize = 40;
+    let from_changes = "keibi_mountd_getattrs_answered_from_changes";
+    let getattrs = |e: &Exposition| mountd_calls(e, |op| op == "getattr");
+    let (before, _) = scrape(&m_sock);
+    // Each change of d's names makes the kernel drop d's attributes; the
+    // `stat` of d after it is answered with those its answer carried.
+    for i in 0..N {
+        std::fs::write(d.join(format!("f{i}")), b"x").expect("create");
+        std::fs::metadata(&d).expect("stat d after a create");
+    }
+    std::fs::create_dir(d.join("sub")).expect("mkdir d/sub");
+    let after_mkdir = std::fs::metadata(&d).expect("stat d after mkdir");
+    std::fs::rename(d.join("f0"), d.join("g0")).expect("rename");
+    std::fs::metadata(&d).expect("stat d after rename");
+    let mut last = after_mkdir.clone();
+    for i in 1..N {
+        std::fs::remove_file(d.join(format!("f{i}"))).expect("unlink");
+        last = std::fs::metadata(&d).expect("stat d after an unlink");
+    }
+    let (after, _) = scrape(&m_sock);
+    let answered = value(&after, from_changes, &[]) - value(&before, from_changes, &[]);
+    let asked = getattrs(&after) - getattrs(&before);
+    assert!(
+        answered >= (2 * N) as f64,
+        "{answered} of the {} stats of d after a change were answered from its answer",
+        2 * N + 1
+    );
+    assert!(
+        asked < (N / 2) as f64,
+        "{asked} getattr calls reached syncd for {} stats of d",
+        2 * N + 1
+    );
+    // Once only: after the kernel dropped d, its attributes come from
+    // syncd again, and they are the ones the last change answered.
+    std::fs::write("/proc/sys/vm/drop_caches", b"2").expect("echo 2 > drop_caches");
+    let (cached, _) = scrape(&m_sock);
+    let now = std::fs::metadata(&d).expect("stat d");
+    let (asked_now, _) = scrape(&m_sock);
+    assert_eq!(
+        value(&asked_now, from_changes, &[]),
+        value(&cached, from_changes, &[]),
+        "answered twice from one change"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(after_mkdir.nlink(), 3, "d with one subdirectory");
+    assert_eq!(
+        (
+            last.nlink(),
+            last.mtime(),
+            last.mtime_nsec(),
+            last.ctime(),
+            last.ctime_nsec()
+        ),
+        (
+            now.nlink(),
+            now.mtime(),
+            now.mtime_nsec(),
+            now.ctime(),
+            now.ctime_nsec()
+        ),
+        "the last unlink's answer and syncd disagree on d"
+    );
+}
+
+#[test]
 fn mountd_counts_deadline_misses_and_answers_scrapes_while_syncd_is_frozen() {
     let _w = Watchdog::arm("metrics_deadline", LIMIT);
     let dir = socket_dir();
@@ -286,20 +376,7 @@ fn mountd_counts_deadline_misses_and_answers_scrapes_while_syncd_is_frozen() {
         started.contains("epoch=") && !started.contains("epoch=0 "),
         "the stream started from everything, not where syncd stood: {started}"
     );
-    let calls = |e: &Exposition| {
-        e.families.get("keibi_mountd_syncd_calls").map_or(0.0, |f| {
-            f.iter_samples()
-                .filter(|s| {
-                    !s.get_labelset()
-                        .is_ok_and(|l| l.get_label_value("op") == Some("changes"))
-                })
-                .map(|s| match &s.value {
-                    OpenMetricsValue::Counter(c) => c.value.as_f64(),
-                    _ => 0.0,
-                })
-                .sum::<f64>()
-        })
-    };
+    let calls = |e: &Exposition| mountd_calls(e, |op| op != "changes");
     let (settled, _) = scrape(&m_sock);
     std::fs::metadata(fx.mnt()).expect("stat the mount's root");
     let (after_stat, _) = scrape(&m_sock);

@@ -75,7 +75,8 @@ impl Keibi {
             }
         };
         self.cache.known.added(parent, name.as_bytes());
-        self.cache.changed(ticket, parent, None);
+        self.cache
+            .dir_changed(ticket, parent, got.opened.parent.as_ref());
         self.cache
             .put_entry(ticket, parent, name.as_bytes(), &got.opened.attr);
         self.passthrough
@@ -593,6 +594,7 @@ mod tests {
                     size: 3 * CS,
                     present: vec![0b001],
                 }),
+                parent: None,
             },
             fd: OwnedFd::from(f),
             writable: true,

@@ -87,7 +87,15 @@ impl Keibi {
     /// An inode syncd does not know but the kernel still holds was removed
     /// while referenced: it answers its last known attributes with
     /// `nlink` 0 (see [`crate::attr_cache`]).
+    ///
+    /// A directory whose names were just changed through this mount is
+    /// answered with the attributes that change's answer carried, once,
+    /// if nothing changed it since ([`crate::attr_cache::AttrCache::dir_changed`]).
     pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        if let Some(a) = self.cache.take_fresh(ino) {
+            crate::metrics::getattr_from_change();
+            return Ok(a);
+        }
         let ticket = self.cache.ticket();
         let r = self
             .client

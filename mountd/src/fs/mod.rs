@@ -50,8 +50,8 @@ use crate::sync_data::SyncData;
 use crate::syncd_client::{CallError, Retry, SyncdClient};
 use fuser::BackingId;
 use ipc_schema::{
-    Attr, Caller, DirCookie, DirEntry, FileKind, FsError, HandleId, Ino, Name, Opened, RenameFlags,
-    SetAttr, StatFs, XattrSet, fs_err,
+    Attr, Caller, DirCookie, DirEntry, FileKind, FsError, HandleId, Ino, Made, Name, Opened,
+    RenameFlags, SetAttr, StatFs, XattrSet, fs_err,
 };
 use std::fs::File;
 use std::io;

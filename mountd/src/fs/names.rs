@@ -6,17 +6,21 @@ use super::*;
 
 impl Keibi {
     /// The answer of a change that made `parent/name` (sent at `ticket`):
-    /// the new entry's inode and the parent changed.
+    /// the new entry's inode and the parent changed (the answer carries
+    /// the parent's attributes after it, [`AttrCache::dir_changed`]).
     pub(super) fn created(
         &self,
         ticket: Ticket,
         parent: u64,
         name: &Name,
-        r: Result<Attr, CallError>,
+        r: Result<Made, CallError>,
         op: &str,
     ) -> Result<Attr, FsError> {
-        let a = match r {
-            Ok(a) => a,
+        let Made {
+            attr: a,
+            parent: dir,
+        } = match r {
+            Ok(m) => m,
             Err(e) => {
                 self.cache.known.unsure(parent);
                 return Err(e.into_fs(op));
@@ -24,18 +28,26 @@ impl Keibi {
         };
         self.cache.known.added(parent, name.as_bytes());
         self.cache.changed(ticket, a.ino.0, Some(&a));
-        self.cache.changed(ticket, parent, None);
+        self.cache.dir_changed(ticket, parent, dir.as_ref());
         self.cache.put_entry(ticket, parent, name.as_bytes(), &a);
         Ok(a)
     }
 
     /// A change that removed or replaced `parent/name` (sent at `ticket`)
-    /// completed: the parent and the inode the name had (if known) changed.
-    pub(super) fn removed_entry(&self, ticket: Ticket, parent: u64, name: &[u8], ino: Option<u64>) {
+    /// ended: the parent and the inode the name had (if known) changed.
+    /// `dir` is the parent's attributes after it, when syncd answered them.
+    pub(super) fn removed_entry(
+        &self,
+        ticket: Ticket,
+        parent: u64,
+        name: &[u8],
+        ino: Option<u64>,
+        dir: Option<&Attr>,
+    ) {
         if let Some(ino) = ino {
             self.cache.changed(ticket, ino, None);
         }
-        self.cache.changed(ticket, parent, None);
+        self.cache.dir_changed(ticket, parent, dir);
         self.cache.forget_entry(parent, name);
     }
 
@@ -170,9 +182,10 @@ impl Keibi {
                 async move { c.client.unlink(ctx, Ino(parent), n).await }
             })
             .await;
-        self.removed_entry(ticket, parent, name.as_bytes(), ino);
+        let dir = r.as_ref().ok().and_then(|d| d.parent.as_ref());
+        self.removed_entry(ticket, parent, name.as_bytes(), ino, dir);
         self.known_removed(parent, name.as_bytes(), r.is_ok());
-        r.map_err(|e| e.into_fs("unlink"))
+        r.map(drop).map_err(|e| e.into_fs("unlink"))
     }
 
     /// `rmdir`.
@@ -189,13 +202,14 @@ impl Keibi {
                 async move { c.client.rmdir(ctx, Ino(parent), n).await }
             })
             .await;
-        self.removed_entry(ticket, parent, name.as_bytes(), ino);
+        let dir = r.as_ref().ok().and_then(|d| d.parent.as_ref());
+        self.removed_entry(ticket, parent, name.as_bytes(), ino, dir);
         self.known_removed(parent, name.as_bytes(), r.is_ok());
         if let Some(dir) = ino {
             // Gone (or, after an error, no longer known): no list.
             self.cache.known.unsure(dir);
         }
-        r.map_err(|e| e.into_fs("rmdir"))
+        r.map(drop).map_err(|e| e.into_fs("rmdir"))
     }
 
     /// `rename`.
@@ -226,12 +240,22 @@ impl Keibi {
                 }
             })
             .await;
-        self.removed_entry(ticket, parent, name.as_bytes(), src);
-        self.removed_entry(ticket, new_parent, new_name.as_bytes(), dst);
+        let dirs = r.as_ref().ok().cloned().unwrap_or_default();
+        for ino in [src, dst].into_iter().flatten() {
+            self.cache.changed(ticket, ino, None);
+        }
+        // A rename within one directory changes it once.
+        self.cache.dir_changed(ticket, parent, dirs.parent.as_ref());
+        if new_parent != parent {
+            self.cache
+                .dir_changed(ticket, new_parent, dirs.new_parent.as_ref());
+        }
+        self.cache.forget_entry(parent, name.as_bytes());
+        self.cache.forget_entry(new_parent, new_name.as_bytes());
         match (&r, flags.exchange) {
             // Both names still exist, each naming the other's inode.
-            (Ok(()), true) => {}
-            (Ok(()), false) => {
+            (Ok(_), true) => {}
+            (Ok(_), false) => {
                 self.cache.known.removed(parent, name.as_bytes());
                 self.cache.known.added(new_parent, new_name.as_bytes());
             }
@@ -240,6 +264,6 @@ impl Keibi {
                 self.cache.known.unsure(new_parent);
             }
         }
-        r.map_err(|e| e.into_fs("rename"))
+        r.map(drop).map_err(|e| e.into_fs("rename"))
     }
 }

@@ -276,6 +276,7 @@ impl Store {
                     uid: cs.uid,
                 },
                 partial,
+                parent: None,
             },
             fd,
         })
