@@ -23,6 +23,12 @@
 #                 next to the file's size
 #
 # Run as root:   bash bench/sync.sh [--files N] [--size-mib N] [--no-sshfs]
+#                                    [--perf DIR]
+#
+# --perf DIR records a profile of alice's syncd, bob's syncd and bob's
+# mountd during the cold read (`perf record -g`, needs perf) into
+# DIR/{alice-syncd,bob-syncd,bob-mountd}.data; read them with
+# `perf report -i FILE`.
 #
 # Builds the release binaries first (cargo must be installed); installs
 # fuse3, util-linux, python3, gcc, and (unless --no-sshfs) openssh-server
@@ -39,8 +45,10 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 files=200
 size_mib=1024
 with_sshfs=1
+perf_dir=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
+        --perf) perf_dir="$2"; shift 2 ;;
         --files) files="$2"; shift 2 ;;
         --size-mib) size_mib="$2"; shift 2 ;;
         --no-sshfs) with_sshfs=0; shift ;;
@@ -62,6 +70,7 @@ need_command findmnt util-linux
 need_command setpriv util-linux
 need_command python3 python3
 need_command cc gcc
+[[ -z "$perf_dir" ]] || need_command perf linux-perf
 if [[ $with_sshfs -eq 1 ]]; then
     need_command sshfs sshfs
     [[ -x /usr/sbin/sshd ]] || need_package openssh-server
@@ -182,7 +191,26 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 cpu_pids=("${KEIBI_NODE_SYNCD_PID[alice]}" "${KEIBI_NODE_SYNCD_PID[bob]}" "${KEIBI_NODE_MOUNTD_PID[bob]}")
 cpu_before=()
 for p in "${cpu_pids[@]}"; do cpu_before+=("$(cpu_ticks "$p")"); done
+perf_pids=()
+if [[ -n "$perf_dir" ]]; then
+    mkdir -p "$perf_dir"
+    perf_names=(alice-syncd bob-syncd bob-mountd)
+    for i in 0 1 2; do
+        perf record -q -F 999 -g -p "${cpu_pids[$i]}" -o "$perf_dir/${perf_names[$i]}.data" \
+            >"$perf_dir/${perf_names[$i]}.log" 2>&1 &
+        perf_pids+=($!)
+    done
+    # perf says nothing when it is attached; its data file appears then.
+    for i in 0 1 2; do
+        keibi_poll 10 test -s "$perf_dir/${perf_names[$i]}.data" || true
+    done
+fi
 keibi_mbps="$(read_mbps "$bob/big.bin")"
+if [[ ${#perf_pids[@]} -gt 0 ]]; then
+    kill -INT "${perf_pids[@]}" 2>/dev/null || true
+    wait "${perf_pids[@]}" 2>/dev/null || true
+    echo "profiles of the cold read: $perf_dir/{alice-syncd,bob-syncd,bob-mountd}.data"
+fi
 cpu_after=()
 for p in "${cpu_pids[@]}"; do cpu_after+=("$(cpu_ticks "$p")"); done
 cpu_line="$(python3 - "$(getconf CLK_TCK)" "$size_mib" "${cpu_before[@]}" "${cpu_after[@]}" <<'PY'
