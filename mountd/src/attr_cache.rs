@@ -63,7 +63,7 @@
 //! One `Mutex` guards everything; it is held only for map operations.
 
 use crate::known_dirs::KnownDirs;
-use ipc_schema::{Attr, Ino};
+use ipc_schema::{Attr, FileKind, Ino};
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
@@ -83,6 +83,15 @@ const PEER_CHANGE_MEMORY: Duration = CHANGE_MEMORY;
 /// Directories' attributes from change answers kept for a `getattr`
 /// before they are all dropped (only one of them is usually waited for).
 const FRESH_KEPT: usize = 1024;
+
+/// How long the names an entry was given under are remembered: longer
+/// than the kernel takes from reading an entry reply to making the inode
+/// it names, even on a loaded machine ([`AttrCache::names_given_lately`]).
+pub const GIVEN_MEMORY: Duration = Duration::from_secs(5);
+/// Inodes in `given` below which it is never pruned.
+const GIVEN_PRUNE_MIN: usize = 4096;
+/// Names remembered per inode (hard links) in `given`.
+const GIVEN_PER_INODE: usize = 4;
 
 /// Default number of attributes (and, separately, entries) remembered.
 pub const DEFAULT_CAPACITY: usize = 100_000;
@@ -151,6 +160,11 @@ struct Maps {
     /// their names made through this mount, and may answer the kernel's
     /// next `getattr` of them ([`AttrCache::take_fresh`]).
     fresh: HashMap<u64, Attr>,
+    /// Inode → the names (parent, name) entries for it were given under
+    /// lately, and when ([`AttrCache::names_given_lately`]).
+    given: HashMap<u64, Vec<(u64, Vec<u8>, Instant)>>,
+    /// `given` is pruned when it holds more inodes than this.
+    given_prune_at: usize,
 }
 
 impl Maps {
@@ -195,6 +209,8 @@ impl AttrCache {
                 floor: 0,
                 peer_changed: HashMap::new(),
                 fresh: HashMap::new(),
+                given: HashMap::new(),
+                given_prune_at: GIVEN_PRUNE_MIN,
             }),
             counter: AtomicU64::new(0),
             known: KnownDirs::default(),
@@ -408,13 +424,67 @@ impl AttrCache {
 
     /// Remember that `parent/name` is `attr.ino`, with these attributes
     /// (the answer to a request sent at `since`; see [`AttrCache::put_attr`]).
+    ///
+    /// The name is also remembered for [`GIVEN_MEMORY`] as one the kernel
+    /// may be making an inode for ([`AttrCache::names_given_lately`]): call
+    /// this before the entry goes to the kernel.
     pub fn put_entry(&self, since: Ticket, parent: u64, name: &[u8], attr: &Attr) {
         self.with(|m| {
+            if attr.kind != FileKind::Directory {
+                Self::note_given(m, parent, name, attr.ino.0);
+            }
             m.entries.put((parent, name.to_vec()), attr.ino.0);
             if m.current(since, attr.ino.0) {
                 m.store(attr);
             }
         });
+    }
+
+    fn note_given(m: &mut Maps, parent: u64, name: &[u8], ino: u64) {
+        let now = Instant::now();
+        if m.given.len() >= m.given_prune_at {
+            m.given.retain(|_, names| {
+                names.retain(|(_, _, at)| now.duration_since(*at) < GIVEN_MEMORY);
+                !names.is_empty()
+            });
+            // Pruned again only after it doubled: O(1) per entry given,
+            // also while a large listing fills it.
+            m.given_prune_at = (m.given.len() * 2).max(GIVEN_PRUNE_MIN);
+        }
+        let names = m.given.entry(ino).or_default();
+        names.retain(|(p, n, _)| !(*p == parent && n == name));
+        if names.len() >= GIVEN_PER_INODE {
+            names.remove(0);
+        }
+        names.push((parent, name.to_vec(), now));
+    }
+
+    /// The names entries for `ino` were given under in the last
+    /// [`GIVEN_MEMORY`].
+    ///
+    /// An announcement of a peer's change of `ino` drops the kernel's
+    /// attributes of it (`inval_inode`), but the kernel can only drop them
+    /// from an inode it has: an entry reply it has read but not yet made
+    /// the inode of (a lookup or `readdirplus` of a name new to it) makes
+    /// the inode afterwards, with the reply's older attributes, for the
+    /// whole TTL. The kernel orders an `inval_entry` of the name after
+    /// such a lookup (both take the directory's lock), so the invalidation
+    /// stream drops these names too ([`crate::inval`]), and the next
+    /// access looks the name up again. Directories are left out: dropping
+    /// a directory's entry would also detach whatever is mounted on it,
+    /// and a change of a directory's own attributes is rare; they keep the
+    /// (documented) window.
+    pub fn names_given_lately(&self, ino: u64) -> Vec<(u64, Vec<u8>)> {
+        let now = Instant::now();
+        self.with(|m| {
+            m.given.get(&ino).map_or_else(Vec::new, |names| {
+                names
+                    .iter()
+                    .filter(|(_, _, at)| now.duration_since(*at) < GIVEN_MEMORY)
+                    .map(|(p, n, _)| (*p, n.clone()))
+                    .collect()
+            })
+        })
     }
 
     /// The inode `parent/name` named when last seen.
@@ -480,7 +550,7 @@ mod tests {
         assert!(!c.put_attr(t, &attr(5)), "no reply sent before the clear");
         assert!(c.put_attr(c.ticket(), &attr(5)));
     }
-    use ipc_schema::{FileKind, Timestamp};
+    use ipc_schema::Timestamp;
 
     fn attr(ino: u64) -> Attr {
         Attr {
@@ -544,6 +614,45 @@ mod tests {
             c.dir_changed(c.ticket(), d, Some(&attr(d)));
         }
         assert!(c.with(|m| m.fresh.len()) <= FRESH_KEPT);
+    }
+
+    #[test]
+    fn names_given_lately_are_remembered_for_a_while_and_bounded() {
+        let c = AttrCache::new(16);
+        c.put_entry(c.ticket(), 1, b"a", &attr(7));
+        c.put_entry(c.ticket(), 2, b"b", &attr(7));
+        c.put_entry(c.ticket(), 1, b"a", &attr(7));
+        let mut names = c.names_given_lately(7);
+        names.sort();
+        assert_eq!(names, vec![(1, b"a".to_vec()), (2, b"b".to_vec())]);
+        assert!(c.names_given_lately(8).is_empty());
+        for i in 0..10u8 {
+            c.put_entry(c.ticket(), 3, &[i], &attr(7));
+        }
+        assert_eq!(c.names_given_lately(7).len(), GIVEN_PER_INODE);
+        // Old names go (the time is moved back instead of waiting).
+        c.with(|m| {
+            for names in m.given.values_mut() {
+                for (_, _, at) in names.iter_mut() {
+                    *at -= GIVEN_MEMORY;
+                }
+            }
+        });
+        assert!(c.names_given_lately(7).is_empty());
+        // Pruned as it grows: many inodes given long ago do not stay.
+        for ino in 100..(100 + 3 * GIVEN_PRUNE_MIN as u64) {
+            c.put_entry(c.ticket(), 1, b"x", &attr(ino));
+            if ino == 100 + GIVEN_PRUNE_MIN as u64 {
+                c.with(|m| {
+                    for names in m.given.values_mut() {
+                        for (_, _, at) in names.iter_mut() {
+                            *at -= GIVEN_MEMORY;
+                        }
+                    }
+                });
+            }
+        }
+        assert!(c.with(|m| m.given.len()) <= 2 * GIVEN_PRUNE_MIN + 1);
     }
 
     #[test]

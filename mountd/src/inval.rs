@@ -113,6 +113,12 @@ impl Invalidator {
                 Inval::Inode { ino } => {
                     self.cache.invalidate(ino.0);
                     self.kernel.inode(ino.0);
+                    // The kernel may be making the inode from an entry
+                    // reply that predates the change; see
+                    // `AttrCache::names_given_lately`.
+                    for (parent, name) in self.cache.names_given_lately(ino.0) {
+                        self.kernel.entry(parent, &name);
+                    }
                     self.passthrough.peer_changed_inode(ino.0);
                 }
                 Inval::All => {
@@ -310,6 +316,22 @@ mod tests {
         // Every cached entry and absence goes too (a long entry TTL is
         // only correct with this).
         assert_eq!(q.drain(), vec![Note::Epoch, Note::Inode(3)]);
+    }
+
+    #[test]
+    fn an_inode_also_drops_the_names_it_was_given_under_lately() {
+        let (inv, cache, _, q) = setup();
+        // A lookup of d/f answered just now: the kernel may still be making
+        // the inode, which an inval_inode alone would miss.
+        cache.put_entry(cache.ticket(), 4, b"f", &attr(9));
+        inv.apply(&[Inval::Inode { ino: Ino(9) }]);
+        assert_eq!(
+            q.drain(),
+            vec![Note::Inode(9), Note::Entry(4, b"f".to_vec())]
+        );
+        // An inode given under no name lately: the inode alone.
+        inv.apply(&[Inval::Inode { ino: Ino(10) }]);
+        assert_eq!(q.drain(), vec![Note::Inode(10)]);
     }
 
     #[test]
