@@ -59,7 +59,8 @@ fn keibictl(control: &Path, args: &[&str]) -> Answer {
 
 /// An operation on the mount that needs the store, and what it gave.
 enum Outcome {
-    /// `stat` of a name that does not exist (a `lookup`).
+    /// `stat` of a name that does not exist (a `lookup` of its directory,
+    /// whose entry the kernel dropped, then the name's).
     Missing(std::io::Result<std::fs::Metadata>),
     /// Creating and writing a new file (`create`, then the write).
     Created(std::io::Result<()>),
@@ -163,6 +164,12 @@ fn control_socket_answers_while_every_store_call_is_blocked() {
         before.json
     );
 
+    // Every operation below must need the store: the kernel forgets the
+    // directories' entries, so each path walk looks its directory up in
+    // syncd. (mountd answers some things itself: the absence of a name in
+    // a directory made through it, and the root's attributes once after a
+    // change in the root.)
+    std::fs::write("/proc/sys/vm/drop_caches", b"2").expect("echo 2 > drop_caches");
     std::fs::write(&stall, b"").expect("create the stall file");
     let ops = start_ops(&dirs);
     poll_until(
