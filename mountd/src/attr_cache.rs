@@ -248,14 +248,27 @@ impl AttrCache {
     /// cached attributes, older than this change, are dropped).
     pub fn changed(&self, since: Ticket, ino: u64, reply: Option<&Attr>) {
         self.with(|m| {
-            let ok = m.current(since, ino);
-            match reply {
-                Some(a) if ok => m.store(a),
-                Some(_) => m.attrs.remove(&ino),
-                None => {}
-            }
-            self.note_change(m, ino);
+            self.change_completed(m, since, ino, reply);
         });
+    }
+
+    /// [`AttrCache::changed`] under the lock; returns whether `reply` was
+    /// kept.
+    fn change_completed(
+        &self,
+        m: &mut Maps,
+        since: Ticket,
+        ino: u64,
+        reply: Option<&Attr>,
+    ) -> bool {
+        let ok = m.current(since, ino);
+        match reply {
+            Some(a) if ok => m.store(a),
+            Some(_) => m.attrs.remove(&ino),
+            None => {}
+        }
+        self.note_change(m, ino);
+        ok
     }
 
     /// A change of the names of directory `dir`, sent at `since`,
@@ -276,13 +289,7 @@ impl AttrCache {
     /// shortcut never answers twice what it answered once.
     pub fn dir_changed(&self, since: Ticket, dir: u64, reply: Option<&Attr>) {
         self.with(|m| {
-            let ok = m.current(since, dir);
-            match reply {
-                Some(a) if ok => m.store(a),
-                Some(_) => m.attrs.remove(&dir),
-                None => {}
-            }
-            self.note_change(m, dir);
+            let ok = self.change_completed(m, since, dir, reply);
             if let Some(a) = reply.filter(|a| ok && a.ino.0 == dir) {
                 if m.fresh.len() >= FRESH_KEPT {
                     m.fresh.clear();
