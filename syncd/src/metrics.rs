@@ -10,7 +10,7 @@
 //!   the connection's own byte counts), chunks served and fetched per peer
 //!   ([`peer_chunk`]), chunk fetches ([`chunk_fetch`]), the chunks a read
 //!   found present or had to fetch ([`read_chunks`]), conflicts
-//!   ([`conflict`]). Each is an atomic add, or a histogram observation
+//!   ([`conflict`]), local versions committed ([`local_versions`]). Each is an atomic add, or a histogram observation
 //!   under `prometheus-client`'s own short leaf lock.
 //! - **Read at scrape time** ([`Scraped`]): the store's files and bytes
 //!   from the census that `keibictl status` uses (a scan in the blocking
@@ -121,6 +121,7 @@ pub struct SyncdMetrics {
     chunk_fetches: Family<Outcome, Counter>,
     read_chunks: Family<Outcome, Counter>,
     conflicts: Counter,
+    local_versions: Counter,
     store_files: Gauge,
     store_directories: Gauge,
     store_bytes: Gauge,
@@ -183,6 +184,12 @@ impl SyncdMetrics {
             "Conflicts resolved (each keeps the losing version as a conflict copy or undoes a delete)",
             conflicts.clone(),
         );
+        let local_versions = Counter::default();
+        r.register(
+            "local_versions",
+            "Versions of local changes committed to the index (each is announced to the peers)",
+            local_versions.clone(),
+        );
         let store_files = Gauge::default();
         r.register(
             "store_files",
@@ -239,6 +246,7 @@ impl SyncdMetrics {
             chunk_fetches,
             read_chunks,
             conflicts,
+            local_versions,
             store_files,
             store_directories,
             store_bytes,
@@ -383,6 +391,13 @@ pub fn conflict() {
     }
 }
 
+/// `n` local versions were committed.
+pub fn local_versions(n: u64) {
+    if let Some(m) = METRICS.get() {
+        m.local_versions.inc_by(n);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,6 +418,7 @@ mod tests {
         c.add(Direction::Received, 7);
         c.add(Direction::Received, 3);
         m.conflicts.inc();
+        m.local_versions.inc_by(3);
         let scraped = Scraped {
             census: Report {
                 figures: Figures {
@@ -430,6 +446,7 @@ mod tests {
             "keibi_syncd_peer_bytes_total{peer=\"ABCDEFGH\",direction=\"sent\"} 100",
             "keibi_syncd_peer_bytes_total{peer=\"ABCDEFGH\",direction=\"received\"} 10",
             "keibi_syncd_conflicts_total 1",
+            "keibi_syncd_local_versions_total 3",
             "keibi_syncd_store_files 3",
             "keibi_syncd_store_directories 2",
             "keibi_syncd_store_bytes 4096",

@@ -590,12 +590,25 @@ impl Store {
     /// to the change log; clear the dirty mark if it is still `mark`.
     /// Answers the new local sequence number.
     pub fn commit_local(&self, mark: DirtyMark, rec: &ObjRec) -> Result<u64, FsError> {
+        self.commit_local_batch(&[(mark, rec.clone())])
+    }
+
+    /// [`Store::commit_local`] of several versions (of distinct inodes) in
+    /// one transaction, in order: each gets the next sequence number.
+    /// Answers the last; nothing is recorded when it fails.
+    pub fn commit_local_batch(&self, batch: &[(DirtyMark, ObjRec)]) -> Result<u64, FsError> {
         use sled::Transactional;
         let ix = &self.idx;
         let _seq = ix.lock_seq();
-        let seq = ix.next_seq();
-        let value = enc(rec);
-        let ino = ino_key(mark.ino.0);
+        let first = ix.next_seq();
+        if batch.is_empty() {
+            return Ok(first - 1);
+        }
+        let items: Vec<(u64, &DirtyMark, &ObjRec, Vec<u8>)> = batch
+            .iter()
+            .zip(first..)
+            .map(|((mark, rec), seq)| (seq, mark, rec, enc(rec)))
+            .collect();
         (
             &ix.objects,
             &ix.obj_seq,
@@ -607,22 +620,25 @@ impl Store {
         )
             .transaction(
                 |(objects, obj_seq, changes, gid_ino, ino_gid, dirty, presence)| {
-                    let g = &rec.gid.0[..];
-                    objects.insert(g, value.as_slice())?;
-                    if let Some(old) = obj_seq.insert(g, &seq.to_be_bytes())? {
-                        changes.remove(old)?;
-                    }
-                    changes.insert(&seq.to_be_bytes(), g)?;
-                    if rec.deleted {
-                        ino_gid.remove(&ino)?;
-                        gid_ino.remove(g)?;
-                        presence.remove(&ino)?;
-                    } else {
-                        ino_gid.insert(&ino, g)?;
-                        gid_ino.insert(g, &ino)?;
-                    }
-                    if dirty.get(ino)?.as_deref().and_then(be_u64) == Some(mark.mark) {
-                        dirty.remove(&ino)?;
+                    for (seq, mark, rec, value) in &items {
+                        let ino = ino_key(mark.ino.0);
+                        let g = &rec.gid.0[..];
+                        objects.insert(g, value.as_slice())?;
+                        if let Some(old) = obj_seq.insert(g, &seq.to_be_bytes())? {
+                            changes.remove(old)?;
+                        }
+                        changes.insert(&seq.to_be_bytes(), g)?;
+                        if rec.deleted {
+                            ino_gid.remove(&ino)?;
+                            gid_ino.remove(g)?;
+                            presence.remove(&ino)?;
+                        } else {
+                            ino_gid.insert(&ino, g)?;
+                            gid_ino.insert(g, &ino)?;
+                        }
+                        if dirty.get(ino)?.as_deref().and_then(be_u64) == Some(mark.mark) {
+                            dirty.remove(&ino)?;
+                        }
                     }
                     Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
                 },
@@ -635,8 +651,10 @@ impl Store {
                     fs_err!(EIO, "committing a local version aborted")
                 }
             })?;
-        ix.published(seq);
-        Ok(seq)
+        let last = first + batch.len() as u64 - 1;
+        ix.published(last);
+        crate::metrics::local_versions(batch.len() as u64);
+        Ok(last)
     }
 
     /// Clear a dirty mark without a new version (nothing shared changed).

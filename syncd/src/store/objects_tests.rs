@@ -428,6 +428,59 @@ fn commits_make_a_log_that_holds_each_object_once_and_survives_a_restart() {
 }
 
 #[test]
+fn a_batch_commit_numbers_its_versions_in_order_and_clears_only_their_current_marks() {
+    let (_d, s) = fresh();
+    s.attach_device(DEV).expect("attach");
+    let files: Vec<Ino> = (0..5)
+        .map(|i| file_with(&s, ROOT, &format!("f{i}"), &[i as u8]))
+        .collect();
+    let taken = s.take_dirty(100).expect("take");
+    // f4 changes again after it was taken: its newer mark must stay.
+    s.fsync(files[4], false).expect("fsync");
+    let mut batch = Vec::new();
+    for (i, &ino) in files.iter().enumerate() {
+        let mark = *taken.iter().find(|m| m.ino == ino).expect("marked");
+        let name = format!("f{i}");
+        let mut rec = remote_file(s.gid_of(ino).expect("gid"), Gid::ROOT, &name, &[i as u8], 1);
+        rec.modified_by = DEV;
+        batch.push((mark, rec));
+    }
+    let mut seqs = s.seq_watch();
+    assert_eq!(s.commit_local_batch(&[]).expect("empty batch"), 0);
+    assert_eq!(s.commit_local_batch(&batch).expect("commit"), 5);
+    assert_eq!(*seqs.borrow_and_update(), 5);
+    let log = s.changes_since(0, 10).expect("log");
+    assert_eq!(
+        log.iter().map(|(q, r)| (*q, r.gid)).collect::<Vec<_>>(),
+        files
+            .iter()
+            .zip(1..)
+            .map(|(&ino, q)| (q, s.gid_of(ino).expect("gid")))
+            .collect::<Vec<_>>(),
+        "one entry per version, numbered in the batch's order"
+    );
+    let left = marks(&s);
+    assert!(left.contains(&files[4]), "the newer mark of f4 stays");
+    for ino in &files[..4] {
+        assert!(!left.contains(ino), "{ino} was versioned");
+    }
+    // A version of one of them later moves it to the end of the log.
+    let m = DirtyMark {
+        ino: files[0],
+        mark: 0,
+    };
+    let mut rec = batch[0].1.clone();
+    rec.vv = vv(2);
+    assert_eq!(s.commit_local_batch(&[(m, rec)]).expect("commit"), 6);
+    let log = s.changes_since(0, 10).expect("log");
+    assert_eq!(log.len(), 5, "each object once");
+    assert_eq!(
+        log.last().map(|(q, r)| (*q, r.gid)),
+        Some((6, s.gid_of(files[0]).expect("gid")))
+    );
+}
+
+#[test]
 fn a_remote_file_arrives_partial_fills_verified_and_serves_its_chunks() {
     let (d, s) = fresh();
     let content = bytes(2 * CHUNK_SIZE as usize + 100, 7);
