@@ -42,15 +42,24 @@
 //!
 //! The kernel keeps a lookup count per inode it was told about (every
 //! entry reply: `lookup`, `create`, `mkdir`, `readdirplus`, ...) and sends
-//! `forget` when it drops it. The cache mirrors those counts and keeps the
-//! last attributes of every such inode outside the bounded generations
-//! ([`AttrCache::looked_up`], [`AttrCache::forget`]). Inode numbers are
-//! never reused, so when syncd says an inode the kernel still asks about
-//! does not exist, it was removed while referenced (an `O_PATH`
-//! descriptor, an open or working directory that was removed): mountd then
-//! answers `getattr` with these attributes and `nlink` 0, as a local disk
-//! would ([`AttrCache::removed`]). They are the last attributes mountd saw,
-//! so a removed file's size is the one it had when last seen.
+//! `forget` when it drops it. The cache mirrors those counts, and keeps
+//! the last attributes of every such *directory* outside the bounded
+//! generations ([`AttrCache::looked_up`], [`AttrCache::forget`]). Inode
+//! numbers are never reused, so when syncd says an inode the kernel still
+//! asks about does not exist, it was removed while referenced (an
+//! `O_PATH` descriptor, an open or working directory that was removed):
+//! mountd then answers `getattr` with its last attributes and `nlink` 0,
+//! as a local disk would ([`AttrCache::removed`]): a directory's from that
+//! map, any other inode's from the bounded generations while they hold
+//! it. They are the last attributes mountd saw, so a removed file's size
+//! is the one it had when last seen.
+//!
+//! Only directories keep their attributes beside the count because the
+//! kernel may hold every inode of a huge tree (after `ls -l` of 100,000
+//! files it held all of them), and a full copy of the attributes of each
+//! was most of mountd's memory there (about 140 bytes per inode, on top
+//! of the bounded generations); a count is 16 bytes. For other inodes the
+//! copy was a fallback only (see below).
 //!
 //! These counts also decide how long syncd keeps an unlinked inode: when
 //! one reaches zero mountd tells syncd (`forget`, queued in
@@ -94,7 +103,11 @@ const GIVEN_PRUNE_MIN: usize = 4096;
 const GIVEN_PER_INODE: usize = 4;
 
 /// Default number of attributes (and, separately, entries) remembered.
-pub const DEFAULT_CAPACITY: usize = 100_000;
+/// A remembered attribute costs about 130 bytes in each generation, an
+/// entry about 80; the kernel's own cache holds many more, and what must
+/// reach every inode it holds (the xattr knowledge, the lookup counts)
+/// is kept per held inode instead, in 16 bytes.
+pub const DEFAULT_CAPACITY: usize = 32_768;
 
 struct TwoGen<K, V> {
     young: HashMap<K, V>,
@@ -147,8 +160,11 @@ struct Maps {
     entries: TwoGen<(u64, Vec<u8>), u64>,
     /// Inode → the counter value when its last change completed, and when.
     changed: HashMap<u64, (u64, Instant)>,
-    /// Inodes the kernel holds: its lookup count and their last attributes.
-    referenced: HashMap<u64, (u64, Attr)>,
+    /// Inodes the kernel holds: its lookup count, and whether the inode
+    /// has extended attributes.
+    referenced: HashMap<u64, Held>,
+    /// The last attributes of the directories in `referenced`.
+    held_dirs: HashMap<u64, Attr>,
     /// Replies to requests sent before this counter value are not kept
     /// for any inode (set when everything was dropped, [`AttrCache::clear`]).
     floor: u64,
@@ -175,9 +191,83 @@ impl Maps {
 
     fn store(&mut self, attr: &Attr) {
         self.attrs.put(attr.ino.0, *attr);
-        if let Some((_, a)) = self.referenced.get_mut(&attr.ino.0) {
+        if let Some(h) = self.referenced.get_mut(&attr.ino.0) {
+            h.set_xattrs(Xattrs::of(attr));
+        }
+        if let Some(a) = self.held_dirs.get_mut(&attr.ino.0) {
             *a = *attr;
         }
+    }
+
+    /// Forget the attributes of `ino` (a reply that may be stale, a
+    /// change elsewhere), also what is known of its extended attributes.
+    fn drop_attr(&mut self, ino: u64) {
+        self.attrs.remove(&ino);
+        if let Some(h) = self.referenced.get_mut(&ino) {
+            h.set_xattrs(Xattrs::Unknown);
+        }
+    }
+}
+
+/// What is known of an inode's extended attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Xattrs {
+    /// Nothing current.
+    Unknown = 0,
+    /// It has none.
+    None = 1,
+    /// It has some.
+    Some = 2,
+}
+
+impl Xattrs {
+    fn of(attr: &Attr) -> Xattrs {
+        if attr.has_xattrs {
+            Xattrs::Some
+        } else {
+            Xattrs::None
+        }
+    }
+}
+
+/// An inode the kernel holds, in 8 bytes: its lookup count (the low 62
+/// bits; the kernel's count is a `u64`, and 2^62 lookups of one inode
+/// without a forget would take centuries) and [`Xattrs`] (the top two).
+///
+/// The kernel may hold every inode of a huge tree, so this is kept small;
+/// the xattr knowledge lets `getxattr`/`listxattr` of every held inode be
+/// answered without syncd (`ls -l` asks two names of each file) however
+/// small the bounded generations are. It follows the attributes: set
+/// wherever they are stored, reset wherever they are dropped, so it is
+/// never older than what the generations would say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Held(u64);
+
+impl Held {
+    const COUNT: u64 = (1 << 62) - 1;
+
+    fn new(xattrs: Xattrs) -> Held {
+        Held((xattrs as u64) << 62)
+    }
+
+    fn count(self) -> u64 {
+        self.0 & Held::COUNT
+    }
+
+    fn set_count(&mut self, count: u64) {
+        self.0 = (self.0 & !Held::COUNT) | count.min(Held::COUNT);
+    }
+
+    fn xattrs(self) -> Xattrs {
+        match self.0 >> 62 {
+            1 => Xattrs::None,
+            2 => Xattrs::Some,
+            _ => Xattrs::Unknown,
+        }
+    }
+
+    fn set_xattrs(&mut self, x: Xattrs) {
+        self.0 = (self.0 & Held::COUNT) | ((x as u64) << 62);
     }
 }
 
@@ -206,6 +296,7 @@ impl AttrCache {
                 entries: TwoGen::new(capacity),
                 changed: HashMap::new(),
                 referenced: HashMap::new(),
+                held_dirs: HashMap::new(),
                 floor: 0,
                 peer_changed: HashMap::new(),
                 fresh: HashMap::new(),
@@ -264,7 +355,7 @@ impl AttrCache {
         let ok = m.current(since, ino);
         match reply {
             Some(a) if ok => m.store(a),
-            Some(_) => m.attrs.remove(&ino),
+            Some(_) => m.drop_attr(ino),
             None => {}
         }
         self.note_change(m, ino);
@@ -315,7 +406,10 @@ impl AttrCache {
                 a.has_xattrs = true;
                 m.attrs.put(ino, a);
             }
-            if let Some((_, a)) = m.referenced.get_mut(&ino) {
+            if let Some(h) = m.referenced.get_mut(&ino) {
+                h.set_xattrs(Xattrs::Some);
+            }
+            if let Some(a) = m.held_dirs.get_mut(&ino) {
                 a.has_xattrs = true;
             }
             self.note_change(m, ino);
@@ -338,7 +432,7 @@ impl AttrCache {
     pub fn invalidate(&self, ino: u64) {
         self.known.unsure(ino);
         self.with(|m| {
-            m.attrs.remove(&ino);
+            m.drop_attr(ino);
             self.note_change(m, ino);
             let now = Instant::now();
             let c = m.changed.get(&ino).map_or(0, |(c, _)| *c);
@@ -358,6 +452,9 @@ impl AttrCache {
         self.with(|m| {
             m.attrs = TwoGen::new(m.attrs.half * 2);
             m.entries = TwoGen::new(m.entries.half * 2);
+            for h in m.referenced.values_mut() {
+                h.set_xattrs(Xattrs::Unknown);
+            }
             m.floor = self.counter.fetch_add(1, Ordering::SeqCst) + 1;
             m.fresh.clear();
         });
@@ -384,14 +481,44 @@ impl AttrCache {
         self.with(|m| m.attrs.get(&ino))
     }
 
+    /// Whether `ino` is known to have no extended attribute at all: its
+    /// last known attributes say so, or, for an inode the kernel holds
+    /// whose attributes left the bounded generations, the last ones stored
+    /// while it was held did and nothing changed it since.
+    pub fn known_without_xattrs(&self, ino: u64) -> bool {
+        self.with(|m| match m.attrs.get(&ino) {
+            Some(a) => !a.has_xattrs,
+            None => m
+                .referenced
+                .get(&ino)
+                .is_some_and(|h| h.xattrs() == Xattrs::None),
+        })
+    }
+
     /// The kernel was given an entry for `attr.ino` (its lookup count grew
-    /// by one). Returns true if the kernel did not reference the inode
-    /// before (the count was zero).
-    pub fn looked_up(&self, attr: &Attr) -> bool {
+    /// by one), from the answer to a request sent at `since`. Returns true
+    /// if the kernel did not reference the inode before (the count was
+    /// zero).
+    pub fn looked_up(&self, attr: &Attr, since: Ticket) -> bool {
         self.with(|m| {
-            let e = m.referenced.entry(attr.ino.0).or_insert((0, *attr));
-            e.0 += 1;
-            e.0 == 1
+            let ino = attr.ino.0;
+            // The same rule as for storing attributes: `attr` counts only
+            // if nothing changed the inode after its request was sent;
+            // else what the generations hold (kept under that rule).
+            let known = if m.current(since, ino) {
+                Some(*attr)
+            } else {
+                m.attrs.get(&ino)
+            };
+            let xattrs = known.as_ref().map_or(Xattrs::Unknown, Xattrs::of);
+            let held = m.referenced.entry(ino).or_insert(Held::new(xattrs));
+            held.set_xattrs(xattrs);
+            held.set_count(held.count() + 1);
+            let first = held.count() == 1;
+            if first && attr.kind == FileKind::Directory {
+                m.held_dirs.insert(ino, known.unwrap_or(*attr));
+            }
+            first
         })
     }
 
@@ -399,12 +526,13 @@ impl AttrCache {
     /// brought its count to zero (the kernel references it no more).
     pub fn forget(&self, ino: u64, n: u64) -> bool {
         self.with(|m| {
-            let Some(e) = m.referenced.get_mut(&ino) else {
+            let Some(held) = m.referenced.get_mut(&ino) else {
                 return false;
             };
-            e.0 = e.0.saturating_sub(n);
-            if e.0 == 0 {
+            held.set_count(held.count().saturating_sub(n));
+            if held.count() == 0 {
                 m.referenced.remove(&ino);
+                m.held_dirs.remove(&ino);
                 return true;
             }
             false
@@ -418,9 +546,20 @@ impl AttrCache {
     }
 
     /// The attributes to answer for `ino`, which syncd says does not exist:
-    /// its last known ones with `nlink` 0 if the kernel still holds it.
+    /// its last known ones with `nlink` 0 if the kernel still holds it (a
+    /// directory's are kept while it does, another inode's only while the
+    /// bounded generations hold them).
     pub fn removed(&self, ino: u64) -> Option<Attr> {
-        self.with(|m| m.referenced.get(&ino).map(|(_, a)| Attr { nlink: 0, ..*a }))
+        self.with(|m| {
+            if !m.referenced.contains_key(&ino) {
+                return None;
+            }
+            let last = match m.held_dirs.get(&ino) {
+                Some(a) => Some(*a),
+                None => m.attrs.get(&ino),
+            };
+            last.map(|a| Attr { nlink: 0, ..a })
+        })
     }
 
     /// How many inodes the kernel holds, as far as mountd counted.
@@ -458,7 +597,8 @@ impl AttrCache {
             // also while a large listing fills it.
             m.given_prune_at = (m.given.len() * 2).max(GIVEN_PRUNE_MIN);
         }
-        let names = m.given.entry(ino).or_default();
+        // Most inodes are given under one name: no room for four.
+        let names = m.given.entry(ino).or_insert_with(|| Vec::with_capacity(1));
         names.retain(|(p, n, _)| !(*p == parent && n == name));
         if names.len() >= GIVEN_PER_INODE {
             names.remove(0);
@@ -549,7 +689,7 @@ mod tests {
         let t = c.ticket();
         c.put_entry(t, 1, b"a", &attr(3));
         c.put_attr(t, &attr(4));
-        assert!(c.looked_up(&attr(3)));
+        assert!(c.looked_up(&attr(3), c.ticket()));
         c.clear();
         assert_eq!(c.len(), (0, 0));
         assert_eq!(c.entry(1, b"a"), None);
@@ -726,25 +866,112 @@ mod tests {
         assert_eq!(c.attr(5), None, "neither answer is known to be the latest");
     }
 
+    fn dir_attr(ino: u64) -> Attr {
+        Attr {
+            kind: FileKind::Directory,
+            perm: 0o755,
+            nlink: 2,
+            ..attr(ino)
+        }
+    }
+
+    #[test]
+    fn a_held_inode_stays_known_without_xattrs_after_its_attributes_left_until_it_changes() {
+        let c = AttrCache::new(2);
+        let fill = |c: &AttrCache| {
+            for ino in 100..104 {
+                c.put_attr(c.ticket(), &attr(ino));
+            }
+        };
+        for ino in [5, 6, 7, 8] {
+            c.put_attr(c.ticket(), &attr(ino));
+            c.looked_up(&attr(ino), c.ticket());
+        }
+        let mut with = attr(9);
+        with.has_xattrs = true;
+        c.put_attr(c.ticket(), &with);
+        c.looked_up(&with, c.ticket());
+        // A stale reply is refused, and the reference it comes with does
+        // not take its word either.
+        let sent = c.ticket();
+        c.changed(c.ticket(), 10, None);
+        assert!(!c.put_attr(sent, &attr(10)));
+        c.looked_up(&attr(10), sent);
+        fill(&c);
+        assert_eq!(c.attr(5), None, "out of the generations");
+        assert!(c.known_without_xattrs(5), "held: still known");
+        assert!(!c.known_without_xattrs(9), "it has some");
+        assert!(!c.known_without_xattrs(10), "never known");
+        assert!(!c.known_without_xattrs(11), "not held");
+        // Each way of learning of a change forgets it.
+        c.set_xattr_done(5);
+        c.invalidate(6);
+        let crossing = c.ticket();
+        c.changed(c.ticket(), 7, Some(&attr(7)));
+        c.changed(crossing, 7, Some(&attr(7)));
+        fill(&c);
+        for ino in [5, 6, 7] {
+            assert!(!c.known_without_xattrs(ino), "{ino} changed");
+        }
+        assert!(c.known_without_xattrs(8));
+        c.clear();
+        assert!(!c.known_without_xattrs(8), "everything dropped");
+        // Stored again while held: known again, after eviction too.
+        c.put_attr(c.ticket(), &attr(8));
+        fill(&c);
+        assert!(c.known_without_xattrs(8));
+        // The count is kept beside it.
+        assert!(!c.forget(8, 0));
+        assert!(c.forget(8, 1));
+        assert!(!c.known_without_xattrs(8), "no longer held");
+    }
+
+    #[test]
+    fn a_held_count_keeps_its_xattr_bits_apart() {
+        let mut h = Held::new(Xattrs::Some);
+        h.set_count(Held::COUNT + 5);
+        assert_eq!((h.count(), h.xattrs()), (Held::COUNT, Xattrs::Some));
+        h.set_xattrs(Xattrs::None);
+        h.set_count(3);
+        assert_eq!((h.count(), h.xattrs()), (3, Xattrs::None));
+        h.set_xattrs(Xattrs::Unknown);
+        assert_eq!((h.count(), h.xattrs()), (3, Xattrs::Unknown));
+    }
+
     #[test]
     fn removed_inodes_answer_while_the_kernel_holds_them() {
-        let c = AttrCache::new(100);
-        assert!(c.looked_up(&attr(5)), "first reference");
-        assert!(!c.looked_up(&attr(5)));
+        // A capacity of 2: the generations keep at most two attributes.
+        let c = AttrCache::new(2);
+        c.put_attr(c.ticket(), &dir_attr(5));
+        assert!(c.looked_up(&dir_attr(5), c.ticket()), "first reference");
+        assert!(!c.looked_up(&dir_attr(5), c.ticket()));
         assert_eq!(c.referenced_inos(), vec![Ino(5)]);
         assert_eq!(c.removed(5).map(|a| (a.nlink, a.size)), Some((0, 5)));
-        let mut grown = attr(5);
+        let mut grown = dir_attr(5);
         grown.size = 50;
         c.put_attr(c.ticket(), &grown);
         assert_eq!(c.removed(5).map(|a| a.size), Some(50));
+        // A file: answered from the generations while they hold it.
+        c.put_attr(c.ticket(), &attr(6));
+        assert!(c.looked_up(&attr(6), c.ticket()));
+        assert_eq!(c.removed(6).map(|a| (a.nlink, a.size)), Some((0, 6)));
+        // Other attributes push both out of the generations: the
+        // directory's stay, the file's are gone.
+        for ino in 10..14 {
+            c.put_attr(c.ticket(), &attr(ino));
+        }
+        assert_eq!(c.attr(5), None);
+        assert_eq!(c.removed(5).map(|a| (a.nlink, a.size)), Some((0, 50)));
+        assert_eq!(c.removed(6), None);
         assert!(!c.forget(5, 1));
         assert!(c.removed(5).is_some(), "one lookup left");
         assert!(c.forget(5, 1), "the last lookup");
         assert!(!c.forget(5, 1), "forgotten already");
         assert_eq!(c.removed(5), None);
+        assert!(c.forget(6, 1));
         assert!(c.referenced_inos().is_empty());
         assert_eq!(c.referenced(), 0);
-        assert_eq!(c.removed(6), None, "never given to the kernel");
+        assert_eq!(c.removed(7), None, "never given to the kernel");
     }
 
     #[test]

@@ -160,7 +160,7 @@ impl KeibiFs {
         let (ttl, k) = (self.ttl, self.keibi.clone());
         let since = k.ticket();
         move |r, a| {
-            k.entry_given(&a);
+            k.entry_given(&a, since);
             let attr_ttl = k.attr_ttl(a.ino.0, ttl, since);
             r.entry_with_ttls(&attr_ttl, &ttl, &file_attr(&a), Generation(0));
             k.settle(a.ino.0, since, attr_ttl);
@@ -976,7 +976,7 @@ impl Filesystem for KeibiFs {
                     .map(|(fh, m)| (fh, attr, m))
             });
             finish(l, reply, result, |r, (fh, attr, mode)| {
-                k.entry_given(&attr);
+                k.entry_given(&attr, since);
                 let a = file_attr(&attr);
                 // One TTL for the entry and the attributes (fuser has no
                 // create reply with two): the entry's, so the new name is
@@ -1193,7 +1193,7 @@ fn fill<R: DirReply>(
                 && e.name.as_bytes() != b"."
                 && e.name.as_bytes() != b".."
             {
-                k.entry_given(a);
+                k.entry_given(a, since);
             }
             full
         },

@@ -309,7 +309,7 @@ mod tests {
         let t = cache.ticket();
         cache.put_entry(t, 1, b"a", &attr(3));
         cache.put_attr(t, &attr(9));
-        cache.looked_up(&attr(3));
+        cache.looked_up(&attr(3), cache.ticket());
         inv.apply(&[Inval::All]);
         assert_eq!(cache.len(), (0, 0));
         assert_eq!(changes.load(Ordering::SeqCst), 1);

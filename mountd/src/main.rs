@@ -103,6 +103,12 @@ struct Args {
     /// TTLs above 1 s are capped at 1 s on kernels before 6.16 (see `kernel_inval`).
     #[arg(long, env = "KEIBI_ATTR_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
     attr_ttl: Duration,
+    /// Attributes (and, separately, entries) mountd remembers for answers
+    /// while keibi-syncd misses a deadline; the lookup counts and the
+    /// xattr knowledge of every inode the kernel holds are kept apart,
+    /// whatever this is.
+    #[arg(long, value_name = "N", default_value_t = attr_cache::DEFAULT_CAPACITY, value_parser = clap::value_parser!(usize))]
+    attr_cache: usize,
     /// FUSE dispatch threads.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
@@ -267,7 +273,7 @@ fn run(args: Args) -> Result<(), Failure> {
             client,
             passthrough,
             args.deadline,
-            attr_cache::AttrCache::new(attr_cache::DEFAULT_CAPACITY),
+            attr_cache::AttrCache::new(args.attr_cache.max(2)),
             args.attr_ttl,
             rt.handle().clone(),
         )

@@ -191,7 +191,7 @@ pub fn command() -> clap::Command {
                 .action(ArgAction::Append)
                 .help(
                     "Comma-separated: deadline=, read_deadline=, fsync_deadline=, attr_ttl= \
-                     (durations: keibi-mountd's flags of the same name), threads=N, \
+                     (durations: keibi-mountd's flags of the same name), threads=N, attr_cache=N, \
                      no_passthrough, syncd_socket=PATH, syncd_config=FILE, lock_dir=DIR, \
                      metrics_socket=PATH, metrics_listen=ADDR, syncd_wait=DURATION (default 5s), mount_timeout=DURATION (default 10s); \
                      rw, defaults, auto, noauto, nouser, _netdev, nofail, nosuid, nodev, exec, \
@@ -279,6 +279,14 @@ fn parse_options(text: &str, sloppy: bool, out: &mut MountOptions) -> Result<(),
                 out.mountd_args.push("--threads".into());
                 out.mountd_args.push(v.into());
             }
+            "attr_cache" => {
+                let v = need(value)?;
+                if v.parse::<usize>().is_err() {
+                    return Err(usage(format!("option attr_cache={v}: write a number")));
+                }
+                out.mountd_args.push("--attr-cache".into());
+                out.mountd_args.push(v.into());
+            }
             "no_passthrough" if value.is_none() => out.mountd_args.push("--no-passthrough".into()),
             "metrics_socket" => {
                 let v = need(value)?;
@@ -306,7 +314,7 @@ fn parse_options(text: &str, sloppy: bool, out: &mut MountOptions) -> Result<(),
                 if !sloppy {
                     return Err(usage(format!(
                         "unknown option {item:?} (known: deadline=, read_deadline=, fsync_deadline=, \
-                         attr_ttl=, threads=, no_passthrough, syncd_socket=, syncd_config=, \
+                         attr_ttl=, threads=, attr_cache=, no_passthrough, syncd_socket=, syncd_config=, \
                          lock_dir=, metrics_socket=, metrics_listen=, mount_timeout=, syncd_wait=)"
                     )));
                 }
@@ -515,7 +523,7 @@ mod tests {
             "keibi",
             "/mnt/k",
             "-o",
-            "rw,deadline=3s,attr_ttl=500ms,threads=4,no_passthrough,_netdev,x-systemd.automount",
+            "rw,deadline=3s,attr_ttl=500ms,threads=4,attr_cache=4096,no_passthrough,_netdev,x-systemd.automount",
             "-n",
         ]))
         .expect("valid");
@@ -529,8 +537,17 @@ mod tests {
                 "500ms",
                 "--threads",
                 "4",
+                "--attr-cache",
+                "4096",
                 "--no-passthrough"
             ])
+        );
+        let refused = parse_args(&args(&["keibi", "/m", "-o", "attr_cache=lots"]));
+        assert!(
+            refused
+                .is_err_and(|(code, msg)| code == EXIT_USAGE
+                    && msg.contains("attr_cache=lots: write a number")),
+            "a cache size that is not a number is refused"
         );
         let req = parse_args(&args(&[
             "keibi",

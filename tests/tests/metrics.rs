@@ -5,6 +5,10 @@
 //! peer byte and chunk counters move when a file crosses between two
 //! nodes; with no endpoint configured neither daemon listens on anything
 //! new; a non-loopback TCP address is refused at start with a clear error.
+//! The call counters also prove two of mountd's shortcuts: a directory
+//! changed through the mount is stat'ed from the change's answer, and
+//! `ls -l` of more files than the attribute cache holds asks syncd for
+//! no extended attribute.
 
 use harness::binaries::{mountd, syncd};
 use harness::daemons::{KeibiFixture, Options};
@@ -339,6 +343,63 @@ fn a_directory_changed_through_the_mount_is_stat_without_asking_syncd() {
             now.ctime_nsec()
         ),
         "the last unlink's answer and syncd disagree on d"
+    );
+}
+
+/// `ls -l` asks the extended attributes of every file; mountd answers
+/// those of an inode known to have none itself. Here its attribute cache
+/// holds 16 inodes and the listing 300: the knowledge kept beside the
+/// kernel's lookup count of each inode it holds must answer them all, and
+/// must not hide the one attribute that is set.
+#[test]
+fn listing_more_files_than_the_attribute_cache_asks_syncd_no_xattr_and_hides_none() {
+    let _w = Watchdog::arm("metrics_xattrs_held", LIMIT);
+    let dir = socket_dir();
+    let m_sock = dir.path().join("mountd.sock");
+    let mut opts = with_metrics(dir.path());
+    opts.mountd_args
+        .extend(["--attr-cache".into(), "16".into()]);
+    let fx = KeibiFixture::start(opts);
+    let d = fx.path("d");
+    std::fs::create_dir(&d).expect("mkdir d");
+    const N: usize = 300;
+    for i in 0..N {
+        std::fs::write(d.join(format!("f{i:03}")), b"x").expect("create");
+    }
+    harness::sys::setxattr(&d.join("f150"), "user.k", b"v", 0).expect("setxattr");
+    // The kernel forgets every inode; the listing gives them all again
+    // (readdirplus), far more than the cache keeps.
+    std::fs::write("/proc/sys/vm/drop_caches", b"2").expect("echo 2 > drop_caches");
+    let xattr_calls = |e: &Exposition| mountd_calls(e, |op| op.contains("xattr"));
+    let listed = run_bounded(
+        Command::new("ls").arg("-l").arg(&d),
+        Duration::from_secs(60),
+    );
+    assert!(listed.status.success(), "ls -l: {listed:?}");
+    let lines = String::from_utf8_lossy(&listed.stdout).lines().count();
+    assert_eq!(lines, N + 1, "ls -l lists every file (and its total line)");
+    let (before, _) = scrape(&m_sock);
+    for i in (0..N).filter(|&i| i != 150) {
+        let p = d.join(format!("f{i:03}"));
+        let e = harness::sys::getxattr(&p, "user.k").expect_err("no such attribute");
+        assert_eq!(e.raw_os_error(), Some(libc::ENODATA), "{}", p.display());
+        assert!(harness::sys::listxattr(&p).expect("listxattr").is_empty());
+    }
+    let (after, _) = scrape(&m_sock);
+    assert_eq!(
+        xattr_calls(&after) - xattr_calls(&before),
+        0.0,
+        "xattr calls reached syncd for files known to have none"
+    );
+    // The one that has an attribute is asked for, and shown.
+    assert_eq!(
+        harness::sys::getxattr(&d.join("f150"), "user.k").expect("getxattr"),
+        b"v"
+    );
+    let (asked, _) = scrape(&m_sock);
+    assert!(
+        xattr_calls(&asked) - xattr_calls(&after) >= 1.0,
+        "the file with an attribute was answered without syncd"
     );
 }
 

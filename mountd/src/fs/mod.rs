@@ -317,10 +317,11 @@ impl Keibi {
     }
 
     /// The kernel was given an entry for `attr.ino` (its lookup count of
-    /// the inode grew by one; see [`crate::attr_cache`]). A forget of the
-    /// inode still queued for syncd is void now.
-    pub fn entry_given(&self, attr: &Attr) {
-        if self.cache.looked_up(attr) {
+    /// the inode grew by one; see [`crate::attr_cache`]), from the answer
+    /// to a request sent at `since`. A forget of the inode still queued
+    /// for syncd is void now.
+    pub fn entry_given(&self, attr: &Attr, since: Ticket) {
+        if self.cache.looked_up(attr, since) {
             self.releases.referenced_again(attr.ino);
         }
     }

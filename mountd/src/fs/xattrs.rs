@@ -32,7 +32,7 @@ impl Keibi {
     /// [`crate::attr_cache`]), so the flag cannot hide an attribute set
     /// here.
     fn known_without_xattrs(&self, ino: u64) -> bool {
-        self.cache.attr(ino).is_some_and(|a| !a.has_xattrs)
+        self.cache.known_without_xattrs(ino)
     }
 
     /// `getxattr` answered without syncd, when the inode is known to have
