@@ -38,7 +38,7 @@ use crate::attr_cache::AttrCache;
 use crate::kernel_inval::KernelInval;
 use crate::passthrough::Passthrough;
 use crate::sync_data::SyncData;
-use crate::syncd_client::CallError;
+use crate::syncd_client::{CallError, StreamPosition};
 use ipc_schema::{ChangeBatch, Inval};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -139,14 +139,9 @@ impl Invalidator {
     }
 }
 
-/// Where the stream is: syncd's run and the last sequence number applied.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Position {
-    epoch: u64,
-    after: u64,
-}
-
-impl Position {
+/// The stream's position ([`StreamPosition`]: syncd's run and the last
+/// sequence number applied) moves as batches are taken in.
+impl StreamPosition {
     /// Take `batch` in: the items to apply (with [`Inval::All`] first when
     /// syncd's run changed and it did not say so itself).
     fn take(&mut self, batch: ChangeBatch) -> Vec<Inval> {
@@ -170,12 +165,9 @@ const FIRST_CONNECTION_WAIT: Duration = Duration::from_secs(60);
 /// registered its mount, when syncd said (nothing cached can predate it);
 /// else from everything, with an [`Inval::All`] first.
 pub async fn run(source: Arc<dyn SyncData>, inval: Invalidator) {
-    let mut pos = Position::default();
+    let mut pos = StreamPosition::default();
     if let Some(start) = source.stream_start(FIRST_CONNECTION_WAIT).await {
-        pos = Position {
-            epoch: start.epoch,
-            after: start.after,
-        };
+        pos = start;
         tracing::info!(
             epoch = pos.epoch,
             after = pos.after,
@@ -229,7 +221,6 @@ pub async fn run(source: Arc<dyn SyncData>, inval: Invalidator) {
 mod tests {
     use super::*;
     use crate::kernel_inval::{self, InvalQueue, Note};
-    use crate::syncd_client::StreamPosition;
     use futures::future::BoxFuture;
     use ipc_schema::{Attr, FileKind, FsError, HandleId, Ino, Name, Timestamp};
     use std::collections::VecDeque;
@@ -378,12 +369,12 @@ mod tests {
 
     #[test]
     fn a_new_epoch_means_all() {
-        let mut pos = Position::default();
+        let mut pos = StreamPosition::default();
         let batch = |epoch, next, items| ChangeBatch { epoch, next, items };
         // The first answer of a run: taken as it is.
         let items = pos.take(batch(7, 3, vec![Inval::Inode { ino: Ino(2) }]));
         assert_eq!(items, vec![Inval::Inode { ino: Ino(2) }]);
-        assert_eq!(pos, Position { epoch: 7, after: 3 });
+        assert_eq!(pos, StreamPosition { epoch: 7, after: 3 });
         // Same run: as it is.
         assert!(pos.take(batch(7, 3, vec![])).is_empty());
         // syncd restarted without saying All: mountd adds it.
@@ -392,7 +383,7 @@ mod tests {
         // ... but not twice.
         let items = pos.take(batch(9, 1, vec![Inval::All]));
         assert_eq!(items, vec![Inval::All]);
-        assert_eq!(pos, Position { epoch: 9, after: 1 });
+        assert_eq!(pos, StreamPosition { epoch: 9, after: 1 });
     }
 
     /// A syncd that answers `changes` from a script, then waits forever.
