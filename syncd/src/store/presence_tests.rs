@@ -244,3 +244,65 @@ fn an_o_trunc_open_and_write_during_a_fetched_write_are_not_overwritten() {
         "the bytes written after the O_TRUNC, none of the fetched chunk"
     );
 }
+
+/// Chunks marked present by many threads at once (each a swap of the
+/// bits alone), while another thread keeps rewriting the same bits in
+/// transactions (recording them synced): no bit is lost, every chunk's
+/// bytes are the version's, and the last mark completes the file.
+#[test]
+fn marks_swapped_in_beside_transactions_on_the_same_bits_lose_nothing() {
+    // A lost bit needs an unlucky interleaving: several rounds.
+    for _ in 0..6 {
+        marks_beside_transactions();
+    }
+}
+
+fn marks_beside_transactions() {
+    const MANY: u64 = 96;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let content: Vec<u8> = (0..MANY * CHUNK_SIZE - 1000)
+        .map(|i| ((i * 7 + i / CHUNK_SIZE) % 253) as u8)
+        .collect();
+    let (s, ino) = partial_file(dir.path(), &content);
+    let s = Arc::new(s);
+    let g = generation(&s, ino);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let settler = {
+        let (s, stop) = (s.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut rounds = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                s.settle_for_writer(ino).expect("settle");
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let content = Arc::new(content);
+    let writers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (s, content) = (s.clone(), content.clone());
+            std::thread::spawn(move || {
+                // Every chunk but the last, spread over the threads.
+                for i in (t..MANY - 1).step_by(4) {
+                    s.write_chunk(ino, g, i, chunk(&content, i))
+                        .expect("write chunk");
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer");
+    }
+    stop.store(true, Ordering::SeqCst);
+    assert!(settler.join().expect("settler") > 0, "the transactions ran");
+    let b = s.presence_bits(ino).expect("bits").expect("still partial");
+    for i in 0..MANY - 1 {
+        assert!(bit(&b.present, i), "chunk {i} lost its bit");
+    }
+    assert!(!bit(&b.present, MANY - 1));
+    s.write_chunk(ino, g, MANY - 1, chunk(&content, MANY - 1))
+        .expect("the last chunk");
+    assert_eq!(s.presence_bits(ino).expect("bits"), None, "complete");
+    assert_eq!(read_content(&s, ino), *content);
+}
