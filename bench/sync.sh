@@ -23,7 +23,11 @@
 #                 next to the file's size
 #
 # Run as root:   bash bench/sync.sh [--files N] [--size-mib N] [--no-sshfs]
-#                                    [--perf DIR]
+#                                    [--perf DIR] [--bin DIR]
+#
+# --bin DIR uses the keibi binaries in DIR (keibi-syncd, keibi-mountd and
+# keibictl) instead of building the release binaries, to compare two
+# builds.
 #
 # --perf DIR records a profile of alice's syncd, bob's syncd and bob's
 # mountd during the cold read (`perf record -g`, needs perf) into
@@ -46,9 +50,11 @@ files=200
 size_mib=1024
 with_sshfs=1
 perf_dir=""
+bin_dir=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --perf) perf_dir="$2"; shift 2 ;;
+        --bin) bin_dir="$2"; shift 2 ;;
         --files) files="$2"; shift 2 ;;
         --size-mib) size_mib="$2"; shift 2 ;;
         --no-sshfs) with_sshfs=0; shift ;;
@@ -77,9 +83,17 @@ if [[ $with_sshfs -eq 1 ]]; then
 fi
 install_needed
 
-echo "== building keibi (release)"
-(cd "$repo" && cargo build --release --workspace --bins)
-KEIBI_BIN="$repo/target/release"
+if [[ -n "$bin_dir" ]]; then
+    for b in keibi-syncd keibi-mountd keibictl; do
+        [[ -x "$bin_dir/$b" ]] || { echo "sync.sh: no $b in $bin_dir" >&2; exit 2; }
+    done
+    KEIBI_BIN="$(cd "$bin_dir" && pwd)"
+    echo "== keibi binaries from $KEIBI_BIN"
+else
+    echo "== building keibi (release)"
+    (cd "$repo" && cargo build --release --workspace --bins)
+    KEIBI_BIN="$repo/target/release"
+fi
 
 KEIBI_WORK="$(mktemp -d /var/tmp/keibi-sync-bench.XXXXXX)"
 chmod 0755 "$KEIBI_WORK"
