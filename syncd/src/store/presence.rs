@@ -412,9 +412,10 @@ impl Store {
     ///
     /// Why. Every sled transaction writes sled's log twice on its I/O
     /// threads (it rolls the log buffer before and after), and this runs
-    /// once per fetched chunk: about 23% of the fetching syncd's CPU went
-    /// to those threads during a cold read. A single-key swap only adds to
-    /// the log buffer.
+    /// once per fetched chunk: about 23% of the fetching syncd's CPU
+    /// samples were those threads during a cold read. A single-key swap
+    /// only adds to the log buffer (measured: 27% less CPU per GiB in the
+    /// fetching syncd, see `docs/architecture.md`).
     ///
     /// Why it is as safe. The record is read first, outside a
     /// transaction, and may change before the swap: a new version's record
