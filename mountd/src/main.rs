@@ -56,6 +56,15 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Worker threads of mountd's runtime: one. Its tasks only wait (on
+/// syncd, on timers) and reply; anything that blocks runs on the blocking
+/// pool. A second worker makes every round trip to syncd longer: tokio
+/// wakes an idle worker to steal each task that becomes ready, and waking
+/// a thread on another CPU costs tens of microseconds on a virtual
+/// machine (`bench/ipc.sh`: about 190 µs per round trip with two workers
+/// on each side, 85 µs with one; see syncd's `FS_WORKERS`).
+const RUNTIME_WORKERS: usize = 1;
+
 /// The `--attr-ttl` cap on kernels that cannot drop every cached entry
 /// at once (see `kernel_inval::entry_ttl_cap`): the TTL keibi used before
 /// it cached entries for long.
@@ -233,7 +242,7 @@ fn run(args: Args) -> Result<(), Failure> {
     }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(RUNTIME_WORKERS)
         .thread_name("keibi-mountd-rt")
         .enable_all()
         .build()

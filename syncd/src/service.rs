@@ -1,29 +1,46 @@
 //! The filesystem service (mountd → syncd), one server per connection.
 //!
 //! Thin on purpose: each method runs one [`Store`] operation and logs it at
-//! debug level with its duration and result. Operations that write, open
-//! or may wait run on tokio's blocking pool (sled and file syscalls block).
-//! The few that only read a record and stat at most one content file
-//! (`lookup`, `getattr`, `readlink`, `getxattr`, `listxattr`) run on the
-//! request's own task: they take a few microseconds, and the hop to the
-//! blocking pool and back cost more than the operation (measured: running
-//! them here cut their round trip from mountd by about a third). `open` and `create` also send the content
-//! descriptor on the connection's fd channel before answering, as the
-//! protocol requires (see `ipc_schema::fdpass`).
+//! debug level with its duration and result. `open` and `create` also send
+//! the content descriptor on the connection's fd channel before answering,
+//! as the protocol requires (see `ipc_schema::fdpass`).
 //!
-//! The short reads hold a runtime worker while they run, so this service
-//! runs on a runtime of its own, the filesystem runtime (see `main.rs`).
-//! When the disk is slow, stuck reads can hold all its workers (and the
-//! tasks queued behind them, the connection's own task included), which
-//! stalls this service only: it needs the store anyway. The control
-//! service has a runtime, a thread and a blocking pool of its own, so
-//! `keibictl status` and `debug ops` answer however many store calls are
-//! stuck. (Moving the short reads off the workers costs syncd CPU on every
-//! call: measured per `lookup` from mountd, about 40 µs of syncd CPU run
-//! here, 50-70 µs through `spawn_blocking`, 75-90 µs inside
-//! `block_in_place`, which hands the worker's queue to another thread on
-//! each call.) Every store call passes the test-only fault point
-//! [`crate::fault::store_gate`] first.
+//! **Where a store call runs** ([`Where`]). Most run on the request's own
+//! task: the reads (`lookup`, `getattr`, `readlink`, `getxattr`,
+//! `listxattr`) and the changes that are a few sled reads and one
+//! transaction (`mkdir`, `mknod`, `symlink`, `link`, `unlink`, `rmdir`,
+//! `rename`, `setxattr`, `removexattr`, `release`, `forget`, `setattr`
+//! without a size, `create`, a read-only `open`). A sled transaction does
+//! not wait for its log to be written (sled writes it on its own threads),
+//! so these take microseconds to a few hundred; one inode allocation in
+//! 1,024 waits for a flush (`store::inos`). The calls that may wait for the
+//! disk or take long run on tokio's blocking pool: `fsync`, `statfs`,
+//! `readdir`, `register_mount` (it may scan for orphans), a `setattr` that
+//! changes the size (truncating a large content file), an `open` or
+//! `create` with `O_SYNC`/`O_DSYNC` (they flush the store) and a writable
+//! `open` (of a partly local file it syncs the present chunks first).
+//!
+//! Why not the pool for everything: a hop to the blocking pool and back
+//! wakes two threads, and on a virtual machine a wake-up on another CPU
+//! costs tens of microseconds, more than the operation (measured per
+//! `lookup` from mountd: about 40 µs of syncd CPU run here, 50-70 µs
+//! through `spawn_blocking`, 75-90 µs inside `block_in_place`, which
+//! hands the worker's queue to another thread on each call). Measured with
+//! `bench/ops.sh` and `bench/workloads.py` (2,000 files, medians of five
+//! interleaved runs): running the changes here cut `rm -rf` by about a
+//! fifth and a tarball's extraction by about a third (see
+//! `docs/architecture.md`, "Threads of the filesystem path").
+//!
+//! Calls run here hold the runtime's worker while they run, so this
+//! service runs on a runtime of its own, the filesystem runtime, with one
+//! worker (see `main.rs`). When the disk is slow, a stuck call holds that
+//! worker (and the tasks queued behind it, the connection's own task
+//! included), which stalls this service only: it needs the store anyway.
+//! mountd's deadlines bound what its callers wait. The control service has
+//! a runtime, a thread and a blocking pool of its own, so `keibictl status`
+//! and `debug ops` answer however many store calls are stuck. Every store
+//! call passes the test-only fault point [`crate::fault::store_gate`]
+//! first.
 //!
 //! Both paths list the request in the daemon's in-flight registry while it
 //! runs, for `keibictl debug ops` (`Control::debug_ops`).
@@ -100,14 +117,16 @@ impl FsServer {
         result
     }
 
-    /// Run a store operation that only reads, right here on the task: a
-    /// lookup in sled's cache and at most one `stat` of a content file
-    /// (`fstatat` in the content directory, whose inode the kernel has
-    /// cached) take microseconds, less than the hand-off to the blocking
-    /// pool and back (see the module doc). Only for operations that write
-    /// nothing, so they never wait for sled's log, and never send or wait
-    /// on another process. When the disk is slow this holds a worker of the
-    /// filesystem runtime, which serves nothing but this service.
+    /// Run a store operation right here on the task ([`Where::Here`]):
+    /// reads in sled's cache, at most one transaction and at most one
+    /// `stat` or open of a content file take less than the hand-off to
+    /// the blocking pool and back (see the module doc). An `open` or
+    /// `create` run here also sends its descriptor to mountd, on a
+    /// `SOCK_SEQPACKET` channel whose buffer holds hundreds of them, so it
+    /// waits only when mountd has stopped reading it (at most the
+    /// channel's send timeout). When the disk is slow this holds the
+    /// worker of the filesystem runtime, which serves nothing but this
+    /// service.
     fn run_here<T>(
         &self,
         op: &'static str,
@@ -120,6 +139,26 @@ impl FsServer {
         let result = f(&self.daemon.store);
         self.log(op, &detail, start, &result);
         result
+    }
+
+    /// Run a store operation where [`Where`] says: on the request's own
+    /// task ([`FsServer::run_here`]) or on the blocking pool
+    /// ([`FsServer::run`]).
+    async fn run_at<T, F>(
+        &self,
+        at: Where,
+        op: &'static str,
+        detail: String,
+        f: F,
+    ) -> Result<T, FsError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, FsError> + Send + 'static,
+    {
+        match at {
+            Where::Here => self.run_here(op, detail, f),
+            Where::Pool => self.run(op, detail, f).await,
+        }
     }
 
     /// Tell every other mount of this syncd what a change made through
@@ -239,6 +278,55 @@ fn durable_if_sync(store: &Store, flags: i32, f: &OpenFile) -> Result<(), FsErro
     })
 }
 
+/// Where a store operation runs: on the request's own task, or on tokio's
+/// blocking pool (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Where {
+    /// On the request's task: the operation is a few sled reads and at
+    /// most one transaction, which does not wait for sled's log to be
+    /// written (rarely a flush: one inode allocation in 1,024).
+    Here,
+    /// On the blocking pool: the operation may wait for the disk (a flush,
+    /// an `fdatasync`, a truncate of a large content file) or may be long.
+    Pool,
+}
+
+impl Where {
+    /// An `open` or `create` with `flags`: one that asks for `O_SYNC` or
+    /// `O_DSYNC` flushes the store ([`durable_if_sync`]), and a writable
+    /// `open` of a file that is only partly local makes its chunks durable
+    /// first (`Store::settle_for_writer`): both on the pool. A `create`
+    /// stays here unless it asks for sync: it makes a new, complete file
+    /// (when the name exists it opens that file, and in the rare case of a
+    /// partly local one waits here for that sync).
+    fn for_open(flags: i32) -> Where {
+        if flags & (libc::O_SYNC | libc::O_DSYNC) != 0 {
+            Where::Pool
+        } else {
+            Where::Here
+        }
+    }
+
+    /// A writable `open` ([`Where::for_open`]).
+    fn for_writable_open(flags: i32) -> Where {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            Where::Pool
+        } else {
+            Where::for_open(flags)
+        }
+    }
+
+    /// A `setattr`: a change of size truncates or extends the content
+    /// file, which can take long for a large file: on the pool.
+    fn for_setattr(changes: &SetAttr) -> Where {
+        if changes.size.is_some() {
+            Where::Pool
+        } else {
+            Where::Here
+        }
+    }
+}
+
 impl Filesystem for FsServer {
     async fn register_mount(
         self,
@@ -301,7 +389,7 @@ impl Filesystem for FsServer {
     async fn setattr(self, _: Context, ino: Ino, changes: SetAttr) -> Result<Attr, FsError> {
         let d = detail!("{ino} {changes:?}");
         let r = self
-            .run("setattr", d, move |s| {
+            .run_at(Where::for_setattr(&changes), "setattr", d, move |s| {
                 s.admit(Change::Frees)?;
                 s.setattr(ino, &changes)
             })
@@ -336,7 +424,7 @@ impl Filesystem for FsServer {
         let d = detail!("{parent} {name:?} {perm:o}");
         let n = name.clone();
         let r = self
-            .run("mkdir", d, move |s| {
+            .run_at(Where::Here, "mkdir", d, move |s| {
                 s.admit(Change::Adds)?;
                 let attr = s.mkdir(parent, &name, perm, caller)?;
                 Ok(made(s, attr, parent))
@@ -361,7 +449,7 @@ impl Filesystem for FsServer {
         let d = detail!("{parent} {name:?} {kind:?} {perm:o} rdev {rdev:#x}");
         let n = name.clone();
         let r = self
-            .run("mknod", d, move |s| {
+            .run_at(Where::Here, "mknod", d, move |s| {
                 s.admit(Change::Adds)?;
                 let attr = s.mknod(parent, &name, kind, perm, rdev, caller)?;
                 Ok(made(s, attr, parent))
@@ -384,7 +472,7 @@ impl Filesystem for FsServer {
         let d = detail!("{parent} {name:?}");
         let n = name.clone();
         let r = self
-            .run("symlink", d, move |s| {
+            .run_at(Where::Here, "symlink", d, move |s| {
                 s.admit(Change::Adds)?;
                 let attr = s.symlink(parent, &name, &target, caller)?;
                 Ok(made(s, attr, parent))
@@ -410,7 +498,7 @@ impl Filesystem for FsServer {
         let d = detail!("{ino} to {new_parent} {new_name:?}");
         let n = new_name.clone();
         let r = self
-            .run("link", d, move |s| {
+            .run_at(Where::Here, "link", d, move |s| {
                 s.admit(Change::Adds)?;
                 let attr = s.link(ino, new_parent, &new_name)?;
                 Ok(made(s, attr, new_parent))
@@ -433,7 +521,7 @@ impl Filesystem for FsServer {
         let conn = self.conn;
         let n = name.clone();
         let r = self
-            .run("unlink", d, move |s| {
+            .run_at(Where::Here, "unlink", d, move |s| {
                 s.admit_unlink(parent, &name)?;
                 s.unlink_by(Some(conn), parent, &name)?;
                 Ok(dirs_after(s, parent, None))
@@ -449,7 +537,7 @@ impl Filesystem for FsServer {
         let d = detail!("{parent} {name:?}");
         let n = name.clone();
         let r = self
-            .run("rmdir", d, move |s| {
+            .run_at(Where::Here, "rmdir", d, move |s| {
                 s.admit(Change::Frees)?;
                 s.rmdir(parent, &name)?;
                 Ok(dirs_after(s, parent, None))
@@ -474,7 +562,7 @@ impl Filesystem for FsServer {
         let conn = self.conn;
         let (n, nn) = (name.clone(), new_name.clone());
         let r = self
-            .run("rename", d, move |s| {
+            .run_at(Where::Here, "rename", d, move |s| {
                 s.admit(Change::Frees)?;
                 s.rename_by(Some(conn), parent, &name, new_parent, &new_name, flags)?;
                 Ok(dirs_after(
@@ -509,7 +597,7 @@ impl Filesystem for FsServer {
         let (conn, fds, deadline) = (self.conn, self.fds.clone(), ctx.deadline);
         let n = name.clone();
         let r = self
-            .run("create", d, move |s| {
+            .run_at(Where::for_open(flags), "create", d, move |s| {
                 s.admit(Change::Adds)?;
                 let f = s.create(parent, &name, perm, flags, caller, conn)?;
                 durable_if_sync(s, flags, &f)?;
@@ -527,7 +615,7 @@ impl Filesystem for FsServer {
     async fn open(self, ctx: Context, ino: Ino, flags: i32) -> Result<Opened, FsError> {
         let d = detail!("{ino} flags {flags:#o}");
         let (conn, fds, deadline) = (self.conn, self.fds.clone(), ctx.deadline);
-        self.run("open", d, move |s| {
+        self.run_at(Where::for_writable_open(flags), "open", d, move |s| {
             let f = s.open(ino, flags, conn)?;
             durable_if_sync(s, flags, &f)?;
             send_fd(s, &fds, f, deadline)
@@ -537,7 +625,7 @@ impl Filesystem for FsServer {
 
     async fn release(self, _: Context, handle: HandleId) -> Result<(), FsError> {
         let written = self
-            .run("release", detail!("{handle}"), move |s| {
+            .run_at(Where::Here, "release", detail!("{handle}"), move |s| {
                 s.release_written(handle)
             })
             .await?;
@@ -551,7 +639,9 @@ impl Filesystem for FsServer {
         let d = detail!("{} inodes", inos.len());
         let (conn, until) = (self.conn, ctx.deadline);
         let freed = self
-            .run("forget", d, move |s| s.forget(conn, &inos, until))
+            .run_at(Where::Here, "forget", d, move |s| {
+                s.forget(conn, &inos, until)
+            })
             .await?;
         if freed > 0 {
             tracing::debug!(conn = conn.0, freed, "forget freed unlinked inodes");
@@ -578,7 +668,7 @@ impl Filesystem for FsServer {
     ) -> Result<(), FsError> {
         let d = detail!("{ino} {name:?} {} bytes {mode:?}", value.len());
         let r = self
-            .run("setxattr", d, move |s| {
+            .run_at(Where::Here, "setxattr", d, move |s| {
                 s.admit(Change::Adds)?;
                 s.setxattr(ino, &name, &value, mode)
             })
@@ -601,7 +691,7 @@ impl Filesystem for FsServer {
     async fn removexattr(self, _: Context, ino: Ino, name: Name) -> Result<(), FsError> {
         let d = detail!("{ino} {name:?}");
         let r = self
-            .run("removexattr", d, move |s| {
+            .run_at(Where::Here, "removexattr", d, move |s| {
                 s.admit(Change::Frees)?;
                 s.removexattr(ino, &name)
             })

@@ -45,6 +45,9 @@ use nix::fcntl::OFlag;
 use std::io;
 use std::os::fd::OwnedFd;
 
+/// The most orphans one transaction frees ([`Store::forget`]).
+const FREED_PER_TX: usize = 256;
+
 /// A successful open: the answer for mountd and the descriptor to send it
 /// (before the answer).
 #[derive(Debug)]
@@ -346,8 +349,7 @@ impl Store {
         inos: &[Ino],
         until: std::time::Instant,
     ) -> Result<usize, FsError> {
-        let mut freed = Vec::new();
-        {
+        let freed = {
             let mut opens = self.lock_opens();
             if std::time::Instant::now() >= until {
                 return Err(fs_err!(
@@ -356,14 +358,13 @@ impl Store {
                     inos.len()
                 ));
             }
-            for &ino in inos {
-                if opens.forget(ino, conn)
-                    && let Some((kind, generation)) = self.free_if_orphan(ino.0)?
-                {
-                    freed.push((ino.0, kind, generation));
-                }
-            }
-        }
+            let unreferenced: Vec<u64> = inos
+                .iter()
+                .filter(|&&ino| opens.forget(ino, conn))
+                .map(|ino| ino.0)
+                .collect();
+            self.free_orphans_among(&unreferenced)?
+        };
         for &(ino, kind, generation) in &freed {
             self.purge(ino, kind, generation);
         }
@@ -384,18 +385,48 @@ impl Store {
     /// The freeing marks the inode dirty (the engine then records its
     /// tombstone, if it had not already).
     fn free_if_orphan(&self, ino: u64) -> Result<Option<(FileKind, u64)>, FsError> {
-        match self.read_inode(ino)? {
-            Some(rec) if rec.nlink == 0 && !rec.is_dir() => {}
-            _ => return Ok(None),
-        }
-        self.tx(|t| match t.inode(ino)? {
-            Some(rec) if rec.nlink == 0 && !rec.is_dir() => {
-                t.drop_inode(ino)?;
-                t.mark_dirty(ino)?;
-                Ok(Some((rec.kind, rec.generation)))
+        Ok(self
+            .free_orphans_among(&[ino])?
+            .pop()
+            .map(|(_, kind, generation)| (kind, generation)))
+    }
+
+    /// [`Store::free_if_orphan`] for each of `inos`, in one transaction
+    /// for up to [`FREED_PER_TX`] orphans: the kernel forgets the inodes
+    /// of an `rm -r` in batches, and each transaction costs two writes of
+    /// sled's log. Returns (inode, kind, generation) of each freed one.
+    /// On an error, those freed by earlier transactions are not returned
+    /// (and not purged): their content files are left to the check at the
+    /// next start, as with any other interrupted removal.
+    fn free_orphans_among(&self, inos: &[u64]) -> Result<Vec<(u64, FileKind, u64)>, FsError> {
+        let mut orphans = Vec::new();
+        for &ino in inos {
+            if let Some(rec) = self.read_inode(ino)?
+                && rec.nlink == 0
+                && !rec.is_dir()
+            {
+                orphans.push(ino);
             }
-            _ => Ok(None),
-        })
+        }
+        let mut freed = Vec::with_capacity(orphans.len());
+        for batch in orphans.chunks(FREED_PER_TX) {
+            let done = self.tx(|t| {
+                let mut done = Vec::with_capacity(batch.len());
+                for &ino in batch {
+                    if let Some(rec) = t.inode(ino)?
+                        && rec.nlink == 0
+                        && !rec.is_dir()
+                    {
+                        t.drop_inode(ino)?;
+                        t.mark_dirty(ino)?;
+                        done.push((ino, rec.kind, rec.generation));
+                    }
+                }
+                Ok(done)
+            })?;
+            freed.extend(done);
+        }
+        Ok(freed)
     }
 
     /// Accept handles for a new filesystem connection.
@@ -735,6 +766,67 @@ mod tests {
         s.settle();
         assert!(!content_exists(&d, ino), "space returned");
         assert_eq!(s.forget(conn, &[ino], far()).expect("again"), 0);
+    }
+
+    /// One forget of many inodes (as mountd sends them after an `rm -r`)
+    /// frees every unreferenced orphan among them, across more than one
+    /// transaction, and nothing else: a linked file and an open orphan in
+    /// the same batch stay.
+    #[test]
+    fn a_batch_forget_frees_exactly_the_orphans_nobody_holds() {
+        let (d, s, conn, kept) = mounted_file("kept");
+        let n = FREED_PER_TX + 44;
+        let mut gone = Vec::new();
+        for i in 0..n {
+            let f = s
+                .create(
+                    Ino::ROOT,
+                    &Name::from(format!("f{i}").as_str()),
+                    0o644,
+                    libc::O_RDWR | libc::O_CREAT,
+                    ME,
+                    conn,
+                )
+                .expect("create");
+            s.release(f.opened.handle).expect("release");
+            gone.push(f.opened.attr.ino);
+        }
+        let open = s
+            .create(
+                Ino::ROOT,
+                &Name::from("open"),
+                0o644,
+                libc::O_RDWR | libc::O_CREAT,
+                ME,
+                conn,
+            )
+            .expect("create");
+        let open_ino = open.opened.attr.ino;
+        for i in 0..n {
+            s.unlink_by(Some(conn), Ino::ROOT, &Name::from(format!("f{i}").as_str()))
+                .expect("unlink");
+        }
+        s.unlink_by(Some(conn), Ino::ROOT, &Name::from("open"))
+            .expect("unlink");
+        let mut batch = gone.clone();
+        batch.push(kept);
+        batch.push(open_ino);
+        assert_eq!(s.forget(conn, &batch, far()).expect("forget"), n);
+        for &ino in &gone {
+            assert_eq!(s.getattr(ino).map_err(|e| e.errno), Err(libc::ENOENT));
+        }
+        assert_eq!(s.getattr(kept).expect("linked").nlink, 1);
+        assert_eq!(s.getattr(open_ino).expect("open orphan").nlink, 0);
+        s.settle();
+        assert!(
+            gone.iter().all(|&ino| !content_exists(&d, ino)),
+            "space returned"
+        );
+        assert!(content_exists(&d, kept) && content_exists(&d, open_ino));
+        s.release(open.opened.handle).expect("release");
+        assert_eq!(s.getattr(open_ino).map_err(|e| e.errno), Err(libc::ENOENT));
+        let report = s.check(false).expect("check");
+        assert!(report.findings.is_empty(), "{:?}", report.findings);
     }
 
     /// An open handle and the kernel's reference both keep an orphan: the
