@@ -717,18 +717,22 @@ mod tests {
         s.connect(conn);
         s.register_mount(conn, key(7), true, &[], &[])
             .expect("register");
-        let f = s
-            .create(
-                Ino::ROOT,
-                &Name::from(name),
-                0o644,
-                libc::O_RDWR | libc::O_CREAT,
-                ME,
-                conn,
-            )
-            .expect("create");
+        let f = create_rw(&s, conn, name);
         s.release(f.opened.handle).expect("release");
         (d, s, conn, f.opened.attr.ino)
+    }
+
+    /// `name` made in the root directory by `conn`, open read-write.
+    fn create_rw(s: &Store, conn: ConnId, name: &str) -> OpenFile {
+        s.create(
+            Ino::ROOT,
+            &Name::from(name),
+            0o644,
+            libc::O_RDWR | libc::O_CREAT,
+            ME,
+            conn,
+        )
+        .expect("create")
     }
 
     /// Item: an unlink through a mount leaves the inode to the kernel that
@@ -778,29 +782,11 @@ mod tests {
         let n = FREED_PER_TX + 44;
         let mut gone = Vec::new();
         for i in 0..n {
-            let f = s
-                .create(
-                    Ino::ROOT,
-                    &Name::from(format!("f{i}").as_str()),
-                    0o644,
-                    libc::O_RDWR | libc::O_CREAT,
-                    ME,
-                    conn,
-                )
-                .expect("create");
+            let f = create_rw(&s, conn, &format!("f{i}"));
             s.release(f.opened.handle).expect("release");
             gone.push(f.opened.attr.ino);
         }
-        let open = s
-            .create(
-                Ino::ROOT,
-                &Name::from("open"),
-                0o644,
-                libc::O_RDWR | libc::O_CREAT,
-                ME,
-                conn,
-            )
-            .expect("create");
+        let open = create_rw(&s, conn, "open");
         let open_ino = open.opened.attr.ino;
         for i in 0..n {
             s.unlink_by(Some(conn), Ino::ROOT, &Name::from(format!("f{i}").as_str()))
@@ -836,16 +822,7 @@ mod tests {
         let (d, s, conn, ino) = mounted_file("f");
         let f = s.open(ino, libc::O_RDONLY, conn).expect("open");
         let flags = RenameFlags::default();
-        let g = s
-            .create(
-                Ino::ROOT,
-                &Name::from("g"),
-                0o644,
-                libc::O_RDWR | libc::O_CREAT,
-                ME,
-                conn,
-            )
-            .expect("create");
+        let g = create_rw(&s, conn, "g");
         s.release(g.opened.handle).expect("release");
         // Replaced by a rename: the same rule as unlink.
         s.rename_by(
