@@ -292,14 +292,12 @@ enum Where {
 }
 
 impl Where {
-    /// An `open` or `create` with `flags`: one that asks for `O_SYNC` or
-    /// `O_DSYNC` flushes the store ([`durable_if_sync`]), and a writable
-    /// `open` of a file that is only partly local makes its chunks durable
-    /// first (`Store::settle_for_writer`): both on the pool. A `create`
-    /// stays here unless it asks for sync: it makes a new, complete file
-    /// (when the name exists it opens that file, and in the rare case of a
-    /// partly local one waits here for that sync).
-    fn for_open(flags: i32) -> Where {
+    /// A `create` with `flags`: on the pool when it asks for `O_SYNC` or
+    /// `O_DSYNC` (it flushes the store, [`durable_if_sync`]), else here:
+    /// it makes a new, complete file (when the name exists it opens that
+    /// file, and in the rare case of a partly local one waits here for
+    /// the sync [`Where::for_open`] describes).
+    fn for_create(flags: i32) -> Where {
         if flags & (libc::O_SYNC | libc::O_DSYNC) != 0 {
             Where::Pool
         } else {
@@ -307,12 +305,15 @@ impl Where {
         }
     }
 
-    /// A writable `open` ([`Where::for_open`]).
-    fn for_writable_open(flags: i32) -> Where {
+    /// An `open` with `flags`: as [`Where::for_create`], and also on the
+    /// pool when it may write: a writable open of a file that is only
+    /// partly local makes its present chunks durable first
+    /// (`Store::settle_for_writer`).
+    fn for_open(flags: i32) -> Where {
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
             Where::Pool
         } else {
-            Where::for_open(flags)
+            Where::for_create(flags)
         }
     }
 
@@ -597,7 +598,7 @@ impl Filesystem for FsServer {
         let (conn, fds, deadline) = (self.conn, self.fds.clone(), ctx.deadline);
         let n = name.clone();
         let r = self
-            .run_at(Where::for_open(flags), "create", d, move |s| {
+            .run_at(Where::for_create(flags), "create", d, move |s| {
                 s.admit(Change::Adds)?;
                 let f = s.create(parent, &name, perm, flags, caller, conn)?;
                 durable_if_sync(s, flags, &f)?;
@@ -615,7 +616,7 @@ impl Filesystem for FsServer {
     async fn open(self, ctx: Context, ino: Ino, flags: i32) -> Result<Opened, FsError> {
         let d = detail!("{ino} flags {flags:#o}");
         let (conn, fds, deadline) = (self.conn, self.fds.clone(), ctx.deadline);
-        self.run_at(Where::for_writable_open(flags), "open", d, move |s| {
+        self.run_at(Where::for_open(flags), "open", d, move |s| {
             let f = s.open(ino, flags, conn)?;
             durable_if_sync(s, flags, &f)?;
             send_fd(s, &fds, f, deadline)
@@ -777,5 +778,35 @@ impl Filesystem for FsServer {
             "ok"
         );
         Ok(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The calls that may wait for the disk go to the blocking pool; the
+    /// rest run on the request's task.
+    #[test]
+    fn only_calls_that_may_wait_for_the_disk_leave_the_task() {
+        assert_eq!(Where::for_open(libc::O_RDONLY), Where::Here);
+        assert_eq!(Where::for_open(libc::O_WRONLY), Where::Pool);
+        assert_eq!(Where::for_open(libc::O_RDWR), Where::Pool);
+        assert_eq!(Where::for_open(libc::O_RDONLY | libc::O_SYNC), Where::Pool);
+        assert_eq!(Where::for_open(libc::O_RDONLY | libc::O_DSYNC), Where::Pool);
+        let create = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
+        assert_eq!(Where::for_create(create), Where::Here);
+        assert_eq!(Where::for_create(create | libc::O_DSYNC), Where::Pool);
+        let times = SetAttr {
+            perm: Some(0o600),
+            mtime: Some(TimeSet::Now),
+            ..SetAttr::default()
+        };
+        assert_eq!(Where::for_setattr(&times), Where::Here);
+        let truncate = SetAttr {
+            size: Some(0),
+            ..SetAttr::default()
+        };
+        assert_eq!(Where::for_setattr(&truncate), Where::Pool);
     }
 }
