@@ -205,6 +205,11 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 cpu_pids=("${KEIBI_NODE_SYNCD_PID[alice]}" "${KEIBI_NODE_SYNCD_PID[bob]}" "${KEIBI_NODE_MOUNTD_PID[bob]}")
 cpu_before=()
 for p in "${cpu_pids[@]}"; do cpu_before+=("$(cpu_ticks "$p")"); done
+# The whole machine's busy and total ticks (every CPU, every process and
+# kernel thread: page cache writeback, loopback softirqs, dd itself), and
+# the ticks the hypervisor stole from this VM.
+machine_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8+$9, $9}' /proc/stat; }
+machine_before="$(machine_ticks)"
 perf_pids=()
 if [[ -n "$perf_dir" ]]; then
     mkdir -p "$perf_dir"
@@ -225,14 +230,21 @@ if [[ ${#perf_pids[@]} -gt 0 ]]; then
     wait "${perf_pids[@]}" 2>/dev/null || true
     echo "profiles of the cold read: $perf_dir/{alice-syncd,bob-syncd,bob-mountd}.data"
 fi
+machine_after="$(machine_ticks)"
 cpu_after=()
 for p in "${cpu_pids[@]}"; do cpu_after+=("$(cpu_ticks "$p")"); done
-cpu_line="$(python3 - "$(getconf CLK_TCK)" "$size_mib" "${cpu_before[@]}" "${cpu_after[@]}" <<'PY'
+# shellcheck disable=SC2086 # machine_* are three numbers each
+cpu_line="$(python3 - "$(getconf CLK_TCK)" "$size_mib" "${cpu_before[@]}" "${cpu_after[@]}" $machine_before $machine_after <<'PY'
 import sys
 hz, mib = int(sys.argv[1]), int(sys.argv[2])
 b, a = list(map(int, sys.argv[3:6])), list(map(int, sys.argv[6:9]))
-per = [(y - x) / hz / (mib / 1024) for x, y in zip(b, a)]
-print(f"CPU s per GiB read: alice's syncd {per[0]:.2f}, bob's syncd {per[1]:.2f}, bob's mountd {per[2]:.2f}, total {sum(per):.2f}")
+mb, mt, ms, ma, mu, mz = map(int, sys.argv[9:15])
+gib = mib / 1024
+per = [(y - x) / hz / gib for x, y in zip(b, a)]
+busy = (ma - mb) / hz / gib
+share = (ma - mb) / max(1, mu - mt)
+print(f"CPU s per GiB read: alice's syncd {per[0]:.2f}, bob's syncd {per[1]:.2f}, bob's mountd {per[2]:.2f}, total {sum(per):.2f}; "
+      f"whole machine {busy:.2f} ({share:.0%} of its CPUs busy, {(mz - ms) / max(1, mu - mt):.0%} stolen)")
 PY
 )"
 echo "$cpu_line"

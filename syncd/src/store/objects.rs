@@ -236,6 +236,10 @@ impl From<FsError> for ApplyError {
 /// Key of `meta` holding the device this store is tied to.
 const META_DEVICE: &[u8] = b"device";
 
+/// Bytes of one encoded [`ChunkHash`] in a record (postcard writes each
+/// of its 32 `u8`s as one byte; a unit test checks it).
+const CHUNK_HASH_LEN: usize = 32;
+
 /// The trees and counters of the shared index (see the module doc).
 pub(crate) struct Index {
     pub objects: sled::Tree,
@@ -790,6 +794,45 @@ impl Store {
                 .map_err(|e| fs_err!(EIO, "corrupt object in the index: {e}")),
             None => Ok(None),
         }
+    }
+
+    /// The head of `gid`'s record and the recorded hash of its chunk
+    /// `index` (`None` for the hash when the record has no such chunk),
+    /// read from the encoded record without decoding the other hashes: a
+    /// postcard sequence is its length (a varint) followed by its
+    /// elements, and a [`ChunkHash`] is always 32 bytes there.
+    pub fn object_chunk(
+        &self,
+        gid: &Gid,
+        index: u64,
+    ) -> Result<Option<(ObjHead, Option<ChunkHash>)>, FsError> {
+        let Some(v) = self
+            .idx
+            .objects
+            .get(gid.0)
+            .map_err(|e| store_err("reading objects", e))?
+        else {
+            return Ok(None);
+        };
+        let corrupt = |e: postcard::Error| fs_err!(EIO, "corrupt object in the index: {e}");
+        let (head, rest) = postcard::take_from_bytes::<ObjHead>(&v).map_err(corrupt)?;
+        let (count, hashes) = postcard::take_from_bytes::<u64>(rest).map_err(corrupt)?;
+        if index >= count {
+            return Ok(Some((head, None)));
+        }
+        let at = usize::try_from(index)
+            .ok()
+            .and_then(|i| i.checked_mul(CHUNK_HASH_LEN))
+            .and_then(|from| hashes.get(from..from.checked_add(CHUNK_HASH_LEN)?));
+        let Some(bytes) = at else {
+            return Err(fs_err!(
+                EIO,
+                "corrupt object in the index: {} has {count} chunk hashes in fewer bytes",
+                gid.hex()
+            ));
+        };
+        let (hash, _) = postcard::take_from_bytes::<ChunkHash>(bytes).map_err(corrupt)?;
+        Ok(Some((head, Some(hash))))
     }
 
     /// The local inode of `gid`, if it has one (not for tombstones).

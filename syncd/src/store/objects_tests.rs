@@ -566,6 +566,82 @@ fn a_remote_file_arrives_partial_fills_verified_and_serves_its_chunks() {
 }
 
 #[test]
+fn a_settled_file_serves_its_recorded_chunks_without_hashing_and_a_changing_one_hashes_them() {
+    let (d, s) = fresh();
+    let content = bytes(3 * CHUNK_SIZE as usize + 100, 9);
+    let gid = Gid::new(PEER, 78);
+    let rec = remote_file(gid, Gid::ROOT, "served", &content, 1);
+    let ino = s.apply_remote(&rec, None).expect("apply").ino.expect("ino");
+    for i in 0..4 {
+        fill_chunk(&s, ino, &content, i);
+    }
+    assert!(s.presence(ino).expect("presence").is_none(), "complete");
+    // The recorded hash of each chunk, read from the encoded record.
+    for (i, h) in rec.chunks.iter().enumerate() {
+        let (head, hash) = s
+            .object_chunk(&gid, i as u64)
+            .expect("read")
+            .expect("record");
+        assert_eq!((head.size, hash), (rec.size, Some(*h)), "chunk {i}");
+    }
+    assert_eq!(
+        s.object_chunk(&gid, 4).expect("read").expect("record").1,
+        None
+    );
+    assert_eq!(s.object_chunk(&Gid::new(PEER, 99), 0).expect("read"), None);
+    let chunk = |i: usize| {
+        content[i * CHUNK_SIZE as usize..((i + 1) * CHUNK_SIZE as usize).min(content.len())]
+            .to_vec()
+    };
+    assert_eq!(
+        s.read_chunk(&gid, 3, &rec.chunks[3]).expect("read"),
+        Some(chunk(3))
+    );
+    assert_eq!(
+        s.read_chunk(&gid, 1, &rec.chunks[0]).expect("read"),
+        None,
+        "not the recorded hash"
+    );
+    // Bytes changed behind the store's back (a failing disk): a settled
+    // file serves them unhashed, and the asking side's check refuses them.
+    let generation = s
+        .read_inode(ino.0)
+        .expect("read")
+        .expect("inode")
+        .generation;
+    let f = s.open_for_fill(ino, generation).expect("open");
+    f.write_all_at(b"rot", 10).expect("write");
+    let served = s
+        .read_chunk(&gid, 0, &rec.chunks[0])
+        .expect("read")
+        .expect("served");
+    assert_ne!(ChunkHash::of(&served), rec.chunks[0]);
+    // A file that may have changed since its version is hashed: marked
+    // dirty, ...
+    s.mark_dirty(ino.0).expect("mark");
+    assert_eq!(s.read_chunk(&gid, 0, &rec.chunks[0]).expect("read"), None);
+    assert_eq!(
+        s.read_chunk(&gid, 1, &rec.chunks[1]).expect("read"),
+        Some(chunk(1))
+    );
+    clear_all(&s);
+    assert!(
+        s.read_chunk(&gid, 0, &rec.chunks[0])
+            .expect("read")
+            .is_some()
+    );
+    // ... or open for writing.
+    let w = s.open(ino, libc::O_RDWR, CONN).expect("open");
+    assert_eq!(s.read_chunk(&gid, 0, &rec.chunks[0]).expect("read"), None);
+    assert_eq!(
+        s.read_chunk(&gid, 2, &rec.chunks[2]).expect("read"),
+        Some(chunk(2))
+    );
+    s.release(w.opened.handle).expect("release");
+    let _ = d;
+}
+
+#[test]
 fn a_new_version_is_a_new_generation_seeded_from_the_old_and_kept_for_open_handles() {
     let (_d, s) = fresh();
     let v1 = bytes(3 * CHUNK_SIZE as usize, 1);

@@ -759,7 +759,18 @@ impl Store {
     }
 
     /// The bytes of chunk `index` of `gid`'s current version, if they are
-    /// present here and hash to `hash` (checked before answering).
+    /// present here and are the chunk whose hash is `hash`.
+    ///
+    /// `hash` must be the hash the version records for that chunk. The
+    /// bytes are then hashed only when they may have changed since the
+    /// version was made: while a handle that may write has the file open,
+    /// or while it is marked dirty (written, not yet versioned again).
+    /// Otherwise the content file holds exactly the bytes that were hashed
+    /// into the version (or verified when fetched), and hashing them again
+    /// would only repeat the check that the asking side makes of every
+    /// chunk anyway before it writes it (`sync::fetch`; hashing was the
+    /// largest single cost of serving a chunk): a disk that corrupted
+    /// them is caught there, and the bytes are refused.
     pub fn read_chunk(
         &self,
         gid: &Gid,
@@ -783,8 +794,8 @@ impl Store {
         }
         // The range of the chunk in the recorded version (the one peers
         // know); the local file may be longer or shorter if it changed.
-        let size = match self.object_head(gid)? {
-            Some(o) if !o.deleted => o.size,
+        let size = match self.object_chunk(gid, index)? {
+            Some((o, Some(recorded))) if !o.deleted && recorded == *hash => o.size,
             _ => return Ok(None),
         };
         let (start, end) = chunk_range(index, size);
@@ -807,7 +818,15 @@ impl Store {
             // The file is shorter now: not the recorded version.
             return Ok(None);
         }
-        Ok((ChunkHash::of(&buf) == *hash).then_some(buf))
+        // Asked after the read: a write during it left the file open for
+        // writing or marked dirty.
+        let may_have_changed = self.lock_opens().has_writer(ino)
+            || self
+                .idx
+                .dirty
+                .contains_key(ino_key(ino.0))
+                .map_err(|e| store_err("reading dirty", e))?;
+        Ok((!may_have_changed || ChunkHash::of(&buf) == *hash).then_some(buf))
     }
 
     /// Every partial file: (ino, presence), up to `limit`.

@@ -1,11 +1,13 @@
 //! Serving a chunk to a peer (`Request::Chunk{gid, index, hash}`).
 //!
 //! The peer names the object, the chunk's index and the hash it expects.
-//! The store answers the bytes only if they are present here and hash to
-//! exactly that (`Store::read_chunk` hashes them before answering), so a
-//! peer never gets bytes of another version, and a chunk this side has
-//! not fetched yet (or holds other bytes of) is answered `NotFound`: the
-//! asking side then tries another peer. The store call runs on the
+//! The store answers the bytes only if that is the hash its current
+//! version records for the chunk and the chunk is present here
+//! (`Store::read_chunk`, which also hashes the bytes while the file may
+//! have changed since that version), so a peer is not sent bytes of
+//! another version, and a chunk this side has not fetched yet (or holds
+//! other bytes of) is answered `NotFound`: the asking side then tries
+//! another peer. The asking side verifies every chunk it gets. The store call runs on the
 //! blocking pool, never on a runtime worker; the bytes go out in pieces of
 //! at most [`MAX_CHUNK`] through the stream's [`ChunkSink`], which waits for
 //! the asker's credit.
