@@ -23,14 +23,18 @@
 //!
 //! Copies: a DATA payload is copied once into the sender's reused frame
 //! buffer and sealed in place; the receiver reads the sealed body into
-//! its own reused buffer (no zero-fill), opens it in place and copies the
-//! body out to the caller. Both halves are cancel-safe (see
+//! a buffer (no zero-fill) and opens it in place. [`SecureReceiver::recv`]
+//! copies the body out to the caller and keeps the buffer;
+//! [`SecureReceiver::recv_bytes`] gives a large body to the caller in that
+//! buffer itself (a [`Bytes`] view past the type byte), so bulk data is
+//! not copied on the receiving side at all. Both halves are cancel-safe (see
 //! [`SecureSender::send`] and [`SecureReceiver::recv`]), which the
 //! connection's `select!` loops rely on.
 
 use super::aead::{Aead, AeadKind};
 use super::frame::{self, FrameType, HEADER_LEN, TAG_LEN};
 use super::{ChannelConfig, ChannelError, MAX_PAYLOAD};
+use bytes::Bytes;
 use hkdf::Hkdf;
 use sha2::Sha256;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +54,10 @@ const DIAGNOSE_WINDOW: u64 = 16;
 /// Read buffer of the receiving half: small frames are read many at a
 /// time; large bodies bypass it.
 const READ_BUFFER: usize = 16 * 1024;
+/// [`SecureReceiver::recv_bytes`] hands a DATA frame with a body at least
+/// this long to the caller in the buffer it was read and opened in; a
+/// shorter body is copied out and the buffer kept for the next frame.
+const HAND_OVER: usize = 16 * 1024;
 
 /// One direction's key and counter.
 pub(super) struct DirKey {
@@ -468,15 +476,34 @@ impl SecureReceiver {
     /// call finishes it. `payload` is written only when a whole DATA
     /// frame has been opened.
     pub async fn recv(&mut self, payload: &mut Vec<u8>) -> Result<(), ChannelError> {
+        self.next_data().await?;
+        payload.clear();
+        payload.extend_from_slice(&self.body[1..]);
+        Ok(())
+    }
+
+    /// [`SecureReceiver::recv`] that answers the payload as [`Bytes`]: a
+    /// large one (at least [`HAND_OVER`] bytes) in the very buffer the
+    /// frame was read and opened in, without a copy; a small one copied.
+    /// Cancel-safe the same way.
+    pub async fn recv_bytes(&mut self) -> Result<Bytes, ChannelError> {
+        self.next_data().await?;
+        if self.body.len() > HAND_OVER {
+            // The next frame is read into a new buffer of its own size.
+            Ok(Bytes::from(std::mem::take(&mut self.body)).slice(1..))
+        } else {
+            Ok(Bytes::copy_from_slice(&self.body[1..]))
+        }
+    }
+
+    /// Read frames until a DATA frame is opened in `self.body`
+    /// (`type || payload`), as [`SecureReceiver::recv`] describes.
+    async fn next_data(&mut self) -> Result<(), ChannelError> {
         loop {
             let ty = self.next_frame().await?;
             let body = &self.body[1..];
             match ty {
-                FrameType::Data => {
-                    payload.clear();
-                    payload.extend_from_slice(body);
-                    return Ok(());
-                }
+                FrameType::Data => return Ok(()),
                 FrameType::Rekey => continue,
                 FrameType::Ready => {
                     return Err(ChannelError::BadFrame(

@@ -51,6 +51,7 @@
 
 use super::msg::Msg;
 use super::requests::{self, Incoming, Outgoing, RequestHandler};
+use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -70,9 +71,10 @@ pub trait FrameTx: Send + 'static {
 
 /// The receiving half of a channel.
 pub trait FrameRx: Send + 'static {
-    /// Clear `payload` and fill it with the next frame's payload. When the
-    /// peer closed on purpose, the error's inner error is a [`PeerClosed`].
-    fn recv(&mut self, payload: &mut Vec<u8>) -> impl Future<Output = io::Result<()>> + Send;
+    /// The next frame's payload (a large one in the buffer it arrived in,
+    /// not copied). When the peer closed on purpose, the error's inner
+    /// error is a [`PeerClosed`].
+    fn recv(&mut self) -> impl Future<Output = io::Result<Bytes>> + Send;
 }
 
 /// Inside the `io::Error` of [`FrameRx::recv`]: the peer sent CLOSE with
@@ -106,8 +108,8 @@ impl FrameTx for crate::channel::SecureSender {
 }
 
 impl FrameRx for crate::channel::SecureReceiver {
-    async fn recv(&mut self, payload: &mut Vec<u8>) -> io::Result<()> {
-        crate::channel::SecureReceiver::recv(self, payload)
+    async fn recv(&mut self) -> io::Result<Bytes> {
+        crate::channel::SecureReceiver::recv_bytes(self)
             .await
             .map_err(channel_error)
     }
@@ -773,21 +775,24 @@ async fn write_loop<T: FrameTx>(shared: Arc<Shared>, mut tx: T) {
 }
 
 async fn read_loop<R: FrameRx>(shared: Arc<Shared>, mut rx: R, handler: Arc<dyn RequestHandler>) {
-    let mut frame = Vec::new();
     loop {
-        if let Err(e) = rx.recv(&mut frame).await {
-            let reason = CloseReason::from_recv_error(e);
-            let send_close = !matches!(reason, CloseReason::Remote(_));
-            shared.shutdown(reason, send_close);
-            return;
-        }
-        let msg = Msg::decode(&frame);
+        let frame = match rx.recv().await {
+            Ok(frame) => frame,
+            Err(e) => {
+                let reason = CloseReason::from_recv_error(e);
+                let send_close = !matches!(reason, CloseReason::Remote(_));
+                shared.shutdown(reason, send_close);
+                return;
+            }
+        };
+        let len = frame.len() as u64;
+        let msg = Msg::decode_frame(frame);
         let outcome = {
             let mut st = shared.lock();
             st.last_received = Instant::now();
-            st.bytes_received += frame.len() as u64;
+            st.bytes_received += len;
             if let Some(m) = &shared.metrics {
-                m.add(crate::metrics::Direction::Received, frame.len() as u64);
+                m.add(crate::metrics::Direction::Received, len);
             }
             match msg {
                 Ok(msg) => dispatch(&shared, &mut st, msg, &handler),
@@ -912,13 +917,9 @@ pub(crate) mod memory {
     }
 
     impl FrameRx for MemRx {
-        async fn recv(&mut self, payload: &mut Vec<u8>) -> io::Result<()> {
+        async fn recv(&mut self) -> io::Result<bytes::Bytes> {
             match self.0.recv().await {
-                Some(Frame::Data(data)) => {
-                    payload.clear();
-                    payload.extend_from_slice(&data);
-                    Ok(())
-                }
+                Some(Frame::Data(data)) => Ok(bytes::Bytes::from(data)),
                 Some(Frame::Close(reason)) => Err(PeerClosed(reason).into_io()),
                 None => Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -1312,12 +1313,18 @@ mod tests {
         let data = vec![0; MAX_CHUNK];
         raw_tx
             .0
-            .send(frame(&Msg::Chunk { id, data }))
+            .send(frame(&Msg::Chunk {
+                id,
+                data: data.into(),
+            }))
             .await
             .expect("send");
         raw_tx
             .0
-            .send(frame(&Msg::Chunk { id, data: vec![0] }))
+            .send(frame(&Msg::Chunk {
+                id,
+                data: vec![0].into(),
+            }))
             .await
             .expect("send");
         let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
@@ -1695,7 +1702,10 @@ mod tests {
             ),
             (
                 Request::Ping,
-                |id| Msg::Chunk { id, data: vec![1] },
+                |id| Msg::Chunk {
+                    id,
+                    data: vec![1].into(),
+                },
                 "Chunk for unary request 1 (Ping)",
             ),
             (
@@ -1705,7 +1715,10 @@ mod tests {
             ),
             (
                 Request::Bulk { bytes: 1 },
-                |id| Msg::Chunk { id, data: vec![] },
+                |id| Msg::Chunk {
+                    id,
+                    data: Bytes::new(),
+                },
                 "empty Chunk for request 1",
             ),
         ];

@@ -138,8 +138,8 @@ struct RxCounters {
 }
 
 impl conn::FrameRx for CountedRx {
-    async fn recv(&mut self, payload: &mut Vec<u8>) -> std::io::Result<()> {
-        let r = conn::FrameRx::recv(&mut self.inner, payload).await;
+    async fn recv(&mut self) -> std::io::Result<bytes::Bytes> {
+        let r = conn::FrameRx::recv(&mut self.inner).await;
         self.counters
             .rx_rekeys
             .store(self.inner.rekeys(), Ordering::Relaxed);

@@ -17,16 +17,19 @@
 //! ids of requests the receiver sent, and `Credit` the id of a stream the
 //! sender of the credit is receiving (a request it sent).
 //!
-//! Chunk data costs one copy each way: the sender copies it into the frame
-//! buffer ([`encode_chunk`] from a borrowed slice; both it and
-//! [`Msg::encode`] reserve the exact size first), the receiver out of
-//! the frame buffer into the chunk's own `Vec` (`serde_bytes`, so a byte
-//! string is one slice copy, not a sequence of `u8`s).
+//! Chunk data costs one copy on the sending side: the sender copies it
+//! into the message ([`encode_chunk`] from a borrowed slice; both it and
+//! [`Msg::encode`] reserve the exact size first). The receiving side
+//! copies none: [`Msg::decode_frame`] answers a `Chunk`'s data as a
+//! [`Bytes`] view into the frame's own buffer, which the channel hands
+//! over ([`crate::channel::SecureReceiver::recv_bytes`]). (Other byte
+//! strings are `serde_bytes`, one slice copy, not a sequence of `u8`s.)
 //!
 //! Versions: variants are only ever appended (postcard numbers them in
 //! declaration order), never reordered or removed; a new request kind is
 //! sent only to peers whose negotiated protocol version knows it.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -67,8 +70,8 @@ pub enum Msg {
     /// sent only within the credit the requester granted.
     Chunk {
         id: u64,
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
+        /// Encoded as a byte string (a length, then the bytes).
+        data: Bytes,
     },
     /// The end of a stream request, after its last chunk.
     End {
@@ -339,12 +342,39 @@ impl Msg {
     }
 }
 
+/// The variant index of [`Msg::Chunk`] (postcard numbers variants in
+/// declaration order).
+const CHUNK_INDEX: u32 = 4;
+
+impl Msg {
+    /// [`Msg::decode`] of a whole frame payload held in `frame`: the same
+    /// message (or the same error), except that a `Chunk`'s data is a
+    /// view into `frame` rather than a copy. The `Chunk` encoding is read
+    /// by hand (the variant index, the id and the data's length, each a
+    /// varint, then exactly that many bytes); anything else, including a
+    /// `Chunk` that does not parse that way, goes through `decode`.
+    pub fn decode_frame(frame: Bytes) -> Result<Msg, DecodeError> {
+        if frame.len() <= MAX_PAYLOAD
+            && let Ok((CHUNK_INDEX, rest)) = postcard::take_from_bytes::<u32>(&frame)
+            && let Ok((id, rest)) = postcard::take_from_bytes::<u64>(rest)
+            && let Ok((len, rest)) = postcard::take_from_bytes::<u64>(rest)
+            && usize::try_from(len) == Ok(rest.len())
+        {
+            let start = frame.len() - rest.len();
+            return Ok(Msg::Chunk {
+                id,
+                data: frame.slice(start..),
+            });
+        }
+        Msg::decode(&frame)
+    }
+}
+
 /// The encoding of `Msg::Chunk { id, data }` from borrowed data (the
 /// variant index, the id, then the data as a byte string: postcard encodes
 /// a tuple as its elements in order, so the bytes are the same), copying
 /// the data once, into a buffer of the exact size.
 pub fn encode_chunk(id: u64, data: &[u8]) -> Result<Vec<u8>, EncodeError> {
-    const CHUNK_INDEX: u32 = 4;
     let fields = (CHUNK_INDEX, id, serde_bytes::Bytes::new(data));
     let kind = "Chunk";
     let len =
@@ -412,7 +442,10 @@ pub(crate) mod tests {
             }),
             (ids.clone(), prop::result::maybe_ok(reply, remote_error()))
                 .prop_map(|(id, reply)| Msg::Reply { id, reply }),
-            (ids.clone(), bytes(2000)).prop_map(|(id, data)| Msg::Chunk { id, data }),
+            (ids.clone(), bytes(2000)).prop_map(|(id, data)| Msg::Chunk {
+                id,
+                data: data.into()
+            }),
             (
                 ids.clone(),
                 prop::result::maybe_ok(Just(()), remote_error())
@@ -449,8 +482,13 @@ pub(crate) mod tests {
     /// caller is inside proptest, which reports panics as failures), the
     /// result holds no more than the input, and a success re-encodes to at
     /// most as many bytes (postcard accepts overlong varints, so not always
-    /// the same bytes) that decode to the same message.
+    /// the same bytes) that decode to the same message; and
+    /// [`Msg::decode_frame`] answers exactly what `decode` answers.
     fn check_decode(input: &[u8]) -> Result<(), TestCaseError> {
+        prop_assert_eq!(
+            Msg::decode_frame(Bytes::copy_from_slice(input)),
+            Msg::decode(input)
+        );
         if let Ok(msg) = Msg::decode(input) {
             prop_assert!(held_bytes(&msg) <= input.len());
             let again = msg
@@ -480,7 +518,7 @@ pub(crate) mod tests {
             },
             Msg::Chunk {
                 id: 9,
-                data: vec![0xAB; MAX_CHUNK],
+                data: vec![0xAB; MAX_CHUNK].into(),
             },
             Msg::End {
                 id: 9,
@@ -523,7 +561,7 @@ pub(crate) mod tests {
             (
                 Msg::Chunk {
                     id: 3,
-                    data: vec![0xaa, 0xbb],
+                    data: vec![0xaa, 0xbb].into(),
                 },
                 &[0x04, 0x03, 0x02, 0xaa, 0xbb],
             ),
@@ -540,7 +578,7 @@ pub(crate) mod tests {
             let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let expected = Msg::Chunk {
                 id,
-                data: data.clone(),
+                data: data.clone().into(),
             }
             .encode()
             .expect("encodes");
@@ -558,10 +596,15 @@ pub(crate) mod tests {
 
     #[test]
     fn chunk_data_is_a_byte_string_not_a_sequence() {
-        // serde_bytes: a length then the raw bytes, so a chunk's overhead is
+        // A byte string: a length then the raw bytes, so a chunk's overhead is
         // a few bytes, whatever its content.
         let data = vec![0xFF; 1000];
-        let bytes = Msg::Chunk { id: 1, data }.encode().expect("encodes");
+        let bytes = Msg::Chunk {
+            id: 1,
+            data: data.into(),
+        }
+        .encode()
+        .expect("encodes");
         assert_eq!(bytes.len(), 1 + 1 + 2 + 1000);
     }
 
@@ -569,7 +612,7 @@ pub(crate) mod tests {
     fn encode_refuses_more_than_a_frame() {
         let msg = Msg::Chunk {
             id: 1,
-            data: vec![0; MAX_PAYLOAD],
+            data: vec![0; MAX_PAYLOAD].into(),
         };
         match msg.encode() {
             Err(EncodeError::TooLarge {
@@ -658,6 +701,7 @@ pub(crate) mod tests {
         fn any_message_round_trips(m in msg()) {
             let bytes = m.encode().map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert!(bytes.len() <= MAX_PAYLOAD);
+            prop_assert_eq!(Msg::decode_frame(Bytes::from(bytes.clone())), Ok(m.clone()));
             prop_assert_eq!(Msg::decode(&bytes), Ok(m));
         }
 

@@ -34,6 +34,7 @@ use super::conn::{self, MAX_QUEUED_STREAM_FRAMES, MAX_STREAM_WINDOW, PeerConn, S
 use super::msg::{
     MAX_CHUNK, Msg, RemoteError, RemoteErrorKind, Reply, Request, bulk_pattern_byte, encode_chunk,
 };
+use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use std::panic::AssertUnwindSafe;
@@ -178,7 +179,7 @@ enum OutKind {
 }
 
 enum StreamEvent {
-    Chunk(Vec<u8>),
+    Chunk(Bytes),
     End(Result<(), RemoteError>),
 }
 
@@ -434,7 +435,7 @@ impl ReplyStream {
     /// The next chunk; `None` after the stream's successful end. After an
     /// error (timeout, connection closed, the peer's error) the stream is
     /// over and `next` returns `None`.
-    pub async fn next(&mut self) -> Option<Result<Vec<u8>, RequestError>> {
+    pub async fn next(&mut self) -> Option<Result<Bytes, RequestError>> {
         if self.done {
             return None;
         }
@@ -1084,7 +1085,7 @@ mod tests {
             .stream(Request::Bulk { bytes: 13 }, BOUND)
             .await
             .expect("starts");
-        assert_eq!(stream.next().await, Some(Ok(vec![1; 13])));
+        assert_eq!(stream.next().await, Some(Ok(Bytes::from(vec![1; 13]))));
         assert_eq!(
             stream.next().await,
             Some(Err(RequestError::Remote(RemoteError::new(

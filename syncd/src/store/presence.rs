@@ -514,7 +514,8 @@ impl Store {
     }
 
     /// Write the verified bytes of fetched chunk `index` of `ino`
-    /// generation `generation` (the whole chunk, as the version has it)
+    /// generation `generation` (the whole chunk, as the version has it, in
+    /// `pieces` one after the other: as the peer's messages brought them)
     /// into the content file, the part below the presence `limit` only and
     /// never past the file's end, then mark the chunk present. Nothing is
     /// written when the chunk counts as present already (fetched meanwhile,
@@ -528,7 +529,7 @@ impl Store {
         ino: Ino,
         generation: u64,
         index: u64,
-        bytes: &[u8],
+        pieces: &[bytes::Bytes],
     ) -> Result<(), FsError> {
         {
             let _size = self.size_locks.lock(ino);
@@ -553,12 +554,17 @@ impl Store {
                 .metadata()
                 .map_err(|e| FsError::io(format!("{ino}: stat before writing a chunk"), &e))?
                 .len();
-            let upto = (start + bytes.len() as u64).min(rec.limit).min(len);
-            if upto > start {
-                file.write_all_at(&bytes[..(upto - start) as usize], start)
-                    .map_err(|e| {
-                        FsError::io(format!("{ino}: writing fetched chunk {index}"), &e)
-                    })?;
+            let upto = rec.limit.min(len);
+            let mut at = start;
+            for piece in pieces {
+                if at >= upto {
+                    break;
+                }
+                let take = (upto - at).min(piece.len() as u64) as usize;
+                file.write_all_at(&piece[..take], at).map_err(|e| {
+                    FsError::io(format!("{ino}: writing fetched chunk {index}"), &e)
+                })?;
+                at += take as u64;
             }
         }
         self.mark_present(ino, generation, index)?;

@@ -26,9 +26,14 @@ fn version_bytes() -> Vec<u8> {
         .collect()
 }
 
-fn chunk(all: &[u8], i: u64) -> &[u8] {
+/// Chunk `i` of `all` in the pieces a peer sends it in (at most
+/// `MAX_CHUNK` bytes each).
+fn chunk(all: &[u8], i: u64) -> Vec<bytes::Bytes> {
     let (a, b) = chunk_range(i, all.len() as u64);
-    &all[a as usize..b as usize]
+    all[a as usize..b as usize]
+        .chunks(crate::peer::msg::MAX_CHUNK)
+        .map(bytes::Bytes::copy_from_slice)
+        .collect()
 }
 
 /// A store with a file from the peer, nothing of it local yet.
@@ -54,7 +59,7 @@ fn partial_file(dir: &std::path::Path, content: &[u8]) -> (Store, Ino) {
         },
         size,
         chunks: (0..chunk_count(size))
-            .map(|i| ChunkHash::of(chunk(content, i)))
+            .map(|i| ChunkHash::of(&chunk(content, i).concat()))
             .collect(),
         target: Vec::new(),
     };
@@ -91,7 +96,7 @@ fn a_chunk_written_after_its_fetch_survives_a_restart_and_a_torn_fetch_is_still_
         let g = generation(&s, ino);
         // Chunk 0 fetched (by a reader), then the file opened for writing:
         // the open tells the writer chunk 0 is present.
-        s.write_chunk(ino, g, 0, chunk(&content, 0))
+        s.write_chunk(ino, g, 0, &chunk(&content, 0))
             .expect("fetch chunk 0");
         let w = s.open(ino, libc::O_RDWR, CONN).expect("open for writing");
         let told = w.opened.partial.as_ref().expect("partial").present.clone();
@@ -99,7 +104,7 @@ fn a_chunk_written_after_its_fetch_survives_a_restart_and_a_torn_fetch_is_still_
         let wf = std::fs::File::from(w.fd);
         // Chunk 1 fetched for the writer (mountd's fetch before a write;
         // syncd settles before it answers a handle that may write).
-        s.write_chunk(ino, g, 1, chunk(&content, 1))
+        s.write_chunk(ino, g, 1, &chunk(&content, 1))
             .expect("fetch chunk 1");
         s.settle_for_writer(ino).expect("settle for the writer");
         // The local writes into both fetched chunks.
@@ -108,7 +113,7 @@ fn a_chunk_written_after_its_fetch_survives_a_restart_and_a_torn_fetch_is_still_
             .expect("write into chunk 1");
         // Chunk 2 fetched by a reader, and a crash tears its bytes (its
         // bit was written, its bytes were not).
-        s.write_chunk(ino, g, 2, chunk(&content, 2))
+        s.write_chunk(ino, g, 2, &chunk(&content, 2))
             .expect("fetch chunk 2");
         s.open_for_fill(ino, g)
             .expect("open")
@@ -125,7 +130,8 @@ fn a_chunk_written_after_its_fetch_survives_a_restart_and_a_torn_fetch_is_still_
     // A later fetch of every chunk writes over none of the local bytes.
     let g = generation(&s, ino);
     for i in 0..CHUNKS {
-        s.write_chunk(ino, g, i, chunk(&content, i)).expect("fetch");
+        s.write_chunk(ino, g, i, &chunk(&content, i))
+            .expect("fetch");
     }
     assert!(s.presence(ino).expect("presence").is_none(), "complete");
     let mut want = content.clone();
@@ -172,7 +178,7 @@ fn write_chunk_racing(
         }
     };
     *s.size_locks.between.lock().expect("lock") = Some(Box::new(hook));
-    s.write_chunk(ino, g, index, chunk(content, index))
+    s.write_chunk(ino, g, index, &chunk(content, index))
         .expect("the fetched chunk");
     truncator
         .lock()
@@ -212,7 +218,8 @@ fn a_truncate_during_a_fetched_write_never_lets_fetched_bytes_past_its_size() {
     );
     // And later fetches keep to the new limit too.
     for i in 0..CHUNKS {
-        s.write_chunk(ino, g, i, chunk(&content, i)).expect("fetch");
+        s.write_chunk(ino, g, i, &chunk(&content, i))
+            .expect("fetch");
     }
     let got = read_content(&s, ino);
     assert!(got[..CUT as usize] == content[..CUT as usize]);
@@ -285,7 +292,7 @@ fn marks_beside_transactions() {
             std::thread::spawn(move || {
                 // Every chunk but the last, spread over the threads.
                 for i in (t..MANY - 1).step_by(4) {
-                    s.write_chunk(ino, g, i, chunk(&content, i))
+                    s.write_chunk(ino, g, i, &chunk(&content, i))
                         .expect("write chunk");
                 }
             })
@@ -301,7 +308,7 @@ fn marks_beside_transactions() {
         assert!(bit(&b.present, i), "chunk {i} lost its bit");
     }
     assert!(!bit(&b.present, MANY - 1));
-    s.write_chunk(ino, g, MANY - 1, chunk(&content, MANY - 1))
+    s.write_chunk(ino, g, MANY - 1, &chunk(&content, MANY - 1))
         .expect("the last chunk");
     assert_eq!(s.presence_bits(ino).expect("bits"), None, "complete");
     assert_eq!(read_content(&s, ino), *content);

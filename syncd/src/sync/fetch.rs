@@ -65,12 +65,13 @@
 
 use crate::peer::conn::PeerConn;
 use crate::peer::manager::Manager;
-use crate::peer::msg::{RemoteErrorKind, Request};
+use crate::peer::msg::{MAX_CHUNK, RemoteErrorKind, Request};
 use crate::peer::requests::RequestError;
 use crate::store::Store;
 use crate::store::objects::PresenceRec;
 use crate::store::presence::PresentBits;
 use crate::sync::model::{CHUNK_SIZE, ChunkHash, Gid, chunk_count, chunk_range};
+use bytes::Bytes;
 use ipc_schema::{FetchInFlight, FsError, Ino, fs_err};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -100,7 +101,8 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// content file.
     fn generation(&self, ino: Ino) -> Result<(u64, u64), FsError>;
     /// Write the verified bytes of chunk `index` of generation
-    /// `generation` below the presence limit and mark it present, unless
+    /// `generation` (`pieces`, one after the other, as they arrived)
+    /// below the presence limit and mark it present, unless
     /// it counts as present already or the file is complete; `EIO` when
     /// another generation replaced it (`Store::write_chunk`: the limit is
     /// read and the bytes written under the inode's size lock, which
@@ -110,7 +112,7 @@ pub trait ChunkStore: Send + Sync + 'static {
         ino: Ino,
         generation: u64,
         index: u64,
-        bytes: &[u8],
+        pieces: &[Bytes],
     ) -> Result<(), FsError>;
 }
 
@@ -143,10 +145,10 @@ impl ChunkStore for Store {
         ino: Ino,
         generation: u64,
         index: u64,
-        bytes: &[u8],
+        pieces: &[Bytes],
     ) -> Result<(), FsError> {
         crate::fault::store_gate();
-        Store::write_chunk(self, ino, generation, index, bytes)
+        Store::write_chunk(self, ino, generation, index, pieces)
     }
 }
 
@@ -713,8 +715,10 @@ impl Fetcher {
         ))
     }
 
-    /// Ask one peer for the chunk: its bytes, checked (length and hash).
-    async fn ask(&self, conn: &PeerConn, spec: &ChunkSpec) -> Result<Vec<u8>, String> {
+    /// Ask one peer for the chunk: its bytes as the pieces they arrived in
+    /// (each in the buffer the channel received it in: hashed and written
+    /// from there, never copied into one), checked (length and hash).
+    async fn ask(&self, conn: &PeerConn, spec: &ChunkSpec) -> Result<Vec<Bytes>, String> {
         let req = Request::Chunk {
             gid: spec.gid,
             index: spec.key.index,
@@ -724,7 +728,8 @@ impl Fetcher {
             .stream(req, self.cfg.chunk_timeout)
             .await
             .map_err(|e| e.to_string())?;
-        let mut bytes = Vec::with_capacity(spec.len as usize);
+        let mut pieces = Vec::with_capacity(spec.len.div_ceil(MAX_CHUNK as u64) as usize);
+        let mut got = 0u64;
         while let Some(piece) = stream.next().await {
             let piece = piece.map_err(|e| match e {
                 RequestError::Remote(r) if r.kind == RemoteErrorKind::NotFound => {
@@ -732,23 +737,23 @@ impl Fetcher {
                 }
                 other => other.to_string(),
             })?;
-            if (bytes.len() + piece.len()) as u64 > spec.len {
+            got += piece.len() as u64;
+            if got > spec.len {
                 // Dropping the stream cancels it.
                 return Err(format!(
                     "refused: it sent more than the chunk's {} bytes",
                     spec.len
                 ));
             }
-            bytes.extend_from_slice(&piece);
+            pieces.push(piece);
         }
-        if bytes.len() as u64 != spec.len {
+        if got != spec.len {
             return Err(format!(
-                "refused: it sent {} bytes, the chunk has {}",
-                bytes.len(),
+                "refused: it sent {got} bytes, the chunk has {}",
                 spec.len
             ));
         }
-        if ChunkHash::of(&bytes) != spec.hash {
+        if ChunkHash::of_pieces(&pieces) != spec.hash {
             tracing::warn!(
                 peer = %conn.label(),
                 ino = %spec.key.ino,
@@ -758,15 +763,15 @@ impl Fetcher {
             );
             return Err("refused: the bytes do not match the chunk's hash".to_owned());
         }
-        Ok(bytes)
+        Ok(pieces)
     }
 
     /// Write a verified chunk's bytes below the presence limit and mark it
     /// present (unless it was marked present meanwhile, or the version or
     /// its presence record is gone).
-    async fn write(&self, spec: &ChunkSpec, bytes: Vec<u8>) -> Result<(), FsError> {
+    async fn write(&self, spec: &ChunkSpec, pieces: Vec<Bytes>) -> Result<(), FsError> {
         let key = spec.key;
-        self.store_call(move |s| s.write_chunk(key.ino, key.generation, key.index, &bytes))
+        self.store_call(move |s| s.write_chunk(key.ino, key.generation, key.index, &pieces))
             .await
     }
 }

@@ -116,8 +116,9 @@ impl ChunkStore for MemStore {
         ino: Ino,
         generation: u64,
         index: u64,
-        bytes: &[u8],
+        pieces: &[Bytes],
     ) -> Result<(), FsError> {
+        let bytes = pieces.concat();
         let mut recs = self.recs.lock().expect("lock");
         let Some(rec) = recs.get_mut(&ino) else {
             return Ok(());

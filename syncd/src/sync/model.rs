@@ -114,6 +114,16 @@ impl ChunkHash {
         ChunkHash(*blake3::hash(bytes).as_bytes())
     }
 
+    /// The hash of the bytes of `pieces` one after the other (the same as
+    /// [`ChunkHash::of`] their concatenation).
+    pub fn of_pieces<P: AsRef<[u8]>>(pieces: &[P]) -> ChunkHash {
+        let mut hasher = blake3::Hasher::new();
+        for piece in pieces {
+            hasher.update(piece.as_ref());
+        }
+        ChunkHash(*hasher.finalize().as_bytes())
+    }
+
     /// Lower-case hex, 64 digits.
     pub fn hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
@@ -257,6 +267,21 @@ impl ObjRec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hash_of_pieces_is_the_hash_of_their_bytes_in_order() {
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let whole = ChunkHash::of(&bytes);
+        for cut in [0, 1, 1024, 196_608, 299_999, 300_000] {
+            let (a, b) = bytes.split_at(cut);
+            assert_eq!(ChunkHash::of_pieces(&[a, b]), whole, "cut at {cut}");
+            if !a.is_empty() && !b.is_empty() {
+                assert_ne!(ChunkHash::of_pieces(&[b, a]), whole, "swapped at {cut}");
+            }
+        }
+        let empty: [&[u8]; 0] = [];
+        assert_eq!(ChunkHash::of_pieces(&empty), ChunkHash::of(&[]));
+    }
 
     fn vv(pairs: &[(u8, u64)]) -> VersionVector {
         VersionVector(pairs.iter().map(|(d, c)| (DeviceId([*d; 8]), *c)).collect())
