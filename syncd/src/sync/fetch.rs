@@ -52,9 +52,11 @@
 //! background flights. A read elsewhere resets the window to nothing. The
 //! window is kept per inode ([`Readahead`]).
 //!
-//! What the fetcher reads of the store per chunk is small: the presence
-//! bits ([`PresentBits`], not the record with every chunk's hash), and
-//! the hashes of a version once per file (kept with the file's state
+//! What the fetcher reads of the store is small: the presence bits
+//! ([`PresentBits`], not the record with every chunk's hash) once per
+//! demand (none per chunk: a flight goes straight to the peers, see
+//! [`Fetcher::start`] for why it never fetches a chunk that is present),
+//! and the hashes of a version once per file (kept with the file's state
 //! while it is fetched).
 //!
 //! Locks: one `Mutex<State>` (the flights and the per-file state), and one
@@ -273,6 +275,29 @@ struct FileState {
     demand_slots: Arc<Semaphore>,
     /// The generation the hashes are of, and each chunk's hash.
     hashes: Option<(u64, Gid, Arc<Vec<ChunkHash>>)>,
+    /// The chunks that flights of generation `.0` made present (a bitmap),
+    /// so that a flight is not started again for a chunk whose flight
+    /// ended after the caller read the presence bits ([`Fetcher::start`]).
+    landed: (u64, Vec<u64>),
+}
+
+impl FileState {
+    /// A flight made chunk `index` of `generation` present.
+    fn land(&mut self, generation: u64, index: u64) {
+        if self.landed.0 != generation {
+            self.landed = (generation, Vec::new());
+        }
+        let word = (index / 64) as usize;
+        if self.landed.1.len() <= word {
+            self.landed.1.resize(word + 1, 0);
+        }
+        self.landed.1[word] |= 1 << (index % 64);
+    }
+
+    /// Whether a flight made chunk `index` of `generation` present.
+    fn landed(&self, generation: u64, index: u64) -> bool {
+        self.landed.0 == generation && bit(&self.landed.1, index)
+    }
 }
 
 #[derive(Default)]
@@ -320,6 +345,7 @@ fn file_state(st: &mut State, ino: Ino, parallel: usize) -> &mut FileState {
         slots: Arc::new(Semaphore::new(parallel)),
         demand_slots: Arc::new(Semaphore::new(parallel)),
         hashes: None,
+        landed: (0, Vec::new()),
     })
 }
 
@@ -621,7 +647,17 @@ impl Fetcher {
         file.readahead.on_read(offset, len, self.cfg.readahead_max)
     }
 
-    /// The flight of `spec`'s chunk: the one in the air, or a new one.
+    /// The flight of `spec`'s chunk: the one in the air, a new one, or
+    /// (when a flight made the chunk present since the caller read the
+    /// presence bits) one that has landed already.
+    ///
+    /// A caller reads the bits before it looks for a flight here; a flight
+    /// marks its chunk present, then leaves the table and notes the chunk
+    /// as landed in the same critical section. So a chunk missing from the
+    /// caller's bits is either in the air here, or landed here, or not
+    /// being fetched. (The landed bits of a file whose state was dropped,
+    /// beyond [`FILES_KEPT`], are lost: its chunk is then fetched again and
+    /// [`ChunkStore::write_chunk`] leaves the present chunk as it is.)
     fn start(self: &Arc<Self>, spec: ChunkSpec, demanded: bool) -> Arc<Flight> {
         let mut st = self.lock();
         if let Some(flight) = st.flights.get(&spec.key) {
@@ -632,13 +668,20 @@ impl Fetcher {
             }
             return flight.clone();
         }
+        let landed = st
+            .files
+            .get(&spec.key.ino)
+            .is_some_and(|f| f.landed(spec.key.generation, spec.key.index));
         let flight = Arc::new(Flight {
-            done: watch::channel(None).0,
+            done: watch::channel(landed.then_some(Ok(()))).0,
             started: Instant::now(),
             demanded: AtomicBool::new(demanded),
             promoted: Notify::new(),
             peer: Mutex::new(String::new()),
         });
+        if landed {
+            return flight;
+        }
         st.flights.insert(spec.key, flight.clone());
         let file = file_state(&mut st, spec.key.ino, self.cfg.parallel);
         let (slots, demand_slots) = (file.slots.clone(), file.demand_slots.clone());
@@ -663,7 +706,15 @@ impl Fetcher {
                 tracing::debug!(ino = %spec.key.ino, chunk = spec.key.index, error = %e, "chunk fetch failed");
             }
             crate::metrics::chunk_fetch(result.is_ok());
-            this.lock().flights.remove(&spec.key);
+            {
+                let mut st = this.lock();
+                st.flights.remove(&spec.key);
+                if result.is_ok()
+                    && let Some(file) = st.files.get_mut(&spec.key.ino)
+                {
+                    file.land(spec.key.generation, spec.key.index);
+                }
+            }
             task_flight.done.send_replace(Some(result));
         });
         flight
@@ -674,16 +725,9 @@ impl Fetcher {
     async fn fly(&self, spec: &ChunkSpec, flight: &Flight) -> Result<(), FsError> {
         let ino = spec.key.ino;
         let index = spec.key.index;
-        // A reader reads the bits before it looks for a flight: one that
-        // ended in between marked the chunk and left the table, and this
-        // flight was started for a chunk that is here now. This flight
-        // entered the table after that one left, so these bits show it.
-        let generation = spec.key.generation;
-        match self.store_call(move |s| s.presence_bits(ino)).await? {
-            None => return Ok(()),
-            Some(b) if b.generation == generation && b.has(index) => return Ok(()),
-            Some(_) => {}
-        }
+        // No look at the presence bits first: the caller found the chunk
+        // missing in them, and `start` does not start a flight for a chunk
+        // that a flight made present since (see there).
         let mut peers = self.peers.connected();
         if peers.is_empty() {
             return Err(fs_err!(

@@ -786,3 +786,35 @@ async fn a_prefetch_step_keeps_at_most_its_window_in_flight_and_steps_complete_t
     all.sort();
     assert_eq!(all, (0..10).collect::<Vec<_>>(), "each chunk asked once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_whose_flight_landed_after_the_bits_were_read_is_not_fetched_again() {
+    let f = fixture(SIZE, &[Serves::Good], true, cfg(8, 0));
+    // The presence bits as a reader read them before anything was fetched.
+    let stale = f.store.presence_bits(INO).expect("bits").expect("partial");
+    f.fetcher
+        .ensure(INO, GENERATION, 0, 1, far(), true)
+        .await
+        .expect("fetched");
+    assert_eq!(asked(&f.servers[0]), vec![0]);
+    // Chunk 0 is missing in the stale bits; its flight has landed since.
+    assert!(!stale.has(0));
+    let hashes = f.fetcher.hashes(INO, &stale).await.expect("hashes");
+    let spec = f.fetcher.spec(INO, &stale, &hashes, 0);
+    let flight = f.fetcher.start(spec, true);
+    assert_eq!(
+        flight.done.borrow().clone(),
+        Some(Ok(())),
+        "answered as landed at once"
+    );
+    // A chunk no flight fetched is asked for as usual.
+    let spec = f.fetcher.spec(INO, &stale, &hashes, 2);
+    let mut done = f.fetcher.start(spec, true).done.subscribe();
+    let result = done.wait_for(Option::is_some).await.expect("ends").clone();
+    assert_eq!(result, Some(Ok(())));
+    assert_eq!(
+        asked(&f.servers[0]),
+        vec![0, 2],
+        "chunk 0 was not asked again"
+    );
+}
