@@ -63,7 +63,9 @@
 //! small mutex per flight (the peer being asked, for `debug_fetches`).
 //! Neither is held across an `.await`, a store call or a peer call; the
 //! state lock is never taken while a flight's is held (the flight's is a
-//! leaf). Store calls run on the blocking pool.
+//! leaf). Store calls run on the blocking pool, except the two short
+//! reads of [`Fetcher::ensure`]'s presence look, made on the calling task
+//! (see `Fetcher::version`).
 
 use crate::peer::conn::PeerConn;
 use crate::peer::manager::Manager;
@@ -469,12 +471,19 @@ impl Fetcher {
     /// presence record) or current and complete (with its size); `EIO`
     /// when a newer version replaced it, since peers serve only the
     /// current version.
+    ///
+    /// Read on the calling task, not the blocking pool: one small record
+    /// (and, for a complete file, its inode record and a `stat`), as short
+    /// as the store reads the filesystem service makes on its task (see
+    /// `service.rs`). [`Fetcher::ensure`] asks this twice per demand, and
+    /// each trip to the pool and back cost two thread wake-ups on the
+    /// cold read's busiest path.
     async fn version(&self, ino: Ino, generation: u64) -> Result<Version, FsError> {
-        let current = match self.store_call(move |s| s.presence_bits(ino)).await? {
+        let current = match self.store.presence_bits(ino)? {
             Some(rec) if rec.generation == generation => return Ok(Version::Partial(rec)),
             Some(rec) => rec.generation,
             None => {
-                let (current, size) = self.store_call(move |s| s.generation(ino)).await?;
+                let (current, size) = self.store.generation(ino)?;
                 if current == generation {
                     return Ok(Version::Complete(size));
                 }
