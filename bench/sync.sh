@@ -16,7 +16,10 @@
 #                 from an sshd on 127.0.0.1; MB/s (10^6 bytes/s) and the
 #                 keibi/sshfs ratio (goal: at least 4), and the CPU
 #                 seconds per GiB of alice's syncd, bob's syncd and bob's
-#                 mountd during the read (user + system, /proc/PID/stat)
+#                 mountd during the read (user + system, /proc/PID/stat),
+#                 of the whole machine (every process and kernel thread,
+#                 /proc/stat) with the share of its CPUs that was busy,
+#                 and each daemon's context switches per 256 KiB chunk
 #   one-chunk     4 KiB overwritten in the middle of that file on alice;
 #   edit          the bytes bob received from alice (keibictl peer list
 #                 --json, bytes_received) until bob reads the new bytes,
@@ -205,6 +208,11 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 cpu_pids=("${KEIBI_NODE_SYNCD_PID[alice]}" "${KEIBI_NODE_SYNCD_PID[bob]}" "${KEIBI_NODE_MOUNTD_PID[bob]}")
 cpu_before=()
 for p in "${cpu_pids[@]}"; do cpu_before+=("$(cpu_ticks "$p")"); done
+# Context switches (voluntary and not) of all of a process's threads: each
+# is a thread put to sleep or woken, which costs most on a VM.
+switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches:/ { n += $2 } END { print n + 0 }'; }
+switches_before=()
+for p in "${cpu_pids[@]}"; do switches_before+=("$(switches "$p")"); done
 # The whole machine's busy and total ticks (every CPU, every process and
 # kernel thread: page cache writeback, loopback softirqs, dd itself), and
 # the ticks the hypervisor stole from this VM.
@@ -233,6 +241,8 @@ fi
 machine_after="$(machine_ticks)"
 cpu_after=()
 for p in "${cpu_pids[@]}"; do cpu_after+=("$(cpu_ticks "$p")"); done
+switches_after=()
+for p in "${cpu_pids[@]}"; do switches_after+=("$(switches "$p")"); done
 # shellcheck disable=SC2086 # machine_* are three numbers each
 cpu_line="$(python3 - "$(getconf CLK_TCK)" "$size_mib" "${cpu_before[@]}" "${cpu_after[@]}" $machine_before $machine_after <<'PY'
 import sys
@@ -248,6 +258,15 @@ print(f"CPU s per GiB read: alice's syncd {per[0]:.2f}, bob's syncd {per[1]:.2f}
 PY
 )"
 echo "$cpu_line"
+switch_line="$(python3 - "$size_mib" "${switches_before[@]}" "${switches_after[@]}" <<'PY'
+import sys
+chunks = int(sys.argv[1]) * 4  # 256 KiB chunks
+b, a = list(map(int, sys.argv[2:5])), list(map(int, sys.argv[5:8]))
+per = [(y - x) / chunks for x, y in zip(b, a)]
+print(f"context switches per 256 KiB chunk: alice's syncd {per[0]:.1f}, bob's syncd {per[1]:.1f}, bob's mountd {per[2]:.1f}")
+PY
+)"
+echo "$switch_line"
 if ! cmp -s "$KEIBI_WORK/big.src" "$bob/big.bin"; then
     echo "sync.sh: big.bin read on bob differs from what alice wrote" >&2
     exit 1
@@ -312,6 +331,7 @@ echo "bytes bob received from alice for the edit: $moved (file: $((size_mib * 10
 echo
 echo "== summary"
 echo "$cpu_line"
+echo "$switch_line"
 python3 - "$keibi_mbps" "${sshfs_mbps:-0}" "$moved" "$size_mib" <<'PY'
 import sys
 k, s, moved, mib = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
