@@ -408,7 +408,7 @@ impl Fetcher {
         deadline: Instant,
         demanded: bool,
     ) -> Result<Vec<u64>, FsError> {
-        let rec = match self.version(ino, generation).await? {
+        let rec = match self.version(ino, generation)? {
             Version::Partial(rec) => rec,
             Version::Complete(size) => {
                 return Ok(all_present(size.max(offset.saturating_add(len))));
@@ -461,7 +461,7 @@ impl Fetcher {
         if let Some(e) = results.into_iter().find_map(Result::err) {
             return Err(e);
         }
-        match self.version(ino, generation).await? {
+        match self.version(ino, generation)? {
             Version::Partial(now) => Ok(now.present),
             Version::Complete(size) => Ok(all_present(size.max(offset.saturating_add(len)))),
         }
@@ -478,7 +478,7 @@ impl Fetcher {
     /// `service.rs`). [`Fetcher::ensure`] asks this twice per demand, and
     /// each trip to the pool and back cost two thread wake-ups on the
     /// cold read's busiest path.
-    async fn version(&self, ino: Ino, generation: u64) -> Result<Version, FsError> {
+    fn version(&self, ino: Ino, generation: u64) -> Result<Version, FsError> {
         let current = match self.store.presence_bits(ino)? {
             Some(rec) if rec.generation == generation => return Ok(Version::Partial(rec)),
             Some(rec) => rec.generation,
