@@ -21,8 +21,10 @@
 //! [`sync::engine`]); bind both sockets (and the metrics endpoint when
 //! one is configured, served on the control runtime, see [`metrics`]);
 //! serve. SIGTERM or SIGINT removes the unused spares, reclaims the
-//! freed inodes, flushes the store, removes the socket files and exits 0. Other startup failures exit
-//! 1.
+//! freed inodes, flushes the store, removes the socket files, stops the
+//! runtimes and, when all of their work ended in time, marks the stop
+//! clean so that the next start skips its scan (see `store::check`); it
+//! exits 0. Other startup failures exit 1.
 //!
 //! Two tokio runtimes. The filesystem runtime (multi-threaded, threads
 //! `keibi-fs`) serves mountd; its workers may run short store reads
@@ -75,6 +77,10 @@ const FS_SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 /// How long the network runtime gets at exit to send the peers' CLOSE
 /// frames.
 const NET_SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
+
+/// How long the control runtime's tasks (keibictl calls) get to finish
+/// at exit.
+const CONTROL_SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
 
 /// File mode of the metrics socket: syncd's user and group.
 const METRICS_SOCKET_MODE: u32 = 0o660;
@@ -296,19 +302,45 @@ fn main() -> ExitCode {
     let result = control_runtime.block_on(run(
         config,
         lock,
-        store,
+        store.clone(),
         identity,
         manager,
         (engine, fetcher, invals),
         fs_runtime.handle(),
     ));
     // Requests still running after the flush have nobody to answer.
-    fs_runtime.shutdown_timeout(FS_SHUTDOWN_WAIT);
-    net_runtime.shutdown_timeout(NET_SHUTDOWN_WAIT);
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(EXIT_FAILURE, &e),
+    let stopped = [
+        stop_runtime(control_runtime, CONTROL_SHUTDOWN_WAIT),
+        stop_runtime(fs_runtime, FS_SHUTDOWN_WAIT),
+        stop_runtime(net_runtime, NET_SHUTDOWN_WAIT),
+    ];
+    if let Err(e) = result {
+        return fail(EXIT_FAILURE, &e);
     }
+    if stopped.contains(&false) {
+        tracing::info!(
+            "not marking the stop clean: some work did not stop in time; the next start scans the store"
+        );
+    } else {
+        // Nothing runs that could change the store: the next start may
+        // skip its scan (see `store::check`).
+        match store.mark_clean() {
+            Ok(true) => tracing::info!("stop marked clean"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot mark the stop clean; the next start scans the store")
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// Stop `runtime`, waiting up to `wait` for its tasks and threads;
+/// answers whether every one of them ended within it.
+fn stop_runtime(runtime: tokio::runtime::Runtime, wait: Duration) -> bool {
+    let started = std::time::Instant::now();
+    runtime.shutdown_timeout(wait);
+    started.elapsed() < wait
 }
 
 /// Serve the peer channel's frame-sized buffers (up to 256 KiB, one or

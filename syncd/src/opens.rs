@@ -291,6 +291,13 @@ impl OpenTable {
         self.writers.contains_key(&ino)
     }
 
+    /// How many content files of old generations are still kept: open, or
+    /// waiting to be removed. None may be left for a clean stop to skip
+    /// the next start-up scan (see `store::check`).
+    pub fn old_generations_kept(&self) -> usize {
+        self.retired.len() + self.unpinned.len()
+    }
+
     /// Generation `generation` of `ino` is no longer current: answers true
     /// if no handle has it open (remove it now); else it is removed when
     /// its last handle goes ([`OpenTable::take_unpinned`]).

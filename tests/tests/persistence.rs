@@ -170,3 +170,49 @@ fn fsynced_tree_survives_kill_9_of_syncd() {
         "and after a clean restart of both"
     );
 }
+
+/// How many times syncd's log (all its runs so far) says `what`.
+fn said(fx: &KeibiFixture, what: &str) -> usize {
+    fx.syncd_log().matches(what).count()
+}
+
+#[test]
+fn a_clean_stop_skips_the_next_start_up_scan_and_a_kill_does_not() {
+    const MARKED: &str = "stop marked clean";
+    const SKIPPED: &str = "start-up scan skipped";
+    const SCANNED: &str = "start-up scan done";
+    let (_w, mut fx) = setup(
+        "persistence clean stop",
+        Duration::from_secs(120),
+        Options::default(),
+    );
+    build_tree(&fx);
+    let before = record(&fx.mnt());
+    assert_eq!(said(&fx, SCANNED), 1, "the first start scans (no mark)");
+    // A content file that no inode names, as a crash between making a
+    // content file and naming it leaves: the scan removes it.
+    let stray = fx.state_dir().join("content").join("0000fffffffffff0");
+
+    let (st, by_itself) = fx.stop_syncd();
+    assert!(st.success() && by_itself, "SIGTERM: {st}");
+    assert_eq!(said(&fx, MARKED), 1, "a clean stop is marked");
+    fs::write(&stray, b"").expect("plant a stray content file");
+    fx.start_syncd();
+    fx.wait_writable(Duration::from_secs(20));
+    assert_eq!(said(&fx, SKIPPED), 1, "the start after it skips the scan");
+    assert_eq!(said(&fx, SCANNED), 1);
+    assert!(stray.exists(), "the skipped scan removed a file");
+    assert_eq!(record(&fx.mnt()), before, "tree after a clean restart");
+
+    fx.kill9_syncd();
+    fx.start_syncd();
+    fx.wait_writable(Duration::from_secs(20));
+    assert_eq!(said(&fx, SCANNED), 2, "the start after a kill scans");
+    assert_eq!(said(&fx, SKIPPED), 1, "the mark was used twice");
+    assert!(!stray.exists(), "the scan after a kill kept the stray");
+    assert_eq!(
+        record(&fx.mnt()),
+        before,
+        "tree after kill -9 and a restart"
+    );
+}

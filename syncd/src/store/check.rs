@@ -15,6 +15,21 @@
 //! local disk. `check` lists what this scan did. Extended attributes and
 //! orphan marks of inodes that have no record are removed too.
 //!
+//! A start after a clean stop skips the scan. [`Store::mark_clean`] runs
+//! last at a clean stop, once nothing else can change the store (syncd's
+//! runtimes have stopped, so no request, remote change or control call is
+//! still running; see `main.rs`), and only while no content file of an
+//! old generation is kept for an open handle. The content directory then
+//! holds exactly the current content of every named file (the spares
+//! were removed, the freed inodes reclaimed, the directory and sled
+//! flushed), and the mark, written and flushed after that, says so. The
+//! next start takes the mark away, durably, before anything can change
+//! ([`Store::take_clean_mark`]), and skips the scan. Any other end (a
+//! kill, a crash, a power cut, a stop that timed out) leaves no mark, and
+//! the scan runs. The scan's time grows with the number of files: it was
+//! nearly all of a start with a million files (see docs/architecture.md,
+//! "Start-up").
+//!
 //! `check` scans the whole store and the content directory while the store
 //! serves, without a snapshot: an operation running at the same moment can
 //! make the store look inconsistent for an instant. So a scan that finds
@@ -25,7 +40,9 @@
 //! checks the inconsistency is still there, and a last scan reports what is
 //! left.
 
-use super::records::{DirentRec, InodeRec, be_u64, cookie_key, decode, dirent_key, ino_key};
+use super::records::{
+    DirentRec, InodeRec, META_CLEAN_STOP, be_u64, cookie_key, decode, dirent_key, ino_key,
+};
 use super::{Store, reclaim, store_err};
 use ipc_schema::{CheckFinding, CheckKind, CheckReport, FileKind, FsError, Ino, Name, fs_err};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -103,6 +120,42 @@ fn shown(name: &[u8]) -> String {
 }
 
 impl Store {
+    /// Mark the store as stopped cleanly (see the module doc). Call it
+    /// last, when nothing else can use the store any more. Answers whether
+    /// the mark was written: not while content of old generations is kept
+    /// for open handles (logged; the next start scans).
+    pub fn mark_clean(&self) -> Result<bool, FsError> {
+        let kept = self.lock_opens().old_generations_kept();
+        if kept > 0 {
+            tracing::info!(
+                kept,
+                "not marking the stop clean: content files of old generations are still kept for open handles; the next start scans the store"
+            );
+            return Ok(false);
+        }
+        self.flush()?;
+        self.meta
+            .insert(META_CLEAN_STOP, &[][..])
+            .map_err(|e| store_err("writing the clean-stop mark", e))?;
+        self.flush_store()?;
+        Ok(true)
+    }
+
+    /// At start, before anything can change: whether the last stop was
+    /// clean. The mark is taken away and that is made durable first, so
+    /// that any end from now on but another clean stop leaves none.
+    pub(crate) fn take_clean_mark(&self) -> Result<bool, FsError> {
+        let was = self
+            .meta
+            .remove(META_CLEAN_STOP)
+            .map_err(|e| store_err("reading the clean-stop mark", e))?
+            .is_some();
+        if was {
+            self.flush_store()?;
+        }
+        Ok(was)
+    }
+
     /// The start-up scan (see the module doc). Returns what it repaired
     /// that `check` should show.
     pub(crate) fn recover(&self) -> Result<Vec<Finding>, FsError> {

@@ -3,7 +3,9 @@
 //! broken entry in a listing; device nodes; the format 1 → 2 migration;
 //! inode number reservations.
 
-use super::records::{DirentRec, InodeRecV1, cookie_key, dirent_key, encode, ino_key, xattr_key};
+use super::records::{
+    DirentRec, InodeRecV1, META_CLEAN_STOP, cookie_key, dirent_key, encode, ino_key, xattr_key,
+};
 use super::*;
 use crate::opens::ConnId;
 use ipc_schema::{Caller, CheckKind, CheckReport, XattrSet};
@@ -469,4 +471,73 @@ fn a_format_1_store_opens_with_every_inode_and_number() {
 
 fn reopen(dir: &std::path::Path) -> Store {
     super::test_support::reopen(dir, (0, 0))
+}
+
+/// A content file no inode names, made behind the store's back (what a
+/// crash between making a content file and naming it leaves).
+fn plant_stray(s: &Store) -> std::path::PathBuf {
+    s.content
+        .create_gen(1 << 40, 0, nix::fcntl::OFlag::O_WRONLY)
+        .expect("stray content file");
+    s.content.path_gen(1 << 40, 0)
+}
+
+#[test]
+fn a_clean_stop_lets_the_next_start_skip_its_scan_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stray = {
+        let s = Store::load(dir.path(), (0, 0)).expect("store");
+        s.connect(CONN);
+        file(&s, ROOT, "f");
+        s.shutdown().expect("shutdown");
+        assert!(s.mark_clean().expect("mark"), "nothing is kept: marked");
+        // Something the scan would remove, made after the mark: only a
+        // start that skips the scan keeps it.
+        plant_stray(&s)
+    };
+    {
+        let s = reopen(dir.path());
+        assert!(stray.exists(), "a start after a clean stop scanned");
+        assert!(
+            s.meta.get(META_CLEAN_STOP).expect("meta").is_none(),
+            "the start left the mark in place"
+        );
+        assert!(s.lookup(ROOT, &n("f")).is_ok());
+        // Dropped without a clean stop, as a kill leaves it.
+    }
+    let s = reopen(dir.path());
+    assert!(
+        !stray.exists(),
+        "the start after an unclean stop did not scan (the mark was used twice)"
+    );
+    assert!(s.lookup(ROOT, &n("f")).is_ok());
+}
+
+#[test]
+fn a_stop_is_not_marked_clean_while_an_old_generation_is_kept() {
+    let (dir, s) = fresh();
+    let f = s
+        .create(ROOT, &n("f"), 0o644, libc::O_RDWR | libc::O_CREAT, ME, CONN)
+        .expect("create");
+    let ino = f.opened.attr.ino;
+    // A peer's new version arrived while the file was open: its old
+    // generation stays for the handle.
+    assert!(!s.lock_opens().retire(ino, 0), "generation 0 is open");
+    s.shutdown().expect("shutdown");
+    assert!(
+        !s.mark_clean().expect("mark"),
+        "marked with a generation kept"
+    );
+    assert!(s.meta.get(META_CLEAN_STOP).expect("meta").is_none());
+    drop(f);
+    drop(s);
+    let stray = {
+        let s = reopen(dir.path());
+        plant_stray(&s)
+    };
+    let _s = reopen(dir.path());
+    assert!(
+        !stray.exists(),
+        "the start after an unmarked stop did not scan"
+    );
 }

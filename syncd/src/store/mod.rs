@@ -234,7 +234,19 @@ impl Store {
             opens: Mutex::new(OpenTable::default()),
             size_locks: presence::SizeLocks::new(),
         };
-        let mut recovered = store.recover()?;
+        let mut recovered = if store.take_clean_mark()? {
+            tracing::info!("start-up scan skipped: the last stop was clean");
+            Vec::new()
+        } else {
+            let started = std::time::Instant::now();
+            let found = store.recover()?;
+            tracing::info!(
+                seconds = started.elapsed().as_secs_f64(),
+                repaired = found.len(),
+                "start-up scan done (the last stop was not clean)"
+            );
+            found
+        };
         recovered.extend(store.verify_presence()?);
         *store.recovered.lock().unwrap_or_else(|p| p.into_inner()) = recovered;
         Ok(store)

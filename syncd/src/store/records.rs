@@ -8,6 +8,7 @@
 //! | `xattrs`  | ino (u64 BE) ++ name bytes        | value bytes            |
 //! | `orphans` | ino (u64 BE)                      | empty                  |
 //! | `meta`    | `"next_ino"`, `"format"`          | u64 BE                 |
+//! | `meta`    | `"clean_stop"`                    | empty                  |
 //! | `links`   | ino ++ parent ino ++ name bytes   | empty                  |
 //!
 //! `links` is `dirents` turned around: the names of an inode (a file's
@@ -42,6 +43,9 @@ pub const FORMAT_VERSION: u64 = 3;
 pub const META_NEXT_INO: &[u8] = b"next_ino";
 /// Key of the layout version in `meta`.
 pub const META_FORMAT: &[u8] = b"format";
+/// Key of the clean-stop mark in `meta`: present only between a clean
+/// stop and the next start ([`super::Store::mark_clean`]).
+pub const META_CLEAN_STOP: &[u8] = b"clean_stop";
 
 /// First cookie handed to a directory entry; 1 and 2 are `.` and `..`.
 pub const FIRST_ENTRY_COOKIE: u64 = 3;
