@@ -13,9 +13,17 @@
 #                 `keibictl status` answers, and its RSS then; then the
 #                 seconds until a new mount answers `stat`
 #   second ls -lR the same listing through the new mount: time and RSS
+#   after a kill  keibi-syncd killed (SIGKILL) and started again: the same
+#                 start-up figures (a start after a kill runs the start-up
+#                 scan, which grows with the files; one after a clean stop
+#                 skips it)
 #
 # Run as root:   bash bench/million.sh [--files N] [--dirs N] [--bin DIR]
-#                                      [--dir DIR] [--keep]
+#                                      [--dir DIR] [--keep] [--again]
+#
+# --again starts on the state an earlier run kept in --dir (--keep) and
+# measures only the restarts and the second listing (--files then only
+# labels the output).
 #
 # Builds the release binaries first unless --bin DIR names them. The work
 # directory (default a new /var/tmp/keibi-million.*) holds the state,
@@ -38,6 +46,7 @@ dirs=100
 bin_dir=""
 work=""
 keep=0
+again=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --files) files="$2"; shift 2 ;;
@@ -45,6 +54,7 @@ while [[ $# -gt 0 ]]; do
         --bin) bin_dir="$2"; shift 2 ;;
         --dir) work="$2"; shift 2 ;;
         --keep) keep=1; shift ;;
+        --again) again=1; shift ;;
         -h | --help)
             sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
             exit 0
@@ -61,6 +71,11 @@ for n in "$files" "$dirs"; do
         exit 2
     fi
 done
+
+if [[ $again -eq 1 && ( -z "$work" || ! -d "$work/state" ) ]]; then
+    echo "million.sh: --again needs --dir DIR holding the state a run kept with --keep" >&2
+    exit 2
+fi
 
 require_root "it mounts a FUSE filesystem and runs keibi-syncd as nobody"
 need_command fusermount3 fuse3
@@ -105,6 +120,48 @@ status_answers() {
 keibi_start_syncd
 keibi_start_mountd
 keibi_wait_mounted
+
+list() {
+    local t
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    t="$(now)"
+    ls -lR "$KEIBI_MNT/tree" >/dev/null
+    echo "ls -lR of $files files: $(since "$t") s; keibi-mountd RSS $(rss_mib "$KEIBI_MOUNTD_PID") MiB, keibi-syncd RSS $(rss_mib "$KEIBI_SYNCD_PID") MiB"
+}
+
+# Stop both daemons ($1: "clean" = SIGTERM, "kill" = SIGKILL of
+# keibi-syncd), drop the page cache, start keibi-syncd again and time it.
+restart() {
+    _keibi_term "$KEIBI_MOUNTD_PID" 30
+    if [[ $1 == kill ]]; then
+        # Reaped here, so that the shell does not report the kill.
+        { kill -KILL "$KEIBI_SYNCD_PID" && wait "$KEIBI_SYNCD_PID"; } 2>/dev/null || true
+    else
+        _keibi_term "$KEIBI_SYNCD_PID" 60
+    fi
+    if keibi_is_mounted; then
+        umount -l "$KEIBI_MNT"
+    fi
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    rm -f "$KEIBI_FS_SOCK" "$KEIBI_CONTROL_SOCK"
+    local t0
+    t0="$(now)"
+    keibi_start_syncd
+    if ! keibi_poll 120 status_answers; then
+        echo "million.sh: keibictl status got no answer within 120 s of the restart" >&2
+        exit 1
+    fi
+    echo "start-up: keibictl status answers $(since "$t0") s after keibi-syncd started; keibi-syncd RSS $(rss_mib "$KEIBI_SYNCD_PID") MiB"
+    keibi_start_mountd
+    keibi_wait_mounted
+    echo "mounted: $(since "$t0") s after keibi-syncd started"
+}
+
+if [[ $again -eq 1 ]]; then
+    echo "== again on the kept state in $KEIBI_WORK ($(nproc) CPUs)"
+else
 echo "== $files files in $dirs directories on $KEIBI_MNT ($(nproc) CPUs)"
 
 t0="$(now)"
@@ -130,33 +187,11 @@ PY
 create_s="$(since "$t0")"
 echo "create: $create_s s ($(python3 -c "print(f'{$files / $create_s:.0f}')") files per second); keibi-syncd RSS $(rss_mib "$KEIBI_SYNCD_PID") MiB"
 
-list() {
-    local t
-    sync
-    echo 3 >/proc/sys/vm/drop_caches
-    t="$(now)"
-    ls -lR "$KEIBI_MNT/tree" >/dev/null
-    echo "ls -lR of $files files: $(since "$t") s; keibi-mountd RSS $(rss_mib "$KEIBI_MOUNTD_PID") MiB, keibi-syncd RSS $(rss_mib "$KEIBI_SYNCD_PID") MiB"
-}
 list
+fi
 
-echo "== restart on the same state"
-_keibi_term "$KEIBI_MOUNTD_PID" 30
-_keibi_term "$KEIBI_SYNCD_PID" 60
-if keibi_is_mounted; then
-    umount -l "$KEIBI_MNT"
-fi
-sync
-echo 3 >/proc/sys/vm/drop_caches
-rm -f "$KEIBI_FS_SOCK" "$KEIBI_CONTROL_SOCK"
-t0="$(now)"
-keibi_start_syncd
-if ! keibi_poll 120 status_answers; then
-    echo "million.sh: keibictl status got no answer within 120 s of the restart" >&2
-    exit 1
-fi
-echo "start-up: keibictl status answers $(since "$t0") s after keibi-syncd started; keibi-syncd RSS $(rss_mib "$KEIBI_SYNCD_PID") MiB"
-keibi_start_mountd
-keibi_wait_mounted
-echo "mounted: $(since "$t0") s after keibi-syncd started"
+echo "== restart after a clean stop (SIGTERM)"
+restart clean
 list
+echo "== restart after a kill (SIGKILL of keibi-syncd)"
+restart kill

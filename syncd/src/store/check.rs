@@ -17,9 +17,10 @@
 //!
 //! A start after a clean stop skips the scan. [`Store::mark_clean`] runs
 //! last at a clean stop, once nothing else can change the store (syncd's
-//! runtimes have stopped, so no request, remote change or control call is
-//! still running; see `main.rs`), and only while no content file of an
-//! old generation is kept for an open handle. The content directory then
+//! filesystem and network runtimes have stopped, so no request or remote
+//! change is still running, see `main.rs`; no `check --repair` runs,
+//! [`Repairs`]), and only while no content file of an old generation is
+//! kept for an open handle. The content directory then
 //! holds exactly the current content of every named file (the spares
 //! were removed, the freed inodes reclaimed, the directory and sled
 //! flushed), and the mark, written and flushed after that, says so. The
@@ -46,10 +47,49 @@ use super::records::{
 use super::{Store, reclaim, store_err};
 use ipc_schema::{CheckFinding, CheckKind, CheckReport, FileKind, FsError, Ino, Name, fs_err};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Content files younger than this are not reported as unreferenced.
 pub const YOUNG_CONTENT: Duration = Duration::from_secs(60);
+
+/// The repairs running (`keibictl check --repair`, on the control
+/// runtime, which a stop does not wait for: its other calls only read),
+/// and whether the stop was marked clean. Either a repair sees the mark
+/// coming and is refused, or the mark sees the repair and is not written
+/// (both sides write their own flag, then read the other's, `SeqCst`).
+#[derive(Debug, Default)]
+pub(crate) struct Repairs {
+    running: AtomicUsize,
+    closed: AtomicBool,
+}
+
+/// One running repair; ends when dropped.
+pub(crate) struct Repairing<'a>(&'a AtomicUsize);
+
+impl Drop for Repairing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Repairs {
+    /// A repair begins; refused (ESHUTDOWN) once the stop is being marked.
+    pub(crate) fn begin(&self) -> Result<Repairing<'_>, FsError> {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        let r = Repairing(&self.running);
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(fs_err!(ESHUTDOWN, "keibi-syncd is stopping; no repair now"));
+        }
+        Ok(r)
+    }
+
+    /// No repair may begin from now on; answers whether none is running.
+    pub(crate) fn close(&self) -> bool {
+        self.closed.store(true, Ordering::SeqCst);
+        self.running.load(Ordering::SeqCst) == 0
+    }
+}
 
 /// Re-exported for the store: one finding.
 pub type Finding = CheckFinding;
@@ -125,6 +165,12 @@ impl Store {
     /// the mark was written: not while content of old generations is kept
     /// for open handles (logged; the next start scans).
     pub fn mark_clean(&self) -> Result<bool, FsError> {
+        if !self.repairs.close() {
+            tracing::info!(
+                "not marking the stop clean: a `keibictl check --repair` is still running; the next start scans the store"
+            );
+            return Ok(false);
+        }
         let kept = self.lock_opens().old_generations_kept();
         if kept > 0 {
             tracing::info!(
@@ -268,6 +314,10 @@ impl Store {
     /// [`Store::check`], leaving out content files changed in the last
     /// `young`.
     pub(crate) fn check_with(&self, repair: bool, young: Duration) -> Result<CheckReport, FsError> {
+        let _repairing = match repair {
+            true => Some(self.repairs.begin()?),
+            false => None,
+        };
         if !self.reclaim.settle() {
             tracing::warn!(
                 "check: freed inodes are still waiting for a flush; their content files may be reported"

@@ -541,3 +541,22 @@ fn a_stop_is_not_marked_clean_while_an_old_generation_is_kept() {
         "the start after an unmarked stop did not scan"
     );
 }
+
+#[test]
+fn a_repair_and_the_clean_stop_mark_exclude_each_other() {
+    let (_d, s) = fresh();
+    {
+        let _running = s.repairs.begin().expect("a repair may begin");
+        assert!(
+            !s.mark_clean().expect("mark"),
+            "the stop was marked clean while a repair ran"
+        );
+    }
+    assert!(s.meta.get(META_CLEAN_STOP).expect("meta").is_none());
+    let e = s
+        .check_with(true, Duration::ZERO)
+        .expect_err("a repair began after the stop was being marked");
+    assert_eq!(e.errno, libc::ESHUTDOWN, "{e}");
+    assert!(check(&s, false).findings.is_empty(), "a plain check runs");
+    assert!(s.mark_clean().expect("mark"), "no repair runs now");
+}

@@ -147,6 +147,9 @@ pub struct Store {
     /// since): then [`Store::has_xattrs`] answers without a scan. Set
     /// before the first attribute is written, never cleared.
     xattrs_seen: AtomicBool,
+    /// `check --repair` runs against the clean-stop mark
+    /// ([`check::Repairs`]).
+    repairs: check::Repairs,
     /// Per-inode size locks: a truncate against a fetched chunk's write
     /// ([`presence::SizeLocks`]; taken before `opens` and any sled
     /// transaction).
@@ -223,6 +226,7 @@ impl Store {
             cookies: tree("cookies")?,
             xattrs,
             xattrs_seen: AtomicBool::new(xattrs_seen),
+            repairs: check::Repairs::default(),
             orphans: tree("orphans")?,
             db,
             content,
