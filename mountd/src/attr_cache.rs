@@ -58,7 +58,7 @@
 //! kernel may hold every inode of a huge tree (after `ls -l` of 100,000
 //! files it held all of them), and a full copy of the attributes of each
 //! was most of mountd's memory there (about 140 bytes per inode, on top
-//! of the bounded generations); a count is 16 bytes. For other inodes the
+//! of the bounded generations); a count is 8 bytes ([`crate::held`]). For other inodes the
 //! copy was a fallback only (see below).
 //!
 //! These counts also decide how long syncd keeps an unlinked inode: when
@@ -71,6 +71,7 @@
 //!
 //! One `Mutex` guards everything; it is held only for map operations.
 
+use crate::held::{Held, HeldMap, Xattrs};
 use crate::known_dirs::KnownDirs;
 use ipc_schema::{Attr, FileKind, Ino};
 use std::collections::HashMap;
@@ -106,8 +107,8 @@ const GIVEN_PER_INODE: usize = 4;
 /// A remembered attribute costs about 130 bytes in each generation, an
 /// entry about 80; the kernel's own cache holds many more, and what must
 /// reach every inode it holds (the xattr knowledge, the lookup counts)
-/// is kept per held inode instead, in 16 bytes.
-pub const DEFAULT_CAPACITY: usize = 32_768;
+/// is kept per held inode instead, in 8 bytes ([`crate::held`]).
+pub const DEFAULT_CAPACITY: usize = 16_384;
 
 struct TwoGen<K, V> {
     young: HashMap<K, V>,
@@ -161,8 +162,8 @@ struct Maps {
     /// Inode → the counter value when its last change completed, and when.
     changed: HashMap<u64, (u64, Instant)>,
     /// Inodes the kernel holds: its lookup count, and whether the inode
-    /// has extended attributes.
-    referenced: HashMap<u64, Held>,
+    /// has extended attributes ([`crate::held`]).
+    referenced: HeldMap,
     /// The last attributes of the directories in `referenced`.
     held_dirs: HashMap<u64, Attr>,
     /// Replies to requests sent before this counter value are not kept
@@ -191,9 +192,8 @@ impl Maps {
 
     fn store(&mut self, attr: &Attr) {
         self.attrs.put(attr.ino.0, *attr);
-        if let Some(h) = self.referenced.get_mut(&attr.ino.0) {
-            h.set_xattrs(Xattrs::of(attr));
-        }
+        self.referenced
+            .update(attr.ino.0, |h| h.set_xattrs(Xattrs::of(attr)));
         if let Some(a) = self.held_dirs.get_mut(&attr.ino.0) {
             *a = *attr;
         }
@@ -203,71 +203,8 @@ impl Maps {
     /// change elsewhere), also what is known of its extended attributes.
     fn drop_attr(&mut self, ino: u64) {
         self.attrs.remove(&ino);
-        if let Some(h) = self.referenced.get_mut(&ino) {
-            h.set_xattrs(Xattrs::Unknown);
-        }
-    }
-}
-
-/// What is known of an inode's extended attributes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Xattrs {
-    /// Nothing current.
-    Unknown = 0,
-    /// It has none.
-    None = 1,
-    /// It has some.
-    Some = 2,
-}
-
-impl Xattrs {
-    fn of(attr: &Attr) -> Xattrs {
-        if attr.has_xattrs {
-            Xattrs::Some
-        } else {
-            Xattrs::None
-        }
-    }
-}
-
-/// An inode the kernel holds, in 8 bytes: its lookup count (the low 62
-/// bits; the kernel's count is a `u64`, and 2^62 lookups of one inode
-/// without a forget would take centuries) and [`Xattrs`] (the top two).
-///
-/// The kernel may hold every inode of a huge tree, so this is kept small;
-/// the xattr knowledge lets `getxattr`/`listxattr` of every held inode be
-/// answered without syncd (`ls -l` asks two names of each file) however
-/// small the bounded generations are. It follows the attributes: set
-/// wherever they are stored, reset wherever they are dropped, so it is
-/// never older than what the generations would say.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Held(u64);
-
-impl Held {
-    const COUNT: u64 = (1 << 62) - 1;
-
-    fn new(xattrs: Xattrs) -> Held {
-        Held((xattrs as u64) << 62)
-    }
-
-    fn count(self) -> u64 {
-        self.0 & Held::COUNT
-    }
-
-    fn set_count(&mut self, count: u64) {
-        self.0 = (self.0 & !Held::COUNT) | count.min(Held::COUNT);
-    }
-
-    fn xattrs(self) -> Xattrs {
-        match self.0 >> 62 {
-            1 => Xattrs::None,
-            2 => Xattrs::Some,
-            _ => Xattrs::Unknown,
-        }
-    }
-
-    fn set_xattrs(&mut self, x: Xattrs) {
-        self.0 = (self.0 & Held::COUNT) | ((x as u64) << 62);
+        self.referenced
+            .update(ino, |h| h.set_xattrs(Xattrs::Unknown));
     }
 }
 
@@ -295,7 +232,7 @@ impl AttrCache {
                 attrs: TwoGen::new(capacity),
                 entries: TwoGen::new(capacity),
                 changed: HashMap::new(),
-                referenced: HashMap::new(),
+                referenced: HeldMap::default(),
                 held_dirs: HashMap::new(),
                 floor: 0,
                 peer_changed: HashMap::new(),
@@ -406,9 +343,7 @@ impl AttrCache {
                 a.has_xattrs = true;
                 m.attrs.put(ino, a);
             }
-            if let Some(h) = m.referenced.get_mut(&ino) {
-                h.set_xattrs(Xattrs::Some);
-            }
+            m.referenced.update(ino, |h| h.set_xattrs(Xattrs::Some));
             if let Some(a) = m.held_dirs.get_mut(&ino) {
                 a.has_xattrs = true;
             }
@@ -452,9 +387,7 @@ impl AttrCache {
         self.with(|m| {
             m.attrs = TwoGen::new(m.attrs.half * 2);
             m.entries = TwoGen::new(m.entries.half * 2);
-            for h in m.referenced.values_mut() {
-                h.set_xattrs(Xattrs::Unknown);
-            }
+            m.referenced.set_all_xattrs(Xattrs::Unknown);
             m.floor = self.counter.fetch_add(1, Ordering::SeqCst) + 1;
             m.fresh.clear();
         });
@@ -490,7 +423,7 @@ impl AttrCache {
             Some(a) => !a.has_xattrs,
             None => m
                 .referenced
-                .get(&ino)
+                .get(ino)
                 .is_some_and(|h| h.xattrs() == Xattrs::None),
         })
     }
@@ -511,9 +444,10 @@ impl AttrCache {
                 m.attrs.get(&ino)
             };
             let xattrs = known.as_ref().map_or(Xattrs::Unknown, Xattrs::of);
-            let held = m.referenced.entry(ino).or_insert(Held::new(xattrs));
+            let mut held = m.referenced.get(ino).unwrap_or(Held::new(xattrs));
             held.set_xattrs(xattrs);
             held.set_count(held.count() + 1);
+            m.referenced.put(ino, held);
             let first = held.count() == 1;
             if first && attr.kind == FileKind::Directory {
                 m.held_dirs.insert(ino, known.unwrap_or(*attr));
@@ -526,15 +460,16 @@ impl AttrCache {
     /// brought its count to zero (the kernel references it no more).
     pub fn forget(&self, ino: u64, n: u64) -> bool {
         self.with(|m| {
-            let Some(held) = m.referenced.get_mut(&ino) else {
+            let Some(mut held) = m.referenced.get(ino) else {
                 return false;
             };
             held.set_count(held.count().saturating_sub(n));
             if held.count() == 0 {
-                m.referenced.remove(&ino);
+                m.referenced.remove(ino);
                 m.held_dirs.remove(&ino);
                 return true;
             }
+            m.referenced.put(ino, held);
             false
         })
     }
@@ -542,7 +477,7 @@ impl AttrCache {
     /// Every inode the kernel references now (lookup count above zero),
     /// for a reconnect's `register_mount`.
     pub fn referenced_inos(&self) -> Vec<Ino> {
-        self.with(|m| m.referenced.keys().map(|&i| Ino(i)).collect())
+        self.with(|m| m.referenced.inos().map(Ino).collect())
     }
 
     /// The attributes to answer for `ino`, which syncd says does not exist:
@@ -551,7 +486,7 @@ impl AttrCache {
     /// bounded generations hold them).
     pub fn removed(&self, ino: u64) -> Option<Attr> {
         self.with(|m| {
-            if !m.referenced.contains_key(&ino) {
+            if !m.referenced.contains(ino) {
                 return None;
             }
             let last = match m.held_dirs.get(&ino) {
@@ -924,18 +859,6 @@ mod tests {
         assert!(!c.forget(8, 0));
         assert!(c.forget(8, 1));
         assert!(!c.known_without_xattrs(8), "no longer held");
-    }
-
-    #[test]
-    fn a_held_count_keeps_its_xattr_bits_apart() {
-        let mut h = Held::new(Xattrs::Some);
-        h.set_count(Held::COUNT + 5);
-        assert_eq!((h.count(), h.xattrs()), (Held::COUNT, Xattrs::Some));
-        h.set_xattrs(Xattrs::None);
-        h.set_count(3);
-        assert_eq!((h.count(), h.xattrs()), (3, Xattrs::None));
-        h.set_xattrs(Xattrs::Unknown);
-        assert_eq!((h.count(), h.xattrs()), (3, Xattrs::Unknown));
     }
 
     #[test]
