@@ -110,7 +110,7 @@ keys = set(tomllib.loads(enabled))
 want = {"state_dir", "fs_socket", "control_socket", "control_socket_mode",
         "control_socket_owner", "control_socket_group", "mountd_uid", "share_owner",
         "listen", "peer_timeout", "peer_reconnect_max", "peer_rekey_bytes",
-        "peer_rekey_interval", "peer_aead", "eager_fetch_max", "fetch_parallel",
+        "peer_rekey_interval", "peer_aead", "eager_fetch_max", "store_cache", "fetch_parallel",
         "fetch_readahead_max", "log_target", "metrics_socket", "metrics_listen"}
 if keys != want:
     sys.exit(f"syncd.toml keys differ: missing {sorted(want - keys)}, unknown {sorted(keys - want)}")

@@ -42,6 +42,10 @@ const MIN_PEER_REKEY_BYTES: u64 = 65536;
 const DEFAULT_PEER_REKEY_INTERVAL: Duration = Duration::from_secs(600);
 /// `eager_fetch_max` when not set: 1 MiB.
 const DEFAULT_EAGER_FETCH_MAX: u64 = 1 << 20;
+/// `store_cache` when not set: 64 MiB.
+pub const DEFAULT_STORE_CACHE: u64 = 64 << 20;
+/// The smallest `store_cache` accepted.
+const MIN_STORE_CACHE: u64 = 1 << 20;
 /// `fetch_parallel` when not set.
 const DEFAULT_FETCH_PARALLEL: usize = 8;
 /// The largest `fetch_parallel` accepted (a file has this many read-ahead
@@ -162,6 +166,7 @@ struct FileConfig {
     peer_rekey_interval: Option<String>,
     peer_aead: Option<String>,
     eager_fetch_max: Option<u64>,
+    store_cache: Option<u64>,
     fetch_parallel: Option<usize>,
     fetch_readahead_max: Option<u64>,
     log_target: Option<String>,
@@ -211,6 +216,8 @@ pub struct Config {
     /// Files from a peer up to this size are fetched whole as soon as
     /// their version arrives (`eager_fetch_max`); larger ones on demand.
     pub eager_fetch_max: u64,
+    /// The store's cache (`store_cache`, bytes): sled's `cache_capacity`.
+    pub store_cache: u64,
     /// At most this many read-ahead chunk requests of one file in flight,
     /// and as many demanded ones (`fetch_parallel`).
     pub fetch_parallel: usize,
@@ -294,6 +301,12 @@ impl Config {
                 "fetch_parallel = {fetch_parallel} is not between 1 and {MAX_FETCH_PARALLEL}"
             ));
         }
+        let store_cache = file.store_cache.unwrap_or(DEFAULT_STORE_CACHE);
+        if store_cache < MIN_STORE_CACHE {
+            return Err(format!(
+                "store_cache = {store_cache} is below the smallest accepted, {MIN_STORE_CACHE} (bytes)"
+            ));
+        }
         let metrics = Endpoint::from_options(
             cli.metrics_socket
                 .as_deref()
@@ -306,6 +319,7 @@ impl Config {
         Ok(Config {
             metrics,
             eager_fetch_max: file.eager_fetch_max.unwrap_or(DEFAULT_EAGER_FETCH_MAX),
+            store_cache,
             fetch_parallel,
             fetch_readahead_max: file
                 .fetch_readahead_max
@@ -401,6 +415,7 @@ impl Config {
             text(self.peer_aead.map_or("auto", |k| k.name()).to_string()),
         );
         t.insert("eager_fetch_max".into(), int(self.eager_fetch_max));
+        t.insert("store_cache".into(), int(self.store_cache));
         t.insert("fetch_parallel".into(), int(self.fetch_parallel as u64));
         t.insert("fetch_readahead_max".into(), int(self.fetch_readahead_max));
         t.insert("log_target".into(), text(self.log_target.to_string()));
@@ -691,6 +706,21 @@ mod tests {
     }
 
     #[test]
+    fn store_cache_has_a_default_a_floor_and_is_parsed() {
+        let c = Config::merge(&Cli::default(), FileConfig::default()).expect("config");
+        assert_eq!(c.store_cache, 64 << 20);
+        let file: FileConfig = toml::from_str("store_cache = 16777216").expect("toml");
+        let c = Config::merge(&Cli::default(), file).expect("config");
+        assert_eq!(c.store_cache, 16 << 20);
+        let file: FileConfig = toml::from_str("store_cache = 1000").expect("toml");
+        let err = Config::merge(&Cli::default(), file).expect_err("below the floor");
+        assert!(
+            err.contains("store_cache") && err.contains("1048576"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn listen_is_parsed_and_empty_means_dial_only() {
         let file: FileConfig =
             toml::from_str(r#"listen = ["127.0.0.1:4000", "[::1]:4001"]"#).expect("toml");
@@ -741,6 +771,7 @@ mod tests {
         );
         assert_eq!(file.peer_rekey_bytes, Some(defaults.peer_rekey_bytes));
         assert_eq!(file.eager_fetch_max, Some(defaults.eager_fetch_max));
+        assert_eq!(file.store_cache, Some(defaults.store_cache));
         assert_eq!(file.fetch_parallel, Some(defaults.fetch_parallel));
         assert_eq!(file.fetch_readahead_max, Some(defaults.fetch_readahead_max));
         assert_eq!(

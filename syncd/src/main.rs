@@ -192,7 +192,7 @@ fn main() -> ExitCode {
         Err(e) => return fail(EXIT_IDENTITY, &e.to_string()),
     };
     fault::init();
-    let store = match Store::load(&config.state_dir, config.share_owner) {
+    let store = match Store::load_with(&config.state_dir, config.share_owner, config.store_cache) {
         Ok(s) => Arc::new(s),
         Err(e) => return fail(EXIT_FAILURE, &format!("cannot open the store: {e}")),
     };

@@ -184,10 +184,25 @@ pub fn content_err(context: impl std::fmt::Display, e: &std::io::Error) -> FsErr
 }
 
 impl Store {
+    /// [`Store::load_with`] with the default cache (tests).
+    #[cfg(test)]
+    pub fn load(state_dir: &Path, share_owner: (u32, u32)) -> Result<Store, FsError> {
+        Store::load_with(state_dir, share_owner, crate::config::DEFAULT_STORE_CACHE)
+    }
+
     /// Open (or create) the store of `state_dir`: sled at `<state>/db`,
     /// content in `<state>/content`. A new store gets a root directory
-    /// owned by `share_owner` (uid, gid) with mode 0755.
-    pub fn load(state_dir: &Path, share_owner: (u32, u32)) -> Result<Store, FsError> {
+    /// owned by `share_owner` (uid, gid) with mode 0755. `cache` is the
+    /// bytes of sled's cache (`store_cache` in the configuration): what it
+    /// keeps of the store in memory. With a million files, keibi-syncd's
+    /// RSS after `ls -lR` of all of them was 498 MiB with 64 MiB (the
+    /// default), 404 MiB with 16 MiB and 380 MiB with 8 MiB (README,
+    /// "Benchmarks").
+    pub fn load_with(
+        state_dir: &Path,
+        share_owner: (u32, u32),
+        cache: u64,
+    ) -> Result<Store, FsError> {
         let content = ContentDir::new(state_dir).map_err(|e| {
             FsError::io(format!("content directory in {}", state_dir.display()), &e)
         })?;
@@ -196,7 +211,7 @@ impl Store {
         crate::space::release_room(state_dir, &db_path.join("db"));
         let db = sled::Config::new()
             .path(&db_path)
-            .cache_capacity(64 * 1024 * 1024)
+            .cache_capacity(cache)
             .open()
             .map_err(|e| store_err(&format!("opening {}", db_path.display()), e))?;
         let tree = |name: &str| {
