@@ -23,7 +23,9 @@
 //! kept for an open handle. The content directory then
 //! holds exactly the current content of every named file (the spares
 //! were removed, the freed inodes reclaimed, the directory and sled
-//! flushed), and the mark, written and flushed after that, says so. The
+//! flushed), and the mark, written and flushed after that, says so (its
+//! value is the run's handle epoch, which every start advances, so a run
+//! that knew nothing of marks voids it). The
 //! next start takes the mark away, durably, before anything can change
 //! ([`Store::take_clean_mark`]), and skips the scan. Any other end (a
 //! kill, a crash, a power cut, a stop that timed out) leaves no mark, and
@@ -181,7 +183,7 @@ impl Store {
         }
         self.flush()?;
         self.meta
-            .insert(META_CLEAN_STOP, &[][..])
+            .insert(META_CLEAN_STOP, self.run_epoch()?)
             .map_err(|e| store_err("writing the clean-stop mark", e))?;
         self.flush_store()?;
         Ok(true)
@@ -191,15 +193,32 @@ impl Store {
     /// clean. The mark is taken away and that is made durable first, so
     /// that any end from now on but another clean stop leaves none.
     pub(crate) fn take_clean_mark(&self) -> Result<bool, FsError> {
-        let was = self
+        let Some(mark) = self
             .meta
             .remove(META_CLEAN_STOP)
             .map_err(|e| store_err("reading the clean-stop mark", e))?
-            .is_some();
-        if was {
-            self.flush_store()?;
+        else {
+            return Ok(false);
+        };
+        self.flush_store()?;
+        // The mark names the run that wrote it: a run that started since
+        // (an older keibi-syncd, which knows no mark) voids it.
+        let valid = mark == self.run_epoch()?;
+        if !valid {
+            tracing::info!("the clean-stop mark is from an earlier run; scanning");
         }
-        Ok(was)
+        Ok(valid)
+    }
+
+    /// The number of the current run: the handle epoch, which every
+    /// start advances ([`Store::begin_handle_epoch`]); empty before the
+    /// first.
+    fn run_epoch(&self) -> Result<sled::IVec, FsError> {
+        Ok(self
+            .meta
+            .get(super::files::META_HANDLE_EPOCH)
+            .map_err(|e| store_err("reading the handle epoch", e))?
+            .unwrap_or_default())
     }
 
     /// The start-up scan (see the module doc). Returns what it repaired

@@ -560,3 +560,21 @@ fn a_repair_and_the_clean_stop_mark_exclude_each_other() {
     assert!(check(&s, false).findings.is_empty(), "a plain check runs");
     assert!(s.mark_clean().expect("mark"), "no repair runs now");
 }
+
+#[test]
+fn a_clean_stop_mark_is_void_once_another_run_started() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stray = {
+        let s = Store::load(dir.path(), (0, 0)).expect("store");
+        s.begin_handle_epoch().expect("epoch");
+        s.shutdown().expect("shutdown");
+        assert!(s.mark_clean().expect("mark"));
+        // A run that knows no mark (an older keibi-syncd) started on the
+        // marked store, left a stray content file and was killed.
+        s.begin_handle_epoch().expect("epoch");
+        plant_stray(&s)
+    };
+    let s = reopen(dir.path());
+    assert!(!stray.exists(), "a stale mark let the start skip its scan");
+    assert!(s.meta.get(META_CLEAN_STOP).expect("meta").is_none());
+}

@@ -563,7 +563,7 @@ impl Store {
 }
 
 /// Key in the `meta` tree of the handle epoch counter (big-endian u64).
-const META_HANDLE_EPOCH: &[u8] = b"handle_epoch";
+pub(super) const META_HANDLE_EPOCH: &[u8] = b"handle_epoch";
 
 /// How many times `create` goes round when the name keeps changing.
 const CREATE_ROUNDS: usize = 64;

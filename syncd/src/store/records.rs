@@ -8,7 +8,7 @@
 //! | `xattrs`  | ino (u64 BE) ++ name bytes        | value bytes            |
 //! | `orphans` | ino (u64 BE)                      | empty                  |
 //! | `meta`    | `"next_ino"`, `"format"`          | u64 BE                 |
-//! | `meta`    | `"clean_stop"`                    | empty                  |
+//! | `meta`    | `"clean_stop"`                    | handle epoch (u64 BE)  |
 //! | `links`   | ino ++ parent ino ++ name bytes   | empty                  |
 //!
 //! `links` is `dirents` turned around: the names of an inode (a file's
